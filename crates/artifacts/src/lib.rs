@@ -1,0 +1,13 @@
+//! Guest artifacts the VM boots: the kernel (`kernel`) and the root directory (`rootfs`).
+//!
+//! Both are content-addressed: a build is keyed by the sha256 of its inputs, lives in its own
+//! directory under the [`Store`], and is published by an atomic rename, so a directory that exists
+//! is complete and a re-run with unchanged inputs returns at once. This crate builds and verifies
+//! artifacts; it does not boot them (that is `openshell-vm`) and prints nothing (callers get
+//! progress through callbacks and `tracing`).
+
+pub mod digest;
+pub mod store;
+
+pub use digest::{sha256_file, Digest, DigestBuilder};
+pub use store::Store;

@@ -1,0 +1,1 @@
+//! Safe wrapper over libkrun (in progress).

@@ -1,0 +1,1 @@
+//! VM runtime (in progress).

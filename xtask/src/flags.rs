@@ -1,0 +1,16 @@
+//! The command line, typed in one place. `///` comments are the `--help` text.
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "openshell-vm workflows: build the guest, boot it, test it")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Build the guest kernel from Debian's linux-source-6.1 (content-addressed; cached)
+    Kernel(crate::kernel::KernelCmd),
+}

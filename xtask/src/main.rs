@@ -1,0 +1,32 @@
+//! `cargo xtask`: the project's workflows as typed subcommands.
+//!
+//! A dispatcher: it parses, fixes the working directory to the project root, and hands each
+//! subcommand to its module. The work itself lives in the `crates/` libraries.
+
+mod flags;
+mod kernel;
+mod progress;
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = flags::Cli::parse();
+    std::env::set_current_dir(project_root())?;
+    match cli.cmd {
+        flags::Cmd::Kernel(cmd) => cmd.run(),
+    }
+}
+
+/// The workspace root: xtask lives one level below it.
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+}
