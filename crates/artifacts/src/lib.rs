@@ -7,6 +7,8 @@
 //! progress through callbacks and `tracing`).
 
 pub mod digest;
+pub mod kernel;
+pub mod rootfs;
 pub mod store;
 
 pub use digest::{sha256_file, Digest, DigestBuilder};

@@ -1,0 +1,362 @@
+//! The guest kernel: built from Debian's `linux-source-6.1` with the fragments in `kernel/`.
+//!
+//! The config is `allnoconfig` plus the fragments (`KCONFIG_ALLCONFIG`), so the guest gets only what
+//! a fragment names. After Kconfig resolves dependencies, every `=y` a fragment asks for must still
+//! be `=y` and every `is not set` must still be off; otherwise the build fails naming the options
+//! Kconfig dropped. The artifact (`vmlinux`, `config`, `provenance.json`) is keyed by the sha256 of
+//! the source package version and the fragments.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::fs;
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::StoreError;
+use crate::{sha256_file, Digest, DigestBuilder, Store};
+
+pub const STORE_KIND: &str = "kernel";
+const SOURCE_PACKAGE: &str = "linux-source-6.1";
+const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
+/// The one command that installs the source and everything `make vmlinux` needs.
+pub const INSTALL_HINT: &str =
+    "apt-get install -y linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("{SOURCE_PACKAGE} is not installed ({SOURCE_TARBALL} missing); install it with: {INSTALL_HINT}")]
+    SourceMissing,
+    #[error("cannot read the kernel fragments in {dir}: {source}")]
+    Fragments { dir: PathBuf, source: std::io::Error },
+    #[error("no kernel has been built for the current fragments (expected {expected}); run `cargo xtask kernel`")]
+    NotBuilt { expected: PathBuf },
+    #[error("`{command}` failed: {detail}; the last build output is above. Missing tools? {INSTALL_HINT}")]
+    Command { command: String, detail: String },
+    #[error("Kconfig dropped options the fragments require (a missing dependency?): {}", .0.join(", "))]
+    Dropped(Vec<String>),
+    #[error("kernel artifact I/O at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One config fragment from `kernel/`.
+#[derive(Debug, Clone)]
+pub struct Fragment {
+    pub name: String,
+    pub text: String,
+}
+
+/// What a fragment requires of the final `.config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requirement {
+    Enabled(String),
+    Disabled(String),
+}
+
+impl Fragment {
+    pub fn requirements(&self) -> Vec<Requirement> {
+        self.text
+            .lines()
+            .map(str::trim)
+            .filter_map(|l| {
+                if let Some(opt) = l.strip_suffix("=y") {
+                    opt.starts_with("CONFIG_").then(|| Requirement::Enabled(opt.to_owned()))
+                } else {
+                    let opt = l.strip_prefix("# ")?.strip_suffix(" is not set")?;
+                    opt.starts_with("CONFIG_").then(|| Requirement::Disabled(opt.to_owned()))
+                }
+            })
+            .collect()
+    }
+}
+
+/// The inputs of a kernel build.
+#[derive(Debug, Clone)]
+pub struct KernelSpec {
+    pub source_tarball: PathBuf,
+    pub source_version: String,
+    pub fragments: Vec<Fragment>,
+}
+
+impl KernelSpec {
+    /// Reads `kernel/*.config` (sorted by name) and the installed source package's version.
+    pub fn from_project(kernel_dir: &Path) -> Result<KernelSpec, KernelError> {
+        let source_tarball = PathBuf::from(SOURCE_TARBALL);
+        if !source_tarball.is_file() {
+            return Err(KernelError::SourceMissing);
+        }
+        let io = |source| KernelError::Fragments { dir: kernel_dir.to_owned(), source };
+        let mut names: Vec<PathBuf> = fs::read_dir(kernel_dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "config"))
+            .collect();
+        names.sort();
+        let fragments = names
+            .iter()
+            .map(|p| {
+                Ok(Fragment {
+                    name: p.file_name().unwrap().to_string_lossy().into_owned(),
+                    text: fs::read_to_string(p).map_err(io)?,
+                })
+            })
+            .collect::<Result<Vec<_>, KernelError>>()?;
+        let source_version = package_version(SOURCE_PACKAGE)?;
+        Ok(KernelSpec { source_tarball, source_version, fragments })
+    }
+
+    /// The content address of the build: source version and every fragment, nothing else.
+    pub fn key(&self) -> Digest {
+        let mut b = DigestBuilder::new("openshell-kernel/v1");
+        b.str("source", &format!("{SOURCE_PACKAGE}={}", self.source_version));
+        for f in &self.fragments {
+            b.str("fragment-name", &f.name).str("fragment", &f.text);
+        }
+        b.finish()
+    }
+
+    pub fn requirements(&self) -> Vec<Requirement> {
+        self.fragments.iter().flat_map(Fragment::requirements).collect()
+    }
+}
+
+/// Options whose requirement the resolved `.config` text does not meet.
+pub fn unmet(requirements: &[Requirement], dot_config: &str) -> Vec<String> {
+    let enabled = |opt: &str| dot_config.lines().any(|l| l.strip_prefix(opt) == Some("=y"));
+    requirements
+        .iter()
+        .filter_map(|r| match r {
+            Requirement::Enabled(o) if !enabled(o) => Some(format!("{o}=y")),
+            Requirement::Disabled(o) if enabled(o) => Some(format!("{o} (must be off)")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FragmentDigest {
+    pub name: String,
+    pub sha256: Digest,
+}
+
+/// `provenance.json`: what was built, from what, where and when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KernelProvenance {
+    pub kernel_release: String,
+    pub source_package: String,
+    pub source_version: String,
+    pub fragments: Vec<FragmentDigest>,
+    pub key: Digest,
+    pub vmlinux_sha256: Digest,
+    pub built_at_unix: u64,
+    pub build_seconds: f64,
+    pub host: String,
+}
+
+/// A built kernel in the store.
+#[derive(Debug, Clone)]
+pub struct GuestKernel {
+    pub dir: PathBuf,
+    pub vmlinux: PathBuf,
+    pub provenance: KernelProvenance,
+}
+
+impl GuestKernel {
+    pub fn open(dir: &Path) -> Result<GuestKernel, KernelError> {
+        let p = dir.join("provenance.json");
+        let text = fs::read_to_string(&p).map_err(|source| KernelError::Io { path: p.clone(), source })?;
+        let provenance = serde_json::from_str(&text).map_err(|e| KernelError::Io {
+            path: p,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        Ok(GuestKernel { dir: dir.to_owned(), vmlinux: dir.join("vmlinux"), provenance })
+    }
+}
+
+/// The kernel already built for `spec`, without building.
+pub fn locate(store: &Store, spec: &KernelSpec) -> Result<GuestKernel, KernelError> {
+    let key = spec.key();
+    match store.get(STORE_KIND, &key) {
+        Some(dir) => GuestKernel::open(&dir),
+        None => Err(KernelError::NotBuilt { expected: store.path(STORE_KIND, &key) }),
+    }
+}
+
+/// Builds the kernel for `spec` unless the store has it. `on_line` sees every line of build output.
+pub fn build(
+    store: &Store,
+    spec: &KernelSpec,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<GuestKernel, KernelError> {
+    let key = spec.key();
+    let dir = store.get_or_build(STORE_KIND, &key, |out| build_into(store, spec, &key, out, on_line))?;
+    GuestKernel::open(&dir)
+}
+
+fn build_into(
+    store: &Store,
+    spec: &KernelSpec,
+    key: &Digest,
+    out: &Path,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<(), KernelError> {
+    let started = Instant::now();
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| KernelError::Io { path, source }
+    };
+    // The work tree lives beside the store, not in /tmp: it is ~1.5 GiB once built.
+    let work = tempfile::Builder::new()
+        .prefix(".kernel-work-")
+        .tempdir_in(store.root())
+        .map_err(io(store.root()))?;
+    on_line(&format!("extracting {}", spec.source_tarball.display()));
+    run(
+        Command::new("tar").arg("xf").arg(&spec.source_tarball).arg("-C").arg(work.path()),
+        on_line,
+    )?;
+    let src = work.path().join("linux-source-6.1");
+    let allconfig = work.path().join("fragments.config");
+    let merged: String = spec.fragments.iter().map(|f| format!("{}\n", f.text)).collect();
+    fs::write(&allconfig, merged).map_err(io(&allconfig))?;
+    run(
+        Command::new("make").arg("-C").arg(&src).arg("allnoconfig").env("KCONFIG_ALLCONFIG", &allconfig),
+        on_line,
+    )?;
+    let dot_config = src.join(".config");
+    let resolved = fs::read_to_string(&dot_config).map_err(io(&dot_config))?;
+    let dropped = unmet(&spec.requirements(), &resolved);
+    if !dropped.is_empty() {
+        return Err(KernelError::Dropped(dropped));
+    }
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    run(Command::new("make").arg("-C").arg(&src).arg(format!("-j{jobs}")).arg("vmlinux"), on_line)?;
+    let release = capture(Command::new("make").arg("-s").arg("-C").arg(&src).arg("kernelrelease"))?;
+
+    let vmlinux = out.join("vmlinux");
+    fs::copy(src.join("vmlinux"), &vmlinux).map_err(io(&vmlinux))?;
+    fs::write(out.join("config"), &resolved).map_err(io(out))?;
+    let provenance = KernelProvenance {
+        kernel_release: release.trim().to_owned(),
+        source_package: SOURCE_PACKAGE.to_owned(),
+        source_version: spec.source_version.clone(),
+        fragments: spec
+            .fragments
+            .iter()
+            .map(|f| FragmentDigest { name: f.name.clone(), sha256: Digest::of_bytes(f.text.as_bytes()) })
+            .collect(),
+        key: key.clone(),
+        vmlinux_sha256: sha256_file(&vmlinux).map_err(io(&vmlinux))?,
+        built_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        build_seconds: started.elapsed().as_secs_f64(),
+        host: capture(&mut Command::new("uname").arg("-srm")).unwrap_or_default().trim().to_owned(),
+    };
+    let json = serde_json::to_string_pretty(&provenance).expect("provenance serializes");
+    fs::write(out.join("provenance.json"), json).map_err(io(out))?;
+    Ok(())
+}
+
+/// Runs a build step, streaming its output lines (stdout and stderr merged) to `on_line`.
+fn run(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<(), KernelError> {
+    let shown = format!("{cmd:?}");
+    let failed = |detail: String| KernelError::Command { command: shown.clone(), detail };
+    let (reader, writer) = std::io::pipe().map_err(|e| failed(e.to_string()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().map_err(|e| failed(e.to_string()))?)
+        .stderr(writer)
+        .spawn()
+        .map_err(|e| failed(e.to_string()))?;
+    // Drop our copies of the write end (moved into `cmd`) so the reader sees EOF at exit.
+    drop(std::mem::replace(cmd, Command::new("true")));
+    for line in BufReader::new(reader).lines() {
+        match line {
+            Ok(l) => on_line(&l),
+            Err(_) => continue,
+        }
+    }
+    let status = child.wait().map_err(|e| failed(e.to_string()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(failed(status.to_string()))
+    }
+}
+
+fn capture(cmd: &mut Command) -> Result<String, KernelError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.stderr(Stdio::inherit()).output().map_err(|e| KernelError::Command {
+        command: shown.clone(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(KernelError::Command { command: shown, detail: out.status.to_string() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn package_version(package: &str) -> Result<String, KernelError> {
+    let v = capture(Command::new("dpkg-query").args(["-W", "-f=${Version}", package]))
+        .map_err(|_| KernelError::SourceMissing)?;
+    Ok(v.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frag(text: &str) -> Fragment {
+        Fragment { name: "t.config".into(), text: text.into() }
+    }
+
+    #[test]
+    fn parses_enabled_and_disabled_lines_and_ignores_comments() {
+        let f = frag("# a comment\nCONFIG_A=y\n\n# CONFIG_B is not set\nCONFIG_C=m\nnot config=y\n");
+        assert_eq!(
+            f.requirements(),
+            vec![Requirement::Enabled("CONFIG_A".into()), Requirement::Disabled("CONFIG_B".into())]
+        );
+    }
+
+    #[test]
+    fn unmet_names_dropped_and_forbidden_options() {
+        let reqs = frag("CONFIG_A=y\nCONFIG_AB=y\n# CONFIG_B is not set\n# CONFIG_C is not set\n").requirements();
+        let resolved = "CONFIG_A=y\nCONFIG_ABC=y\nCONFIG_B=y\n# CONFIG_C is not set\n";
+        assert_eq!(unmet(&reqs, resolved), vec!["CONFIG_AB=y", "CONFIG_B (must be off)"]);
+    }
+
+    #[test]
+    fn key_changes_with_fragments_and_source() {
+        let spec = KernelSpec {
+            source_tarball: "/x".into(),
+            source_version: "6.1.1".into(),
+            fragments: vec![frag("CONFIG_A=y\n")],
+        };
+        let mut other = spec.clone();
+        other.fragments[0].text.push_str("CONFIG_B=y\n");
+        let mut newer = spec.clone();
+        newer.source_version = "6.1.2".into();
+        assert_ne!(spec.key(), other.key());
+        assert_ne!(spec.key(), newer.key());
+        assert_eq!(spec.key(), spec.clone().key());
+    }
+
+    #[test]
+    fn project_fragments_require_what_libkrun_and_cni_need() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernel");
+        let reqs: Vec<Requirement> = fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "config"))
+            .flat_map(|e| frag(&fs::read_to_string(e.path()).unwrap()).requirements())
+            .collect();
+        for opt in ["CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", "CONFIG_PVH", "CONFIG_9P_FS", "CONFIG_VIRTIO_FS",
+                    "CONFIG_BRIDGE_NETFILTER", "CONFIG_NFT_MASQ", "CONFIG_SECURITY_LANDLOCK"] {
+            assert!(reqs.contains(&Requirement::Enabled(opt.into())), "{opt} missing");
+        }
+        assert!(reqs.contains(&Requirement::Disabled("CONFIG_JUMP_LABEL".into())));
+    }
+}
