@@ -13,4 +13,8 @@ pub struct Cli {
 pub enum Cmd {
     /// Build the guest kernel from Debian's linux-source-6.1 (content-addressed; cached)
     Kernel(crate::kernel::KernelCmd),
+    /// Bake the guest root directory: busybox, /etc basics, guest programs, manifest
+    Rootfs(crate::rootfs::RootfsCmd),
+    /// Run VMs
+    Vm(crate::vm::VmCmd),
 }

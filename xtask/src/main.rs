@@ -3,9 +3,13 @@
 //! A dispatcher: it parses, fixes the working directory to the project root, and hands each
 //! subcommand to its module. The work itself lives in the `crates/` libraries.
 
+mod artifacts;
+mod deps;
 mod flags;
 mod kernel;
 mod progress;
+mod rootfs;
+mod vm;
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +27,8 @@ fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(project_root())?;
     match cli.cmd {
         flags::Cmd::Kernel(cmd) => cmd.run(),
+        flags::Cmd::Rootfs(cmd) => cmd.run(),
+        flags::Cmd::Vm(cmd) => cmd.run(),
     }
 }
 

@@ -155,7 +155,12 @@ impl Context {
             .map(|(k, v)| cstr("exec environment", format!("{k}={v}")))
             .collect::<Result<Vec<_>, _>>()?;
         let (argv, envp) = (ptr_array(&args), ptr_array(&env));
-        call!(krun_set_exec(self.id, path.as_ptr(), argv.as_ptr(), envp.as_ptr()))?;
+        call!(krun_set_exec(
+            self.id,
+            path.as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr()
+        ))?;
         Ok(self)
     }
 
@@ -227,11 +232,25 @@ mod tests {
     #[test]
     fn interior_nul_is_rejected_before_ffi() {
         let mut ctx = Context::new().unwrap();
-        let err = ctx.kernel(Path::new("/vmlinux"), "console=\0ttyS0").unwrap_err();
-        assert!(matches!(err, KrunError::Nul { what: "kernel cmdline", .. }), "{err}");
+        let err = ctx
+            .kernel(Path::new("/vmlinux"), "console=\0ttyS0")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KrunError::Nul {
+                    what: "kernel cmdline",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let env = [("A\0".to_string(), "b".to_string())];
         let err = ctx.exec("/bin/true", &[], &env).unwrap_err();
-        assert_eq!(err.to_string(), "exec environment contains an interior NUL byte");
+        assert_eq!(
+            err.to_string(),
+            "exec environment contains an interior NUL byte"
+        );
     }
 
     #[test]
@@ -241,7 +260,9 @@ mod tests {
         drop(ctx);
         let err = call!(krun_set_vm_config(id, 1, 128)).unwrap_err();
         assert_eq!(err.call(), Some("krun_set_vm_config"));
-        assert!(matches!(err, KrunError::Call { ref source, .. } if source.raw_os_error() == Some(libc::ENOENT)));
+        assert!(
+            matches!(err, KrunError::Call { ref source, .. } if source.raw_os_error() == Some(libc::ENOENT))
+        );
     }
 
     #[test]

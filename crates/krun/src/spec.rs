@@ -103,8 +103,20 @@ mod tests {
 
     #[test]
     fn run_reports_nul_before_booting() {
-        let spec = KrunSpec { cmdline: "a\0b".into(), ..sample() };
+        let spec = KrunSpec {
+            cmdline: "a\0b".into(),
+            ..sample()
+        };
         let err = run(&spec).unwrap_err();
-        assert!(matches!(err, KrunError::Nul { what: "kernel cmdline", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                KrunError::Nul {
+                    what: "kernel cmdline",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

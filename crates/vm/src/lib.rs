@@ -1,1 +1,16 @@
-//! VM runtime (in progress).
+//! The VM runtime: what a VM is ([`VmConfig`] and its presets), which VMM runs it ([`Backend`],
+//! chosen from the host's capabilities), and a running VM as a value ([`RunningVm`]) that streams
+//! its console, forwards signals, returns the guest command's exit code and, when dropped, stops
+//! the VMM so that nothing outlives it.
+//!
+//! A plain library: no printing, no `process::exit`. Progress goes to `tracing`.
+
+pub mod backend;
+pub mod config;
+pub mod host;
+pub mod launch;
+
+pub use backend::{Backend, VmmChoice};
+pub use config::{VmConfig, VmError};
+pub use host::HostFacts;
+pub use launch::{launch, RunningVm};

@@ -1,0 +1,68 @@
+//! libkrun: the backend for hardware KVM (and HVF on macOS).
+//!
+//! The supervisor writes a [`KrunSpec`] and starts `openshell-vmm` with it, because
+//! `krun_start_enter` takes over the process that calls it. The root directory is shared as an
+//! extra virtio-fs device tagged `rootfs` and mounted with `root=rootfs rootfstype=virtiofs`, the
+//! same shape as the QEMU backend: libkrun's own `/dev/root` tag needs libkrunfw's kernel patches,
+//! which our kernel (built from Debian's source) does not carry.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_krun::KrunSpec;
+
+use crate::{VmConfig, VmError};
+
+/// libkrun's default prolog (which a cmdline passed to `krun_set_kernel` replaces) with our init
+/// and root; `earlyprintk` puts the first kernel lines on the serial console.
+pub fn kernel_cmdline() -> String {
+    format!(
+        "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 earlyprintk=serial,ttyS0,115200 \
+         root=rootfs rootfstype=virtiofs ro quiet no-kvmapf init=/sbin/openshell-init {SHARE_TRANSPORT_PARAM}=virtiofs"
+    )
+}
+
+pub fn spec(cfg: &VmConfig) -> KrunSpec {
+    let (exec_path, args) = cfg.exec.argv.split_first().expect("validated: argv is not empty");
+    KrunSpec {
+        vcpus: cfg.vcpus,
+        mem_mib: cfg.mem_mib,
+        root: cfg.rootfs.clone(),
+        kernel: cfg.kernel.clone(),
+        cmdline: kernel_cmdline(),
+        exec_path: exec_path.clone(),
+        args: args.to_vec(),
+        env: cfg.exec.env.clone(),
+        workdir: cfg.exec.workdir.clone(),
+        console_output: Some(cfg.console_path()),
+        serial_console: true,
+        shares: vec![("rootfs".into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())],
+        log_level: cfg.log_level,
+    }
+}
+
+/// Where `openshell-vmm` is: the config's explicit path, `$OPENSHELL_VMM`, or beside this binary.
+pub fn vmm_binary(cfg: &VmConfig) -> Result<PathBuf, VmError> {
+    let candidate = cfg
+        .krun_vmm_binary
+        .clone()
+        .or_else(|| std::env::var_os("OPENSHELL_VMM").map(PathBuf::from))
+        .or_else(|| std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("openshell-vmm"))))
+        .unwrap_or_else(|| PathBuf::from("openshell-vmm"));
+    if candidate.is_file() {
+        Ok(candidate)
+    } else {
+        Err(VmError::VmmBinaryMissing(candidate))
+    }
+}
+
+pub fn command(cfg: &VmConfig) -> Result<Command, VmError> {
+    let vmm = vmm_binary(cfg)?;
+    let path = cfg.state_dir.join("krun-spec.json");
+    let json = serde_json::to_vec_pretty(&spec(cfg)).expect("spec serializes");
+    std::fs::write(&path, json).map_err(|source| VmError::Io { path: path.clone(), source })?;
+    let mut c = Command::new(vmm);
+    c.arg(path);
+    Ok(c)
+}

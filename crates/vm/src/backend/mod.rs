@@ -1,0 +1,111 @@
+//! The two VMMs behind one contract: boot the kernel with the rootfs directory shared read-only,
+//! share the instance directory, record the console to a file, and exit when the guest powers off.
+
+pub mod krun;
+pub mod qemu;
+
+use std::fmt;
+
+use crate::{HostFacts, VmError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// libkrun: hardware KVM (Linux) or HVF (macOS), root over virtio-fs.
+    Krun,
+    /// QEMU microvm: KVM where hardware KVM exists, TCG otherwise; root over virtio-9p.
+    Qemu { kvm: bool },
+}
+
+/// What the user asked for with `--vmm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VmmChoice {
+    #[default]
+    Auto,
+    Krun,
+    Qemu,
+}
+
+impl std::str::FromStr for VmmChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(VmmChoice::Auto),
+            "krun" => Ok(VmmChoice::Krun),
+            "qemu" => Ok(VmmChoice::Qemu),
+            _ => Err(format!("unknown VMM {s:?}: expected auto, krun or qemu")),
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Krun => f.write_str("krun"),
+            Backend::Qemu { kvm: true } => f.write_str("qemu (kvm)"),
+            Backend::Qemu { kvm: false } => f.write_str("qemu (tcg)"),
+        }
+    }
+}
+
+const QEMU_HINT: &str = "install QEMU with: apt-get install -y qemu-system-x86";
+
+/// Picks the backend and says why, in one line.
+pub fn choose(choice: VmmChoice, host: &HostFacts) -> Result<(Backend, String), VmError> {
+    let qemu = |why: String| -> Result<(Backend, String), VmError> {
+        if host.qemu.is_none() {
+            return Err(VmError::NoBackend(format!("{why}, and qemu-system-x86_64 is not installed; {QEMU_HINT}")));
+        }
+        let kvm = host.hardware_kvm();
+        Ok((Backend::Qemu { kvm }, why))
+    };
+    match choice {
+        VmmChoice::Krun if !host.kvm_usable => Err(VmError::NoBackend(
+            "krun needs /dev/kvm, which is missing or not openable by this user; use --vmm qemu".into(),
+        )),
+        VmmChoice::Krun => Ok((Backend::Krun, "krun requested with --vmm".into())),
+        VmmChoice::Qemu => qemu("qemu requested with --vmm".into()),
+        VmmChoice::Auto if host.hardware_kvm() => {
+            Ok((Backend::Krun, "hardware KVM is available, so libkrun runs the guest".into()))
+        }
+        VmmChoice::Auto if host.kvm_pvm => qemu(
+            "/dev/kvm is nested PVM KVM (no VMX/SVM), where libkrun's guest cannot reach userspace; using QEMU with TCG".into(),
+        ),
+        VmmChoice::Auto if host.kvm_usable => qemu("/dev/kvm exists but the CPU shows no VMX/SVM; using QEMU with TCG".into()),
+        VmmChoice::Auto => qemu("no usable /dev/kvm; using QEMU with TCG".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(kvm_usable: bool, cpu_virt: bool, kvm_pvm: bool, qemu: bool) -> HostFacts {
+        HostFacts { kvm_usable, cpu_virt, kvm_pvm, qemu: qemu.then(|| "/usr/bin/qemu-system-x86_64".into()) }
+    }
+
+    #[test]
+    fn auto_prefers_krun_on_hardware_kvm() {
+        assert_eq!(choose(VmmChoice::Auto, &facts(true, true, false, true)).unwrap().0, Backend::Krun);
+    }
+
+    #[test]
+    fn auto_uses_qemu_tcg_on_pvm_and_says_why() {
+        let (b, why) = choose(VmmChoice::Auto, &facts(true, false, true, true)).unwrap();
+        assert_eq!(b, Backend::Qemu { kvm: false });
+        assert!(why.contains("PVM"), "{why}");
+    }
+
+    #[test]
+    fn no_backend_is_a_clear_error() {
+        let err = choose(VmmChoice::Auto, &facts(false, false, false, false)).unwrap_err().to_string();
+        assert!(err.contains("apt-get install -y qemu-system-x86"), "{err}");
+        let err = choose(VmmChoice::Krun, &facts(false, false, false, true)).unwrap_err().to_string();
+        assert!(err.contains("/dev/kvm"), "{err}");
+    }
+
+    #[test]
+    fn parses_choices() {
+        assert_eq!("qemu".parse::<VmmChoice>().unwrap(), VmmChoice::Qemu);
+        assert!("xen".parse::<VmmChoice>().is_err());
+    }
+}

@@ -1,0 +1,68 @@
+//! QEMU microvm: the backend where libkrun cannot run (no hardware KVM, or nested PVM KVM).
+//!
+//! `acpi=off` matters: with ACPI on, QEMU does not announce virtio-mmio devices on the kernel
+//! command line and our ACPI-less kernel would see none. `reboot=t` plus `-no-reboot` makes the
+//! guest's restart request end QEMU at once (microvm without ACPI cannot power off).
+
+use std::path::Path;
+use std::process::Command;
+
+use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
+
+use crate::VmConfig;
+
+pub fn kernel_cmdline() -> String {
+    format!(
+        "console=ttyS0 root=rootfs rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro \
+         init=/sbin/openshell-init panic=-1 reboot=t quiet {SHARE_TRANSPORT_PARAM}=9p"
+    )
+}
+
+pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
+    let mut c = Command::new(qemu);
+    let (accel, cpu) = if kvm { ("kvm", "host") } else { ("tcg", "max") };
+    let console = cfg.console_path();
+    c.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off"])
+        .args(["-accel", accel, "-cpu", cpu])
+        .args(["-m", &cfg.mem_mib.to_string(), "-smp", &cfg.vcpus.to_string()])
+        .args(["-no-reboot", "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
+        .arg("-chardev")
+        .arg(format!("file,id=con,path={}", console.display()))
+        .args(["-serial", "chardev:con"])
+        .arg("-kernel")
+        .arg(&cfg.kernel)
+        .arg("-append")
+        .arg(kernel_cmdline())
+        .arg("-fsdev")
+        .arg(format!("local,id=root,path={},security_model=none,readonly=on", cfg.rootfs.display()))
+        .args(["-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs"])
+        .arg("-fsdev")
+        .arg(format!("local,id=share,path={},security_model=none", cfg.share_dir().display()))
+        .args(["-device", &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}")])
+        .args(["-device", "virtio-rng-device"]);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_carries_size_shares_and_acpi_off() {
+        let cfg = VmConfig::exec("/k/vmlinux".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
+        let mut cfg = cfg;
+        cfg.vcpus = 2;
+        cfg.mem_mib = 256;
+        let args: Vec<String> = command(Path::new("qemu"), &cfg, false)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("acpi=off"));
+        assert!(joined.contains("-m 256 -smp 2"));
+        assert!(joined.contains("-accel tcg"));
+        assert!(joined.contains("path=/r,security_model=none,readonly=on"));
+        assert!(joined.contains("path=/s/share,security_model=none"));
+        assert!(joined.contains("path=/s/console.log"));
+    }
+}

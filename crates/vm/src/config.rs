@@ -1,0 +1,138 @@
+//! What a VM is: kernel, rootfs, size, the command to run, where its state and console go.
+
+use std::path::PathBuf;
+
+use openshell_guest::ExecRequest;
+
+use crate::VmmChoice;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("guest kernel not found at {0}; build it with `cargo xtask kernel`")]
+    KernelMissing(PathBuf),
+    #[error("rootfs not usable at {0} (no /sbin/openshell-init); bake it with `cargo xtask rootfs`")]
+    RootfsMissing(PathBuf),
+    #[error("invalid VM config: {0}")]
+    Invalid(String),
+    #[error("no VMM can run here: {0}")]
+    NoBackend(String),
+    #[error("the krun VMM binary {0} is missing; build it with `cargo build -p openshell-krun --bin openshell-vmm`")]
+    VmmBinaryMissing(PathBuf),
+    #[error("cannot start {what}: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("VM state I/O at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the guest was still running after {secs}s; console log: {console}")]
+    Timeout { secs: u64, console: PathBuf },
+    #[error("the guest ended without reporting an exit code (VMM {status}); console log: {console}")]
+    NoExitCode { status: String, console: PathBuf },
+}
+
+/// One VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub exec: ExecRequest,
+    /// Per-instance directory: the guest share, the console log, VMM logs. Created 0700.
+    pub state_dir: PathBuf,
+    /// Where the guest console is recorded (default: `<state_dir>/console.log`).
+    pub console_log: Option<PathBuf>,
+    pub vmm: VmmChoice,
+    /// libkrun log level (0 off … 5 trace).
+    pub log_level: u32,
+    /// Path of the `openshell-vmm` binary that hosts libkrun (krun backend only).
+    pub krun_vmm_binary: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// Preset: run one command in a small VM (1 vCPU, 512 MiB).
+    pub fn exec(kernel: PathBuf, rootfs: PathBuf, state_dir: PathBuf, argv: Vec<String>) -> VmConfig {
+        VmConfig {
+            kernel,
+            rootfs,
+            vcpus: 1,
+            mem_mib: 512,
+            exec: ExecRequest { argv, env: Vec::new(), workdir: None },
+            state_dir,
+            console_log: None,
+            vmm: VmmChoice::Auto,
+            log_level: 0,
+            krun_vmm_binary: None,
+        }
+    }
+
+    pub fn console_path(&self) -> PathBuf {
+        self.console_log.clone().unwrap_or_else(|| self.state_dir.join("console.log"))
+    }
+
+    pub fn share_dir(&self) -> PathBuf {
+        self.state_dir.join("share")
+    }
+
+    /// Checks everything that can be checked before a VMM is started.
+    pub fn validate(&self) -> Result<(), VmError> {
+        if !self.kernel.is_file() {
+            return Err(VmError::KernelMissing(self.kernel.clone()));
+        }
+        if !self.rootfs.join("sbin/openshell-init").is_file() {
+            return Err(VmError::RootfsMissing(self.rootfs.clone()));
+        }
+        if self.vcpus == 0 || self.vcpus > 16 {
+            return Err(VmError::Invalid(format!("--vcpus {} is out of range 1..=16", self.vcpus)));
+        }
+        if !(64..=65536).contains(&self.mem_mib) {
+            return Err(VmError::Invalid(format!("--mem {} MiB is out of range 64..=65536", self.mem_mib)));
+        }
+        if self.exec.argv.first().is_none_or(|p| !p.starts_with('/')) {
+            return Err(VmError::Invalid("the command must be an absolute path inside the guest, e.g. /bin/true".into()));
+        }
+        if let Some((k, _)) = self.exec.env.iter().find(|(k, _)| k.is_empty() || k.contains('=')) {
+            return Err(VmError::Invalid(format!("bad environment variable name {k:?}")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(dir: &std::path::Path) -> VmConfig {
+        std::fs::create_dir_all(dir.join("root/sbin")).unwrap();
+        std::fs::write(dir.join("root/sbin/openshell-init"), "").unwrap();
+        std::fs::write(dir.join("vmlinux"), "").unwrap();
+        VmConfig::exec(dir.join("vmlinux"), dir.join("root"), dir.join("state"), vec!["/bin/true".into()])
+    }
+
+    #[test]
+    fn exec_preset_is_valid() {
+        let t = tempfile::tempdir().unwrap();
+        cfg(t.path()).validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_values_with_the_flag_named() {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = cfg(t.path());
+        c.vcpus = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("--vcpus"));
+        let mut c = cfg(t.path());
+        c.mem_mib = 1;
+        assert!(c.validate().unwrap_err().to_string().contains("--mem"));
+        let mut c = cfg(t.path());
+        c.exec.argv = vec!["true".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("absolute"));
+    }
+
+    #[test]
+    fn missing_kernel_names_the_fix() {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = cfg(t.path());
+        c.kernel = t.path().join("nope");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cargo xtask kernel") && e.contains("nope"), "{e}");
+    }
+}

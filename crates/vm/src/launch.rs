@@ -1,0 +1,215 @@
+//! Starting a VMM process and supervising it.
+//!
+//! The VMM always runs in its own process (libkrun's `krun_start_enter` never returns, and QEMU is
+//! a program anyway), in its own process group so a terminal's Ctrl-C reaches the supervisor
+//! first, and with `PR_SET_PDEATHSIG` so it dies with its supervisor even on SIGKILL. The value
+//! that owns it, [`RunningVm`], stops it on drop: SIGTERM, a grace period, then SIGKILL.
+
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openshell_guest::{EXEC_FILE, EXIT_CODE_FILE};
+
+use crate::backend::{self, Backend};
+use crate::{HostFacts, VmConfig, VmError};
+
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// A VMM process and the paths it writes.
+#[derive(Debug)]
+pub struct RunningVm {
+    child: Option<Child>,
+    pid: u32,
+    pub backend: Backend,
+    /// One line: which backend and why.
+    pub backend_reason: String,
+    pub console: PathBuf,
+    share: PathBuf,
+    pub started: Instant,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
+    let path = path.to_owned();
+    move |source| VmError::Io { path, source }
+}
+
+/// Boots `cfg` and returns once the VMM process runs.
+pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
+    cfg.validate()?;
+    let (backend, reason) = backend::choose(cfg.vmm, &HostFacts::probe())?;
+    tracing::info!(%backend, %reason, "VMM chosen");
+    let share = prepare_state(cfg)?;
+    let mut cmd = match backend {
+        Backend::Qemu { kvm } => {
+            let qemu = which::which("qemu-system-x86_64")
+                .map_err(|_| VmError::NoBackend("qemu-system-x86_64 disappeared from PATH".into()))?;
+            backend::qemu::command(&qemu, cfg, kvm)
+        }
+        Backend::Krun => backend::krun::command(cfg)?,
+    };
+    let vmm_log = cfg.state_dir.join("vmm.log");
+    let log = File::create(&vmm_log).map_err(io_err(&vmm_log))?;
+    let log2 = log.try_clone().map_err(io_err(&vmm_log))?;
+    cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpgid(0, 0) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
+    tracing::debug!(pid = child.id(), ?cmd, "VMM started");
+    Ok(RunningVm {
+        pid: child.id(),
+        child: Some(child),
+        backend,
+        backend_reason: reason,
+        console: cfg.console_path(),
+        share,
+        started,
+    })
+}
+
+/// Creates the state directory (0700) and the guest share with the exec request in it; clears what
+/// an earlier run left (its exit code, its console).
+fn prepare_state(cfg: &VmConfig) -> Result<PathBuf, VmError> {
+    let share = cfg.share_dir();
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(&share).map_err(io_err(&share))?;
+    fs::set_permissions(&cfg.state_dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&cfg.state_dir))?;
+    let _ = fs::remove_file(share.join(EXIT_CODE_FILE));
+    let exec = share.join(EXEC_FILE);
+    let tmp = share.join(format!(".{EXEC_FILE}.tmp"));
+    let json = serde_json::to_vec(&cfg.exec).expect("exec request serializes");
+    fs::write(&tmp, json).and_then(|()| fs::rename(&tmp, &exec)).map_err(io_err(&exec))?;
+    let console = cfg.console_path();
+    File::create(&console).map_err(io_err(&console))?;
+    Ok(share)
+}
+
+impl RunningVm {
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Waits for the guest to power off, copying the console to `sink` as it grows, and returns
+    /// the guest command's exit code. SIGINT/SIGTERM to this process stop the VMM; the result is
+    /// then 128 + that signal, as a shell would report it.
+    /// With `timeout`, a guest still running when it expires is an error (and is stopped when the
+    /// `RunningVm` is dropped).
+    pub fn wait(&mut self, mut sink: Option<&mut dyn Write>, timeout: Option<Duration>) -> Result<i32, VmError> {
+        let deadline = timeout.map(|t| (t, Instant::now() + t));
+        let got = Arc::new(AtomicUsize::new(0));
+        let ids = [libc::SIGINT, libc::SIGTERM]
+            .map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
+        let mut console = Tail::new(&self.console);
+        let mut forwarded = None;
+        let result = loop {
+            console.drain(&mut sink);
+            let sig = got.load(Ordering::Relaxed);
+            if sig != 0 && forwarded.is_none() {
+                tracing::info!(signal = sig, "stopping the VM");
+                self.signal(libc::SIGTERM);
+                forwarded = Some(sig as i32);
+            }
+            let child = self.child.as_mut().expect("waited only once");
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    console.drain(&mut sink);
+                    break self.exit_code(status, forwarded);
+                }
+                Ok(None) if deadline.is_some_and(|(_, d)| Instant::now() > d) => {
+                    let secs = deadline.map_or(0, |(t, _)| t.as_secs());
+                    break Err(VmError::Timeout { secs, console: self.console.clone() });
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => break Err(io_err(&self.console)(e)),
+            }
+        };
+        for id in ids.into_iter().flatten() {
+            signal_hook::low_level::unregister(id);
+        }
+        result
+    }
+
+    fn exit_code(&self, status: std::process::ExitStatus, forwarded: Option<i32>) -> Result<i32, VmError> {
+        if let Some(sig) = forwarded {
+            return Ok(128 + sig);
+        }
+        if let Some(sig) = status.signal() {
+            return Ok(128 + sig);
+        }
+        let path = self.share.join(EXIT_CODE_FILE);
+        match fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()) {
+            Some(code) => Ok(code),
+            None => Err(VmError::NoExitCode { status: status.to_string(), console: self.console.clone() }),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of a child we have not reaped, so the pid is still ours.
+        unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+    }
+
+    /// Stops the VMM: SIGTERM, then SIGKILL after a grace period. Idempotent.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Follows a growing file from its start.
+struct Tail {
+    path: PathBuf,
+    file: Option<File>,
+    pos: u64,
+}
+
+impl Tail {
+    fn new(path: &Path) -> Tail {
+        Tail { path: path.to_owned(), file: None, pos: 0 }
+    }
+
+    fn drain(&mut self, sink: &mut Option<&mut dyn Write>) {
+        let Some(sink) = sink.as_mut() else { return };
+        if self.file.is_none() {
+            self.file = File::open(&self.path).ok();
+        }
+        let Some(f) = self.file.as_mut() else { return };
+        let mut buf = Vec::new();
+        if f.seek(SeekFrom::Start(self.pos)).is_ok() && f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+            self.pos += buf.len() as u64;
+            let _ = sink.write_all(&buf);
+            let _ = sink.flush();
+        }
+    }
+}

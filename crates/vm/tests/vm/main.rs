@@ -1,0 +1,26 @@
+//! VM suites: real VMs, booted through the library, on every backend this host can run.
+//!
+//! A libtest-mimic harness (`harness = false`), so nextest lists and runs each trial on its own.
+//! Trials are named `<backend>::<trial>`. A trial that cannot run here (a backend the host cannot
+//! run, artifacts not built) is reported ignored with the reason, never passed. The artifacts come
+//! from `OPENSHELL_KERNEL` / `OPENSHELL_ROOTFS` (set by `cargo xtask e2e`); with
+//! `OPENSHELL_E2E_REQUIRE=1` missing artifacts fail the run instead.
+
+mod support;
+mod trials;
+
+use libtest_mimic::{Arguments, Trial};
+
+fn main() {
+    if let Some(code) = support::supervisor_mode() {
+        std::process::exit(code);
+    }
+    let args = Arguments::from_args();
+    let mut all: Vec<Trial> = trials::all();
+    all.sort_by(|a, b| a.name().cmp(b.name()));
+    if all.is_empty() {
+        eprintln!("no VM trials were defined: refusing to pass an empty run");
+        std::process::exit(1);
+    }
+    libtest_mimic::run(&args, all).exit();
+}

@@ -1,0 +1,128 @@
+//! What every VM trial needs: artifacts, a state dir kept on failure, a config, and a supervisor
+//! process for the trials that signal one.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use libtest_mimic::Failed;
+use openshell_vm::{Backend, HostFacts, VmConfig, VmmChoice};
+
+/// Upper bound for one guest run under TCG; a trial that needs longer is broken, not slow.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Clone)]
+pub struct Artifacts {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// The artifacts, or the reason the VM trials cannot run.
+pub fn artifacts() -> Result<Artifacts, String> {
+    let get = |k: &str| std::env::var_os(k).map(PathBuf::from).filter(|p| p.exists());
+    match (get("OPENSHELL_KERNEL"), get("OPENSHELL_ROOTFS")) {
+        (Some(kernel), Some(rootfs)) => Ok(Artifacts { kernel, rootfs }),
+        _ => Err("OPENSHELL_KERNEL/OPENSHELL_ROOTFS not set to built artifacts; run `cargo xtask e2e --vm`".into()),
+    }
+}
+
+pub fn require() -> bool {
+    std::env::var("OPENSHELL_E2E_REQUIRE").is_ok_and(|v| v == "1")
+}
+
+/// Which backends can boot a guest to userspace here, and which cannot (with the reason).
+pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
+    let host = HostFacts::probe();
+    let krun = if host.hardware_kvm() {
+        Ok(())
+    } else if host.kvm_pvm {
+        Err("krun: /dev/kvm is nested PVM KVM; libkrun's guest cannot reach userspace here (see README)".into())
+    } else {
+        Err("krun: no hardware KVM on this host".into())
+    };
+    let qemu = match openshell_vm::backend::choose(VmmChoice::Qemu, &host) {
+        Ok((Backend::Qemu { .. }, _)) => Ok(()),
+        Ok(_) => unreachable!("qemu choice gives qemu"),
+        Err(e) => Err(format!("qemu: {e}")),
+    };
+    vec![("krun", VmmChoice::Krun, krun), ("qemu", VmmChoice::Qemu, qemu)]
+}
+
+/// A trial's own state directory; kept (and named) when the trial fails.
+pub struct TrialDir(Option<tempfile::TempDir>);
+
+impl TrialDir {
+    pub fn new(name: &str) -> TrialDir {
+        TrialDir(Some(tempfile::Builder::new().prefix(&format!("vm-{}-", name.replace("::", "-"))).tempdir().unwrap()))
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.0.as_ref().unwrap().path().to_owned()
+    }
+
+    /// Wraps a failure with the console's tail and keeps the directory for inspection.
+    pub fn fail(mut self, msg: impl Into<String>) -> Failed {
+        let dir = self.0.take().unwrap().keep();
+        let console = std::fs::read_to_string(dir.join("state/console.log")).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("{}\nstate kept at {}\n--- console (last 30 lines) ---\n{}", msg.into(), dir.display(), tail.join("\n")).into()
+    }
+}
+
+pub fn config(a: &Artifacts, dir: &TrialDir, vmm: VmmChoice, argv: &[&str]) -> VmConfig {
+    let mut cfg = VmConfig::exec(
+        a.kernel.clone(),
+        a.rootfs.clone(),
+        dir.path().join("state"),
+        argv.iter().map(|s| s.to_string()).collect(),
+    );
+    cfg.vmm = vmm;
+    cfg
+}
+
+/// Boots `cfg`, waits for the guest, returns (exit code, console text).
+pub fn run(cfg: &VmConfig, dir: TrialDir) -> Result<(i32, String, TrialDir), Failed> {
+    let mut vm = match openshell_vm::launch(cfg) {
+        Ok(vm) => vm,
+        Err(e) => return Err(dir.fail(format!("launch failed: {e}"))),
+    };
+    let code = match vm.wait(None, Some(GUEST_TIMEOUT)) {
+        Ok(c) => c,
+        Err(e) => {
+            drop(vm);
+            return Err(dir.fail(e.to_string()));
+        }
+    };
+    let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
+    Ok((code, console, dir))
+}
+
+/// Whether a process with this pid exists (zombies included).
+pub fn process_exists(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+const SUPERVISE_ENV: &str = "OPENSHELL_E2E_SUPERVISE";
+
+/// This test binary doubles as a supervisor process for the signal trials: with
+/// `OPENSHELL_E2E_SUPERVISE=<state dir>` it boots the VM described by its arguments, prints
+/// `vmm-pid=N` and returns the VM's exit code.
+pub fn supervisor_mode() -> Option<i32> {
+    let state = std::env::var_os(SUPERVISE_ENV)?;
+    let a = artifacts().expect("artifacts are set for the supervisor");
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let vmm: VmmChoice = std::env::var("OPENSHELL_E2E_VMM").unwrap().parse().unwrap();
+    let mut cfg = VmConfig::exec(a.kernel, a.rootfs, PathBuf::from(state), argv);
+    cfg.vmm = vmm;
+    let mut vm = openshell_vm::launch(&cfg).expect("supervisor launch");
+    println!("vmm-pid={}", vm.pid());
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    Some(vm.wait(None, Some(GUEST_TIMEOUT)).unwrap_or(255))
+}
+
+pub fn supervisor_command(state: &std::path::Path, vmm: &str, argv: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.env(SUPERVISE_ENV, state).env("OPENSHELL_E2E_VMM", vmm).args(argv);
+    c
+}

@@ -1,0 +1,220 @@
+//! The trials. Each boots its own VM with its own state directory.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Failed, Trial};
+use openshell_vm::{VmConfig, VmmChoice};
+
+use crate::support::{self, Artifacts, TrialDir};
+
+type Body = fn(&Artifacts, VmmChoice, TrialDir) -> Result<(), Failed>;
+
+/// The contract every backend honours.
+const CONTRACT: &[(&str, Body)] = &[
+    ("exec_true_exits_0", exec_true_exits_0),
+    ("exec_false_exits_1", exec_false_exits_1),
+    ("exec_exit_code_42_propagates", exec_exit_code_42_propagates),
+    ("guest_sees_configured_vcpus_and_memory", guest_sees_configured_vcpus_and_memory),
+    ("env_and_workdir_reach_guest", env_and_workdir_reach_guest),
+    ("console_log_written", console_log_written),
+    ("sigterm_to_supervisor_stops_guest_and_leaves_no_process", sigterm_stops_guest),
+    ("missing_kernel_gives_clear_error", missing_kernel_gives_clear_error),
+];
+
+pub fn all() -> Vec<Trial> {
+    let artifacts = support::artifacts();
+    let mut trials = Vec::new();
+    for (backend, vmm, usable) in support::backends() {
+        for &(name, body) in CONTRACT {
+            let full = format!("{backend}::{name}");
+            let reason = match (&usable, &artifacts) {
+                (Err(why), _) => Some(why.clone()),
+                (Ok(()), Err(why)) if !support::require() => Some(why.clone()),
+                _ => None,
+            };
+            trials.push(match reason {
+                Some(why) => Trial::test(full, || Ok(())).with_ignored_flag(true).with_kind(why),
+                None => {
+                    let artifacts = artifacts.clone();
+                    Trial::test(full.clone(), move || {
+                        let a = artifacts.map_err(Failed::from)?;
+                        body(&a, vmm, TrialDir::new(&full))
+                    })
+                }
+            });
+        }
+    }
+    // On hosts where libkrun's guest cannot reach userspace, still prove the FFI wiring, kernel
+    // loading and console: this trial runs wherever /dev/kvm opens, PVM included.
+    let host = openshell_vm::HostFacts::probe();
+    let smoke = "krun::smoke_kernel_prints_first_line";
+    trials.push(match (&artifacts, host.kvm_usable, std::env::var_os("OPENSHELL_VMM")) {
+        (Ok(_), true, Some(_)) => {
+            let a = artifacts.clone();
+            Trial::test(smoke, move || krun_smoke(&a.map_err(Failed::from)?, TrialDir::new(smoke)))
+        }
+        (_, false, _) => Trial::test(smoke, || Ok(())).with_ignored_flag(true).with_kind("no usable /dev/kvm"),
+        (Err(why), _, _) if !support::require() => Trial::test(smoke, || Ok(())).with_ignored_flag(true).with_kind(why.clone()),
+        _ if !support::require() => Trial::test(smoke, || Ok(()))
+            .with_ignored_flag(true)
+            .with_kind("OPENSHELL_VMM not set to the openshell-vmm binary; run `cargo xtask e2e --vm`"),
+        _ => Trial::test(smoke, || Err("artifacts or OPENSHELL_VMM missing with OPENSHELL_E2E_REQUIRE=1".into())),
+    });
+    trials
+}
+
+fn expect_code(cfg: &VmConfig, dir: TrialDir, want: i32) -> Result<(), Failed> {
+    let (code, _, dir) = support::run(cfg, dir)?;
+    if code != want {
+        return Err(dir.fail(format!("guest exit code {code}, expected {want}")));
+    }
+    Ok(())
+}
+
+fn exec_true_exits_0(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    expect_code(&support::config(a, &dir, vmm, &["/bin/true"]), dir, 0)
+}
+
+fn exec_false_exits_1(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    expect_code(&support::config(a, &dir, vmm, &["/bin/false"]), dir, 1)
+}
+
+fn exec_exit_code_42_propagates(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    expect_code(&support::config(a, &dir, vmm, &["/bin/sh", "-c", "exit 42"]), dir, 42)
+}
+
+fn guest_sees_configured_vcpus_and_memory(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let script = "echo cpus=$(grep -c ^processor /proc/cpuinfo) mem_kib=$(awk '/MemTotal/{print $2}' /proc/meminfo)";
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", script]);
+    cfg.vcpus = 2;
+    cfg.mem_mib = 384;
+    let (code, console, dir) = support::run(&cfg, dir)?;
+    let line = console.lines().find(|l| l.starts_with("cpus=")).unwrap_or("").to_owned();
+    let field = |k: &str| line.split_whitespace().find_map(|w| w.strip_prefix(k)?.parse::<u64>().ok());
+    match (code, field("cpus="), field("mem_kib=")) {
+        // MemTotal is what the kernel keeps after its own reservations: below 384 MiB, above 300.
+        (0, Some(2), Some(kib)) if (300 * 1024..=384 * 1024).contains(&kib) => Ok(()),
+        _ => Err(dir.fail(format!("expected 2 vCPUs and ~384 MiB, guest said {line:?} (exit {code})"))),
+    }
+}
+
+fn env_and_workdir_reach_guest(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", "echo \"seen FOO=$FOO PWD=$(pwd)\""]);
+    cfg.exec.env = vec![("FOO".into(), "bar baz".into())];
+    cfg.exec.workdir = Some("/etc".into());
+    let (code, console, dir) = support::run(&cfg, dir)?;
+    if code != 0 || !console.contains("seen FOO=bar baz PWD=/etc") {
+        return Err(dir.fail(format!("env/workdir not seen in the guest (exit {code})")));
+    }
+    Ok(())
+}
+
+fn console_log_written(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/echo", "hello-from-the-guest"]);
+    let custom = dir.path().join("custom-console.log");
+    cfg.console_log = Some(custom.clone());
+    let (code, _, dir) = support::run(&cfg, dir)?;
+    let text = std::fs::read_to_string(&custom).unwrap_or_default();
+    if code != 0 || !text.contains("hello-from-the-guest") || !text.contains("openshell-init: [") {
+        return Err(dir.fail(format!("console log {} lacks the guest's output (exit {code})", custom.display())));
+    }
+    Ok(())
+}
+
+fn sigterm_stops_guest(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let _ = a;
+    let state = dir.path().join("state");
+    let vmm_name = match vmm {
+        VmmChoice::Krun => "krun",
+        _ => "qemu",
+    };
+    let mut sup = support::supervisor_command(&state, vmm_name, &["/bin/sleep", "600"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| dir_fail_now(&format!("cannot start supervisor: {e}")))?;
+    let mut line = String::new();
+    BufReader::new(sup.stdout.take().unwrap()).read_line(&mut line).ok();
+    let Some(vmm_pid) = line.trim().strip_prefix("vmm-pid=").and_then(|p| p.parse::<u32>().ok()) else {
+        let _ = sup.kill();
+        return Err(dir.fail(format!("supervisor did not report a VMM pid: {line:?}")));
+    };
+    // Signal only once the guest runs the command, so this tests stopping a live guest.
+    let console = state.join("console.log");
+    let deadline = Instant::now() + support::GUEST_TIMEOUT;
+    while !std::fs::read_to_string(&console).unwrap_or_default().contains("exec /bin/sleep") {
+        if Instant::now() > deadline {
+            let _ = sup.kill();
+            return Err(dir.fail("guest never started /bin/sleep"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(sup.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = sup.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = sup.kill();
+            return Err(dir.fail("supervisor still running 15 s after SIGTERM"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.code() != Some(128 + libc::SIGTERM) {
+        return Err(dir.fail(format!("supervisor exited with {status}, expected 143")));
+    }
+    if support::process_exists(vmm_pid) {
+        return Err(dir.fail(format!("VMM pid {vmm_pid} still exists after the supervisor exited")));
+    }
+    Ok(())
+}
+
+fn dir_fail_now(msg: &str) -> Failed {
+    msg.into()
+}
+
+fn missing_kernel_gives_clear_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
+    cfg.kernel = dir.path().join("no-such-vmlinux");
+    match openshell_vm::launch(&cfg) {
+        Ok(_) => Err(dir.fail("launch with a missing kernel succeeded")),
+        Err(e) => {
+            let msg = e.to_string();
+            if msg.contains("no-such-vmlinux") && msg.contains("cargo xtask kernel") {
+                Ok(())
+            } else {
+                Err(dir.fail(format!("unhelpful error: {msg}")))
+            }
+        }
+    }
+}
+
+/// libkrun boots our kernel and its first line reaches the serial console; then the VMM is stopped.
+fn krun_smoke(a: &Artifacts, dir: TrialDir) -> Result<(), Failed> {
+    let mut cfg = support::config(a, &dir, VmmChoice::Krun, &["/bin/true"]);
+    cfg.krun_vmm_binary = std::env::var_os("OPENSHELL_VMM").map(Into::into);
+    let mut vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+    let log = cfg.state_dir.join("vmm.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Linux version") {
+            println!("krun: first kernel line after {:.2}s", vm.started.elapsed().as_secs_f64());
+            break;
+        }
+        if Instant::now() > deadline {
+            drop(vm);
+            return Err(dir.fail(format!("no `Linux version` line within 60 s; vmm.log:\n{text}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = vm.pid();
+    vm.stop();
+    if support::process_exists(pid) {
+        return Err(dir.fail(format!("VMM pid {pid} survived stop()")));
+    }
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Building what a VM needs, shared by the subcommands: the kernel, the guest programs, the rootfs.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use openshell_artifacts::kernel::{self, GuestKernel, KernelSpec};
+use openshell_artifacts::rootfs::{self, GuestFile, RootfsBundle, RootfsInputs};
+use openshell_artifacts::Store;
+use xshell::{cmd, Shell};
+
+use crate::{deps, progress};
+
+pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// Guest programs: (cargo binary name, path inside the guest).
+const GUEST_PROGRAMS: &[(&str, &str)] = &[("openshell-init", "/sbin/openshell-init")];
+
+pub fn kernel_spec() -> anyhow::Result<KernelSpec> {
+    Ok(KernelSpec::from_project(&crate::project_root().join("kernel"))?)
+}
+
+/// The kernel for the current fragments, built (minutes, with progress) if the store lacks it.
+pub fn ensure_kernel(sh: &Shell, store: &Store) -> anyhow::Result<GuestKernel> {
+    deps::ensure(sh, &[deps::KERNEL])?;
+    let spec = kernel_spec()?;
+    if let Ok(k) = kernel::locate(store, &spec) {
+        return Ok(k);
+    }
+    let pb = progress::spinner("building guest kernel (about 5-10 min on 2 cores)");
+    let mut lines = 0u64;
+    let built = kernel::build(store, &spec, &mut |line| {
+        lines += 1;
+        pb.set_message(line.to_owned());
+        if pb.is_hidden() && lines % 200 == 0 {
+            eprintln!("kernel build: {line}");
+        }
+    });
+    pb.finish_and_clear();
+    Ok(built.context("kernel build failed")?)
+}
+
+/// Builds the guest programs statically for the guest, in their own target dir so the host
+/// build's flags and artifacts are left alone.
+pub fn build_guest_programs(sh: &Shell) -> anyhow::Result<Vec<GuestFile>> {
+    let target_dir = crate::project_root().join("target/guest");
+    let bins: Vec<String> = GUEST_PROGRAMS.iter().flat_map(|(b, _)| ["--bin".to_owned(), b.to_string()]).collect();
+    cmd!(sh, "cargo build --quiet --release -p openshell-guest --target {GUEST_TARGET} --target-dir {target_dir} {bins...}")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .run()
+        .context("building the guest programs failed")?;
+    Ok(GUEST_PROGRAMS
+        .iter()
+        .map(|(bin, dest)| GuestFile {
+            source: target_dir.join(GUEST_TARGET).join("release").join(bin),
+            dest: dest.to_string(),
+            mode: 0o755,
+        })
+        .collect())
+}
+
+pub fn rootfs_inputs(sh: &Shell) -> anyhow::Result<RootfsInputs> {
+    deps::ensure(sh, &[deps::ROOTFS])?;
+    Ok(RootfsInputs {
+        busybox: PathBuf::from(rootfs::BUSYBOX),
+        overlay: crate::project_root().join("rootfs"),
+        programs: build_guest_programs(sh)?,
+    })
+}
+
+pub fn ensure_rootfs(sh: &Shell, store: &Store) -> anyhow::Result<RootfsBundle> {
+    let inputs = rootfs_inputs(sh)?;
+    Ok(rootfs::bake(store, &inputs).context("rootfs bake failed")?)
+}

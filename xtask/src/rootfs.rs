@@ -1,0 +1,36 @@
+//! `cargo xtask rootfs`: bake the guest root directory (or find it cached) and print where it is.
+
+use openshell_artifacts::{rootfs, Store};
+use xshell::Shell;
+
+#[derive(clap::Args)]
+pub struct RootfsCmd {
+    /// Re-hash the baked tree and compare it with its manifest instead of building
+    #[arg(long)]
+    check: bool,
+}
+
+impl RootfsCmd {
+    pub fn run(self) -> anyhow::Result<()> {
+        let sh = Shell::new()?;
+        let started = std::time::Instant::now();
+        let store = Store::default_location();
+        let bundle = if self.check {
+            let b = rootfs::locate(&store, &crate::artifacts::rootfs_inputs(&sh)?)?;
+            rootfs::verify(&b)?;
+            b
+        } else {
+            crate::artifacts::ensure_rootfs(&sh, &store)?
+        };
+        println!(
+            "rootfs {} ({} files, {} links) {} in {:.1}s",
+            bundle.digest(),
+            bundle.manifest.files.len(),
+            bundle.manifest.symlinks.len(),
+            if self.check { "verified" } else { "ready" },
+            started.elapsed().as_secs_f64()
+        );
+        println!("  {}", bundle.dir.display());
+        Ok(())
+    }
+}
