@@ -17,4 +17,8 @@ pub enum Cmd {
     Rootfs(crate::rootfs::RootfsCmd),
     /// Run VMs
     Vm(crate::vm::VmCmd),
+    /// Run the end-to-end suites against real VMs (nextest profile `e2e`)
+    E2e(crate::e2e::E2eCmd),
+    /// Everything CI runs: build the artifacts, then all unit tests and the VM suites
+    Test(crate::e2e::TestCmd),
 }

@@ -5,6 +5,7 @@
 
 mod artifacts;
 mod deps;
+mod e2e;
 mod flags;
 mod kernel;
 mod progress;
@@ -29,6 +30,8 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::Kernel(cmd) => cmd.run(),
         flags::Cmd::Rootfs(cmd) => cmd.run(),
         flags::Cmd::Vm(cmd) => cmd.run(),
+        flags::Cmd::E2e(cmd) => cmd.run(),
+        flags::Cmd::Test(cmd) => cmd.run(),
     }
 }
 

@@ -1,0 +1,68 @@
+//! `cargo xtask e2e --vm` and `cargo xtask test`: build what the VM suites need, then run the tests
+//! through nextest with the artifacts handed over in the environment.
+
+use anyhow::Context;
+use openshell_artifacts::Store;
+use xshell::{cmd, Shell};
+
+#[derive(clap::Args)]
+pub struct E2eCmd {
+    /// Run the VM suites (boots real VMs on every backend this host can run)
+    #[arg(long, required = true)]
+    vm: bool,
+    /// Extra arguments for nextest (e.g. a filter)
+    #[arg(last = true)]
+    nextest_args: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct TestCmd {
+    /// Extra arguments for nextest (e.g. a filter)
+    #[arg(last = true)]
+    nextest_args: Vec<String>,
+}
+
+/// Builds kernel, rootfs and `openshell-vmm`, and exports where they are.
+fn prepare(sh: &Shell) -> anyhow::Result<()> {
+    let store = Store::default_location();
+    let kernel = crate::artifacts::ensure_kernel(sh, &store)?;
+    let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
+    crate::deps::ensure(sh, &[crate::deps::QEMU])?;
+    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").run().context("building openshell-vmm failed")?;
+    sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
+    sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
+    sh.set_var("OPENSHELL_VMM", crate::project_root().join("target/debug/openshell-vmm"));
+    // Artifacts are built: a VM trial that finds none is a failure now, not an ignore.
+    sh.set_var("OPENSHELL_E2E_REQUIRE", "1");
+    Ok(())
+}
+
+fn nextest_available(sh: &Shell) -> anyhow::Result<()> {
+    cmd!(sh, "cargo nextest --version")
+        .quiet()
+        .ignore_stdout()
+        .run()
+        .context("cargo-nextest is missing; install it with: cargo install --locked cargo-nextest")
+}
+
+impl E2eCmd {
+    pub fn run(self) -> anyhow::Result<()> {
+        let sh = Shell::new()?;
+        nextest_available(&sh)?;
+        prepare(&sh)?;
+        let extra = self.nextest_args;
+        cmd!(sh, "cargo nextest run --profile e2e -p openshell-vm --test vm {extra...}").run().context("VM suites failed")?;
+        Ok(())
+    }
+}
+
+impl TestCmd {
+    pub fn run(self) -> anyhow::Result<()> {
+        let sh = Shell::new()?;
+        nextest_available(&sh)?;
+        prepare(&sh)?;
+        let extra = self.nextest_args;
+        cmd!(sh, "cargo nextest run --workspace --profile e2e {extra...}").run().context("tests failed")?;
+        Ok(())
+    }
+}
