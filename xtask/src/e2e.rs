@@ -45,12 +45,23 @@ fn nextest_available(sh: &Shell) -> anyhow::Result<()> {
         .context("cargo-nextest is missing; install it with: cargo install --locked cargo-nextest")
 }
 
+/// nextest shows ignored trials only as "skipped"; say which ones and why, so nothing that did not
+/// run can be mistaken for something that passed.
+fn report_ignored(sh: &Shell) -> anyhow::Result<()> {
+    let list = cmd!(sh, "cargo test --quiet -p openshell-vm --test vm -- --list --ignored").read()?;
+    for line in list.lines().filter_map(|l| l.strip_suffix(": test")) {
+        eprintln!("ignored here: {line}");
+    }
+    Ok(())
+}
+
 impl E2eCmd {
     pub fn run(self) -> anyhow::Result<()> {
         let sh = Shell::new()?;
         nextest_available(&sh)?;
         prepare(&sh)?;
         let extra = self.nextest_args;
+        report_ignored(&sh)?;
         cmd!(sh, "cargo nextest run --profile e2e -p openshell-vm --test vm {extra...}").run().context("VM suites failed")?;
         Ok(())
     }
@@ -62,6 +73,7 @@ impl TestCmd {
         nextest_available(&sh)?;
         prepare(&sh)?;
         let extra = self.nextest_args;
+        report_ignored(&sh)?;
         cmd!(sh, "cargo nextest run --workspace --profile e2e {extra...}").run().context("tests failed")?;
         Ok(())
     }
