@@ -44,6 +44,7 @@ pub fn build_guest_programs(sh: &Shell) -> anyhow::Result<Vec<GuestFile>> {
     let target_dir = crate::project_root().join("target/guest");
     let bins: Vec<String> = GUEST_PROGRAMS.iter().flat_map(|(b, _)| ["--bin".to_owned(), b.to_string()]).collect();
     cmd!(sh, "cargo build --quiet --release -p openshell-guest --target {GUEST_TARGET} --target-dir {target_dir} {bins...}")
+        .quiet()
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .run()
         .context("building the guest programs failed")?;

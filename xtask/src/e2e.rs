@@ -28,7 +28,7 @@ fn prepare(sh: &Shell) -> anyhow::Result<()> {
     let kernel = crate::artifacts::ensure_kernel(sh, &store)?;
     let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
     crate::deps::ensure(sh, &[crate::deps::QEMU])?;
-    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").run().context("building openshell-vmm failed")?;
+    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").quiet().run().context("building openshell-vmm failed")?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
     sh.set_var("OPENSHELL_VMM", crate::project_root().join("target/debug/openshell-vmm"));

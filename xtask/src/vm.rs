@@ -94,7 +94,7 @@ impl RunArgs {
             crate::deps::ensure(&sh, &[crate::deps::QEMU])?;
         }
         if matches!(openshell_vm::backend::choose(cfg.vmm, &host), Ok((openshell_vm::Backend::Krun, _))) {
-            cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").run().context("building openshell-vmm failed")?;
+            cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").quiet().run().context("building openshell-vmm failed")?;
             cfg.krun_vmm_binary = Some(crate::project_root().join("target/debug/openshell-vmm"));
         }
         let mut vm = openshell_vm::launch(&cfg)?;
