@@ -19,6 +19,7 @@ pub const KERNEL: &[(&str, &str)] = &[
     ("xz", "xz-utils"),
 ];
 pub const ROOTFS: &[(&str, &str)] = &[("/bin/busybox", "busybox-static"), ("/usr/include/stdio.h", "libc6-dev")];
+pub const PASST: &[(&str, &str)] = &[("passt", "passt")];
 pub const QEMU: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86")];
 
 fn present(what: &str) -> bool {

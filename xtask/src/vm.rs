@@ -45,6 +45,12 @@ struct RunArgs {
     /// Which VMM: auto (decided from the host), krun (libkrun) or qemu (QEMU microvm)
     #[arg(long, default_value = "auto")]
     vmm: VmmChoice,
+    /// Guest network: passt (user-mode, forwards bound to 127.0.0.1) or none
+    #[arg(long, default_value = "none")]
+    net: openshell_vm::NetMode,
+    /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs --net passt)
+    #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST", requires = "net")]
+    ports: Vec<openshell_vm::PortMap>,
     /// State directory of this VM (default: a fresh temporary directory)
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -89,6 +95,11 @@ impl RunArgs {
         cfg.exec.workdir = self.workdir;
         cfg.console_log = self.console;
         cfg.vmm = self.vmm;
+        cfg.net = self.net;
+        cfg.ports = self.ports;
+        if cfg.net == openshell_vm::NetMode::Passt {
+            crate::deps::ensure(&sh, &[crate::deps::PASST])?;
+        }
         let host = openshell_vm::HostFacts::probe();
         if cfg.vmm != VmmChoice::Krun && !host.hardware_kvm() {
             crate::deps::ensure(&sh, &[crate::deps::QEMU])?;

@@ -36,6 +36,9 @@ pub struct KrunSpec {
     pub shares: Vec<(String, PathBuf)>,
     #[serde(default)]
     pub log_level: u32,
+    /// An inherited fd connected to passt; becomes the guest's virtio-net.
+    #[serde(default)]
+    pub passt_fd: Option<i32>,
 }
 
 /// Configures a context from `spec` and boots it; returns only on failure.
@@ -57,6 +60,9 @@ pub fn run(spec: &KrunSpec) -> Result<Infallible, KrunError> {
     }
     if let Some(file) = &spec.console_output {
         ctx.console_output(file)?;
+    }
+    if let Some(fd) = spec.passt_fd {
+        ctx.passt_fd(fd)?;
     }
     if spec.serial_console {
         ctx.serial_console_default(-1, libc::STDOUT_FILENO)?;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use openshell_guest::ExecRequest;
 
-use crate::VmmChoice;
+use crate::{NetMode, PortMap, VmmChoice};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -22,6 +22,10 @@ pub enum VmError {
     Spawn { what: String, source: std::io::Error },
     #[error("VM state I/O at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("host port {0} is already in use on 127.0.0.1; stop what listens there or map another port with -p HOST:GUEST")]
+    PortInUse(u16),
+    #[error("passt exited before the VM could use it ({0}); see passt.log in the VM's state directory")]
+    PasstDied(String),
     #[error("the guest was still running after {secs}s; console log: {console}")]
     Timeout { secs: u64, console: PathBuf },
     #[error("the guest ended without reporting an exit code (VMM {status}); console log: {console}")]
@@ -45,6 +49,9 @@ pub struct VmConfig {
     pub log_level: u32,
     /// Path of the `openshell-vmm` binary that hosts libkrun (krun backend only).
     pub krun_vmm_binary: Option<PathBuf>,
+    pub net: NetMode,
+    /// TCP forwards from 127.0.0.1 on the host into the guest (needs `net: Passt`).
+    pub ports: Vec<PortMap>,
 }
 
 impl VmConfig {
@@ -61,6 +68,8 @@ impl VmConfig {
             vmm: VmmChoice::Auto,
             log_level: 0,
             krun_vmm_binary: None,
+            net: NetMode::None,
+            ports: Vec::new(),
         }
     }
 
@@ -91,6 +100,9 @@ impl VmConfig {
         }
         if let Some((k, _)) = self.exec.env.iter().find(|(k, _)| k.is_empty() || k.contains('=')) {
             return Err(VmError::Invalid(format!("bad environment variable name {k:?}")));
+        }
+        if !self.ports.is_empty() && self.net == NetMode::None {
+            return Err(VmError::Invalid("port forwards (-p) need a network backend: use --net passt".into()));
         }
         Ok(())
     }

@@ -33,6 +33,7 @@ pub struct RunningVm {
     pub console: PathBuf,
     share: PathBuf,
     pub started: Instant,
+    passt: Option<crate::net::Passt>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -45,6 +46,9 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
     cfg.validate()?;
     let (backend, reason) = backend::choose(cfg.vmm, &HostFacts::probe())?;
     tracing::info!(%backend, %reason, "VMM chosen");
+    if cfg.net == crate::NetMode::Passt {
+        crate::net::check_ports_free(&cfg.ports)?;
+    }
     let share = prepare_state(cfg)?;
     let mut cmd = match backend {
         Backend::Qemu { kvm } => {
@@ -67,8 +71,20 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
             Ok(())
         });
     }
+    let mut passt = None;
+    let mut vmm_net_end = None;
+    if cfg.net == crate::NetMode::Passt {
+        let log_path = cfg.state_dir.join("passt.log");
+        let log = File::create(&log_path).map_err(io_err(&log_path))?;
+        let (p, end) = crate::net::start_passt(&cfg.ports, log)?;
+        crate::net::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(&end));
+        passt = Some(p);
+        vmm_net_end = Some(end);
+    }
     let started = Instant::now();
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
+    // The VMM holds its own copy now; ours must close so passt sees EOF when the VMM exits.
+    drop(vmm_net_end);
     tracing::debug!(pid = child.id(), ?cmd, "VMM started");
     Ok(RunningVm {
         pid: child.id(),
@@ -78,6 +94,7 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
         console: cfg.console_path(),
         share,
         started,
+        passt,
     })
 }
 
@@ -100,6 +117,11 @@ fn prepare_state(cfg: &VmConfig) -> Result<PathBuf, VmError> {
 impl RunningVm {
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The passt process carrying this VM's network, if any.
+    pub fn passt_pid(&self) -> Option<u32> {
+        self.passt.as_ref().and_then(crate::net::Passt::pid)
     }
 
     /// Waits for the guest to power off, copying the console to `sink` as it grows, and returns
@@ -184,6 +206,8 @@ impl RunningVm {
 impl Drop for RunningVm {
     fn drop(&mut self) {
         self.stop();
+        // passt exits by itself once the VMM's end closes; dropping it makes sure.
+        self.passt.take();
     }
 }
 

@@ -9,8 +9,10 @@ pub mod backend;
 pub mod config;
 pub mod host;
 pub mod launch;
+pub mod net;
 
 pub use backend::{Backend, VmmChoice};
 pub use config::{VmConfig, VmError};
 pub use host::HostFacts;
 pub use launch::{launch, RunningVm};
+pub use net::{NetMode, PortMap};

@@ -14,6 +14,7 @@ use openshell_guest::{ExecRequest, EXEC_FILE, EXIT_CODE_FILE, SHARE_MOUNT, SHARE
 fn main() {
     step("init started");
     mount_basics();
+    network_up();
     let code = match run_request() {
         Ok(code) => code,
         Err(e) => {
@@ -69,6 +70,28 @@ fn mount_basics() {
         }
     }
     step("filesystems mounted");
+}
+
+/// `lo` always; `eth0` with the address the host chose (`openshell.net=ADDR/PREFIX,GATEWAY`), so
+/// no DHCP round trip sits on the boot path.
+fn network_up() {
+    let ip = |args: &[&str]| match Command::new("/sbin/ip").args(args).status() {
+        Ok(s) if s.success() => true,
+        other => {
+            eprintln!("openshell-init: ip {} failed: {other:?}", args.join(" "));
+            false
+        }
+    };
+    ip(&["link", "set", "lo", "up"]);
+    let Some(net) = cmdline_param("openshell.net") else { return };
+    let Some((addr, gw)) = net.split_once(',') else {
+        eprintln!("openshell-init: bad openshell.net={net}");
+        return;
+    };
+    if ip(&["addr", "add", addr, "dev", "eth0"]) && ip(&["link", "set", "eth0", "up"]) {
+        ip(&["route", "add", "default", "via", gw]);
+        step(&format!("network up: eth0 {addr} via {gw}"));
+    }
 }
 
 fn cmdline_param(key: &str) -> Option<String> {

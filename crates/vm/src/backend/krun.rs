@@ -16,11 +16,16 @@ use crate::{VmConfig, VmError};
 
 /// libkrun's default prolog (which a cmdline passed to `krun_set_kernel` replaces) with our init
 /// and root; `earlyprintk` puts the first kernel lines on the serial console.
-pub fn kernel_cmdline() -> String {
-    format!(
+pub fn kernel_cmdline(cfg: &VmConfig) -> String {
+    let mut line = format!(
         "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 earlyprintk=serial,ttyS0,115200 \
          root=rootfs rootfstype=virtiofs ro quiet no-kvmapf init=/sbin/openshell-init {SHARE_TRANSPORT_PARAM}=virtiofs"
-    )
+    );
+    if cfg.net != crate::NetMode::None {
+        line.push(' ');
+        line.push_str(&crate::net::guest_cmdline_param());
+    }
+    line
 }
 
 pub fn spec(cfg: &VmConfig) -> KrunSpec {
@@ -30,7 +35,7 @@ pub fn spec(cfg: &VmConfig) -> KrunSpec {
         mem_mib: cfg.mem_mib,
         root: cfg.rootfs.clone(),
         kernel: cfg.kernel.clone(),
-        cmdline: kernel_cmdline(),
+        cmdline: kernel_cmdline(cfg),
         exec_path: exec_path.clone(),
         args: args.to_vec(),
         env: cfg.exec.env.clone(),
@@ -39,6 +44,7 @@ pub fn spec(cfg: &VmConfig) -> KrunSpec {
         serial_console: true,
         shares: vec![("rootfs".into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())],
         log_level: cfg.log_level,
+        passt_fd: (cfg.net != crate::NetMode::None).then_some(crate::net::CHILD_FD),
     }
 }
 

@@ -11,7 +11,16 @@ use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
 
 use crate::VmConfig;
 
-pub fn kernel_cmdline() -> String {
+pub fn kernel_cmdline(cfg: &VmConfig) -> String {
+    let mut line = base_cmdline();
+    if cfg.net != crate::NetMode::None {
+        line.push(' ');
+        line.push_str(&crate::net::guest_cmdline_param());
+    }
+    line
+}
+
+fn base_cmdline() -> String {
     format!(
         "console=ttyS0 root=rootfs rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro \
          init=/sbin/openshell-init panic=-1 reboot=t quiet {SHARE_TRANSPORT_PARAM}=9p"
@@ -32,7 +41,7 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
         .arg("-kernel")
         .arg(&cfg.kernel)
         .arg("-append")
-        .arg(kernel_cmdline())
+        .arg(kernel_cmdline(cfg))
         .arg("-fsdev")
         .arg(format!("local,id=root,path={},security_model=none,readonly=on", cfg.rootfs.display()))
         .args(["-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs"])
@@ -40,6 +49,11 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
         .arg(format!("local,id=share,path={},security_model=none", cfg.share_dir().display()))
         .args(["-device", &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}")])
         .args(["-device", "virtio-rng-device"]);
+    if cfg.net != crate::NetMode::None {
+        // passt's socket end is inherited as fd 3 (see `net::inherit_as_child_fd`).
+        c.args(["-netdev", &format!("stream,id=n0,server=off,addr.type=fd,addr.str={}", crate::net::CHILD_FD)])
+            .args(["-device", "virtio-net-device,netdev=n0"]);
+    }
     c
 }
 

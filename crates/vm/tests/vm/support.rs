@@ -126,3 +126,32 @@ pub fn supervisor_command(state: &std::path::Path, vmm: &str, argv: &[&str]) -> 
     c.env(SUPERVISE_ENV, state).env("OPENSHELL_E2E_VMM", vmm).args(argv);
     c
 }
+
+/// A port that was free a moment ago (trials then check it again before boot).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Local IPv4/IPv6 addresses with a listening TCP socket on `port`, from /proc/net/tcp{,6}.
+pub fn tcp_listeners(port: u16) -> Vec<String> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // st 0A = LISTEN
+            if cols.len() < 4 || cols[3] != "0A" {
+                continue;
+            }
+            let Some((addr, p)) = cols[1].split_once(':') else { continue };
+            if u16::from_str_radix(p, 16).ok() != Some(port) {
+                continue;
+            }
+            out.push(if v6 { format!("[{addr}]") } else {
+                let n = u32::from_str_radix(addr, 16).unwrap_or(0);
+                std::net::Ipv4Addr::from(n.swap_bytes()).to_string()
+            });
+        }
+    }
+    out
+}

@@ -21,6 +21,9 @@ const CONTRACT: &[(&str, Body)] = &[
     ("console_log_written", console_log_written),
     ("sigterm_to_supervisor_stops_guest_and_leaves_no_process", sigterm_stops_guest),
     ("missing_kernel_gives_clear_error", missing_kernel_gives_clear_error),
+    ("net::port_forward_reaches_guest_service", port_forward_reaches_guest_service),
+    ("net::forward_listens_on_loopback_only", forward_listens_on_loopback_only),
+    ("net::port_in_use_is_reported_before_boot", port_in_use_is_reported_before_boot),
 ];
 
 pub fn all() -> Vec<Trial> {
@@ -217,4 +220,80 @@ fn krun_smoke(a: &Artifacts, dir: TrialDir) -> Result<(), Failed> {
         return Err(dir.fail(format!("VMM pid {pid} survived stop()")));
     }
     Ok(())
+}
+
+/// A guest httpd behind a passt forward: boots with `--net passt -p HOST:8080`, answers over HTTP.
+fn boot_httpd(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<(openshell_vm::RunningVm, u16, VmConfig), String> {
+    let script = "mkdir -p /tmp/www && echo hello-from-guest-httpd > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+    let mut cfg = support::config(a, dir, vmm, &["/bin/sh", "-c", script]);
+    let host = support::free_port();
+    cfg.net = openshell_vm::NetMode::Passt;
+    cfg.ports = vec![openshell_vm::PortMap { host, guest: 8080 }];
+    let vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+    Ok((vm, host, cfg))
+}
+
+fn http_get(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+fn port_forward_reaches_guest_service(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (mut vm, port, _) = boot_httpd(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    let deadline = Instant::now() + support::GUEST_TIMEOUT;
+    loop {
+        if http_get(port).is_some_and(|b| b.contains("hello-from-guest-httpd")) {
+            break;
+        }
+        if Instant::now() > deadline {
+            drop(vm);
+            return Err(dir.fail(format!("no HTTP answer through 127.0.0.1:{port}")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (vmm_pid, passt_pid) = (vm.pid(), vm.passt_pid());
+    vm.stop();
+    drop(vm);
+    if support::process_exists(vmm_pid) || passt_pid.is_some_and(support::process_exists) {
+        return Err(dir.fail("VMM or passt still running after stop"));
+    }
+    Ok(())
+}
+
+fn forward_listens_on_loopback_only(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (vm, port, _) = boot_httpd(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    // Every listening socket on the forwarded port, from the kernel's own table.
+    let listeners = support::tcp_listeners(port);
+    drop(vm);
+    if listeners.is_empty() {
+        return Err(dir.fail(format!("nothing listens on port {port}")));
+    }
+    if let Some(bad) = listeners.iter().find(|a| a.as_str() != "127.0.0.1") {
+        return Err(dir.fail(format!("port {port} also listens on {bad}: {listeners:?}")));
+    }
+    Ok(())
+}
+
+fn port_in_use_is_reported_before_boot(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
+    cfg.net = openshell_vm::NetMode::Passt;
+    cfg.ports = vec![openshell_vm::PortMap { host: port, guest: 8080 }];
+    match openshell_vm::launch(&cfg) {
+        Ok(_) => Err(dir.fail("launch succeeded although the host port was taken")),
+        Err(e) if e.to_string().contains(&port.to_string()) && e.to_string().contains("in use") => {
+            // Refused before boot: no console was even created.
+            if cfg.console_path().exists() {
+                return Err(dir.fail("a console log exists: the VM was started before the check"));
+            }
+            Ok(())
+        }
+        Err(e) => Err(dir.fail(format!("unhelpful error: {e}"))),
+    }
 }
