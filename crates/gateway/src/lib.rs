@@ -1,0 +1,25 @@
+//! The gateway control plane: a small gRPC service that runs inside the
+//! microVM and tells the host that the guest is up and what it is running.
+//! This crate owns the wire contract (`proto/gateway.proto`), the server
+//! (mutual TLS 1.3, client certificates required), and the host-side client
+//! used for readiness checks. It does not generate certificates; PEM material
+//! comes in as plain strings so the PKI crate stays independent of gRPC.
+
+pub mod client;
+pub mod server;
+pub mod sysinfo;
+pub mod tls;
+
+/// Generated messages, client and server for `openshell.gateway.v1`.
+pub mod proto {
+    tonic::include_proto!("openshell.gateway.v1");
+}
+
+pub use client::{connect, health, info, ClientBundle, ClientError};
+pub use proto::InfoReply;
+pub use server::{serve, GatewayConfig, GatewayService, ServeError};
+pub use tls::{ServerMaterial, TlsError};
+pub use tonic_health::pb::health_check_response::ServingStatus;
+
+/// Fully qualified name of the Gateway service, as health checks name it.
+pub const GATEWAY_SERVICE_NAME: &str = "openshell.gateway.v1.Gateway";

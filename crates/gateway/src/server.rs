@@ -1,0 +1,86 @@
+//! The Gateway gRPC service and the function that serves it, together with
+//! `grpc.health.v1.Health`, over the mutual-TLS listener from [`crate::tls`].
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::proto::gateway_server::{Gateway, GatewayServer};
+use crate::proto::{InfoReply, InfoRequest};
+use crate::sysinfo;
+use crate::tls::{self, ServerMaterial, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("gRPC server failed: {0}; check the log above for the connection that broke it")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Where the booted artifacts' digests were provisioned in the guest.
+#[derive(Clone, Debug, Default)]
+pub struct GatewayConfig {
+    pub kernel_digest_file: Option<PathBuf>,
+    pub rootfs_digest_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GatewayService {
+    config: GatewayConfig,
+}
+
+impl GatewayService {
+    pub fn new(config: GatewayConfig) -> Self {
+        GatewayService { config }
+    }
+}
+
+#[tonic::async_trait]
+impl Gateway for GatewayService {
+    async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
+        // Digests are read per call, not at startup, so a file provisioned
+        // after the gateway started is still reported.
+        Ok(Response::new(InfoReply {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            boot_id: sysinfo::boot_id(),
+            uptime_ms: sysinfo::uptime_ms(),
+            kernel_release: sysinfo::kernel_release(),
+            vcpus: sysinfo::vcpus(),
+            memory_kib: sysinfo::memory_kib(),
+            kernel_sha256: sysinfo::read_digest(self.config.kernel_digest_file.as_deref()),
+            rootfs_sha256: sysinfo::read_digest(self.config.rootfs_digest_file.as_deref()),
+        }))
+    }
+}
+
+/// Serves Gateway and Health on `listener` until `shutdown` resolves.
+/// TLS material is checked before anything is served, so a bad `--tls-dir`
+/// fails at startup rather than on the first connection.
+pub async fn serve(
+    listener: TcpListener,
+    material: &ServerMaterial,
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let tls_config = tls::server_config(material)?;
+
+    let (mut reporter, health_service) = tonic_health::server::health_reporter();
+    // "" is the whole server: it is serving as soon as the listener is.
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    reporter
+        .set_serving::<GatewayServer<GatewayService>>()
+        .await;
+
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(GatewayServer::new(GatewayService::new(config)))
+        .serve_with_incoming_shutdown(tls::incoming(listener, tls_config), shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! Facts about the running guest that `Info` reports. Each reader degrades
+//! to an empty or zero value rather than failing: a control plane that
+//! cannot answer because /proc looks odd would hide the guest entirely.
+
+use std::fs;
+use std::path::Path;
+
+pub fn boot_id() -> String {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Milliseconds since the guest kernel booted (not since the gateway started),
+/// so the host can spot a guest reboot even if the gateway restarts too.
+pub fn uptime_ms() -> u64 {
+    fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| parse_uptime_ms(&s))
+        .unwrap_or(0)
+}
+
+fn parse_uptime_ms(text: &str) -> Option<u64> {
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some((secs * 1000.0) as u64)
+}
+
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills a caller-owned struct; zeroed is a valid initial state.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return String::new();
+    }
+    // SAFETY: on success the kernel NUL-terminates every field.
+    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+pub fn vcpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(0)
+}
+
+pub fn memory_kib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| parse_mem_total_kib(&s))
+        .unwrap_or(0)
+}
+
+fn parse_mem_total_kib(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Reads a digest file as written by `sha256sum` or as a bare hex string;
+/// the first token is the digest. Absent or unreadable gives "".
+pub fn read_digest(path: Option<&Path>) -> String {
+    path.and_then(|p| fs::read_to_string(p).ok())
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_formats() {
+        assert_eq!(parse_uptime_ms("12.34 40.00\n"), Some(12_340));
+        assert_eq!(
+            parse_mem_total_kib("MemTotal:        2035104 kB\nMemFree: 1 kB\n"),
+            Some(2_035_104)
+        );
+        assert_eq!(parse_uptime_ms(""), None);
+    }
+
+    #[test]
+    fn digest_takes_first_token_and_tolerates_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kernel.sha256");
+        fs::write(&p, "abc123  vmlinux\n").unwrap();
+        assert_eq!(read_digest(Some(&p)), "abc123");
+        assert_eq!(read_digest(Some(&dir.path().join("missing"))), "");
+        assert_eq!(read_digest(None), "");
+    }
+
+    #[test]
+    fn live_values_are_plausible() {
+        assert!(!kernel_release().is_empty());
+        assert!(vcpus() >= 1);
+        assert!(memory_kib() > 0);
+    }
+}
