@@ -11,8 +11,11 @@ use xshell::{cmd, Shell};
 use crate::{deps, progress};
 
 pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
-/// Guest programs: (cargo binary name, path inside the guest).
-const GUEST_PROGRAMS: &[(&str, &str)] = &[("openshell-init", "/sbin/openshell-init")];
+/// Guest programs: (cargo package, binary name, path inside the guest).
+const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("openshell-guest", "openshell-init", "/sbin/openshell-init"),
+    ("openshell-gateway", "openshell-gateway", "/usr/bin/openshell-gateway"),
+];
 
 pub fn kernel_spec() -> anyhow::Result<KernelSpec> {
     Ok(KernelSpec::from_project(&crate::project_root().join("kernel"))?)
@@ -42,15 +45,18 @@ pub fn ensure_kernel(sh: &Shell, store: &Store) -> anyhow::Result<GuestKernel> {
 /// build's flags and artifacts are left alone.
 pub fn build_guest_programs(sh: &Shell) -> anyhow::Result<Vec<GuestFile>> {
     let target_dir = crate::project_root().join("target/guest");
-    let bins: Vec<String> = GUEST_PROGRAMS.iter().flat_map(|(b, _)| ["--bin".to_owned(), b.to_string()]).collect();
-    cmd!(sh, "cargo build --quiet --release -p openshell-guest --target {GUEST_TARGET} --target-dir {target_dir} {bins...}")
+    let mut sel: Vec<String> = Vec::new();
+    for (pkg, bin, _) in GUEST_PROGRAMS {
+        sel.extend(["-p".to_owned(), pkg.to_string(), "--bin".to_owned(), bin.to_string()]);
+    }
+    cmd!(sh, "cargo build --quiet --release --target {GUEST_TARGET} --target-dir {target_dir} {sel...}")
         .quiet()
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .run()
         .context("building the guest programs failed")?;
     Ok(GUEST_PROGRAMS
         .iter()
-        .map(|(bin, dest)| GuestFile {
+        .map(|(_, bin, dest)| GuestFile {
             source: target_dir.join(GUEST_TARGET).join("release").join(bin),
             dest: dest.to_string(),
             mode: 0o755,

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use openshell_artifacts::Store;
+use std::time::Duration;
+
+use openshell_vm::gateway::{self, GatewayInstance};
 use openshell_vm::{VmConfig, VmmChoice};
 use xshell::{cmd, Shell};
 
@@ -15,15 +18,24 @@ pub struct VmCmd {
 
 #[derive(clap::Subcommand)]
 enum VmSub {
-    /// Boot a VM and run a command in it; exits with the command's exit code
+    /// Boot the gateway VM (default), or with --exec run one command and exit with its code
     Run(RunArgs),
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Absolute path of the command inside the guest
+    /// Run this command (absolute path inside the guest) instead of the gateway
     #[arg(long)]
-    exec: String,
+    exec: Option<String>,
+    /// Name of the gateway instance (its PKI and state live under $XDG_CONFIG_HOME/openshell/gateways/NAME)
+    #[arg(long, default_value = "default", conflicts_with = "exec")]
+    name: String,
+    /// Throw away the instance's PKI and state first (a cold boot)
+    #[arg(long, conflicts_with = "exec")]
+    reset: bool,
+    /// Seconds to wait for the gateway's mTLS health check to say SERVING
+    #[arg(long, default_value_t = 60, conflicts_with = "exec")]
+    ready_timeout: u64,
     /// Arguments of the command
     #[arg(last = true)]
     args: Vec<String>,
@@ -45,7 +57,7 @@ struct RunArgs {
     /// Which VMM: auto (decided from the host), krun (libkrun) or qemu (QEMU microvm)
     #[arg(long, default_value = "auto")]
     vmm: VmmChoice,
-    /// Guest network: passt (user-mode, forwards bound to 127.0.0.1) or none
+    /// Guest network for --exec: passt (user-mode, forwards bound to 127.0.0.1) or none (the gateway always uses passt)
     #[arg(long, default_value = "none")]
     net: openshell_vm::NetMode,
     /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs --net passt)
@@ -86,17 +98,37 @@ impl RunArgs {
                 tmp.path().to_owned()
             }
         };
-        let mut argv = vec![self.exec];
-        argv.extend(self.args);
-        let mut cfg = VmConfig::exec(kernel.vmlinux, rootfs.dir, state_dir, argv);
+        let gateway = match &self.exec {
+            Some(_) => None,
+            None => {
+                let inst = GatewayInstance::new(&gateway::gateways_root(), &self.name)?;
+                if self.reset {
+                    inst.reset()?;
+                }
+                let cold = inst.ensure_pki()?;
+                let port = self.ports.first().map_or(gateway::GATEWAY_PORT, |p| p.host);
+                let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
+                let cfg = inst.vm_config(kernel.vmlinux.clone(), rootfs.dir.clone(), (&digests.0, &digests.1), port)?;
+                Some((inst, cfg, cold, digests))
+            }
+        };
+        let mut cfg = match &gateway {
+            Some((_, cfg, _, _)) => cfg.clone(),
+            None => {
+                let mut argv = vec![self.exec.clone().expect("exec mode")];
+                argv.extend(self.args.clone());
+                let mut cfg = VmConfig::exec(kernel.vmlinux.clone(), rootfs.dir.clone(), state_dir, argv);
+                cfg.net = self.net;
+                cfg.ports = self.ports.clone();
+                cfg
+            }
+        };
         cfg.vcpus = self.vcpus;
         cfg.mem_mib = self.mem;
         cfg.exec.env = self.env;
         cfg.exec.workdir = self.workdir;
         cfg.console_log = self.console;
         cfg.vmm = self.vmm;
-        cfg.net = self.net;
-        cfg.ports = self.ports;
         if cfg.net == openshell_vm::NetMode::Passt {
             crate::deps::ensure(&sh, &[crate::deps::PASST])?;
         }
@@ -110,9 +142,49 @@ impl RunArgs {
         }
         let mut vm = openshell_vm::launch(&cfg)?;
         eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
+        if let Some((inst, cfg, cold, digests)) = &gateway {
+            let endpoint = format!("127.0.0.1:{}", cfg.ports[0].host);
+            let bundle = inst.client_bundle()?;
+            let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, Duration::from_secs(self.ready_timeout))?;
+            inst.write_metadata(&gateway::Metadata {
+                name: inst.name.clone(),
+                endpoint: endpoint.clone(),
+                created_unix: gateway::now_unix(),
+                vm_pid: Some(vm.pid()),
+                kernel_sha256: digests.0.clone(),
+                rootfs_sha256: digests.1.clone(),
+                backend: vm.backend.to_string(),
+            })?;
+            print_timeline(&vm.console, ready);
+            eprintln!(
+                "gateway {:?} SERVING over mTLS at {endpoint} after {:.2}s ({} PKI); client bundle: {}",
+                inst.name,
+                ready.as_secs_f64(),
+                if *cold { "new" } else { "reused" },
+                inst.mtls_dir().display()
+            );
+            eprintln!("Ctrl-C stops it.");
+        }
         let mut out = std::io::stdout();
         let code = vm.wait(Some(&mut out), None)?;
         eprintln!("vm: guest exited with {code} after {:.2}s", vm.started.elapsed().as_secs_f64());
         Ok(code)
     }
+}
+
+/// The boot timeline: init's millisecond stamps (guest clock since boot) and host-side readiness.
+fn print_timeline(console: &std::path::Path, ready: Duration) {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    eprintln!("boot timeline:");
+    eprintln!("  {:>7} ms  VMM started (host)", 0);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("openshell-init: [") {
+            if let Some((ms, what)) = rest.split_once(" ms] ") {
+                eprintln!("  {:>7} ms  {what} (guest)", ms.trim());
+            }
+        } else if line.starts_with("gateway listening") {
+            eprintln!("  {:>7}     {line} (guest)", "");
+        }
+    }
+    eprintln!("  {:>7} ms  mTLS health SERVING (host)", ready.as_millis());
 }

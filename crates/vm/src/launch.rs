@@ -119,6 +119,11 @@ impl RunningVm {
         self.pid
     }
 
+    /// The VMM's exit status, if it has exited (without reaping it twice).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// The passt process carrying this VM's network, if any.
     pub fn passt_pid(&self) -> Option<u32> {
         self.passt.as_ref().and_then(crate::net::Passt::pid)

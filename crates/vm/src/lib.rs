@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod gateway;
 pub mod host;
 pub mod launch;
 pub mod net;

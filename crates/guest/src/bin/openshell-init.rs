@@ -14,6 +14,7 @@ use openshell_guest::{ExecRequest, EXEC_FILE, EXIT_CODE_FILE, SHARE_MOUNT, SHARE
 fn main() {
     step("init started");
     mount_basics();
+    set_clock();
     network_up();
     let code = match run_request() {
         Ok(code) => code,
@@ -70,6 +71,16 @@ fn mount_basics() {
         }
     }
     step("filesystems mounted");
+}
+
+/// The host passes its wall clock: the guest has no RTC, and TLS needs a plausible date.
+fn set_clock() {
+    let Some(secs) = cmdline_param("openshell.time").and_then(|s| s.parse::<i64>().ok()) else { return };
+    let ts = libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: 0 };
+    // SAFETY: clock_settime reads the timespec we own.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        eprintln!("openshell-init: cannot set the clock: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// `lo` always; `eth0` with the address the host chose (`openshell.net=ADDR/PREFIX,GATEWAY`), so

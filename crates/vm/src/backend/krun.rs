@@ -17,15 +17,11 @@ use crate::{VmConfig, VmError};
 /// libkrun's default prolog (which a cmdline passed to `krun_set_kernel` replaces) with our init
 /// and root; `earlyprintk` puts the first kernel lines on the serial console.
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
-    let mut line = format!(
+    let line = format!(
         "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 earlyprintk=serial,ttyS0,115200 \
          root=rootfs rootfstype=virtiofs ro quiet no-kvmapf init=/sbin/openshell-init {SHARE_TRANSPORT_PARAM}=virtiofs"
     );
-    if cfg.net != crate::NetMode::None {
-        line.push(' ');
-        line.push_str(&crate::net::guest_cmdline_param());
-    }
-    line
+    format!("{line} {}", super::init_params(cfg))
 }
 
 pub fn spec(cfg: &VmConfig) -> KrunSpec {

@@ -47,6 +47,18 @@ impl fmt::Display for Backend {
     }
 }
 
+/// Parameters for our init, common to both backends: the host's wall clock (microvm has no RTC and
+/// libkrun none the guest reads, and TLS certificate checks need a real date) and the network.
+pub fn init_params(cfg: &crate::VmConfig) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut p = format!("openshell.time={now}");
+    if cfg.net != crate::NetMode::None {
+        p.push(' ');
+        p.push_str(&crate::net::guest_cmdline_param());
+    }
+    p
+}
+
 const QEMU_HINT: &str = "install QEMU with: apt-get install -y qemu-system-x86";
 
 /// Picks the backend and says why, in one line.

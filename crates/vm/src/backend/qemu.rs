@@ -12,12 +12,7 @@ use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
 use crate::VmConfig;
 
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
-    let mut line = base_cmdline();
-    if cfg.net != crate::NetMode::None {
-        line.push(' ');
-        line.push_str(&crate::net::guest_cmdline_param());
-    }
-    line
+    format!("{} {}", base_cmdline(), super::init_params(cfg))
 }
 
 fn base_cmdline() -> String {

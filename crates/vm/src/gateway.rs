@@ -1,0 +1,200 @@
+//! The gateway preset: a VM whose workload is `openshell-gateway`, reachable from the host on
+//! `127.0.0.1:30051` over mutual TLS, and the readiness check that says it is up.
+//!
+//! Each named instance owns `$XDG_CONFIG_HOME/openshell/gateways/<name>/` (0700): `mtls/` (the
+//! client bundle a CLI uses), `server/` (the gateway's certificate, key and client CA, copied into
+//! the guest share at each boot), `vm/` (the VM's runtime state) and `metadata.json`. A warm boot
+//! reuses the PKI; `reset` removes it.
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{NetMode, PortMap, RunningVm, VmConfig, VmError};
+
+pub const GATEWAY_PORT: u16 = 30051;
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Inside the guest: where the share puts the server material.
+const GUEST_TLS_DIR: &str = "/run/openshell/tls";
+
+/// Where a named gateway's files live.
+#[derive(Debug, Clone)]
+pub struct GatewayInstance {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Metadata {
+    pub name: String,
+    pub endpoint: String,
+    pub created_unix: u64,
+    pub vm_pid: Option<u32>,
+    pub kernel_sha256: String,
+    pub rootfs_sha256: String,
+    pub backend: String,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
+    let path = path.to_owned();
+    move |source| VmError::Io { path, source }
+}
+
+fn pki_err(e: openshell_pki::PkiError) -> VmError {
+    VmError::Invalid(format!("gateway PKI: {e}"))
+}
+
+/// `$XDG_CONFIG_HOME/openshell/gateways`, else `~/.config/openshell/gateways`.
+pub fn gateways_root() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("openshell/gateways")
+}
+
+impl GatewayInstance {
+    pub fn new(root: &Path, name: &str) -> Result<GatewayInstance, VmError> {
+        let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(VmError::Invalid(format!("gateway name {name:?}: use letters, digits, '-' and '_'")));
+        }
+        Ok(GatewayInstance { name: name.to_owned(), dir: root.join(name) })
+    }
+
+    pub fn mtls_dir(&self) -> PathBuf {
+        self.dir.join("mtls")
+    }
+    fn server_dir(&self) -> PathBuf {
+        self.dir.join("server")
+    }
+    pub fn vm_dir(&self) -> PathBuf {
+        self.dir.join("vm")
+    }
+    pub fn metadata_path(&self) -> PathBuf {
+        self.dir.join("metadata.json")
+    }
+
+    /// Removes the instance's PKI and state (`--reset`).
+    pub fn reset(&self) -> Result<(), VmError> {
+        match fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&self.dir)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reuses the stored PKI, or generates it on a cold boot. Returns whether it was generated.
+    pub fn ensure_pki(&self) -> Result<bool, VmError> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io_err(&self.dir))?;
+        let have = openshell_pki::load_client_bundle(&self.mtls_dir()).is_ok()
+            && openshell_pki::load_server_material(&self.server_dir()).is_ok();
+        if have {
+            return Ok(false);
+        }
+        let pki = openshell_pki::Pki::generate(&format!("openshell-{}", self.name)).map_err(pki_err)?;
+        pki.write_server_material(&self.server_dir()).map_err(pki_err)?;
+        pki.write_client_bundle(&self.mtls_dir()).map_err(pki_err)?;
+        Ok(true)
+    }
+
+    pub fn client_bundle(&self) -> Result<openshell_gateway::ClientBundle, VmError> {
+        let b = openshell_pki::load_client_bundle(&self.mtls_dir()).map_err(pki_err)?;
+        Ok(openshell_gateway::ClientBundle { ca_pem: b.ca_pem, cert_pem: b.cert_pem, key_pem: b.key_pem })
+    }
+
+    /// The gateway VM: server material and artifact digests placed in the guest share.
+    pub fn vm_config(&self, kernel: PathBuf, rootfs: PathBuf, digests: (&str, &str), host_port: u16) -> Result<VmConfig, VmError> {
+        let argv = [
+            "/usr/bin/openshell-gateway",
+            "--listen",
+            "0.0.0.0:30051",
+            "--tls-dir",
+            GUEST_TLS_DIR,
+            "--kernel-digest-file",
+            "/run/openshell/kernel.sha256",
+            "--rootfs-digest-file",
+            "/run/openshell/rootfs.sha256",
+        ];
+        let mut cfg = VmConfig::exec(kernel, rootfs, self.vm_dir(), argv.iter().map(|s| s.to_string()).collect());
+        cfg.net = NetMode::Passt;
+        cfg.ports = vec![PortMap { host: host_port, guest: GATEWAY_PORT }];
+        let share = cfg.share_dir();
+        // Refuse to boot with broken material rather than let the guest fail obscurely.
+        openshell_pki::load_server_material(&self.server_dir()).map_err(pki_err)?;
+        let tls = share.join("tls");
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&tls).map_err(io_err(&tls))?;
+        // The gateway reads the same file names the pki crate writes.
+        let pki_dir = self.server_dir();
+        for f in [openshell_pki::SERVER_CA_FILE, openshell_pki::SERVER_CERT_FILE, openshell_pki::SERVER_KEY_FILE] {
+            fs::copy(pki_dir.join(f), tls.join(f)).map_err(io_err(&tls.join(f)))?;
+        }
+        fs::write(share.join("kernel.sha256"), digests.0).map_err(io_err(&share))?;
+        fs::write(share.join("rootfs.sha256"), digests.1).map_err(io_err(&share))?;
+        Ok(cfg)
+    }
+
+    pub fn write_metadata(&self, m: &Metadata) -> Result<(), VmError> {
+        let path = self.metadata_path();
+        let tmp = self.dir.join(".metadata.json.tmp");
+        let json = serde_json::to_vec_pretty(m).expect("metadata serializes");
+        fs::write(&tmp, json).and_then(|()| fs::rename(&tmp, &path)).map_err(io_err(&path))?;
+        // The active gateway is the one a CLI talks to by default.
+        let active = self.dir.parent().map(|p| p.join("active"));
+        if let Some(active) = active {
+            let _ = fs::write(active, &self.name);
+        }
+        Ok(())
+    }
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Polls the gateway's mTLS health check through the forwarded port until it says SERVING.
+/// Fails with the console's last 50 lines if the VM dies or `timeout` passes; the caller's
+/// `RunningVm` then stops the VM when dropped, so nothing is left running.
+pub fn wait_ready(
+    vm: &mut RunningVm,
+    endpoint: &str,
+    bundle: &openshell_gateway::ClientBundle,
+    timeout: Duration,
+) -> Result<Duration, VmError> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io_err(Path::new("tokio")))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = vm.exited() {
+            return Err(not_ready(vm, &format!("the VM exited ({status}) before the gateway was ready")));
+        }
+        // passt accepts on the host before the guest listens; a short per-attempt bound keeps one
+        // connection that went nowhere from stalling readiness for the client's full timeout.
+        let attempt = rt.block_on(async {
+            tokio::time::timeout(ATTEMPT_TIMEOUT, async {
+                let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await?;
+                openshell_gateway::health(&ch).await
+            })
+            .await
+        });
+        let last = match attempt {
+            Ok(Ok(openshell_gateway::ServingStatus::Serving)) => return Ok(vm.started.elapsed()),
+            Ok(Ok(other)) => format!("health said {other:?}"),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {} ms", ATTEMPT_TIMEOUT.as_millis()),
+        };
+        if Instant::now() > deadline {
+            return Err(not_ready(vm, &format!("not SERVING within {}s (last: {last})", timeout.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn not_ready(vm: &RunningVm, why: &str) -> VmError {
+    let console = fs::read_to_string(&vm.console).unwrap_or_default();
+    let lines: Vec<&str> = console.lines().collect();
+    let tail = lines[lines.len().saturating_sub(50)..].join("\n");
+    VmError::NotReady(format!("{why}\n--- console (last 50 lines) ---\n{tail}"))
+}
