@@ -112,3 +112,27 @@ pub async fn info(channel: &Channel) -> Result<InfoReply, ClientError> {
             status,
         })
 }
+
+/// Asks for health *without* presenting a client certificate, trusting `ca_pem` for the server.
+/// A correctly configured gateway refuses this; `verify` and the VM suites use it to prove that.
+pub async fn health_without_client_cert(
+    endpoint: &str,
+    ca_pem: &str,
+    server_name: &str,
+) -> Result<ServingStatus, ClientError> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(server_name);
+    let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("https://{endpoint}") };
+    let invalid = |source| ClientError::Endpoint { endpoint: endpoint.to_string(), source };
+    let channel = Endpoint::from_shared(uri)
+        .map_err(invalid)?
+        .tls_config(tls)
+        .map_err(invalid)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
+    health(&channel).await
+}

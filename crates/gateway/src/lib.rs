@@ -15,7 +15,7 @@ pub mod proto {
     tonic::include_proto!("openshell.gateway.v1");
 }
 
-pub use client::{connect, health, info, ClientBundle, ClientError};
+pub use client::{connect, health, health_without_client_cert, info, ClientBundle, ClientError};
 pub use proto::InfoReply;
 pub use server::{serve, GatewayConfig, GatewayService, ServeError};
 pub use tls::{ServerMaterial, TlsError};

@@ -8,6 +8,7 @@ use libtest_mimic::{Failed, Trial};
 use openshell_vm::{VmConfig, VmmChoice};
 
 use crate::support::{self, Artifacts, TrialDir};
+use openshell_vm::gateway::{self, GatewayInstance};
 
 type Body = fn(&Artifacts, VmmChoice, TrialDir) -> Result<(), Failed>;
 
@@ -24,6 +25,10 @@ const CONTRACT: &[(&str, Body)] = &[
     ("net::port_forward_reaches_guest_service", port_forward_reaches_guest_service),
     ("net::forward_listens_on_loopback_only", forward_listens_on_loopback_only),
     ("net::port_in_use_is_reported_before_boot", port_in_use_is_reported_before_boot),
+    ("gateway::gateway_boots_and_service_becomes_reachable", gateway_boots_and_service_becomes_reachable),
+    ("gateway::client_without_certificate_is_rejected", client_without_certificate_is_rejected),
+    ("gateway::client_with_foreign_ca_is_rejected", client_with_foreign_ca_is_rejected),
+    ("gateway::warm_boot_reuses_pki", warm_boot_reuses_pki),
 ];
 
 pub fn all() -> Vec<Trial> {
@@ -296,4 +301,95 @@ fn port_in_use_is_reported_before_boot(a: &Artifacts, vmm: VmmChoice, dir: Trial
         }
         Err(e) => Err(dir.fail(format!("unhelpful error: {e}"))),
     }
+}
+
+/// Boots the gateway preset for an instance under the trial dir and waits for mTLS SERVING.
+fn boot_gateway(
+    a: &Artifacts,
+    vmm: VmmChoice,
+    dir: &TrialDir,
+) -> Result<(openshell_vm::RunningVm, String, GatewayInstance, (String, String)), String> {
+    let inst = GatewayInstance::new(&dir.path().join("gateways"), "trial").map_err(|e| e.to_string())?;
+    inst.ensure_pki().map_err(|e| e.to_string())?;
+    let kernel_sha = openshell_artifacts::sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
+    let rootfs_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
+    let port = support::free_port();
+    let mut cfg = inst
+        .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port)
+        .map_err(|e| e.to_string())?;
+    cfg.vmm = vmm;
+    let mut vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+    let endpoint = format!("127.0.0.1:{port}");
+    let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
+    gateway::wait_ready(&mut vm, &endpoint, &bundle, support::GUEST_TIMEOUT).map_err(|e| e.to_string())?;
+    Ok((vm, endpoint, inst, (kernel_sha, rootfs_sha)))
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+fn gateway_boots_and_service_becomes_reachable(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (vm, endpoint, inst, (kernel_sha, rootfs_sha)) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    let bundle = inst.client_bundle().unwrap();
+    let info = block_on(async {
+        let ch = openshell_gateway::connect(&endpoint, &bundle, "localhost").await?;
+        openshell_gateway::info(&ch).await
+    });
+    drop(vm);
+    let info = info.map_err(|e| dir_fail_now(&format!("Info failed: {e}")))?;
+    if info.vcpus != 1 || !info.kernel_release.starts_with("6.1") || info.kernel_sha256 != kernel_sha || info.rootfs_sha256 != rootfs_sha {
+        return Err(dir.fail(format!("unexpected Info: {info:?}")));
+    }
+    Ok(())
+}
+
+fn client_without_certificate_is_rejected(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (vm, endpoint, inst, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    let ca = inst.client_bundle().unwrap().ca_pem;
+    let r = block_on(openshell_gateway::health_without_client_cert(&endpoint, &ca, "localhost"));
+    drop(vm);
+    match r {
+        Err(_) => Ok(()),
+        Ok(s) => Err(dir.fail(format!("a client without a certificate got an answer: {s:?}"))),
+    }
+}
+
+fn client_with_foreign_ca_is_rejected(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (vm, endpoint, inst, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    let foreign = openshell_pki::Pki::generate("foreign").unwrap().client_bundle();
+    // Trust the real server, but present a client certificate from another CA.
+    let bundle = openshell_gateway::ClientBundle {
+        ca_pem: inst.client_bundle().unwrap().ca_pem,
+        cert_pem: foreign.cert_pem,
+        key_pem: foreign.key_pem,
+    };
+    let r = block_on(async {
+        let ch = openshell_gateway::connect(&endpoint, &bundle, "localhost").await?;
+        openshell_gateway::health(&ch).await
+    });
+    drop(vm);
+    match r {
+        Err(_) => Ok(()),
+        Ok(s) => Err(dir.fail(format!("a client with a foreign CA got an answer: {s:?}"))),
+    }
+}
+
+fn warm_boot_reuses_pki(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (vm, _, inst, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    let first = std::fs::read(inst.mtls_dir().join("tls.key")).unwrap();
+    drop(vm);
+    let (vm, _, inst, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&format!("warm boot: {e}")))?;
+    drop(vm);
+    let second = std::fs::read(inst.mtls_dir().join("tls.key")).unwrap();
+    if first != second {
+        return Err(dir.fail("the warm boot generated new client credentials"));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(inst.mtls_dir().join("tls.key")).unwrap().permissions().mode() & 0o777;
+    let dmode = std::fs::metadata(&inst.dir).unwrap().permissions().mode() & 0o777;
+    if mode != 0o600 || dmode != 0o700 {
+        return Err(dir.fail(format!("key mode {mode:o}, instance dir mode {dmode:o}; want 600 and 700")));
+    }
+    Ok(())
 }
