@@ -20,6 +20,27 @@ pub struct VmCmd {
 enum VmSub {
     /// Boot the gateway VM (default), or with --exec run one command and exit with its code
     Run(RunArgs),
+    /// Show a gateway instance: running, pids, endpoint, mTLS health (exit 0 only when SERVING)
+    Status {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a gateway instance (its VM and passt with it)
+    Stop {
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+    /// Print a gateway's guest console
+    Logs {
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Keep printing as the console grows
+        #[arg(short, long)]
+        follow: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -36,6 +57,9 @@ struct RunArgs {
     /// Seconds to wait for the gateway's mTLS health check to say SERVING
     #[arg(long, default_value_t = 60, conflicts_with = "exec")]
     ready_timeout: u64,
+    /// Return once the gateway is ready, leaving it running in the background
+    #[arg(long, conflicts_with = "exec")]
+    detach: bool,
     /// Arguments of the command
     #[arg(last = true)]
     args: Vec<String>,
@@ -79,6 +103,47 @@ impl VmCmd {
             VmSub::Run(args) => {
                 let code = args.run()?;
                 std::process::exit(code);
+            }
+            VmSub::Status { name, json } => {
+                let st = GatewayInstance::new(&gateway::gateways_root(), &name)?.status();
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&st)?);
+                } else {
+                    println!(
+                        "gateway {:?}: {} at {} (supervisor {:?}, vm {:?}); health: {}; client bundle: {}",
+                        st.name,
+                        if st.running { "running" } else { "stopped" },
+                        st.endpoint.as_deref().unwrap_or("-"),
+                        st.supervisor_pid,
+                        st.vm_pid,
+                        st.health,
+                        st.mtls_dir.display()
+                    );
+                }
+                std::process::exit(if st.health == "SERVING" { 0 } else { 1 });
+            }
+            VmSub::Stop { name } => {
+                let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
+                let stopped = inst.stop(Duration::from_secs(15))?;
+                eprintln!("gateway {name:?}: {}", if stopped { "stopped" } else { "was not running" });
+                Ok(())
+            }
+            VmSub::Logs { name, follow } => {
+                let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
+                let path = inst.vm_dir().join("console.log");
+                let mut pos = 0u64;
+                loop {
+                    let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}; has gateway {name:?} ever run?", path.display()))?;
+                    if (bytes.len() as u64) > pos {
+                        use std::io::Write;
+                        std::io::stdout().write_all(&bytes[pos as usize..])?;
+                        pos = bytes.len() as u64;
+                    }
+                    if !follow {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
             }
         }
     }
@@ -140,6 +205,14 @@ impl RunArgs {
             cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").quiet().run().context("building openshell-vmm failed")?;
             cfg.krun_vmm_binary = Some(crate::project_root().join("target/debug/openshell-vmm"));
         }
+        if self.detach {
+            let (inst, ..) = gateway.as_ref().expect("detach is gateway-only");
+            return detach(inst, self.ready_timeout);
+        }
+        let _lock = match &gateway {
+            Some((inst, ..)) => Some(inst.lock()?),
+            None => None,
+        };
         let mut vm = openshell_vm::launch(&cfg)?;
         eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
         if let Some((inst, cfg, cold, digests)) = &gateway {
@@ -154,6 +227,8 @@ impl RunArgs {
                 kernel_sha256: digests.0.clone(),
                 rootfs_sha256: digests.1.clone(),
                 backend: vm.backend.to_string(),
+                supervisor_pid: Some(std::process::id()),
+                passt_pid: vm.passt_pid(),
             })?;
             print_timeline(&vm.console, ready);
             eprintln!(
@@ -187,4 +262,43 @@ fn print_timeline(console: &std::path::Path, ready: Duration) {
         }
     }
     eprintln!("  {:>7} ms  mTLS health SERVING (host)", ready.as_millis());
+}
+
+/// Re-runs this `vm run` without `--detach` as a background supervisor (its own session, output to
+/// `supervisor.log`), and returns when it reports ready, or fails with its log when it exits.
+fn detach(inst: &GatewayInstance, ready_timeout: u64) -> anyhow::Result<i32> {
+    if inst.locked() {
+        inst.lock()?; // names the running supervisor
+    }
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach" && a != "--reset").collect();
+    let log_path = inst.dir.join("supervisor.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from our terminal.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(ready_timeout + 30);
+    loop {
+        if let Some(m) = inst.read_metadata().filter(|m| m.supervisor_pid == Some(child.id())) {
+            eprintln!("gateway {:?} SERVING over mTLS at {} (supervisor pid {}); `cargo xtask vm status --name {}`", inst.name, m.endpoint, child.id(), inst.name);
+            return Ok(0);
+        }
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            anyhow::bail!("the gateway supervisor exited ({status}) before it was ready:\n{log}");
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("the gateway was not ready within {}s; see {}", ready_timeout + 30, log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

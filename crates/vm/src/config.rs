@@ -26,6 +26,8 @@ pub enum VmError {
     PortInUse(u16),
     #[error("passt exited before the VM could use it ({0}); see passt.log in the VM's state directory")]
     PasstDied(String),
+    #[error("{0}")]
+    Instance(String),
     #[error("the gateway did not become ready: {0}")]
     NotReady(String),
     #[error("the guest was still running after {secs}s; console log: {console}")]

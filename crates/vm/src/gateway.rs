@@ -36,6 +36,24 @@ pub struct Metadata {
     pub kernel_sha256: String,
     pub rootfs_sha256: String,
     pub backend: String,
+    /// The process that owns the VM (the foreground `vm run`, or the detached one).
+    #[serde(default)]
+    pub supervisor_pid: Option<u32>,
+    #[serde(default)]
+    pub passt_pid: Option<u32>,
+}
+
+/// What `vm status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub endpoint: Option<String>,
+    pub running: bool,
+    pub supervisor_pid: Option<u32>,
+    pub vm_pid: Option<u32>,
+    /// `SERVING`, or why not.
+    pub health: String,
+    pub mtls_dir: PathBuf,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -137,6 +155,97 @@ impl GatewayInstance {
         Ok(cfg)
     }
 
+    pub fn read_metadata(&self) -> Option<Metadata> {
+        serde_json::from_slice(&fs::read(self.metadata_path()).ok()?).ok()
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// Takes the instance lock for as long as the returned file lives, or names who holds it.
+    pub fn lock(&self) -> Result<fs::File, VmError> {
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io_err(&self.dir))?;
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.lock_path()).map_err(io_err(&self.lock_path()))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = self.read_metadata().and_then(|m| m.supervisor_pid).map_or("unknown".into(), |p| p.to_string());
+            return Err(VmError::Instance(format!(
+                "gateway {:?} is already running (supervisor pid {holder}); stop it with `cargo xtask vm stop --name {}`",
+                self.name, self.name
+            )));
+        }
+        Ok(f)
+    }
+
+    /// Whether some process holds the instance lock (a live supervisor).
+    pub fn locked(&self) -> bool {
+        let Ok(f) = fs::OpenOptions::new().write(true).open(self.lock_path()) else { return false };
+        // SAFETY: flock on an fd we own; released when `f` closes.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    }
+
+    /// Reports the instance, checking health over mTLS when it runs.
+    pub fn status(&self) -> Status {
+        let meta = self.read_metadata();
+        let running = self.locked();
+        let endpoint = meta.as_ref().map(|m| m.endpoint.clone());
+        let health = match (&endpoint, running) {
+            (Some(ep), true) => match self.client_bundle() {
+                Ok(bundle) => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())
+                    .and_then(|rt| {
+                        rt.block_on(async {
+                            let ch = openshell_gateway::connect(ep, &bundle, "localhost").await.map_err(|e| e.to_string())?;
+                            openshell_gateway::health(&ch).await.map_err(|e| e.to_string())
+                        })
+                    })
+                    .map_or_else(|e| e, |s| if s == openshell_gateway::ServingStatus::Serving { "SERVING".into() } else { format!("{s:?}") }),
+                Err(e) => e.to_string(),
+            },
+            (None, _) => "never started".into(),
+            (_, false) => "not running".into(),
+        };
+        Status {
+            name: self.name.clone(),
+            endpoint,
+            running,
+            supervisor_pid: meta.as_ref().and_then(|m| m.supervisor_pid).filter(|_| running),
+            vm_pid: meta.as_ref().and_then(|m| m.vm_pid).filter(|_| running),
+            health,
+            mtls_dir: self.mtls_dir(),
+        }
+    }
+
+    /// Stops a running instance through its supervisor (SIGTERM; it stops the VM and passt).
+    /// After a supervisor was SIGKILLed, its VMM and passt died with it (`PR_SET_PDEATHSIG`);
+    /// the recorded pids are only signalled while they still run the program we started.
+    pub fn stop(&self, grace: Duration) -> Result<bool, VmError> {
+        let Some(meta) = self.read_metadata() else { return Ok(false) };
+        if !self.locked() {
+            for (pid, prog) in [(meta.vm_pid, "qemu"), (meta.vm_pid, "openshell-vmm"), (meta.passt_pid, "passt")] {
+                if let Some(pid) = pid.filter(|&p| runs(p, prog)) {
+                    // SAFETY: kill(2) on a pid verified to run the program we started.
+                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                }
+            }
+            return Ok(false);
+        }
+        let Some(sup) = meta.supervisor_pid else { return Ok(false) };
+        // SAFETY: kill(2) on the pid of the process holding our instance lock.
+        unsafe { libc::kill(sup as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + grace;
+        while self.locked() {
+            if Instant::now() > deadline {
+                return Err(VmError::Instance(format!("gateway {:?} (supervisor {sup}) did not stop within {}s", self.name, grace.as_secs())));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(true)
+    }
+
     pub fn write_metadata(&self, m: &Metadata) -> Result<(), VmError> {
         let path = self.metadata_path();
         let tmp = self.dir.join(".metadata.json.tmp");
@@ -197,4 +306,9 @@ fn not_ready(vm: &RunningVm, why: &str) -> VmError {
     let lines: Vec<&str> = console.lines().collect();
     let tail = lines[lines.len().saturating_sub(50)..].join("\n");
     VmError::NotReady(format!("{why}\n--- console (last 50 lines) ---\n{tail}"))
+}
+
+/// Whether `pid` runs a program whose command line mentions `prog`.
+fn runs(pid: u32, prog: &str) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(prog))
 }
