@@ -29,6 +29,8 @@ const CONTRACT: &[(&str, Body)] = &[
     ("gateway::client_without_certificate_is_rejected", client_without_certificate_is_rejected),
     ("gateway::client_with_foreign_ca_is_rejected", client_with_foreign_ca_is_rejected),
     ("gateway::warm_boot_reuses_pki", warm_boot_reuses_pki),
+    ("gateway::two_instances_side_by_side", two_instances_side_by_side),
+    ("gateway::stop_leaves_no_process_behind", stop_leaves_no_process_behind),
 ];
 
 pub fn all() -> Vec<Trial> {
@@ -390,6 +392,50 @@ fn warm_boot_reuses_pki(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<
     let dmode = std::fs::metadata(&inst.dir).unwrap().permissions().mode() & 0o777;
     if mode != 0o600 || dmode != 0o700 {
         return Err(dir.fail(format!("key mode {mode:o}, instance dir mode {dmode:o}; want 600 and 700")));
+    }
+    Ok(())
+}
+
+fn two_instances_side_by_side(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let other = TrialDir::new("side-by-side-second");
+    let (vm1, ep1, inst1, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    let (vm2, ep2, inst2, _) = boot_gateway(a, vmm, &other).map_err(|e| dir_fail_now(&format!("second: {e}")))?;
+    let boot_ids = block_on(async {
+        let mut ids = Vec::new();
+        for (ep, inst) in [(&ep1, &inst1), (&ep2, &inst2)] {
+            let ch = openshell_gateway::connect(ep, &inst.client_bundle().unwrap(), "localhost").await?;
+            ids.push(openshell_gateway::info(&ch).await?.boot_id);
+        }
+        Ok::<_, openshell_gateway::ClientError>(ids)
+    });
+    // Each instance's client bundle must be refused by the other instance.
+    let crossed = block_on(async {
+        let ch = openshell_gateway::connect(&ep2, &inst1.client_bundle().unwrap(), "localhost").await?;
+        openshell_gateway::health(&ch).await
+    });
+    drop((vm1, vm2));
+    let ids = boot_ids.map_err(|e| dir_fail_now(&format!("Info: {e}")))?;
+    if ids[0] == ids[1] || ids[0].is_empty() {
+        return Err(dir.fail(format!("expected two distinct guests, boot ids {ids:?}")));
+    }
+    if crossed.is_ok() {
+        return Err(dir.fail("instance 2 accepted instance 1's client certificate"));
+    }
+    Ok(())
+}
+
+fn stop_leaves_no_process_behind(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (mut vm, endpoint, _, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    let (vmm_pid, passt_pid) = (vm.pid(), vm.passt_pid());
+    vm.stop();
+    drop(vm);
+    let left: Vec<u32> = [Some(vmm_pid), passt_pid].into_iter().flatten().filter(|&p| support::process_exists(p)).collect();
+    if !left.is_empty() {
+        return Err(dir.fail(format!("processes left after stop: {left:?}")));
+    }
+    let port: u16 = endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    if !support::tcp_listeners(port).is_empty() {
+        return Err(dir.fail(format!("port {port} still listens after stop")));
     }
     Ok(())
 }
