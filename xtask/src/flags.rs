@@ -21,4 +21,6 @@ pub enum Cmd {
     E2e(crate::e2e::E2eCmd),
     /// Everything CI runs: build the artifacts, then all unit tests and the VM suites
     Test(crate::e2e::TestCmd),
+    /// Benchmarks that print figures (boot phases, time to mTLS SERVING, peak RSS)
+    Bench(crate::bench::BenchCmd),
 }

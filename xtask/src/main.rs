@@ -4,6 +4,7 @@
 //! subcommand to its module. The work itself lives in the `crates/` libraries.
 
 mod artifacts;
+mod bench;
 mod deps;
 mod e2e;
 mod flags;
@@ -32,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::Vm(cmd) => cmd.run(),
         flags::Cmd::E2e(cmd) => cmd.run(),
         flags::Cmd::Test(cmd) => cmd.run(),
+        flags::Cmd::Bench(cmd) => cmd.run(),
     }
 }
 

@@ -89,6 +89,7 @@ mod tests {
             serial_console: true,
             shares: vec![("work".into(), "/tmp/work".into())],
             log_level: 2,
+            passt_fd: Some(3),
         }
     }
 
