@@ -55,26 +55,24 @@ fn report_ignored(sh: &Shell) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Builds everything, names what will be ignored, then runs nextest's `e2e` profile on `scope`.
+fn run_e2e(scope: &[&str], extra: Vec<String>) -> anyhow::Result<()> {
+    let sh = Shell::new()?;
+    nextest_available(&sh)?;
+    prepare(&sh)?;
+    report_ignored(&sh)?;
+    cmd!(sh, "cargo nextest run --profile e2e {scope...} {extra...}").run().context("tests failed")?;
+    Ok(())
+}
+
 impl E2eCmd {
     pub fn run(self) -> anyhow::Result<()> {
-        let sh = Shell::new()?;
-        nextest_available(&sh)?;
-        prepare(&sh)?;
-        let extra = self.nextest_args;
-        report_ignored(&sh)?;
-        cmd!(sh, "cargo nextest run --profile e2e -p openshell-vm --test vm {extra...}").run().context("VM suites failed")?;
-        Ok(())
+        run_e2e(&["-p", "openshell-vm", "--test", "vm"], self.nextest_args)
     }
 }
 
 impl TestCmd {
     pub fn run(self) -> anyhow::Result<()> {
-        let sh = Shell::new()?;
-        nextest_available(&sh)?;
-        prepare(&sh)?;
-        let extra = self.nextest_args;
-        report_ignored(&sh)?;
-        cmd!(sh, "cargo nextest run --workspace --profile e2e {extra...}").run().context("tests failed")?;
-        Ok(())
+        run_e2e(&["--workspace"], self.nextest_args)
     }
 }

@@ -64,6 +64,11 @@ pub async fn connect(
         .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
         .identity(Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
         .domain_name(server_name);
+    open_channel(endpoint, tls).await
+}
+
+/// One place that turns an endpoint and a TLS config into a connected channel with our timeouts.
+async fn open_channel(endpoint: &str, tls: ClientTlsConfig) -> Result<Channel, ClientError> {
     let uri = if endpoint.contains("://") {
         endpoint.to_string()
     } else {
@@ -123,16 +128,6 @@ pub async fn health_without_client_cert(
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name(server_name);
-    let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("https://{endpoint}") };
-    let invalid = |source| ClientError::Endpoint { endpoint: endpoint.to_string(), source };
-    let channel = Endpoint::from_shared(uri)
-        .map_err(invalid)?
-        .tls_config(tls)
-        .map_err(invalid)?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT)
-        .connect()
-        .await
-        .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })?;
+    let channel = open_channel(endpoint, tls).await?;
     health(&channel).await
 }
