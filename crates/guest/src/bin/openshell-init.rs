@@ -14,6 +14,7 @@ use openshell_guest::{ExecRequest, EXEC_FILE, EXIT_CODE_FILE, SHARE_MOUNT, SHARE
 fn main() {
     step("init started");
     mount_basics();
+    set_hostname("gateway");
     set_clock();
     network_up();
     let code = match run_request() {
@@ -71,6 +72,13 @@ fn mount_basics() {
         }
     }
     step("filesystems mounted");
+}
+
+fn set_hostname(name: &str) {
+    // SAFETY: sethostname reads `len` bytes from a live slice.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+        eprintln!("openshell-init: cannot set the hostname: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// The host passes its wall clock: the guest has no RTC, and TLS needs a plausible date.

@@ -111,11 +111,11 @@ fn guest_sees_configured_vcpus_and_memory(a: &Artifacts, vmm: VmmChoice, dir: Tr
 }
 
 fn env_and_workdir_reach_guest(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", "echo \"seen FOO=$FOO PWD=$(pwd)\""]);
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", "echo \"seen FOO=$FOO PWD=$(pwd) HOST=$(hostname)\""]);
     cfg.exec.env = vec![("FOO".into(), "bar baz".into())];
     cfg.exec.workdir = Some("/etc".into());
     let (code, console, dir) = support::run(&cfg, dir)?;
-    if code != 0 || !console.contains("seen FOO=bar baz PWD=/etc") {
+    if code != 0 || !console.contains("seen FOO=bar baz PWD=/etc HOST=gateway") {
         return Err(dir.fail(format!("env/workdir not seen in the guest (exit {code})")));
     }
     Ok(())
