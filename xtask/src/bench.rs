@@ -60,7 +60,7 @@ impl BenchCmd {
                 let mut vm = openshell_vm::launch(&cfg)?;
                 let ready = gateway::wait_ready(&mut vm, &format!("127.0.0.1:{port}"), &inst.client_bundle()?, Duration::from_secs(120))?;
                 samples.entry("boot → mTLS SERVING".into()).or_default().push(ready.as_secs_f64() * 1e3);
-                for (ms, step) in timeline::init_steps(&std::fs::read_to_string(&vm.console).unwrap_or_default()) {
+                for (ms, step) in timeline::guest_steps(&std::fs::read_to_string(&vm.console).unwrap_or_default()) {
                     let phase = step.split(':').next().unwrap_or(&step).to_owned();
                     samples.entry(format!("guest: {phase}")).or_default().push(ms as f64);
                 }

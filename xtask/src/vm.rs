@@ -87,8 +87,13 @@ struct RunArgs {
     /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs --net passt)
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST", requires = "net")]
     ports: Vec<openshell_vm::PortMap>,
-    /// State directory of this VM (default: a fresh temporary directory)
+    /// Address eth0 by DHCP from the network backend (static fallback) instead of the static
+    /// address the host already knows (the default: no DHCP round trip on the boot path)
     #[arg(long)]
+    dhcp: bool,
+    /// State directory of this --exec VM (default: a fresh temporary directory; a gateway keeps its
+    /// state under its instance directory)
+    #[arg(long, requires = "exec")]
     state_dir: Option<PathBuf>,
 }
 
@@ -155,14 +160,8 @@ impl RunArgs {
         let store = Store::default_location();
         let kernel = crate::artifacts::ensure_kernel(&sh, &store)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
-        let tmp;
-        let state_dir = match self.state_dir {
-            Some(d) => d,
-            None => {
-                tmp = tempfile::Builder::new().prefix("openshell-vm-").tempdir()?;
-                tmp.path().to_owned()
-            }
-        };
+        // Lives as long as the VM: a one-shot --exec VM without --state-dir runs in a temp dir.
+        let mut tmp = None;
         let gateway = match &self.exec {
             Some(_) => None,
             None => {
@@ -182,6 +181,10 @@ impl RunArgs {
             None => {
                 let mut argv = vec![self.exec.clone().expect("exec mode")];
                 argv.extend(self.args.clone());
+                let state_dir = match &self.state_dir {
+                    Some(d) => d.clone(),
+                    None => tmp.insert(tempfile::Builder::new().prefix("openshell-vm-").tempdir()?).path().to_owned(),
+                };
                 let mut cfg = VmConfig::exec(kernel.vmlinux.clone(), rootfs.dir.clone(), state_dir, argv);
                 cfg.net = self.net;
                 cfg.ports = self.ports.clone();
@@ -194,6 +197,7 @@ impl RunArgs {
         cfg.exec.workdir = self.workdir;
         cfg.console_log = self.console;
         cfg.vmm = self.vmm;
+        cfg.dhcp = self.dhcp;
         if cfg.net == openshell_vm::NetMode::Passt {
             crate::deps::ensure(&sh, &[crate::deps::PASST])?;
         }
@@ -209,37 +213,35 @@ impl RunArgs {
             let (inst, ..) = gateway.as_ref().expect("detach is gateway-only");
             return detach(inst, self.ready_timeout);
         }
-        let _lock = match &gateway {
-            Some((inst, ..)) => Some(inst.lock()?),
-            None => None,
+        let mut vm = match &gateway {
+            Some((inst, cfg, cold, digests)) => {
+                let up = openshell_vm::supervise::boot(inst, cfg, (&digests.0, &digests.1), Duration::from_secs(self.ready_timeout))?;
+                for line in &up.recovered {
+                    eprintln!("gateway {:?}: recovered stale state: {line}", inst.name);
+                }
+                eprintln!("vm: {} ({})", up.vm.backend, up.vm.backend_reason);
+                print_timeline(&up.vm.console, up.ready);
+                eprintln!(
+                    "gateway {:?} SERVING over mTLS at {} after {:.2}s ({} PKI); client bundle: {}",
+                    inst.name,
+                    up.endpoint,
+                    up.ready.as_secs_f64(),
+                    if *cold { "new" } else { "reused" },
+                    inst.mtls_dir().display()
+                );
+                eprintln!("Ctrl-C stops it.");
+                Running::Gateway(up)
+            }
+            None => {
+                let vm = openshell_vm::launch(&cfg)?;
+                eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
+                Running::Exec(vm)
+            }
         };
-        let mut vm = openshell_vm::launch(&cfg)?;
-        eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
-        if let Some((inst, cfg, cold, digests)) = &gateway {
-            let endpoint = format!("127.0.0.1:{}", cfg.ports[0].host);
-            let bundle = inst.client_bundle()?;
-            let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, Duration::from_secs(self.ready_timeout))?;
-            inst.write_metadata(&gateway::Metadata {
-                name: inst.name.clone(),
-                endpoint: endpoint.clone(),
-                created_unix: gateway::now_unix(),
-                vm_pid: Some(vm.pid()),
-                kernel_sha256: digests.0.clone(),
-                rootfs_sha256: digests.1.clone(),
-                backend: vm.backend.to_string(),
-                supervisor_pid: Some(std::process::id()),
-                passt_pid: vm.passt_pid(),
-            })?;
-            print_timeline(&vm.console, ready);
-            eprintln!(
-                "gateway {:?} SERVING over mTLS at {endpoint} after {:.2}s ({} PKI); client bundle: {}",
-                inst.name,
-                ready.as_secs_f64(),
-                if *cold { "new" } else { "reused" },
-                inst.mtls_dir().display()
-            );
-            eprintln!("Ctrl-C stops it.");
-        }
+        let vm = match &mut vm {
+            Running::Gateway(up) => &mut up.vm,
+            Running::Exec(vm) => vm,
+        };
         let mut out = std::io::stdout();
         let code = vm.wait(Some(&mut out), None)?;
         eprintln!("vm: guest exited with {code} after {:.2}s", vm.started.elapsed().as_secs_f64());
@@ -247,19 +249,19 @@ impl RunArgs {
     }
 }
 
+/// The foreground VM: a supervised gateway (holding its instance lock) or a one-shot command.
+enum Running {
+    Gateway(openshell_vm::supervise::Supervised),
+    Exec(openshell_vm::RunningVm),
+}
+
 /// The boot timeline: init's millisecond stamps (guest clock since boot) and host-side readiness.
 fn print_timeline(console: &std::path::Path, ready: Duration) {
     let text = std::fs::read_to_string(console).unwrap_or_default();
     eprintln!("boot timeline:");
     eprintln!("  {:>7} ms  VMM started (host)", 0);
-    for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("openshell-init: [") {
-            if let Some((ms, what)) = rest.split_once(" ms] ") {
-                eprintln!("  {:>7} ms  {what} (guest)", ms.trim());
-            }
-        } else if line.starts_with("gateway listening") {
-            eprintln!("  {:>7}     {line} (guest)", "");
-        }
+    for (ms, what) in openshell_vm::timeline::guest_steps(&text) {
+        eprintln!("  {ms:>7} ms  {what} (guest)");
     }
     eprintln!("  {:>7} ms  mTLS health SERVING (host)", ready.as_millis());
 }

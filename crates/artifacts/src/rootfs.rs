@@ -104,6 +104,9 @@ impl RootfsInputs {
             let mode = fs::symlink_metadata(&path).map_err(io(&path))?.permissions().mode();
             b.str("overlay", &rel).digest("sha256", &hash(&path)?).str("mode", &format!("{mode:o}"));
         }
+        for (rel, target) in overlay_symlinks(&self.overlay)? {
+            b.str("overlay-symlink", &rel).str("target", &target);
+        }
         for p in &self.programs {
             b.str("program", &p.dest).digest("sha256", &hash(&p.source)?).str("mode", &format!("{:o}", p.mode));
         }
@@ -174,6 +177,11 @@ fn bake_into(inputs: &RootfsInputs, out: &Path) -> Result<(), RootfsError> {
         let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o7777;
         place(&path, out, &format!("/{rel}"), mode)?;
     }
+    for (rel, target) in overlay_symlinks(&inputs.overlay)? {
+        let link = out.join(&rel);
+        let _ = fs::remove_file(&link);
+        symlink(&target, &link).map_err(io(&link))?;
+    }
     for p in &inputs.programs {
         place(&p.source, out, &p.dest, p.mode)?;
     }
@@ -192,6 +200,28 @@ fn place(source: &Path, root: &Path, dest: &str, mode: u32) -> Result<(), Rootfs
     fs::copy(source, &target).map_err(io(&target))?;
     fs::set_permissions(&target, fs::Permissions::from_mode(mode)).map_err(io(&target))?;
     Ok(())
+}
+
+/// Symlinks under `dir` (e.g. `etc/resolv.conf` → `../run/resolv.conf`: the rootfs is read-only,
+/// so files the guest must write point into its tmpfs), as (relative path, target), sorted.
+fn overlay_symlinks(dir: &Path) -> Result<Vec<(String, String)>, RootfsError> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).map_err(io(&d))? {
+            let path = entry.map_err(io(&d))?.path();
+            let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.file_type().is_symlink() {
+                let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
+                let target = fs::read_link(&path).map_err(io(&path))?.to_string_lossy().into_owned();
+                out.push((rel, target));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Regular files under `dir`, as (relative path, full path), sorted.
@@ -273,6 +303,8 @@ mod tests {
         let overlay = tmp.join("overlay");
         fs::create_dir_all(overlay.join("etc")).unwrap();
         fs::write(overlay.join("etc/hostname"), "gateway\n").unwrap();
+        let _ = fs::remove_file(overlay.join("etc/resolv.conf"));
+        symlink("../run/resolv.conf", overlay.join("etc/resolv.conf")).unwrap();
         let prog = tmp.join("init");
         fs::write(&prog, b"\x7fELF fake").unwrap();
         // A stand-in for busybox that answers --list-full like the real one.
@@ -295,6 +327,7 @@ mod tests {
         assert!(b.manifest.files.contains_key("/sbin/openshell-init"));
         assert!(b.manifest.files.contains_key("/etc/hostname"));
         assert_eq!(b.manifest.symlinks.get("/usr/bin/env").map(String::as_str), Some(BUSYBOX));
+        assert_eq!(b.manifest.symlinks.get("/etc/resolv.conf").map(String::as_str), Some("../run/resolv.conf"));
         verify(&b).unwrap();
     }
 

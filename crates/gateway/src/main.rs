@@ -75,7 +75,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Validate TLS before announcing readiness: a supervisor that waits for
     // this line should not see it from a gateway about to exit.
     openshell_gateway::tls::server_config(&material)?;
-    eprintln!("gateway listening on {addr}");
+    // In init's timeline format (guest ms since boot), so the host's boot timeline shows it and
+    // readiness knows when probing can succeed.
+    eprintln!("openshell-gateway: [{:>6} ms] listening on {addr}", openshell_gateway::sysinfo::uptime_ms());
     serve(listener, &material, config, shutdown_signal()).await?;
     Ok(())
 }

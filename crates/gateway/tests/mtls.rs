@@ -257,9 +257,12 @@ async fn binary_announces_and_serves() {
         .expect("no readiness line")
         .unwrap()
         .unwrap();
+    // `openshell-gateway: [N ms] listening on ADDR`, the boot timeline's format.
     let addr = line
         .trim()
-        .strip_prefix("gateway listening on ")
+        .strip_prefix("openshell-gateway: [")
+        .and_then(|l| l.split_once(" ms] listening on "))
+        .map(|(_, addr)| addr)
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
 
     let b = pki.client_bundle();

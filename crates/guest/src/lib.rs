@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(target_os = "linux")]
+pub mod ifconfig;
+pub mod netconf;
+
 /// Mount point of the per-instance share inside the guest (tag [`SHARE_TAG`]).
 pub const SHARE_MOUNT: &str = "/run/openshell";
 /// The virtio-9p / virtio-fs tag of the per-instance share.

@@ -56,6 +56,9 @@ pub struct VmConfig {
     pub net: NetMode,
     /// TCP forwards from 127.0.0.1 on the host into the guest (needs `net: Passt`).
     pub ports: Vec<PortMap>,
+    /// Let the guest ask the network backend by DHCP (the host's static address is the
+    /// fallback) instead of taking the static address directly, which skips a round trip.
+    pub dhcp: bool,
 }
 
 impl VmConfig {
@@ -74,6 +77,7 @@ impl VmConfig {
             krun_vmm_binary: None,
             net: NetMode::None,
             ports: Vec::new(),
+            dhcp: false,
         }
     }
 

@@ -13,10 +13,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::timeline;
 use crate::{NetMode, PortMap, RunningVm, VmConfig, VmError};
 
 pub const GATEWAY_PORT: u16 = 30051;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+const LISTENING_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often readiness probes before the gateway has said it listens.
+const BLIND_PROBE_EVERY: Duration = Duration::from_secs(2);
 /// Inside the guest: where the share puts the server material.
 const GUEST_TLS_DIR: &str = "/run/openshell/tls";
 
@@ -54,6 +58,9 @@ pub struct Status {
     /// `SERVING`, or why not.
     pub health: String,
     pub mtls_dir: PathBuf,
+    /// Stale state a dead supervisor left, cleaned up by this status call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recovered: Vec<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -185,8 +192,10 @@ impl GatewayInstance {
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) != 0 }
     }
 
-    /// Reports the instance, checking health over mTLS when it runs.
+    /// Reports the instance, checking health over mTLS when it runs. State a dead supervisor left
+    /// behind is recovered first (see [`crate::supervise::recover`]) and reported.
     pub fn status(&self) -> Status {
+        let recovered = crate::supervise::recover(self).unwrap_or_else(|e| vec![format!("recovery failed: {e}")]);
         let meta = self.read_metadata();
         let running = self.locked();
         let endpoint = meta.as_ref().map(|m| m.endpoint.clone());
@@ -216,6 +225,7 @@ impl GatewayInstance {
             vm_pid: meta.as_ref().and_then(|m| m.vm_pid).filter(|_| running),
             health,
             mtls_dir: self.mtls_dir(),
+            recovered,
         }
     }
 
@@ -225,12 +235,7 @@ impl GatewayInstance {
     pub fn stop(&self, grace: Duration) -> Result<bool, VmError> {
         let Some(meta) = self.read_metadata() else { return Ok(false) };
         if !self.locked() {
-            for (pid, prog) in [(meta.vm_pid, "qemu"), (meta.vm_pid, "openshell-vmm"), (meta.passt_pid, "passt")] {
-                if let Some(pid) = pid.filter(|&p| runs(p, prog)) {
-                    // SAFETY: kill(2) on a pid verified to run the program we started.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                }
-            }
+            crate::supervise::recover(self)?;
             return Ok(false);
         }
         let Some(sup) = meta.supervisor_pid else { return Ok(false) };
@@ -275,29 +280,41 @@ pub fn wait_ready(
 ) -> Result<Duration, VmError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io_err(Path::new("tokio")))?;
     let deadline = Instant::now() + timeout;
+    let mut last = String::from("no probe yet");
+    let mut last_probe = Instant::now();
     loop {
         if let Some(status) = vm.exited() {
             return Err(not_ready(vm, &format!("the VM exited ({status}) before the gateway was ready")));
         }
-        // passt accepts on the host before the guest listens; a short per-attempt bound keeps one
-        // connection that went nowhere from stalling readiness for the client's full timeout.
-        let attempt = rt.block_on(async {
-            tokio::time::timeout(ATTEMPT_TIMEOUT, async {
-                let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await?;
-                openshell_gateway::health(&ch).await
-            })
-            .await
-        });
-        let last = match attempt {
-            Ok(Ok(openshell_gateway::ServingStatus::Serving)) => return Ok(vm.started.elapsed()),
-            Ok(Ok(other)) => format!("health said {other:?}"),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {} ms", ATTEMPT_TIMEOUT.as_millis()),
-        };
+        // Probe once the gateway says it listens (seen on the console, a local file). Before
+        // that, passt accepts on the host but the connection goes nowhere, and each such probe
+        // would burn a whole attempt timeout. A slow fallback probe covers a gateway that never
+        // prints the line.
+        let listening = timeline::gateway_listening(&fs::read_to_string(&vm.console).unwrap_or_default());
+        if listening || last_probe.elapsed() >= BLIND_PROBE_EVERY {
+            last_probe = Instant::now();
+            // Once it listens, a probe is a real handshake under a possibly slow (emulated,
+            // loaded) guest: give it time rather than restart it from scratch every 500 ms.
+            let bound = if listening { LISTENING_ATTEMPT_TIMEOUT } else { ATTEMPT_TIMEOUT };
+            let attempt = rt.block_on(async {
+                tokio::time::timeout(bound, async {
+                    let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await?;
+                    openshell_gateway::health(&ch).await
+                })
+                .await
+            });
+            last = match attempt {
+                Ok(Ok(openshell_gateway::ServingStatus::Serving)) => return Ok(vm.started.elapsed()),
+                Ok(Ok(other)) => format!("health said {other:?}"),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {} ms", bound.as_millis()),
+            };
+            tracing::debug!(elapsed_ms = vm.started.elapsed().as_millis() as u64, listening, %last, "gateway not ready yet");
+        }
         if Instant::now() > deadline {
             return Err(not_ready(vm, &format!("not SERVING within {}s (last: {last})", timeout.as_secs())));
         }
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(if listening { 25 } else { 10 }));
     }
 }
 
@@ -306,9 +323,4 @@ fn not_ready(vm: &RunningVm, why: &str) -> VmError {
     let lines: Vec<&str> = console.lines().collect();
     let tail = lines[lines.len().saturating_sub(50)..].join("\n");
     VmError::NotReady(format!("{why}\n--- console (last 50 lines) ---\n{tail}"))
-}
-
-/// Whether `pid` runs a program whose command line mentions `prog`.
-fn runs(pid: u32, prog: &str) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(prog))
 }

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod host;
 pub mod launch;
 pub mod net;
+pub mod supervise;
 pub mod timeline;
 
 pub use backend::{Backend, VmmChoice};

@@ -86,9 +86,14 @@ pub fn check_ports_free(ports: &[PortMap]) -> Result<(), VmError> {
     Ok(())
 }
 
-/// The guest's network settings for its init, on the kernel command line.
-pub fn guest_cmdline_param() -> String {
-    format!("openshell.net={GUEST_ADDR}/{PREFIX_LEN},{GATEWAY_ADDR}")
+/// The guest's network settings for its init, on the kernel command line (see
+/// `openshell_guest::netconf`): the static address passt hands out, directly or as the fallback
+/// when DHCP is asked for, and passt's DNS forwarder at the gateway address.
+pub fn guest_cmdline_param(dhcp: bool) -> String {
+    use openshell_guest::netconf::{Ipv4Config, DNS_PARAM, FALLBACK_PARAM, NET_PARAM};
+    let addr = Ipv4Config { addr: GUEST_ADDR, prefix: PREFIX_LEN, gateway: Some(GATEWAY_ADDR) }.param();
+    let net = if dhcp { format!("{NET_PARAM}=dhcp {FALLBACK_PARAM}={addr}") } else { format!("{NET_PARAM}={addr}") };
+    format!("{net} {DNS_PARAM}={GATEWAY_ADDR}")
 }
 
 /// A running passt; stopped on drop.
@@ -111,7 +116,10 @@ pub fn start_passt(ports: &[PortMap], log: std::fs::File) -> Result<(Passt, Owne
     let mut cmd = Command::new(passt);
     cmd.args(["-f", "-q", "--fd", &CHILD_FD.to_string()])
         .args(["-a", &GUEST_ADDR.to_string(), "-n", &PREFIX_LEN.to_string(), "-g", &GATEWAY_ADDR.to_string()])
-        .args(["-u", "none"]);
+        .args(["-u", "none"])
+        // DNS sent to the gateway address goes to the host's resolver; init points the guest's
+        // resolv.conf there.
+        .args(["--dns-forward", &GATEWAY_ADDR.to_string()]);
     if ports.is_empty() {
         cmd.args(["-t", "none"]);
     }

@@ -1,16 +1,26 @@
-//! The boot timeline, read back from the guest console: init prints `openshell-init: [N ms] step`
-//! with the guest's clock since boot.
+//! The boot timeline, read back from the guest console: init and the gateway print
+//! `openshell-<program>: [N ms] step` with the guest's clock since boot.
 
-/// (milliseconds since guest boot, step) for each init step on the console.
-pub fn init_steps(console: &str) -> Vec<(u64, String)> {
+/// The gateway's step once its TLS listener is bound.
+const GATEWAY_LISTENING: &str = "gateway: listening on ";
+
+/// (milliseconds since guest boot, step) for each stamped step on the console. Init's steps are
+/// bare (`network up: …`); other programs' are prefixed with their name (`gateway: listening …`).
+pub fn guest_steps(console: &str) -> Vec<(u64, String)> {
     console
         .lines()
         .filter_map(|l| {
-            let rest = l.strip_prefix("openshell-init: [")?;
+            let (prog, rest) = l.strip_prefix("openshell-")?.split_once(": [")?;
             let (ms, what) = rest.split_once(" ms] ")?;
-            Some((ms.trim().parse().ok()?, what.to_owned()))
+            let what = if prog == "init" { what.to_owned() } else { format!("{prog}: {what}") };
+            Some((ms.trim().parse().ok()?, what))
         })
         .collect()
+}
+
+/// Whether the gateway has said it listens.
+pub fn gateway_listening(console: &str) -> bool {
+    guest_steps(console).iter().any(|(_, s)| s.starts_with(GATEWAY_LISTENING))
 }
 
 /// Peak resident set (VmHWM) of a live process, in KiB.
@@ -26,7 +36,11 @@ mod tests {
     #[test]
     fn parses_steps_and_skips_other_lines() {
         let c = "Linux version 6.1\nopenshell-init: [   718 ms] init started\nnoise\nopenshell-init: [  1035 ms] network up: eth0\n";
-        assert_eq!(init_steps(c), vec![(718, "init started".into()), (1035, "network up: eth0".into())]);
+        assert_eq!(guest_steps(c), vec![(718, "init started".into()), (1035, "network up: eth0".into())]);
+        assert!(!gateway_listening(c));
+        let c = format!("{c}openshell-gateway: [  1210 ms] listening on 0.0.0.0:30051\n");
+        assert_eq!(guest_steps(&c)[2], (1210, "gateway: listening on 0.0.0.0:30051".into()));
+        assert!(gateway_listening(&c));
     }
 
     #[test]

@@ -1,23 +1,48 @@
-//! PID 1 of the guest. Mounts the basics, mounts the per-instance share, runs the requested
-//! command, reaps every child, writes the command's exit status back to the share and powers off.
+//! PID 1 of the guest. Mounts the basics, configures the network, cleans what an earlier boot of
+//! the same instance left in its share, runs the requested command as the workload, reaps every
+//! child, stops the workload on SIGTERM/SIGINT/SIGPWR, writes the command's exit status back to
+//! the share and powers off.
 //!
 //! Statically linked (built with `+crt-static`) so the rootfs needs no libc. Each step prints a
 //! millisecond timestamp (since boot) so the host can read a boot timeline off the console.
+//!
+//! The same binary is busybox `udhcpc`'s lease script (`udhcpc -s /sbin/openshell-init`): run
+//! with a udhcpc event as its first argument and not as PID 1, it applies the lease and exits.
 
-use std::ffi::CString;
 use std::fs;
 use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use openshell_guest::{ExecRequest, EXEC_FILE, EXIT_CODE_FILE, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_guest::netconf::{self, Ipv4Config, NetPlan};
+use openshell_guest::{ifconfig, ExecRequest, EXEC_FILE, EXIT_CODE_FILE, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM};
+
+/// How long the workload gets between SIGTERM and SIGKILL once a stop is requested.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Signals init waits on (blocked, then taken synchronously with `sigtimedwait`).
+const WAITED: [libc::c_int; 5] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGPWR, libc::SIGALRM];
+const ETH: &str = "eth0";
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if std::process::id() != 1 {
+        if let Some(event) = args.get(1) {
+            std::process::exit(dhcp_script(event));
+        }
+        eprintln!("openshell-init: not PID 1; this is the guest's init (or udhcpc's script)");
+        std::process::exit(2);
+    }
     step("init started");
+    // Blocked from the start, so a stop request that arrives while we boot is not lost.
+    block_waited_signals();
     mount_basics();
     set_hostname("gateway");
-    set_clock();
-    network_up();
-    let code = match run_request() {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    set_clock(&cmdline);
+    network_up(&cmdline);
+    let code = match run_request(&cmdline) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("openshell-init: {e}");
@@ -44,7 +69,7 @@ fn step(what: &str) {
 
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
     let _ = fs::create_dir_all(target);
-    let c = |s: &str| CString::new(s).expect("no NUL in mount arguments");
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL in mount arguments");
     let (src, tgt, fst, dat) = (c(source), c(target), c(fstype), c(data));
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
     let rc = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), fst.as_ptr(), flags, dat.as_ptr().cast()) };
@@ -82,8 +107,10 @@ fn set_hostname(name: &str) {
 }
 
 /// The host passes its wall clock: the guest has no RTC, and TLS needs a plausible date.
-fn set_clock() {
-    let Some(secs) = cmdline_param("openshell.time").and_then(|s| s.parse::<i64>().ok()) else { return };
+fn set_clock(cmdline: &str) {
+    let Some(secs) = netconf::cmdline_param(cmdline, "openshell.time").and_then(|s| s.parse::<i64>().ok()) else {
+        return;
+    };
     let ts = libc::timespec { tv_sec: secs as libc::time_t, tv_nsec: 0 };
     // SAFETY: clock_settime reads the timespec we own.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
@@ -91,41 +118,161 @@ fn set_clock() {
     }
 }
 
-/// `lo` always; `eth0` with the address the host chose (`openshell.net=ADDR/PREFIX,GATEWAY`), so
-/// no DHCP round trip sits on the boot path.
-fn network_up() {
-    let ip = |args: &[&str]| match Command::new("/sbin/ip").args(args).status() {
-        Ok(s) if s.success() => true,
-        other => {
-            eprintln!("openshell-init: ip {} failed: {other:?}", args.join(" "));
-            false
+/// `lo` always; `eth0` as the command line says: the host's static address (fast path), or DHCP
+/// from the network backend with a static fallback. Then a nameserver, whatever the source.
+fn network_up(cmdline: &str) {
+    if let Err(e) = ifconfig::link_up("lo") {
+        eprintln!("openshell-init: {e}");
+    }
+    let plan = match netconf::plan(cmdline) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("openshell-init: {e}; eth0 left down");
+            return;
         }
     };
-    ip(&["link", "set", "lo", "up"]);
-    let Some(net) = cmdline_param("openshell.net") else { return };
-    let Some((addr, gw)) = net.split_once(',') else {
-        eprintln!("openshell-init: bad openshell.net={net}");
-        return;
+    let configured = match plan {
+        NetPlan::None => return,
+        NetPlan::Static(c) => apply(&c).map(|()| (c, "static")),
+        NetPlan::Dhcp { fallback } => match dhcp() {
+            Some(c) => Ok((c, "dhcp")),
+            None => match fallback {
+                Some(c) => {
+                    eprintln!("openshell-init: no DHCP lease; using the static fallback {}", c.param());
+                    apply(&c).map(|()| (c, "static fallback"))
+                }
+                None => Err("no DHCP lease and no static fallback".to_owned()),
+            },
+        },
     };
-    if ip(&["addr", "add", addr, "dev", "eth0"]) && ip(&["link", "set", "eth0", "up"]) {
-        ip(&["route", "add", "default", "via", gw]);
-        step(&format!("network up: eth0 {addr} via {gw}"));
+    match configured {
+        Ok((c, how)) => {
+            if let Some(gw) = c.gateway {
+                announce(gw);
+            }
+            ensure_nameserver(cmdline, c.gateway);
+            step(&format!("network up: {ETH} {}/{} via {} ({how})", c.addr, c.prefix, opt(c.gateway)));
+        }
+        Err(e) => eprintln!("openshell-init: {ETH}: {e}"),
     }
 }
 
-fn cmdline_param(key: &str) -> Option<String> {
-    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=').map(str::to_owned))
+/// Makes the guest send a frame at once. passt learns the guest's MAC address from the first
+/// frame it sends; until then the SYNs of forwarded connections go out to the broadcast address,
+/// the guest's TCP drops them, and the first client waits out SYN retransmits (seconds). A
+/// datagram to the gateway's discard port makes the kernel ARP for it right away.
+fn announce(gateway: Ipv4Addr) {
+    let sent = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).and_then(|s| s.send_to(&[], (gateway, 9)));
+    if let Err(e) = sent {
+        eprintln!("openshell-init: cannot announce eth0 to {gateway}: {e}");
+    }
 }
 
-fn run_request() -> Result<i32, String> {
-    let (fstype, data) = match cmdline_param(SHARE_TRANSPORT_PARAM).as_deref() {
+fn opt(ip: Option<Ipv4Addr>) -> String {
+    ip.map_or_else(|| "-".into(), |i| i.to_string())
+}
+
+fn apply(c: &Ipv4Config) -> Result<(), String> {
+    ifconfig::set_addr(ETH, c.addr, c.netmask()).map_err(|e| e.to_string())?;
+    ifconfig::link_up(ETH).map_err(|e| e.to_string())?;
+    if let Some(gw) = c.gateway {
+        ifconfig::add_default_route(gw).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Runs busybox udhcpc once (3 tries, 1 s apart) with this binary as its script; the script
+/// applies the lease. Returns what was applied.
+fn dhcp() -> Option<Ipv4Config> {
+    let _ = ifconfig::link_up(ETH);
+    let status = unblocked(&mut Command::new("/sbin/udhcpc"))
+        .args(["-i", ETH, "-f", "-q", "-n", "-t", "3", "-T", "1", "-s", "/sbin/openshell-init"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => fs::read_to_string(LEASE_FILE).ok()?.trim().parse().ok(),
+        Ok(s) => {
+            eprintln!("openshell-init: udhcpc got no lease ({s})");
+            None
+        }
+        Err(e) => {
+            eprintln!("openshell-init: cannot run /sbin/udhcpc: {e}");
+            None
+        }
+    }
+}
+
+/// Where the lease script records what it applied, for init (PID 1) to read back.
+const LEASE_FILE: &str = "/run/openshell-lease";
+
+/// udhcpc's script: `deconfig` clears the address, `bound`/`renew` apply the lease from the
+/// environment; other events need nothing.
+fn dhcp_script(event: &str) -> i32 {
+    let result = match event {
+        "deconfig" => ifconfig::clear_addr(ETH).and_then(|()| ifconfig::link_up(ETH)).map_err(|e| e.to_string()),
+        "bound" | "renew" => match netconf::lease_from_env(|k| std::env::var(k).ok()) {
+            Some((c, dns)) => apply(&c).and_then(|()| {
+                if !dns.is_empty() {
+                    write_resolv_conf(&dns)?;
+                }
+                fs::write(LEASE_FILE, c.param()).map_err(|e| format!("{LEASE_FILE}: {e}"))
+            }),
+            None => Err("lease without an address".to_owned()),
+        },
+        _ => Ok(()),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("openshell-init (udhcpc {event}): {e}");
+            1
+        }
+    }
+}
+
+/// A guest with an address but no nameserver cannot resolve anything: fall back to what the
+/// host passed, else the gateway.
+fn ensure_nameserver(cmdline: &str, gateway: Option<Ipv4Addr>) {
+    let current = fs::read_to_string(netconf::RESOLV_CONF).unwrap_or_default();
+    if netconf::has_nameserver(&current) {
+        return;
+    }
+    let servers = netconf::fallback_dns(&netconf::dns_servers(cmdline), gateway);
+    if let Err(e) = write_resolv_conf(&servers) {
+        eprintln!("openshell-init: {e}");
+    }
+}
+
+fn write_resolv_conf(servers: &[Ipv4Addr]) -> Result<(), String> {
+    fs::write(netconf::RESOLV_CONF, netconf::render_resolv_conf(servers))
+        .map_err(|e| format!("{}: {e}", netconf::RESOLV_CONF))
+}
+
+/// The share outlives boots (warm boots reuse it): an exit code, pid file or socket from an
+/// earlier boot must not be mistaken for this one's.
+fn clean_stale_state() {
+    let Ok(entries) = fs::read_dir(SHARE_MOUNT) else { return };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name == EXIT_CODE_FILE || name.ends_with(".pid") || name.ends_with(".sock") || name.ends_with(".tmp");
+        if stale && fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        step(&format!("removed {removed} stale runtime file(s) from the share"));
+    }
+}
+
+fn run_request(cmdline: &str) -> Result<i32, String> {
+    let (fstype, data) = match netconf::cmdline_param(cmdline, SHARE_TRANSPORT_PARAM) {
         Some("virtiofs") => ("virtiofs", String::new()),
         _ => ("9p", "trans=virtio,version=9p2000.L,msize=262144".to_owned()),
     };
     mount(SHARE_TAG, SHARE_MOUNT, fstype, libc::MS_NOSUID | libc::MS_NODEV, &data)?;
+    clean_stale_state();
     let path = format!("{SHARE_MOUNT}/{EXEC_FILE}");
     let text = fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
     let req: ExecRequest = serde_json::from_str(&text).map_err(|e| format!("parse {path}: {e}"))?;
@@ -136,30 +283,99 @@ fn run_request() -> Result<i32, String> {
         .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
         .env("HOME", "/root")
         .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null());
+        .stdin(Stdio::null())
+        // Its own process group, so a stop reaches everything the workload started.
+        .process_group(0);
     if let Some(dir) = &req.workdir {
         cmd.current_dir(dir);
     }
+    unblocked(&mut cmd);
     step(&format!("exec {prog}"));
     let child = cmd.spawn().map_err(|e| format!("cannot start {prog}: {e}"))?;
-    Ok(reap_until(child.id() as libc::pid_t))
+    Ok(supervise(child.id() as libc::pid_t))
 }
 
-/// As PID 1 we inherit every orphan: reap them all, and return when our command exits.
-fn reap_until(pid: libc::pid_t) -> i32 {
+/// The signal mask survives exec: without this a child would start with init's waited signals
+/// blocked, and a workload would never see SIGTERM.
+fn unblocked(cmd: &mut Command) -> &mut Command {
+    let empty = empty_set();
+    // SAFETY: sigprocmask is async-signal-safe; the set was built before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            Ok(())
+        })
+    }
+}
+
+fn empty_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        set
+    }
+}
+
+fn waited_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in WAITED {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+fn block_waited_signals() {
+    let set = waited_set();
+    // SAFETY: sigprocmask reads the set we own.
+    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// As PID 1 we inherit every orphan: reap them all, stop the workload's process group when asked
+/// (SIGTERM, then SIGKILL after [`STOP_GRACE`]), and return the workload's exit status.
+fn supervise(pid: libc::pid_t) -> i32 {
+    let set = waited_set();
+    let mut stopping = false;
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes into the status we own.
-        let reaped = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if reaped == pid {
-            if libc::WIFEXITED(status) {
-                return libc::WEXITSTATUS(status);
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid writes into the status we own.
+            let reaped = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if reaped == pid {
+                if libc::WIFEXITED(status) {
+                    return libc::WEXITSTATUS(status);
+                }
+                if libc::WIFSIGNALED(status) {
+                    return 128 + libc::WTERMSIG(status);
+                }
+            } else if reaped < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+                return 127;
+            } else if reaped <= 0 {
+                break;
             }
-            if libc::WIFSIGNALED(status) {
-                return 128 + libc::WTERMSIG(status);
+        }
+        // SAFETY: sigwaitinfo reads the set we own; the siginfo out-parameter may be null.
+        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        match sig {
+            libc::SIGTERM | libc::SIGINT | libc::SIGPWR if !stopping => {
+                stopping = true;
+                step(&format!("signal {sig}: stopping the workload (SIGTERM, SIGKILL after {}s)", STOP_GRACE.as_secs()));
+                // SAFETY: kill/alarm have no memory preconditions.
+                unsafe {
+                    libc::kill(-pid, libc::SIGTERM);
+                    libc::alarm(STOP_GRACE.as_secs() as libc::c_uint);
+                }
             }
-        } else if reaped < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return 127;
+            libc::SIGALRM if stopping => {
+                step("the workload ignored SIGTERM; SIGKILL");
+                // SAFETY: as above.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+            }
+            _ => {}
         }
     }
 }

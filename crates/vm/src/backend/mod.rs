@@ -54,7 +54,7 @@ pub fn init_params(cfg: &crate::VmConfig) -> String {
     let mut p = format!("openshell.time={now}");
     if cfg.net != crate::NetMode::None {
         p.push(' ');
-        p.push_str(&crate::net::guest_cmdline_param());
+        p.push_str(&crate::net::guest_cmdline_param(cfg.dhcp));
     }
     p
 }

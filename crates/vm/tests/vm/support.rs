@@ -108,6 +108,9 @@ const SUPERVISE_ENV: &str = "OPENSHELL_E2E_SUPERVISE";
 /// `OPENSHELL_E2E_SUPERVISE=<state dir>` it boots the VM described by its arguments, prints
 /// `vmm-pid=N` and returns the VM's exit code.
 pub fn supervisor_mode() -> Option<i32> {
+    if let Some(root) = std::env::var_os(SUPERVISE_GATEWAY_ENV) {
+        return Some(gateway_supervisor(PathBuf::from(root)));
+    }
     let state = std::env::var_os(SUPERVISE_ENV)?;
     let a = artifacts().expect("artifacts are set for the supervisor");
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -119,6 +122,40 @@ pub fn supervisor_mode() -> Option<i32> {
     use std::io::Write;
     std::io::stdout().flush().unwrap();
     Some(vm.wait(None, Some(GUEST_TIMEOUT)).unwrap_or(255))
+}
+
+const SUPERVISE_GATEWAY_ENV: &str = "OPENSHELL_E2E_SUPERVISE_GATEWAY";
+
+/// With `OPENSHELL_E2E_SUPERVISE_GATEWAY=<gateways root>` and the host port as the argument: the
+/// same library path as `cargo xtask vm run` (instance `trial`), printing
+/// `ready vmm-pid=N passt-pid=M` once SERVING, then supervising until killed.
+fn gateway_supervisor(root: PathBuf) -> i32 {
+    let a = artifacts().expect("artifacts are set for the supervisor");
+    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).expect("port argument");
+    let vmm: VmmChoice = std::env::var("OPENSHELL_E2E_VMM").unwrap().parse().unwrap();
+    let inst = openshell_vm::gateway::GatewayInstance::new(&root, "trial").unwrap();
+    inst.ensure_pki().unwrap();
+    let digests = ("k".repeat(64), "r".repeat(64));
+    let mut cfg = inst.vm_config(a.kernel, a.rootfs, (&digests.0, &digests.1), port).unwrap();
+    cfg.vmm = vmm;
+    let mut up = match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), GUEST_TIMEOUT) {
+        Ok(up) => up,
+        Err(e) => {
+            println!("failed {e}");
+            return 1;
+        }
+    };
+    println!("ready vmm-pid={} passt-pid={}", up.vm.pid(), up.vm.passt_pid().unwrap_or(0));
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    up.vm.wait(None, None).unwrap_or(255)
+}
+
+/// Starts this test binary as a gateway supervisor (see [`gateway_supervisor`]).
+pub fn gateway_supervisor_command(root: &std::path::Path, vmm: &str, port: u16) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.env(SUPERVISE_GATEWAY_ENV, root).env("OPENSHELL_E2E_VMM", vmm).arg(port.to_string());
+    c
 }
 
 pub fn supervisor_command(state: &std::path::Path, vmm: &str, argv: &[&str]) -> std::process::Command {

@@ -1,0 +1,195 @@
+//! Owning a gateway instance while it runs: take its lock, recover what a dead supervisor left,
+//! launch the VM, wait for mTLS readiness, record the pids. The foreground `vm run`, the detached
+//! supervisor and the VM suites all go through [`boot`], so they behave the same.
+//!
+//! Recovery never looks processes up by name: it signals only the pids this instance recorded, and
+//! only while `/proc/<pid>/cmdline` still shows the program we started there (a recycled pid is
+//! left alone).
+
+use std::fs;
+use std::time::Duration;
+
+use crate::gateway::{self, GatewayInstance, Metadata};
+use crate::{RunningVm, VmConfig, VmError};
+
+/// A gateway VM that answered its mTLS health check. Dropping it stops the VM and passt and
+/// releases the instance lock.
+pub struct Supervised {
+    pub vm: RunningVm,
+    pub endpoint: String,
+    /// VMM start → mTLS SERVING.
+    pub ready: Duration,
+    /// What recovery cleaned up before this boot (empty on a clean start).
+    pub recovered: Vec<String>,
+    _lock: fs::File,
+}
+
+/// Boots `cfg` (from [`GatewayInstance::vm_config`]) as instance `inst`, and returns once it is
+/// SERVING. Fails if another supervisor holds the instance, or with the console's tail if the
+/// gateway is not ready within `ready_timeout`; nothing is left running on failure.
+pub fn boot(
+    inst: &GatewayInstance,
+    cfg: &VmConfig,
+    digests: (&str, &str),
+    ready_timeout: Duration,
+) -> Result<Supervised, VmError> {
+    let lock = inst.lock()?;
+    let recovered = clean_stale(inst)?;
+    let port = cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
+    let endpoint = format!("127.0.0.1:{port}");
+    let mut vm = crate::launch(cfg)?;
+    let bundle = inst.client_bundle()?;
+    let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout)?;
+    inst.write_metadata(&Metadata {
+        name: inst.name.clone(),
+        endpoint: endpoint.clone(),
+        created_unix: gateway::now_unix(),
+        vm_pid: Some(vm.pid()),
+        kernel_sha256: digests.0.to_owned(),
+        rootfs_sha256: digests.1.to_owned(),
+        backend: vm.backend.to_string(),
+        supervisor_pid: Some(std::process::id()),
+        passt_pid: vm.passt_pid(),
+    })?;
+    Ok(Supervised { vm, endpoint, ready, recovered, _lock: lock })
+}
+
+/// The programs an instance's recorded pids may run, by role.
+const RECORDED: [(&str, &[&str]); 2] = [("vm", &["qemu-system", "openshell-vmm"]), ("passt", &["passt"])];
+
+/// When no supervisor holds the instance but its metadata still names pids, the supervisor died
+/// without cleaning up (SIGKILL, crash, power loss). Kills the recorded VMM and passt if they
+/// still run our programs, and clears the pids so the instance reads as stopped. Returns what it
+/// did, one line each; empty when there was nothing stale or a live supervisor holds the lock.
+pub fn recover(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
+    if inst.locked() {
+        return Ok(Vec::new());
+    }
+    clean_stale(inst)
+}
+
+/// [`recover`] for a caller that holds the instance lock itself.
+fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
+    let Some(mut meta) = inst.read_metadata() else { return Ok(Vec::new()) };
+    let mut done = Vec::new();
+    for (role, pid) in [("vm", meta.vm_pid), ("passt", meta.passt_pid)] {
+        let Some(pid) = pid else { continue };
+        let progs = RECORDED.iter().find(|(r, _)| *r == role).map_or(&[][..], |(_, p)| *p);
+        if runs_any(pid, progs) {
+            // SAFETY: kill(2) on a pid this instance recorded, verified to run our program.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            wait_gone(pid);
+            done.push(format!("killed leftover {role} pid {pid}"));
+        } else {
+            done.push(format!("{role} pid {pid} already gone"));
+        }
+    }
+    if let Some(sup) = meta.supervisor_pid.filter(|&p| p != std::process::id()) {
+        done.push(format!("supervisor pid {sup} is gone; cleared its stale record"));
+    }
+    if meta.vm_pid.is_some() || meta.passt_pid.is_some() || meta.supervisor_pid.is_some() {
+        meta.vm_pid = None;
+        meta.passt_pid = None;
+        meta.supervisor_pid = None;
+        inst.write_metadata(&meta)?;
+        for line in &done {
+            tracing::warn!(gateway = %inst.name, "recovered stale state: {line}");
+        }
+    }
+    Ok(done)
+}
+
+/// Whether `pid` runs a program whose command line's first word mentions one of `progs`.
+fn runs_any(pid: u32, progs: &[&str]) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let argv0 = String::from_utf8_lossy(argv0);
+    // A zombie has an empty cmdline: it is dead already.
+    !argv0.is_empty() && progs.iter().any(|p| argv0.rsplit('/').next().is_some_and(|base| base.contains(p)))
+}
+
+fn wait_gone(pid: u32) {
+    for _ in 0..100 {
+        if fs::metadata(format!("/proc/{pid}")).is_err() {
+            return;
+        }
+        // Our own child would stay a zombie until reaped; reap it if so.
+        // SAFETY: waitpid on a specific pid with WNOHANG; harmless if it is not our child.
+        unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    fn metadata(vm: Option<u32>, passt: Option<u32>, sup: Option<u32>) -> Metadata {
+        Metadata {
+            name: "t".into(),
+            endpoint: "127.0.0.1:1".into(),
+            created_unix: 0,
+            vm_pid: vm,
+            kernel_sha256: String::new(),
+            rootfs_sha256: String::new(),
+            backend: "qemu (tcg)".into(),
+            supervisor_pid: sup,
+            passt_pid: passt,
+        }
+    }
+
+    /// A process whose argv[0] reads like passt, standing in for a leftover passt.
+    fn fake(argv0: &str) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        Command::new("sleep").arg0(argv0).arg("60").stdout(Stdio::null()).spawn().unwrap()
+    }
+
+    #[test]
+    fn kills_recorded_leftovers_and_clears_the_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(tmp.path(), "t").unwrap();
+        fs::create_dir_all(&inst.dir).unwrap();
+        let passt = fake("passt");
+        // A supervisor pid that no longer exists.
+        inst.write_metadata(&metadata(None, Some(passt.id()), Some(u32::MAX - 1))).unwrap();
+        let done = recover(&inst).unwrap();
+        assert!(done.iter().any(|l| l.contains("killed leftover passt")), "{done:?}");
+        // Recovery reaped it too (it is our child here), so no /proc entry is left.
+        assert!(fs::metadata(format!("/proc/{}", passt.id())).is_err(), "passt was not killed");
+        let meta = inst.read_metadata().unwrap();
+        assert_eq!((meta.vm_pid, meta.passt_pid, meta.supervisor_pid), (None, None, None));
+        assert!(recover(&inst).unwrap().is_empty(), "a second recovery finds nothing stale");
+    }
+
+    #[test]
+    fn never_kills_a_recycled_pid_running_something_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(tmp.path(), "t").unwrap();
+        fs::create_dir_all(&inst.dir).unwrap();
+        let mut other = fake("unrelated-daemon");
+        inst.write_metadata(&metadata(Some(other.id()), None, None)).unwrap();
+        let done = recover(&inst).unwrap();
+        assert!(done.iter().any(|l| l.contains("already gone")), "{done:?}");
+        assert!(other.try_wait().unwrap().is_none(), "an unrelated process was killed");
+        other.kill().unwrap();
+        other.wait().unwrap();
+    }
+
+    #[test]
+    fn a_live_supervisor_is_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(tmp.path(), "t").unwrap();
+        let mut sup = fake("xtask");
+        let mut passt = fake("passt");
+        // The lock is held by another open file description while the supervisor lives.
+        let _lock = inst.lock().unwrap();
+        inst.write_metadata(&metadata(None, Some(passt.id()), Some(sup.id()))).unwrap();
+        assert!(recover(&inst).unwrap().is_empty());
+        assert!(passt.try_wait().unwrap().is_none());
+        for c in [&mut sup, &mut passt] {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}

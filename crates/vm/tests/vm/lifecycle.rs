@@ -1,0 +1,135 @@
+//! Init's lifecycle duties (stop on SIGTERM, stale share state, guest addressing and DNS) and
+//! the gateway supervisor's recovery after it was SIGKILLed.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use openshell_vm::gateway::GatewayInstance;
+use openshell_vm::{NetMode, VmmChoice};
+
+use crate::support::{self, Artifacts, TrialDir};
+use crate::trials::Body;
+
+pub const TRIALS: &[(&str, Body)] = &[
+    ("init::sigterm_to_init_stops_the_workload_and_powers_off", sigterm_to_init_stops_workload),
+    ("init::stale_runtime_files_in_the_share_are_removed", stale_share_files_removed),
+    ("net::static_address_with_dns_fallback", static_address_with_dns_fallback),
+    ("net::dhcp_lease_from_the_network_backend", dhcp_lease_from_backend),
+    ("gateway::supervisor_sigkill_then_recovery", supervisor_sigkill_then_recovery),
+];
+
+fn sigterm_to_init_stops_workload(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    // The workload asks PID 1 to stop; init must pass SIGTERM on to it (its trap answers with
+    // exit 7), report that code and power off: not hang, not lose the code.
+    let script = "trap 'echo workload-got-term; exit 7' TERM; kill -TERM 1; while :; do sleep 0.1; done";
+    let cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", script]);
+    let (code, console, dir) = support::run(&cfg, dir)?;
+    if code != 7 || !console.contains("workload-got-term") || !console.contains("stopping the workload") {
+        return Err(dir.fail(format!("expected the workload's trap to run and exit 7, got exit {code}")));
+    }
+    Ok(())
+}
+
+fn stale_share_files_removed(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", "echo share: $(ls -a /run/openshell | tr '\\n' ' ')"]);
+    // What an earlier boot of this instance could have left in its share.
+    let share = cfg.share_dir();
+    std::fs::create_dir_all(&share).unwrap();
+    for f in ["gateway.pid", "control.sock", ".exit-code.tmp"] {
+        std::fs::write(share.join(f), "stale").unwrap();
+    }
+    let (code, console, dir) = support::run(&cfg, dir)?;
+    let line = console.lines().find(|l| l.starts_with("share: ")).unwrap_or("").to_owned();
+    if code != 0 || ["gateway.pid", "control.sock", ".exit-code.tmp"].iter().any(|f| line.contains(f)) || !line.contains("exec.json") {
+        return Err(dir.fail(format!("stale files survived boot: {line:?} (exit {code})")));
+    }
+    Ok(())
+}
+
+const SHOW_NET: &str = "echo resolv: $(cat /etc/resolv.conf); echo addr: $(ip -4 -o addr show eth0)";
+
+fn static_address_with_dns_fallback(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", SHOW_NET]);
+    cfg.net = NetMode::Passt;
+    let (code, console, dir) = support::run(&cfg, dir)?;
+    // No DHCP ran, so no nameserver came with the address: init fell back to passt's forwarder.
+    let ok = code == 0
+        && console.contains("(static)")
+        && console.contains("resolv: nameserver 192.0.2.1")
+        && console.contains("inet 192.0.2.2/24");
+    if !ok {
+        return Err(dir.fail(format!("expected 192.0.2.2/24 and nameserver 192.0.2.1 (exit {code})")));
+    }
+    Ok(())
+}
+
+fn dhcp_lease_from_backend(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", SHOW_NET]);
+    cfg.net = NetMode::Passt;
+    cfg.dhcp = true;
+    let (code, console, dir) = support::run(&cfg, dir)?;
+    let resolv = console.lines().find(|l| l.starts_with("resolv: ")).unwrap_or("");
+    let ok = code == 0
+        && console.contains("lease of 192.0.2.2 obtained")
+        && console.contains("(dhcp)")
+        && resolv.contains("nameserver ")
+        && console.contains("inet 192.0.2.2/24");
+    if !ok {
+        return Err(dir.fail(format!("expected a DHCP lease of 192.0.2.2 with a nameserver, got {resolv:?} (exit {code})")));
+    }
+    Ok(())
+}
+
+fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let root = dir.path().join("gateways");
+    let port = support::free_port();
+    let vmm_name = if vmm == VmmChoice::Krun { "krun" } else { "qemu" };
+    let mut sup = support::gateway_supervisor_command(&root, vmm_name, port)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| Failed::from(format!("cannot start the supervisor: {e}")))?;
+    let mut line = String::new();
+    BufReader::new(sup.stdout.take().unwrap()).read_line(&mut line).ok();
+    let pids: Vec<u32> = line.split_whitespace().filter_map(|w| w.split_once('=')?.1.parse().ok()).collect();
+    if !line.starts_with("ready ") || pids.len() != 2 {
+        let _ = sup.kill();
+        let _ = sup.wait();
+        return Err(dir.fail(format!("the supervisor did not come up: {line:?}")));
+    }
+    // SIGKILL: no Drop, no cleanup, the lock released by the kernel, metadata left claiming pids.
+    sup.kill().unwrap();
+    sup.wait().unwrap();
+    let inst = GatewayInstance::new(&root, "trial").unwrap();
+    let stale = inst.read_metadata().map(|m| (m.vm_pid, m.passt_pid));
+    if stale != Some((Some(pids[0]), Some(pids[1]))) {
+        return Err(dir.fail(format!("metadata did not record the pids {pids:?}: {stale:?}")));
+    }
+    // The next command (status) recovers by the recorded pids and reports it.
+    let st = inst.status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| support::process_exists(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<u32> = pids.iter().copied().filter(|&p| support::process_exists(p)).collect();
+    let meta = inst.read_metadata().unwrap();
+    if st.running || st.recovered.is_empty() || !left.is_empty() || meta.vm_pid.is_some() || meta.passt_pid.is_some() {
+        return Err(dir.fail(format!(
+            "after SIGKILL: status running={} recovered={:?}, processes left {left:?}, metadata pids {:?}/{:?}",
+            st.running, st.recovered, meta.vm_pid, meta.passt_pid
+        )));
+    }
+    if !support::tcp_listeners(port).is_empty() {
+        return Err(dir.fail(format!("port {port} still listens after recovery")));
+    }
+    // And the instance boots again on the same port.
+    let digests = ("k".repeat(64), "r".repeat(64));
+    let mut cfg = inst.vm_config(a.kernel.clone(), a.rootfs.clone(), (&digests.0, &digests.1), port).unwrap();
+    cfg.vmm = vmm;
+    match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), support::GUEST_TIMEOUT) {
+        Ok(up) => drop(up),
+        Err(e) => return Err(dir.fail(format!("the instance did not boot again after recovery: {e}"))),
+    }
+    Ok(())
+}
