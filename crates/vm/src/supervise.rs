@@ -142,7 +142,12 @@ mod tests {
     /// A process whose argv[0] reads like passt, standing in for a leftover passt.
     fn fake(argv0: &str) -> std::process::Child {
         use std::os::unix::process::CommandExt;
-        Command::new("sleep").arg0(argv0).arg("60").stdout(Stdio::null()).spawn().unwrap()
+        let child = Command::new("sleep").arg0(argv0).arg("60").stdout(Stdio::null()).spawn().unwrap();
+        // Until it has exec'd, its cmdline is still the test binary's.
+        while !runs_any(child.id(), &[argv0]) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child
     }
 
     #[test]
