@@ -111,15 +111,6 @@ impl NetMode {
         }
     }
 
-    /// The host program carrying the network, as `vm stop` finds it in `/proc/PID/cmdline`.
-    pub fn program(&self) -> Option<&'static str> {
-        match self {
-            NetMode::None => None,
-            NetMode::Passt => Some("passt"),
-            NetMode::Gvproxy { .. } => Some("gvproxy"),
-        }
-    }
-
     /// Resolves `--net` (absent: this host's default) and `--gvproxy PATH` on this host: passt on
     /// Linux, gvproxy on macOS (found on `PATH` or where podman installs it).
     pub fn resolve(choice: Option<NetChoice>, gvproxy_flag: Option<PathBuf>) -> Result<NetMode, VmError> {
