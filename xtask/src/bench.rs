@@ -55,7 +55,7 @@ impl BenchCmd {
                 }
                 inst.ensure_pki()?;
                 let port = free_port()?;
-                let mut cfg = inst.vm_config(kernel.vmlinux.clone(), rootfs.dir.clone(), (&digests.0, &digests.1), port)?;
+                let mut cfg = inst.vm_config(kernel.vmlinux.clone(), rootfs.dir.clone(), (&digests.0, &digests.1), port, openshell_vm::NetMode::Passt)?;
                 cfg.vmm = vmm;
                 let mut vm = openshell_vm::launch(&cfg)?;
                 let ready = gateway::wait_ready(&mut vm, &format!("127.0.0.1:{port}"), &inst.client_bundle()?, Duration::from_secs(120))?;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use clap::builder::ArgPredicate;
 use openshell_artifacts::Store;
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ enum VmSub {
         #[arg(long)]
         json: bool,
     },
-    /// Stop a gateway instance (its VM and passt with it)
+    /// Stop a gateway instance (its VM and its passt or gvproxy with it)
     Stop {
         #[arg(long, default_value = "default")]
         name: String,
@@ -81,11 +82,15 @@ struct RunArgs {
     /// Which VMM: auto (decided from the host), krun (libkrun) or qemu (QEMU microvm)
     #[arg(long, default_value = "auto")]
     vmm: VmmChoice,
-    /// Guest network for --exec: passt (user-mode, forwards bound to 127.0.0.1) or none (the gateway always uses passt)
-    #[arg(long, default_value = "none")]
-    net: openshell_vm::NetMode,
-    /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs --net passt)
-    #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST", requires = "net")]
+    /// Guest network: passt (the Linux default), gvproxy (the macOS default: found on PATH or in
+    /// podman's libexec) or none. Forwards bind 127.0.0.1 only
+    #[arg(long, value_name = "passt|gvproxy|none", default_value_if("gvproxy", ArgPredicate::IsPresent, "gvproxy"))]
+    net: Option<openshell_vm::net::NetChoice>,
+    /// The gvproxy binary to use (implies --net gvproxy)
+    #[arg(long, value_name = "PATH")]
+    gvproxy: Option<PathBuf>,
+    /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs a network)
+    #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
     ports: Vec<openshell_vm::PortMap>,
     /// Address eth0 by DHCP from the network backend (static fallback) instead of the static
     /// address the host already knows (the default: no DHCP round trip on the boot path)
@@ -156,6 +161,8 @@ impl VmCmd {
 
 impl RunArgs {
     fn run(self) -> anyhow::Result<i32> {
+        // Before any build: a missing gvproxy should not cost a kernel build to find out.
+        let net = openshell_vm::NetMode::resolve(self.net, self.gvproxy.clone())?;
         let sh = Shell::new()?;
         let store = Store::default_location();
         let kernel = crate::artifacts::ensure_kernel(&sh, &store)?;
@@ -172,7 +179,7 @@ impl RunArgs {
                 let cold = inst.ensure_pki()?;
                 let port = self.ports.first().map_or(gateway::GATEWAY_PORT, |p| p.host);
                 let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
-                let cfg = inst.vm_config(kernel.vmlinux.clone(), rootfs.dir.clone(), (&digests.0, &digests.1), port)?;
+                let cfg = inst.vm_config(kernel.vmlinux.clone(), rootfs.dir.clone(), (&digests.0, &digests.1), port, net.clone())?;
                 Some((inst, cfg, cold, digests))
             }
         };
@@ -186,7 +193,7 @@ impl RunArgs {
                     None => tmp.insert(tempfile::Builder::new().prefix("openshell-vm-").tempdir()?).path().to_owned(),
                 };
                 let mut cfg = VmConfig::exec(kernel.vmlinux.clone(), rootfs.dir.clone(), state_dir, argv);
-                cfg.net = self.net;
+                cfg.net = net;
                 cfg.ports = self.ports.clone();
                 cfg
             }

@@ -39,6 +39,20 @@ pub struct KrunSpec {
     /// An inherited fd connected to passt; becomes the guest's virtio-net.
     #[serde(default)]
     pub passt_fd: Option<i32>,
+    /// A unix datagram network proxy (gvproxy in vfkit mode) libkrun connects to by path; the
+    /// guest's virtio-net. A VM uses this or `passt_fd`, not both.
+    #[serde(default)]
+    pub net_unixgram: Option<UnixgramNet>,
+}
+
+/// A virtio-net device backed by a unix datagram socket (`krun_add_net_unixgram`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnixgramNet {
+    /// The proxy's socket, e.g. gvproxy's `-listen-vfkit unixgram://PATH`.
+    pub path: PathBuf,
+    pub mac: [u8; 6],
+    /// Send the `VFKT` magic after connecting ([`crate::NET_FLAG_VFKIT`]), as gvproxy expects.
+    pub vfkit_magic: bool,
 }
 
 /// Configures a context from `spec` and boots it; returns only on failure.
@@ -63,6 +77,10 @@ pub fn run(spec: &KrunSpec) -> Result<Infallible, KrunError> {
     }
     if let Some(fd) = spec.passt_fd {
         ctx.passt_fd(fd)?;
+    }
+    if let Some(net) = &spec.net_unixgram {
+        let flags = if net.vfkit_magic { crate::NET_FLAG_VFKIT } else { 0 };
+        ctx.add_net_unixgram(&net.path, net.mac, crate::NET_COMPAT_FEATURES, flags)?;
     }
     if spec.serial_console {
         ctx.serial_console_default(-1, libc::STDOUT_FILENO)?;
@@ -90,6 +108,7 @@ mod tests {
             shares: vec![("work".into(), "/tmp/work".into())],
             log_level: 2,
             passt_fd: Some(3),
+            net_unixgram: None,
         }
     }
 
@@ -98,6 +117,26 @@ mod tests {
         let spec = sample();
         let json = serde_json::to_string(&spec).unwrap();
         assert_eq!(serde_json::from_str::<KrunSpec>(&json).unwrap(), spec);
+    }
+
+    #[test]
+    fn gvproxy_link_roundtrips_and_is_optional() {
+        let spec = KrunSpec {
+            passt_fd: None,
+            net_unixgram: Some(UnixgramNet {
+                path: "/st/gvproxy-link.sock".into(),
+                mac: [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee],
+                vfkit_magic: true,
+            }),
+            ..sample()
+        };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains(r#""path":"/st/gvproxy-link.sock""#), "{json}");
+        assert_eq!(serde_json::from_str::<KrunSpec>(&json).unwrap(), spec);
+        // a spec written before the field existed still reads, without a unixgram NIC
+        let old = serde_json::to_string(&sample()).unwrap().replace(r#","net_unixgram":null"#, "");
+        assert!(!old.contains("net_unixgram"));
+        assert_eq!(serde_json::from_str::<KrunSpec>(&old).unwrap().net_unixgram, None);
     }
 
     #[test]

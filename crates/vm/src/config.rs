@@ -16,6 +16,8 @@ pub enum VmError {
     Invalid(String),
     #[error("no VMM can run here: {0}")]
     NoBackend(String),
+    #[error("no network backend: {0}")]
+    NoNetwork(String),
     #[error("the krun VMM binary {0} is missing; build it with `cargo build -p openshell-krun --bin openshell-vmm`")]
     VmmBinaryMissing(PathBuf),
     #[error("cannot start {what}: {source}")]
@@ -26,6 +28,9 @@ pub enum VmError {
     PortInUse(u16),
     #[error("passt exited before the VM could use it ({0}); see passt.log in the VM's state directory")]
     PasstDied(String),
+    /// gvproxy failed to start, or refused a forward; the message carries its words.
+    #[error("{0}")]
+    Gvproxy(String),
     #[error("{0}")]
     Instance(String),
     #[error("the gateway did not become ready: {0}")]
@@ -54,7 +59,7 @@ pub struct VmConfig {
     /// Path of the `openshell-vmm` binary that hosts libkrun (krun backend only).
     pub krun_vmm_binary: Option<PathBuf>,
     pub net: NetMode,
-    /// TCP forwards from 127.0.0.1 on the host into the guest (needs `net: Passt`).
+    /// TCP forwards from 127.0.0.1 on the host into the guest (needs a network backend).
     pub ports: Vec<PortMap>,
     /// Let the guest ask the network backend by DHCP (the host's static address is the
     /// fallback) instead of taking the static address directly, which skips a round trip.
@@ -110,7 +115,7 @@ impl VmConfig {
             return Err(VmError::Invalid(format!("bad environment variable name {k:?}")));
         }
         if !self.ports.is_empty() && self.net == NetMode::None {
-            return Err(VmError::Invalid("port forwards (-p) need a network backend: use --net passt".into()));
+            return Err(VmError::Invalid("port forwards (-p) need a network backend: use --net passt or --net gvproxy".into()));
         }
         Ok(())
     }

@@ -45,6 +45,8 @@ pub struct Metadata {
     pub supervisor_pid: Option<u32>,
     #[serde(default)]
     pub passt_pid: Option<u32>,
+    #[serde(default)]
+    pub gvproxy_pid: Option<u32>,
 }
 
 /// What `vm status` reports.
@@ -131,8 +133,12 @@ impl GatewayInstance {
         Ok(openshell_gateway::ClientBundle { ca_pem: b.ca_pem, cert_pem: b.cert_pem, key_pem: b.key_pem })
     }
 
-    /// The gateway VM: server material and artifact digests placed in the guest share.
-    pub fn vm_config(&self, kernel: PathBuf, rootfs: PathBuf, digests: (&str, &str), host_port: u16) -> Result<VmConfig, VmError> {
+    /// The gateway VM on network `net`: server material and artifact digests placed in the guest
+    /// share. The gateway is reached through a forward, so it needs a network.
+    pub fn vm_config(&self, kernel: PathBuf, rootfs: PathBuf, digests: (&str, &str), host_port: u16, net: NetMode) -> Result<VmConfig, VmError> {
+        if net == NetMode::None {
+            return Err(VmError::Invalid("the gateway is reached through a port forward, so it needs a network: use --net passt or --net gvproxy".into()));
+        }
         let argv = [
             "/usr/bin/openshell-gateway",
             "--listen",
@@ -145,7 +151,7 @@ impl GatewayInstance {
             "/run/openshell/rootfs.sha256",
         ];
         let mut cfg = VmConfig::exec(kernel, rootfs, self.vm_dir(), argv.iter().map(|s| s.to_string()).collect());
-        cfg.net = NetMode::Passt;
+        cfg.net = net;
         cfg.ports = vec![PortMap { host: host_port, guest: GATEWAY_PORT }];
         let share = cfg.share_dir();
         // Refuse to boot with broken material rather than let the guest fail obscurely.
@@ -229,8 +235,8 @@ impl GatewayInstance {
         }
     }
 
-    /// Stops a running instance through its supervisor (SIGTERM; it stops the VM and passt).
-    /// After a supervisor was SIGKILLed, its VMM and passt died with it (`PR_SET_PDEATHSIG`);
+    /// Stops a running instance through its supervisor (SIGTERM; it stops the VM and its network
+    /// process). After a supervisor was SIGKILLed, its VMM and passt/gvproxy died with it (`PR_SET_PDEATHSIG`);
     /// the recorded pids are only signalled while they still run the program we started.
     pub fn stop(&self, grace: Duration) -> Result<bool, VmError> {
         let Some(meta) = self.read_metadata() else { return Ok(false) };
@@ -323,4 +329,17 @@ fn not_ready(vm: &RunningVm, why: &str) -> VmError {
     let lines: Vec<&str> = console.lines().collect();
     let tail = lines[lines.len().saturating_sub(50)..].join("\n");
     VmError::NotReady(format!("{why}\n--- console (last 50 lines) ---\n{tail}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_without_a_network_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), 30051, NetMode::None).unwrap_err().to_string();
+        assert!(err.contains("--net passt or --net gvproxy"), "{err}");
+    }
 }

@@ -33,7 +33,8 @@ pub struct RunningVm {
     pub console: PathBuf,
     share: PathBuf,
     pub started: Instant,
-    passt: Option<crate::net::Passt>,
+    /// passt or gvproxy, stopped after the VMM.
+    net: Option<crate::net::HostNet>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -46,7 +47,7 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
     cfg.validate()?;
     let (backend, reason) = backend::choose(cfg.vmm, &HostFacts::probe())?;
     tracing::info!(%backend, %reason, "VMM chosen");
-    if cfg.net == crate::NetMode::Passt {
+    if cfg.net != crate::NetMode::None {
         crate::net::check_ports_free(&cfg.ports)?;
     }
     let share = prepare_state(cfg)?;
@@ -71,15 +72,16 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
             Ok(())
         });
     }
-    let mut passt = None;
-    let mut vmm_net_end = None;
-    if cfg.net == crate::NetMode::Passt {
-        let log_path = cfg.state_dir.join("passt.log");
-        let log = File::create(&log_path).map_err(io_err(&log_path))?;
-        let (p, end) = crate::net::start_passt(&cfg.ports, log)?;
-        crate::net::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(&end));
-        passt = Some(p);
-        vmm_net_end = Some(end);
+    let attach = match backend {
+        Backend::Krun => crate::net::Attach::Krun,
+        Backend::Qemu { .. } => crate::net::Attach::Qemu,
+    };
+    let (net, vmm_net_end) = match crate::net::start(&cfg.net, &cfg.ports, attach, &cfg.state_dir)? {
+        Some((net, end)) => (Some(net), end),
+        None => (None, None),
+    };
+    if let Some(end) = &vmm_net_end {
+        crate::net::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(end));
     }
     let started = Instant::now();
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
@@ -94,7 +96,7 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
         console: cfg.console_path(),
         share,
         started,
-        passt,
+        net,
     })
 }
 
@@ -126,7 +128,12 @@ impl RunningVm {
 
     /// The passt process carrying this VM's network, if any.
     pub fn passt_pid(&self) -> Option<u32> {
-        self.passt.as_ref().and_then(crate::net::Passt::pid)
+        self.net.as_ref().filter(|n| matches!(n, crate::net::HostNet::Passt(_))).and_then(crate::net::HostNet::pid)
+    }
+
+    /// The gvproxy process carrying this VM's network, if any.
+    pub fn gvproxy_pid(&self) -> Option<u32> {
+        self.net.as_ref().filter(|n| matches!(n, crate::net::HostNet::Gvproxy(_))).and_then(crate::net::HostNet::pid)
     }
 
     /// Waits for the guest to power off, copying the console to `sink` as it grows, and returns
@@ -211,8 +218,9 @@ impl RunningVm {
 impl Drop for RunningVm {
     fn drop(&mut self) {
         self.stop();
-        // passt exits by itself once the VMM's end closes; dropping it makes sure.
-        self.passt.take();
+        // passt exits by itself once the VMM's end closes; dropping it makes sure (and stops
+        // gvproxy, which does not notice).
+        self.net.take();
     }
 }
 

@@ -50,12 +50,14 @@ pub fn boot(
         backend: vm.backend.to_string(),
         supervisor_pid: Some(std::process::id()),
         passt_pid: vm.passt_pid(),
+        gvproxy_pid: vm.gvproxy_pid(),
     })?;
     Ok(Supervised { vm, endpoint, ready, recovered, _lock: lock })
 }
 
 /// The programs an instance's recorded pids may run, by role.
-const RECORDED: [(&str, &[&str]); 2] = [("vm", &["qemu-system", "openshell-vmm"]), ("passt", &["passt"])];
+const RECORDED: [(&str, &[&str]); 3] =
+    [("vm", &["qemu-system", "openshell-vmm"]), ("passt", &["passt"]), ("gvproxy", &["gvproxy"])];
 
 /// When no supervisor holds the instance but its metadata still names pids, the supervisor died
 /// without cleaning up (SIGKILL, crash, power loss). Kills the recorded VMM and passt if they
@@ -72,7 +74,7 @@ pub fn recover(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
 fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
     let Some(mut meta) = inst.read_metadata() else { return Ok(Vec::new()) };
     let mut done = Vec::new();
-    for (role, pid) in [("vm", meta.vm_pid), ("passt", meta.passt_pid)] {
+    for (role, pid) in [("vm", meta.vm_pid), ("passt", meta.passt_pid), ("gvproxy", meta.gvproxy_pid)] {
         let Some(pid) = pid else { continue };
         let progs = RECORDED.iter().find(|(r, _)| *r == role).map_or(&[][..], |(_, p)| *p);
         if runs_any(pid, progs) {
@@ -87,9 +89,10 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
     if let Some(sup) = meta.supervisor_pid.filter(|&p| p != std::process::id()) {
         done.push(format!("supervisor pid {sup} is gone; cleared its stale record"));
     }
-    if meta.vm_pid.is_some() || meta.passt_pid.is_some() || meta.supervisor_pid.is_some() {
+    if meta.vm_pid.is_some() || meta.passt_pid.is_some() || meta.gvproxy_pid.is_some() || meta.supervisor_pid.is_some() {
         meta.vm_pid = None;
         meta.passt_pid = None;
+        meta.gvproxy_pid = None;
         meta.supervisor_pid = None;
         inst.write_metadata(&meta)?;
         for line in &done {
@@ -136,6 +139,7 @@ mod tests {
             backend: "qemu (tcg)".into(),
             supervisor_pid: sup,
             passt_pid: passt,
+            gvproxy_pid: None,
         }
     }
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
-use openshell_krun::KrunSpec;
+use openshell_krun::{KrunSpec, UnixgramNet};
 
 use crate::{VmConfig, VmError};
 
@@ -40,7 +40,15 @@ pub fn spec(cfg: &VmConfig) -> KrunSpec {
         serial_console: true,
         shares: vec![("rootfs".into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())],
         log_level: cfg.log_level,
-        passt_fd: (cfg.net != crate::NetMode::None).then_some(crate::net::CHILD_FD),
+        passt_fd: (cfg.net == crate::NetMode::Passt).then_some(crate::net::CHILD_FD),
+        net_unixgram: match cfg.net {
+            crate::NetMode::Gvproxy { .. } => Some(UnixgramNet {
+                path: crate::net::gvproxy::vfkit_socket(&cfg.state_dir),
+                mac: crate::net::gvproxy::GUEST_MAC,
+                vfkit_magic: true,
+            }),
+            _ => None,
+        },
     }
 }
 
@@ -67,4 +75,34 @@ pub fn command(cfg: &VmConfig) -> Result<Command, VmError> {
     let mut c = Command::new(vmm);
     c.arg(path);
     Ok(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(net: crate::NetMode) -> VmConfig {
+        let mut c = VmConfig::exec("/k".into(), "/r".into(), "/st".into(), vec!["/bin/true".into()]);
+        c.net = net;
+        c
+    }
+
+    #[test]
+    fn passt_is_an_inherited_fd_and_gvproxy_a_vfkit_socket() {
+        let s = spec(&cfg(crate::NetMode::Passt));
+        assert_eq!((s.passt_fd, s.net_unixgram), (Some(3), None));
+        assert!(s.cmdline.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{}", s.cmdline);
+
+        let s = spec(&cfg(crate::NetMode::Gvproxy { binary: "/gv".into() }));
+        assert_eq!(s.passt_fd, None);
+        let net = s.net_unixgram.expect("gvproxy link");
+        assert_eq!(net.path, std::path::Path::new("/st/gvproxy-link.sock"));
+        assert_eq!(net.mac, [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]);
+        assert!(net.vfkit_magic, "gvproxy's vfkit mode learns libkrun's address from the VFKT magic");
+        assert!(s.cmdline.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{}", s.cmdline);
+
+        let s = spec(&cfg(crate::NetMode::None));
+        assert_eq!((s.passt_fd, s.net_unixgram), (None, None));
+        assert!(!s.cmdline.contains("openshell.net"));
+    }
 }

@@ -52,9 +52,9 @@ impl fmt::Display for Backend {
 pub fn init_params(cfg: &crate::VmConfig) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut p = format!("openshell.time={now}");
-    if cfg.net != crate::NetMode::None {
+    if let Some(guest) = cfg.net.guest() {
         p.push(' ');
-        p.push_str(&crate::net::guest_cmdline_param(cfg.dhcp));
+        p.push_str(&guest.cmdline_param(cfg.dhcp));
     }
     p
 }

@@ -45,9 +45,20 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
         .args(["-device", &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}")])
         .args(["-device", "virtio-rng-device"]);
     if cfg.net != crate::NetMode::None {
-        // passt's socket end is inherited as fd 3 (see `net::inherit_as_child_fd`).
-        c.args(["-netdev", &format!("stream,id=n0,server=off,addr.type=fd,addr.str={}", crate::net::CHILD_FD)])
-            .args(["-device", "virtio-net-device,netdev=n0"]);
+        // A stream socket inherited as fd 3 (see `net::inherit_as_child_fd`): passt's socketpair
+        // end, or our connection to gvproxy's `-listen-qemu` socket (same framing: a 4-byte length
+        // per frame). gvproxy leases its guest address by MAC; give the guest that one.
+        c.args(["-netdev", &format!("stream,id=n0,server=off,addr.type=fd,addr.str={}", crate::net::CHILD_FD)]);
+        match cfg.net {
+            crate::NetMode::Gvproxy { .. } => {
+                let m = crate::net::gvproxy::GUEST_MAC;
+                let mac = format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
+                c.args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
+            }
+            _ => {
+                c.args(["-device", "virtio-net-device,netdev=n0"]);
+            }
+        }
     }
     c
 }
@@ -73,5 +84,21 @@ mod tests {
         assert!(joined.contains("path=/r,security_model=none,readonly=on"));
         assert!(joined.contains("path=/s/share,security_model=none"));
         assert!(joined.contains("path=/s/console.log"));
+        assert!(!joined.contains("-netdev"), "no NIC without a network");
+    }
+
+    #[test]
+    fn gvproxy_nic_is_a_stream_on_fd_3_with_gvproxys_guest_mac() {
+        let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
+        cfg.net = crate::NetMode::Gvproxy { binary: "/gv".into() };
+        let args: Vec<String> = command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-netdev stream,id=n0,server=off,addr.type=fd,addr.str=3"), "{joined}");
+        assert!(joined.contains("virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee"), "{joined}");
+        assert!(joined.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{joined}");
+        cfg.net = crate::NetMode::Passt;
+        let joined = command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(joined.ends_with("-device virtio-net-device,netdev=n0"), "{joined}");
+        assert!(joined.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{joined}");
     }
 }

@@ -125,7 +125,7 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     }
     // And the instance boots again on the same port.
     let digests = ("k".repeat(64), "r".repeat(64));
-    let mut cfg = inst.vm_config(a.kernel.clone(), a.rootfs.clone(), (&digests.0, &digests.1), port).unwrap();
+    let mut cfg = inst.vm_config(a.kernel.clone(), a.rootfs.clone(), (&digests.0, &digests.1), port, NetMode::Passt).unwrap();
     cfg.vmm = vmm;
     match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), support::GUEST_TIMEOUT) {
         Ok(up) => drop(up),

@@ -320,7 +320,7 @@ fn boot_gateway(
     let rootfs_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
     let port = support::free_port();
     let mut cfg = inst
-        .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port)
+        .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port, openshell_vm::NetMode::Passt)
         .map_err(|e| e.to_string())?;
     cfg.vmm = vmm;
     let mut vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;

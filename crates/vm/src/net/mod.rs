@@ -1,0 +1,330 @@
+//! Guest networking: which user-mode network backend carries the guest's NIC (`--net`), the port
+//! map (`-p HOST:GUEST`), the guest's static address on each backend, and the running host-side
+//! process as one value ([`HostNet`]) that stops it when dropped.
+//!
+//! - `passt` ([`passt`], the Linux default): one end of a socketpair, inherited by the VMM.
+//! - `gvproxy` ([`gvproxy`], the macOS default): unix sockets in the VM's state directory and an
+//!   HTTP API that opens the forwards.
+//! - `none`: no NIC at all.
+//!
+//! Forwards bind `127.0.0.1` only, whatever the backend: a bare port would listen on every
+//! interface. The guest's address is fixed per backend and handed to init on the kernel command
+//! line, so the guest needs no DHCP round trip. How a VMM attaches to the link is the backends'
+//! business (`backend/`), not this module's.
+
+pub mod gvproxy;
+pub mod passt;
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+
+pub use gvproxy::Gvproxy;
+pub use passt::{start_passt, Passt, INSTALL_HINT};
+
+use crate::VmError;
+
+/// `-p HOST:GUEST`: a TCP port on 127.0.0.1 forwarded to a guest port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMap {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl FromStr for PortMap {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let port = |p: &str| {
+            p.parse::<u16>()
+                .ok()
+                .filter(|&n| n != 0)
+                .ok_or_else(|| format!("bad port {p:?} in {s:?}: expected 1-65535"))
+        };
+        match s.split_once(':') {
+            Some((h, g)) => Ok(PortMap { host: port(h)?, guest: port(g)? }),
+            None => Ok(PortMap { host: port(s)?, guest: port(s)? }),
+        }
+    }
+}
+
+impl fmt::Display for PortMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.guest)
+    }
+}
+
+/// The guest's static IPv4 settings on one backend's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestNet {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Ipv4Addr,
+}
+
+impl GuestNet {
+    /// The guest's network settings for its init, on the kernel command line (see
+    /// `openshell_guest::netconf`): this static address, directly or as the fallback when DHCP is
+    /// asked for, and the gateway as the nameserver (passt forwards DNS sent there to the host's
+    /// resolver; gvproxy answers DNS there itself).
+    pub fn cmdline_param(&self, dhcp: bool) -> String {
+        use openshell_guest::netconf::{Ipv4Config, DNS_PARAM, FALLBACK_PARAM, NET_PARAM};
+        let addr = Ipv4Config { addr: self.addr, prefix: self.prefix, gateway: Some(self.gateway) }.param();
+        let net = if dhcp { format!("{NET_PARAM}=dhcp {FALLBACK_PARAM}={addr}") } else { format!("{NET_PARAM}={addr}") };
+        format!("{net} {DNS_PARAM}={}", self.gateway)
+    }
+}
+
+/// What `--net` asked for, before it is resolved on this host into a [`NetMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetChoice {
+    None,
+    Passt,
+    Gvproxy,
+}
+
+impl FromStr for NetChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(NetChoice::None),
+            "passt" => Ok(NetChoice::Passt),
+            "gvproxy" => Ok(NetChoice::Gvproxy),
+            _ => Err(format!("unknown network backend {s:?}: expected passt, gvproxy or none")),
+        }
+    }
+}
+
+/// How the guest is networked.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum NetMode {
+    #[default]
+    None,
+    Passt,
+    Gvproxy { binary: PathBuf },
+}
+
+impl NetMode {
+    /// The guest's static address on this backend's network; `None` without a network.
+    pub fn guest(&self) -> Option<GuestNet> {
+        match self {
+            NetMode::None => None,
+            NetMode::Passt => Some(passt::GUEST),
+            NetMode::Gvproxy { .. } => Some(gvproxy::GUEST),
+        }
+    }
+
+    /// Resolves `--net` (absent: this host's default) and `--gvproxy PATH` on this host: passt on
+    /// Linux, gvproxy on macOS (found on `PATH` or where podman installs it).
+    pub fn resolve(choice: Option<NetChoice>, gvproxy_flag: Option<PathBuf>) -> Result<NetMode, VmError> {
+        let macos = cfg!(target_os = "macos");
+        let wants_search = gvproxy_flag.is_none()
+            && (choice == Some(NetChoice::Gvproxy) || (choice.is_none() && macos));
+        let found = if wants_search { gvproxy::find() } else { None };
+        resolve_for(macos, choice, gvproxy_flag, found).map_err(VmError::NoNetwork)
+    }
+}
+
+/// [`NetMode::resolve`] with the host's facts passed in: whether it is macOS, and where a gvproxy
+/// search found one.
+fn resolve_for(
+    macos: bool,
+    choice: Option<NetChoice>,
+    gvproxy_flag: Option<PathBuf>,
+    found: Option<PathBuf>,
+) -> Result<NetMode, String> {
+    if let (Some(path), Some(c @ (NetChoice::None | NetChoice::Passt))) = (&gvproxy_flag, choice) {
+        let name = if c == NetChoice::None { "none" } else { "passt" };
+        return Err(format!("--gvproxy {} only applies to --net gvproxy, not --net {name}", path.display()));
+    }
+    let gvproxy = |why: &str| -> Result<NetMode, String> {
+        match gvproxy_flag.clone().or_else(|| found.clone()) {
+            Some(binary) if binary.is_file() => Ok(NetMode::Gvproxy { binary }),
+            Some(binary) => Err(format!("gvproxy {} does not exist; {}", binary.display(), gvproxy::INSTALL_HINT)),
+            None => Err(format!("{why}, but gvproxy was not found on PATH or in {}; {}", gvproxy::SEARCH_DIRS.join(", "), gvproxy::INSTALL_HINT)),
+        }
+    };
+    match choice {
+        Some(NetChoice::None) => Ok(NetMode::None),
+        Some(NetChoice::Passt) => Ok(NetMode::Passt),
+        Some(NetChoice::Gvproxy) => gvproxy("--net gvproxy was asked for"),
+        None if gvproxy_flag.is_some() => gvproxy("--gvproxy was given"),
+        None if macos => gvproxy("gvproxy is the network backend on macOS"),
+        None => Ok(NetMode::Passt),
+    }
+}
+
+/// Fails naming the first host port that something already listens on.
+pub fn check_ports_free(ports: &[PortMap]) -> Result<(), VmError> {
+    for p in ports {
+        if TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.host)).is_err() {
+            return Err(VmError::PortInUse(p.host));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = ports.iter().find(|p| !seen.insert(p.host)) {
+        return Err(VmError::Invalid(format!("host port {} is mapped twice", dup.host)));
+    }
+    Ok(())
+}
+
+/// The fd number at which the VMM (and passt) find their end of a stream socket.
+pub const CHILD_FD: i32 = 3;
+
+/// Makes `fd` appear as [`CHILD_FD`] in the child (dup2 clears close-on-exec), and ties the
+/// child's life to ours.
+pub fn inherit_as_child_fd(cmd: &mut Command, fd: i32) {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself would keep close-on-exec, so clear the flag explicitly then.
+            let placed = if fd == CHILD_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, CHILD_FD) };
+            if placed < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Which VMM will attach to the link: gvproxy serves libkrun on a unixgram socket (vfkit
+/// protocol) and QEMU on a stream socket (QEMU protocol); passt serves both on its stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    Krun,
+    Qemu,
+}
+
+/// A running network backend; dropping it stops the process.
+#[derive(Debug)]
+pub enum HostNet {
+    Passt(Passt),
+    Gvproxy(Gvproxy),
+}
+
+impl HostNet {
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            HostNet::Passt(p) => p.pid(),
+            HostNet::Gvproxy(g) => g.pid(),
+        }
+    }
+}
+
+/// Starts the network backend of `mode` with `ports` forwarded. Returns the running process and,
+/// when the VMM reaches it through an inherited stream socket, that socket's VMM end (to be
+/// placed at [`CHILD_FD`]); libkrun connects to gvproxy's unixgram socket by path instead.
+/// `passt.log` / `gvproxy.log` and gvproxy's sockets go in `state_dir`.
+pub fn start(mode: &NetMode, ports: &[PortMap], attach: Attach, state_dir: &Path) -> Result<Option<(HostNet, Option<OwnedFd>)>, VmError> {
+    let log = |name: &str| {
+        let path = state_dir.join(name);
+        std::fs::File::create(&path).map_err(|source| VmError::Io { path, source })
+    };
+    match mode {
+        NetMode::None => Ok(None),
+        NetMode::Passt => {
+            let (p, end) = start_passt(ports, log("passt.log")?)?;
+            Ok(Some((HostNet::Passt(p), Some(end))))
+        }
+        NetMode::Gvproxy { binary } => {
+            let (g, end) = gvproxy::start(binary, ports, attach, state_dir, log("gvproxy.log")?)?;
+            Ok(Some((HostNet::Gvproxy(g), end)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_port_maps() {
+        assert_eq!("30051:30051".parse::<PortMap>().unwrap(), PortMap { host: 30051, guest: 30051 });
+        assert_eq!("8080".parse::<PortMap>().unwrap(), PortMap { host: 8080, guest: 8080 });
+        assert_eq!("18080:80".parse::<PortMap>().unwrap(), PortMap { host: 18080, guest: 80 });
+        for bad in ["", "0:80", "70000:1", "a:b", "1:2:3"] {
+            assert!(bad.parse::<PortMap>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn port_in_use_is_named() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let err = check_ports_free(&[PortMap { host: port, guest: 1 }]).unwrap_err().to_string();
+        assert!(err.contains(&port.to_string()), "{err}");
+    }
+
+    #[test]
+    fn duplicate_host_port_is_rejected() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let p = PortMap { host: port, guest: 1 };
+        assert!(check_ports_free(&[p, p]).is_err());
+    }
+
+    #[test]
+    fn parses_net_choices() {
+        assert_eq!("gvproxy".parse::<NetChoice>().unwrap(), NetChoice::Gvproxy);
+        assert_eq!("none".parse::<NetChoice>().unwrap(), NetChoice::None);
+        let err = "slirp".parse::<NetChoice>().unwrap_err();
+        assert!(err.contains("passt, gvproxy or none"), "{err}");
+    }
+
+    #[test]
+    fn each_backend_hands_init_its_own_guest_address() {
+        assert_eq!(NetMode::None.guest(), None);
+        assert_eq!(
+            NetMode::Passt.guest().unwrap().cmdline_param(false),
+            "openshell.net=192.0.2.2/24,192.0.2.1 openshell.dns=192.0.2.1"
+        );
+        assert_eq!(
+            NetMode::Passt.guest().unwrap().cmdline_param(true),
+            "openshell.net=dhcp openshell.net.fallback=192.0.2.2/24,192.0.2.1 openshell.dns=192.0.2.1"
+        );
+        let gv = NetMode::Gvproxy { binary: "/x/gvproxy".into() };
+        assert_eq!(
+            gv.guest().unwrap().cmdline_param(false),
+            "openshell.net=192.168.127.2/24,192.168.127.1 openshell.dns=192.168.127.1"
+        );
+    }
+
+    #[test]
+    fn default_is_passt_on_linux_and_gvproxy_on_macos() {
+        let bin = tempfile::NamedTempFile::new().unwrap();
+        let found = Some(bin.path().to_owned());
+        assert_eq!(resolve_for(false, None, None, None).unwrap(), NetMode::Passt);
+        assert_eq!(resolve_for(true, None, None, found.clone()).unwrap(), NetMode::Gvproxy { binary: bin.path().into() });
+        // none only when asked, on either OS
+        assert_eq!(resolve_for(true, Some(NetChoice::None), None, None).unwrap(), NetMode::None);
+        assert_eq!(resolve_for(false, Some(NetChoice::None), None, None).unwrap(), NetMode::None);
+        assert_eq!(resolve_for(true, Some(NetChoice::Passt), None, None).unwrap(), NetMode::Passt);
+    }
+
+    #[test]
+    fn macos_without_gvproxy_names_the_install() {
+        let err = resolve_for(true, None, None, None).unwrap_err();
+        assert!(err.contains("brew install podman") && err.contains("--gvproxy PATH"), "{err}");
+        let err = resolve_for(false, Some(NetChoice::Gvproxy), None, None).unwrap_err();
+        assert!(err.contains("--net gvproxy") && err.contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn gvproxy_flag_implies_gvproxy_and_must_exist() {
+        let bin = tempfile::NamedTempFile::new().unwrap();
+        let flag = Some(bin.path().to_owned());
+        let want = NetMode::Gvproxy { binary: bin.path().into() };
+        assert_eq!(resolve_for(false, None, flag.clone(), None).unwrap(), want);
+        assert_eq!(resolve_for(false, Some(NetChoice::Gvproxy), flag.clone(), None).unwrap(), want);
+        // the flag wins over what a search found
+        assert_eq!(resolve_for(true, None, flag.clone(), Some("/elsewhere/gvproxy".into())).unwrap(), want);
+        let err = resolve_for(false, Some(NetChoice::Passt), flag, None).unwrap_err();
+        assert!(err.contains("only applies to --net gvproxy"), "{err}");
+        let err = resolve_for(false, None, Some("/no/such/gvproxy".into()), None).unwrap_err();
+        assert!(err.contains("/no/such/gvproxy") && err.contains("does not exist"), "{err}");
+    }
+}

@@ -1,0 +1,99 @@
+//! passt: the Linux network backend.
+//!
+//! passt gets one end of a socketpair (`--fd`) and the VMM the other (QEMU: `-netdev stream` on
+//! that fd; libkrun: `krun_set_passt_fd`), so no socket path exists and passt's drop to `nobody`
+//! as root cannot break it.
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{inherit_as_child_fd, GuestNet, PortMap, CHILD_FD};
+use crate::VmError;
+
+/// The address passt assigns the guest (`-a`), its gateway (the host, through passt) and prefix.
+pub const GUEST: GuestNet = GuestNet { addr: Ipv4Addr::new(192, 0, 2, 2), prefix: 24, gateway: Ipv4Addr::new(192, 0, 2, 1) };
+pub const INSTALL_HINT: &str = "apt-get install -y passt";
+
+/// A running passt; stopped on drop.
+#[derive(Debug)]
+pub struct Passt {
+    child: Option<Child>,
+}
+
+/// Starts passt with the forwards; returns it and the socket end the VMM must inherit.
+pub fn start_passt(ports: &[PortMap], log: std::fs::File) -> Result<(Passt, OwnedFd), VmError> {
+    let passt = which::which("passt")
+        .map_err(|_| VmError::NoBackend(format!("passt is not installed; {INSTALL_HINT}")))?;
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array we own.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(VmError::Spawn { what: "passt socketpair".into(), source: std::io::Error::last_os_error() });
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    let (ours, vmm_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut cmd = Command::new(passt);
+    cmd.args(["-f", "-q", "--fd", &CHILD_FD.to_string()])
+        .args(["-a", &GUEST.addr.to_string(), "-n", &GUEST.prefix.to_string(), "-g", &GUEST.gateway.to_string()])
+        .args(["-u", "none"])
+        // DNS sent to the gateway address goes to the host's resolver; init points the guest's
+        // resolv.conf there.
+        .args(["--dns-forward", &GUEST.gateway.to_string()]);
+    if ports.is_empty() {
+        cmd.args(["-t", "none"]);
+    }
+    for p in ports {
+        cmd.arg("-t").arg(format!("127.0.0.1/{}:{}", p.host, p.guest));
+    }
+    let err = log.try_clone().map_err(|source| VmError::Spawn { what: "passt".into(), source })?;
+    cmd.stdin(Stdio::null()).stdout(log).stderr(err);
+    inherit_as_child_fd(&mut cmd, ours.as_raw_fd());
+    let child = cmd.spawn().map_err(|source| VmError::Spawn { what: "passt".into(), source })?;
+    drop(ours);
+    let mut passt = Passt { child: Some(child) };
+    passt.wait_listening(ports)?;
+    Ok((passt, vmm_end))
+}
+
+impl Passt {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits until every forward listens (passt binds them after start), or passt dies.
+    fn wait_listening(&mut self, ports: &[PortMap]) -> Result<(), VmError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let child = self.child.as_mut().expect("passt running");
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Err(VmError::PasstDied(status.to_string()));
+            }
+            let bound = ports
+                .iter()
+                .all(|p| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.host)).is_err());
+            if bound {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(VmError::PasstDied("its forwards did not listen within 5 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether passt has exited (it does when the VM closes its end).
+    pub fn exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+}
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
