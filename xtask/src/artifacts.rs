@@ -54,14 +54,53 @@ pub fn build_guest_programs(sh: &Shell) -> anyhow::Result<Vec<GuestFile>> {
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .run()
         .context("building the guest programs failed")?;
-    Ok(GUEST_PROGRAMS
+    Ok(guest_program_files())
+}
+
+/// Where the guest programs are once built (whether or not they are yet).
+fn guest_program_files() -> Vec<GuestFile> {
+    let release = crate::project_root().join("target/guest").join(GUEST_TARGET).join("release");
+    GUEST_PROGRAMS
         .iter()
-        .map(|(_, bin, dest)| GuestFile {
-            source: target_dir.join(GUEST_TARGET).join("release").join(bin),
-            dest: dest.to_string(),
-            mode: 0o755,
-        })
-        .collect())
+        .map(|(_, bin, dest)| GuestFile { source: release.join(bin), dest: dest.to_string(), mode: 0o755 })
+        .collect()
+}
+
+/// The kernel `vm run` would boot, without building or installing anything: its `vmlinux`, or
+/// what was looked for.
+pub fn locate_kernel(store: &Store) -> Result<PathBuf, String> {
+    let spec = kernel_spec().map_err(|e| format!("cannot tell which kernel the current fragments need: {e:#}"))?;
+    match kernel::locate(store, &spec) {
+        Ok(k) => Ok(k.vmlinux),
+        Err(_) => Err(format!(
+            "no kernel built for the current fragments and {} (would be {})",
+            spec.source_version,
+            store.path(kernel::STORE_KIND, &spec.key()).display()
+        )),
+    }
+}
+
+/// The rootfs `vm run` would boot, without building: keyed by the guest programs as they are
+/// now in `target/guest` (a `vm run` after a source change rebuilds them and bakes anew).
+pub fn locate_rootfs(store: &Store) -> Result<PathBuf, String> {
+    let inputs = RootfsInputs {
+        busybox: PathBuf::from(rootfs::BUSYBOX),
+        overlay: crate::project_root().join("rootfs"),
+        programs: guest_program_files(),
+    };
+    if !inputs.busybox.is_file() {
+        return Err(format!("{} is missing ({})", rootfs::BUSYBOX, rootfs::INSTALL_HINT));
+    }
+    if let Some(p) = inputs.programs.iter().find(|p| !p.source.is_file()) {
+        return Err(format!("the guest programs are not built yet ({} missing)", p.source.display()));
+    }
+    let key = inputs.key().map_err(|e| e.to_string())?;
+    store.get(rootfs::STORE_KIND, &key).ok_or_else(|| {
+        format!(
+            "no rootfs baked for the guest programs now in target/guest (would be {})",
+            store.path(rootfs::STORE_KIND, &key).display()
+        )
+    })
 }
 
 pub fn rootfs_inputs(sh: &Shell) -> anyhow::Result<RootfsInputs> {

@@ -21,6 +21,8 @@ pub enum Cmd {
     E2e(crate::e2e::E2eCmd),
     /// Everything CI runs: build the artifacts, then all unit tests and the VM suites
     Test(crate::e2e::TestCmd),
+    /// Can this host boot the VM? One PASS/WARN/FAIL row per capability, the artifacts' provenance
+    Check(crate::check::CheckCmd),
     /// Benchmarks that print figures (boot phases, time to mTLS SERVING, peak RSS)
     Bench(crate::bench::BenchCmd),
 }

@@ -7,6 +7,7 @@ use clap::builder::ArgPredicate;
 use openshell_artifacts::Store;
 use std::time::Duration;
 
+use openshell_vm::check::{self, Verification};
 use openshell_vm::gateway::{self, GatewayInstance};
 use openshell_vm::{VmConfig, VmmChoice};
 use xshell::{cmd, Shell};
@@ -100,6 +101,9 @@ struct RunArgs {
     /// state under its instance directory)
     #[arg(long, requires = "exec")]
     state_dir: Option<PathBuf>,
+    /// Boot even if the kernel or rootfs does not match its recorded sha256 (warns instead of refusing)
+    #[arg(long)]
+    allow_unverified: bool,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -216,13 +220,20 @@ impl RunArgs {
             cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").quiet().run().context("building openshell-vmm failed")?;
             cfg.krun_vmm_binary = Some(crate::project_root().join("target/debug/openshell-vmm"));
         }
+        let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         if self.detach {
             let (inst, ..) = gateway.as_ref().expect("detach is gateway-only");
+            if inst.locked() {
+                inst.lock()?; // names the running supervisor
+            }
+            // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
+            show_warnings(&check::preflight(&cfg, verification)?);
             return detach(inst, self.ready_timeout);
         }
         let mut vm = match &gateway {
-            Some((inst, cfg, cold, digests)) => {
-                let up = openshell_vm::supervise::boot(inst, cfg, (&digests.0, &digests.1), Duration::from_secs(self.ready_timeout))?;
+            Some((inst, _, cold, digests)) => {
+                let up = openshell_vm::supervise::boot(inst, &cfg, (&digests.0, &digests.1), Duration::from_secs(self.ready_timeout), verification)?;
+                show_warnings(&up.preflight);
                 for line in &up.recovered {
                     eprintln!("gateway {:?}: recovered stale state: {line}", inst.name);
                 }
@@ -240,7 +251,8 @@ impl RunArgs {
                 Running::Gateway(up)
             }
             None => {
-                let vm = openshell_vm::launch(&cfg)?;
+                let (vm, preflight) = check::launch_checked(&cfg, verification)?;
+                show_warnings(&preflight);
                 eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
                 Running::Exec(vm)
             }
@@ -262,6 +274,14 @@ enum Running {
     Exec(openshell_vm::RunningVm),
 }
 
+/// The preflight's WARN rows (an unverified artifact booted with --allow-unverified, a slow
+/// backend), so nothing it let through goes unsaid.
+fn show_warnings(p: &check::Preflight) {
+    for r in p.warnings() {
+        eprintln!("warning: {}: {}", r.id, r.reason);
+    }
+}
+
 /// The boot timeline: init's millisecond stamps (guest clock since boot) and host-side readiness.
 fn print_timeline(console: &std::path::Path, ready: Duration) {
     let text = std::fs::read_to_string(console).unwrap_or_default();
@@ -276,9 +296,6 @@ fn print_timeline(console: &std::path::Path, ready: Duration) {
 /// Re-runs this `vm run` without `--detach` as a background supervisor (its own session, output to
 /// `supervisor.log`), and returns when it reports ready, or fails with its log when it exits.
 fn detach(inst: &GatewayInstance, ready_timeout: u64) -> anyhow::Result<i32> {
-    if inst.locked() {
-        inst.lock()?; // names the running supervisor
-    }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach" && a != "--reset").collect();
     let log_path = inst.dir.join("supervisor.log");
     let log = std::fs::File::create(&log_path)?;

@@ -36,6 +36,8 @@ pub enum KernelError {
     Command { command: String, detail: String },
     #[error("Kconfig dropped options the fragments require (a missing dependency?): {}", .0.join(", "))]
     Dropped(Vec<String>),
+    #[error("kernel {path} does not match its provenance.json: recorded sha256 {recorded}, found {found}; rebuild it (remove {path} and run `cargo xtask kernel`)")]
+    Tampered { path: PathBuf, recorded: Digest, found: Digest },
     #[error("kernel artifact I/O at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
@@ -174,6 +176,21 @@ impl GuestKernel {
         })?;
         Ok(GuestKernel { dir: dir.to_owned(), vmlinux: dir.join("vmlinux"), provenance })
     }
+}
+
+/// Re-hashes `vmlinux` and compares it with the digest `provenance.json` recorded at build time.
+/// Returns the digest on a match; a mismatch names the file and both digests.
+pub fn verify(kernel: &GuestKernel) -> Result<Digest, KernelError> {
+    let found = sha256_file(&kernel.vmlinux)
+        .map_err(|source| KernelError::Io { path: kernel.vmlinux.clone(), source })?;
+    if found != kernel.provenance.vmlinux_sha256 {
+        return Err(KernelError::Tampered {
+            path: kernel.vmlinux.clone(),
+            recorded: kernel.provenance.vmlinux_sha256.clone(),
+            found,
+        });
+    }
+    Ok(found)
 }
 
 /// The kernel already built for `spec`, without building.
@@ -342,6 +359,41 @@ mod tests {
         assert_ne!(spec.key(), other.key());
         assert_ne!(spec.key(), newer.key());
         assert_eq!(spec.key(), spec.clone().key());
+    }
+
+    fn built_kernel(dir: &Path, vmlinux: &[u8]) -> GuestKernel {
+        fs::write(dir.join("vmlinux"), vmlinux).unwrap();
+        let provenance = KernelProvenance {
+            kernel_release: "6.1.0".into(),
+            source_package: SOURCE_PACKAGE.into(),
+            source_version: "6.1.0-1".into(),
+            fragments: vec![],
+            key: Digest::of_bytes(b"key"),
+            vmlinux_sha256: Digest::of_bytes(vmlinux),
+            built_at_unix: 0,
+            build_seconds: 0.0,
+            host: String::new(),
+        };
+        fs::write(dir.join("provenance.json"), serde_json::to_string(&provenance).unwrap()).unwrap();
+        GuestKernel::open(dir).unwrap()
+    }
+
+    #[test]
+    fn verify_accepts_the_recorded_vmlinux() {
+        let t = tempfile::tempdir().unwrap();
+        let k = built_kernel(t.path(), b"\x7fELF kernel");
+        assert_eq!(verify(&k).unwrap(), Digest::of_bytes(b"\x7fELF kernel"));
+    }
+
+    #[test]
+    fn verify_names_the_file_and_both_digests_on_a_mismatch() {
+        let t = tempfile::tempdir().unwrap();
+        let k = built_kernel(t.path(), b"\x7fELF kernel");
+        fs::write(&k.vmlinux, b"\x7fELF evil").unwrap();
+        let err = verify(&k).unwrap_err().to_string();
+        assert!(err.contains(&k.vmlinux.display().to_string()), "{err}");
+        assert!(err.contains(&Digest::of_bytes(b"\x7fELF kernel").hex()), "{err}");
+        assert!(err.contains(&Digest::of_bytes(b"\x7fELF evil").hex()), "{err}");
     }
 
     #[test]

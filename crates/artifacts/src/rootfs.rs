@@ -278,11 +278,16 @@ pub fn verify(bundle: &RootfsBundle) -> Result<(), RootfsError> {
         match found.files.get(path) {
             Some(f) if f == entry => {}
             other => {
-                return Err(RootfsError::Tampered {
-                    path: path.clone(),
-                    recorded: entry.sha256.hex(),
-                    found: other.map_or("(missing)".into(), |f| f.sha256.hex()),
-                })
+                // Same content with another mode is tampering too; say which, or the two digests
+                // would read as equal.
+                let found = match other {
+                    None => "(missing)".into(),
+                    Some(f) if f.sha256 == entry.sha256 => {
+                        format!("{} with mode {:o} (recorded mode {:o})", f.sha256.hex(), f.mode, entry.mode)
+                    }
+                    Some(f) => f.sha256.hex(),
+                };
+                return Err(RootfsError::Tampered { path: path.clone(), recorded: entry.sha256.hex(), found })
             }
         }
     }
@@ -352,6 +357,16 @@ mod tests {
         fs::write(b.dir.join("etc/hostname"), "evil\n").unwrap();
         let err = verify(&b).unwrap_err().to_string();
         assert!(err.contains("/etc/hostname"), "{err}");
+    }
+
+    #[test]
+    fn verify_names_a_changed_mode() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let b = bake(&store, &inputs(tmp.path())).unwrap();
+        fs::set_permissions(b.dir.join("sbin/openshell-init"), fs::Permissions::from_mode(0o777)).unwrap();
+        let err = verify(&b).unwrap_err().to_string();
+        assert!(err.contains("/sbin/openshell-init") && err.contains("mode 777 (recorded mode 755)"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,15 @@ use std::ptr;
 
 pub use spec::{run, KrunSpec, UnixgramNet};
 
+/// How libkrun is linked into this build: `bundled` (the registry crate compiled in) or `system`
+/// (an installed libkrun found by pkg-config). `cargo xtask check` reports it.
+pub const LINK_MODE: &str = if cfg!(feature = "bundled") { "bundled" } else { "system" };
+
+/// The libkrun version the `bundled` feature compiles in: the workspace pins `libkrun = "=…"`, and
+/// a unit test keeps this in step with that pin. With `system` the version is whatever pkg-config
+/// finds, known only at run time.
+pub const BUNDLED_LIBKRUN_VERSION: &str = "1.19.7";
+
 /// Kernel image format for `krun_set_kernel`: a raw ELF `vmlinux`.
 const KERNEL_FORMAT_ELF: u32 = 1;
 
@@ -252,6 +261,18 @@ impl Drop for Context {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundled_version_matches_the_workspace_pin() {
+        let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../Cargo.toml")).unwrap();
+        let pin = manifest
+            .lines()
+            .find(|l| l.starts_with("libkrun ="))
+            .and_then(|l| l.split("version = \"=").nth(1))
+            .and_then(|v| v.split('"').next())
+            .expect("workspace Cargo.toml pins libkrun = { version = \"=X.Y.Z\" }");
+        assert_eq!(pin, BUNDLED_LIBKRUN_VERSION);
+    }
 
     #[test]
     fn negative_return_names_call_and_errno() {

@@ -33,6 +33,9 @@ pub enum VmError {
     Gvproxy(String),
     #[error("{0}")]
     Instance(String),
+    /// The preflight's table: the same rows `cargo xtask check` shows, with their fixes.
+    #[error("refusing to boot: a required check failed (the same rows as `cargo xtask check`)\n{0}")]
+    Refused(String),
     #[error("the gateway did not become ready: {0}")]
     NotReady(String),
     #[error("the guest was still running after {secs}s; console log: {console}")]

@@ -6,6 +6,7 @@
 //! A plain library: no printing, no `process::exit`. Progress goes to `tracing`.
 
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod gateway;
 pub mod host;

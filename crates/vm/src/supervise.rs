@@ -21,10 +21,13 @@ pub struct Supervised {
     pub ready: Duration,
     /// What recovery cleaned up before this boot (empty on a clean start).
     pub recovered: Vec<String>,
+    /// The host checks this boot passed (with any warnings to show).
+    pub preflight: crate::check::Preflight,
     _lock: fs::File,
 }
 
-/// Boots `cfg` (from [`GatewayInstance::vm_config`]) as instance `inst`, and returns once it is
+/// Boots `cfg` (from [`GatewayInstance::vm_config`]) as instance `inst` after the host checks
+/// `vm run` makes (artifacts against their records, backend, ports), and returns once it is
 /// SERVING. Fails if another supervisor holds the instance, or with the console's tail if the
 /// gateway is not ready within `ready_timeout`; nothing is left running on failure.
 pub fn boot(
@@ -32,9 +35,12 @@ pub fn boot(
     cfg: &VmConfig,
     digests: (&str, &str),
     ready_timeout: Duration,
+    verification: crate::check::Verification,
 ) -> Result<Supervised, VmError> {
     let lock = inst.lock()?;
     let recovered = clean_stale(inst)?;
+    // After recovery: a leftover passt of a dead supervisor must not read as "port in use".
+    let preflight = crate::check::preflight(cfg, verification)?;
     let port = cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
     let endpoint = format!("127.0.0.1:{port}");
     let mut vm = crate::launch(cfg)?;
@@ -52,7 +58,7 @@ pub fn boot(
         passt_pid: vm.passt_pid(),
         gvproxy_pid: vm.gvproxy_pid(),
     })?;
-    Ok(Supervised { vm, endpoint, ready, recovered, _lock: lock })
+    Ok(Supervised { vm, endpoint, ready, recovered, preflight, _lock: lock })
 }
 
 /// The programs an instance's recorded pids may run, by role.

@@ -127,7 +127,7 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     let digests = ("k".repeat(64), "r".repeat(64));
     let mut cfg = inst.vm_config(a.kernel.clone(), a.rootfs.clone(), (&digests.0, &digests.1), port, NetMode::Passt).unwrap();
     cfg.vmm = vmm;
-    match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), support::GUEST_TIMEOUT) {
+    match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), support::GUEST_TIMEOUT, openshell_vm::check::Verification::Required) {
         Ok(up) => drop(up),
         Err(e) => return Err(dir.fail(format!("the instance did not boot again after recovery: {e}"))),
     }

@@ -7,6 +7,7 @@
 //! `OPENSHELL_E2E_REQUIRE=1` missing artifacts fail the run instead.
 
 mod lifecycle;
+mod provenance;
 mod support;
 mod trials;
 

@@ -138,7 +138,7 @@ fn gateway_supervisor(root: PathBuf) -> i32 {
     let digests = ("k".repeat(64), "r".repeat(64));
     let mut cfg = inst.vm_config(a.kernel, a.rootfs, (&digests.0, &digests.1), port, openshell_vm::NetMode::Passt).unwrap();
     cfg.vmm = vmm;
-    let mut up = match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), GUEST_TIMEOUT) {
+    let mut up = match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), GUEST_TIMEOUT, openshell_vm::check::Verification::Required) {
         Ok(up) => up,
         Err(e) => {
             println!("failed {e}");

@@ -1,0 +1,255 @@
+//! Gathering [`Facts`] from the running host: `/proc/cpuinfo`, `/dev/kvm`, `/sys/module`, the
+//! helper programs on PATH and their versions, the artifacts re-hashed against their records,
+//! the ports and the free disk. The only part of the checks that touches the system; it decides
+//! nothing, and a probe that cannot find out records that as a fact rather than failing.
+
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Instant, UNIX_EPOCH};
+
+use openshell_artifacts::kernel::{self, GuestKernel, KernelError, KernelProvenance};
+use openshell_artifacts::rootfs::{self, RootfsBundle, RootfsError, MANIFEST};
+
+use super::facts::{Artifact, Checked, DiskFacts, Facts, KrunFacts, KvmDevice, MacFacts, Mismatch, Os, PortFacts, RootfsProvenance, Tool};
+use crate::gateway::GatewayInstance;
+
+/// What to look at beyond the host itself.
+#[derive(Debug, Clone)]
+pub struct ProbeRequest {
+    /// The kernel to check: its `vmlinux`, or what was looked for and not found.
+    pub kernel: Result<PathBuf, String>,
+    /// The rootfs directory to check, or what was looked for and not found.
+    pub rootfs: Result<PathBuf, String>,
+    /// Host ports the VM will forward from 127.0.0.1.
+    pub ports: Vec<u16>,
+    /// The artifact store, for the free-disk fact; `None` leaves it out.
+    pub store_root: Option<PathBuf>,
+    /// Where `openshell-vmm` is (or will be built).
+    pub vmm_binary: PathBuf,
+    /// Where gateway instances live, to say which of ours holds a taken port.
+    pub gateways_root: PathBuf,
+}
+
+pub fn probe(req: &ProbeRequest) -> Facts {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags: Vec<&str> =
+        cpuinfo.lines().find(|l| l.starts_with("flags")).map(|l| l.split_whitespace().collect()).unwrap_or_default();
+    let macos = cfg!(target_os = "macos");
+    Facts {
+        os: if macos { Os::MacOs } else { Os::Linux },
+        cpu_virt_flag: flags.iter().find(|f| **f == "vmx" || **f == "svm").map(|f| f.to_string()),
+        cpu_hypervisor: flags.contains(&"hypervisor"),
+        kvm: probe_kvm(),
+        macos: macos.then(|| probe_macos(&req.vmm_binary)),
+        krun: KrunFacts {
+            link_mode: openshell_krun::LINK_MODE.to_owned(),
+            version: if openshell_krun::LINK_MODE == "bundled" {
+                Some(openshell_krun::BUNDLED_LIBKRUN_VERSION.to_owned())
+            } else {
+                first_line("pkg-config", &["--modversion", "libkrun"])
+            },
+            vmm_binary: req.vmm_binary.clone(),
+            vmm_built: req.vmm_binary.is_file(),
+        },
+        qemu: tool("qemu-system-x86_64", |out| out.strip_prefix("QEMU emulator version ").map(str::to_owned)),
+        passt: tool("passt", |out| {
+            // Debian's passt says "passt unknown version"; its package version is the useful one.
+            let own = out.strip_prefix("passt ").filter(|v| !v.contains("unknown")).map(str::to_owned);
+            own.or_else(|| first_line("dpkg-query", &["-W", "-f=${Version}", "passt"]).map(|v| format!("{v} (Debian package)")))
+        }),
+        kernel: probe_kernel(&req.kernel),
+        rootfs: probe_rootfs(&req.rootfs),
+        ports: req.ports.iter().map(|&p| probe_port(p, &req.gateways_root)).collect(),
+        disk: req.store_root.as_ref().map(|p| probe_disk(p)),
+    }
+}
+
+fn probe_kvm() -> KvmDevice {
+    let dev = Path::new("/dev/kvm");
+    KvmDevice {
+        exists: dev.exists(),
+        open_error: fs::OpenOptions::new().read(true).write(true).open(dev).err().map(|e| e.to_string()),
+        modules: ["kvm_intel", "kvm_amd", "kvm_pvm"]
+            .into_iter()
+            .filter(|m| Path::new("/sys/module").join(m).exists())
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
+/// Compiled everywhere so Linux builds type-check it; only called on macOS.
+fn probe_macos(vmm_binary: &Path) -> MacFacts {
+    let vmm = vmm_binary.to_string_lossy().into_owned();
+    MacFacts {
+        hvf: first_line("sysctl", &["-n", "kern.hv_support"]).as_deref() == Some("1"),
+        gvproxy: tool("gvproxy", |out| Some(out.to_owned())),
+        vmm_entitled: vmm_binary.is_file().then(|| {
+            Command::new("codesign")
+                .args(["-d", "--entitlements", "-", "--xml", &vmm])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("com.apple.security.hypervisor"))
+        }),
+    }
+}
+
+/// The first line a program prints (stdout, else stderr), if it runs and succeeds.
+fn first_line(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok().filter(|o| o.status.success())?;
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    String::from_utf8_lossy(&text).lines().next().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty())
+}
+
+/// A program on PATH and its version, read from its `--version` line by `parse`.
+fn tool(name: &str, parse: impl Fn(&str) -> Option<String>) -> Option<Tool> {
+    let path = which::which(name).ok()?;
+    let version = first_line(&path.to_string_lossy(), &["--version"]).and_then(|l| parse(&l));
+    Some(Tool { path, version })
+}
+
+fn probe_kernel(located: &Result<PathBuf, String>) -> Artifact<KernelProvenance> {
+    let vmlinux = match located {
+        Ok(p) => p.clone(),
+        Err(why) => return Artifact::Missing(why.clone()),
+    };
+    let unrecorded = |why: String| Artifact::Unrecorded { path: vmlinux.clone(), why };
+    let Some(dir) = vmlinux.parent().filter(|d| d.join("provenance.json").is_file()) else {
+        return unrecorded("no provenance.json beside it".into());
+    };
+    let mut k = match GuestKernel::open(dir) {
+        Ok(k) => k,
+        Err(e) => return unrecorded(e.to_string()),
+    };
+    // The record describes the kernel in its directory; check the file we were given against it.
+    k.vmlinux = vmlinux.clone();
+    let started = Instant::now();
+    let mismatch = match kernel::verify(&k) {
+        Ok(_) => None,
+        Err(KernelError::Tampered { path, recorded, found }) => {
+            Some(Mismatch { file: path, recorded: recorded.hex(), found: found.hex() })
+        }
+        Err(e) => return unrecorded(e.to_string()),
+    };
+    Artifact::Checked(Checked {
+        path: vmlinux,
+        digest: k.provenance.vmlinux_sha256.clone(),
+        provenance: k.provenance,
+        mismatch,
+        hashed_in: started.elapsed(),
+    })
+}
+
+fn probe_rootfs(located: &Result<PathBuf, String>) -> Artifact<RootfsProvenance> {
+    let dir = match located {
+        Ok(p) => p.clone(),
+        Err(why) => return Artifact::Missing(why.clone()),
+    };
+    let bundle = match RootfsBundle::open(&dir) {
+        Ok(b) => b,
+        Err(e) => return Artifact::Unrecorded { path: dir, why: e.to_string() },
+    };
+    let started = Instant::now();
+    let mismatch = match rootfs::verify(&bundle) {
+        Ok(()) => None,
+        Err(RootfsError::Tampered { path, recorded, found }) => {
+            Some(Mismatch { file: dir.join(path.trim_start_matches('/')), recorded, found })
+        }
+        Err(e) => return Artifact::Unrecorded { path: dir, why: e.to_string() },
+    };
+    let baked_at_unix = fs::metadata(dir.join(MANIFEST))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    let digest = bundle.digest();
+    Artifact::Checked(Checked {
+        provenance: RootfsProvenance {
+            manifest_sha256: digest.clone(),
+            files: bundle.manifest.files.len(),
+            symlinks: bundle.manifest.symlinks.len(),
+            baked_at_unix,
+        },
+        path: dir,
+        digest,
+        mismatch,
+        hashed_in: started.elapsed(),
+    })
+}
+
+fn probe_port(port: u16, gateways_root: &Path) -> PortFacts {
+    let free = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).is_ok();
+    let held_by = if free { None } else { our_gateway_on(port, gateways_root) };
+    PortFacts { port, free, held_by }
+}
+
+/// A running gateway instance of ours whose endpoint is `127.0.0.1:port`.
+fn our_gateway_on(port: u16, root: &Path) -> Option<String> {
+    let endpoint = format!("127.0.0.1:{port}");
+    fs::read_dir(root).ok()?.flatten().find_map(|e| {
+        let inst = GatewayInstance::new(root, &e.file_name().to_string_lossy()).ok()?;
+        let meta = inst.read_metadata().filter(|m| m.endpoint == endpoint)?;
+        inst.locked().then(|| {
+            let pid = meta.supervisor_pid.map_or("unknown".into(), |p| p.to_string());
+            format!("gateway {:?} (supervisor pid {pid})", inst.name)
+        })
+    })
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `path` (or its nearest
+/// existing ancestor: the store may not exist yet).
+fn probe_disk(path: &Path) -> DiskFacts {
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let free_bytes = (|| {
+        let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    })();
+    DiskFacts { path: path.to_owned(), free_bytes }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tampered_rootfs_file_is_a_mismatch_fact_with_its_full_path() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("root");
+        fs::create_dir_all(dir.join("etc")).unwrap();
+        fs::write(dir.join("etc/hostname"), "gateway\n").unwrap();
+        let manifest = rootfs::scan(&dir).unwrap();
+        fs::write(dir.join(MANIFEST), serde_json::to_string(&manifest).unwrap()).unwrap();
+        let Artifact::Checked(c) = probe_rootfs(&Ok(dir.clone())) else { panic!("not checked") };
+        assert!(c.mismatch.is_none());
+        assert_eq!(c.provenance.files, 1);
+        fs::write(dir.join("etc/hostname"), "evil\n").unwrap();
+        let Artifact::Checked(c) = probe_rootfs(&Ok(dir.clone())) else { panic!("not checked") };
+        let m = c.mismatch.unwrap();
+        assert_eq!(m.file, dir.join("etc/hostname"));
+        assert_ne!(m.recorded, m.found);
+    }
+
+    #[test]
+    fn kernel_without_provenance_is_unrecorded() {
+        let t = tempfile::tempdir().unwrap();
+        let k = t.path().join("vmlinux");
+        fs::write(&k, b"x").unwrap();
+        assert!(matches!(probe_kernel(&Ok(k)), Artifact::Unrecorded { .. }));
+        assert!(matches!(probe_kernel(&Err("not built".into())), Artifact::Missing(_)));
+    }
+
+    #[test]
+    fn a_bound_port_is_not_free_and_disk_space_is_read() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = tempfile::tempdir().unwrap();
+        let p = probe_port(port, t.path());
+        assert!(!p.free && p.held_by.is_none());
+        assert!(probe_disk(&t.path().join("not/yet")).free_bytes.unwrap() > 0);
+    }
+}

@@ -1,0 +1,54 @@
+//! `cargo xtask check`: can this host boot the VM, and with what? One row per capability (PASS /
+//! WARN / FAIL, the reason, the fix) and the provenance of the artifacts; `--guest` checks the
+//! inside of a booted guest instead.
+//!
+//! Exit code: 0 every required row passed, 1 a required row failed, 2 the checker itself failed.
+//! It builds nothing: missing artifacts are reported with the command that builds them.
+
+use openshell_artifacts::Store;
+use openshell_vm::check::{self, ProbeRequest};
+use openshell_vm::gateway;
+use openshell_vm::VmmChoice;
+
+#[derive(clap::Args)]
+pub struct CheckCmd {
+    /// Machine-readable output: {subject, ok, exit_code, rows:[…], provenance}
+    #[arg(long)]
+    json: bool,
+    /// Check the guest instead: boot a VM and report what its kernel and init provide
+    #[arg(long)]
+    guest: bool,
+    /// The VMM the `vmm` row (and --guest) is about: auto, krun or qemu
+    #[arg(long, default_value = "auto")]
+    vmm: VmmChoice,
+}
+
+impl CheckCmd {
+    pub fn run(self) -> anyhow::Result<()> {
+        let result = if self.guest { crate::guest_check::run(self.json, self.vmm) } else { self.host() };
+        let code = result.unwrap_or_else(|e| {
+            eprintln!("check could not run: {e:#}");
+            openshell_matrix::EXIT_CHECKER_FAILED
+        });
+        std::process::exit(code);
+    }
+
+    fn host(&self) -> anyhow::Result<i32> {
+        let store = Store::default_location();
+        let facts = check::probe(&ProbeRequest {
+            kernel: crate::artifacts::locate_kernel(&store),
+            rootfs: crate::artifacts::locate_rootfs(&store),
+            ports: vec![gateway::GATEWAY_PORT],
+            store_root: Some(store.root().to_owned()),
+            vmm_binary: crate::project_root().join("target/debug/openshell-vmm"),
+            gateways_root: gateway::gateways_root(),
+        });
+        let report = check::host_report(&facts, self.vmm);
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+        } else {
+            print!("{}", report.render());
+        }
+        Ok(report.exit_code())
+    }
+}
