@@ -11,6 +11,7 @@ mod flags;
 mod kernel;
 mod progress;
 mod rootfs;
+mod verify;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::E2e(cmd) => cmd.run(),
         flags::Cmd::Test(cmd) => cmd.run(),
         flags::Cmd::Bench(cmd) => cmd.run(),
+        flags::Cmd::Verify(cmd) => cmd.run(),
     }
 }
 

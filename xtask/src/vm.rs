@@ -229,6 +229,9 @@ impl RunArgs {
                 backend: vm.backend.to_string(),
                 supervisor_pid: Some(std::process::id()),
                 passt_pid: vm.passt_pid(),
+                kernel_path: Some(cfg.kernel.clone()),
+                rootfs_dir: Some(cfg.rootfs.clone()),
+                console_log: Some(vm.console.clone()),
             })?;
             print_timeline(&vm.console, ready);
             eprintln!(

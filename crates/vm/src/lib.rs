@@ -12,6 +12,7 @@ pub mod host;
 pub mod launch;
 pub mod net;
 pub mod timeline;
+pub mod verify;
 
 pub use backend::{Backend, VmmChoice};
 pub use config::{VmConfig, VmError};
