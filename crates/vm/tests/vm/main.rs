@@ -8,6 +8,7 @@
 
 mod support;
 mod trials;
+mod verify;
 
 use libtest_mimic::{Arguments, Trial};
 
