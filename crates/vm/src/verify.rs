@@ -332,7 +332,16 @@ fn forward_row(o: &Observations, restart: &str) -> Row {
         IpAddr::V4(v4) => *v4 == Ipv4Addr::LOCALHOST,
         IpAddr::V6(v6) => v6.to_ipv4_mapped() == Some(Ipv4Addr::LOCALHOST),
     };
-    let exposed: Vec<String> = o.listeners.iter().filter(|(l, ..)| !loopback(&l.addr)).map(|(l, ..)| l.addr.to_string()).collect();
+    let exposed: Vec<String> = o
+        .listeners
+        .iter()
+        .filter(|(l, ..)| !loopback(&l.addr))
+        .map(|(l, ours, owner)| match (ours, owner) {
+            (Some(true), _) => format!("{} (passt itself)", l.addr),
+            (_, Some(p)) => format!("{} (pid {} {})", l.addr, p.pid, program_name(&p.cmdline)),
+            _ => l.addr.to_string(),
+        })
+        .collect();
     if !exposed.is_empty() {
         return Row::fail(
             ID,
@@ -586,8 +595,9 @@ mod tests {
         let m = fails_with(&o, &["forward-loopback-only"]);
         assert!(m.row("forward-loopback-only").unwrap().reason.contains("0.0.0.0"));
         let mut o = healthy();
-        o.listeners = vec![listener("::", Some(true))];
-        fails_with(&o, &["forward-loopback-only"]);
+        o.listeners.push((listener("::", Some(false)).0, Some(false), proc(99, 1, "/usr/bin/python3 -c listen")));
+        let m = fails_with(&o, &["forward-loopback-only"]);
+        assert!(m.row("forward-loopback-only").unwrap().reason.contains(":: (pid 99 python3)"), "{}", m.render());
         // IPv6 loopback is loopback, but not the 127.0.0.1 the forward promises.
         let mut o = healthy();
         o.listeners = vec![listener("::1", Some(true))];
