@@ -25,4 +25,6 @@ pub enum Cmd {
     Check(crate::check::CheckCmd),
     /// Benchmarks that print figures (boot phases, time to mTLS SERVING, peak RSS)
     Bench(crate::bench::BenchCmd),
+    /// Verify a running gateway: processes, 127.0.0.1-only forward, mTLS, health, digests, console
+    Verify(crate::verify::VerifyCmd),
 }

@@ -13,6 +13,7 @@ mod guest_check;
 mod kernel;
 mod progress;
 mod rootfs;
+mod verify;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::Test(cmd) => cmd.run(),
         flags::Cmd::Bench(cmd) => cmd.run(),
         flags::Cmd::Check(cmd) => cmd.run(),
+        flags::Cmd::Verify(cmd) => cmd.run(),
     }
 }
 

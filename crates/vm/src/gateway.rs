@@ -47,6 +47,15 @@ pub struct Metadata {
     pub passt_pid: Option<u32>,
     #[serde(default)]
     pub gvproxy_pid: Option<u32>,
+    /// The booted vmlinux; its directory holds the kernel's `provenance.json` (`verify` compares).
+    #[serde(default)]
+    pub kernel_path: Option<PathBuf>,
+    /// The booted rootfs directory, with its `manifest.json`.
+    #[serde(default)]
+    pub rootfs_dir: Option<PathBuf>,
+    /// Where the guest console is recorded (`None`: `vm/console.log`).
+    #[serde(default)]
+    pub console_log: Option<PathBuf>,
 }
 
 /// What `vm status` reports.
@@ -104,6 +113,10 @@ impl GatewayInstance {
     }
     pub fn metadata_path(&self) -> PathBuf {
         self.dir.join("metadata.json")
+    }
+    /// The guest console of the instance's current (or last) boot.
+    pub fn console_path(&self) -> PathBuf {
+        self.read_metadata().and_then(|m| m.console_log).unwrap_or_else(|| self.vm_dir().join("console.log"))
     }
 
     /// Removes the instance's PKI and state (`--reset`).
@@ -172,7 +185,7 @@ impl GatewayInstance {
         serde_json::from_slice(&fs::read(self.metadata_path()).ok()?).ok()
     }
 
-    fn lock_path(&self) -> PathBuf {
+    pub fn lock_path(&self) -> PathBuf {
         self.dir.join("lock")
     }
 
@@ -269,6 +282,12 @@ impl GatewayInstance {
         }
         Ok(())
     }
+}
+
+/// The instance a CLI talks to by default: the last one that became ready under `root`.
+pub fn active(root: &Path) -> Option<String> {
+    let name = fs::read_to_string(root.join("active")).ok()?;
+    Some(name.trim().to_owned()).filter(|n| !n.is_empty())
 }
 
 pub fn now_unix() -> u64 {

@@ -14,6 +14,7 @@ pub mod launch;
 pub mod net;
 pub mod supervise;
 pub mod timeline;
+pub mod verify;
 
 pub use backend::{Backend, VmmChoice};
 pub use config::{VmConfig, VmError};

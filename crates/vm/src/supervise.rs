@@ -57,6 +57,9 @@ pub fn boot(
         supervisor_pid: Some(std::process::id()),
         passt_pid: vm.passt_pid(),
         gvproxy_pid: vm.gvproxy_pid(),
+        kernel_path: Some(cfg.kernel.clone()),
+        rootfs_dir: Some(cfg.rootfs.clone()),
+        console_log: Some(vm.console.clone()),
     })?;
     Ok(Supervised { vm, endpoint, ready, recovered, preflight, _lock: lock })
 }
@@ -146,6 +149,9 @@ mod tests {
             supervisor_pid: sup,
             passt_pid: passt,
             gvproxy_pid: None,
+            kernel_path: None,
+            rootfs_dir: None,
+            console_log: None,
         }
     }
 

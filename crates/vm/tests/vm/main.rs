@@ -10,6 +10,7 @@ mod lifecycle;
 mod provenance;
 mod support;
 mod trials;
+mod verify;
 
 use libtest_mimic::{Arguments, Trial};
 

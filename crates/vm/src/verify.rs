@@ -1,0 +1,793 @@
+//! `verify`: is a running gateway instance what it claims to be? A matrix of PASS/WARN/FAIL rows
+//! (see `openshell-matrix`) about one instance: its processes, its port forward, mutual TLS, the
+//! gateway's answers, the artifacts it booted, its console and its on-disk state.
+//!
+//! Two layers. [`probe`] (in `verify/probe.rs`) gathers [`Observations`] from the host: `/proc`,
+//! the instance's files, and short-timeout network probes, so a dead forward fails in
+//! milliseconds and a hung guest in seconds, never hangs. [`decide`] turns observations into
+//! rows and is pure, so every verdict is unit-tested on made-up observations. This module decides
+//! nothing about *how* to fix an instance beyond naming the command; it stops and starts nothing.
+//!
+//! The rows, by id (all required):
+//! - `supervisor`: a live process holds the instance lock (the instance runs).
+//! - `vm-process` / `passt-process`: the recorded VMM and passt pids are alive and run qemu or
+//!   openshell-vmm / passt.
+//! - `forward-loopback-only`: every LISTEN socket on the endpoint's port (from `/proc/net/tcp`
+//!   and `/proc/net/tcp6`) is bound to 127.0.0.1, there is at least one, and each belongs to the
+//!   recorded passt (socket inode found among `/proc/<passt>/fd`).
+//! - `tcp`: a TCP connection to the endpoint opens.
+//! - `mtls-handshake`: a TLS 1.3 channel opens with the stored client bundle (`mtls/`).
+//! - `client-cert-required`: a client that trusts the CA but presents no certificate is refused.
+//!   Only tried after `mtls-handshake` passed, so a refusal cannot be a dead port in disguise.
+//! - `health`: `grpc.health.v1.Health/Check` says SERVING.
+//! - `info`: `Gateway/Info` answers.
+//! - `kernel-digest` / `rootfs-digest`: the digests Info reports equal the ones in
+//!   `metadata.json`, and those equal the artifacts' own records (the kernel's
+//!   `provenance.json` `vmlinux_sha256`; the digest of the rootfs's `manifest.json`).
+//! - `console-clean`: the guest console has no kernel oops, panic, BUG, WARNING, call trace,
+//!   lockup, stall or OOM kill line ([`kernel_trouble`]).
+//! - `no-stale-state`: see [`stale_findings`] for the precise definition.
+
+mod probe;
+pub mod procfs;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use openshell_matrix::{Matrix, Row};
+
+use crate::gateway::Metadata;
+pub use probe::{probe, verify};
+pub use procfs::{ProcessFact, TcpListenerFact};
+
+/// The outcome of one probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt<T> {
+    /// Not tried, and why (an earlier probe it depends on failed, or nothing was recorded).
+    NotTried(String),
+    /// Tried and failed, with the error.
+    Failed(String),
+    Done(T),
+}
+
+impl<T> Attempt<T> {
+    fn why_not(&self) -> Option<&str> {
+        match self {
+            Attempt::NotTried(w) | Attempt::Failed(w) => Some(w),
+            Attempt::Done(_) => None,
+        }
+    }
+}
+
+/// What the gateway's `Info` said, the part `verify` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InfoFacts {
+    pub version: String,
+    pub kernel_release: String,
+    pub boot_id: String,
+    pub uptime_ms: u64,
+    pub kernel_sha256: String,
+    pub rootfs_sha256: String,
+}
+
+/// A file or socket of the instance that should not exist in its current state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leftover {
+    pub path: PathBuf,
+    pub what: &'static str,
+}
+
+/// Everything `verify` looked at, before any verdict.
+#[derive(Debug, Clone)]
+pub struct Observations {
+    pub name: String,
+    pub metadata: Metadata,
+    /// The endpoint's port (from `metadata.endpoint`).
+    pub port: u16,
+    /// Whether some process holds the instance lock (the supervisor).
+    pub locked: bool,
+    /// Who holds it, from `/proc/locks` (empty when unknown).
+    pub lock_holders: Vec<u32>,
+    pub supervisor: Option<ProcessFact>,
+    pub vm: Option<ProcessFact>,
+    pub passt: Option<ProcessFact>,
+    /// LISTEN sockets on `port`, each with whether the recorded passt holds it (`None`: passt's
+    /// fds could not be read or no passt was recorded) and otherwise who does.
+    pub listeners: Vec<(TcpListenerFact, Option<bool>, Option<ProcessFact>)>,
+    pub tcp: Attempt<Duration>,
+    pub mtls: Attempt<Duration>,
+    /// `Done(status)` means a client *without* a certificate was answered.
+    pub without_cert: Attempt<String>,
+    pub health: Attempt<String>,
+    pub info: Attempt<InfoFacts>,
+    /// The kernel artifact's own record of its vmlinux digest (`provenance.json`).
+    pub kernel_record: Attempt<String>,
+    /// The rootfs artifact's own record (digest of its `manifest.json`).
+    pub rootfs_record: Attempt<String>,
+    /// The console text of this boot, or why it could not be read.
+    pub console: Attempt<String>,
+    pub console_path: PathBuf,
+    pub leftovers: Vec<Leftover>,
+}
+
+/// Programs a recorded VMM pid may run.
+const VMM_PROGRAMS: &[&str] = &["qemu-system", "openshell-vmm"];
+
+/// Console markers of a kernel in trouble. Each is printed by the kernel itself, at a log level
+/// `quiet` still shows (or the line that precedes one); none appears on a healthy boot.
+const KERNEL_TROUBLE: &[&str] = &[
+    "Oops",
+    "Kernel panic",
+    "BUG:",
+    "kernel BUG at",
+    "WARNING: CPU:",
+    "Call Trace:",
+    "general protection fault",
+    "Unable to handle kernel",
+    "soft lockup",
+    "hard LOCKUP",
+    "rcu_sched detected stall",
+    "rcu: INFO:",
+    "blocked for more than",
+    "Out of memory: Killed process",
+    "invoked oom-killer",
+];
+
+/// The console lines that show the kernel in trouble (see [`KERNEL_TROUBLE`]).
+pub fn kernel_trouble(console: &str) -> Vec<&str> {
+    console.lines().map(str::trim_end).filter(|l| KERNEL_TROUBLE.iter().any(|m| l.contains(m))).collect()
+}
+
+/// Stale instance state: on-disk or process state that contradicts itself. Each finding is one
+/// of these, precisely:
+/// 1. the instance lock is held, but `/proc/locks` names a holder other than `metadata.json`'s
+///    `supervisor_pid` (the metadata is from another run);
+/// 2. the lock is held (the instance claims to run) but a recorded pid (supervisor, VMM, passt)
+///    is dead;
+/// 3. a recorded VMM or passt pid is alive and runs its program, but its parent is not the
+///    recorded supervisor (the pid was reused, or the process outlived its supervisor);
+/// 4. no lock is held (the instance claims to be stopped) but a recorded VMM or passt pid still
+///    runs its program (an orphan; `vm stop` kills it);
+/// 5. a leftover file: `.metadata.json.tmp` (an interrupted metadata write), a temp file in the
+///    guest share, the guest's `exit-code` while the instance runs (its gateway already exited),
+///    or a unix socket anywhere in the instance directory (nothing in a gateway instance creates
+///    one: passt and the VMM share a socketpair).
+pub fn stale_findings(o: &Observations) -> Vec<String> {
+    let m = &o.metadata;
+    let mut out = Vec::new();
+    if o.locked {
+        if let (Some(sup), false) = (m.supervisor_pid, o.lock_holders.is_empty()) {
+            if !o.lock_holders.contains(&sup) {
+                out.push(format!("lock held by pid {:?} but metadata.json names supervisor {sup}", o.lock_holders));
+            }
+        }
+        for (what, p) in [("supervisor", &o.supervisor), ("VMM", &o.vm), ("passt", &o.passt)] {
+            if let Some(p) = p.as_ref().filter(|p| !p.alive) {
+                out.push(format!("recorded {what} pid {} is dead while the instance holds its lock", p.pid));
+            }
+        }
+    }
+    for (what, p, progs) in [("VMM", &o.vm, VMM_PROGRAMS), ("passt", &o.passt, &["passt"][..])] {
+        let Some(p) = p.as_ref().filter(|p| p.runs_any(progs)) else { continue };
+        if !o.locked {
+            out.push(format!("{what} pid {} still runs without a supervisor (orphan)", p.pid));
+        } else if m.supervisor_pid.is_some() && p.ppid != m.supervisor_pid {
+            out.push(format!("{what} pid {} is a child of {:?}, not of supervisor {:?}", p.pid, p.ppid, m.supervisor_pid));
+        }
+    }
+    for l in &o.leftovers {
+        out.push(format!("{} {}", l.what, l.path.display()));
+    }
+    out
+}
+
+/// The verdict on `o`: one row per check, in the order listed in the module docs.
+pub fn decide(o: &Observations) -> Matrix {
+    let name = &o.name;
+    let m = &o.metadata;
+    let restart = format!("restart it: `cargo xtask vm stop --name {name} && cargo xtask vm run --detach --name {name}`");
+    let logs = format!("see `cargo xtask vm logs --name {name}`");
+    let mut mx = Matrix::new(format!("verify gateway {name}"));
+
+    mx.push(match (&o.supervisor, o.locked) {
+        (_, false) => Row::fail(
+            "supervisor",
+            "not running: no process holds the instance lock",
+            format!("start it: `cargo xtask vm run --detach --name {name}`"),
+        ),
+        (Some(s), true) if s.alive => Row::pass("supervisor", format!("pid {} holds the instance lock", s.pid)),
+        (Some(s), true) => Row::fail("supervisor", format!("the lock is held but recorded supervisor {} is dead", s.pid), restart.clone()),
+        (None, true) => Row::fail("supervisor", "the lock is held but metadata.json records no supervisor", restart.clone()),
+    });
+
+    mx.push(process_row("vm-process", "VMM", &o.vm, VMM_PROGRAMS, &format!("{logs}; {restart}")));
+    mx.push(process_row("passt-process", "passt", &o.passt, &["passt"], &restart));
+    mx.push(forward_row(o, &restart));
+
+    mx.push(match &o.tcp {
+        Attempt::Done(t) => Row::pass("tcp", format!("{} accepts connections ({} ms)", m.endpoint, t.as_millis())),
+        other => Row::fail("tcp", format!("{}: {}", m.endpoint, other.why_not().unwrap_or_default()), restart.clone()),
+    });
+    mx.push(match &o.mtls {
+        Attempt::Done(t) => Row::pass("mtls-handshake", format!("TLS channel with the stored client bundle ({} ms)", t.as_millis())),
+        Attempt::NotTried(why) => Row::fail("mtls-handshake", why.clone(), restart.clone()),
+        Attempt::Failed(e) => Row::fail(
+            "mtls-handshake",
+            e.clone(),
+            format!("the client bundle in mtls/ must match the gateway's CA; {restart}"),
+        ),
+    });
+    mx.push(match &o.without_cert {
+        // The same endpoint answered over mTLS a moment ago, so a refusal here is the gateway's
+        // certificate check. In TLS 1.3 the client learns of it after its own handshake is done:
+        // it reads the CertificateRequired alert, or, when the server's close wins the race, its
+        // next write or read finds the connection closed. A timeout proves nothing either way.
+        Attempt::Failed(e) if names_certificate(e) => {
+            Row::pass("client-cert-required", format!("a client without a certificate is refused ({})", first_line(e)))
+        }
+        Attempt::Failed(e) if closed_by_peer(e) => Row::pass(
+            "client-cert-required",
+            format!("a client without a certificate is cut off after the handshake ({})", first_line(e)),
+        ),
+        Attempt::Failed(e) => Row::warn(
+            "client-cert-required",
+            format!("a client without a certificate got no answer, but was not refused either: {}", first_line(e)),
+            logs.clone(),
+        ),
+        Attempt::Done(status) => Row::fail(
+            "client-cert-required",
+            format!("a client without a certificate was answered ({status})"),
+            "the gateway must require client certificates (tls.rs: WebPkiClientVerifier); rebuild the rootfs: `cargo xtask rootfs`",
+        ),
+        Attempt::NotTried(why) => Row::fail("client-cert-required", why.clone(), restart.clone()),
+    });
+    mx.push(match &o.health {
+        Attempt::Done(s) if s == "SERVING" => Row::pass("health", "grpc.health.v1.Health/Check: SERVING"),
+        Attempt::Done(s) => Row::fail("health", format!("health says {s}"), format!("{logs}; {restart}")),
+        other => Row::fail("health", other.why_not().unwrap_or_default().to_owned(), format!("{logs}; {restart}")),
+    });
+    mx.push(match &o.info {
+        Attempt::Done(i) => Row::pass(
+            "info",
+            format!("gateway {} on kernel {}, up {:.1} s, boot {}", i.version, i.kernel_release, i.uptime_ms as f64 / 1000.0, short(&i.boot_id)),
+        ),
+        other => Row::fail("info", other.why_not().unwrap_or_default().to_owned(), format!("{logs}; {restart}")),
+    });
+    let info = match &o.info {
+        Attempt::Done(i) => Ok(i),
+        other => Err(other.why_not().unwrap_or_default().to_owned()),
+    };
+    mx.push(digest_row(
+        "kernel-digest",
+        "kernel",
+        info.as_ref().map(|i| i.kernel_sha256.as_str()),
+        &m.kernel_sha256,
+        &o.kernel_record,
+        "provenance.json",
+        "rebuild the kernel (`cargo xtask kernel`) and restart the gateway",
+    ));
+    mx.push(digest_row(
+        "rootfs-digest",
+        "rootfs",
+        info.as_ref().map(|i| i.rootfs_sha256.as_str()),
+        &m.rootfs_sha256,
+        &o.rootfs_record,
+        "manifest.json",
+        "check the rootfs (`cargo xtask rootfs --check`) and restart the gateway",
+    ));
+
+    mx.push(match &o.console {
+        Attempt::Done(text) => {
+            let bad = kernel_trouble(text);
+            match bad.first() {
+                None => Row::pass("console-clean", format!("{} lines, no oops/panic/BUG/WARNING/call trace", text.lines().count())),
+                Some(first) => Row::fail(
+                    "console-clean",
+                    format!("{} kernel trouble line(s), first: {:?}", bad.len(), first.trim()),
+                    format!("read the console: {}", o.console_path.display()),
+                ),
+            }
+        }
+        other => Row::fail(
+            "console-clean",
+            format!("{}: {}", o.console_path.display(), other.why_not().unwrap_or_default()),
+            logs.clone(),
+        ),
+    });
+
+    let stale = stale_findings(o);
+    mx.push(if stale.is_empty() {
+        Row::pass("no-stale-state", "lock holder, recorded pids and their parents agree; no leftover files")
+    } else {
+        Row::fail(
+            "no-stale-state",
+            stale.join("; "),
+            format!("`cargo xtask vm stop --name {name}` clears processes; remove the named files, then start it again"),
+        )
+    });
+    mx
+}
+
+fn process_row(id: &str, what: &str, p: &Option<ProcessFact>, programs: &[&str], fix: &str) -> Row {
+    match p {
+        None => Row::fail(id, format!("metadata.json records no {what} pid"), fix.to_owned()),
+        Some(p) if p.runs_any(programs) => Row::pass(id, format!("pid {} runs {}", p.pid, program_name(&p.cmdline))),
+        Some(p) if p.alive => Row::fail(
+            id,
+            format!("pid {} runs {:?}, not {what} (the pid was reused)", p.pid, program_name(&p.cmdline)),
+            fix.to_owned(),
+        ),
+        Some(p) => Row::fail(id, format!("{what} pid {} is dead", p.pid), fix.to_owned()),
+    }
+}
+
+fn forward_row(o: &Observations, restart: &str) -> Row {
+    const ID: &str = "forward-loopback-only";
+    let port = o.port;
+    if o.listeners.is_empty() {
+        return Row::fail(ID, format!("nothing listens on port {port}"), restart.to_owned());
+    }
+    let loopback = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => *v4 == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6.to_ipv4_mapped() == Some(Ipv4Addr::LOCALHOST),
+    };
+    let exposed: Vec<String> = o
+        .listeners
+        .iter()
+        .filter(|(l, ..)| !loopback(&l.addr))
+        .map(|(l, ours, owner)| match (ours, owner) {
+            (Some(true), _) => format!("{} (passt itself)", l.addr),
+            (_, Some(p)) => format!("{} (pid {} {})", l.addr, p.pid, program_name(&p.cmdline)),
+            _ => l.addr.to_string(),
+        })
+        .collect();
+    if !exposed.is_empty() {
+        return Row::fail(
+            ID,
+            format!("port {port} also listens on {}", exposed.join(", ")),
+            format!("the forward must be passt `-t 127.0.0.1/{port}:…` only; stop whatever else binds the port, then {restart}"),
+        );
+    }
+    let foreign: Vec<String> = o
+        .listeners
+        .iter()
+        .filter(|(_, ours, _)| *ours == Some(false))
+        .map(|(_, _, owner)| match owner {
+            Some(p) => format!("pid {} ({})", p.pid, program_name(&p.cmdline)),
+            None => "an unknown process".into(),
+        })
+        .collect();
+    if !foreign.is_empty() {
+        return Row::fail(
+            ID,
+            format!("127.0.0.1:{port} is held by {}, not by the instance's passt", foreign.join(", ")),
+            format!("stop that process, then {restart}"),
+        );
+    }
+    if o.listeners.iter().any(|(_, ours, _)| ours.is_none()) {
+        return Row::warn(
+            ID,
+            format!("port {port} listens on 127.0.0.1 only; which process owns it could not be read"),
+            "run verify as the user that started the gateway (or root) to check the owner",
+        );
+    }
+    let passt = o.passt.as_ref().map_or(0, |p| p.pid);
+    Row::pass(ID, format!("127.0.0.1:{port} only, held by passt pid {passt}"))
+}
+
+fn digest_row(
+    id: &str,
+    what: &str,
+    reported: Result<&str, &String>,
+    recorded: &str,
+    artifact: &Attempt<String>,
+    record_file: &str,
+    fix: &str,
+) -> Row {
+    let reported = match reported {
+        Err(why) => return Row::fail(id, format!("not compared: no Info ({})", first_line(why)), fix.to_owned()),
+        Ok("") => return Row::fail(id, format!("the gateway reports no {what} digest"), fix.to_owned()),
+        Ok(r) => r,
+    };
+    if reported != recorded {
+        return Row::fail(
+            id,
+            format!("the guest reports {what} {} but metadata.json records {}", short(reported), short(recorded)),
+            fix.to_owned(),
+        );
+    }
+    match artifact {
+        Attempt::Done(rec) if rec == recorded => Row::pass(id, format!("{} (Info = metadata.json = {record_file})", short(recorded))),
+        Attempt::Done(rec) => Row::fail(
+            id,
+            format!("the guest booted {what} {} but the artifact's {record_file} records {}", short(recorded), short(rec)),
+            fix.to_owned(),
+        ),
+        Attempt::NotTried(why) => Row::warn(id, format!("{} (Info = metadata.json; {why})", short(recorded)), "restart the gateway so metadata.json records its artifacts"),
+        Attempt::Failed(why) => Row::fail(id, format!("cannot read the artifact's {record_file}: {why}"), fix.to_owned()),
+    }
+}
+
+/// Whether an error is a TLS refusal over the client certificate (an alert such as
+/// CertificateRequired or BadCertificate), rather than a reset or a timeout.
+fn names_certificate(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("alert") && (e.contains("certificate") || e.contains("unknownca"))
+}
+
+/// Whether an error says the peer closed the connection (EOF, reset, a write into a closed
+/// socket).
+fn closed_by_peer(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    ["connection closed", "broken pipe", "connection reset", "unexpected eof"].iter().any(|m| e.contains(m))
+}
+
+/// The first 16 hex digits, enough to tell digests apart in a table.
+fn short(s: &str) -> &str {
+    s.get(..16).unwrap_or(s)
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or_default()
+}
+
+/// The program's file name from a command line.
+fn program_name(cmdline: &str) -> &str {
+    let exe = cmdline.split(' ').next().unwrap_or_default();
+    exe.rsplit('/').next().unwrap_or(exe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openshell_matrix::Status;
+
+    const K: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const R: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn proc(pid: u32, ppid: u32, cmd: &str) -> Option<ProcessFact> {
+        Some(ProcessFact { pid, alive: true, ppid: Some(ppid), cmdline: cmd.into() })
+    }
+
+    fn dead(pid: u32) -> Option<ProcessFact> {
+        Some(ProcessFact { pid, alive: false, ppid: None, cmdline: String::new() })
+    }
+
+    fn listener(addr: &str, ours: Option<bool>) -> (TcpListenerFact, Option<bool>, Option<ProcessFact>) {
+        (TcpListenerFact { addr: addr.parse().unwrap(), port: 30051, inode: 7 }, ours, None)
+    }
+
+    /// A healthy running instance, as the probes would see it.
+    fn healthy() -> Observations {
+        Observations {
+            name: "default".into(),
+            metadata: Metadata {
+                name: "default".into(),
+                endpoint: "127.0.0.1:30051".into(),
+                created_unix: 1,
+                vm_pid: Some(11),
+                kernel_sha256: K.into(),
+                rootfs_sha256: R.into(),
+                backend: "qemu (tcg)".into(),
+                supervisor_pid: Some(10),
+                passt_pid: Some(12),
+                gvproxy_pid: None,
+                kernel_path: Some("/k/vmlinux".into()),
+                rootfs_dir: Some("/r".into()),
+                console_log: None,
+            },
+            port: 30051,
+            locked: true,
+            lock_holders: vec![10],
+            supervisor: proc(10, 1, "/x/xtask vm run --name default"),
+            vm: proc(11, 10, "/usr/bin/qemu-system-x86_64 -M microvm"),
+            passt: proc(12, 10, "/usr/bin/passt -f -q --fd 3"),
+            listeners: vec![listener("127.0.0.1", Some(true))],
+            tcp: Attempt::Done(Duration::from_millis(1)),
+            mtls: Attempt::Done(Duration::from_millis(20)),
+            without_cert: Attempt::Failed("received fatal alert: CertificateRequired".into()),
+            health: Attempt::Done("SERVING".into()),
+            info: Attempt::Done(InfoFacts {
+                version: "0.1.0".into(),
+                kernel_release: "6.1.0".into(),
+                boot_id: "abc".into(),
+                uptime_ms: 5000,
+                kernel_sha256: K.into(),
+                rootfs_sha256: R.into(),
+            }),
+            kernel_record: Attempt::Done(K.into()),
+            rootfs_record: Attempt::Done(R.into()),
+            console: Attempt::Done("Linux version 6.1\nopenshell-init: [  12 ms] mounted\ngateway listening on 0.0.0.0:30051\n".into()),
+            console_path: "/g/default/vm/console.log".into(),
+            leftovers: vec![],
+        }
+    }
+
+    /// The matrix fails, and exactly these required rows are the ones failing.
+    fn fails_with(o: &Observations, rows: &[&str]) -> Matrix {
+        let m = decide(o);
+        let failing: Vec<&str> = m.blocking().iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(failing, rows, "{}", m.render());
+        assert_eq!(m.exit_code(), openshell_matrix::EXIT_REQUIRED_FAILED);
+        m
+    }
+
+    #[test]
+    fn healthy_instance_passes_every_row() {
+        let m = decide(&healthy());
+        assert_eq!(m.exit_code(), 0, "{}", m.render());
+        assert!(m.rows.iter().all(|r| r.status == Status::Pass && r.required), "{}", m.render());
+        let ids: Vec<&str> = m.rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "supervisor",
+                "vm-process",
+                "passt-process",
+                "forward-loopback-only",
+                "tcp",
+                "mtls-handshake",
+                "client-cert-required",
+                "health",
+                "info",
+                "kernel-digest",
+                "rootfs-digest",
+                "console-clean",
+                "no-stale-state"
+            ]
+        );
+    }
+
+    #[test]
+    fn dead_vm_process_fails_its_row_and_is_stale() {
+        let mut o = healthy();
+        o.vm = dead(11);
+        let m = fails_with(&o, &["vm-process", "no-stale-state"]);
+        assert!(m.row("vm-process").unwrap().reason.contains("11 is dead"));
+        assert!(m.row("no-stale-state").unwrap().reason.contains("VMM pid 11 is dead"));
+    }
+
+    #[test]
+    fn reused_pid_is_not_our_vmm() {
+        let mut o = healthy();
+        o.vm = proc(11, 1, "/usr/bin/sleep 100");
+        let m = fails_with(&o, &["vm-process"]);
+        assert!(m.row("vm-process").unwrap().reason.contains("reused"), "{}", m.render());
+    }
+
+    #[test]
+    fn not_running_instance_fails_supervisor() {
+        let mut o = healthy();
+        o.locked = false;
+        o.lock_holders.clear();
+        o.supervisor = dead(10);
+        o.vm = dead(11);
+        o.passt = dead(12);
+        o.listeners.clear();
+        o.tcp = Attempt::Failed("connection refused".into());
+        o.mtls = Attempt::NotTried("TCP failed".into());
+        o.without_cert = Attempt::NotTried("TCP failed".into());
+        o.health = Attempt::NotTried("TCP failed".into());
+        o.info = Attempt::NotTried("TCP failed".into());
+        let m = fails_with(
+            &o,
+            &[
+                "supervisor",
+                "vm-process",
+                "passt-process",
+                "forward-loopback-only",
+                "tcp",
+                "mtls-handshake",
+                "client-cert-required",
+                "health",
+                "info",
+                "kernel-digest",
+                "rootfs-digest",
+            ],
+        );
+        assert!(m.row("supervisor").unwrap().fix.contains("vm run --detach --name default"));
+    }
+
+    #[test]
+    fn forward_on_all_interfaces_fails() {
+        let mut o = healthy();
+        o.listeners.push(listener("0.0.0.0", Some(true)));
+        let m = fails_with(&o, &["forward-loopback-only"]);
+        assert!(m.row("forward-loopback-only").unwrap().reason.contains("0.0.0.0"));
+        let mut o = healthy();
+        o.listeners.push((listener("::", Some(false)).0, Some(false), proc(99, 1, "/usr/bin/python3 -c listen")));
+        let m = fails_with(&o, &["forward-loopback-only"]);
+        assert!(m.row("forward-loopback-only").unwrap().reason.contains(":: (pid 99 python3)"), "{}", m.render());
+        // IPv6 loopback is loopback, but not the 127.0.0.1 the forward promises.
+        let mut o = healthy();
+        o.listeners = vec![listener("::1", Some(true))];
+        fails_with(&o, &["forward-loopback-only"]);
+    }
+
+    #[test]
+    fn forward_held_by_another_process_fails() {
+        let mut o = healthy();
+        o.listeners = vec![(listener("127.0.0.1", Some(false)).0, Some(false), proc(99, 1, "/usr/bin/nc -l 30051"))];
+        let m = fails_with(&o, &["forward-loopback-only"]);
+        assert!(m.row("forward-loopback-only").unwrap().reason.contains("pid 99 (nc)"), "{}", m.render());
+    }
+
+    #[test]
+    fn forward_with_unknown_owner_warns() {
+        let mut o = healthy();
+        o.listeners = vec![listener("127.0.0.1", None)];
+        let m = decide(&o);
+        assert_eq!(m.row("forward-loopback-only").unwrap().status, Status::Warn);
+        assert_eq!(m.exit_code(), 0);
+    }
+
+    #[test]
+    fn closed_forward_fails_forward_and_tcp() {
+        let mut o = healthy();
+        o.passt = dead(12);
+        o.listeners.clear();
+        o.tcp = Attempt::Failed("Connection refused (os error 111)".into());
+        o.mtls = Attempt::NotTried("TCP to 127.0.0.1:30051 failed".into());
+        o.without_cert = Attempt::NotTried("TCP to 127.0.0.1:30051 failed".into());
+        o.health = Attempt::NotTried("TCP to 127.0.0.1:30051 failed".into());
+        o.info = Attempt::NotTried("TCP to 127.0.0.1:30051 failed".into());
+        let m = fails_with(
+            &o,
+            &[
+                "passt-process",
+                "forward-loopback-only",
+                "tcp",
+                "mtls-handshake",
+                "client-cert-required",
+                "health",
+                "info",
+                "kernel-digest",
+                "rootfs-digest",
+                "no-stale-state",
+            ],
+        );
+        assert!(m.row("forward-loopback-only").unwrap().reason.contains("nothing listens on port 30051"));
+        assert!(m.render().contains("required failing: passt-process, forward-loopback-only, tcp"), "{}", m.render());
+    }
+
+    #[test]
+    fn handshake_accepted_without_client_cert_fails() {
+        let mut o = healthy();
+        o.without_cert = Attempt::Done("Serving".into());
+        let m = fails_with(&o, &["client-cert-required"]);
+        assert!(m.row("client-cert-required").unwrap().reason.contains("was answered"));
+    }
+
+    #[test]
+    fn refusal_is_an_alert_or_a_close_not_a_timeout() {
+        let mut o = healthy();
+        o.without_cert = Attempt::Failed("stream closed because of a broken pipe".into());
+        assert_eq!(decide(&o).row("client-cert-required").unwrap().status, Status::Pass);
+        o.without_cert = Attempt::Failed("client without certificate: no answer within 3 s".into());
+        let m = decide(&o);
+        assert_eq!(m.row("client-cert-required").unwrap().status, Status::Warn, "{}", m.render());
+    }
+
+    #[test]
+    fn untested_client_cert_refusal_is_not_a_pass() {
+        let mut o = healthy();
+        o.mtls = Attempt::Failed("tls: bad certificate".into());
+        o.without_cert = Attempt::NotTried("the mTLS handshake failed".into());
+        o.health = Attempt::NotTried("the mTLS handshake failed".into());
+        o.info = Attempt::NotTried("the mTLS handshake failed".into());
+        fails_with(&o, &["mtls-handshake", "client-cert-required", "health", "info", "kernel-digest", "rootfs-digest"]);
+    }
+
+    #[test]
+    fn not_serving_fails_health() {
+        let mut o = healthy();
+        o.health = Attempt::Done("NotServing".into());
+        fails_with(&o, &["health"]);
+    }
+
+    fn with_info(o: &mut Observations, edit: impl FnOnce(&mut InfoFacts)) {
+        if let Attempt::Done(i) = &mut o.info {
+            edit(i);
+        }
+    }
+
+    #[test]
+    fn digest_mismatches_fail() {
+        let mut o = healthy();
+        with_info(&mut o, |i| i.kernel_sha256 = R.into());
+        let m = fails_with(&o, &["kernel-digest"]);
+        assert!(m.row("kernel-digest").unwrap().reason.contains("metadata.json records aaaaaaaaaaaaaaaa"), "{}", m.render());
+
+        let mut o = healthy();
+        o.rootfs_record = Attempt::Done(K.into());
+        let m = fails_with(&o, &["rootfs-digest"]);
+        assert!(m.row("rootfs-digest").unwrap().reason.contains("manifest.json records aaaa"), "{}", m.render());
+
+        let mut o = healthy();
+        o.kernel_record = Attempt::Failed("/k/provenance.json: No such file".into());
+        fails_with(&o, &["kernel-digest"]);
+
+        let mut o = healthy();
+        with_info(&mut o, |i| i.rootfs_sha256.clear());
+        let m = fails_with(&o, &["rootfs-digest"]);
+        assert!(m.row("rootfs-digest").unwrap().reason.contains("reports no rootfs digest"), "{}", m.render());
+    }
+
+    #[test]
+    fn unrecorded_artifact_paths_warn() {
+        let mut o = healthy();
+        o.kernel_record = Attempt::NotTried("metadata.json does not record the kernel path".into());
+        let m = decide(&o);
+        assert_eq!(m.row("kernel-digest").unwrap().status, Status::Warn);
+        assert_eq!(m.exit_code(), 0);
+    }
+
+    #[test]
+    fn oops_in_console_fails() {
+        for line in [
+            "[    1.2] BUG: kernel NULL pointer dereference, address: 0000000000000000",
+            "Oops: 0002 [#1] PREEMPT SMP",
+            "Kernel panic - not syncing: Attempted to kill init!",
+            "WARNING: CPU: 0 PID: 1 at mm/slub.c:123 foo+0x1/0x2",
+            "Call Trace:",
+            "watchdog: BUG: soft lockup - CPU#0 stuck for 22s!",
+            "Out of memory: Killed process 42 (openshell-gatew)",
+        ] {
+            let mut o = healthy();
+            o.console = Attempt::Done(format!("Linux version 6.1\n{line}\ngateway listening\n"));
+            let m = fails_with(&o, &["console-clean"]);
+            assert!(m.row("console-clean").unwrap().reason.contains(line.trim()), "{}", m.render());
+        }
+    }
+
+    #[test]
+    fn unreadable_console_fails() {
+        let mut o = healthy();
+        o.console = Attempt::Failed("No such file or directory".into());
+        fails_with(&o, &["console-clean"]);
+    }
+
+    #[test]
+    fn stale_lock_holder_and_leftovers_fail() {
+        let mut o = healthy();
+        o.lock_holders = vec![77];
+        let m = fails_with(&o, &["no-stale-state"]);
+        assert!(m.row("no-stale-state").unwrap().reason.contains("names supervisor 10"));
+
+        let mut o = healthy();
+        o.leftovers = vec![
+            Leftover { path: "/g/default/.metadata.json.tmp".into(), what: "interrupted metadata write" },
+            Leftover { path: "/g/default/vm/share/exit-code".into(), what: "guest exit code while running" },
+        ];
+        let m = fails_with(&o, &["no-stale-state"]);
+        let reason = &m.row("no-stale-state").unwrap().reason;
+        assert!(reason.contains(".metadata.json.tmp") && reason.contains("exit-code"), "{reason}");
+    }
+
+    #[test]
+    fn vmm_not_child_of_supervisor_is_stale() {
+        let mut o = healthy();
+        o.vm = proc(11, 500, "/usr/bin/qemu-system-x86_64");
+        let m = fails_with(&o, &["no-stale-state"]);
+        assert!(m.row("no-stale-state").unwrap().reason.contains("VMM pid 11 is a child of Some(500)"));
+    }
+
+    #[test]
+    fn orphans_of_a_stopped_instance_are_stale() {
+        let mut o = healthy();
+        o.locked = false;
+        o.lock_holders.clear();
+        o.supervisor = dead(10);
+        let stale = stale_findings(&o);
+        assert_eq!(stale.len(), 2, "{stale:?}");
+        assert!(stale[0].contains("VMM pid 11 still runs without a supervisor"));
+    }
+
+    #[test]
+    fn trouble_markers_do_not_match_a_healthy_boot() {
+        let boot = "Linux version 6.1.0 (root@host) #1 SMP PREEMPT_DYNAMIC\nCommand line: console=ttyS0 quiet\n\
+                    openshell-init: [   40 ms] mounted /proc /sys /dev\ngateway listening on 0.0.0.0:30051 (mTLS)\n";
+        assert!(kernel_trouble(boot).is_empty());
+    }
+}

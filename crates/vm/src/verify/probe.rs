@@ -1,0 +1,337 @@
+//! Gathers [`Observations`] about one gateway instance from the host: its files, `/proc`, and
+//! network probes each bounded by a short timeout. It judges nothing (that is [`super::decide`]);
+//! it fails only when there is nothing to verify (no such instance, unreadable metadata).
+
+use std::fs;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use openshell_matrix::Matrix;
+
+use super::procfs;
+use super::{decide, Attempt, InfoFacts, Leftover, Observations};
+use crate::gateway::{GatewayInstance, Metadata};
+use crate::VmError;
+
+/// A refused or unrouted TCP connect answers at once; this bounds a black hole.
+const TCP_TIMEOUT: Duration = Duration::from_secs(1);
+/// Each TLS or gRPC step. The guest answers in milliseconds when healthy, even under TCG; a guest
+/// that takes longer is not healthy, and `verify` must not hang on it.
+const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+/// Attempts of the client without a certificate (see `grpc_probes`).
+const NO_CERT_TRIES: usize = 3;
+/// The name the gateway's server certificate carries.
+const SERVER_NAME: &str = "localhost";
+
+/// Probes `inst` and decides: the verification matrix.
+pub fn verify(inst: &GatewayInstance) -> Result<Matrix, VmError> {
+    Ok(decide(&probe(inst)?))
+}
+
+/// Everything `verify` looks at. Errors only when there is no instance to verify.
+pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
+    let name = &inst.name;
+    if !inst.dir.is_dir() {
+        return Err(VmError::Instance(format!(
+            "no gateway {name:?} at {}; start one with `cargo xtask vm run --detach --name {name}`",
+            inst.dir.display()
+        )));
+    }
+    let metadata = read_metadata(inst)?;
+    let port = endpoint_port(&metadata.endpoint).ok_or_else(|| {
+        VmError::Instance(format!(
+            "{}: endpoint {:?} is not HOST:PORT; restart the gateway to rewrite it",
+            inst.metadata_path().display(),
+            metadata.endpoint
+        ))
+    })?;
+    let locked = inst.locked();
+    let lock_holders = procfs::flock_holders(&inst.lock_path());
+    let supervisor = metadata.supervisor_pid.map(procfs::process);
+    let vm = metadata.vm_pid.map(procfs::process);
+    let passt = metadata.passt_pid.map(procfs::process);
+    let listeners = listeners(port, passt.as_ref());
+
+    let tcp = tcp_connect(&metadata.endpoint);
+    let (mtls, without_cert, health, info) = match &tcp {
+        Attempt::Done(_) => grpc_probes(inst, &metadata.endpoint),
+        _ => {
+            let why = format!("not tried: TCP to {} failed", metadata.endpoint);
+            (Attempt::NotTried(why.clone()), Attempt::NotTried(why.clone()), Attempt::NotTried(why.clone()), Attempt::NotTried(why))
+        }
+    };
+
+    let kernel_record = match &metadata.kernel_path {
+        None => Attempt::NotTried("metadata.json does not record the kernel it booted".into()),
+        Some(vmlinux) => match vmlinux.parent().map(openshell_artifacts::kernel::GuestKernel::open) {
+            Some(Ok(k)) => Attempt::Done(k.provenance.vmlinux_sha256.hex()),
+            Some(Err(e)) => Attempt::Failed(e.to_string()),
+            None => Attempt::Failed(format!("{} has no directory", vmlinux.display())),
+        },
+    };
+    let rootfs_record = match &metadata.rootfs_dir {
+        None => Attempt::NotTried("metadata.json does not record the rootfs it booted".into()),
+        Some(dir) => match openshell_artifacts::rootfs::RootfsBundle::open(dir) {
+            Ok(r) => Attempt::Done(r.digest().hex()),
+            Err(e) => Attempt::Failed(e.to_string()),
+        },
+    };
+    let console_path = metadata.console_log.clone().unwrap_or_else(|| inst.vm_dir().join("console.log"));
+    let console = match fs::read(&console_path) {
+        Ok(bytes) => Attempt::Done(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(e) => Attempt::Failed(e.to_string()),
+    };
+    let leftovers = leftovers(inst, locked);
+    Ok(Observations {
+        name: name.clone(),
+        metadata,
+        port,
+        locked,
+        lock_holders,
+        supervisor,
+        vm,
+        passt,
+        listeners,
+        tcp,
+        mtls,
+        without_cert,
+        health,
+        info,
+        kernel_record,
+        rootfs_record,
+        console,
+        console_path,
+        leftovers,
+    })
+}
+
+fn read_metadata(inst: &GatewayInstance) -> Result<Metadata, VmError> {
+    let path = inst.metadata_path();
+    let name = &inst.name;
+    let bytes = fs::read(&path).map_err(|e| {
+        VmError::Instance(format!(
+            "{}: {e}; gateway {name:?} has never become ready, start it with `cargo xtask vm run --detach --name {name}`",
+            path.display()
+        ))
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        VmError::Instance(format!(
+            "{} is not valid metadata ({e}); `cargo xtask vm stop --name {name}`, then start it again to rewrite it",
+            path.display()
+        ))
+    })
+}
+
+fn endpoint_port(endpoint: &str) -> Option<u16> {
+    endpoint.rsplit_once(':')?.1.parse().ok().filter(|&p| p != 0)
+}
+
+/// The LISTEN sockets on `port`, each with whether the recorded passt holds it, and if it does
+/// not, who does (searched only then, since it walks every process).
+fn listeners(port: u16, passt: Option<&procfs::ProcessFact>) -> Vec<(procfs::TcpListenerFact, Option<bool>, Option<procfs::ProcessFact>)> {
+    procfs::tcp_listeners(port)
+        .into_iter()
+        .map(|l| {
+            let by_passt = passt.filter(|p| p.alive).and_then(|p| procfs::holds_socket(p.pid, l.inode));
+            if by_passt == Some(true) {
+                return (l, Some(true), None);
+            }
+            match procfs::socket_owner(l.inode).map(procfs::process) {
+                Some(owner) => {
+                    let ours = passt.is_some_and(|p| p.pid == owner.pid);
+                    (l, Some(ours), Some(owner))
+                }
+                None => (l, None, None),
+            }
+        })
+        .collect()
+}
+
+fn tcp_connect(endpoint: &str) -> Attempt<Duration> {
+    let addr = match endpoint.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(a)) => a,
+        Ok(None) => return Attempt::Failed(format!("{endpoint} resolves to no address")),
+        Err(e) => return Attempt::Failed(format!("{endpoint}: {e}")),
+    };
+    let t = Instant::now();
+    match TcpStream::connect_timeout(&addr, TCP_TIMEOUT) {
+        Ok(_) => Attempt::Done(t.elapsed()),
+        Err(e) => Attempt::Failed(e.to_string()),
+    }
+}
+
+type GrpcAttempts = (Attempt<Duration>, Attempt<String>, Attempt<String>, Attempt<InfoFacts>);
+
+/// mTLS channel, then (over it) health and Info, and separately a client without a certificate.
+fn grpc_probes(inst: &GatewayInstance, endpoint: &str) -> GrpcAttempts {
+    let not_tried = |why: &str| -> GrpcAttempts {
+        (Attempt::Failed(why.to_owned()), Attempt::NotTried(format!("not tried: {why}")), Attempt::NotTried(format!("not tried: {why}")), Attempt::NotTried(format!("not tried: {why}")))
+    };
+    let bundle = match inst.client_bundle() {
+        Ok(b) => b,
+        Err(e) => return not_tried(&format!("the stored client bundle: {e}")),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return not_tried(&format!("tokio runtime: {e}")),
+    };
+    rt.block_on(async {
+        let bounded = |what: &'static str| move |_| format!("{what}: no answer within {} s", RPC_TIMEOUT.as_secs());
+        let t = Instant::now();
+        let channel = tokio::time::timeout(RPC_TIMEOUT, openshell_gateway::connect(endpoint, &bundle, SERVER_NAME))
+            .await
+            .map_err(bounded("TLS handshake"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let channel = match channel {
+            Ok(c) => c,
+            Err(e) => {
+                let why = "not tried: the mTLS handshake failed".to_owned();
+                return (Attempt::Failed(e), Attempt::NotTried(why.clone()), Attempt::NotTried(why.clone()), Attempt::NotTried(why));
+            }
+        };
+        let mtls = Attempt::Done(t.elapsed());
+        let health = match tokio::time::timeout(RPC_TIMEOUT, openshell_gateway::health(&channel)).await {
+            Ok(Ok(openshell_gateway::ServingStatus::Serving)) => Attempt::Done("SERVING".to_owned()),
+            Ok(Ok(other)) => Attempt::Done(format!("{other:?}")),
+            Ok(Err(e)) => Attempt::Failed(e.to_string()),
+            Err(e) => Attempt::Failed(bounded("health")(e)),
+        };
+        let info = match tokio::time::timeout(RPC_TIMEOUT, openshell_gateway::info(&channel)).await {
+            Ok(Ok(i)) => Attempt::Done(InfoFacts {
+                version: i.version,
+                kernel_release: i.kernel_release,
+                boot_id: i.boot_id,
+                uptime_ms: i.uptime_ms,
+                kernel_sha256: i.kernel_sha256,
+                rootfs_sha256: i.rootfs_sha256,
+            }),
+            Ok(Err(e)) => Attempt::Failed(e.to_string()),
+            Err(e) => Attempt::Failed(bounded("Info")(e)),
+        };
+        // The gateway sends its CertificateRequired alert and closes; now and then the close
+        // wins and the client sees only "connection closed". A few tries get the alert, which
+        // is what proves the refusal came from the certificate check.
+        let mut without_cert = Attempt::NotTried(String::new());
+        for _ in 0..NO_CERT_TRIES {
+            let without = tokio::time::timeout(RPC_TIMEOUT, openshell_gateway::health_without_client_cert(endpoint, &bundle.ca_pem, SERVER_NAME));
+            without_cert = match without.await {
+                // Answered: the gateway served a client that has no certificate.
+                Ok(Ok(status)) => Attempt::Done(format!("{status:?}")),
+                Ok(Err(e)) => Attempt::Failed(root_cause(&e)),
+                Err(e) => Attempt::Failed(bounded("client without certificate")(e)),
+            };
+            if !matches!(&without_cert, Attempt::Failed(e) if !super::names_certificate(e)) {
+                break;
+            }
+        }
+        (mtls, without_cert, health, info)
+    })
+}
+
+/// The deepest cause of an error: for a refused handshake, the TLS alert (the outer layers only
+/// say "transport error").
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(s) = cause.source() {
+        cause = s;
+    }
+    cause.to_string()
+}
+
+/// Files that should not exist in the instance's state (see [`super::stale_findings`], item 5).
+fn leftovers(inst: &GatewayInstance, running: bool) -> Vec<Leftover> {
+    let share = inst.vm_dir().join("share");
+    let mut out = Vec::new();
+    let mut add = |path: PathBuf, what: &'static str| {
+        if path.exists() {
+            out.push(Leftover { path, what });
+        }
+    };
+    add(inst.dir.join(".metadata.json.tmp"), "interrupted metadata write");
+    add(share.join(format!(".{}.tmp", openshell_guest::EXEC_FILE)), "interrupted exec request write");
+    if running {
+        add(share.join(openshell_guest::EXIT_CODE_FILE), "the guest's exit code although the instance runs");
+    }
+    let mut sockets = Vec::new();
+    find_sockets(&inst.dir, 4, &mut sockets);
+    out.extend(sockets.into_iter().map(|path| Leftover { path, what: "leftover unix socket" }));
+    out
+}
+
+fn find_sockets(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_socket() {
+            out.push(e.path());
+        } else if ft.is_dir() && depth > 0 {
+            find_sockets(&e.path(), depth - 1, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_ports() {
+        assert_eq!(endpoint_port("127.0.0.1:30051"), Some(30051));
+        assert_eq!(endpoint_port("[::1]:8080"), Some(8080));
+        assert_eq!(endpoint_port("127.0.0.1"), None);
+        assert_eq!(endpoint_port("127.0.0.1:0"), None);
+    }
+
+    #[test]
+    fn missing_instance_and_metadata_are_verifier_errors() {
+        let root = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(root.path(), "nope").unwrap();
+        let e = probe(&inst).unwrap_err().to_string();
+        assert!(e.contains("no gateway \"nope\"") && e.contains("vm run --detach --name nope"), "{e}");
+        fs::create_dir_all(&inst.dir).unwrap();
+        let e = probe(&inst).unwrap_err().to_string();
+        assert!(e.contains("never become ready"), "{e}");
+        fs::write(inst.metadata_path(), "{").unwrap();
+        let e = probe(&inst).unwrap_err().to_string();
+        assert!(e.contains("not valid metadata"), "{e}");
+    }
+
+    /// A stopped instance on this host (no processes, a closed port): every probe answers fast,
+    /// and the matrix fails on the supervisor without erroring.
+    #[test]
+    fn stopped_instance_is_probed_fast() {
+        let root = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(root.path(), "stopped").unwrap();
+        fs::create_dir_all(inst.vm_dir()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let meta = Metadata {
+            name: "stopped".into(),
+            endpoint: format!("127.0.0.1:{port}"),
+            created_unix: 0,
+            vm_pid: None,
+            kernel_sha256: "k".into(),
+            rootfs_sha256: "r".into(),
+            backend: "qemu".into(),
+            supervisor_pid: None,
+            passt_pid: None,
+            gvproxy_pid: None,
+            kernel_path: None,
+            rootfs_dir: None,
+            console_log: None,
+        };
+        inst.write_metadata(&meta).unwrap();
+        fs::write(inst.dir.join(".metadata.json.tmp"), "{}").unwrap();
+        let t = Instant::now();
+        let m = verify(&inst).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert_eq!(m.exit_code(), 1);
+        for id in ["supervisor", "forward-loopback-only", "tcp", "console-clean", "no-stale-state"] {
+            assert!(m.row(id).unwrap().blocks(), "{id}\n{}", m.render());
+        }
+        assert!(m.row("no-stale-state").unwrap().reason.contains(".metadata.json.tmp"), "{}", m.render());
+        // write_metadata made it the active instance.
+        assert_eq!(crate::gateway::active(root.path()).as_deref(), Some("stopped"));
+    }
+}

@@ -1,0 +1,212 @@
+//! What `/proc` says about processes, listening TCP sockets and flock holders: the raw host facts
+//! the verifier's probes are made of. Parsing is split from reading so the parsers are unit-tested
+//! on fixed text. Linux only, like the rest of the gateway's host side.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// A process as `/proc/<pid>` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessFact {
+    pub pid: u32,
+    /// False when there is no `/proc/<pid>` or the process is a zombie (it has exited).
+    pub alive: bool,
+    pub ppid: Option<u32>,
+    /// The command line, arguments joined by spaces (empty when gone).
+    pub cmdline: String,
+}
+
+impl ProcessFact {
+    /// Whether the process runs a program whose command line mentions any of `programs`.
+    pub fn runs_any(&self, programs: &[&str]) -> bool {
+        self.alive && programs.iter().any(|p| self.cmdline.contains(p))
+    }
+}
+
+pub fn process(pid: u32) -> ProcessFact {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+    let parsed = stat.as_deref().and_then(parse_stat);
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    ProcessFact {
+        pid,
+        alive: parsed.is_some_and(|(state, _)| state != 'Z' && state != 'X'),
+        ppid: parsed.map(|(_, ppid)| ppid),
+        cmdline,
+    }
+}
+
+/// `(state, ppid)` from `/proc/<pid>/stat`. The command name is in parentheses and may itself
+/// contain spaces or parentheses, so the fields are counted from the last `)`.
+fn parse_stat(stat: &str) -> Option<(char, u32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+/// A listening TCP socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpListenerFact {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub inode: u64,
+}
+
+/// Every socket in LISTEN state on `port`, IPv4 and IPv6, in this network namespace.
+pub fn tcp_listeners(port: u16) -> Vec<TcpListenerFact> {
+    let mut out = Vec::new();
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = fs::read_to_string(file).unwrap_or_default();
+        out.extend(parse_proc_net_tcp(&text).into_iter().filter(|l| l.port == port));
+    }
+    out
+}
+
+/// LISTEN rows of a `/proc/net/tcp` or `/proc/net/tcp6` table.
+fn parse_proc_net_tcp(text: &str) -> Vec<TcpListenerFact> {
+    const LISTEN: &str = "0A";
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+        if cols.len() < 10 || cols[3] != LISTEN {
+            continue;
+        }
+        let Some((addr, port)) = cols[1].split_once(':') else { continue };
+        let (Some(addr), Ok(port), Ok(inode)) = (parse_hex_addr(addr), u16::from_str_radix(port, 16), cols[9].parse()) else {
+            continue;
+        };
+        out.push(TcpListenerFact { addr, port, inode });
+    }
+    out
+}
+
+/// The kernel prints each 32-bit word of the address as the number it is in host byte order, so
+/// the bytes come back with `to_ne_bytes`.
+fn parse_hex_addr(hex: &str) -> Option<IpAddr> {
+    let words: Option<Vec<u32>> =
+        (0..hex.len() / 8).map(|i| u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok()).collect();
+    let bytes: Vec<u8> = words?.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    match bytes.len() {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
+        16 => Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?))),
+        _ => None,
+    }
+}
+
+/// Whether `pid` has the socket with this inode open. `None` when its fds cannot be read.
+pub fn holds_socket(pid: u32, inode: u64) -> Option<bool> {
+    let want = format!("socket:[{inode}]");
+    let dir = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(dir.flatten().any(|e| fs::read_link(e.path()).is_ok_and(|t| t.as_os_str() == want.as_str())))
+}
+
+/// The process holding the socket with this inode open, searching every readable `/proc/<pid>`.
+pub fn socket_owner(inode: u64) -> Option<u32> {
+    let procs = fs::read_dir("/proc").ok()?;
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| holds_socket(pid, inode) == Some(true))
+}
+
+/// The pids holding a granted `flock` on `path`, from `/proc/locks` (matched by device and inode).
+pub fn flock_holders(path: &Path) -> Vec<u32> {
+    let Ok(meta) = fs::metadata(path) else { return Vec::new() };
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let text = fs::read_to_string("/proc/locks").unwrap_or_default();
+    parse_proc_locks(&text, major, minor, meta.ino())
+}
+
+fn parse_proc_locks(text: &str, major: u32, minor: u32, inode: u64) -> Vec<u32> {
+    let want = format!("{major:02x}:{minor:02x}:{inode}");
+    text.lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 1234 00:2d:5678 0 EOF"; waiters carry a "->" column.
+            if cols.len() < 6 || cols[1] != "FLOCK" || cols.contains(&"->") || !cols[5].eq_ignore_ascii_case(&want) {
+                return None;
+            }
+            cols[4].parse().ok()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_odd_command_names() {
+        assert_eq!(parse_stat("42 (qemu-system-x86) S 7 42 42 0"), Some(('S', 7)));
+        assert_eq!(parse_stat("42 (a b) c) Z 1 42"), Some(('Z', 1)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn listeners_v4_and_v6() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:7553 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 17 1 0000000000000000 100 0 0 10 0
+   2: 0100007F:7553 0100007F:C000 01 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0";
+        let got = parse_proc_net_tcp(v4);
+        assert_eq!(
+            got,
+            [
+                TcpListenerFact { addr: "127.0.0.1".parse().unwrap(), port: 30035, inode: 4242 },
+                TcpListenerFact { addr: "0.0.0.0".parse().unwrap(), port: 22, inode: 17 },
+            ]
+        );
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:7553 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 555 1 0000000000000000 100 0 0 10 0
+   1: 00000000000000000000000000000000:7553 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 556 1 0000000000000000 100 0 0 10 0";
+        let got = parse_proc_net_tcp(v6);
+        assert_eq!(got[0].addr, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(got[1].addr, "::".parse::<IpAddr>().unwrap());
+        assert_eq!(got[1].inode, 556);
+    }
+
+    #[test]
+    fn flock_holder_by_device_and_inode() {
+        let locks = "1: FLOCK  ADVISORY  WRITE 321 00:2d:77 0 EOF
+1: -> FLOCK  ADVISORY  WRITE 999 00:2d:77 0 EOF
+2: POSIX  ADVISORY  WRITE 5 00:2d:77 0 EOF
+3: FLOCK  ADVISORY  WRITE 6 08:01:77 0 EOF";
+        assert_eq!(parse_proc_locks(locks, 0, 0x2d, 77), [321]);
+        assert_eq!(parse_proc_locks(locks, 0, 0x2d, 78), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn this_process_is_alive_and_has_a_parent() {
+        let me = process(std::process::id());
+        assert!(me.alive && me.ppid.is_some() && !me.cmdline.is_empty(), "{me:?}");
+    }
+
+    #[test]
+    fn real_listener_is_found_with_its_owner() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let found = tcp_listeners(port);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(holds_socket(std::process::id(), found[0].inode), Some(true));
+    }
+
+    #[test]
+    fn real_flock_holder_is_found() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let f = fs::File::create(&path).unwrap();
+        // SAFETY: flock on an fd we own.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        assert_eq!(flock_holders(&path), [std::process::id()]);
+        drop(f);
+        assert!(flock_holders(&path).is_empty());
+    }
+}

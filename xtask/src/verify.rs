@@ -1,0 +1,45 @@
+//! `cargo xtask verify`: the verification matrix of a running gateway instance (rows, `--json`).
+//! Exit 0 when every required row passes, 1 when one fails, 2 when there was nothing to verify
+//! (no such instance, unreadable metadata). The checks live in `openshell_vm::verify`.
+
+use openshell_vm::gateway::{self, GatewayInstance};
+
+#[derive(clap::Args)]
+pub struct VerifyCmd {
+    /// The gateway instance (default: the active one, the last that became ready)
+    #[arg(long)]
+    name: Option<String>,
+    /// Machine-readable output: {subject, ok, exit_code, rows:[{id, status, required, reason, fix}]}
+    #[arg(long)]
+    json: bool,
+}
+
+impl VerifyCmd {
+    pub fn run(self) -> anyhow::Result<()> {
+        let root = gateway::gateways_root();
+        let matrix = self
+            .name
+            .or_else(|| gateway::active(&root))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no active gateway under {}; start one with `cargo xtask vm run --detach` or pass --name",
+                    root.display()
+                )
+            })
+            .and_then(|name| Ok(GatewayInstance::new(&root, &name)?))
+            .and_then(|inst| Ok(openshell_vm::verify::verify(&inst)?));
+        let matrix = match matrix {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("verify: {e:#}");
+                std::process::exit(openshell_matrix::EXIT_CHECKER_FAILED);
+            }
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&matrix.to_json())?);
+        } else {
+            print!("{}", matrix.render());
+        }
+        std::process::exit(matrix.exit_code());
+    }
+}
