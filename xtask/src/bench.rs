@@ -2,7 +2,6 @@
 //! print median/min/max of each boot phase, of boot → mTLS SERVING, and the peak RSS of the VMM
 //! and passt. Figures, not assertions.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use openshell_artifacts::Store;
@@ -44,8 +43,12 @@ impl BenchCmd {
         let root = tempfile::Builder::new().prefix("openshell-bench-").tempdir()?;
         let mut report = serde_json::Map::new();
         for mode in ["cold", "warm"] {
-            // phase name → samples in ms
-            let mut samples: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            // (phase name, samples in ms), in the order the phases happen
+            let mut samples: Vec<(String, Vec<f64>)> = Vec::new();
+            let mut add = |phase: String, v: f64| match samples.iter_mut().find(|(p, _)| *p == phase) {
+                Some((_, s)) => s.push(v),
+                None => samples.push((phase, vec![v])),
+            };
             let pb = crate::progress::spinner(format!("bench boot ({mode})"));
             for i in 0..n {
                 pb.set_message(format!("boot {}/{n}", i + 1));
@@ -59,16 +62,15 @@ impl BenchCmd {
                 cfg.vmm = vmm;
                 let mut vm = openshell_vm::launch(&cfg)?;
                 let ready = gateway::wait_ready(&mut vm, &format!("127.0.0.1:{port}"), &inst.client_bundle()?, Duration::from_secs(120))?;
-                samples.entry("boot → mTLS SERVING".into()).or_default().push(ready.as_secs_f64() * 1e3);
                 for (ms, step) in timeline::guest_steps(&std::fs::read_to_string(&vm.console).unwrap_or_default()) {
-                    let phase = step.split(':').next().unwrap_or(&step).to_owned();
-                    samples.entry(format!("guest: {phase}")).or_default().push(ms as f64);
+                    add(format!("guest: {}", timeline::phase(&step)), ms as f64);
                 }
+                add("host: boot → mTLS SERVING".into(), ready.as_secs_f64() * 1e3);
                 if let Some(k) = timeline::peak_rss_kib(vm.pid()) {
-                    samples.entry("peak RSS VMM (MiB)".into()).or_default().push(k as f64 / 1024.0);
+                    add("peak RSS VMM (MiB)".into(), k as f64 / 1024.0);
                 }
                 if let Some(k) = vm.passt_pid().and_then(timeline::peak_rss_kib) {
-                    samples.entry("peak RSS passt (MiB)".into()).or_default().push(k as f64 / 1024.0);
+                    add("peak RSS passt (MiB)".into(), k as f64 / 1024.0);
                 }
                 drop(vm);
             }

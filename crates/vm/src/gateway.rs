@@ -19,8 +19,9 @@ use crate::{NetMode, PortMap, RunningVm, VmConfig, VmError};
 pub const GATEWAY_PORT: u16 = 30051;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 const LISTENING_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often readiness probes before the gateway has said it listens.
-const BLIND_PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How often readiness probes before the gateway has said it listens: rarely, since such a probe
+/// blocks the loop for its whole timeout and would delay noticing the line on a loaded host.
+const BLIND_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// Inside the guest: where the share puts the server material.
 const GUEST_TLS_DIR: &str = "/run/openshell/tls";
 
@@ -323,8 +324,12 @@ pub fn wait_ready(
             let bound = if listening { LISTENING_ATTEMPT_TIMEOUT } else { ATTEMPT_TIMEOUT };
             let attempt = rt.block_on(async {
                 tokio::time::timeout(bound, async {
+                    let t = Instant::now();
                     let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await?;
-                    openshell_gateway::health(&ch).await
+                    let connected = t.elapsed();
+                    let h = openshell_gateway::health(&ch).await;
+                    tracing::debug!(connect_ms = connected.as_millis() as u64, health_ms = (t.elapsed() - connected).as_millis() as u64, at_ms = vm.started.elapsed().as_millis() as u64, "readiness probe");
+                    h
                 })
                 .await
             });

@@ -18,6 +18,19 @@ pub fn guest_steps(console: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// A step's phase name, without its details: `network up: eth0 …` → `network up`,
+/// `gateway: listening on …` → `gateway listening`, `exec /usr/bin/x` → `exec`.
+pub fn phase(step: &str) -> String {
+    if let Some(rest) = step.strip_prefix("gateway: ") {
+        return format!("gateway {}", rest.split(" on ").next().unwrap_or(rest));
+    }
+    let head = step.split(':').next().unwrap_or(step);
+    match head.split_once(' ') {
+        Some(("exec", _)) => "exec workload".to_owned(),
+        _ => head.to_owned(),
+    }
+}
+
 /// Whether the gateway has said it listens.
 pub fn gateway_listening(console: &str) -> bool {
     guest_steps(console).iter().any(|(_, s)| s.starts_with(GATEWAY_LISTENING))
@@ -41,6 +54,14 @@ mod tests {
         let c = format!("{c}openshell-gateway: [  1210 ms] listening on 0.0.0.0:30051\n");
         assert_eq!(guest_steps(&c)[2], (1210, "gateway: listening on 0.0.0.0:30051".into()));
         assert!(gateway_listening(&c));
+    }
+
+    #[test]
+    fn phases_drop_details() {
+        assert_eq!(phase("network up: eth0 192.0.2.2/24 via 192.0.2.1 (static)"), "network up");
+        assert_eq!(phase("gateway: listening on 0.0.0.0:30051"), "gateway listening");
+        assert_eq!(phase("exec /usr/bin/openshell-gateway"), "exec workload");
+        assert_eq!(phase("init started"), "init started");
     }
 
     #[test]
