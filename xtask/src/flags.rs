@@ -23,4 +23,6 @@ pub enum Cmd {
     Test(crate::e2e::TestCmd),
     /// Benchmarks that print figures (boot phases, time to mTLS SERVING, peak RSS)
     Bench(crate::bench::BenchCmd),
+    /// Capability matrices: `--guest` boots a VM and checks what the guest kernel can do
+    Check(crate::check::CheckCmd),
 }

@@ -5,9 +5,11 @@
 
 mod artifacts;
 mod bench;
+mod check;
 mod deps;
 mod e2e;
 mod flags;
+mod guest_check;
 mod kernel;
 mod progress;
 mod rootfs;
@@ -34,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::E2e(cmd) => cmd.run(),
         flags::Cmd::Test(cmd) => cmd.run(),
         flags::Cmd::Bench(cmd) => cmd.run(),
+        flags::Cmd::Check(cmd) => cmd.run(),
     }
 }
 
