@@ -4,11 +4,11 @@
 //!
 //! init mounts cgroup2 at /sys/fs/cgroup. The child cgroup is removed again afterwards.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use openshell_matrix::Row;
 
-use crate::kernel_fix;
+use crate::{fix_for, kernel_fix};
 
 pub const CPU: &str = "cgroup2-cpu";
 pub const MEMORY: &str = "cgroup2-memory";
@@ -89,7 +89,7 @@ pub fn check() -> Vec<Row> {
     };
     let dir = root.join(format!("openshell-guest-check-{}", std::process::id()));
     if let Err(e) = std::fs::create_dir(&dir) {
-        return fail_all(format!("mkdir {}: {e}", dir.display()), kernel_fix("CONFIG_CGROUPS"));
+        return fail_all(format!("mkdir {}: {e}", dir.display()), fix_for(&e, "CONFIG_CGROUPS"));
     }
     let mut rows = Vec::new();
     let mut enabled = Vec::new();
@@ -121,7 +121,7 @@ pub fn check() -> Vec<Row> {
 }
 
 /// The limits kubelet sets, then this process moved in to watch them act.
-fn limits(dir: &PathBuf, enabled: &[&str], rows: &mut Vec<Row>) -> Result<(), String> {
+fn limits(dir: &Path, enabled: &[&str], rows: &mut Vec<Row>) -> Result<(), String> {
     let on = |c: &str| enabled.contains(&c);
     if on("cpu") {
         let weight = set(dir, "cpu.weight", "50").map_err(|e| (e, "CONFIG_FAIR_GROUP_SCHED"));

@@ -25,11 +25,28 @@ pub fn kernel_fix(options: &str) -> String {
     format!("enable {options} in kernel/k8s-networking.config (`cargo xtask check --guest` rebuilds the kernel)")
 }
 
+/// The fix for an operation the kernel refused: a permission error means the checker is not
+/// root (the checks need CAP_SYS_ADMIN and CAP_NET_ADMIN), anything else a missing feature.
+pub fn fix_for(e: &std::io::Error, options: &str) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => "run openshell-guest-check as root (it needs CAP_SYS_ADMIN and CAP_NET_ADMIN)".into(),
+        _ => kernel_fix(options),
+    }
+}
+
+/// Every row the checker reports, in table order: a matrix missing one of these is incomplete.
+pub fn row_ids() -> Vec<&'static str> {
+    [net::IDS, cgroup::IDS, &[seccomp::ID, landlock::ID]].concat()
+}
+
+/// One group of checks: runs in a forked child and returns its rows.
+type Check = fn() -> Vec<openshell_matrix::Row>;
+
 /// Runs every group, each in its own child process. Call from a single-threaded process.
 pub fn run() -> Matrix {
     let mut m = Matrix::new("guest");
     // Generous: the guest may run under full software emulation (QEMU TCG).
-    let groups: [(&[&str], Duration, fn() -> Vec<openshell_matrix::Row>); 4] = [
+    let groups: [(&[&str], Duration, Check); 4] = [
         (net::IDS, Duration::from_secs(60), net::check),
         (cgroup::IDS, Duration::from_secs(20), cgroup::check),
         (&[seccomp::ID], Duration::from_secs(20), seccomp::check),
@@ -41,4 +58,26 @@ pub fn run() -> Matrix {
         }
     }
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_errors_ask_for_root_others_for_the_kernel_option() {
+        let e = |n| std::io::Error::from_raw_os_error(n);
+        assert!(fix_for(&e(libc::EPERM), "CONFIG_NET_NS").contains("as root"));
+        assert!(fix_for(&e(libc::EACCES), "CONFIG_CGROUPS").contains("as root"));
+        assert!(fix_for(&e(libc::EINVAL), "CONFIG_NET_NS").contains("enable CONFIG_NET_NS in kernel/"));
+    }
+
+    #[test]
+    fn row_ids_are_unique() {
+        let ids = row_ids();
+        let mut dedup = ids.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(ids.len(), dedup.len());
+    }
 }

@@ -24,7 +24,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::rule::RuleAction;
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::{kernel_fix, nft, xtables};
+use crate::{fix_for, kernel_fix, nft, xtables};
 
 pub const NETNS: &str = "netns";
 pub const VETH: &str = "veth";
@@ -192,7 +192,7 @@ async fn topology(r: &mut Report) -> Option<()> {
     let ns = match (new_netns(), new_netns(), new_netns()) {
         (Ok(router), Ok(client), Ok(server)) => Namespaces { initial, router, client, server },
         (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
-            r.fail(NETNS, format!("unshare(CLONE_NEWNET): {e}"), kernel_fix("CONFIG_NET_NS"));
+            r.fail(NETNS, format!("unshare(CLONE_NEWNET): {e}"), fix_for(&e, "CONFIG_NET_NS"));
             return None;
         }
     };
@@ -424,5 +424,21 @@ fn conntrack_count(router: &OwnedFd) -> String {
     match enter(router).and_then(|()| std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")) {
         Ok(s) => s.trim().to_owned(),
         Err(e) => format!("unreadable: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undecided_rows_name_what_blocked_them_and_legacy_iptables_stays_optional() {
+        let mut r = Report { rows: Vec::new(), blocker: None };
+        r.pass(NETNS, "ok");
+        r.fail(VETH, "EOPNOTSUPP", kernel_fix("CONFIG_VETH"));
+        let rows = r.finish();
+        assert_eq!(rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), IDS);
+        assert!(rows[2].reason.contains("not tried: the veth row failed"), "{:?}", rows[2]);
+        assert!(rows.iter().find(|r| r.id == IPTABLES_LEGACY).is_some_and(|r| !r.required));
     }
 }

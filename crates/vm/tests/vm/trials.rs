@@ -13,7 +13,7 @@ use openshell_vm::gateway::{self, GatewayInstance};
 pub type Body = fn(&Artifacts, VmmChoice, TrialDir) -> Result<(), Failed>;
 
 /// Every group of trials; a new suite lives in its own module and adds its slice here.
-const GROUPS: &[&[(&str, Body)]] = &[CONTRACT];
+const GROUPS: &[&[(&str, Body)]] = &[CONTRACT, crate::guest_check::TRIALS];
 
 /// The contract every backend honours.
 const CONTRACT: &[(&str, Body)] = &[
