@@ -11,6 +11,7 @@ use crate::trials::Body;
 pub const TRIALS: &[(&str, Body)] = &[
     ("guest::guest_capability_matrix_all_required_pass", all_required_pass),
     ("guest::unprivileged_guest_check_fails_netns_but_sandboxes_pass", unprivileged_fails_netns),
+    ("guest::checker_that_writes_no_matrix_is_a_checker_failure", silent_checker_is_an_error),
 ];
 
 fn all_required_pass(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
@@ -55,4 +56,30 @@ fn unprivileged_fails_netns(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Res
         )));
     }
     Ok(())
+}
+
+/// A checker that exits 0 without writing its matrix must be an error (exit 2 for `check
+/// --guest`), never an empty matrix that passes. The trial boots a copy of the rootfs whose
+/// checker is replaced by `exit 0`.
+fn silent_checker_is_an_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let rootfs = dir.path().join("rootfs");
+    let copied = std::process::Command::new("cp").arg("-a").arg(&a.rootfs).arg(&rootfs).status();
+    if !copied.as_ref().is_ok_and(|s| s.success()) {
+        return Err(dir.fail(format!("cannot copy the rootfs {} for this trial: {copied:?}", a.rootfs.display())));
+    }
+    let bin = rootfs.join(openshell_guest::GUEST_CHECK_BIN.trim_start_matches('/'));
+    let replaced = std::fs::remove_file(&bin).and_then(|()| std::fs::write(&bin, "#!/bin/sh\nexit 0\n")).and_then(|()| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
+    });
+    if let Err(e) = replaced {
+        return Err(dir.fail(format!("cannot replace {}: {e}", bin.display())));
+    }
+    let mut cfg = guest_check::config(a.kernel.clone(), rootfs, dir.path().join("state"));
+    cfg.vmm = vmm;
+    match guest_check::run(&cfg) {
+        Err(openshell_vm::VmError::GuestCheck(why)) if why.contains("wrote no matrix") => Ok(()),
+        Err(e) => Err(dir.fail(format!("expected a 'wrote no matrix' checker failure, got: {e}"))),
+        Ok(m) => Err(dir.fail(format!("a checker that wrote nothing produced a matrix:\n{}", m.render()))),
+    }
 }
