@@ -15,6 +15,7 @@ pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
     ("openshell-guest", "openshell-init", "/sbin/openshell-init"),
     ("openshell-gateway", "openshell-gateway", "/usr/bin/openshell-gateway"),
+    ("openshell-guest-check", "openshell-guest-check", openshell_guest::GUEST_CHECK_BIN),
 ];
 
 pub fn kernel_spec() -> anyhow::Result<KernelSpec> {
@@ -115,4 +116,24 @@ pub fn rootfs_inputs(sh: &Shell) -> anyhow::Result<RootfsInputs> {
 pub fn ensure_rootfs(sh: &Shell, store: &Store) -> anyhow::Result<RootfsBundle> {
     let inputs = rootfs_inputs(sh)?;
     Ok(rootfs::bake(store, &inputs).context("rootfs bake failed")?)
+}
+
+/// What `cfg` needs on the host to boot: passt for its network, QEMU where libkrun cannot run,
+/// and the `openshell-vmm` binary (built here) when libkrun is the backend.
+pub fn ensure_vmm(sh: &Shell, cfg: &mut openshell_vm::VmConfig) -> anyhow::Result<()> {
+    if cfg.net == openshell_vm::NetMode::Passt {
+        deps::ensure(sh, &[deps::PASST])?;
+    }
+    let host = openshell_vm::HostFacts::probe();
+    if cfg.vmm != openshell_vm::VmmChoice::Krun && !host.hardware_kvm() {
+        deps::ensure(sh, &[deps::QEMU])?;
+    }
+    if matches!(openshell_vm::backend::choose(cfg.vmm, &host), Ok((openshell_vm::Backend::Krun, _))) {
+        cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
+            .quiet()
+            .run()
+            .context("building openshell-vmm failed")?;
+        cfg.krun_vmm_binary = Some(crate::project_root().join("target/debug/openshell-vmm"));
+    }
+    Ok(())
 }

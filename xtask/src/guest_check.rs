@@ -1,6 +1,43 @@
-//! `cargo xtask check --guest`: placeholder on this branch; the guest capability checks are
-//! written on another branch and replace this file when merged.
+//! `cargo xtask check --guest`: boots a VM that runs `openshell-guest-check` and prints the guest
+//! capability matrix. Exit 0: every required row passed; 1: a required row failed; 2: the
+//! checker could not run (no VM, or the guest program crashed or wrote nothing).
 
-pub fn run(_json: bool, _vmm: openshell_vm::VmmChoice) -> anyhow::Result<i32> {
-    anyhow::bail!("guest checks not on this branch")
+use openshell_artifacts::Store;
+use openshell_matrix::EXIT_CHECKER_FAILED;
+use openshell_vm::VmmChoice;
+use xshell::Shell;
+
+/// Runs the guest check and returns the exit code; prints the table (or JSON) on stdout.
+pub fn run(json: bool, vmm: VmmChoice) -> anyhow::Result<i32> {
+    let sh = Shell::new()?;
+    let store = Store::default_location();
+    let kernel = crate::artifacts::ensure_kernel(&sh, &store)?;
+    let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
+    let state = tempfile::Builder::new().prefix("openshell-guest-check-").tempdir()?;
+    let mut cfg = openshell_vm::guest_check::config(kernel.vmlinux.clone(), rootfs.dir.clone(), state.path().join("state"));
+    cfg.vmm = vmm;
+    crate::artifacts::ensure_vmm(&sh, &mut cfg)?;
+    eprintln!("guest check: booting kernel {} with rootfs {}", kernel.provenance.kernel_release, rootfs.digest().hex());
+    let started = std::time::Instant::now();
+    match openshell_vm::guest_check::run(&cfg) {
+        Ok(matrix) => {
+            eprintln!("guest check: done in {:.1}s", started.elapsed().as_secs_f64());
+            if json {
+                println!("{}", matrix.to_json());
+            } else {
+                print!("{}", matrix.render());
+            }
+            Ok(matrix.exit_code())
+        }
+        Err(e) => {
+            // Keep the VM's state (console log, share) for the error to point at.
+            let kept = state.keep();
+            eprintln!("guest check: {e}\nguest check: state kept at {}", kept.display());
+            if json {
+                let doc = serde_json::json!({"subject": "guest", "ok": false, "exit_code": EXIT_CHECKER_FAILED, "error": e.to_string()});
+                println!("{doc}");
+            }
+            Ok(EXIT_CHECKER_FAILED)
+        }
+    }
 }

@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::builder::ArgPredicate;
 use openshell_artifacts::Store;
 use std::time::Duration;
@@ -10,7 +9,7 @@ use std::time::Duration;
 use openshell_vm::check::{self, Verification};
 use openshell_vm::gateway::{self, GatewayInstance};
 use openshell_vm::{VmConfig, VmmChoice};
-use xshell::{cmd, Shell};
+use xshell::Shell;
 
 #[derive(clap::Args)]
 pub struct VmCmd {
@@ -209,17 +208,7 @@ impl RunArgs {
         cfg.console_log = self.console;
         cfg.vmm = self.vmm;
         cfg.dhcp = self.dhcp;
-        if cfg.net == openshell_vm::NetMode::Passt {
-            crate::deps::ensure(&sh, &[crate::deps::PASST])?;
-        }
-        let host = openshell_vm::HostFacts::probe();
-        if cfg.vmm != VmmChoice::Krun && !host.hardware_kvm() {
-            crate::deps::ensure(&sh, &[crate::deps::QEMU])?;
-        }
-        if matches!(openshell_vm::backend::choose(cfg.vmm, &host), Ok((openshell_vm::Backend::Krun, _))) {
-            cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").quiet().run().context("building openshell-vmm failed")?;
-            cfg.krun_vmm_binary = Some(crate::project_root().join("target/debug/openshell-vmm"));
-        }
+        crate::artifacts::ensure_vmm(&sh, &mut cfg)?;
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         if self.detach {
             let (inst, ..) = gateway.as_ref().expect("detach is gateway-only");

@@ -15,6 +15,10 @@ pub const SHARE_TAG: &str = "openshell";
 pub const EXEC_FILE: &str = "exec.json";
 /// The exit status the guest writes back, relative to the share.
 pub const EXIT_CODE_FILE: &str = "exit-code";
+/// The guest capability checker inside the rootfs (`openshell-guest-check`).
+pub const GUEST_CHECK_BIN: &str = "/usr/bin/openshell-guest-check";
+/// Where the guest checker writes its matrix as JSON, relative to the share.
+pub const GUEST_CHECK_FILE: &str = "guest-check.json";
 /// Kernel command-line key telling init how the share is transported (`9p` or `virtiofs`).
 pub const SHARE_TRANSPORT_PARAM: &str = "openshell.share";
 

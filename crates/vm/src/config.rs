@@ -40,6 +40,8 @@ pub enum VmError {
     NotReady(String),
     #[error("the guest was still running after {secs}s; console log: {console}")]
     Timeout { secs: u64, console: PathBuf },
+    #[error("the guest capability checker did not report: {0}")]
+    GuestCheck(String),
     #[error("the guest ended without reporting an exit code (VMM {status}); console log: {console}")]
     NoExitCode { status: String, console: PathBuf },
 }

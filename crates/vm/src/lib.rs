@@ -9,6 +9,7 @@ pub mod backend;
 pub mod check;
 pub mod config;
 pub mod gateway;
+pub mod guest_check;
 pub mod host;
 pub mod launch;
 pub mod net;

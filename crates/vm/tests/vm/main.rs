@@ -6,6 +6,7 @@
 //! from `OPENSHELL_KERNEL` / `OPENSHELL_ROOTFS` (set by `cargo xtask e2e`); with
 //! `OPENSHELL_E2E_REQUIRE=1` missing artifacts fail the run instead.
 
+mod guest_check;
 mod lifecycle;
 mod provenance;
 mod support;
