@@ -143,7 +143,7 @@ impl VmCmd {
             }
             VmSub::Logs { name, follow } => {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
-                let path = inst.vm_dir().join("console.log");
+                let path = inst.console_path();
                 let mut pos = 0u64;
                 loop {
                     let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}; has gateway {name:?} ever run?", path.display()))?;
@@ -217,7 +217,8 @@ impl RunArgs {
             }
             // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
             show_warnings(&check::preflight(&cfg, verification)?);
-            return detach(inst, self.ready_timeout);
+            let (_, _, cold, _) = gateway.as_ref().expect("detach is gateway-only");
+            return detach(inst, self.ready_timeout, *cold);
         }
         let mut vm = match &gateway {
             Some((inst, _, cold, digests)) => {
@@ -284,7 +285,7 @@ fn print_timeline(console: &std::path::Path, ready: Duration) {
 
 /// Re-runs this `vm run` without `--detach` as a background supervisor (its own session, output to
 /// `supervisor.log`), and returns when it reports ready, or fails with its log when it exits.
-fn detach(inst: &GatewayInstance, ready_timeout: u64) -> anyhow::Result<i32> {
+fn detach(inst: &GatewayInstance, ready_timeout: u64, cold: bool) -> anyhow::Result<i32> {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach" && a != "--reset").collect();
     let log_path = inst.dir.join("supervisor.log");
     let log = std::fs::File::create(&log_path)?;
@@ -302,7 +303,12 @@ fn detach(inst: &GatewayInstance, ready_timeout: u64) -> anyhow::Result<i32> {
     let deadline = std::time::Instant::now() + Duration::from_secs(ready_timeout + 30);
     loop {
         if let Some(m) = inst.read_metadata().filter(|m| m.supervisor_pid == Some(child.id())) {
-            eprintln!("gateway {:?} SERVING over mTLS at {} (supervisor pid {}); `cargo xtask vm status --name {}`", inst.name, m.endpoint, child.id(), inst.name);
+            // The supervisor finds the PKI this process generated, so only we know it was new.
+            let pki = if cold { "new PKI" } else { "reused PKI" };
+            eprintln!(
+                "gateway {:?} SERVING over mTLS at {} ({pki}; supervisor pid {}); `cargo xtask vm status --name {}`",
+                inst.name, m.endpoint, child.id(), inst.name
+            );
             return Ok(0);
         }
         if let Some(status) = child.try_wait()? {

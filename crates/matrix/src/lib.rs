@@ -131,12 +131,16 @@ impl Matrix {
         }
         let count = |s: Status| self.rows.iter().filter(|r| r.status == s).count();
         let blocking: Vec<&str> = self.blocking().iter().map(|r| r.id.as_str()).collect();
+        let optional_fails = self.rows.iter().filter(|r| r.status == Status::Fail && !r.required).count();
+        let fails = match optional_fails {
+            0 => format!("{} fail", count(Status::Fail)),
+            n => format!("{} fail ({n} optional)", count(Status::Fail)),
+        };
         out.push_str(&format!(
-            "{}: {} pass, {} warn, {} fail{}\n",
+            "{}: {} pass, {} warn, {fails}{}\n",
             self.subject,
             count(Status::Pass),
             count(Status::Warn),
-            count(Status::Fail),
             if blocking.is_empty() { String::new() } else { format!("; required failing: {}", blocking.join(", ")) }
         ));
         out
@@ -163,8 +167,10 @@ mod tests {
     fn table_names_blocking_rows_and_fixes() {
         let mut m = Matrix::new("guest");
         m.push(Row::fail("netns", "unshare(CLONE_NEWNET): EINVAL", "enable CONFIG_NET_NS"));
+        m.push(Row::fail("landlock", "ENOSYS", "enable CONFIG_SECURITY_LANDLOCK").optional());
         let t = m.render();
-        assert!(t.contains("FAIL  netns  unshare"), "{t}");
+        assert!(t.contains("FAIL  netns     unshare"), "{t}");
+        assert!(t.contains("0 pass, 0 warn, 2 fail (1 optional)"), "{t}");
         assert!(t.contains("fix: enable CONFIG_NET_NS"), "{t}");
         assert!(t.contains("required failing: netns"), "{t}");
     }

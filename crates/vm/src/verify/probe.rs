@@ -298,10 +298,10 @@ mod tests {
         assert!(e.contains("not valid metadata"), "{e}");
     }
 
-    /// A stopped instance on this host (no processes, a closed port): every probe answers fast,
-    /// and the matrix fails on the supervisor without erroring.
+    /// A stopped instance on this host (no processes, a closed port): the matrix fails on the
+    /// supervisor, forward and stale rows without the verifier erroring.
     #[test]
-    fn stopped_instance_is_probed_fast() {
+    fn stopped_instance_fails_its_rows_without_erroring() {
         let root = tempfile::tempdir().unwrap();
         let inst = GatewayInstance::new(root.path(), "stopped").unwrap();
         fs::create_dir_all(inst.vm_dir()).unwrap();
@@ -323,9 +323,7 @@ mod tests {
         };
         inst.write_metadata(&meta).unwrap();
         fs::write(inst.dir.join(".metadata.json.tmp"), "{}").unwrap();
-        let t = Instant::now();
         let m = verify(&inst).unwrap();
-        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         assert_eq!(m.exit_code(), 1);
         for id in ["supervisor", "forward-loopback-only", "tcp", "console-clean", "no-stale-state"] {
             assert!(m.row(id).unwrap().blocks(), "{id}\n{}", m.render());
