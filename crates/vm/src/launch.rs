@@ -66,10 +66,10 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setpgid(0, 0) != 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            die_with_parent()
         });
     }
     let attach = match backend {
@@ -249,4 +249,17 @@ impl Tail {
             let _ = sink.flush();
         }
     }
+}
+
+/// In a child between fork and exec: die when the process that started us dies, so a SIGKILLed
+/// supervisor leaves no VMM, passt or gvproxy behind. Linux only (`PR_SET_PDEATHSIG`); elsewhere
+/// `Drop` handles orderly exits and `supervise::recover` cleans up after a crash.
+/// Async-signal-safe.
+pub(crate) fn die_with_parent() -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with constant arguments; async-signal-safe.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -299,11 +299,7 @@ pub fn start(binary: &Path, ports: &[PortMap], attach: Attach, state_dir: &Path,
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            #[cfg(target_os = "linux")]
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            crate::launch::die_with_parent()
         });
     }
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("gvproxy ({})", binary.display()), source })?;

@@ -182,10 +182,10 @@ pub fn inherit_as_child_fd(cmd: &mut Command, fd: i32) {
         cmd.pre_exec(move || {
             // dup2 onto itself would keep close-on-exec, so clear the flag explicitly then.
             let placed = if fd == CHILD_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, CHILD_FD) };
-            if placed < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            if placed < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            crate::launch::die_with_parent()
         });
     }
 }
