@@ -254,18 +254,23 @@ fn http_get(port: u16) -> Option<String> {
     Some(body)
 }
 
-fn port_forward_reaches_guest_service(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let (mut vm, port, _) = boot_httpd(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+/// Waits until the guest's httpd answers through the forward on 127.0.0.1:`port`.
+fn wait_http(port: u16) -> bool {
     let deadline = Instant::now() + support::GUEST_TIMEOUT;
-    loop {
+    while Instant::now() < deadline {
         if http_get(port).is_some_and(|b| b.contains("hello-from-guest-httpd")) {
-            break;
-        }
-        if Instant::now() > deadline {
-            drop(vm);
-            return Err(dir.fail(format!("no HTTP answer through 127.0.0.1:{port}")));
+            return true;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn port_forward_reaches_guest_service(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (mut vm, port, _) = boot_httpd(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    if !wait_http(port) {
+        drop(vm);
+        return Err(dir.fail(format!("no HTTP answer through 127.0.0.1:{port}")));
     }
     let (vmm_pid, passt_pid) = (vm.pid(), vm.passt_pid());
     vm.stop();
@@ -276,16 +281,33 @@ fn port_forward_reaches_guest_service(a: &Artifacts, vmm: VmmChoice, dir: TrialD
     Ok(())
 }
 
+/// This host's address on its default route (not loopback), if it has one.
+fn primary_address() -> Option<std::net::IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.254:9").ok()?; // no packet is sent: connect only picks the route
+    Some(s.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
 fn forward_listens_on_loopback_only(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let (vm, port, _) = boot_httpd(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
+    // A working forward first: the guest answers through 127.0.0.1.
+    if !wait_http(port) {
+        drop(vm);
+        return Err(dir.fail(format!("no HTTP answer through 127.0.0.1:{port}")));
+    }
     // Every listening socket on the forwarded port, from the kernel's own table.
     let listeners = support::tcp_listeners(port);
+    // And from outside loopback, the same port must refuse.
+    let outside = primary_address().map(|ip| (ip, std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(1)).is_ok()));
     drop(vm);
     if listeners.is_empty() {
         return Err(dir.fail(format!("nothing listens on port {port}")));
     }
     if let Some(bad) = listeners.iter().find(|a| a.as_str() != "127.0.0.1") {
         return Err(dir.fail(format!("port {port} also listens on {bad}: {listeners:?}")));
+    }
+    if let Some((ip, true)) = outside {
+        return Err(dir.fail(format!("the forward answered on {ip}:{port}, outside loopback")));
     }
     Ok(())
 }
