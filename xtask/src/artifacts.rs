@@ -34,12 +34,12 @@ pub fn ensure_kernel(sh: &Shell, store: &Store) -> anyhow::Result<GuestKernel> {
     let built = kernel::build(store, &spec, &mut |line| {
         lines += 1;
         pb.set_message(line.to_owned());
-        if pb.is_hidden() && lines % 200 == 0 {
+        if pb.is_hidden() && lines.is_multiple_of(200) {
             eprintln!("kernel build: {line}");
         }
     });
     pb.finish_and_clear();
-    Ok(built.context("kernel build failed")?)
+    built.context("kernel build failed")
 }
 
 /// Builds the guest programs statically for the guest, in their own target dir so the host
@@ -115,7 +115,7 @@ pub fn rootfs_inputs(sh: &Shell) -> anyhow::Result<RootfsInputs> {
 
 pub fn ensure_rootfs(sh: &Shell, store: &Store) -> anyhow::Result<RootfsBundle> {
     let inputs = rootfs_inputs(sh)?;
-    Ok(rootfs::bake(store, &inputs).context("rootfs bake failed")?)
+    rootfs::bake(store, &inputs).context("rootfs bake failed")
 }
 
 /// What `cfg` needs on the host to boot: passt for its network, QEMU where libkrun cannot run,

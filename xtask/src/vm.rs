@@ -17,6 +17,7 @@ pub struct VmCmd {
     cmd: VmSub,
 }
 
+#[allow(clippy::large_enum_variant)] // parsed once per process
 #[derive(clap::Subcommand)]
 enum VmSub {
     /// Boot the gateway VM (default), or with --exec run one command and exit with its code

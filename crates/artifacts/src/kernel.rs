@@ -269,7 +269,7 @@ fn build_into(
         vmlinux_sha256: sha256_file(&vmlinux).map_err(io(&vmlinux))?,
         built_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         build_seconds: started.elapsed().as_secs_f64(),
-        host: capture(&mut Command::new("uname").arg("-srm")).unwrap_or_default().trim().to_owned(),
+        host: capture(Command::new("uname").arg("-srm")).unwrap_or_default().trim().to_owned(),
     };
     let json = serde_json::to_string_pretty(&provenance).expect("provenance serializes");
     fs::write(out.join("provenance.json"), json).map_err(io(out))?;

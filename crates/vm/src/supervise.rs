@@ -171,6 +171,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let inst = GatewayInstance::new(tmp.path(), "t").unwrap();
         fs::create_dir_all(&inst.dir).unwrap();
+        // Reaped by recovery itself (it is our child here), hence no wait().
+        #[allow(clippy::zombie_processes)]
         let passt = fake("passt");
         // A supervisor pid that no longer exists.
         inst.write_metadata(&metadata(None, Some(passt.id()), Some(u32::MAX - 1))).unwrap();
