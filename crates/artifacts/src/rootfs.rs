@@ -100,12 +100,13 @@ impl RootfsInputs {
     pub fn key(&self) -> Result<Digest, RootfsError> {
         let mut b = DigestBuilder::new("openshell-rootfs/v1");
         b.digest("busybox", &hash(&self.busybox)?);
-        for (rel, path) in walk_files(&self.overlay)? {
-            let mode = fs::symlink_metadata(&path).map_err(io(&path))?.permissions().mode();
-            b.str("overlay", &rel).digest("sha256", &hash(&path)?).str("mode", &format!("{mode:o}"));
+        let overlay = walk_overlay(&self.overlay)?;
+        for (rel, path) in &overlay.files {
+            let mode = fs::symlink_metadata(path).map_err(io(path))?.permissions().mode();
+            b.str("overlay", rel).digest("sha256", &hash(path)?).str("mode", &format!("{mode:o}"));
         }
-        for (rel, target) in overlay_symlinks(&self.overlay)? {
-            b.str("overlay-symlink", &rel).str("target", &target);
+        for (rel, target) in &overlay.symlinks {
+            b.str("overlay-symlink", rel).str("target", target);
         }
         for p in &self.programs {
             b.str("program", &p.dest).digest("sha256", &hash(&p.source)?).str("mode", &format!("{:o}", p.mode));
@@ -173,14 +174,15 @@ fn bake_into(inputs: &RootfsInputs, out: &Path) -> Result<(), RootfsError> {
         }
         symlink(BUSYBOX, &link).map_err(io(&link))?;
     }
-    for (rel, path) in walk_files(&inputs.overlay)? {
-        let mode = fs::metadata(&path).map_err(io(&path))?.permissions().mode() & 0o7777;
-        place(&path, out, &format!("/{rel}"), mode)?;
+    let overlay = walk_overlay(&inputs.overlay)?;
+    for (rel, path) in &overlay.files {
+        let mode = fs::metadata(path).map_err(io(path))?.permissions().mode() & 0o7777;
+        place(path, out, &format!("/{rel}"), mode)?;
     }
-    for (rel, target) in overlay_symlinks(&inputs.overlay)? {
-        let link = out.join(&rel);
+    for (rel, target) in &overlay.symlinks {
+        let link = out.join(rel);
         let _ = fs::remove_file(&link);
-        symlink(&target, &link).map_err(io(&link))?;
+        symlink(target, &link).map_err(io(&link))?;
     }
     for p in &inputs.programs {
         place(&p.source, out, &p.dest, p.mode)?;
@@ -202,45 +204,35 @@ fn place(source: &Path, root: &Path, dest: &str, mode: u32) -> Result<(), Rootfs
     Ok(())
 }
 
-/// Symlinks under `dir` (e.g. `etc/resolv.conf` → `../run/resolv.conf`: the rootfs is read-only,
-/// so files the guest must write point into its tmpfs), as (relative path, target), sorted.
-fn overlay_symlinks(dir: &Path) -> Result<Vec<(String, String)>, RootfsError> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d).map_err(io(&d))? {
-            let path = entry.map_err(io(&d))?.path();
-            let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
-            if meta.is_dir() {
-                stack.push(path);
-            } else if meta.file_type().is_symlink() {
-                let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
-                let target = fs::read_link(&path).map_err(io(&path))?.to_string_lossy().into_owned();
-                out.push((rel, target));
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+/// What an overlay directory holds: its regular files as (relative path, full path), and its
+/// symlinks as (relative path, target), e.g. `etc/resolv.conf` → `../run/resolv.conf` (the rootfs
+/// is read-only, so files the guest must write point into its tmpfs). Both sorted.
+#[derive(Default)]
+struct Overlay {
+    files: Vec<(String, PathBuf)>,
+    symlinks: Vec<(String, String)>,
 }
 
-/// Regular files under `dir`, as (relative path, full path), sorted.
-fn walk_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, RootfsError> {
-    let mut out = Vec::new();
+fn walk_overlay(dir: &Path) -> Result<Overlay, RootfsError> {
+    let mut out = Overlay::default();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         for entry in fs::read_dir(&d).map_err(io(&d))? {
             let path = entry.map_err(io(&d))?.path();
             let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
+            let rel = || path.strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
             if meta.is_dir() {
                 stack.push(path);
             } else if meta.is_file() {
-                let rel = path.strip_prefix(dir).expect("under dir").to_string_lossy().into_owned();
-                out.push((rel, path));
+                out.files.push((rel(), path));
+            } else if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).map_err(io(&path))?.to_string_lossy().into_owned();
+                out.symlinks.push((rel(), target));
             }
         }
     }
-    out.sort();
+    out.files.sort();
+    out.symlinks.sort();
     Ok(out)
 }
 
