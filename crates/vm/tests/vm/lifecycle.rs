@@ -124,10 +124,7 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
         return Err(dir.fail(format!("port {port} still listens after recovery")));
     }
     // And the instance boots again on the same port.
-    let digests = ("k".repeat(64), "r".repeat(64));
-    let mut cfg = inst.vm_config(a.kernel.clone(), a.rootfs.clone(), (&digests.0, &digests.1), port, NetMode::Passt).unwrap();
-    cfg.vmm = vmm;
-    match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), support::GUEST_TIMEOUT, openshell_vm::check::Verification::Required) {
+    match support::gateway(a, vmm, &root, port).and_then(|g| g.boot().map_err(|e| e.to_string())) {
         Ok(up) => drop(up),
         Err(e) => return Err(dir.fail(format!("the instance did not boot again after recovery: {e}"))),
     }

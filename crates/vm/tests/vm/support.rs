@@ -68,6 +68,35 @@ impl TrialDir {
     }
 }
 
+/// A gateway instance `trial` under `root` with its PKI, and the VM config the gateway preset
+/// makes for it (passt, 127.0.0.1:`port` → 30051, the artifacts' real digests): what every
+/// gateway trial boots.
+pub struct GatewayTrial {
+    pub inst: openshell_vm::gateway::GatewayInstance,
+    pub cfg: VmConfig,
+    pub digests: (String, String),
+}
+
+pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16) -> Result<GatewayTrial, String> {
+    let inst = openshell_vm::gateway::GatewayInstance::new(root, "trial").map_err(|e| e.to_string())?;
+    inst.ensure_pki().map_err(|e| e.to_string())?;
+    let kernel_sha = openshell_artifacts::sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
+    let rootfs_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
+    let mut cfg = inst
+        .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port, openshell_vm::NetMode::Passt)
+        .map_err(|e| e.to_string())?;
+    cfg.vmm = vmm;
+    Ok(GatewayTrial { inst, cfg, digests: (kernel_sha, rootfs_sha) })
+}
+
+impl GatewayTrial {
+    /// Boots it the way `cargo xtask vm run` does (`supervise::boot`).
+    pub fn boot(&self) -> Result<openshell_vm::supervise::Supervised, openshell_vm::VmError> {
+        let verification = openshell_vm::check::Verification::Required;
+        openshell_vm::supervise::boot(&self.inst, &self.cfg, (&self.digests.0, &self.digests.1), GUEST_TIMEOUT, verification)
+    }
+}
+
 pub fn config(a: &Artifacts, dir: &TrialDir, vmm: VmmChoice, argv: &[&str]) -> VmConfig {
     let mut cfg = VmConfig::exec(
         a.kernel.clone(),
@@ -133,12 +162,7 @@ fn gateway_supervisor(root: PathBuf) -> i32 {
     let a = artifacts().expect("artifacts are set for the supervisor");
     let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).expect("port argument");
     let vmm: VmmChoice = std::env::var("OPENSHELL_E2E_VMM").unwrap().parse().unwrap();
-    let inst = openshell_vm::gateway::GatewayInstance::new(&root, "trial").unwrap();
-    inst.ensure_pki().unwrap();
-    let digests = ("k".repeat(64), "r".repeat(64));
-    let mut cfg = inst.vm_config(a.kernel, a.rootfs, (&digests.0, &digests.1), port, openshell_vm::NetMode::Passt).unwrap();
-    cfg.vmm = vmm;
-    let mut up = match openshell_vm::supervise::boot(&inst, &cfg, (&digests.0, &digests.1), GUEST_TIMEOUT, openshell_vm::check::Verification::Required) {
+    let mut up = match gateway(&a, vmm, &root, port).and_then(|g| g.boot().map_err(|e| e.to_string())) {
         Ok(up) => up,
         Err(e) => {
             println!("failed {e}");

@@ -337,20 +337,13 @@ fn boot_gateway(
     vmm: VmmChoice,
     dir: &TrialDir,
 ) -> Result<(openshell_vm::RunningVm, String, GatewayInstance, (String, String)), String> {
-    let inst = GatewayInstance::new(&dir.path().join("gateways"), "trial").map_err(|e| e.to_string())?;
-    inst.ensure_pki().map_err(|e| e.to_string())?;
-    let kernel_sha = openshell_artifacts::sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
-    let rootfs_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
     let port = support::free_port();
-    let mut cfg = inst
-        .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port, openshell_vm::NetMode::Passt)
-        .map_err(|e| e.to_string())?;
-    cfg.vmm = vmm;
+    let support::GatewayTrial { inst, cfg, digests } = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
     let mut vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
     let endpoint = format!("127.0.0.1:{port}");
     let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
     gateway::wait_ready(&mut vm, &endpoint, &bundle, support::GUEST_TIMEOUT).map_err(|e| e.to_string())?;
-    Ok((vm, endpoint, inst, (kernel_sha, rootfs_sha)))
+    Ok((vm, endpoint, inst, digests))
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {

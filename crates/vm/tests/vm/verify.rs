@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use openshell_matrix::Status;
-use openshell_vm::check::Verification;
 use openshell_vm::gateway::{self, GatewayInstance};
 use openshell_vm::VmmChoice;
 
@@ -46,21 +45,13 @@ struct Supervised {
 }
 
 fn supervise(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<Supervised, String> {
-    let root = dir.path().join("gateways");
-    let inst = GatewayInstance::new(&root, "trial").map_err(|e| e.to_string())?;
-    inst.ensure_pki().map_err(|e| e.to_string())?;
-    let kernel_sha = openshell_artifacts::sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
-    let rootfs_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
     let port = support::free_port();
-    let mut cfg = inst
-        .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port, openshell_vm::NetMode::Passt)
-        .map_err(|e| e.to_string())?;
-    cfg.vmm = vmm;
+    let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
     // Where TrialDir::fail looks for the console; metadata.json records it for verify.
     std::fs::create_dir_all(dir.path().join("state")).map_err(|e| e.to_string())?;
-    cfg.console_log = Some(dir.path().join("state/console.log"));
-    let up = openshell_vm::supervise::boot(&inst, &cfg, (&kernel_sha, &rootfs_sha), support::GUEST_TIMEOUT, Verification::Required)
-        .map_err(|e| format!("boot: {e}"))?;
+    g.cfg.console_log = Some(dir.path().join("state/console.log"));
+    let up = g.boot().map_err(|e| format!("boot: {e}"))?;
+    let inst = g.inst;
     Ok(Supervised { up, inst, port })
 }
 
