@@ -13,6 +13,7 @@ pub mod guest_check;
 pub mod host;
 pub mod launch;
 pub mod net;
+pub mod procfs;
 pub mod supervise;
 pub mod timeline;
 pub mod verify;

@@ -10,6 +10,7 @@ use std::fs;
 use std::time::Duration;
 
 use crate::gateway::{self, GatewayInstance, Metadata};
+use crate::procfs;
 use crate::{RunningVm, VmConfig, VmError};
 
 /// A gateway VM that answered its mTLS health check. Dropping it stops the VM and passt and
@@ -64,10 +65,6 @@ pub fn boot(
     Ok(Supervised { vm, endpoint, ready, recovered, preflight, _lock: lock })
 }
 
-/// The programs an instance's recorded pids may run, by role.
-const RECORDED: [(&str, &[&str]); 3] =
-    [("vm", &["qemu-system", "openshell-vmm"]), ("passt", &["passt"]), ("gvproxy", &["gvproxy"])];
-
 /// When no supervisor holds the instance but its metadata still names pids, the supervisor died
 /// without cleaning up (SIGKILL, crash, power loss). Kills the recorded VMM and passt if they
 /// still run our programs, and clears the pids so the instance reads as stopped. Returns what it
@@ -83,10 +80,14 @@ pub fn recover(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
 fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
     let Some(mut meta) = inst.read_metadata() else { return Ok(Vec::new()) };
     let mut done = Vec::new();
-    for (role, pid) in [("vm", meta.vm_pid), ("passt", meta.passt_pid), ("gvproxy", meta.gvproxy_pid)] {
+    let recorded: [(&str, Option<u32>, &[&str]); 3] = [
+        ("vm", meta.vm_pid, crate::backend::VMM_PROGRAMS),
+        ("passt", meta.passt_pid, &["passt"]),
+        ("gvproxy", meta.gvproxy_pid, &["gvproxy"]),
+    ];
+    for (role, pid, progs) in recorded {
         let Some(pid) = pid else { continue };
-        let progs = RECORDED.iter().find(|(r, _)| *r == role).map_or(&[][..], |(_, p)| *p);
-        if runs_any(pid, progs) {
+        if procfs::process(pid).program_is_any(progs) {
             // SAFETY: kill(2) on a pid this instance recorded, verified to run our program.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             wait_gone(pid);
@@ -109,15 +110,6 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
         }
     }
     Ok(done)
-}
-
-/// Whether `pid` runs a program whose command line's first word mentions one of `progs`.
-fn runs_any(pid: u32, progs: &[&str]) -> bool {
-    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-    let argv0 = String::from_utf8_lossy(argv0);
-    // A zombie has an empty cmdline: it is dead already.
-    !argv0.is_empty() && progs.iter().any(|p| argv0.rsplit('/').next().is_some_and(|base| base.contains(p)))
 }
 
 fn wait_gone(pid: u32) {
@@ -160,7 +152,7 @@ mod tests {
         use std::os::unix::process::CommandExt;
         let child = Command::new("sleep").arg0(argv0).arg("60").stdout(Stdio::null()).spawn().unwrap();
         // Until it has exec'd, its cmdline is still the test binary's.
-        while !runs_any(child.id(), &[argv0]) {
+        while !procfs::process(child.id()).program_is_any(&[argv0]) {
             std::thread::sleep(Duration::from_millis(1));
         }
         child

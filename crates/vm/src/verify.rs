@@ -29,7 +29,6 @@
 //! - `no-stale-state`: see [`stale_findings`] for the precise definition.
 
 mod probe;
-pub mod procfs;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -39,7 +38,7 @@ use openshell_matrix::{Matrix, Row};
 
 use crate::gateway::Metadata;
 pub use probe::{probe, verify};
-pub use procfs::{ProcessFact, TcpListenerFact};
+pub use crate::procfs::{ProcessFact, TcpListenerFact};
 
 /// The outcome of one probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,9 +110,6 @@ pub struct Observations {
     pub leftovers: Vec<Leftover>,
 }
 
-/// Programs a recorded VMM pid may run.
-const VMM_PROGRAMS: &[&str] = &["qemu-system", "openshell-vmm"];
-
 /// Console markers of a kernel in trouble. Each is printed by the kernel itself, at a log level
 /// `quiet` still shows (or the line that precedes one); none appears on a healthy boot.
 const KERNEL_TROUBLE: &[&str] = &[
@@ -168,7 +164,7 @@ pub fn stale_findings(o: &Observations) -> Vec<String> {
             }
         }
     }
-    for (what, p, progs) in [("VMM", &o.vm, VMM_PROGRAMS), ("passt", &o.passt, &["passt"][..])] {
+    for (what, p, progs) in [("VMM", &o.vm, crate::backend::VMM_PROGRAMS), ("passt", &o.passt, &["passt"][..])] {
         let Some(p) = p.as_ref().filter(|p| p.runs_any(progs)) else { continue };
         if !o.locked {
             out.push(format!("{what} pid {} still runs without a supervisor (orphan)", p.pid));
@@ -201,7 +197,7 @@ pub fn decide(o: &Observations) -> Matrix {
         (None, true) => Row::fail("supervisor", "the lock is held but metadata.json records no supervisor", restart.clone()),
     });
 
-    mx.push(process_row("vm-process", "VMM", &o.vm, VMM_PROGRAMS, &format!("{logs}; {restart}")));
+    mx.push(process_row("vm-process", "VMM", &o.vm, crate::backend::VMM_PROGRAMS, &format!("{logs}; {restart}")));
     mx.push(process_row("passt-process", "passt", &o.passt, &["passt"], &restart));
     mx.push(forward_row(o, &restart));
 

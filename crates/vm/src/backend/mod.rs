@@ -59,6 +59,9 @@ pub fn init_params(cfg: &crate::VmConfig) -> String {
     p
 }
 
+/// What a VMM process of ours runs: a recorded VMM pid that runs neither is not ours any more.
+pub const VMM_PROGRAMS: &[&str] = &["qemu-system", "openshell-vmm"];
+
 const QEMU_HINT: &str = "install QEMU with: apt-get install -y qemu-system-x86";
 
 /// Picks the backend and says why, in one line.

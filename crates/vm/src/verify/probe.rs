@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use openshell_matrix::Matrix;
 
-use super::procfs;
+use crate::procfs;
 use super::{decide, Attempt, InfoFacts, Leftover, Observations};
 use crate::gateway::{GatewayInstance, Metadata};
 use crate::VmError;

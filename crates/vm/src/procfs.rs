@@ -1,5 +1,5 @@
 //! What `/proc` says about processes, listening TCP sockets and flock holders: the raw host facts
-//! the verifier's probes are made of. Parsing is split from reading so the parsers are unit-tested
+//! the verifier's probes are made of, and what stale-state recovery asks of a recorded pid. Parsing is split from reading so the parsers are unit-tested
 //! on fixed text. Linux only, like the rest of the gateway's host side.
 
 use std::fs;
@@ -22,6 +22,15 @@ impl ProcessFact {
     /// Whether the process runs a program whose command line mentions any of `programs`.
     pub fn runs_any(&self, programs: &[&str]) -> bool {
         self.alive && programs.iter().any(|p| self.cmdline.contains(p))
+    }
+
+    /// Stricter than [`Self::runs_any`]: the program itself (the file name of its first
+    /// argument) mentions one of `programs`, not merely some argument. What recovery asks before
+    /// it kills a recorded pid.
+    pub fn program_is_any(&self, programs: &[&str]) -> bool {
+        let argv0 = self.cmdline.split(' ').next().unwrap_or_default();
+        let name = argv0.rsplit('/').next().unwrap_or_default();
+        self.alive && !name.is_empty() && programs.iter().any(|p| name.contains(p))
     }
 }
 
@@ -140,6 +149,17 @@ fn parse_proc_locks(text: &str, major: u32, minor: u32, inode: u64) -> Vec<u32> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn program_is_stricter_than_any_argument() {
+        let fact = |cmdline: &str, alive| ProcessFact { pid: 1, alive, ppid: Some(0), cmdline: cmdline.into() };
+        let editor = fact("vim /var/log/passt.log", true);
+        assert!(editor.runs_any(&["passt"]));
+        assert!(!editor.program_is_any(&["passt"]));
+        assert!(fact("/usr/bin/passt -f -q --fd 3", true).program_is_any(&["passt"]));
+        assert!(fact("/usr/bin/qemu-system-x86_64 -M microvm", true).program_is_any(crate::backend::VMM_PROGRAMS));
+        assert!(!fact("/usr/bin/passt -f", false).program_is_any(&["passt"]), "a zombie runs nothing");
+    }
 
     #[test]
     fn stat_with_odd_command_names() {
