@@ -454,6 +454,15 @@ mod tests {
         (TcpListenerFact { addr: addr.parse().unwrap(), port: 30051, inode: 7 }, ours, None)
     }
 
+    /// TCP failed with `err`, so the probes never tried what needs a connection (`why`).
+    fn tcp_failed(o: &mut Observations, err: &str, why: &str) {
+        o.tcp = Attempt::Failed(err.into());
+        o.mtls = Attempt::NotTried(why.into());
+        o.without_cert = Attempt::NotTried(why.into());
+        o.health = Attempt::NotTried(why.into());
+        o.info = Attempt::NotTried(why.into());
+    }
+
     /// A healthy running instance, as the probes would see it.
     fn healthy() -> Observations {
         Observations {
@@ -561,11 +570,7 @@ mod tests {
         o.vm = dead(11);
         o.passt = dead(12);
         o.listeners.clear();
-        o.tcp = Attempt::Failed("connection refused".into());
-        o.mtls = Attempt::NotTried("TCP failed".into());
-        o.without_cert = Attempt::NotTried("TCP failed".into());
-        o.health = Attempt::NotTried("TCP failed".into());
-        o.info = Attempt::NotTried("TCP failed".into());
+        tcp_failed(&mut o, "connection refused", "TCP failed");
         let m = fails_with(
             &o,
             &[
@@ -623,11 +628,7 @@ mod tests {
         let mut o = healthy();
         o.passt = dead(12);
         o.listeners.clear();
-        o.tcp = Attempt::Failed("Connection refused (os error 111)".into());
-        o.mtls = Attempt::NotTried("TCP to 127.0.0.1:30051 failed".into());
-        o.without_cert = Attempt::NotTried("TCP to 127.0.0.1:30051 failed".into());
-        o.health = Attempt::NotTried("TCP to 127.0.0.1:30051 failed".into());
-        o.info = Attempt::NotTried("TCP to 127.0.0.1:30051 failed".into());
+        tcp_failed(&mut o, "Connection refused (os error 111)", "TCP to 127.0.0.1:30051 failed");
         let m = fails_with(
             &o,
             &[
