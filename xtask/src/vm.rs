@@ -145,14 +145,13 @@ impl VmCmd {
             VmSub::Logs { name, follow } => {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
                 let path = inst.console_path();
-                let mut pos = 0u64;
+                if !path.exists() {
+                    anyhow::bail!("{}: no console yet; has gateway {name:?} ever run?", path.display());
+                }
+                let mut console = openshell_vm::launch::Tail::new(&path);
                 loop {
-                    let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}; has gateway {name:?} ever run?", path.display()))?;
-                    if (bytes.len() as u64) > pos {
-                        use std::io::Write;
-                        std::io::stdout().write_all(&bytes[pos as usize..])?;
-                        pos = bytes.len() as u64;
-                    }
+                    use std::io::Write;
+                    std::io::stdout().write_all(&console.read_new())?;
                     if !follow {
                         return Ok(());
                     }

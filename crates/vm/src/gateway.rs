@@ -308,6 +308,9 @@ pub fn wait_ready(
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no probe yet");
     let mut last_probe = Instant::now();
+    let mut console = crate::launch::Tail::new(&vm.console);
+    let mut seen = Vec::new();
+    let mut listening = false;
     loop {
         if let Some(status) = vm.exited() {
             return Err(not_ready(vm, &format!("the VM exited ({status}) before the gateway was ready")));
@@ -316,7 +319,11 @@ pub fn wait_ready(
         // that, passt accepts on the host but the connection goes nowhere, and each such probe
         // would burn a whole attempt timeout. A slow fallback probe covers a gateway that never
         // prints the line.
-        let listening = timeline::gateway_listening(&fs::read_to_string(&vm.console).unwrap_or_default());
+        let new = console.read_new();
+        if !listening && !new.is_empty() {
+            seen.extend(new);
+            listening = timeline::gateway_listening(&String::from_utf8_lossy(&seen));
+        }
         if listening || last_probe.elapsed() >= BLIND_PROBE_EVERY {
             last_probe = Instant::now();
             // Once it listens, a probe is a real handshake under a possibly slow (emulated,

@@ -225,26 +225,36 @@ impl Drop for RunningVm {
 }
 
 /// Follows a growing file from its start.
-struct Tail {
+pub struct Tail {
     path: PathBuf,
     file: Option<File>,
     pos: u64,
 }
 
 impl Tail {
-    fn new(path: &Path) -> Tail {
+    pub fn new(path: &Path) -> Tail {
         Tail { path: path.to_owned(), file: None, pos: 0 }
+    }
+
+    /// What was appended since the last call (everything, the first time); empty while the file
+    /// does not exist yet.
+    pub fn read_new(&mut self) -> Vec<u8> {
+        if self.file.is_none() {
+            self.file = File::open(&self.path).ok();
+        }
+        let mut buf = Vec::new();
+        if let Some(f) = self.file.as_mut() {
+            if f.seek(SeekFrom::Start(self.pos)).is_ok() && f.read_to_end(&mut buf).is_ok() {
+                self.pos += buf.len() as u64;
+            }
+        }
+        buf
     }
 
     fn drain(&mut self, sink: &mut Option<&mut dyn Write>) {
         let Some(sink) = sink.as_mut() else { return };
-        if self.file.is_none() {
-            self.file = File::open(&self.path).ok();
-        }
-        let Some(f) = self.file.as_mut() else { return };
-        let mut buf = Vec::new();
-        if f.seek(SeekFrom::Start(self.pos)).is_ok() && f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
-            self.pos += buf.len() as u64;
+        let buf = self.read_new();
+        if !buf.is_empty() {
             let _ = sink.write_all(&buf);
             let _ = sink.flush();
         }
