@@ -252,9 +252,9 @@ impl RunArgs {
             Running::Exec(vm) => vm,
         };
         let mut out = std::io::stdout();
-        let code = vm.wait(Some(&mut out), None)?;
-        eprintln!("vm: guest exited with {code} after {:.2}s", vm.started.elapsed().as_secs_f64());
-        Ok(code)
+        let exit = vm.wait(Some(&mut out), None)?;
+        eprintln!("vm: {exit} after {:.2}s", vm.started.elapsed().as_secs_f64());
+        Ok(exit.code())
     }
 }
 

@@ -125,9 +125,8 @@ fn limits(dir: &Path, enabled: &[&str], rows: &mut Vec<Row>) -> Result<(), Strin
     let on = |c: &str| enabled.contains(&c);
     if on("cpu") {
         let weight = set(dir, "cpu.weight", "50").map_err(|e| (e, "CONFIG_FAIR_GROUP_SCHED"));
-        match weight.and_then(|()| set(dir, "cpu.max", "50000 100000").map_err(|e| (e, "CONFIG_CFS_BANDWIDTH"))) {
-            Ok(()) => rows.push(Row::pass(CPU, "enabled for a child cgroup; cpu.weight=50 and cpu.max=\"50000 100000\" accepted")),
-            Err((e, option)) => rows.push(Row::fail(CPU, e, kernel_fix(option))),
+        if let Err((e, option)) = weight.and_then(|()| set(dir, "cpu.max", CPU_MAX).map_err(|e| (e, "CONFIG_CFS_BANDWIDTH"))) {
+            rows.push(Row::fail(CPU, e, kernel_fix(option)));
         }
     }
     if on("memory") {
@@ -145,6 +144,13 @@ fn limits(dir: &Path, enabled: &[&str], rows: &mut Vec<Row>) -> Result<(), Strin
             other => rows.push(Row::fail(MEMORY, format!("memory.current after moving in: {other:?}"), kernel_fix(controller_options("memory")))),
         }
     }
+    if on("cpu") && !rows.iter().any(|r| r.id == CPU) {
+        burn_cpu(CPU_BURN);
+        rows.push(match read(dir, "cpu.stat") {
+            Ok(stat) => cpu_row(&stat),
+            Err(e) => Row::fail(CPU, e, kernel_fix(controller_options("cpu"))),
+        });
+    }
     if on("pids") {
         rows.push(match set(dir, "pids.max", "1") {
             Ok(()) => {
@@ -156,6 +162,47 @@ fn limits(dir: &Path, enabled: &[&str], rows: &mut Vec<Row>) -> Result<(), Strin
         });
     }
     Ok(())
+}
+
+/// 10 ms of CPU per 100 ms period: burning [`CPU_BURN`] of CPU inside it must be throttled.
+const CPU_MAX: &str = "10000 100000";
+/// Several periods' worth of quota, so the limit must act at least a few times (~0.3 s wall).
+const CPU_BURN: std::time::Duration = std::time::Duration::from_millis(30);
+
+/// Spins until this process has used `cpu` of CPU time (its own clock, not the wall).
+fn burn_cpu(cpu: std::time::Duration) {
+    let used = || {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    };
+    let until = used() + cpu;
+    while used() < until {
+        std::hint::spin_loop();
+    }
+}
+
+/// The cpu row from the child cgroup's `cpu.stat` after burning CPU under [`CPU_MAX`]: the
+/// scheduler must have throttled it (`nr_throttled`), or the bandwidth limit is not enforced.
+pub fn cpu_row(stat: &str) -> Row {
+    let field = |k: &str| stat.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(' ')?.trim().parse::<u64>().ok());
+    match (field("nr_throttled"), field("throttled_usec")) {
+        (Some(n), Some(us)) if n > 0 => Row::pass(
+            CPU,
+            format!(
+                "cpu.weight=50 accepted; under cpu.max=\"{CPU_MAX}\" {} ms of CPU were throttled {n} times ({} ms held back)",
+                CPU_BURN.as_millis(),
+                us / 1000
+            ),
+        ),
+        (Some(_), Some(_)) => Row::fail(
+            CPU,
+            format!("burning {} ms of CPU under cpu.max=\"{CPU_MAX}\" was never throttled: the limit is not enforced", CPU_BURN.as_millis()),
+            kernel_fix("CONFIG_CFS_BANDWIDTH"),
+        ),
+        _ => Row::fail(CPU, format!("cpu.stat has no throttling counters: {stat:?}"), kernel_fix("CONFIG_CFS_BANDWIDTH")),
+    }
 }
 
 /// fork(2) once; a child that did start exits at once and is reaped. Returns fork's result and errno.
@@ -206,6 +253,17 @@ mod tests {
         let r = pids_row(1234, 0);
         assert!(r.blocks() && r.reason.contains("not enforced") && r.fix.contains("CONFIG_CGROUP_PIDS"), "{r:?}");
         assert!(pids_row(-1, libc::ENOMEM).blocks());
+    }
+
+    #[test]
+    fn cpu_row_passes_only_when_throttled() {
+        let throttled = "usage_usec 31000\nuser_usec 31000\nsystem_usec 0\nnr_periods 4\nnr_throttled 3\nthrottled_usec 270000\n";
+        let row = cpu_row(throttled);
+        assert_eq!(row.status, openshell_matrix::Status::Pass, "{row:?}");
+        assert!(row.reason.contains("throttled 3 times (270 ms held back)"), "{}", row.reason);
+        let never = "usage_usec 31000\nnr_periods 0\nnr_throttled 0\nthrottled_usec 0\n";
+        assert!(cpu_row(never).blocks() && cpu_row(never).fix.contains("CONFIG_CFS_BANDWIDTH"));
+        assert!(cpu_row("usage_usec 1\n").blocks(), "no counters: cpu.max is not there");
     }
 
     #[test]

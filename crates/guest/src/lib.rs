@@ -15,6 +15,10 @@ pub const SHARE_TAG: &str = "openshell";
 pub const EXEC_FILE: &str = "exec.json";
 /// The exit status the guest writes back, relative to the share.
 pub const EXIT_CODE_FILE: &str = "exit-code";
+/// The host asks the guest to stop by creating this file in the share: init then stops the
+/// workload (SIGTERM, SIGKILL after its grace) and reports its real exit status. A signal to the
+/// VMM would end the guest without letting it say how its workload ended.
+pub const STOP_REQUEST_FILE: &str = "stop-request";
 /// The guest capability checker inside the rootfs (`openshell-guest-check`).
 pub const GUEST_CHECK_BIN: &str = "/usr/bin/openshell-guest-check";
 /// Where the guest checker writes its matrix as JSON, relative to the share.

@@ -343,7 +343,7 @@ mod tests {
     }
 
     #[test]
-    fn builder_accepts_configuration() {
+    fn builder_accepts_a_configuration_and_refuses_zero_vcpus() {
         let mut ctx = Context::new().unwrap();
         ctx.vm_config(1, 256)
             .unwrap()
@@ -353,5 +353,8 @@ mod tests {
             .unwrap()
             .workdir(Path::new("/"))
             .unwrap();
+        // The same call with a value libkrun must refuse: the builder passes errors on, named.
+        let err = Context::new().unwrap().vm_config(0, 256).unwrap_err();
+        assert_eq!(err.call(), Some("krun_set_vm_config"), "{err}");
     }
 }

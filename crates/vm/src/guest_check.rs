@@ -38,8 +38,11 @@ pub fn run(cfg: &VmConfig) -> Result<Matrix, VmError> {
         _ => {}
     }
     let mut vm = crate::launch(cfg)?;
-    let code = vm.wait(None, Some(TIMEOUT))?;
+    let exit = vm.wait(None, Some(TIMEOUT))?;
     drop(vm);
+    let crate::VmExit::Guest(code) = exit else {
+        return Err(VmError::GuestCheck(format!("it did not finish: {exit}; console log: {}", cfg.console_path().display())));
+    };
     read_matrix(&report, code, &cfg.console_path())
 }
 

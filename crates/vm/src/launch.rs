@@ -15,12 +15,54 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openshell_guest::{EXEC_FILE, EXIT_CODE_FILE};
+use openshell_guest::{EXEC_FILE, EXIT_CODE_FILE, STOP_REQUEST_FILE};
 
 use crate::backend::{self, Backend};
 use crate::{HostFacts, VmConfig, VmError};
 
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long a guest asked to stop (through the share) gets to stop its workload and power off
+/// before the VMM itself is stopped: init's own SIGTERM→SIGKILL grace (5 s) plus its power-off.
+const GUEST_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// How a guest run ended, and who says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest's init reported the workload's exit status through the share.
+    Guest(i32),
+    /// This process got `signal`, asked the guest to stop, and the guest did not report an exit
+    /// status within its grace, so the VMM was stopped. The code is the host's own, 128 + signal.
+    Stopped { signal: i32 },
+    /// The VMM process was killed by `signal` from outside (not by us); the guest reported nothing.
+    VmmKilled { signal: i32 },
+}
+
+impl VmExit {
+    /// The process exit code a shell would report for this run.
+    pub fn code(self) -> i32 {
+        match self {
+            VmExit::Guest(code) => code,
+            VmExit::Stopped { signal } | VmExit::VmmKilled { signal } => 128 + signal,
+        }
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Guest(code) => write!(f, "the guest reported exit code {code}"),
+            VmExit::Stopped { signal } => write!(
+                f,
+                "stopped after signal {signal}: the guest reported no exit code within {}s, so the VMM was stopped (exit code {} is the host's)",
+                GUEST_STOP_GRACE.as_secs(),
+                128 + signal
+            ),
+            VmExit::VmmKilled { signal } => {
+                write!(f, "the VMM was killed by signal {signal}; the guest reported no exit code (exit code {})", 128 + signal)
+            }
+        }
+    }
+}
 
 /// A VMM process and the paths it writes.
 #[derive(Debug)]
@@ -88,6 +130,7 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
     // The VMM holds its own copy now; ours must close so passt sees EOF when the VMM exits.
     drop(vmm_net_end);
     tracing::debug!(pid = child.id(), ?cmd, "VMM started");
+    record_in_ledger(child.id(), backend, &cfg.state_dir);
     Ok(RunningVm {
         pid: child.id(),
         child: Some(child),
@@ -100,6 +143,21 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
     })
 }
 
+/// Where `launch` records every VMM it starts, when set: one JSON line each (`vmm_pid`,
+/// `backend`, `state_dir`), appended. The VM suites read it to count the trials that really booted
+/// a VM, across the processes a trial starts (a trial that passes without a VM proves nothing).
+pub const LEDGER_ENV: &str = "OPENSHELL_VM_LEDGER";
+
+fn record_in_ledger(pid: u32, backend: Backend, state_dir: &Path) {
+    let Some(path) = std::env::var_os(LEDGER_ENV) else { return };
+    let line = serde_json::json!({ "vmm_pid": pid, "backend": backend.kind(), "state_dir": state_dir });
+    // One write of one line with O_APPEND, so lines from concurrent processes do not interleave.
+    let written = fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!(ledger = ?path, error = %e, "cannot record the VMM in the ledger");
+    }
+}
+
 /// Creates the state directory (0700) and the guest share with the exec request in it; clears what
 /// an earlier run left (its exit code, its console).
 fn prepare_state(cfg: &VmConfig) -> Result<PathBuf, VmError> {
@@ -107,6 +165,7 @@ fn prepare_state(cfg: &VmConfig) -> Result<PathBuf, VmError> {
     fs::DirBuilder::new().recursive(true).mode(0o700).create(&share).map_err(io_err(&share))?;
     fs::set_permissions(&cfg.state_dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&cfg.state_dir))?;
     let _ = fs::remove_file(share.join(EXIT_CODE_FILE));
+    let _ = fs::remove_file(share.join(STOP_REQUEST_FILE));
     let exec = share.join(EXEC_FILE);
     let tmp = share.join(format!(".{EXEC_FILE}.tmp"));
     let json = serde_json::to_vec(&cfg.exec).expect("exec request serializes");
@@ -137,31 +196,42 @@ impl RunningVm {
     }
 
     /// Waits for the guest to power off, copying the console to `sink` as it grows, and returns
-    /// the guest command's exit code. SIGINT/SIGTERM to this process stop the VMM; the result is
-    /// then 128 + that signal, as a shell would report it.
+    /// how it ended. SIGINT/SIGTERM to this process ask the guest to stop (its init stops the
+    /// workload and reports its real status); a guest that does not finish within its grace, or a
+    /// second signal, stops the VMM, and the result is then the host's own 128 + signal.
     /// With `timeout`, a guest still running when it expires is an error (and is stopped when the
     /// `RunningVm` is dropped).
-    pub fn wait(&mut self, mut sink: Option<&mut dyn Write>, timeout: Option<Duration>) -> Result<i32, VmError> {
+    pub fn wait(&mut self, mut sink: Option<&mut dyn Write>, timeout: Option<Duration>) -> Result<VmExit, VmError> {
         let deadline = timeout.map(|t| (t, Instant::now() + t));
         let got = Arc::new(AtomicUsize::new(0));
         let ids = [libc::SIGINT, libc::SIGTERM]
             .map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
         let mut console = Tail::new(&self.console);
-        let mut forwarded = None;
+        // (signal, when the guest was asked to stop, whether the VMM was signalled)
+        let mut stopping: Option<(i32, Instant, bool)> = None;
         let result = loop {
             console.drain(&mut sink);
-            let sig = got.load(Ordering::Relaxed);
-            if sig != 0 && forwarded.is_none() {
-                tracing::info!(signal = sig, "stopping the VM");
-                self.signal(libc::SIGTERM);
-                forwarded = Some(sig as i32);
+            let sig = got.swap(0, Ordering::Relaxed) as i32;
+            match (&mut stopping, sig) {
+                (None, 0) => {}
+                (None, sig) => {
+                    tracing::info!(signal = sig, "asking the guest to stop");
+                    self.request_guest_stop();
+                    stopping = Some((sig, Instant::now(), false));
+                }
+                (Some((_, asked, vmm_signalled)), again) if !*vmm_signalled && (again != 0 || asked.elapsed() > GUEST_STOP_GRACE) => {
+                    tracing::info!("the guest did not stop in time (or a second signal came): stopping the VMM");
+                    self.signal(libc::SIGTERM);
+                    *vmm_signalled = true;
+                }
+                _ => {}
             }
             let child = self.child.as_mut().expect("waited only once");
             match child.try_wait() {
                 Ok(Some(status)) => {
                     self.child = None;
                     console.drain(&mut sink);
-                    break self.exit_code(status, forwarded);
+                    break self.exit_code(status, stopping.map(|(sig, _, _)| sig));
                 }
                 Ok(None) if deadline.is_some_and(|(_, d)| Instant::now() > d) => {
                     let secs = deadline.map_or(0, |(t, _)| t.as_secs());
@@ -177,17 +247,25 @@ impl RunningVm {
         result
     }
 
-    fn exit_code(&self, status: std::process::ExitStatus, forwarded: Option<i32>) -> Result<i32, VmError> {
-        if let Some(sig) = forwarded {
-            return Ok(128 + sig);
-        }
-        if let Some(sig) = status.signal() {
-            return Ok(128 + sig);
-        }
+    /// The guest's own report wins; without one, the code says who ended the run.
+    fn exit_code(&self, status: std::process::ExitStatus, stop_signal: Option<i32>) -> Result<VmExit, VmError> {
         let path = self.share.join(EXIT_CODE_FILE);
-        match fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()) {
-            Some(code) => Ok(code),
-            None => Err(VmError::NoExitCode { status: status.to_string(), console: self.console.clone() }),
+        if let Some(code) = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()) {
+            return Ok(VmExit::Guest(code));
+        }
+        match (stop_signal, status.signal()) {
+            (Some(signal), _) => Ok(VmExit::Stopped { signal }),
+            (None, Some(signal)) => Ok(VmExit::VmmKilled { signal }),
+            (None, None) => Err(VmError::NoExitCode { status: status.to_string(), console: self.console.clone() }),
+        }
+    }
+
+    /// Asks the guest's init to stop its workload (see [`STOP_REQUEST_FILE`]).
+    fn request_guest_stop(&self) {
+        let path = self.share.join(STOP_REQUEST_FILE);
+        if let Err(e) = fs::write(&path, b"stop\n") {
+            tracing::warn!(path = %path.display(), error = %e, "cannot ask the guest to stop; stopping the VMM");
+            self.signal(libc::SIGTERM);
         }
     }
 

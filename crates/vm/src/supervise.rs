@@ -87,11 +87,14 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
     ];
     for (role, pid, progs) in recorded {
         let Some(pid) = pid else { continue };
-        if procfs::process(pid).program_is_any(progs) {
+        let process = procfs::process(pid);
+        if process.program_is_any(progs) {
             // SAFETY: kill(2) on a pid this instance recorded, verified to run our program.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             wait_gone(pid);
             done.push(format!("killed leftover {role} pid {pid}"));
+        } else if process.alive {
+            done.push(format!("{role} pid {pid} now runs something else ({}); left alone", process.cmdline));
         } else {
             done.push(format!("{role} pid {pid} already gone"));
         }
@@ -185,7 +188,7 @@ mod tests {
         let mut other = fake("unrelated-daemon");
         inst.write_metadata(&metadata(Some(other.id()), None, None)).unwrap();
         let done = recover(&inst).unwrap();
-        assert!(done.iter().any(|l| l.contains("already gone")), "{done:?}");
+        assert!(done.iter().any(|l| l.contains("now runs something else") && l.contains("left alone")), "{done:?}");
         assert!(other.try_wait().unwrap().is_none(), "an unrelated process was killed");
         other.kill().unwrap();
         other.wait().unwrap();

@@ -17,10 +17,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use openshell_guest::netconf::{self, Ipv4Config, NetPlan};
-use openshell_guest::{ifconfig, ExecRequest, EXEC_FILE, EXIT_CODE_FILE, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_guest::{
+    ifconfig, ExecRequest, EXEC_FILE, EXIT_CODE_FILE, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM, STOP_REQUEST_FILE,
+};
 
 /// How long the workload gets between SIGTERM and SIGKILL once a stop is requested.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How often init looks for the host's stop request in the share (a 9p/virtio-fs stat).
+const STOP_POLL: Duration = Duration::from_millis(100);
 /// Signals init waits on (blocked, then taken synchronously with `sigtimedwait`).
 const WAITED: [libc::c_int; 5] = [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGPWR, libc::SIGALRM];
 const ETH: &str = "eth0";
@@ -358,19 +362,26 @@ fn supervise(pid: libc::pid_t) -> i32 {
                 break;
             }
         }
-        // SAFETY: sigwaitinfo reads the set we own; the siginfo out-parameter may be null.
-        let sig = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
-        match sig {
-            libc::SIGTERM | libc::SIGINT | libc::SIGPWR if !stopping => {
+        let timeout = libc::timespec { tv_sec: 0, tv_nsec: STOP_POLL.as_nanos() as libc::c_long };
+        // SAFETY: sigtimedwait reads the set and timeout we own; the siginfo out-parameter may be null.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+        let stop = match sig {
+            libc::SIGTERM | libc::SIGINT | libc::SIGPWR => Some(format!("signal {sig}")),
+            // Between signals (or after a poll interval without one): has the host asked?
+            _ if !stopping && stop_requested() => Some("stop requested by the host".to_owned()),
+            _ => None,
+        };
+        match (stop, sig) {
+            (Some(why), _) if !stopping => {
                 stopping = true;
-                step(&format!("signal {sig}: stopping the workload (SIGTERM, SIGKILL after {}s)", STOP_GRACE.as_secs()));
+                step(&format!("{why}: stopping the workload (SIGTERM, SIGKILL after {}s)", STOP_GRACE.as_secs()));
                 // SAFETY: kill/alarm have no memory preconditions.
                 unsafe {
                     libc::kill(-pid, libc::SIGTERM);
                     libc::alarm(STOP_GRACE.as_secs() as libc::c_uint);
                 }
             }
-            libc::SIGALRM if stopping => {
+            (_, libc::SIGALRM) if stopping => {
                 step("the workload ignored SIGTERM; SIGKILL");
                 // SAFETY: as above.
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
@@ -378,6 +389,10 @@ fn supervise(pid: libc::pid_t) -> i32 {
             _ => {}
         }
     }
+}
+
+fn stop_requested() -> bool {
+    std::path::Path::new(SHARE_MOUNT).join(STOP_REQUEST_FILE).exists()
 }
 
 fn report_exit(code: i32) {

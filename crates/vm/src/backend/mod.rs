@@ -37,6 +37,16 @@ impl std::str::FromStr for VmmChoice {
     }
 }
 
+impl Backend {
+    /// The backend's name without its accelerator: `krun` or `qemu`, as `--vmm` spells it.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Backend::Krun => "krun",
+            Backend::Qemu { .. } => "qemu",
+        }
+    }
+}
+
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -519,9 +519,9 @@ mod tests {
             let d = UnixDatagram::bind(b2).unwrap();
             (l, d)
         });
-        let t = Instant::now();
         wait_for_paths(&[&a, &b], Duration::from_secs(5), || Ok(())).unwrap();
-        assert!(t.elapsed() >= Duration::from_millis(50));
+        // It returned because both exist, not because its time ran out.
+        assert!(a.exists() && b.exists());
         drop(binder.join().unwrap());
 
         let err = wait_for_paths(&[&dir.path().join("never.sock")], Duration::from_millis(50), || Ok(())).unwrap_err();

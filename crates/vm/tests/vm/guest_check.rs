@@ -60,7 +60,8 @@ fn unprivileged_fails_netns(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Res
 
 /// A checker that exits 0 without writing its matrix must be an error (exit 2 for `check
 /// --guest`), never an empty matrix that passes. The trial boots a copy of the rootfs whose
-/// checker is replaced by `exit 0`.
+/// checker is replaced by a stub that says it ran and exits 0; the error must come from a guest
+/// that really ran the stub and reported 0, not from a VM that never got there.
 fn silent_checker_is_an_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let rootfs = dir.path().join("rootfs");
     let copied = std::process::Command::new("cp").arg("-a").arg(&a.rootfs).arg(&rootfs).status();
@@ -68,7 +69,8 @@ fn silent_checker_is_an_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> R
         return Err(dir.fail(format!("cannot copy the rootfs {} for this trial: {copied:?}", a.rootfs.display())));
     }
     let bin = rootfs.join(openshell_guest::GUEST_CHECK_BIN.trim_start_matches('/'));
-    let replaced = std::fs::remove_file(&bin).and_then(|()| std::fs::write(&bin, "#!/bin/sh\nexit 0\n")).and_then(|()| {
+    let stub = "#!/bin/sh\necho silent-checker-stub-ran\nexit 0\n";
+    let replaced = std::fs::remove_file(&bin).and_then(|()| std::fs::write(&bin, stub)).and_then(|()| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
     });
@@ -77,9 +79,11 @@ fn silent_checker_is_an_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> R
     }
     let mut cfg = guest_check::config(a.kernel.clone(), rootfs, dir.path().join("state"));
     cfg.vmm = vmm;
-    match guest_check::run(&cfg) {
-        Err(openshell_vm::VmError::GuestCheck(why)) if why.contains("wrote no matrix") => Ok(()),
-        Err(e) => Err(dir.fail(format!("expected a 'wrote no matrix' checker failure, got: {e}"))),
+    let result = guest_check::run(&cfg);
+    let stub_ran = std::fs::read_to_string(cfg.console_path()).unwrap_or_default().contains("silent-checker-stub-ran");
+    match result {
+        Err(openshell_vm::VmError::GuestCheck(why)) if why.contains("it exited with 0 and wrote no matrix") && stub_ran => Ok(()),
+        Err(e) => Err(dir.fail(format!("expected the stub to run, exit 0 and a 'wrote no matrix' failure; stub ran: {stub_ran}; got: {e}"))),
         Ok(m) => Err(dir.fail(format!("a checker that wrote nothing produced a matrix:\n{}", m.render()))),
     }
 }

@@ -50,17 +50,31 @@ fn stale_share_files_removed(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Re
 
 const SHOW_NET: &str = "echo resolv: $(cat /etc/resolv.conf); echo addr: $(ip -4 -o addr show eth0)";
 
+/// A name the host's own resolver answers (what apt needs on every machine this project builds
+/// on); the guest must resolve it through passt's DNS forwarder, not merely have a nameserver line.
+const RESOLVABLE: &str = "deb.debian.org";
+
 fn static_address_with_dns_fallback(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", SHOW_NET]);
+    use std::net::ToSocketAddrs;
+    let host_sees = (RESOLVABLE, 80).to_socket_addrs().map(|a| a.count()).unwrap_or(0);
+    if host_sees == 0 {
+        return Err(dir.fail(format!("the host itself cannot resolve {RESOLVABLE}, so the guest's DNS path cannot be shown")));
+    }
+    let script = format!("{SHOW_NET}; nslookup {RESOLVABLE} && echo resolved-through-forwarder");
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", &script]);
     cfg.net = NetMode::Passt;
     let (code, console, dir) = support::run(&cfg, dir)?;
-    // No DHCP ran, so no nameserver came with the address: init fell back to passt's forwarder.
+    // No DHCP ran, so no nameserver came with the address: init fell back to passt's forwarder,
+    // and a query sent there was answered.
     let ok = code == 0
         && console.contains("(static)")
         && console.contains("resolv: nameserver 192.0.2.1")
-        && console.contains("inet 192.0.2.2/24");
+        && console.contains("inet 192.0.2.2/24")
+        && console.contains("resolved-through-forwarder");
     if !ok {
-        return Err(dir.fail(format!("expected 192.0.2.2/24 and nameserver 192.0.2.1 (exit {code})")));
+        return Err(dir.fail(format!(
+            "expected 192.0.2.2/24, nameserver 192.0.2.1 and {RESOLVABLE} resolved through it (exit {code})"
+        )));
     }
     Ok(())
 }
@@ -82,22 +96,32 @@ fn dhcp_lease_from_backend(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Resu
     Ok(())
 }
 
+/// A SIGKILLed supervisor leaves a stale record. Two parts:
+/// 1. The real supervisor is SIGKILLed: its VMM and passt die with it (PDEATHSIG), so recovery
+///    finds them gone, clears the record, and the instance boots again on the same port.
+/// 2. A record naming live processes: a real VMM and passt of ours (booted here, as a platform
+///    without PDEATHSIG would leave them) are killed; a live process that is not ours is left alone.
 fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let root = dir.path().join("gateways");
-    let port = support::free_port();
-    let vmm_name = if vmm == VmmChoice::Krun { "krun" } else { "qemu" };
-    let mut sup = support::gateway_supervisor_command(&root, vmm_name, port)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| Failed::from(format!("cannot start the supervisor: {e}")))?;
-    let mut line = String::new();
-    BufReader::new(sup.stdout.take().unwrap()).read_line(&mut line).ok();
-    let pids: Vec<u32> = line.split_whitespace().filter_map(|w| w.split_once('=')?.1.parse().ok()).collect();
-    if !line.starts_with("ready ") || pids.len() != 2 {
-        let _ = sup.kill();
-        let _ = sup.wait();
-        return Err(dir.fail(format!("the supervisor did not come up: {line:?}")));
-    }
+    let up = support::with_free_port(|port| {
+        let mut sup = support::gateway_supervisor_command(&root, support::vmm_name(vmm), port)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(sup.stdout.take().unwrap()).read_line(&mut line).ok();
+        let pids: Vec<u32> = line.split_whitespace().filter_map(|w| w.split_once('=')?.1.parse().ok()).collect();
+        if !line.starts_with("ready ") || pids.len() != 2 {
+            let _ = sup.kill();
+            let _ = sup.wait();
+            return Err(format!("the supervisor did not come up: {line:?}"));
+        }
+        Ok((sup, pids, port))
+    });
+    let (mut sup, pids, port) = match up {
+        Ok(up) => up,
+        Err(e) => return Err(dir.fail(e)),
+    };
     // SIGKILL: no Drop, no cleanup, the lock released by the kernel, metadata left claiming pids.
     sup.kill().unwrap();
     sup.wait().unwrap();
@@ -106,17 +130,18 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     if stale != Some((Some(pids[0]), Some(pids[1]))) {
         return Err(dir.fail(format!("metadata did not record the pids {pids:?}: {stale:?}")));
     }
-    // The next command (status) recovers by the recorded pids and reports it.
-    let st = inst.status();
+    // PDEATHSIG takes the VMM and passt down with their supervisor.
     let deadline = Instant::now() + Duration::from_secs(10);
     while pids.iter().any(|&p| support::process_exists(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left: Vec<u32> = pids.iter().copied().filter(|&p| support::process_exists(p)).collect();
+    // The next command (status) recovers by the recorded pids and reports it.
+    let st = inst.status();
     let meta = inst.read_metadata().unwrap();
-    if st.running || st.recovered.is_empty() || !left.is_empty() || meta.vm_pid.is_some() || meta.passt_pid.is_some() {
+    let gone = |role: &str, pid: u32| st.recovered.iter().any(|l| l == &format!("{role} pid {pid} already gone"));
+    if st.running || !gone("vm", pids[0]) || !gone("passt", pids[1]) || meta.vm_pid.is_some() || meta.passt_pid.is_some() {
         return Err(dir.fail(format!(
-            "after SIGKILL: status running={} recovered={:?}, processes left {left:?}, metadata pids {:?}/{:?}",
+            "after SIGKILL: status running={} recovered={:?}, metadata pids {:?}/{:?}",
             st.running, st.recovered, meta.vm_pid, meta.passt_pid
         )));
     }
@@ -127,6 +152,38 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     match support::gateway(a, vmm, &root, port).and_then(|g| g.boot().map_err(|e| e.to_string())) {
         Ok(up) => drop(up),
         Err(e) => return Err(dir.fail(format!("the instance did not boot again after recovery: {e}"))),
+    }
+
+    // Part 2: live leftovers. A real VMM and passt of ours, and a stranger under a recorded pid.
+    let g = match support::gateway(a, vmm, &root, port) {
+        Ok(g) => g,
+        Err(e) => return Err(dir.fail(e)),
+    };
+    let mut leftover = match openshell_vm::launch(&g.cfg) {
+        Ok(vm) => vm,
+        Err(e) => return Err(dir.fail(format!("cannot boot the leftover VM: {e}"))),
+    };
+    let (vm_pid, passt_pid) = (leftover.pid(), leftover.passt_pid().unwrap_or(0));
+    let mut stranger = std::process::Command::new("sleep").arg("60").spawn().unwrap();
+    let mut meta = inst.read_metadata().unwrap();
+    meta.vm_pid = Some(vm_pid);
+    meta.passt_pid = Some(passt_pid);
+    meta.gvproxy_pid = Some(stranger.id());
+    meta.supervisor_pid = Some(u32::MAX - 1);
+    inst.write_metadata(&meta).unwrap();
+    let st = inst.status();
+    let alive = |p: u32| openshell_vm::procfs::process(p).alive;
+    let (vm_left, passt_left, stranger_alive) = (alive(vm_pid), alive(passt_pid), stranger.try_wait().unwrap().is_none());
+    leftover.stop();
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    let killed = |role: &str, pid: u32| st.recovered.iter().any(|l| l == &format!("killed leftover {role} pid {pid}"));
+    let spared = st.recovered.iter().any(|l| l.starts_with(&format!("gvproxy pid {} now runs something else", stranger.id())));
+    if !killed("vm", vm_pid) || !killed("passt", passt_pid) || vm_left || passt_left || !spared || !stranger_alive {
+        return Err(dir.fail(format!(
+            "recovery of live leftovers: recovered={:?}; VMM alive {vm_left}, passt alive {passt_left}, stranger alive {stranger_alive}",
+            st.recovered
+        )));
     }
     Ok(())
 }

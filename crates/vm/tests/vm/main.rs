@@ -2,9 +2,14 @@
 //!
 //! A libtest-mimic harness (`harness = false`), so nextest lists and runs each trial on its own.
 //! Trials are named `<backend>::<trial>`. A trial that cannot run here (a backend the host cannot
-//! run, artifacts not built) is reported ignored with the reason, never passed. The artifacts come
-//! from `OPENSHELL_KERNEL` / `OPENSHELL_ROOTFS` (set by `cargo xtask e2e`); with
-//! `OPENSHELL_E2E_REQUIRE=1` missing artifacts fail the run instead.
+//! run, artifacts not built) is reported ignored with the reason, never passed, and fails with that
+//! reason if it is forced to run (`--run-ignored`). The artifacts come from `OPENSHELL_KERNEL` /
+//! `OPENSHELL_ROOTFS` (set by `cargo xtask e2e`); with `OPENSHELL_E2E_REQUIRE=1` missing artifacts
+//! fail the run instead, and `OPENSHELL_E2E_REQUIRE_BACKENDS=qemu,krun` makes a backend that cannot
+//! run here a failure of each of its trials rather than an ignore.
+//!
+//! Every trial's VMMs are counted (see [`support::observe`]): a trial that expects a VM and
+//! started none fails, and each outcome is recorded for `cargo xtask e2e`'s per-backend summary.
 
 mod guest_check;
 mod lifecycle;
@@ -19,7 +24,11 @@ fn main() {
     if let Some(code) = support::supervisor_mode() {
         std::process::exit(code);
     }
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // One trial at a time per process: each trial points the VMM ledger (an environment variable
+    // its child processes inherit) at its own file. nextest runs one trial per process anyway.
+    args.test_threads = Some(1);
+    let _records = support::Records::init();
     let mut all: Vec<Trial> = trials::all();
     all.sort_by(|a, b| a.name().cmp(b.name()));
     if all.is_empty() {

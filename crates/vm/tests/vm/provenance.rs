@@ -87,6 +87,7 @@ fn expect_refused(cfg: &VmConfig, dir: TrialDir, parts: &[String]) -> Result<(),
 
 /// The default `vm run`: the gateway preset, on a rootfs with one file changed.
 fn tampered_rootfs_is_refused(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_refusal_before_boot();
     let (root, file, recorded, found) = tampered_rootfs(a, &dir)?;
     let inst = GatewayInstance::new(&dir.path().join("gateways"), "trial").map_err(|e| e.to_string())?;
     inst.ensure_pki().map_err(|e| e.to_string())?;
@@ -99,6 +100,7 @@ fn tampered_rootfs_is_refused(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> R
 
 /// `vm run --exec` on a kernel whose bytes changed after its provenance.json was written.
 fn tampered_kernel_is_refused(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_refusal_before_boot();
     let kdir = dir.path().join("kernel");
     std::fs::create_dir_all(&kdir).map_err(|e| e.to_string())?;
     let src = a.kernel.parent().ok_or("kernel path has no directory")?;
@@ -135,8 +137,8 @@ fn allow_unverified_boots_with_a_warning(a: &Artifacts, vmm: VmmChoice, dir: Tri
     }
     let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
     match code {
-        Ok(0) if console.contains("tampered") => Ok(()),
-        Ok(c) => Err(dir.fail(format!("guest exited {c}; expected 0 and the tampered /etc/hostname on the console"))),
+        Ok(openshell_vm::VmExit::Guest(0)) if console.contains("tampered") => Ok(()),
+        Ok(c) => Err(dir.fail(format!("{c}; expected exit 0 and the tampered /etc/hostname on the console"))),
         Err(e) => Err(dir.fail(e.to_string())),
     }
 }

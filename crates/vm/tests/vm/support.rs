@@ -1,7 +1,10 @@
-//! What every VM trial needs: artifacts, a state dir kept on failure, a config, and a supervisor
-//! process for the trials that signal one.
+//! What every VM trial needs: artifacts, a state dir kept on failure, a config, a supervisor
+//! process for the trials that signal one, and the record of what each trial booted.
 
+use std::cell::Cell;
 use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use libtest_mimic::Failed;
@@ -29,6 +32,13 @@ pub fn require() -> bool {
     std::env::var("OPENSHELL_E2E_REQUIRE").is_ok_and(|v| v == "1")
 }
 
+/// Backends whose trials must run here (`OPENSHELL_E2E_REQUIRE_BACKENDS=qemu,krun`, set by
+/// `cargo xtask test --require-backend …`): for them "cannot run on this host" is a failure.
+pub fn required_backends() -> Vec<String> {
+    let list = std::env::var("OPENSHELL_E2E_REQUIRE_BACKENDS").unwrap_or_default();
+    list.split(',').map(str::trim).filter(|b| !b.is_empty()).map(str::to_owned).collect()
+}
+
 /// Which backends can boot a guest to userspace here, and which cannot (with the reason).
 pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
     let host = HostFacts::probe();
@@ -47,16 +57,38 @@ pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
     vec![("krun", VmmChoice::Krun, krun), ("qemu", VmmChoice::Qemu, qemu)]
 }
 
+/// What a trial must do for its verdict to mean anything: boot a VM (the default), or be refused
+/// before any VMM starts. [`observe`] checks it against the VMMs the trial really started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Boots {
+    Vm,
+    RefusedBeforeBoot,
+}
+
+/// How `--vmm` (and the supervisor mode's environment) spells a trial's backend.
+pub fn vmm_name(vmm: VmmChoice) -> &'static str {
+    match vmm {
+        VmmChoice::Krun => "krun",
+        VmmChoice::Qemu | VmmChoice::Auto => "qemu",
+    }
+}
+
 /// A trial's own state directory; kept (and named) when the trial fails.
-pub struct TrialDir(Option<tempfile::TempDir>);
+pub struct TrialDir(Option<tempfile::TempDir>, Rc<Cell<Boots>>);
 
 impl TrialDir {
     pub fn new(name: &str) -> TrialDir {
-        TrialDir(Some(tempfile::Builder::new().prefix(&format!("vm-{}-", name.replace("::", "-"))).tempdir().unwrap()))
+        let dir = tempfile::Builder::new().prefix(&format!("vm-{}-", name.replace("::", "-"))).tempdir().unwrap();
+        TrialDir(Some(dir), Rc::new(Cell::new(Boots::Vm)))
     }
 
     pub fn path(&self) -> PathBuf {
         self.0.as_ref().unwrap().path().to_owned()
+    }
+
+    /// Declares that this trial passes only if it is refused before any VMM starts.
+    pub fn expect_refusal_before_boot(&self) {
+        self.1.set(Boots::RefusedBeforeBoot);
     }
 
     /// Wraps a failure with the console's tail and keeps the directory for inspection.
@@ -115,7 +147,8 @@ pub fn run(cfg: &VmConfig, dir: TrialDir) -> Result<(i32, String, TrialDir), Fai
         Err(e) => return Err(dir.fail(format!("launch failed: {e}"))),
     };
     let code = match vm.wait(None, Some(GUEST_TIMEOUT)) {
-        Ok(c) => c,
+        Ok(openshell_vm::VmExit::Guest(c)) => c,
+        Ok(other) => return Err(dir.fail(format!("the guest reported no exit code: {other}"))),
         Err(e) => {
             drop(vm);
             return Err(dir.fail(e.to_string()));
@@ -150,7 +183,18 @@ pub fn supervisor_mode() -> Option<i32> {
     println!("vmm-pid={}", vm.pid());
     use std::io::Write;
     std::io::stdout().flush().unwrap();
-    Some(vm.wait(None, Some(GUEST_TIMEOUT)).unwrap_or(255))
+    // The exit code says who reported it: the guest's own code, or 128+signal as the host's.
+    Some(match vm.wait(None, Some(GUEST_TIMEOUT)) {
+        Ok(openshell_vm::VmExit::Guest(code)) => code,
+        Ok(other) => {
+            eprintln!("supervisor: {other}");
+            200
+        }
+        Err(e) => {
+            eprintln!("supervisor: {e}");
+            255
+        }
+    })
 }
 
 const SUPERVISE_GATEWAY_ENV: &str = "OPENSHELL_E2E_SUPERVISE_GATEWAY";
@@ -172,7 +216,7 @@ fn gateway_supervisor(root: PathBuf) -> i32 {
     println!("ready vmm-pid={} passt-pid={}", up.vm.pid(), up.vm.passt_pid().unwrap_or(0));
     use std::io::Write;
     std::io::stdout().flush().unwrap();
-    up.vm.wait(None, None).unwrap_or(255)
+    up.vm.wait(None, None).map_or(255, openshell_vm::VmExit::code)
 }
 
 /// Starts this test binary as a gateway supervisor (see [`gateway_supervisor`]).
@@ -188,9 +232,116 @@ pub fn supervisor_command(state: &std::path::Path, vmm: &str, argv: &[&str]) -> 
     c
 }
 
-/// A port that was free a moment ago (trials then check it again before boot).
+/// A port that was free a moment ago, below the kernel's ephemeral range (32768+), so a client
+/// socket of any process on this host cannot take it in between; trials pick theirs at random.
+/// The forward binds it later: boot through [`with_free_port`], which retries on a collision.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20000 + (h.finish() % 10000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Runs `boot` with a free port; when the boot is refused because the port was taken between the
+/// pick and the preflight (another trial, another process), tries again with another (5 times).
+pub fn with_free_port<T>(mut boot: impl FnMut(u16) -> Result<T, String>) -> Result<T, String> {
+    let mut tries = 0;
+    loop {
+        let port = free_port();
+        match boot(port) {
+            Err(e) if tries < 5 && e.contains(&format!("{port}")) && e.contains("in use") => {
+                eprintln!("port {port} was taken before the boot; trying another: {e}");
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Lines a trial adds to its record (e.g. how far a guest got), shown in xtask's summary.
+static NOTES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records `line` for this trial's summary and prints it.
+pub fn note(line: impl Into<String>) {
+    let line = line.into();
+    println!("{line}");
+    NOTES.lock().unwrap().push(line);
+}
+
+/// Where the records of this run go: `OPENSHELL_E2E_RECORDS` (set by `cargo xtask e2e`, which
+/// summarises them), or a directory of this process's own that lives as long as the value.
+pub struct Records {
+    _own: Option<tempfile::TempDir>,
+}
+
+const RECORDS_ENV: &str = "OPENSHELL_E2E_RECORDS";
+
+impl Records {
+    pub fn init() -> Records {
+        if std::env::var_os(RECORDS_ENV).is_some() {
+            return Records { _own: None };
+        }
+        let dir = tempfile::Builder::new().prefix("vm-records-").tempdir().expect("a temp dir for the VMM ledger");
+        // Before any thread starts: the trials' child processes inherit it.
+        std::env::set_var(RECORDS_ENV, dir.path());
+        Records { _own: Some(dir) }
+    }
+
+    fn dir() -> PathBuf {
+        PathBuf::from(std::env::var_os(RECORDS_ENV).expect("Records::init ran in main"))
+    }
+}
+
+/// One trial's record, read by `cargo xtask e2e` for the per-backend summary.
+#[derive(serde::Serialize)]
+struct Outcome<'a> {
+    trial: &'a str,
+    backend: &'a str,
+    /// "vm" or "refused-before-boot": what the trial had to do.
+    expects: &'static str,
+    /// VMM processes the trial (and the processes it started) launched.
+    vmms: usize,
+    passed: bool,
+    notes: Vec<String>,
+}
+
+/// Runs a trial body with its VMMs counted: every VMM launched by this process or a child it
+/// starts is appended to the trial's own ledger (`openshell_vm::LEDGER_ENV`). A trial that expects
+/// a VM and started none, or expects a refusal and started one, fails whatever its body said.
+pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<(), Failed>) -> Result<(), Failed> {
+    let ledger = Records::dir().join(format!("{}.vmms", name.replace("::", "-")));
+    let _ = std::fs::remove_file(&ledger);
+    // Trials run one at a time in this process (main sets one test thread), so this is the only
+    // trial whose launches can land here; child processes inherit it.
+    std::env::set_var(openshell_vm::LEDGER_ENV, &ledger);
+    NOTES.lock().unwrap().clear();
+    let dir = TrialDir::new(name);
+    let expects = Rc::clone(&dir.1);
+    let mut result = body(dir);
+    let vmms = std::fs::read_to_string(&ledger).map_or(0, |t| t.lines().count());
+    result = match (result, expects.get(), vmms) {
+        (Ok(()), Boots::Vm, 0) => Err("the trial passed without starting a VMM, so it proves nothing about a VM".into()),
+        (Ok(()), Boots::RefusedBeforeBoot, n) if n > 0 => {
+            Err(format!("the trial expects a refusal before boot, but {n} VMM(s) were started").into())
+        }
+        (r, _, _) => r,
+    };
+    let outcome = Outcome {
+        trial: name,
+        backend,
+        expects: if expects.get() == Boots::Vm { "vm" } else { "refused-before-boot" },
+        vmms,
+        passed: result.is_ok(),
+        notes: std::mem::take(&mut *NOTES.lock().unwrap()),
+    };
+    let path = Records::dir().join(format!("{}.outcome.json", name.replace("::", "-")));
+    std::fs::write(&path, serde_json::to_vec(&outcome).unwrap()).expect("the trial record is writable");
+    result
 }
 
 /// Local IPv4/IPv6 addresses with a listening TCP socket on `port`, from /proc/net/tcp{,6}.

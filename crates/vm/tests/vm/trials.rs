@@ -39,44 +39,82 @@ const CONTRACT: &[(&str, Body)] = &[
 
 pub fn all() -> Vec<Trial> {
     let artifacts = support::artifacts();
+    let required = support::required_backends();
     let mut trials = Vec::new();
     for (backend, vmm, usable) in support::backends() {
+        let must_run = required.iter().any(|b| b == backend);
         for &(name, body) in GROUPS.iter().copied().flatten() {
             let full = format!("{backend}::{name}");
-            let reason = match (&usable, &artifacts) {
+            let cannot = match (&usable, &artifacts) {
                 (Err(why), _) => Some(why.clone()),
                 (Ok(()), Err(why)) if !support::require() => Some(why.clone()),
                 _ => None,
             };
-            trials.push(match reason {
-                Some(why) => Trial::test(full, || Ok(())).with_ignored_flag(true).with_kind(why),
+            trials.push(match cannot {
+                Some(why) if must_run => Trial::test(full.clone(), move || {
+                    support::observe(&full, backend, |_| {
+                        Err(format!("the {backend} backend is required here (OPENSHELL_E2E_REQUIRE_BACKENDS) but cannot run: {why}").into())
+                    })
+                }),
+                // Forced to run (`--run-ignored`), it fails with its reason rather than passing.
+                Some(why) => Trial::test(full, {
+                    let why = why.clone();
+                    move || Err(format!("not run: {why}").into())
+                })
+                .with_ignored_flag(true)
+                .with_kind(why),
                 None => {
                     let artifacts = artifacts.clone();
                     Trial::test(full.clone(), move || {
-                        let a = artifacts.map_err(Failed::from)?;
-                        body(&a, vmm, TrialDir::new(&full))
+                        support::observe(&full, backend, |dir| body(&artifacts.map_err(Failed::from)?, vmm, dir))
                     })
                 }
             });
         }
     }
-    // On hosts where libkrun's guest cannot reach userspace, still prove the FFI wiring, kernel
-    // loading and console: this trial runs wherever /dev/kvm opens, PVM included.
-    let host = openshell_vm::HostFacts::probe();
-    let smoke = "krun::smoke_kernel_prints_first_line";
-    trials.push(match (&artifacts, host.kvm_usable, std::env::var_os("OPENSHELL_VMM")) {
-        (Ok(_), true, Some(_)) => {
-            let a = artifacts.clone();
-            Trial::test(smoke, move || krun_smoke(&a.map_err(Failed::from)?, TrialDir::new(smoke)))
-        }
-        (_, false, _) => Trial::test(smoke, || Ok(())).with_ignored_flag(true).with_kind("no usable /dev/kvm"),
-        (Err(why), _, _) if !support::require() => Trial::test(smoke, || Ok(())).with_ignored_flag(true).with_kind(why.clone()),
-        _ if !support::require() => Trial::test(smoke, || Ok(()))
-            .with_ignored_flag(true)
-            .with_kind("OPENSHELL_VMM not set to the openshell-vmm binary; run `cargo xtask e2e --vm`"),
-        _ => Trial::test(smoke, || Err("artifacts or OPENSHELL_VMM missing with OPENSHELL_E2E_REQUIRE=1".into())),
-    });
+    // The VM suites did not run at all (plain `cargo nextest run`): say so with a failure, not a
+    // green run of ignored trials.
+    if let (Err(why), false) = (&artifacts, support::require()) {
+        let why = why.clone();
+        trials.push(Trial::test("setup::vm_suites_ran", move || {
+            Err(format!("every VM trial is ignored: {why}. `cargo xtask test` builds the artifacts and runs them").into())
+        }));
+    }
+    trials.push(krun_smoke_trial(&artifacts));
     trials
+}
+
+/// On hosts where libkrun's guest cannot reach userspace, still prove the FFI wiring, kernel
+/// loading and console: this trial runs wherever /dev/kvm opens, PVM included, and records how far
+/// the guest got, so "never reaches userspace" stays a measurement.
+fn krun_smoke_trial(artifacts: &Result<Artifacts, String>) -> Trial {
+    let smoke = "krun::smoke_kernel_prints_first_line";
+    let host = openshell_vm::HostFacts::probe();
+    let cannot = match (artifacts, host.kvm_usable, std::env::var_os("OPENSHELL_VMM")) {
+        (_, false, _) => Some("no usable /dev/kvm".to_owned()),
+        (Ok(_), true, Some(_)) => None,
+        (Err(why), _, _) => Some(why.clone()),
+        (Ok(_), true, None) => Some("OPENSHELL_VMM not set to the openshell-vmm binary; run `cargo xtask e2e --vm`".to_owned()),
+    };
+    let must_run = support::required_backends().iter().any(|b| b == "krun")
+        || (support::require() && host.kvm_usable);
+    match cannot {
+        Some(why) if must_run => Trial::test(smoke, move || {
+            support::observe(smoke, "krun", |_| Err(format!("required but cannot run: {why}").into()))
+        }),
+        Some(why) => Trial::test(smoke, {
+            let why = why.clone();
+            move || Err(format!("not run: {why}").into())
+        })
+        .with_ignored_flag(true)
+        .with_kind(why),
+        None => {
+            let a = artifacts.clone();
+            Trial::test(smoke, move || {
+                support::observe(smoke, "krun", |dir| krun_smoke(&a.map_err(Failed::from)?, dir, host.kvm_pvm))
+            })
+        }
+    }
 }
 
 fn expect_code(cfg: &VmConfig, dir: TrialDir, want: i32) -> Result<(), Failed> {
@@ -137,14 +175,14 @@ fn console_log_written(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(
     Ok(())
 }
 
+/// SIGTERM to the process that runs the VM (`vm run --exec`'s) asks the guest to stop: init
+/// passes SIGTERM to the workload, whose trap answers with exit 7, reports that code through the
+/// share and powers off. Exit 7 can only come from the guest (the host's own code would be 143).
 fn sigterm_stops_guest(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let _ = a;
     let state = dir.path().join("state");
-    let vmm_name = match vmm {
-        VmmChoice::Krun => "krun",
-        _ => "qemu",
-    };
-    let mut sup = support::supervisor_command(&state, vmm_name, &["/bin/sleep", "600"])
+    let script = "trap 'echo workload-got-term; exit 7' TERM; echo workload-running; while :; do sleep 0.1; done";
+    let mut sup = support::supervisor_command(&state, support::vmm_name(vmm), &["/bin/sh", "-c", script])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| dir_fail_now(&format!("cannot start supervisor: {e}")))?;
@@ -154,31 +192,34 @@ fn sigterm_stops_guest(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(
         let _ = sup.kill();
         return Err(dir.fail(format!("supervisor did not report a VMM pid: {line:?}")));
     };
-    // Signal only once the guest runs the command, so this tests stopping a live guest.
+    // Signal only once the workload runs (its trap is set), so this tests stopping a live guest.
     let console = state.join("console.log");
     let deadline = Instant::now() + support::GUEST_TIMEOUT;
-    while !std::fs::read_to_string(&console).unwrap_or_default().contains("exec /bin/sleep") {
+    while !std::fs::read_to_string(&console).unwrap_or_default().contains("workload-running") {
         if Instant::now() > deadline {
             let _ = sup.kill();
-            return Err(dir.fail("guest never started /bin/sleep"));
+            return Err(dir.fail("the guest never started its workload"));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(sup.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = sup.try_wait().unwrap() {
             break s;
         }
         if Instant::now() > deadline {
             let _ = sup.kill();
-            return Err(dir.fail("supervisor still running 15 s after SIGTERM"));
+            return Err(dir.fail("supervisor still running 30 s after SIGTERM"));
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    if status.code() != Some(128 + libc::SIGTERM) {
-        return Err(dir.fail(format!("supervisor exited with {status}, expected 143")));
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    let guest_side = ["stop requested by the host: stopping the workload", "workload-got-term", "exit-code=7; powering off"];
+    let missing: Vec<&str> = guest_side.iter().copied().filter(|l| !text.contains(l)).collect();
+    if status.code() != Some(7) || !missing.is_empty() {
+        return Err(dir.fail(format!("supervisor exited with {status} (expected 7, the workload's own code); console lacks {missing:?}")));
     }
     if support::process_exists(vmm_pid) {
         return Err(dir.fail(format!("VMM pid {vmm_pid} still exists after the supervisor exited")));
@@ -191,6 +232,7 @@ fn dir_fail_now(msg: &str) -> Failed {
 }
 
 fn missing_kernel_gives_clear_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_refusal_before_boot();
     let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
     cfg.kernel = dir.path().join("no-such-vmlinux");
     match openshell_vm::launch(&cfg) {
@@ -206,42 +248,66 @@ fn missing_kernel_gives_clear_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     }
 }
 
-/// libkrun boots our kernel and its first line reaches the serial console; then the VMM is stopped.
-fn krun_smoke(a: &Artifacts, dir: TrialDir) -> Result<(), Failed> {
+/// libkrun boots our kernel and its first line reaches the serial console. Then the guest runs on
+/// (up to [`SMOKE_WATCH`]) and the trial records how far it got: on nested PVM it must not reach
+/// userspace (if it does, the krun trials are ignored here for a reason that is no longer true).
+fn krun_smoke(a: &Artifacts, dir: TrialDir, pvm: bool) -> Result<(), Failed> {
     let mut cfg = support::config(a, &dir, VmmChoice::Krun, &["/bin/true"]);
     cfg.krun_vmm_binary = std::env::var_os("OPENSHELL_VMM").map(Into::into);
     let mut vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
     let log = cfg.state_dir.join("vmm.log");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let deadline = Instant::now() + SMOKE_WATCH;
+    let mut first_line = None;
+    let (text, ended) = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("Linux version") {
-            println!("krun: first kernel line after {:.2}s", vm.started.elapsed().as_secs_f64());
-            break;
+        if first_line.is_none() && text.contains("Linux version") {
+            first_line = Some(vm.started.elapsed());
         }
-        if Instant::now() > deadline {
-            drop(vm);
-            return Err(dir.fail(format!("no `Linux version` line within 60 s; vmm.log:\n{text}")));
+        let ended = vm.exited();
+        if ended.is_some() || text.contains("openshell-init: [") || Instant::now() > deadline {
+            break (text, ended);
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    let at = vm.started.elapsed().as_secs_f64();
     let pid = vm.pid();
     vm.stop();
+    let last = text.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("(nothing)").to_owned();
+    let Some(first) = first_line else {
+        return Err(dir.fail(format!("no `Linux version` line within {} s; vmm.log:\n{text}", SMOKE_WATCH.as_secs())));
+    };
+    let how = match ended {
+        Some(status) => format!("the VMM ended ({status})"),
+        None => "still running; stopped".to_owned(),
+    };
+    support::note(format!(
+        "krun smoke: first kernel line after {:.2} s; at {at:.1} s {how}; last console line: {last}",
+        first.as_secs_f64()
+    ));
     if support::process_exists(pid) {
         return Err(dir.fail(format!("VMM pid {pid} survived stop()")));
+    }
+    if pvm && text.contains("openshell-init: [") {
+        return Err(dir.fail(
+            "libkrun's guest reached userspace on this nested PVM host: the krun trials are ignored here for a reason that no longer holds",
+        ));
     }
     Ok(())
 }
 
+/// How long the smoke trial watches the guest after launch.
+const SMOKE_WATCH: Duration = Duration::from_secs(20);
+
 /// A guest httpd behind a passt forward: boots with `--net passt -p HOST:8080`, answers over HTTP.
 fn boot_httpd(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<(openshell_vm::RunningVm, u16, VmConfig), String> {
     let script = "mkdir -p /tmp/www && echo hello-from-guest-httpd > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
-    let mut cfg = support::config(a, dir, vmm, &["/bin/sh", "-c", script]);
-    let host = support::free_port();
-    cfg.net = openshell_vm::NetMode::Passt;
-    cfg.ports = vec![openshell_vm::PortMap { host, guest: 8080 }];
-    let vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
-    Ok((vm, host, cfg))
+    support::with_free_port(|host| {
+        let mut cfg = support::config(a, dir, vmm, &["/bin/sh", "-c", script]);
+        cfg.net = openshell_vm::NetMode::Passt;
+        cfg.ports = vec![openshell_vm::PortMap { host, guest: 8080 }];
+        let vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+        Ok((vm, host, cfg))
+    })
 }
 
 fn http_get(port: u16) -> Option<String> {
@@ -313,6 +379,7 @@ fn forward_listens_on_loopback_only(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
 }
 
 fn port_in_use_is_reported_before_boot(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_refusal_before_boot();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
@@ -337,9 +404,11 @@ fn boot_gateway(
     vmm: VmmChoice,
     dir: &TrialDir,
 ) -> Result<(openshell_vm::RunningVm, String, GatewayInstance, (String, String)), String> {
-    let port = support::free_port();
-    let support::GatewayTrial { inst, cfg, digests } = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
-    let mut vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+    let (support::GatewayTrial { inst, digests, .. }, mut vm, port) = support::with_free_port(|port| {
+        let g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
+        let vm = openshell_vm::launch(&g.cfg).map_err(|e| format!("launch: {e}"))?;
+        Ok((g, vm, port))
+    })?;
     let endpoint = format!("127.0.0.1:{port}");
     let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
     gateway::wait_ready(&mut vm, &endpoint, &bundle, support::GUEST_TIMEOUT).map_err(|e| e.to_string())?;

@@ -45,14 +45,14 @@ struct Supervised {
 }
 
 fn supervise(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<Supervised, String> {
-    let port = support::free_port();
-    let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
-    // Where TrialDir::fail looks for the console; metadata.json records it for verify.
-    std::fs::create_dir_all(dir.path().join("state")).map_err(|e| e.to_string())?;
-    g.cfg.console_log = Some(dir.path().join("state/console.log"));
-    let up = g.boot().map_err(|e| format!("boot: {e}"))?;
-    let inst = g.inst;
-    Ok(Supervised { up, inst, port })
+    support::with_free_port(|port| {
+        let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
+        // Where TrialDir::fail looks for the console; metadata.json records it for verify.
+        std::fs::create_dir_all(dir.path().join("state")).map_err(|e| e.to_string())?;
+        g.cfg.console_log = Some(dir.path().join("state/console.log"));
+        let up = g.boot().map_err(|e| format!("boot: {e}"))?;
+        Ok(Supervised { up, inst: g.inst, port })
+    })
 }
 
 fn verify_passes_on_running_gateway(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
