@@ -148,7 +148,7 @@ fn tcp_connect(endpoint: &str) -> Attempt<Duration> {
 
 type GrpcAttempts = (Attempt<Duration>, Attempt<NoCertificate>, Attempt<String>, Attempt<InfoFacts>);
 
-/// mTLS channel, then (over it) health and Info, and separately a client without a certificate.
+/// mTLS channel, then (over it) health and Info, then a client without a certificate.
 fn grpc_probes(inst: &GatewayInstance, endpoint: &str) -> GrpcAttempts {
     let not_tried = |why: &str| -> GrpcAttempts {
         (Attempt::Failed(why.to_owned()), Attempt::NotTried(format!("not tried: {why}")), Attempt::NotTried(format!("not tried: {why}")), Attempt::NotTried(format!("not tried: {why}")))
@@ -194,17 +194,21 @@ fn grpc_probes(inst: &GatewayInstance, endpoint: &str) -> GrpcAttempts {
             Ok(Err(e)) => Attempt::Failed(e.to_string()),
             Err(e) => Attempt::Failed(bounded("Info")(e)),
         };
-        // After the stored bundle was served on this endpoint: the same client without its
-        // certificate, read until the server's verdict.
-        let anonymous = openshell_gateway::TlsProbe { identity: None, ..openshell_gateway::TlsProbe::with_bundle(&bundle, SERVER_NAME) };
-        let without_cert = match openshell_gateway::probe(endpoint, &anonymous, RPC_TIMEOUT) {
-            Err(e) => Attempt::Failed(e.to_string()),
-            Ok(openshell_gateway::TlsOutcome::Served { .. }) => Attempt::Done(NoCertificate::Served),
-            Ok(openshell_gateway::TlsOutcome::Refused { alert, .. }) => Attempt::Done(NoCertificate::Alert(format!("{alert:?}"))),
-            Ok(other) => Attempt::Done(NoCertificate::NoVerdict(other.to_string())),
-        };
-        (mtls, without_cert, health, info)
+        (mtls, without_certificate(endpoint, &bundle), health, info)
     })
+}
+
+/// The stored bundle's client without its certificate, against the endpoint that just served
+/// the bundle, read until the server's verdict (a blocking probe, bounded by `RPC_TIMEOUT`).
+fn without_certificate(endpoint: &str, bundle: &openshell_gateway::ClientBundle) -> Attempt<NoCertificate> {
+    use openshell_gateway::{TlsOutcome, TlsProbe};
+    let anonymous = TlsProbe { identity: None, ..TlsProbe::with_bundle(bundle, SERVER_NAME) };
+    match openshell_gateway::probe(endpoint, &anonymous, RPC_TIMEOUT) {
+        Err(e) => Attempt::Failed(e.to_string()),
+        Ok(TlsOutcome::Served { .. }) => Attempt::Done(NoCertificate::Served),
+        Ok(TlsOutcome::Refused { alert, .. }) => Attempt::Done(NoCertificate::Alert(format!("{alert:?}"))),
+        Ok(other) => Attempt::Done(NoCertificate::NoVerdict(other.to_string())),
+    }
 }
 
 /// The kernel and rootfs the running VMM was started with (its own command line, not the
