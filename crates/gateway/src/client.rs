@@ -117,17 +117,3 @@ pub async fn info(channel: &Channel) -> Result<InfoReply, ClientError> {
             status,
         })
 }
-
-/// Asks for health *without* presenting a client certificate, trusting `ca_pem` for the server.
-/// A correctly configured gateway refuses this; `verify` and the VM suites use it to prove that.
-pub async fn health_without_client_cert(
-    endpoint: &str,
-    ca_pem: &str,
-    server_name: &str,
-) -> Result<ServingStatus, ClientError> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca_pem))
-        .domain_name(server_name);
-    let channel = open_channel(endpoint, tls).await?;
-    health(&channel).await
-}

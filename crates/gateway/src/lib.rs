@@ -1,11 +1,13 @@
 //! The gateway control plane: a small gRPC service that runs inside the
 //! microVM and tells the host that the guest is up and what it is running.
 //! This crate owns the wire contract (`proto/gateway.proto`), the server
-//! (mutual TLS 1.3, client certificates required), and the host-side client
-//! used for readiness checks. It does not generate certificates; PEM material
+//! (mutual TLS 1.3, client certificates required), the host-side client
+//! used for readiness checks, and the TLS probe that tells a refusal from a
+//! dead port. It does not generate certificates; PEM material
 //! comes in as plain strings so the PKI crate stays independent of gRPC.
 
 pub mod client;
+pub mod probe;
 pub mod server;
 pub mod sysinfo;
 pub mod tls;
@@ -15,7 +17,8 @@ pub mod proto {
     tonic::include_proto!("openshell.gateway.v1");
 }
 
-pub use client::{connect, health, health_without_client_cert, info, ClientBundle, ClientError};
+pub use client::{connect, health, info, ClientBundle, ClientError};
+pub use probe::{probe, ProbeError, TlsOutcome, TlsProbe};
 pub use proto::InfoReply;
 pub use server::{serve, GatewayConfig, GatewayService, ServeError};
 pub use tls::{ServerMaterial, TlsError};

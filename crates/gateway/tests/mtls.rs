@@ -1,23 +1,23 @@
 //! End-to-end checks of the gateway's mutual-TLS contract on loopback: an
 //! authenticated host gets answers, and every other kind of peer is turned
-//! away (no certificate, a certificate from a foreign CA, TLS 1.2), both
-//! in-process and through the real binary.
+//! away (no certificate, a certificate from a foreign CA, TLS 1.2) by the
+//! server's own alert, named exactly, right after the same server served the
+//! host's client. A closed port or a silent close is never taken for a refusal.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_gateway::proto::gateway_client::GatewayClient;
 use openshell_gateway::proto::InfoRequest;
 use openshell_gateway::{
-    connect, health, info, serve, ClientBundle, GatewayConfig, ServerMaterial, ServingStatus,
+    connect, health, info, serve, ClientBundle, GatewayConfig, ServerMaterial, ServingStatus, TlsOutcome, TlsProbe,
     GATEWAY_SERVICE_NAME,
 };
 use openshell_pki::Pki;
+use rustls::AlertDescription;
 use tokio::sync::oneshot;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
@@ -73,14 +73,38 @@ async fn start(pki: &Pki, config: GatewayConfig) -> Running {
     }
 }
 
-/// A peer is rejected if either the handshake-level connect or the first
-/// call fails: with TLS 1.3 the client finishes its side of the handshake
-/// before the server has judged the client certificate, so the refusal may
-/// only surface on the first request.
-async fn rejected(channel: Result<Channel, impl std::fmt::Debug>) -> bool {
-    match channel {
-        Err(_) => true,
-        Ok(ch) => health(&ch).await.is_err(),
+/// Probes `addr` off the runtime (the probe is blocking, the server runs on this runtime).
+async fn probe(addr: SocketAddr, p: &TlsProbe) -> TlsOutcome {
+    let p = p.clone();
+    tokio::task::spawn_blocking(move || openshell_gateway::probe(&addr.to_string(), &p, Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The host's own client, served by `server`: the proof that a refusal that follows comes from
+/// the same, working endpoint (a dead server would "refuse" everyone).
+async fn served(server: &Running, pki: &Pki) -> TlsProbe {
+    let b = pki.client_bundle();
+    let good = TlsProbe::with_bundle(&bundle(&b.ca_pem, &b.cert_pem, &b.key_pem), "localhost");
+    let outcome = probe(server.addr, &good).await;
+    assert!(
+        matches!(outcome, TlsOutcome::Served { version: rustls::ProtocolVersion::TLSv1_3 }),
+        "the host's own client was not served: {outcome}"
+    );
+    let ch = connect(&server.addr.to_string(), &bundle(&b.ca_pem, &b.cert_pem, &b.key_pem), "localhost")
+        .await
+        .unwrap();
+    assert_eq!(health(&ch).await.unwrap(), ServingStatus::Serving);
+    good
+}
+
+/// `p` is refused by the server itself, with exactly `alert`.
+async fn refused_with(server: &Running, p: &TlsProbe, alert: AlertDescription, after_handshake: bool) {
+    let outcome = probe(server.addr, p).await;
+    match outcome {
+        TlsOutcome::Refused { alert: got, after_handshake: after } if got == alert && after == after_handshake => {}
+        other => panic!("expected the server's {alert:?} alert (after handshake: {after_handshake}), got: {other}"),
     }
 }
 
@@ -131,96 +155,90 @@ async fn authenticated_client_gets_health_and_info() {
     server.stop().await;
 }
 
+/// TLS 1.3 puts the client-certificate verdict after the client's Finished, so the alert arrives
+/// once the client's handshake is done.
 #[tokio::test]
-async fn client_without_certificate_is_rejected() {
+async fn client_without_certificate_is_refused_with_certificate_required() {
     let pki = Pki::generate("test").unwrap();
     let server = start(&pki, GatewayConfig::default()).await;
-
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pki.ca_cert_pem))
-        .domain_name("localhost");
-    let channel = Endpoint::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await;
-    assert!(
-        rejected(channel).await,
-        "a client without a certificate was served"
-    );
-
-    // The same server still serves an authenticated client afterwards.
-    let b = pki.client_bundle();
-    let ch = connect(
-        &server.addr.to_string(),
-        &bundle(&b.ca_pem, &b.cert_pem, &b.key_pem),
-        "localhost",
-    )
-    .await
-    .unwrap();
-    assert_eq!(health(&ch).await.unwrap(), ServingStatus::Serving);
+    let good = served(&server, &pki).await;
+    let anonymous = TlsProbe { identity: None, ..good };
+    refused_with(&server, &anonymous, AlertDescription::CertificateRequired, true).await;
+    // Refusing one client does not stop the server.
+    served(&server, &pki).await;
     server.stop().await;
 }
 
 #[tokio::test]
-async fn client_certificate_from_foreign_ca_is_rejected() {
+async fn client_certificate_from_another_ca_is_refused_by_name_or_signature() {
     let pki = Pki::generate("test").unwrap();
     let foreign = Pki::generate("foreign").unwrap();
     let server = start(&pki, GatewayConfig::default()).await;
+    let good = served(&server, &pki).await;
 
     // Trusts the real server, but presents a certificate the gateway's CA never signed.
-    let impostor = bundle(
-        &pki.ca_cert_pem,
-        &foreign.client_cert_pem,
-        &foreign.client_key_pem,
-    );
-    let channel = connect(&server.addr.to_string(), &impostor, "localhost").await;
-    assert!(rejected(channel).await, "a foreign-CA client was served");
+    let impostor = TlsProbe {
+        identity: Some((foreign.client_cert_pem.clone(), foreign.client_key_pem.clone())),
+        ..good.clone()
+    };
+    refused_with(&server, &impostor, AlertDescription::UnknownCA, true).await;
 
-    // And the host refuses a gateway whose certificate its CA did not sign.
-    let fb = foreign.client_bundle();
-    let wrong_trust = bundle(&fb.ca_pem, &pki.client_cert_pem, &pki.client_key_pem);
-    let channel = connect(&server.addr.to_string(), &wrong_trust, "localhost").await;
-    assert!(
-        rejected(channel).await,
-        "client accepted a server from another CA"
-    );
+    // A CA with the gateway CA's very name but another key: the verifier finds an issuer of
+    // that name, and the signature check refuses (two instances of one name in two roots).
+    let namesake = Pki::generate("test").unwrap();
+    let forged = TlsProbe {
+        identity: Some((namesake.client_cert_pem.clone(), namesake.client_key_pem.clone())),
+        ..good.clone()
+    };
+    refused_with(&server, &forged, AlertDescription::DecryptError, true).await;
 
+    // And the host refuses a gateway whose certificate its CA did not sign: this client ends the
+    // handshake, before the server could judge anything.
+    let wrong_trust = TlsProbe { server_ca_pem: foreign.ca_cert_pem.clone(), ..good };
+    match probe(server.addr, &wrong_trust).await {
+        TlsOutcome::ClientRejected(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)) => {}
+        other => panic!("expected this client to reject the server's certificate (UnknownIssuer), got: {other}"),
+    }
     server.stop().await;
 }
 
 #[tokio::test]
-async fn tls12_is_refused_even_with_a_valid_certificate() {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-
+async fn tls12_is_refused_with_protocol_version_even_with_a_valid_certificate() {
     let pki = Pki::generate("test").unwrap();
     let server = start(&pki, GatewayConfig::default()).await;
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(pki.ca_cert_pem.as_bytes()).unwrap())
-        .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![CertificateDer::from_pem_slice(pki.client_cert_pem.as_bytes()).unwrap()],
-            PrivateKeyDer::from_pem_slice(pki.client_key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
-    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let result = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await;
-    assert!(result.is_err(), "TLS 1.2 handshake succeeded");
-
+    let good = served(&server, &pki).await;
+    let tls12 = TlsProbe { versions: openshell_gateway::probe::TLS12, ..good };
+    refused_with(&server, &tls12, AlertDescription::ProtocolVersion, false).await;
     server.stop().await;
+}
+
+/// What is not a refusal is not reported as one: a closed port, and a peer that accepts TCP and
+/// closes without a word (what a dead guest behind a live forward looks like).
+#[tokio::test]
+async fn closed_port_and_silent_close_are_not_refusals() {
+    let pki = Pki::generate("test").unwrap();
+    let b = pki.client_bundle();
+    let p = TlsProbe::with_bundle(&bundle(&b.ca_pem, &b.cert_pem, &b.key_pem), "localhost");
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    match probe(closed, &p).await {
+        TlsOutcome::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("expected connection refused, got: {other}"),
+    }
+
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let closer = std::thread::spawn(move || {
+        let (mut s, _) = silent.accept().unwrap();
+        // Read the ClientHello first, so the close is a FIN rather than a reset.
+        let _ = std::io::Read::read(&mut s, &mut [0u8; 4096]);
+    });
+    let outcome = probe(addr, &p).await;
+    closer.join().unwrap();
+    assert!(
+        matches!(outcome, TlsOutcome::Closed { after_handshake: false, clean: false }),
+        "expected a close without an alert, got: {outcome}"
+    );
 }
 
 /// The real binary: flags, the readiness line on stderr, and a served Info.

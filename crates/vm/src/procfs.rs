@@ -48,6 +48,19 @@ pub fn process(pid: u32) -> ProcessFact {
     }
 }
 
+/// The process's arguments, exactly as `/proc/<pid>/cmdline` holds them (NUL-separated, so an
+/// argument with spaces stays one); `None` when it cannot be read.
+pub fn argv(pid: u32) -> Option<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let raw = raw.strip_suffix(b"\0").unwrap_or(&raw);
+    Some(raw.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect()).filter(|a: &Vec<String>| !a[0].is_empty())
+}
+
+/// The process's working directory (what its relative paths mean).
+pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
+    fs::read_link(format!("/proc/{pid}/cwd")).ok()
+}
+
 /// `(state, ppid)` from `/proc/<pid>/stat`. The command name is in parentheses and may itself
 /// contain spaces or parentheses, so the fields are counted from the last `)`.
 fn parse_stat(stat: &str) -> Option<(char, u32)> {
@@ -205,6 +218,28 @@ mod tests {
     fn this_process_is_alive_and_has_a_parent() {
         let me = process(std::process::id());
         assert!(me.alive && me.ppid.is_some() && !me.cmdline.is_empty(), "{me:?}");
+        let args: Vec<String> = std::env::args().collect();
+        assert_eq!(argv(std::process::id()), Some(args));
+        assert_eq!(cwd(std::process::id()), std::env::current_dir().ok());
+    }
+
+    #[test]
+    fn argv_keeps_spaces_inside_an_argument() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep").arg0("a sleep").arg("60").spawn().unwrap();
+        let pid = child.id();
+        // Until it has exec'd, its argv is the test binary's (and empty while it execs).
+        let mut got = argv(pid);
+        for _ in 0..5000 {
+            if got.as_ref().is_some_and(|a| a[0] == "a sleep") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            got = argv(pid);
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(got, Some(vec!["a sleep".to_owned(), "60".to_owned()]));
     }
 
     #[test]

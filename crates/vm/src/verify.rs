@@ -17,13 +17,31 @@
 //!   recorded passt (socket inode found among `/proc/<passt>/fd`).
 //! - `tcp`: a TCP connection to the endpoint opens.
 //! - `mtls-handshake`: a TLS 1.3 channel opens with the stored client bundle (`mtls/`).
-//! - `client-cert-required`: a client that trusts the CA but presents no certificate is refused.
-//!   Only tried after `mtls-handshake` passed, so a refusal cannot be a dead port in disguise.
+//! - `client-cert-required`: a client that trusts the CA but presents no certificate is refused
+//!   by the gateway's own `CertificateRequired` alert (read with [`openshell_gateway::probe`],
+//!   which reads on after the TLS 1.3 handshake, where that verdict arrives). Only tried after
+//!   `mtls-handshake` passed, so the same endpoint is known to serve a good client. Anything else
+//!   fails: a close without an alert, a reset or a timeout is what a dead or foreign peer does
+//!   too, and the gateway as built always sends the alert, so none of them is evidence that the
+//!   certificate check ran.
 //! - `health`: `grpc.health.v1.Health/Check` says SERVING.
 //! - `info`: `Gateway/Info` answers.
-//! - `kernel-digest` / `rootfs-digest`: the digests Info reports equal the ones in
-//!   `metadata.json`, and those equal the artifacts' own records (the kernel's
-//!   `provenance.json` `vmlinux_sha256`; the digest of the rootfs's `manifest.json`).
+//! - `kernel-digest` / `rootfs-digest`: the kernel file and rootfs directory the *running VMM*
+//!   was started with (read back from `/proc/<vmm pid>/cmdline`: QEMU's `-kernel` and the root
+//!   9p `-fsdev path=`, or the spec file `openshell-vmm` names) are re-hashed now, the kernel as
+//!   one file, the rootfs file by file against its `manifest.json`, and compared with the
+//!   artifact's own record beside it (`provenance.json`'s `vmlinux_sha256`; the digest of
+//!   `manifest.json`), then with `metadata.json`, then with `Info`.
+//!
+//!   What the guest's own report can and cannot prove: `Info`'s digests are the strings the host
+//!   wrote into the guest's share before boot; the guest cannot hash the kernel it runs on (it
+//!   has no access to the file), and a guest hashing its own root would only say what that guest
+//!   chooses to say. So `Info` = `metadata.json` shows only that the endpoint is answered by the
+//!   guest booted with this instance's share, never what it booted; the evidence is the host's
+//!   re-hash. Its limits: QEMU and libkrun read the kernel once at start, so a kernel file changed
+//!   after boot fails the row although the guest runs the old one (a false alarm, the safe side),
+//!   and a file swapped for the boot and swapped back passes; the rootfs is served live from the
+//!   directory, so its re-hash is what the guest reads from then on (up to its page cache).
 //! - `console-clean`: the guest console has no kernel oops, panic, BUG, WARNING, call trace,
 //!   lockup, stall or OOM kill line ([`kernel_trouble`]).
 //! - `no-stale-state`: see [`stale_findings`] for the precise definition.
@@ -38,6 +56,7 @@ use openshell_matrix::{Matrix, Row};
 
 use crate::gateway::Metadata;
 pub use probe::{probe, verify};
+pub use crate::backend::BootedArtifacts;
 pub use crate::procfs::{ProcessFact, TcpListenerFact};
 
 /// The outcome of one probe.
@@ -70,6 +89,31 @@ pub struct InfoFacts {
     pub rootfs_sha256: String,
 }
 
+/// What the gateway did with a client that trusts its CA but presents no certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoCertificate {
+    /// It served the client (sent application data after the handshake).
+    Served,
+    /// It sent this fatal TLS alert (rustls' name, e.g. `CertificateRequired`).
+    Alert(String),
+    /// Anything that is not a verdict: a close without an alert, a reset, a timeout.
+    NoVerdict(String),
+}
+
+/// An artifact the running VMM was started with, re-hashed on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rehashed {
+    /// The kernel file or rootfs directory, as the VMM's command line names it.
+    pub path: PathBuf,
+    /// Its sha256 now; for the rootfs, the digest of the manifest its tree hashes to now.
+    pub found: String,
+    /// The artifact's own record beside it: `provenance.json`'s `vmlinux_sha256`, or the digest
+    /// of the rootfs's `manifest.json`.
+    pub recorded: Attempt<String>,
+    /// The rootfs only: the first file that differs from `manifest.json`, when one does.
+    pub first_difference: Option<String>,
+}
+
 /// A file or socket of the instance that should not exist in its current state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Leftover {
@@ -96,14 +140,14 @@ pub struct Observations {
     pub listeners: Vec<(TcpListenerFact, Option<bool>, Option<ProcessFact>)>,
     pub tcp: Attempt<Duration>,
     pub mtls: Attempt<Duration>,
-    /// `Done(status)` means a client *without* a certificate was answered.
-    pub without_cert: Attempt<String>,
+    /// A client without a certificate, against the endpoint that just served the stored bundle.
+    pub without_cert: Attempt<NoCertificate>,
     pub health: Attempt<String>,
     pub info: Attempt<InfoFacts>,
-    /// The kernel artifact's own record of its vmlinux digest (`provenance.json`).
-    pub kernel_record: Attempt<String>,
-    /// The rootfs artifact's own record (digest of its `manifest.json`).
-    pub rootfs_record: Attempt<String>,
+    /// The kernel the running VMM was started with, re-hashed, with its record.
+    pub kernel: Attempt<Rehashed>,
+    /// The rootfs the running VMM was started with, re-hashed against its manifest.
+    pub rootfs: Attempt<Rehashed>,
     /// The console text of this boot, or why it could not be read.
     pub console: Attempt<String>,
     pub console_path: PathBuf,
@@ -215,28 +259,26 @@ pub fn decide(o: &Observations) -> Matrix {
         ),
     });
     mx.push(match &o.without_cert {
-        // The same endpoint answered over mTLS a moment ago, so a refusal here is the gateway's
-        // certificate check. In TLS 1.3 the client learns of it after its own handshake is done:
-        // it reads the CertificateRequired alert, or, when the server's close wins the race, its
-        // next write or read finds the connection closed. A timeout proves nothing either way.
-        Attempt::Failed(e) if names_certificate(e) => {
-            Row::pass("client-cert-required", format!("a client without a certificate is refused ({})", first_line(e)))
-        }
-        Attempt::Failed(e) if closed_by_peer(e) => Row::pass(
+        Attempt::Done(NoCertificate::Alert(a)) if a == REFUSAL_ALERT => Row::pass(
             "client-cert-required",
-            format!("a client without a certificate is cut off after the handshake ({})", first_line(e)),
+            format!("a client without a certificate is refused with the gateway's {REFUSAL_ALERT} alert"),
         ),
-        Attempt::Failed(e) => Row::warn(
+        Attempt::Done(NoCertificate::Alert(a)) => Row::fail(
             "client-cert-required",
-            format!("a client without a certificate got no answer, but was not refused either: {}", first_line(e)),
-            logs.clone(),
+            format!("a client without a certificate got the alert {a}, not the {REFUSAL_ALERT} this gateway sends: something else answers the TLS handshake"),
+            format!("{logs}; {restart}"),
         ),
-        Attempt::Done(status) => Row::fail(
+        Attempt::Done(NoCertificate::NoVerdict(what)) => Row::fail(
             "client-cert-required",
-            format!("a client without a certificate was answered ({status})"),
+            format!("a client without a certificate got no {REFUSAL_ALERT} alert: {what}"),
+            format!("{logs}; {restart}"),
+        ),
+        Attempt::Done(NoCertificate::Served) => Row::fail(
+            "client-cert-required",
+            "a client without a certificate was served",
             "the gateway must require client certificates (tls.rs: WebPkiClientVerifier); rebuild the rootfs: `cargo xtask rootfs`",
         ),
-        Attempt::NotTried(why) => Row::fail("client-cert-required", why.clone(), restart.clone()),
+        Attempt::Failed(why) | Attempt::NotTried(why) => Row::fail("client-cert-required", why.clone(), restart.clone()),
     });
     mx.push(match &o.health {
         Attempt::Done(s) if s == "SERVING" => Row::pass("health", "grpc.health.v1.Health/Check: SERVING"),
@@ -252,25 +294,19 @@ pub fn decide(o: &Observations) -> Matrix {
     });
     let info = match &o.info {
         Attempt::Done(i) => Ok(i),
-        other => Err(other.why_not().unwrap_or_default().to_owned()),
+        Attempt::NotTried(why) | Attempt::Failed(why) => Err(why.as_str()),
     };
     mx.push(digest_row(
-        "kernel-digest",
-        "kernel",
-        info.as_ref().map(|i| i.kernel_sha256.as_str()),
-        &m.kernel_sha256,
-        &o.kernel_record,
-        "provenance.json",
-        "rebuild the kernel (`cargo xtask kernel`) and restart the gateway",
+        DigestCheck { id: "kernel-digest", what: "kernel", record_file: "provenance.json", fix: "stop the instance, rebuild the kernel (`cargo xtask kernel`) and start it again without --allow-unverified" },
+        &o.kernel,
+        (m.kernel_path.as_deref(), &m.kernel_sha256),
+        info.map(|i| i.kernel_sha256.as_str()),
     ));
     mx.push(digest_row(
-        "rootfs-digest",
-        "rootfs",
-        info.as_ref().map(|i| i.rootfs_sha256.as_str()),
-        &m.rootfs_sha256,
-        &o.rootfs_record,
-        "manifest.json",
-        "check the rootfs (`cargo xtask rootfs --check`) and restart the gateway",
+        DigestCheck { id: "rootfs-digest", what: "rootfs", record_file: "manifest.json", fix: "stop the instance, check the rootfs (`cargo xtask rootfs --check`) and start it again without --allow-unverified" },
+        &o.rootfs,
+        (m.rootfs_dir.as_deref(), &m.rootfs_sha256),
+        info.map(|i| i.rootfs_sha256.as_str()),
     ));
 
     mx.push(match &o.console {
@@ -372,51 +408,62 @@ fn forward_row(o: &Observations, restart: &str) -> Row {
     Row::pass(ID, format!("127.0.0.1:{port} only, held by passt pid {passt}"))
 }
 
-fn digest_row(
-    id: &str,
-    what: &str,
-    reported: Result<&str, &String>,
-    recorded: &str,
-    artifact: &Attempt<String>,
-    record_file: &str,
-    fix: &str,
-) -> Row {
-    let reported = match reported {
-        Err(why) => return Row::fail(id, format!("not compared: no Info ({})", first_line(why)), fix.to_owned()),
-        Ok("") => return Row::fail(id, format!("the gateway reports no {what} digest"), fix.to_owned()),
-        Ok(r) => r,
+/// The alert rustls' `WebPkiClientVerifier` sends a TLS 1.3 client that presents no certificate.
+const REFUSAL_ALERT: &str = "CertificateRequired";
+
+/// The fixed words of one digest row.
+struct DigestCheck {
+    id: &'static str,
+    what: &'static str,
+    record_file: &'static str,
+    fix: &'static str,
+}
+
+/// The artifact the VMM has, re-hashed, against its own record, then against what
+/// `metadata.json` says was booted, then against the guest's `Info` (which only echoes the share).
+fn digest_row(c: DigestCheck, rehashed: &Attempt<Rehashed>, metadata: (Option<&std::path::Path>, &str), info: Result<&str, &str>) -> Row {
+    let DigestCheck { id, what, record_file, fix } = c;
+    let r = match rehashed {
+        Attempt::Done(r) => r,
+        Attempt::NotTried(why) | Attempt::Failed(why) => return Row::fail(id, format!("not compared: {}", first_line(why)), fix),
     };
-    if reported != recorded {
+    let path = r.path.display();
+    let recorded = match &r.recorded {
+        Attempt::Done(rec) => rec,
+        Attempt::NotTried(why) | Attempt::Failed(why) => {
+            return Row::fail(id, format!("the VMM runs {path}, whose {record_file} cannot be read: {}", first_line(why)), fix)
+        }
+    };
+    if &r.found != recorded {
+        let at = r.first_difference.as_ref().map_or(String::new(), |d| format!(" (first difference: {d})"));
         return Row::fail(
             id,
-            format!("the guest reports {what} {} but metadata.json records {}", short(reported), short(recorded)),
-            fix.to_owned(),
+            format!("the VMM runs {path}, which hashes to {} now, but its {record_file} records {}{at}", r.found, recorded),
+            fix,
         );
     }
-    match artifact {
-        Attempt::Done(rec) if rec == recorded => Row::pass(id, format!("{} (Info = metadata.json = {record_file})", short(recorded))),
-        Attempt::Done(rec) => Row::fail(
-            id,
-            format!("the guest booted {what} {} but the artifact's {record_file} records {}", short(recorded), short(rec)),
-            fix.to_owned(),
-        ),
-        Attempt::NotTried(why) => Row::warn(id, format!("{} (Info = metadata.json; {why})", short(recorded)), "restart the gateway so metadata.json records its artifacts"),
-        Attempt::Failed(why) => Row::fail(id, format!("cannot read the artifact's {record_file}: {why}"), fix.to_owned()),
+    let (meta_path, meta_digest) = metadata;
+    if let Some(p) = meta_path.filter(|p| *p != r.path) {
+        return Row::fail(id, format!("metadata.json says the instance booted {}, but its VMM runs {path}", p.display()), fix);
     }
-}
-
-/// Whether an error is a TLS refusal over the client certificate (an alert such as
-/// CertificateRequired or BadCertificate), rather than a reset or a timeout.
-fn names_certificate(error: &str) -> bool {
-    let e = error.to_ascii_lowercase();
-    e.contains("alert") && (e.contains("certificate") || e.contains("unknownca"))
-}
-
-/// Whether an error says the peer closed the connection (EOF, reset, a write into a closed
-/// socket).
-fn closed_by_peer(error: &str) -> bool {
-    let e = error.to_ascii_lowercase();
-    ["connection closed", "broken pipe", "connection reset", "unexpected eof"].iter().any(|m| e.contains(m))
+    if meta_digest != recorded {
+        return Row::fail(
+            id,
+            format!("metadata.json records {what} {} but the VMM's {path} is {} (as its {record_file} records)", short(meta_digest), short(recorded)),
+            fix,
+        );
+    }
+    let evidence = format!("{path} as the VMM has it, re-hashed: {} = {record_file} = metadata.json", short(recorded));
+    match info {
+        Ok(i) if i == meta_digest => Row::pass(id, format!("{evidence} = Info")),
+        Ok("") => Row::fail(id, format!("{evidence}, but the gateway reports no {what} digest"), fix),
+        Ok(i) => Row::fail(
+            id,
+            format!("{evidence}, but the gateway's Info says {}: the endpoint answers for another boot", short(i)),
+            "stop whatever else serves the endpoint; `cargo xtask vm status` names the instance",
+        ),
+        Err(why) => Row::warn(id, format!("{evidence}; Info not compared ({})", first_line(why)), "see the info row"),
+    }
 }
 
 /// The first 16 hex digits, enough to tell digests apart in a table.
@@ -463,6 +510,17 @@ mod tests {
         o.info = Attempt::NotTried(why.into());
     }
 
+    fn rehashed(path: &str, found: &str, recorded: &str) -> Rehashed {
+        Rehashed { path: path.into(), found: found.into(), recorded: Attempt::Done(recorded.into()), first_difference: None }
+    }
+
+    /// The VMM is dead, so there is no command line to read the booted artifacts from.
+    fn vmm_dead(o: &mut Observations) {
+        o.vm = dead(11);
+        o.kernel = Attempt::NotTried("the VMM pid 11 is dead".into());
+        o.rootfs = Attempt::NotTried("the VMM pid 11 is dead".into());
+    }
+
     /// A healthy running instance, as the probes would see it.
     fn healthy() -> Observations {
         Observations {
@@ -491,7 +549,7 @@ mod tests {
             listeners: vec![listener("127.0.0.1", Some(true))],
             tcp: Attempt::Done(Duration::from_millis(1)),
             mtls: Attempt::Done(Duration::from_millis(20)),
-            without_cert: Attempt::Failed("received fatal alert: CertificateRequired".into()),
+            without_cert: Attempt::Done(NoCertificate::Alert("CertificateRequired".into())),
             health: Attempt::Done("SERVING".into()),
             info: Attempt::Done(InfoFacts {
                 version: "0.1.0".into(),
@@ -501,8 +559,8 @@ mod tests {
                 kernel_sha256: K.into(),
                 rootfs_sha256: R.into(),
             }),
-            kernel_record: Attempt::Done(K.into()),
-            rootfs_record: Attempt::Done(R.into()),
+            kernel: Attempt::Done(rehashed("/k/vmlinux", K, K)),
+            rootfs: Attempt::Done(rehashed("/r", R, R)),
             console: Attempt::Done("Linux version 6.1\nopenshell-init: [  12 ms] mounted\ngateway listening on 0.0.0.0:30051\n".into()),
             console_path: "/g/default/vm/console.log".into(),
             leftovers: vec![],
@@ -547,8 +605,8 @@ mod tests {
     #[test]
     fn dead_vm_process_fails_its_row_and_is_stale() {
         let mut o = healthy();
-        o.vm = dead(11);
-        let m = fails_with(&o, &["vm-process", "no-stale-state"]);
+        vmm_dead(&mut o);
+        let m = fails_with(&o, &["vm-process", "kernel-digest", "rootfs-digest", "no-stale-state"]);
         assert!(m.row("vm-process").unwrap().reason.contains("11 is dead"));
         assert!(m.row("no-stale-state").unwrap().reason.contains("VMM pid 11 is dead"));
     }
@@ -567,7 +625,7 @@ mod tests {
         o.locked = false;
         o.lock_holders.clear();
         o.supervisor = dead(10);
-        o.vm = dead(11);
+        vmm_dead(&mut o);
         o.passt = dead(12);
         o.listeners.clear();
         tcp_failed(&mut o, "connection refused", "TCP failed");
@@ -639,33 +697,47 @@ mod tests {
                 "client-cert-required",
                 "health",
                 "info",
-                "kernel-digest",
-                "rootfs-digest",
                 "no-stale-state",
             ],
         );
         assert!(m.row("forward-loopback-only").unwrap().reason.contains("nothing listens on port 30051"));
+        // The VM still runs: its artifacts are re-hashed from its command line all the same.
+        assert_eq!(m.row("kernel-digest").unwrap().status, Status::Warn, "{}", m.render());
         assert!(m.render().contains("required failing: passt-process, forward-loopback-only, tcp"), "{}", m.render());
     }
 
     #[test]
     fn handshake_accepted_without_client_cert_fails() {
         let mut o = healthy();
-        o.without_cert = Attempt::Done("Serving".into());
+        o.without_cert = Attempt::Done(NoCertificate::Served);
         let m = fails_with(&o, &["client-cert-required"]);
-        assert!(m.row("client-cert-required").unwrap().reason.contains("was answered"));
+        assert!(m.row("client-cert-required").unwrap().reason.contains("was served"));
     }
 
+    /// Only the gateway's own alert proves its certificate check ran: a close without an alert,
+    /// a reset or a timeout is what a dead or foreign peer does too, and another alert is
+    /// another TLS policy.
     #[test]
-    fn refusal_is_an_alert_or_a_close_not_a_timeout() {
+    fn refusal_is_the_certificate_required_alert_and_nothing_else() {
         let mut o = healthy();
-        o.without_cert = Attempt::Failed("stream closed because of a broken pipe".into());
-        assert_eq!(decide(&o).row("client-cert-required").unwrap().status, Status::Pass);
-        o.without_cert = Attempt::Failed("client without certificate: no answer within 3 s".into());
-        let m = decide(&o);
-        assert_eq!(m.row("client-cert-required").unwrap().status, Status::Warn, "{}", m.render());
+        for what in [
+            "closed by the server without an alert after the handshake",
+            "I/O failed: Connection reset by peer (os error 104)",
+            "I/O failed: Resource temporarily unavailable (os error 11)",
+        ] {
+            o.without_cert = Attempt::Done(NoCertificate::NoVerdict(what.into()));
+            let m = fails_with(&o, &["client-cert-required"]);
+            assert!(m.row("client-cert-required").unwrap().reason.contains(what), "{}", m.render());
+        }
+        o.without_cert = Attempt::Done(NoCertificate::Alert("HandshakeFailure".into()));
+        let m = fails_with(&o, &["client-cert-required"]);
+        assert!(m.row("client-cert-required").unwrap().reason.contains("HandshakeFailure"), "{}", m.render());
+        o.without_cert = Attempt::Failed("probe TLS material: server CA: no CERTIFICATE block".into());
+        fails_with(&o, &["client-cert-required"]);
     }
 
+    /// The digest rows stand on the host's re-hash, so they still judge without Info, and say
+    /// that Info was not compared.
     #[test]
     fn untested_client_cert_refusal_is_not_a_pass() {
         let mut o = healthy();
@@ -673,7 +745,10 @@ mod tests {
         o.without_cert = Attempt::NotTried("the mTLS handshake failed".into());
         o.health = Attempt::NotTried("the mTLS handshake failed".into());
         o.info = Attempt::NotTried("the mTLS handshake failed".into());
-        fails_with(&o, &["mtls-handshake", "client-cert-required", "health", "info", "kernel-digest", "rootfs-digest"]);
+        let m = fails_with(&o, &["mtls-handshake", "client-cert-required", "health", "info"]);
+        let row = m.row("kernel-digest").unwrap();
+        assert_eq!(row.status, Status::Warn, "{}", m.render());
+        assert!(row.reason.contains("Info not compared"), "{}", m.render());
     }
 
     #[test]
@@ -689,35 +764,72 @@ mod tests {
         }
     }
 
+    /// The finding this row was rebuilt for: a tampered kernel booted with --allow-unverified,
+    /// where metadata.json and Info carry the record's digest (what `vm run` writes) and only the
+    /// re-hash of the VMM's file tells the truth.
     #[test]
-    fn digest_mismatches_fail() {
+    fn tampered_artifacts_fail_although_info_and_metadata_agree_with_the_record() {
+        let mut o = healthy();
+        o.kernel = Attempt::Done(rehashed("/k/vmlinux", R, K));
+        let m = fails_with(&o, &["kernel-digest"]);
+        let reason = &m.row("kernel-digest").unwrap().reason;
+        assert!(reason.contains("/k/vmlinux") && reason.contains(&format!("hashes to {R} now")) && reason.contains(&format!("provenance.json records {K}")), "{reason}");
+
+        let mut o = healthy();
+        o.rootfs = Attempt::Done(Rehashed {
+            first_difference: Some("rootfs file /etc/hostname does not match its manifest".into()),
+            ..rehashed("/r", K, R)
+        });
+        let m = fails_with(&o, &["rootfs-digest"]);
+        let reason = &m.row("rootfs-digest").unwrap().reason;
+        assert!(reason.contains("manifest.json records bbbb") && reason.contains("first difference: rootfs file /etc/hostname"), "{reason}");
+    }
+
+    #[test]
+    fn digest_rows_name_what_disagrees() {
+        // metadata.json names another kernel than the one the VMM runs.
+        let mut o = healthy();
+        o.metadata.kernel_path = Some("/other/vmlinux".into());
+        let m = fails_with(&o, &["kernel-digest"]);
+        assert!(m.row("kernel-digest").unwrap().reason.contains("booted /other/vmlinux, but its VMM runs /k/vmlinux"), "{}", m.render());
+
+        // metadata.json records another digest than the booted artifact's record.
+        let mut o = healthy();
+        o.metadata.rootfs_sha256 = K.into();
+        let m = fails_with(&o, &["rootfs-digest"]);
+        assert!(m.row("rootfs-digest").unwrap().reason.contains("metadata.json records rootfs aaaaaaaaaaaaaaaa"), "{}", m.render());
+
+        // Info answers for another boot.
         let mut o = healthy();
         with_info(&mut o, |i| i.kernel_sha256 = R.into());
         let m = fails_with(&o, &["kernel-digest"]);
-        assert!(m.row("kernel-digest").unwrap().reason.contains("metadata.json records aaaaaaaaaaaaaaaa"), "{}", m.render());
-
-        let mut o = healthy();
-        o.rootfs_record = Attempt::Done(K.into());
-        let m = fails_with(&o, &["rootfs-digest"]);
-        assert!(m.row("rootfs-digest").unwrap().reason.contains("manifest.json records aaaa"), "{}", m.render());
-
-        let mut o = healthy();
-        o.kernel_record = Attempt::Failed("/k/provenance.json: No such file".into());
-        fails_with(&o, &["kernel-digest"]);
+        assert!(m.row("kernel-digest").unwrap().reason.contains("another boot"), "{}", m.render());
 
         let mut o = healthy();
         with_info(&mut o, |i| i.rootfs_sha256.clear());
         let m = fails_with(&o, &["rootfs-digest"]);
         assert!(m.row("rootfs-digest").unwrap().reason.contains("reports no rootfs digest"), "{}", m.render());
+
+        let mut o = healthy();
+        o.kernel = Attempt::Done(Rehashed { recorded: Attempt::Failed("/k/provenance.json: No such file".into()), ..rehashed("/k/vmlinux", K, K) });
+        let m = fails_with(&o, &["kernel-digest"]);
+        assert!(m.row("kernel-digest").unwrap().reason.contains("provenance.json cannot be read"), "{}", m.render());
     }
 
     #[test]
-    fn unrecorded_artifact_paths_warn() {
+    fn digest_rows_without_a_vmm_to_read_fail() {
         let mut o = healthy();
-        o.kernel_record = Attempt::NotTried("metadata.json does not record the kernel path".into());
-        let m = decide(&o);
-        assert_eq!(m.row("kernel-digest").unwrap().status, Status::Warn);
-        assert_eq!(m.exit_code(), 0);
+        o.kernel = Attempt::NotTried("the VMM pid 11 is dead".into());
+        o.rootfs = Attempt::Failed("VMM pid 11: no -kernel on its command line".into());
+        let m = fails_with(&o, &["kernel-digest", "rootfs-digest"]);
+        assert!(m.row("kernel-digest").unwrap().reason.contains("not compared: the VMM pid 11 is dead"), "{}", m.render());
+    }
+
+    #[test]
+    fn passing_digest_rows_say_what_they_compared() {
+        let m = decide(&healthy());
+        let reason = &m.row("kernel-digest").unwrap().reason;
+        assert_eq!(reason, "/k/vmlinux as the VMM has it, re-hashed: aaaaaaaaaaaaaaaa = provenance.json = metadata.json = Info");
     }
 
     #[test]

@@ -19,7 +19,8 @@ use crate::{VmConfig, VmError};
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
     let line = format!(
         "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 earlyprintk=serial,ttyS0,115200 \
-         root=rootfs rootfstype=virtiofs ro quiet no-kvmapf init=/sbin/openshell-init {SHARE_TRANSPORT_PARAM}=virtiofs"
+         root={} rootfstype=virtiofs ro quiet no-kvmapf init=/sbin/openshell-init {SHARE_TRANSPORT_PARAM}=virtiofs",
+        super::ROOT_TAG
     );
     format!("{line} {}", super::init_params(cfg))
 }
@@ -38,7 +39,7 @@ pub fn spec(cfg: &VmConfig) -> KrunSpec {
         workdir: cfg.exec.workdir.clone(),
         console_output: Some(cfg.console_path()),
         serial_console: true,
-        shares: vec![("rootfs".into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())],
+        shares: vec![(super::ROOT_TAG.into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())],
         log_level: cfg.log_level,
         passt_fd: (cfg.net == crate::NetMode::Passt).then_some(crate::net::CHILD_FD),
         net_unixgram: match cfg.net {
@@ -77,6 +78,25 @@ pub fn command(cfg: &VmConfig) -> Result<Command, VmError> {
     Ok(c)
 }
 
+/// The kernel and root directory a running `openshell-vmm` was started with: its argv names
+/// the spec file ([`command`]), and the spec names the kernel and the virtio-fs share tagged
+/// [`super::ROOT_TAG`] that the guest mounts as its root. Relative paths resolve against `cwd`.
+pub fn booted_artifacts(argv: &[String], cwd: &std::path::Path) -> Result<super::BootedArtifacts, String> {
+    let [_, spec_path] = argv else {
+        return Err(format!("expected `openshell-vmm SPEC.json`, found {} arguments", argv.len()));
+    };
+    let spec_path = cwd.join(spec_path);
+    let bytes = std::fs::read(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    let spec: KrunSpec = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    let rootfs = spec
+        .shares
+        .iter()
+        .find(|(tag, _)| tag == super::ROOT_TAG)
+        .map(|(_, dir)| dir.clone())
+        .ok_or_else(|| format!("{}: no virtio-fs share tagged {}", spec_path.display(), super::ROOT_TAG))?;
+    Ok(super::BootedArtifacts { kernel: spec.kernel, rootfs })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +124,24 @@ mod tests {
         let s = spec(&cfg(crate::NetMode::None));
         assert_eq!((s.passt_fd, s.net_unixgram), (None, None));
         assert!(!s.cmdline.contains("openshell.net"));
+    }
+
+    #[test]
+    fn booted_artifacts_come_from_the_spec_the_vmm_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(crate::NetMode::Passt);
+        c.kernel = "/store/kernel/vmlinux".into();
+        c.rootfs = "/store/rootfs/abc".into();
+        // The spec file `command` writes, named relative to the VMM's working directory.
+        std::fs::write(dir.path().join("krun-spec.json"), serde_json::to_vec(&spec(&c)).unwrap()).unwrap();
+        let argv = ["/x/openshell-vmm".to_owned(), "krun-spec.json".to_owned()];
+        let b = booted_artifacts(&argv, dir.path()).unwrap();
+        assert_eq!(b.kernel, std::path::Path::new("/store/kernel/vmlinux"));
+        assert_eq!(b.rootfs, std::path::Path::new("/store/rootfs/abc"));
+
+        let e = booted_artifacts(&argv[..1], dir.path()).unwrap_err();
+        assert!(e.contains("expected `openshell-vmm SPEC.json`"), "{e}");
+        let e = booted_artifacts(&["openshell-vmm".into(), "gone.json".into()], dir.path()).unwrap_err();
+        assert!(e.contains("gone.json"), "{e}");
     }
 }

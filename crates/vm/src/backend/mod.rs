@@ -5,6 +5,7 @@ pub mod krun;
 pub mod qemu;
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use crate::{HostFacts, VmError};
 
@@ -67,6 +68,33 @@ pub fn init_params(cfg: &crate::VmConfig) -> String {
         p.push_str(&guest.cmdline_param(cfg.dhcp));
     }
     p
+}
+
+/// The tag of the device that serves the guest's root directory (`root=` on its command line):
+/// a 9p `mount_tag` under QEMU, a virtio-fs share under libkrun.
+pub const ROOT_TAG: &str = "rootfs";
+
+/// The kernel file and root directory a VMM process was started with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootedArtifacts {
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+}
+
+/// What a running VMM of ours was started with, read back from its argv (`/proc/<pid>/cmdline`):
+/// QEMU names both on its command line, `openshell-vmm` names the spec file that does. Relative
+/// paths resolve against the VMM's working directory `cwd`. This is the VMM's word, not the
+/// instance's records: what `verify` re-hashes.
+pub fn booted_artifacts(argv: &[String], cwd: &Path) -> Result<BootedArtifacts, String> {
+    let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a)).unwrap_or_default();
+    let found = if program.starts_with("qemu-system") {
+        qemu::booted_artifacts(argv)?
+    } else if program == "openshell-vmm" {
+        krun::booted_artifacts(argv, cwd)?
+    } else {
+        return Err(format!("{program:?} is not a VMM this project starts ({})", VMM_PROGRAMS.join(", ")));
+    };
+    Ok(BootedArtifacts { kernel: cwd.join(found.kernel), rootfs: cwd.join(found.rootfs) })
 }
 
 /// What a VMM process of ours runs: a recorded VMM pid that runs neither is not ours any more.
@@ -132,5 +160,18 @@ mod tests {
     fn parses_choices() {
         assert_eq!("qemu".parse::<VmmChoice>().unwrap(), VmmChoice::Qemu);
         assert!("xen".parse::<VmmChoice>().is_err());
+    }
+
+    #[test]
+    fn booted_artifacts_by_program_with_relative_paths_from_the_cwd() {
+        let argv: Vec<String> = ["/usr/bin/qemu-system-x86_64", "-kernel", "k/vmlinux", "-fsdev", "local,id=root,path=rootfs",
+            "-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs"]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let b = booted_artifacts(&argv, Path::new("/cwd")).unwrap();
+        assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/cwd/k/vmlinux"), Path::new("/cwd/rootfs")));
+        let e = booted_artifacts(&["/usr/bin/sleep".to_owned(), "9".to_owned()], Path::new("/")).unwrap_err();
+        assert!(e.contains("\"sleep\" is not a VMM"), "{e}");
     }
 }

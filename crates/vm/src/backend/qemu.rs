@@ -8,7 +8,7 @@
 //! chip's update-in-progress bit for up to a second ("Unable to read current time from RTC"),
 //! and under TCG that stall hit about half the boots. With KVM, kvmclock answers instead.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
@@ -21,8 +21,9 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
 
 fn base_cmdline() -> String {
     format!(
-        "console=ttyS0 root=rootfs rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro \
-         init=/sbin/openshell-init panic=-1 reboot=t quiet {SHARE_TRANSPORT_PARAM}=9p"
+        "console=ttyS0 root={} rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro \
+         init=/sbin/openshell-init panic=-1 reboot=t quiet {SHARE_TRANSPORT_PARAM}=9p",
+        super::ROOT_TAG
     )
 }
 
@@ -43,7 +44,7 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
         .arg(kernel_cmdline(cfg))
         .arg("-fsdev")
         .arg(format!("local,id=root,path={},security_model=none,readonly=on", cfg.rootfs.display()))
-        .args(["-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs"])
+        .args(["-device", &format!("virtio-9p-device,fsdev=root,mount_tag={}", super::ROOT_TAG)])
         .arg("-fsdev")
         .arg(format!("local,id=share,path={},security_model=none", cfg.share_dir().display()))
         .args(["-device", &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}")])
@@ -65,6 +66,64 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
         }
     }
     c
+}
+
+/// The kernel and root directory a running QEMU was started with, from its argv (as
+/// `/proc/<pid>/cmdline` gives it): `-kernel PATH`, and the `path=` of the `-fsdev` that the
+/// 9p device tagged [`super::ROOT_TAG`] serves. Follows QEMU's own option syntax (`-opt` or
+/// `--opt`; `,,` is a literal comma in a value), so it reads any QEMU command line, not only ours.
+pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, String> {
+    let values = |opt: &str| -> Vec<&str> {
+        argv.windows(2)
+            .filter(|w| w[0].strip_prefix('-').map(|o| o.strip_prefix('-').unwrap_or(o)) == Some(opt))
+            .map(|w| w[1].as_str())
+            .collect()
+    };
+    let kernel = match values("kernel")[..] {
+        [k] => PathBuf::from(k),
+        [] => return Err("no -kernel on its command line".into()),
+        _ => return Err("more than one -kernel on its command line".into()),
+    };
+    let root_fsdev = values("device")
+        .into_iter()
+        .map(qemu_opts)
+        .find(|o| o.first().is_some_and(|(k, v)| k.is_none() && v.starts_with("virtio-9p")) && opt(o, "mount_tag") == Some(super::ROOT_TAG))
+        .and_then(|o| opt(&o, "fsdev").map(str::to_owned))
+        .ok_or_else(|| format!("no virtio-9p device with mount_tag={} on its command line", super::ROOT_TAG))?;
+    let rootfs = values("fsdev")
+        .into_iter()
+        .map(qemu_opts)
+        .find(|o| opt(o, "id") == Some(&root_fsdev))
+        .and_then(|o| opt(&o, "path").map(PathBuf::from))
+        .ok_or_else(|| format!("no -fsdev with id={root_fsdev} and a path= on its command line"))?;
+    Ok(super::BootedArtifacts { kernel, rootfs })
+}
+
+/// QEMU's `a,key=value,key2=va,,lue` option syntax: `(None, "a")` for a bare value, `,,` unescaped.
+fn qemu_opts(s: &str) -> Vec<(Option<String>, String)> {
+    let mut parts = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                parts.last_mut().expect("never empty").push(',');
+            }
+            ',' => parts.push(String::new()),
+            c => parts.last_mut().expect("never empty").push(c),
+        }
+    }
+    parts
+        .into_iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (Some(k.to_owned()), v.to_owned()),
+            None => (None, p),
+        })
+        .collect()
+}
+
+fn opt<'a>(opts: &'a [(Option<String>, String)], key: &str) -> Option<&'a str> {
+    opts.iter().find(|(k, _)| k.as_deref() == Some(key)).map(|(_, v)| v.as_str())
 }
 
 #[cfg(test)]
@@ -105,5 +164,68 @@ mod tests {
         let joined = command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(joined.ends_with("-device virtio-net-device,netdev=n0"), "{joined}");
         assert!(joined.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{joined}");
+    }
+
+    /// `/proc/<pid>/cmdline` of a gateway's QEMU, captured from `cargo xtask vm run --detach` on
+    /// the development host (TCG, passt).
+    const REAL_GATEWAY_ARGV: &[&str] = &[
+        "/usr/bin/qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off", "-accel", "tcg",
+        "-cpu", "max", "-m", "512", "-smp", "1", "-no-reboot", "-nodefaults", "-no-user-config", "-display", "none",
+        "-monitor", "none", "-chardev", "file,id=con,path=/tmp/mtls-cfg/openshell/gateways/mtls/vm/console.log",
+        "-serial", "chardev:con", "-kernel", "/root/.cache/openshell-vm/kernel/646f113c0432205b/vmlinux", "-append",
+        "console=ttyS0 root=rootfs rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro \
+         init=/sbin/openshell-init panic=-1 reboot=t quiet openshell.share=9p openshell.time=1795564043 \
+         openshell.net=192.0.2.2/24,192.0.2.1 openshell.dns=192.0.2.1",
+        "-fsdev", "local,id=root,path=/root/.cache/openshell-vm/rootfs/d30be489612c4283,security_model=none,readonly=on",
+        "-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs",
+        "-fsdev", "local,id=share,path=/tmp/mtls-cfg/openshell/gateways/mtls/vm/share,security_model=none",
+        "-device", "virtio-9p-device,fsdev=share,mount_tag=openshell", "-device", "virtio-rng-device",
+        "-netdev", "stream,id=n0,server=off,addr.type=fd,addr.str=3", "-device", "virtio-net-device,netdev=n0",
+    ];
+
+    fn strings(argv: &[&str]) -> Vec<String> {
+        argv.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn booted_artifacts_of_a_real_gateway_qemu() {
+        let b = booted_artifacts(&strings(REAL_GATEWAY_ARGV)).unwrap();
+        assert_eq!(b.kernel, Path::new("/root/.cache/openshell-vm/kernel/646f113c0432205b/vmlinux"));
+        // The root device's fsdev, not the share's (both are `local` 9p exports).
+        assert_eq!(b.rootfs, Path::new("/root/.cache/openshell-vm/rootfs/d30be489612c4283"));
+    }
+
+    #[test]
+    fn booted_artifacts_read_back_what_command_writes() {
+        let mut cfg = VmConfig::exec("/k/vm linux".into(), "/r/root fs".into(), "/s".into(), vec!["/bin/true".into()]);
+        cfg.net = crate::NetMode::Passt;
+        let mut argv = vec!["qemu-system-x86_64".to_owned()];
+        argv.extend(command(Path::new("qemu-system-x86_64"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()));
+        let b = booted_artifacts(&argv).unwrap();
+        assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/k/vm linux"), Path::new("/r/root fs")));
+    }
+
+    #[test]
+    fn booted_artifacts_follow_qemu_option_syntax() {
+        // `--opt` spelling, the root export declared after its device and with another id, and
+        // a path with an escaped comma.
+        let argv = strings(&[
+            "qemu-system-x86_64", "--kernel", "/k,v/vmlinux", "--device", "virtio-9p-device,mount_tag=rootfs,fsdev=r2",
+            "-fsdev", "local,id=share,path=/share", "-fsdev", "local,path=/roots/a,,b,id=r2,readonly=on",
+        ]);
+        let b = booted_artifacts(&argv).unwrap();
+        assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/k,v/vmlinux"), Path::new("/roots/a,b")));
+    }
+
+    #[test]
+    fn booted_artifacts_refuse_what_they_cannot_tell() {
+        let without_kernel: Vec<String> = strings(REAL_GATEWAY_ARGV).into_iter().filter(|a| !a.contains("vmlinux") && a != "-kernel").collect();
+        assert!(booted_artifacts(&without_kernel).unwrap_err().contains("no -kernel"));
+        let twice = strings(&["qemu", "-kernel", "/a", "-kernel", "/b"]);
+        assert!(booted_artifacts(&twice).unwrap_err().contains("more than one -kernel"));
+        let no_root = strings(&["qemu", "-kernel", "/a", "-fsdev", "local,id=share,path=/s", "-device", "virtio-9p-device,fsdev=share,mount_tag=openshell"]);
+        assert!(booted_artifacts(&no_root).unwrap_err().contains("mount_tag=rootfs"), "{:?}", booted_artifacts(&no_root));
+        let no_fsdev = strings(&["qemu", "-kernel", "/a", "-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs"]);
+        assert!(booted_artifacts(&no_fsdev).unwrap_err().contains("no -fsdev with id=root"));
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use openshell_matrix::Matrix;
 
 use crate::procfs;
-use super::{decide, Attempt, InfoFacts, Leftover, Observations};
+use super::{decide, Attempt, InfoFacts, Leftover, NoCertificate, Observations, Rehashed};
 use crate::gateway::{GatewayInstance, Metadata};
 use crate::VmError;
 
@@ -20,8 +20,6 @@ const TCP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Each TLS or gRPC step. The guest answers in milliseconds when healthy, even under TCG; a guest
 /// that takes longer is not healthy, and `verify` must not hang on it.
 const RPC_TIMEOUT: Duration = Duration::from_secs(3);
-/// Attempts of the client without a certificate (see `grpc_probes`).
-const NO_CERT_TRIES: usize = 3;
 /// The name the gateway's server certificate carries.
 const SERVER_NAME: &str = "localhost";
 
@@ -63,21 +61,7 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         }
     };
 
-    let kernel_record = match &metadata.kernel_path {
-        None => Attempt::NotTried("metadata.json does not record the kernel it booted".into()),
-        Some(vmlinux) => match vmlinux.parent().map(openshell_artifacts::kernel::GuestKernel::open) {
-            Some(Ok(k)) => Attempt::Done(k.provenance.vmlinux_sha256.hex()),
-            Some(Err(e)) => Attempt::Failed(e.to_string()),
-            None => Attempt::Failed(format!("{} has no directory", vmlinux.display())),
-        },
-    };
-    let rootfs_record = match &metadata.rootfs_dir {
-        None => Attempt::NotTried("metadata.json does not record the rootfs it booted".into()),
-        Some(dir) => match openshell_artifacts::rootfs::RootfsBundle::open(dir) {
-            Ok(r) => Attempt::Done(r.digest().hex()),
-            Err(e) => Attempt::Failed(e.to_string()),
-        },
-    };
+    let (kernel, rootfs) = rehash_booted(vm.as_ref());
     let console_path = metadata.console_log.clone().unwrap_or_else(|| inst.vm_dir().join("console.log"));
     let console = match fs::read(&console_path) {
         Ok(bytes) => Attempt::Done(String::from_utf8_lossy(&bytes).into_owned()),
@@ -99,8 +83,8 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         without_cert,
         health,
         info,
-        kernel_record,
-        rootfs_record,
+        kernel,
+        rootfs,
         console,
         console_path,
         leftovers,
@@ -162,9 +146,9 @@ fn tcp_connect(endpoint: &str) -> Attempt<Duration> {
     }
 }
 
-type GrpcAttempts = (Attempt<Duration>, Attempt<String>, Attempt<String>, Attempt<InfoFacts>);
+type GrpcAttempts = (Attempt<Duration>, Attempt<NoCertificate>, Attempt<String>, Attempt<InfoFacts>);
 
-/// mTLS channel, then (over it) health and Info, and separately a client without a certificate.
+/// mTLS channel, then (over it) health and Info, then a client without a certificate.
 fn grpc_probes(inst: &GatewayInstance, endpoint: &str) -> GrpcAttempts {
     let not_tried = |why: &str| -> GrpcAttempts {
         (Attempt::Failed(why.to_owned()), Attempt::NotTried(format!("not tried: {why}")), Attempt::NotTried(format!("not tried: {why}")), Attempt::NotTried(format!("not tried: {why}")))
@@ -210,34 +194,71 @@ fn grpc_probes(inst: &GatewayInstance, endpoint: &str) -> GrpcAttempts {
             Ok(Err(e)) => Attempt::Failed(e.to_string()),
             Err(e) => Attempt::Failed(bounded("Info")(e)),
         };
-        // The gateway sends its CertificateRequired alert and closes; now and then the close
-        // wins and the client sees only "connection closed". A few tries get the alert, which
-        // is what proves the refusal came from the certificate check.
-        let mut without_cert = Attempt::NotTried(String::new());
-        for _ in 0..NO_CERT_TRIES {
-            let without = tokio::time::timeout(RPC_TIMEOUT, openshell_gateway::health_without_client_cert(endpoint, &bundle.ca_pem, SERVER_NAME));
-            without_cert = match without.await {
-                // Answered: the gateway served a client that has no certificate.
-                Ok(Ok(status)) => Attempt::Done(format!("{status:?}")),
-                Ok(Err(e)) => Attempt::Failed(root_cause(&e)),
-                Err(e) => Attempt::Failed(bounded("client without certificate")(e)),
-            };
-            if !matches!(&without_cert, Attempt::Failed(e) if !super::names_certificate(e)) {
-                break;
-            }
-        }
-        (mtls, without_cert, health, info)
+        (mtls, without_certificate(endpoint, &bundle), health, info)
     })
 }
 
-/// The deepest cause of an error: for a refused handshake, the TLS alert (the outer layers only
-/// say "transport error").
-fn root_cause(e: &dyn std::error::Error) -> String {
-    let mut cause = e;
-    while let Some(s) = cause.source() {
-        cause = s;
+/// The stored bundle's client without its certificate, against the endpoint that just served
+/// the bundle, read until the server's verdict (a blocking probe, bounded by `RPC_TIMEOUT`).
+fn without_certificate(endpoint: &str, bundle: &openshell_gateway::ClientBundle) -> Attempt<NoCertificate> {
+    use openshell_gateway::{TlsOutcome, TlsProbe};
+    let anonymous = TlsProbe { identity: None, ..TlsProbe::with_bundle(bundle, SERVER_NAME) };
+    match openshell_gateway::probe(endpoint, &anonymous, RPC_TIMEOUT) {
+        Err(e) => Attempt::Failed(e.to_string()),
+        Ok(TlsOutcome::Served { .. }) => Attempt::Done(NoCertificate::Served),
+        Ok(TlsOutcome::Refused { alert, .. }) => Attempt::Done(NoCertificate::Alert(format!("{alert:?}"))),
+        Ok(other) => Attempt::Done(NoCertificate::NoVerdict(other.to_string())),
     }
-    cause.to_string()
+}
+
+/// The kernel and rootfs the running VMM was started with (its own command line, not the
+/// instance's records), each re-hashed now with the record beside it.
+fn rehash_booted(vm: Option<&procfs::ProcessFact>) -> (Attempt<Rehashed>, Attempt<Rehashed>) {
+    let booted = match vm {
+        None => Err(Attempt::NotTried("metadata.json records no VMM pid".to_owned())),
+        Some(p) if !p.alive => Err(Attempt::NotTried(format!("the VMM pid {} is dead", p.pid))),
+        Some(p) if !p.program_is_any(crate::backend::VMM_PROGRAMS) => Err(Attempt::NotTried(format!("pid {} is not a VMM", p.pid))),
+        Some(p) => match (procfs::argv(p.pid), procfs::cwd(p.pid)) {
+            (Some(argv), Some(cwd)) => crate::backend::booted_artifacts(&argv, &cwd)
+                .map_err(|e| Attempt::Failed(format!("VMM pid {}: {e}", p.pid))),
+            _ => Err(Attempt::Failed(format!("cannot read /proc/{}/cmdline and cwd; run verify as the user that started the gateway", p.pid))),
+        },
+    };
+    match booted {
+        Ok(b) => (rehash_kernel(&b.kernel), rehash_rootfs(&b.rootfs)),
+        Err(why) => (why.clone(), why),
+    }
+}
+
+fn rehash_kernel(vmlinux: &Path) -> Attempt<Rehashed> {
+    let found = match openshell_artifacts::sha256_file(vmlinux) {
+        Ok(d) => d.hex(),
+        Err(e) => return Attempt::Failed(format!("{}: {e}", vmlinux.display())),
+    };
+    let recorded = match vmlinux.parent().map(openshell_artifacts::kernel::GuestKernel::open) {
+        Some(Ok(k)) => Attempt::Done(k.provenance.vmlinux_sha256.hex()),
+        Some(Err(e)) => Attempt::Failed(e.to_string()),
+        None => Attempt::Failed(format!("{} has no directory", vmlinux.display())),
+    };
+    Attempt::Done(Rehashed { path: vmlinux.to_owned(), found, recorded, first_difference: None })
+}
+
+fn rehash_rootfs(dir: &Path) -> Attempt<Rehashed> {
+    use openshell_artifacts::rootfs;
+    let found = match rootfs::scan(dir) {
+        Ok(m) => m.digest().hex(),
+        Err(e) => return Attempt::Failed(e.to_string()),
+    };
+    let (recorded, first_difference) = match rootfs::RootfsBundle::open(dir) {
+        Ok(b) => {
+            let recorded = b.digest().hex();
+            // Only to name the file: the digests already differ or they do not.
+            let first = if recorded != found { rootfs::verify(&b).err().map(|e| e.to_string()) } else { None };
+            (Attempt::Done(recorded), first)
+        }
+        Err(e) => (Attempt::Failed(e.to_string()), None),
+    };
+    Attempt::Done(Rehashed { path: dir.to_owned(), found, recorded, first_difference })
 }
 
 /// Files that should not exist in the instance's state (see [`super::stale_findings`], item 5).

@@ -101,8 +101,8 @@ impl TrialDir {
 }
 
 /// A gateway instance `trial` under `root` with its PKI, and the VM config the gateway preset
-/// makes for it (passt, 127.0.0.1:`port` → 30051, the artifacts' real digests): what every
-/// gateway trial boots.
+/// makes for it (passt, 127.0.0.1:`port` → 30051, the digests the artifacts' own records hold,
+/// as `vm run` writes them): what every gateway trial boots.
 pub struct GatewayTrial {
     pub inst: openshell_vm::gateway::GatewayInstance,
     pub cfg: VmConfig,
@@ -112,7 +112,11 @@ pub struct GatewayTrial {
 pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16) -> Result<GatewayTrial, String> {
     let inst = openshell_vm::gateway::GatewayInstance::new(root, "trial").map_err(|e| e.to_string())?;
     inst.ensure_pki().map_err(|e| e.to_string())?;
-    let kernel_sha = openshell_artifacts::sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
+    // The records, not a re-hash: a tampered copy then boots as `vm run --allow-unverified`
+    // boots it, and only `verify`'s re-hash can tell.
+    let kernel_dir = a.kernel.parent().ok_or("the kernel path has no directory")?;
+    let kernel_sha =
+        openshell_artifacts::kernel::GuestKernel::open(kernel_dir).map_err(|e| e.to_string())?.provenance.vmlinux_sha256.hex();
     let rootfs_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
     let mut cfg = inst
         .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port, openshell_vm::NetMode::Passt)
@@ -124,7 +128,14 @@ pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16)
 impl GatewayTrial {
     /// Boots it the way `cargo xtask vm run` does (`supervise::boot`).
     pub fn boot(&self) -> Result<openshell_vm::supervise::Supervised, openshell_vm::VmError> {
-        let verification = openshell_vm::check::Verification::Required;
+        self.boot_with(openshell_vm::check::Verification::Required)
+    }
+
+    /// [`Self::boot`], with `--allow-unverified` when `verification` says so.
+    pub fn boot_with(
+        &self,
+        verification: openshell_vm::check::Verification,
+    ) -> Result<openshell_vm::supervise::Supervised, openshell_vm::VmError> {
         openshell_vm::supervise::boot(&self.inst, &self.cfg, (&self.digests.0, &self.digests.1), GUEST_TIMEOUT, verification)
     }
 }

@@ -419,50 +419,94 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }
 
-fn gateway_boots_and_service_becomes_reachable(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let (vm, endpoint, inst, (kernel_sha, rootfs_sha)) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
-    let bundle = inst.client_bundle().unwrap();
-    let info = block_on(async {
-        let ch = openshell_gateway::connect(&endpoint, &bundle, "localhost").await?;
-        openshell_gateway::info(&ch).await
-    });
-    drop(vm);
-    let info = info.map_err(|e| dir_fail_now(&format!("Info failed: {e}")))?;
-    if info.vcpus != 1 || !info.kernel_release.starts_with("6.1") || info.kernel_sha256 != kernel_sha || info.rootfs_sha256 != rootfs_sha {
-        return Err(dir.fail(format!("unexpected Info: {info:?}")));
+/// Each TLS step of a probe against a guest under TCG; a healthy one answers in milliseconds.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The instance's own client (its CA, its certificate, TLS 1.3), as a probe to alter.
+fn own_client(inst: &GatewayInstance) -> Result<openshell_gateway::TlsProbe, String> {
+    Ok(openshell_gateway::TlsProbe::with_bundle(&inst.client_bundle().map_err(|e| e.to_string())?, "localhost"))
+}
+
+/// `good` is served by `endpoint` over TLS 1.3: shown first in every refusal trial, so that a
+/// refusal that follows is the server's verdict on that client, not a dead endpoint.
+fn served(endpoint: &str, good: &openshell_gateway::TlsProbe) -> Result<(), String> {
+    match openshell_gateway::probe(endpoint, good, PROBE_TIMEOUT).map_err(|e| e.to_string())? {
+        openshell_gateway::TlsOutcome::Served { version: openshell_gateway::probe::ProtocolVersion::TLSv1_3 } => Ok(()),
+        other => Err(format!("the instance's own client was not served by {endpoint}: {other}")),
     }
-    Ok(())
+}
+
+/// `p` is refused by the server at `endpoint` with exactly `alert`, sent after the client's
+/// side of the handshake (TLS 1.3's client-certificate verdict).
+fn refused_with(endpoint: &str, p: &openshell_gateway::TlsProbe, alert: openshell_gateway::probe::AlertDescription) -> Result<(), String> {
+    match openshell_gateway::probe(endpoint, p, PROBE_TIMEOUT).map_err(|e| e.to_string())? {
+        openshell_gateway::TlsOutcome::Refused { alert: got, after_handshake: true } if got == alert => Ok(()),
+        other => Err(format!("expected {endpoint} to refuse with the alert {alert:?} after the handshake, got: {other}")),
+    }
+}
+
+/// Runs `check` against a booted gateway, then stops the VM; a failure keeps the trial dir.
+fn with_gateway(
+    a: &Artifacts,
+    vmm: VmmChoice,
+    dir: TrialDir,
+    check: impl FnOnce(&openshell_vm::RunningVm, &str, &GatewayInstance, &(String, String)) -> Result<(), String>,
+) -> Result<(), Failed> {
+    let (vm, endpoint, inst, digests) = match boot_gateway(a, vmm, &dir) {
+        Ok(up) => up,
+        Err(e) => return Err(dir.fail(e)),
+    };
+    let result = check(&vm, &endpoint, &inst, &digests);
+    drop(vm);
+    result.map_err(|e| dir.fail(e))
+}
+
+fn gateway_boots_and_service_becomes_reachable(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    with_gateway(a, vmm, dir, |vm, endpoint, inst, (kernel_sha, rootfs_sha)| {
+        served(endpoint, &own_client(inst)?)?;
+        let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
+        let info = block_on(async {
+            let ch = openshell_gateway::connect(endpoint, &bundle, "localhost").await?;
+            openshell_gateway::info(&ch).await
+        })
+        .map_err(|e| format!("Info failed: {e}"))?;
+        // The guest's own facts: its vCPUs and the release of the kernel it runs.
+        if info.vcpus != 1 || !info.kernel_release.starts_with("6.1") || info.boot_id.is_empty() {
+            return Err(format!("unexpected Info: {info:?}"));
+        }
+        // Info's digests only echo what the host wrote into the share: this proves the share
+        // reached the gateway, not what was booted. The VMM's own command line says that.
+        if (&info.kernel_sha256, &info.rootfs_sha256) != (kernel_sha, rootfs_sha) {
+            return Err(format!("Info does not echo the digests written into the share: {info:?}"));
+        }
+        let argv = openshell_vm::procfs::argv(vm.pid()).ok_or("cannot read the VMM's command line")?;
+        let cwd = openshell_vm::procfs::cwd(vm.pid()).ok_or("cannot read the VMM's cwd")?;
+        let booted = openshell_vm::backend::booted_artifacts(&argv, &cwd)?;
+        if (booted.kernel.as_path(), booted.rootfs.as_path()) != (a.kernel.as_path(), a.rootfs.as_path()) {
+            return Err(format!("the VMM runs {booted:?}, not {} and {}; argv {argv:?}", a.kernel.display(), a.rootfs.display()));
+        }
+        Ok(())
+    })
 }
 
 fn client_without_certificate_is_rejected(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let (vm, endpoint, inst, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
-    let ca = inst.client_bundle().unwrap().ca_pem;
-    let r = block_on(openshell_gateway::health_without_client_cert(&endpoint, &ca, "localhost"));
-    drop(vm);
-    match r {
-        Err(_) => Ok(()),
-        Ok(s) => Err(dir.fail(format!("a client without a certificate got an answer: {s:?}"))),
-    }
+    with_gateway(a, vmm, dir, |_, endpoint, inst, _| {
+        let good = own_client(inst)?;
+        served(endpoint, &good)?;
+        let anonymous = openshell_gateway::TlsProbe { identity: None, ..good };
+        refused_with(endpoint, &anonymous, openshell_gateway::probe::AlertDescription::CertificateRequired)
+    })
 }
 
 fn client_with_foreign_ca_is_rejected(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let (vm, endpoint, inst, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
-    let foreign = openshell_pki::Pki::generate("foreign").unwrap().client_bundle();
-    // Trust the real server, but present a client certificate from another CA.
-    let bundle = openshell_gateway::ClientBundle {
-        ca_pem: inst.client_bundle().unwrap().ca_pem,
-        cert_pem: foreign.cert_pem,
-        key_pem: foreign.key_pem,
-    };
-    let r = block_on(async {
-        let ch = openshell_gateway::connect(&endpoint, &bundle, "localhost").await?;
-        openshell_gateway::health(&ch).await
-    });
-    drop(vm);
-    match r {
-        Err(_) => Ok(()),
-        Ok(s) => Err(dir.fail(format!("a client with a foreign CA got an answer: {s:?}"))),
-    }
+    with_gateway(a, vmm, dir, |_, endpoint, inst, _| {
+        let good = own_client(inst)?;
+        served(endpoint, &good)?;
+        // Trusts the real server, but presents a client certificate from another CA.
+        let foreign = openshell_pki::Pki::generate("foreign").map_err(|e| e.to_string())?.client_bundle();
+        let impostor = openshell_gateway::TlsProbe { identity: Some((foreign.cert_pem, foreign.key_pem)), ..good };
+        refused_with(endpoint, &impostor, openshell_gateway::probe::AlertDescription::UnknownCA)
+    })
 }
 
 fn warm_boot_reuses_pki(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
@@ -488,28 +532,33 @@ fn two_instances_side_by_side(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> R
     let other = TrialDir::new("side-by-side-second");
     let (vm1, ep1, inst1, _) = boot_gateway(a, vmm, &dir).map_err(|e| dir_fail_now(&e))?;
     let (vm2, ep2, inst2, _) = boot_gateway(a, vmm, &other).map_err(|e| dir_fail_now(&format!("second: {e}")))?;
-    let boot_ids = block_on(async {
+    let result = (|| {
+        let (good1, good2) = (own_client(&inst1)?, own_client(&inst2)?);
+        served(&ep1, &good1)?;
+        served(&ep2, &good2)?;
         let mut ids = Vec::new();
         for (ep, inst) in [(&ep1, &inst1), (&ep2, &inst2)] {
-            let ch = openshell_gateway::connect(ep, &inst.client_bundle().unwrap(), "localhost").await?;
-            ids.push(openshell_gateway::info(&ch).await?.boot_id);
+            let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
+            let info = block_on(async {
+                let ch = openshell_gateway::connect(ep, &bundle, "localhost").await?;
+                openshell_gateway::info(&ch).await
+            });
+            ids.push(info.map_err(|e| format!("Info from {ep}: {e}"))?.boot_id);
         }
-        Ok::<_, openshell_gateway::ClientError>(ids)
-    });
-    // Each instance's client bundle must be refused by the other instance.
-    let crossed = block_on(async {
-        let ch = openshell_gateway::connect(&ep2, &inst1.client_bundle().unwrap(), "localhost").await?;
-        openshell_gateway::health(&ch).await
-    });
+        if ids[0] == ids[1] || ids[0].is_empty() {
+            return Err(format!("expected two distinct guests, boot ids {ids:?}"));
+        }
+        // Instance 1's client certificate, trusting instance 2's server: the handshake reaches
+        // instance 2's client-certificate check, and that check must refuse it. Both instances
+        // are named `trial` (in two roots), so both CAs are "openshell-trial CA": instance 2
+        // finds an issuer of that name, and the signature check under its own key refuses the
+        // certificate with DecryptError (a CA of another name gets UnknownCA, as above).
+        let crossed = openshell_gateway::TlsProbe { server_ca_pem: good2.server_ca_pem.clone(), ..good1 };
+        refused_with(&ep2, &crossed, openshell_gateway::probe::AlertDescription::DecryptError)
+            .map_err(|e| format!("instance 1's certificate at instance 2: {e}"))
+    })();
     drop((vm1, vm2));
-    let ids = boot_ids.map_err(|e| dir_fail_now(&format!("Info: {e}")))?;
-    if ids[0] == ids[1] || ids[0].is_empty() {
-        return Err(dir.fail(format!("expected two distinct guests, boot ids {ids:?}")));
-    }
-    if crossed.is_ok() {
-        return Err(dir.fail("instance 2 accepted instance 1's client certificate"));
-    }
-    Ok(())
+    result.map_err(|e| dir.fail(e))
 }
 
 fn stop_leaves_no_process_behind(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {

@@ -1,5 +1,7 @@
-//! `verify` against a real gateway: it passes on a healthy instance and names the forward when
-//! the forward dies. Each trial supervises its own instance the way `vm run` does (instance lock,
+//! `verify` against a real gateway: it passes on a healthy instance, names the forward when the
+//! forward dies, and fails the digest row of a kernel or rootfs changed by one byte and booted
+//! with `--allow-unverified` (where metadata.json and Info carry the records' digests, as with
+//! `vm run`, so only the re-hash of what the VMM runs can tell). Each trial supervises its own instance the way `vm run` does (instance lock,
 //! metadata.json with its pids and artifacts) under the trial's own gateways root, and its guard
 //! stops the VM and passt on every path out, failure included.
 
@@ -8,6 +10,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use openshell_matrix::Status;
 use openshell_vm::gateway::{self, GatewayInstance};
+use openshell_vm::check::Verification;
 use openshell_vm::VmmChoice;
 
 use crate::support::{self, Artifacts, TrialDir};
@@ -16,6 +19,8 @@ use crate::trials::Body;
 pub const TRIALS: &[(&str, Body)] = &[
     ("gateway::verify_passes_on_running_gateway", verify_passes_on_running_gateway),
     ("gateway::verify_fails_when_forward_is_closed", verify_fails_when_forward_is_closed),
+    ("gateway::verify_fails_kernel_digest_of_tampered_kernel", verify_fails_kernel_digest_of_tampered_kernel),
+    ("gateway::verify_fails_rootfs_digest_of_tampered_rootfs", verify_fails_rootfs_digest_of_tampered_rootfs),
 ];
 
 /// The rows a gateway verification must have; a matrix missing one proves less than it says.
@@ -45,12 +50,16 @@ struct Supervised {
 }
 
 fn supervise(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<Supervised, String> {
+    supervise_with(a, vmm, dir, Verification::Required)
+}
+
+fn supervise_with(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir, verification: Verification) -> Result<Supervised, String> {
     support::with_free_port(|port| {
         let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
         // Where TrialDir::fail looks for the console; metadata.json records it for verify.
         std::fs::create_dir_all(dir.path().join("state")).map_err(|e| e.to_string())?;
         g.cfg.console_log = Some(dir.path().join("state/console.log"));
-        let up = g.boot().map_err(|e| format!("boot: {e}"))?;
+        let up = g.boot_with(verification).map_err(|e| format!("boot: {e}"))?;
         Ok(Supervised { up, inst: g.inst, port })
     })
 }
@@ -138,4 +147,71 @@ fn close_forward_and_verify(
     let t = Instant::now();
     let after = openshell_vm::verify::verify(&gw.inst).map_err(|e| format!("verify could not run with the forward closed: {e}"))?;
     Ok((before, after, t.elapsed()))
+}
+
+/// A copy of the kernel's store directory (vmlinux and its provenance.json) under the trial dir,
+/// with one byte of vmlinux changed: the `L` of the `Linux version` banner, which only printk
+/// reads, so the copy still boots. Returns the copy and (recorded, tampered) digests.
+fn tampered_kernel(a: &Artifacts, dir: &TrialDir) -> Result<(std::path::PathBuf, String, String), String> {
+    let copy = dir.path().join("kernel");
+    std::fs::create_dir_all(&copy).map_err(|e| e.to_string())?;
+    let provenance = a.kernel.parent().ok_or("kernel without a directory")?.join("provenance.json");
+    std::fs::copy(&provenance, copy.join("provenance.json")).map_err(|e| format!("{}: {e}", provenance.display()))?;
+    let mut bytes = std::fs::read(&a.kernel).map_err(|e| format!("{}: {e}", a.kernel.display()))?;
+    let at = bytes.windows(15).position(|w| w == b"Linux version 6").ok_or("no `Linux version` banner in vmlinux")?;
+    bytes[at] = b'l';
+    let vmlinux = copy.join("vmlinux");
+    std::fs::write(&vmlinux, &bytes).map_err(|e| e.to_string())?;
+    let recorded = openshell_artifacts::sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
+    let tampered = openshell_artifacts::Digest::of_bytes(&bytes).hex();
+    Ok((vmlinux, recorded, tampered))
+}
+
+/// A copy of the rootfs (modes, symlinks and manifest.json kept) with `/etc/hostname` changed.
+fn tampered_rootfs(a: &Artifacts, dir: &TrialDir) -> Result<std::path::PathBuf, String> {
+    let copy = dir.path().join("rootfs");
+    let out = std::process::Command::new("cp").arg("-a").arg(&a.rootfs).arg(&copy).output().map_err(|e| format!("cp: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cp -a {} {}: {}", a.rootfs.display(), copy.display(), String::from_utf8_lossy(&out.stderr)));
+    }
+    let hostname = copy.join("etc/hostname");
+    let mut text = std::fs::read(&hostname).map_err(|e| format!("{}: {e}", hostname.display()))?;
+    text.push(b'#');
+    std::fs::write(&hostname, text).map_err(|e| e.to_string())?;
+    Ok(copy)
+}
+
+/// Boots `a` unverified (a tampered artifact must still boot), verifies it, and expects exactly
+/// the row `id` to fail, with `evidence` in its reason; every other row passes.
+fn unverified_boot_fails_only(a: &Artifacts, vmm: VmmChoice, dir: TrialDir, id: &str, evidence: &[&str]) -> Result<(), Failed> {
+    let gw = match supervise_with(a, vmm, &dir, Verification::AllowUnverified) {
+        Ok(gw) => gw,
+        Err(e) => return Err(dir.fail(e)),
+    };
+    let matrix = openshell_vm::verify::verify(&gw.inst);
+    drop(gw);
+    let matrix = matrix.map_err(|e| format!("verify could not run: {e}"))?;
+    let table = matrix.render();
+    let blocking: Vec<&str> = matrix.blocking().iter().map(|r| r.id.as_str()).collect();
+    if blocking != [id] || matrix.rows.iter().any(|r| r.id != id && r.status != Status::Pass) {
+        return Err(dir.fail(format!("expected only {id} to fail:\n{table}")));
+    }
+    let reason = &matrix.row(id).unwrap().reason;
+    if let Some(missing) = evidence.iter().find(|e| !reason.contains(*e)) {
+        return Err(dir.fail(format!("the {id} row does not name {missing}:\n{table}")));
+    }
+    println!("{table}");
+    Ok(())
+}
+
+fn verify_fails_kernel_digest_of_tampered_kernel(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let (vmlinux, recorded, tampered) = tampered_kernel(a, &dir)?;
+    let copy = Artifacts { kernel: vmlinux, rootfs: a.rootfs.clone() };
+    unverified_boot_fails_only(&copy, vmm, dir, "kernel-digest", &[&recorded, &tampered])
+}
+
+fn verify_fails_rootfs_digest_of_tampered_rootfs(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let rootfs = tampered_rootfs(a, &dir)?;
+    let copy = Artifacts { kernel: a.kernel.clone(), rootfs };
+    unverified_boot_fails_only(&copy, vmm, dir, "rootfs-digest", &["/etc/hostname"])
 }
