@@ -80,10 +80,12 @@ pub fn recover(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
 fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
     let Some(mut meta) = inst.read_metadata() else { return Ok(Vec::new()) };
     let mut done = Vec::new();
+    // The network helpers first: passt exits by itself once its VMM is gone, so killing the VMM
+    // first would race it and report a helper that was alive as "already gone".
     let recorded: [(&str, Option<u32>, &[&str]); 3] = [
-        ("vm", meta.vm_pid, crate::backend::VMM_PROGRAMS),
         ("passt", meta.passt_pid, &["passt"]),
         ("gvproxy", meta.gvproxy_pid, &["gvproxy"]),
+        ("vm", meta.vm_pid, crate::backend::VMM_PROGRAMS),
     ];
     for (role, pid, progs) in recorded {
         let Some(pid) = pid else { continue };
