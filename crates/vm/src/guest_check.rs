@@ -23,7 +23,8 @@ pub fn config(kernel: PathBuf, rootfs: PathBuf, state_dir: PathBuf) -> VmConfig 
     VmConfig::exec(kernel, rootfs, state_dir, vec![GUEST_CHECK_BIN.into(), "--out".into(), out])
 }
 
-/// Boots `cfg` (from [`config`]), waits for the checker and returns its matrix.
+/// Boots `cfg` (from [`config`]) after the preflight `vm run` passes, waits for the checker and
+/// returns its matrix.
 pub fn run(cfg: &VmConfig) -> Result<Matrix, VmError> {
     if !cfg.rootfs.join(GUEST_CHECK_BIN.trim_start_matches('/')).is_file() {
         return Err(VmError::GuestCheck(format!(
@@ -37,7 +38,9 @@ pub fn run(cfg: &VmConfig) -> Result<Matrix, VmError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(VmError::Io { path: report, source: e }),
         _ => {}
     }
-    let mut vm = crate::launch(cfg)?;
+    // Through the same checks as `vm run`: a kernel or rootfs that no longer matches its record
+    // is refused, not booted and reported on.
+    let (mut vm, _) = crate::check::launch_checked(cfg, crate::check::Verification::Required)?;
     let code = vm.wait(None, Some(TIMEOUT))?;
     drop(vm);
     read_matrix(&report, code, &cfg.console_path())
