@@ -6,9 +6,11 @@
 //! from `OPENSHELL_KERNEL` / `OPENSHELL_ROOTFS` (set by `cargo xtask e2e`); with
 //! `OPENSHELL_E2E_REQUIRE=1` missing artifacts fail the run instead.
 
+mod cli;
 mod guest_check;
 mod lifecycle;
 mod provenance;
+mod stop;
 mod support;
 mod trials;
 mod verify;
