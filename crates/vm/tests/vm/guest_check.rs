@@ -3,6 +3,7 @@
 
 use libtest_mimic::Failed;
 use openshell_matrix::{Matrix, Status};
+use openshell_vm::check::Verification;
 use openshell_vm::{guest_check, VmmChoice};
 
 use crate::support::{self, Artifacts, TrialDir};
@@ -17,7 +18,7 @@ pub const TRIALS: &[(&str, Body)] = &[
 fn all_required_pass(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let mut cfg = guest_check::config(a.kernel.clone(), a.rootfs.clone(), dir.path().join("state"));
     cfg.vmm = vmm;
-    let matrix = match guest_check::run(&cfg) {
+    let matrix = match guest_check::run(&cfg, Verification::Required) {
         Ok(m) => m,
         Err(e) => return Err(dir.fail(format!("the guest checker did not run: {e}"))),
     };
@@ -77,7 +78,8 @@ fn silent_checker_is_an_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> R
     }
     let mut cfg = guest_check::config(a.kernel.clone(), rootfs, dir.path().join("state"));
     cfg.vmm = vmm;
-    match guest_check::run(&cfg) {
+    // The copy no longer matches its manifest, on purpose: boot it as `--allow-unverified` would.
+    match guest_check::run(&cfg, Verification::AllowUnverified) {
         Err(openshell_vm::VmError::GuestCheck(why)) if why.contains("wrote no matrix") => Ok(()),
         Err(e) => Err(dir.fail(format!("expected a 'wrote no matrix' checker failure, got: {e}"))),
         Ok(m) => Err(dir.fail(format!("a checker that wrote nothing produced a matrix:\n{}", m.render()))),
