@@ -644,23 +644,6 @@ fn sigint_in(cli: &Cli) -> Result<(), String> {
     check_status_stopped(&st.json()?, name, port)
 }
 
-/// The rows every verification of a gateway has (see `crates/vm/src/verify.rs`).
-const VERIFY_ROWS: &[&str] = &[
-    "supervisor",
-    "vm-process",
-    "passt-process",
-    "forward-loopback-only",
-    "tcp",
-    "mtls-handshake",
-    "client-cert-required",
-    "health",
-    "info",
-    "kernel-digest",
-    "rootfs-digest",
-    "console-clean",
-    "no-stale-state",
-];
-
 /// The shape every matrix document shares (`check`, `check --guest`, `verify`): `{subject, ok,
 /// exit_code, rows: [{id, status, required, reason, fix?}]}`, `ok` and `exit_code` agreeing with
 /// each other, with the rows and with the process's exit code. Returns the rows.
@@ -722,8 +705,8 @@ fn verify_in(cli: &Cli) -> Result<(), String> {
     let doc = r.json()?;
     let rows = matrix_doc(&doc, &format!("verify gateway {name}"), r.code)?;
     let ids: Vec<&str> = rows.iter().filter_map(|r| r["id"].as_str()).collect();
-    if r.code != Some(0) || ids != VERIFY_ROWS || rows.iter().any(|r| r["status"] != "PASS") {
-        return Err(format!("verify of a healthy gateway must pass rows {VERIFY_ROWS:?}:\n{}", r.show()));
+    if r.code != Some(0) || ids != crate::verify::ROWS || rows.iter().any(|r| r["status"] != "PASS") {
+        return Err(format!("verify of a healthy gateway must pass rows {:?}:\n{}", crate::verify::ROWS, r.show()));
     }
     // Exit 1: its forward dies with passt.
     let (_, _, _, passt) = recorded_pids(&inst)?;
