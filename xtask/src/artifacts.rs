@@ -18,6 +18,31 @@ const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
     ("openshell-guest-check", "openshell-guest-check", openshell_guest::GUEST_CHECK_BIN),
 ];
 
+/// Removes from this process's environment what Cargo sets for the crate it runs or tests:
+/// `cargo xtask` runs xtask with xtask's `CARGO_MANIFEST_DIR` and `CARGO_PKG_*`, nextest runs a VM
+/// suite (which runs xtask) with openshell-vm's, and a shell has none. They describe that crate,
+/// not what xtask builds, yet a build script that reads one is rerun, and everything above it
+/// rebuilt, whenever its value differs from the last build's: ring's reads `CARGO_MANIFEST_DIR`
+/// and `CARGO_PKG_*`, so each change of caller rebuilt the guest programs (and the host's ring)
+/// from scratch. Called once, first thing in `main`, before any thread or child exists.
+pub fn scrub_crate_env() {
+    const SET_FOR_CRATES: &[&str] = &[
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    let prefixes = ["CARGO_MANIFEST_", "CARGO_PKG_", "CARGO_BIN_EXE_"];
+    for (key, _) in std::env::vars_os() {
+        let Some(k) = key.to_str() else { continue };
+        if SET_FOR_CRATES.contains(&k) || prefixes.iter().any(|p| k.starts_with(p)) {
+            std::env::remove_var(k);
+        }
+    }
+}
+
 pub fn kernel_spec() -> anyhow::Result<KernelSpec> {
     Ok(KernelSpec::from_project(&crate::project_root().join("kernel"))?)
 }

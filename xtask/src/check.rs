@@ -21,6 +21,9 @@ pub struct CheckCmd {
     /// The VMM the `vmm` row (and --guest) is about: auto, krun or qemu
     #[arg(long, default_value = "auto")]
     vmm: VmmChoice,
+    /// The host port the gateway-port row checks: the HOST of a `vm run -p HOST:30051`
+    #[arg(long, default_value_t = gateway::GATEWAY_PORT, conflicts_with = "guest")]
+    port: u16,
 }
 
 impl CheckCmd {
@@ -38,7 +41,7 @@ impl CheckCmd {
         let facts = check::probe(&ProbeRequest {
             kernel: crate::artifacts::locate_kernel(&store),
             rootfs: crate::artifacts::locate_rootfs(&store),
-            ports: vec![gateway::GATEWAY_PORT],
+            ports: vec![self.port],
             store_root: Some(store.root().to_owned()),
             vmm_binary: crate::project_root().join("target/debug/openshell-vmm"),
             gateways_root: gateway::gateways_root(),

@@ -63,6 +63,8 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
     sh.set_var("OPENSHELL_VMM", crate::project_root().join("target/debug/openshell-vmm"));
+    // The CLI trials run this very binary, as a user runs `cargo xtask`.
+    sh.set_var("OPENSHELL_XTASK", std::env::current_exe().context("cannot tell where the xtask binary is")?);
     // Artifacts are built: a VM trial that finds none is a failure now, not an ignore.
     sh.set_var("OPENSHELL_E2E_REQUIRE", "1");
     let required: Vec<&str> = required.iter().map(|b| b.name()).collect();

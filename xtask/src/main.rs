@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    artifacts::scrub_crate_env();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -1,5 +1,6 @@
 //! `cargo xtask rootfs`: bake the guest root directory (or find it cached) and print where it is.
 
+use anyhow::Context;
 use openshell_artifacts::{rootfs, Store};
 use xshell::Shell;
 
@@ -17,7 +18,9 @@ impl RootfsCmd {
         let store = Store::default_location();
         let bundle = if self.check {
             let b = rootfs::locate(&store, &crate::artifacts::rootfs_inputs(&sh)?)?;
-            rootfs::verify(&b)?;
+            rootfs::verify(&b).with_context(|| {
+                format!("{} changed after it was baked: remove it and run `cargo xtask rootfs` to bake it anew", b.dir.display())
+            })?;
             b
         } else {
             crate::artifacts::ensure_rootfs(&sh, &store)?

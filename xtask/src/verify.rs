@@ -9,7 +9,8 @@ pub struct VerifyCmd {
     /// The gateway instance (default: the active one, the last that became ready)
     #[arg(long)]
     name: Option<String>,
-    /// Machine-readable output: {subject, ok, exit_code, rows:[{id, status, required, reason, fix}]}
+    /// Machine-readable output: {subject, ok, exit_code, rows:[{id, status, required, reason, fix}]}, or
+    /// {subject, ok: false, exit_code: 2, error} when there is nothing to verify
     #[arg(long)]
     json: bool,
 }
@@ -32,6 +33,11 @@ impl VerifyCmd {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("verify: {e:#}");
+                if self.json {
+                    // A consumer of --json gets a document on every exit, as from `check --guest`.
+                    let code = openshell_matrix::EXIT_CHECKER_FAILED;
+                    println!("{}", serde_json::json!({"subject": "verify", "ok": false, "exit_code": code, "error": format!("{e:#}")}));
+                }
                 std::process::exit(openshell_matrix::EXIT_CHECKER_FAILED);
             }
         };

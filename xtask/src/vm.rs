@@ -39,7 +39,7 @@ enum VmSub {
     Logs {
         #[arg(long, default_value = "default")]
         name: String,
-        /// Keep printing as the console grows
+        /// Keep printing as the console grows, until the instance stops
         #[arg(short, long)]
         follow: bool,
     },
@@ -151,8 +151,13 @@ impl VmCmd {
                 let mut console = openshell_vm::launch::Tail::new(&path);
                 loop {
                     use std::io::Write;
+                    // Asked before reading, so the last read takes everything the VM wrote.
+                    let running = follow && inst.locked();
                     std::io::stdout().write_all(&console.read_new())?;
-                    if !follow {
+                    if !running {
+                        if follow {
+                            eprintln!("vm logs: gateway {name:?} is not running; nothing more will be written");
+                        }
                         return Ok(());
                     }
                     std::thread::sleep(Duration::from_millis(200));
@@ -166,16 +171,25 @@ impl RunArgs {
     fn run(self) -> anyhow::Result<i32> {
         // Before any build: a missing gvproxy should not cost a kernel build to find out.
         let net = openshell_vm::NetMode::resolve(self.net, self.gvproxy.clone())?;
+        // A running instance is refused before anything is built, reset or written into its
+        // share; `supervise::boot` takes the lock for real.
+        let instance = match &self.exec {
+            Some(_) => None,
+            None => {
+                let inst = GatewayInstance::new(&gateway::gateways_root(), &self.name)?;
+                inst.ensure_stopped()?;
+                Some(inst)
+            }
+        };
         let sh = Shell::new()?;
         let store = Store::default_location();
         let kernel = crate::artifacts::ensure_kernel(&sh, &store)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
         // Lives as long as the VM: a one-shot --exec VM without --state-dir runs in a temp dir.
         let mut tmp = None;
-        let gateway = match &self.exec {
-            Some(_) => None,
-            None => {
-                let inst = GatewayInstance::new(&gateway::gateways_root(), &self.name)?;
+        let gateway = match instance {
+            None => None,
+            Some(inst) => {
                 if self.reset {
                     inst.reset()?;
                 }
@@ -212,9 +226,6 @@ impl RunArgs {
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         if self.detach {
             let (inst, ..) = gateway.as_ref().expect("detach is gateway-only");
-            if inst.locked() {
-                inst.lock()?; // names the running supervisor
-            }
             // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
             show_warnings(&check::preflight(&cfg, verification)?);
             let (_, _, cold, _) = gateway.as_ref().expect("detach is gateway-only");

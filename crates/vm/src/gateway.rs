@@ -120,8 +120,11 @@ impl GatewayInstance {
         self.read_metadata().and_then(|m| m.console_log).unwrap_or_else(|| self.vm_dir().join("console.log"))
     }
 
-    /// Removes the instance's PKI and state (`--reset`).
+    /// Removes the instance's PKI and state (`--reset`). Refused while the instance runs: that
+    /// would pull the PKI from under a live gateway, and removing its lock file would let a second
+    /// supervisor take a fresh lock on the same name.
     pub fn reset(&self) -> Result<(), VmError> {
+        self.ensure_stopped()?;
         match fs::remove_dir_all(&self.dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&self.dir)(e)),
             _ => Ok(()),
@@ -196,13 +199,27 @@ impl GatewayInstance {
         let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.lock_path()).map_err(io_err(&self.lock_path()))?;
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let holder = self.read_metadata().and_then(|m| m.supervisor_pid).map_or("unknown".into(), |p| p.to_string());
-            return Err(VmError::Instance(format!(
-                "gateway {:?} is already running (supervisor pid {holder}); stop it with `cargo xtask vm stop --name {}`",
-                self.name, self.name
-            )));
+            return Err(self.already_running());
         }
         Ok(f)
+    }
+
+    /// Fails, naming the supervisor, when the instance runs. For a caller about to touch the
+    /// instance's files before it takes the lock itself (`vm run` checks this before it builds,
+    /// resets or writes anything).
+    pub fn ensure_stopped(&self) -> Result<(), VmError> {
+        if self.locked() {
+            return Err(self.already_running());
+        }
+        Ok(())
+    }
+
+    fn already_running(&self) -> VmError {
+        let holder = self.read_metadata().and_then(|m| m.supervisor_pid).map_or("unknown".into(), |p| p.to_string());
+        VmError::Instance(format!(
+            "gateway {:?} is already running (supervisor pid {holder}); stop it with `cargo xtask vm stop --name {}`",
+            self.name, self.name
+        ))
     }
 
     /// Whether some process holds the instance lock (a live supervisor).
@@ -372,5 +389,20 @@ mod tests {
         let inst = GatewayInstance::new(t.path(), "t").unwrap();
         let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), 30051, NetMode::None).unwrap_err().to_string();
         assert!(err.contains("--net passt or --net gvproxy"), "{err}");
+    }
+
+    #[test]
+    fn reset_is_refused_while_the_instance_runs() {
+        let t = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        inst.ensure_pki().unwrap();
+        // Held through another open file description, as a supervisor process would hold it.
+        let lock = inst.lock().unwrap();
+        let err = inst.reset().unwrap_err().to_string();
+        assert!(err.contains("already running") && err.contains("vm stop --name t"), "{err}");
+        assert!(inst.mtls_dir().join("ca.crt").is_file(), "the PKI of a running instance was removed");
+        drop(lock);
+        inst.reset().unwrap();
+        assert!(!inst.dir.exists(), "reset of a stopped instance left {}", inst.dir.display());
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use openshell_guest::{GUEST_CHECK_BIN, GUEST_CHECK_FILE, SHARE_MOUNT};
 use openshell_matrix::Matrix;
 
+use crate::check::Verification;
 use crate::{VmConfig, VmError};
 
 /// Boot plus every check under QEMU TCG takes well under a minute; past this the guest is stuck.
@@ -23,8 +24,9 @@ pub fn config(kernel: PathBuf, rootfs: PathBuf, state_dir: PathBuf) -> VmConfig 
     VmConfig::exec(kernel, rootfs, state_dir, vec![GUEST_CHECK_BIN.into(), "--out".into(), out])
 }
 
-/// Boots `cfg` (from [`config`]), waits for the checker and returns its matrix.
-pub fn run(cfg: &VmConfig) -> Result<Matrix, VmError> {
+/// Boots `cfg` (from [`config`]) after the preflight `vm run` passes (`verification` as for
+/// `vm run`), waits for the checker and returns its matrix.
+pub fn run(cfg: &VmConfig, verification: Verification) -> Result<Matrix, VmError> {
     if !cfg.rootfs.join(GUEST_CHECK_BIN.trim_start_matches('/')).is_file() {
         return Err(VmError::GuestCheck(format!(
             "{GUEST_CHECK_BIN} is not in the rootfs {}; rebake it with `cargo xtask rootfs`",
@@ -37,7 +39,9 @@ pub fn run(cfg: &VmConfig) -> Result<Matrix, VmError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(VmError::Io { path: report, source: e }),
         _ => {}
     }
-    let mut vm = crate::launch(cfg)?;
+    // Through the same checks as `vm run`: a kernel or rootfs that no longer matches its record
+    // is refused (unless `verification` allows it), not booted and reported on.
+    let (mut vm, _) = crate::check::launch_checked(cfg, verification)?;
     let exit = vm.wait(None, Some(TIMEOUT))?;
     drop(vm);
     let crate::VmExit::Guest(code) = exit else {

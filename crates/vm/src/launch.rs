@@ -274,23 +274,37 @@ impl RunningVm {
         unsafe { libc::kill(self.pid as libc::pid_t, sig) };
     }
 
-    /// Stops the VMM: SIGTERM, then SIGKILL after a grace period. Idempotent.
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
+    /// Stops the VMM: SIGTERM, then SIGKILL after a grace period. Idempotent. Says how it ended,
+    /// so a caller (and the VM suites) can tell a VMM that honoured SIGTERM from one that had to
+    /// be killed without timing it.
+    pub fn stop(&mut self) -> Stopped {
+        let Some(mut child) = self.child.take() else { return Stopped::AlreadyExited };
         if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
+            return Stopped::AlreadyExited;
         }
         self.signal(libc::SIGTERM);
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
             if matches!(child.try_wait(), Ok(Some(_))) {
-                return;
+                return Stopped::OnSigterm;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
+        Stopped::Killed
     }
+}
+
+/// How [`RunningVm::stop`] ended the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// It had exited already (or an earlier `stop` or `wait` saw it go).
+    AlreadyExited,
+    /// It exited on SIGTERM within the grace period.
+    OnSigterm,
+    /// It was still there when the grace period ran out, and was SIGKILLed.
+    Killed,
 }
 
 impl Drop for RunningVm {

@@ -21,5 +21,5 @@ pub mod verify;
 pub use backend::{Backend, VmmChoice};
 pub use config::{VmConfig, VmError};
 pub use host::HostFacts;
-pub use launch::{launch, RunningVm, VmExit, LEDGER_ENV};
+pub use launch::{launch, RunningVm, Stopped, VmExit, LEDGER_ENV};
 pub use net::{NetMode, PortMap};

@@ -11,9 +11,11 @@
 //! Every trial's VMMs are counted (see [`support::observe`]): a trial that expects a VM and
 //! started none fails, and each outcome is recorded for `cargo xtask e2e`'s per-backend summary.
 
+mod cli;
 mod guest_check;
 mod lifecycle;
 mod provenance;
+mod stop;
 mod support;
 mod trials;
 mod verify;

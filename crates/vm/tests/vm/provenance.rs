@@ -5,8 +5,7 @@
 //! Each trial copies the real artifacts into its own directory and changes the copy; the shared
 //! artifacts are never touched.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use libtest_mimic::Failed;
 use openshell_artifacts::{sha256_file, Digest};
@@ -15,7 +14,7 @@ use openshell_vm::check::{self, Verification};
 use openshell_vm::gateway::GatewayInstance;
 use openshell_vm::{VmConfig, VmError, VmmChoice};
 
-use crate::support::{self, Artifacts, TrialDir};
+use crate::support::{self, copy, processes_mentioning, Artifacts, TrialDir};
 use crate::trials::Body;
 
 pub const TRIALS: &[(&str, Body)] = &[
@@ -23,12 +22,6 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("provenance::tampered_kernel_is_refused", tampered_kernel_is_refused),
     ("provenance::allow_unverified_boots_with_a_warning", allow_unverified_boots_with_a_warning),
 ];
-
-/// `cp -a`, so modes and the busybox symlinks survive and the manifest still describes the copy.
-fn copy(from: &Path, to: &Path) -> Result<(), String> {
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().map_err(|e| format!("cp: {e}"))?;
-    st.success().then_some(()).ok_or_else(|| format!("cp -a {} {} failed: {st}", from.display(), to.display()))
-}
 
 /// A copy of the rootfs with `/etc/hostname` changed; returns (copy, tampered file, recorded
 /// digest, found digest), the digests computed here, independently of the code under test.
@@ -40,20 +33,6 @@ fn tampered_rootfs(a: &Artifacts, dir: &TrialDir) -> Result<(PathBuf, PathBuf, D
     std::fs::write(&file, "tampered\n").map_err(|e| e.to_string())?;
     let found = sha256_file(&file).map_err(|e| e.to_string())?;
     Ok((root, file, recorded, found))
-}
-
-/// Processes whose command line mentions `needle` (a VMM started on the trial's paths).
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            (pid != std::process::id() && cmd.contains(needle)).then(|| format!("{pid}: {cmd}"))
-        })
-        .collect()
 }
 
 /// The launch must fail with `Refused`, the message must carry every part, and nothing may have

@@ -382,3 +382,23 @@ pub fn tcp_listeners(port: u16) -> Vec<String> {
     }
     out
 }
+
+/// `cp -a`, so modes and the busybox symlinks survive and a rootfs manifest still describes the copy.
+pub fn copy(from: &std::path::Path, to: &std::path::Path) -> Result<(), String> {
+    let st = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().map_err(|e| format!("cp: {e}"))?;
+    st.success().then_some(()).ok_or_else(|| format!("cp -a {} {} failed: {st}", from.display(), to.display()))
+}
+
+/// Processes whose command line mentions `needle` (a VMM started on a trial's paths).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (pid != std::process::id() && cmd.contains(needle)).then(|| format!("{pid}: {cmd}"))
+        })
+        .collect()
+}

@@ -13,8 +13,15 @@ use openshell_vm::gateway::{self, GatewayInstance};
 pub type Body = fn(&Artifacts, VmmChoice, TrialDir) -> Result<(), Failed>;
 
 /// Every group of trials; a new suite lives in its own module and adds its slice here.
-const GROUPS: &[&[(&str, Body)]] =
-    &[CONTRACT, crate::lifecycle::TRIALS, crate::provenance::TRIALS, crate::verify::TRIALS, crate::guest_check::TRIALS];
+const GROUPS: &[&[(&str, Body)]] = &[
+    CONTRACT,
+    crate::lifecycle::TRIALS,
+    crate::provenance::TRIALS,
+    crate::verify::TRIALS,
+    crate::guest_check::TRIALS,
+    crate::stop::TRIALS,
+    crate::cli::TRIALS,
+];
 
 /// The contract every backend honours.
 const CONTRACT: &[(&str, Body)] = &[

@@ -24,7 +24,7 @@ pub const TRIALS: &[(&str, Body)] = &[
 ];
 
 /// The rows a gateway verification must have; a matrix missing one proves less than it says.
-const ROWS: &[&str] = &[
+pub const ROWS: &[&str] = &[
     "supervisor",
     "vm-process",
     "passt-process",

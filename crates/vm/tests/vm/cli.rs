@@ -1,0 +1,961 @@
+//! The `cargo xtask` commands as a user runs them: the real xtask binary (`OPENSHELL_XTASK`, set by
+//! `cargo xtask e2e`), its exit codes checked exactly and its `--json` documents parsed and checked
+//! field by field, against facts gathered here independently (`/proc`, the lock holder, digests
+//! computed by the trial).
+//!
+//! Isolation: each trial has its own instances (`XDG_CONFIG_HOME`), its own instance names and host
+//! port, its own `TMPDIR`, and `--vmm` names the backend under test. A trial that tampers with an
+//! artifact does it in a copy in its own store (`OPENSHELL_CACHE_DIR`); the shared store is only
+//! ever read. Every instance a trial starts is stopped on every way out, failures included.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use openshell_artifacts::{sha256_file, Digest};
+use openshell_vm::gateway::{GatewayInstance, Metadata};
+use openshell_vm::{procfs, VmmChoice};
+use serde_json::{json, Value};
+
+use crate::support::{self, Artifacts, TrialDir};
+use crate::trials::Body;
+
+pub const TRIALS: &[(&str, Body)] = &[
+    ("cli::detach_status_logs_and_stop", detach_status_logs_and_stop),
+    ("cli::second_run_of_a_running_name_is_refused", second_run_of_a_running_name_is_refused),
+    ("cli::reset_replaces_the_pki", reset_replaces_the_pki),
+    ("cli::ready_timeout_expiry_leaves_nothing_running", ready_timeout_expiry_leaves_nothing_running),
+    ("cli::sigint_stops_a_foreground_run", sigint_stops_a_foreground_run),
+    ("cli::verify_exit_codes_and_json", verify_exit_codes_and_json),
+    ("cli::check_exit_codes_and_json", check_exit_codes_and_json),
+    ("cli::rootfs_check_detects_a_tampered_file", rootfs_check_detects_a_tampered_file),
+    ("cli::kernel_json_is_the_provenance", kernel_json_is_the_provenance),
+    ("cli::bench_boot_json", bench_boot_json),
+];
+
+/// Bound on one xtask command, to fail a wedged one rather than hang: `vm run --detach` itself
+/// gives up after its ready timeout (60 s) + 30 s.
+const COMMAND_LIMIT: Duration = Duration::from_secs(240);
+
+/// The xtask binary with one trial's environment.
+struct Cli {
+    bin: PathBuf,
+    /// `--vmm` for every command that boots.
+    vmm: &'static str,
+    dir: PathBuf,
+    /// `OPENSHELL_CACHE_DIR` when the trial has its own store.
+    cache: Option<PathBuf>,
+}
+
+/// What one xtask command did.
+struct Ran {
+    args: String,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn show(&self) -> String {
+        format!("`xtask {}` exited {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.args, self.code, self.stdout, self.stderr)
+    }
+
+    /// Its stdout as one JSON document.
+    fn json(&self) -> Result<Value, String> {
+        serde_json::from_str(&self.stdout).map_err(|e| format!("stdout is not one JSON document ({e}):\n{}", self.show()))
+    }
+}
+
+/// A pipe read on its own thread, readable while the process still runs.
+struct Capture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    thread: JoinHandle<()>,
+}
+
+impl Capture {
+    fn new(mut r: impl Read + Send + 'static) -> Capture {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b = Arc::clone(&buf);
+        let thread = std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = r.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Capture { buf, thread }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+
+    fn finish(self) -> String {
+        let _ = self.thread.join();
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+}
+
+/// A child process that is killed if it is still running when dropped (a failed trial).
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A running xtask command with both outputs captured.
+struct Spawned {
+    child: KillOnDrop,
+    args: String,
+    stdout: Capture,
+    stderr: Capture,
+}
+
+impl Spawned {
+    /// Waits for it to exit, at most `limit`; kills it past that.
+    fn wait(mut self, limit: Duration) -> Result<Ran, String> {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.child.0.try_wait().map_err(|e| e.to_string())? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.0.kill();
+                let _ = self.child.0.wait();
+                return Err(format!(
+                    "`xtask {}` still running after {} s (killed)\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.args,
+                    limit.as_secs(),
+                    self.stdout.text(),
+                    self.stderr.text()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ok(Ran { args: self.args, code: status.code(), stdout: self.stdout.finish(), stderr: self.stderr.finish() })
+    }
+
+    /// Waits until `ready` holds for what it has written so far (stdout, stderr); fails if it
+    /// exits first or `limit` passes.
+    fn wait_for(&mut self, limit: Duration, ready: impl Fn(&str, &str) -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if ready(&self.stdout.text(), &self.stderr.text()) {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.0.try_wait() {
+                return Err(format!(
+                    "`xtask {}` exited ({status}) before it got there\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.args,
+                    self.stdout.text(),
+                    self.stderr.text()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("`xtask {}` did not get there within {} s\n--- stderr ---\n{}", self.args, limit.as_secs(), self.stderr.text()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Cli {
+    fn new(dir: &TrialDir, vmm: VmmChoice) -> Result<Cli, Failed> {
+        let bin = std::env::var_os("OPENSHELL_XTASK").map(PathBuf::from).filter(|p| p.is_file()).ok_or(
+            "OPENSHELL_XTASK is not set to the xtask binary; run the VM suites with `cargo xtask e2e --vm`, which sets it",
+        )?;
+        for d in ["config", "tmp"] {
+            std::fs::create_dir_all(dir.path().join(d)).map_err(|e| e.to_string())?;
+        }
+        let vmm = if vmm == VmmChoice::Krun { "krun" } else { "qemu" };
+        Ok(Cli { bin, vmm, dir: dir.path(), cache: None })
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.join("config/openshell/gateways")
+    }
+
+    fn instance(&self, name: &str) -> GatewayInstance {
+        GatewayInstance::new(&self.root(), name).expect("trial instance names are valid")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .env("XDG_CONFIG_HOME", self.dir.join("config"))
+            .env("TMPDIR", self.dir.join("tmp"))
+            // What a user sees by default: an error without anyhow's backtrace after it.
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        match &self.cache {
+            Some(cache) => c.env("OPENSHELL_CACHE_DIR", cache),
+            None => &mut c,
+        };
+        c
+    }
+
+    fn spawn_with(&self, mut cmd: Command, args: &[&str]) -> Result<Spawned, String> {
+        let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?;
+        let stdout = Capture::new(child.stdout.take().unwrap());
+        let stderr = Capture::new(child.stderr.take().unwrap());
+        Ok(Spawned { child: KillOnDrop(child), args: args.join(" "), stdout, stderr })
+    }
+
+    fn spawn(&self, args: &[&str]) -> Result<Spawned, String> {
+        self.spawn_with(self.command(args), args)
+    }
+
+    fn run(&self, args: &[&str]) -> Result<Ran, String> {
+        self.spawn(args)?.wait(COMMAND_LIMIT)
+    }
+
+    /// `vm run --detach` of instance `name` on 127.0.0.1:`port`, which must succeed.
+    fn detach(&self, name: &str, port: u16, extra: &[&str]) -> Result<Ran, String> {
+        let publish = format!("{port}:30051");
+        let mut args = vec!["vm", "run", "--detach", "--name", name, "-p", &publish, "--vmm", self.vmm];
+        args.extend_from_slice(extra);
+        let ran = self.run(&args)?;
+        if ran.code != Some(0) || !ran.stderr.contains(&format!("SERVING over mTLS at 127.0.0.1:{port}")) {
+            return Err(format!("the detached gateway did not come up:\n{}", ran.show()));
+        }
+        Ok(ran)
+    }
+
+    /// A failure with what the trial's instances left: each supervisor.log and console.
+    fn fail(&self, dir: TrialDir, msg: impl Into<String>) -> Failed {
+        let mut msg = msg.into();
+        for entry in std::fs::read_dir(self.root()).into_iter().flatten().flatten() {
+            let inst = self.instance(&entry.file_name().to_string_lossy());
+            for (what, path) in [("supervisor.log", inst.dir.join("supervisor.log")), ("console", inst.console_path())] {
+                if let Ok(text) = std::fs::read_to_string(&path) {
+                    msg.push_str(&format!("\n--- {} {what} (last 30 lines) ---\n{}", inst.name, tail(&text, 30)));
+                }
+            }
+        }
+        dir.fail(msg)
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Stops the instance when dropped: a detached supervisor runs in its own session and would
+/// outlive a failed trial.
+struct StopOnDrop(GatewayInstance);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.stop(Duration::from_secs(15));
+    }
+}
+
+/// The pids a running instance recorded: (supervisor, VMM, passt).
+fn recorded_pids(inst: &GatewayInstance) -> Result<(Metadata, u32, u32, u32), String> {
+    let m = inst.read_metadata().ok_or_else(|| format!("no readable {}", inst.metadata_path().display()))?;
+    match (m.supervisor_pid, m.vm_pid, m.passt_pid) {
+        (Some(s), Some(v), Some(p)) => Ok((m, s, v, p)),
+        other => Err(format!("metadata.json does not record supervisor, VMM and passt pids: {other:?}")),
+    }
+}
+
+/// The program a VMM of backend `vmm` runs as.
+fn vmm_program(vmm: &str) -> &'static str {
+    if vmm == "krun" {
+        "openshell-vmm"
+    } else {
+        "qemu-system"
+    }
+}
+
+/// What of an instance is still there: its recorded processes (while they still run the program
+/// they ran), listeners on its port, and any process whose command line names the trial's paths.
+fn leftovers(cli: &Cli, port: u16, pids: &[(u32, &str)]) -> Vec<String> {
+    let mut left: Vec<String> = pids
+        .iter()
+        .filter(|(pid, prog)| procfs::process(*pid).program_is_any(&[prog]))
+        .map(|(pid, prog)| format!("{prog} pid {pid}"))
+        .collect();
+    left.extend(support::tcp_listeners(port).into_iter().map(|a| format!("a listener on {a}:{port}")));
+    left.extend(support::processes_mentioning(&cli.dir.to_string_lossy()));
+    left
+}
+
+/// `field` of a JSON object, or an error naming it and the document.
+fn field<'a>(doc: &'a Value, key: &str) -> Result<&'a Value, String> {
+    doc.get(key).ok_or_else(|| format!("no {key:?} in {doc}"))
+}
+
+fn expect_fields(doc: &Value, what: &str, want: &[(&str, Value)]) -> Result<(), String> {
+    for (k, v) in want {
+        let got = field(doc, k)?;
+        if got != v {
+            return Err(format!("{what}: {k} is {got}, want {v}\n{doc:#}"));
+        }
+    }
+    Ok(())
+}
+
+/// A running instance as `vm status --json` must show it, each field against a fact found here:
+/// the pid holding the instance lock, that process's command line, the VMM's parent.
+fn check_status_serving(cli: &Cli, doc: &Value, name: &str, port: u16) -> Result<(), String> {
+    let inst = cli.instance(name);
+    let (_, sup, vm, _) = recorded_pids(&inst)?;
+    expect_fields(
+        doc,
+        "status --json",
+        &[
+            ("name", json!(name)),
+            ("running", json!(true)),
+            ("health", json!("SERVING")),
+            ("endpoint", json!(format!("127.0.0.1:{port}"))),
+            ("supervisor_pid", json!(sup)),
+            ("vm_pid", json!(vm)),
+            ("mtls_dir", json!(inst.mtls_dir())),
+        ],
+    )?;
+    if doc.get("recovered").is_some() {
+        return Err(format!("status --json reports recovery on a healthy instance: {doc:#}"));
+    }
+    let holders = procfs::flock_holders(&inst.lock_path());
+    if holders != [sup] {
+        return Err(format!("the instance lock is held by {holders:?}, status says supervisor {sup}"));
+    }
+    let s = procfs::process(sup);
+    if !s.alive || !s.cmdline.starts_with(&cli.bin.to_string_lossy().into_owned()) || !s.cmdline.contains(" vm run ") {
+        return Err(format!("supervisor pid {sup} is not a live `xtask vm run`: {:?}", s.cmdline));
+    }
+    let v = procfs::process(vm);
+    if !v.program_is_any(&[vmm_program(cli.vmm)]) || v.ppid != Some(sup) {
+        return Err(format!("vm pid {vm} is not a {} child of the supervisor: ppid {:?}, {:?}", vmm_program(cli.vmm), v.ppid, v.cmdline));
+    }
+    for f in ["ca.crt", "tls.crt", "tls.key"] {
+        if !inst.mtls_dir().join(f).is_file() {
+            return Err(format!("mtls_dir {} has no {f}", inst.mtls_dir().display()));
+        }
+    }
+    Ok(())
+}
+
+/// A stopped instance as `vm status --json` must show it.
+fn check_status_stopped(doc: &Value, name: &str, port: u16) -> Result<(), String> {
+    expect_fields(
+        doc,
+        "status --json of a stopped instance",
+        &[
+            ("name", json!(name)),
+            ("running", json!(false)),
+            ("health", json!("not running")),
+            ("endpoint", json!(format!("127.0.0.1:{port}"))),
+            ("supervisor_pid", Value::Null),
+            ("vm_pid", Value::Null),
+        ],
+    )
+}
+
+fn detach_status_logs_and_stop(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cli = Cli::new(&dir, vmm)?;
+    match detach_status_logs_and_stop_in(&cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("detached", support::free_port());
+    let inst = cli.instance(name);
+    let guard = StopOnDrop(inst.clone());
+    let up = cli.detach(name, port, &[])?;
+    if !up.stderr.contains("new PKI") {
+        return Err(format!("a first boot does not say it made a new PKI:\n{}", up.show()));
+    }
+    // The background supervisor is a foreground `vm run` writing to supervisor.log.
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
+    if !log.contains("boot timeline") || !log.contains(&format!("SERVING over mTLS at 127.0.0.1:{port}")) {
+        return Err(format!("supervisor.log lacks the boot timeline or the SERVING line:\n{log}"));
+    }
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    if st.code != Some(0) {
+        return Err(format!("status of a SERVING instance must exit 0:\n{}", st.show()));
+    }
+    check_status_serving(cli, &st.json()?, name, port)?;
+    let text = cli.run(&["vm", "status", "--name", name])?;
+    if text.code != Some(0) || !text.stdout.contains("running at") || !text.stdout.contains("health: SERVING") {
+        return Err(format!("plain status of a SERVING instance:\n{}", text.show()));
+    }
+
+    let logs = cli.run(&["vm", "logs", "--name", name])?;
+    let console = std::fs::read_to_string(inst.console_path()).unwrap_or_default();
+    let ok = logs.code == Some(0)
+        && console.starts_with(&logs.stdout)
+        && logs.stdout.contains("exec /usr/bin/openshell-gateway")
+        && openshell_vm::timeline::gateway_listening(&logs.stdout);
+    if !ok {
+        return Err(format!("vm logs is not the instance's console up to the gateway listening:\n{}", logs.show()));
+    }
+
+    // `logs -f` follows while the instance runs and ends by itself when it stops.
+    let mut follow = cli.spawn(&["vm", "logs", "--name", name, "-f"])?;
+    follow.wait_for(Duration::from_secs(30), |out, _| openshell_vm::timeline::gateway_listening(out))?;
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
+        return Err(format!("vm stop of a running instance:\n{}", stop.show()));
+    }
+    let followed = follow.wait(Duration::from_secs(30)).map_err(|e| format!("vm logs -f kept following a stopped instance: {e}"))?;
+    let console = std::fs::read_to_string(inst.console_path()).unwrap_or_default();
+    if followed.code != Some(0) || followed.stdout != console || !followed.stderr.contains("is not running") {
+        return Err(format!("vm logs -f must end with exit 0 once the instance stops, having printed the whole console:\n{}", followed.show()));
+    }
+
+    let left = leftovers(cli, port, &[(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    if !left.is_empty() {
+        return Err(format!("left running after vm stop: {left:?}"));
+    }
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    if st.code != Some(1) {
+        return Err(format!("status of a stopped instance must exit 1:\n{}", st.show()));
+    }
+    check_status_stopped(&st.json()?, name, port)?;
+    let again = cli.run(&["vm", "stop", "--name", name])?;
+    if again.code != Some(0) || !again.stderr.contains("was not running") {
+        return Err(format!("a second vm stop:\n{}", again.show()));
+    }
+    drop(guard);
+    Ok(())
+}
+
+fn second_run_of_a_running_name_is_refused(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cli = Cli::new(&dir, vmm)?;
+    match second_run_refused_in(&cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn second_run_refused_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("taken", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &[])?;
+    let (_, sup, vm, _) = recorded_pids(&inst)?;
+    let ca = std::fs::read(inst.mtls_dir().join("ca.crt")).map_err(|e| e.to_string())?;
+    // Each on a free port of its own, so only the running instance can be the reason to refuse.
+    for extra in [&[][..], &["--detach"][..], &["--reset"][..], &["--reset", "--detach"][..]] {
+        let other = support::free_port();
+        let publish = format!("{other}:30051");
+        let mut args = vec!["vm", "run", "--name", name, "-p", &publish, "--vmm", cli.vmm];
+        args.extend_from_slice(extra);
+        let r = cli.run(&args)?;
+        let names = format!("already running (supervisor pid {sup}); stop it with `cargo xtask vm stop --name {name}`");
+        if r.code != Some(1) || !r.stderr.contains(&names) {
+            return Err(format!("a second `vm run {}` of a running name must exit 1 naming its supervisor:\n{}", extra.join(" "), r.show()));
+        }
+        if !support::tcp_listeners(other).is_empty() {
+            return Err(format!("the refused run left a listener on {other}"));
+        }
+    }
+    // The running instance is untouched: same PKI, same supervisor and VMM, still SERVING.
+    if std::fs::read(inst.mtls_dir().join("ca.crt")).ok() != Some(ca) {
+        return Err("a refused `vm run --reset` replaced the running instance's CA".into());
+    }
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    if st.code != Some(0) {
+        return Err(format!("the running instance is no longer SERVING after the refused runs:\n{}", st.show()));
+    }
+    let doc = st.json()?;
+    expect_fields(&doc, "status --json after refused runs", &[("supervisor_pid", json!(sup)), ("vm_pid", json!(vm))])
+}
+
+fn reset_replaces_the_pki(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cli = Cli::new(&dir, vmm)?;
+    match reset_replaces_the_pki_in(&cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+/// Every file under `dir` whose bytes are exactly `bytes`.
+fn files_holding(dir: &Path, bytes: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            found.extend(files_holding(&p, bytes));
+        } else if std::fs::read(&p).is_ok_and(|b| b == bytes) {
+            found.push(p);
+        }
+    }
+    found
+}
+
+fn health(endpoint: &str, bundle: &openshell_gateway::ClientBundle) -> Result<openshell_gateway::ServingStatus, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await.map_err(|e| e.to_string())?;
+        openshell_gateway::health(&ch).await.map_err(|e| e.to_string())
+    })
+}
+
+fn reset_replaces_the_pki_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("reset", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &[])?;
+    let old = inst.client_bundle().map_err(|e| e.to_string())?;
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    if stop.code != Some(0) {
+        return Err(format!("vm stop:\n{}", stop.show()));
+    }
+    let up = cli.detach(name, port, &["--reset"])?;
+    if !up.stderr.contains("new PKI") {
+        return Err(format!("`vm run --reset` does not say it made a new PKI:\n{}", up.show()));
+    }
+    let new = inst.client_bundle().map_err(|e| e.to_string())?;
+    if new.ca_pem == old.ca_pem || new.key_pem == old.key_pem {
+        return Err("after --reset the instance still has its old CA or client key".into());
+    }
+    // The old PKI is gone: no file of the instance holds it, and the new gateway refuses it.
+    for (what, bytes) in [("CA", &old.ca_pem), ("client key", &old.key_pem), ("client certificate", &old.cert_pem)] {
+        let still = files_holding(&inst.dir, bytes.as_bytes());
+        if !still.is_empty() {
+            return Err(format!("the old {what} survived --reset in {still:?}"));
+        }
+    }
+    let endpoint = format!("127.0.0.1:{port}");
+    if let Ok(s) = health(&endpoint, &old) {
+        return Err(format!("the reset gateway answered a client holding the old PKI: {s:?}"));
+    }
+    match health(&endpoint, &new) {
+        Ok(openshell_gateway::ServingStatus::Serving) => Ok(()),
+        other => Err(format!("the reset gateway does not answer its new client bundle: {other:?}")),
+    }
+}
+
+fn ready_timeout_expiry_leaves_nothing_running(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cli = Cli::new(&dir, vmm)?;
+    match ready_timeout_in(&cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn ready_timeout_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("never-ready", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    // The instance's client bundle comes from another CA than its server: the gateway boots and
+    // listens, but no readiness probe ever completes a handshake, however fast the host. So the
+    // ready timeout expires for sure, with a live VM to clean up.
+    inst.ensure_pki().map_err(|e| e.to_string())?;
+    let foreign = openshell_pki::Pki::generate("foreign").map_err(|e| e.to_string())?;
+    foreign.write_client_bundle(&inst.mtls_dir()).map_err(|e| e.to_string())?;
+    let publish = format!("{port}:30051");
+    let r = cli.run(&["vm", "run", "--name", name, "-p", &publish, "--vmm", cli.vmm, "--ready-timeout", "5"])?;
+    // The error ends with the console's last 50 lines: a contiguous run of the console file, as
+    // long as it has that many, and the console shows a VM that booted and got as far as listening.
+    let console = std::fs::read_to_string(inst.console_path()).unwrap_or_default();
+    let console: Vec<&str> = console.lines().collect();
+    let mut shown: Vec<&str> = match r.stderr.split_once("--- console (last 50 lines) ---\n") {
+        Some((_, t)) => t.lines().collect(),
+        None => Vec::new(),
+    };
+    while shown.last().is_some_and(|l| l.is_empty()) {
+        shown.pop();
+    }
+    let ok = r.code == Some(1)
+        && r.stderr.contains("not SERVING within 5s")
+        && !shown.is_empty()
+        && shown.len() == console.len().min(50)
+        && console.windows(shown.len()).any(|w| w == shown.as_slice())
+        && console.iter().any(|l| l.contains("exec /usr/bin/openshell-gateway"))
+        && openshell_vm::timeline::gateway_listening(&console.join("\n"));
+    if !ok {
+        return Err(format!(
+            "an expired --ready-timeout must exit 1 with the last {} lines of a console that got to the gateway listening \
+             (console has {} lines, the error showed {}):\n{}",
+            console.len().min(50),
+            console.len(),
+            shown.len(),
+            r.show()
+        ));
+    }
+    let left = leftovers(cli, port, &[]);
+    if !left.is_empty() || inst.locked() {
+        return Err(format!("left running after the ready timeout: {left:?} (instance locked: {})", inst.locked()));
+    }
+    if inst.read_metadata().is_some_and(|m| m.vm_pid.is_some() || m.supervisor_pid.is_some()) {
+        return Err("metadata.json records pids of a gateway that never became ready".into());
+    }
+    Ok(())
+}
+
+fn sigint_stops_a_foreground_run(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cli = Cli::new(&dir, vmm)?;
+    match sigint_in(&cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn sigint_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("foreground", support::free_port());
+    let inst = cli.instance(name);
+    let publish = format!("{port}:30051");
+    let args = ["vm", "run", "--name", name, "-p", &publish, "--vmm", cli.vmm];
+    let mut cmd = cli.command(&args);
+    // Its own process group, like a shell's foreground job: Ctrl-C signals the whole group.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut run = cli.spawn_with(cmd, &args)?;
+    run.wait_for(support::GUEST_TIMEOUT, |_, err| err.contains("Ctrl-C stops it."))?;
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+    if sup != run.child.0.id() {
+        return Err(format!("metadata names supervisor {sup}, but the foreground run is pid {}", run.child.0.id()));
+    }
+    // SAFETY: kill(2) on the process group of the child this trial started.
+    unsafe { libc::kill(-(run.child.0.id() as i32), libc::SIGINT) };
+    let ran = run.wait(Duration::from_secs(60))?;
+    if ran.code != Some(128 + libc::SIGINT) {
+        return Err(format!("a foreground `vm run` stopped by Ctrl-C must exit 130:\n{}", ran.show()));
+    }
+    let left = leftovers(cli, port, &[(vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    if !left.is_empty() || inst.locked() {
+        return Err(format!("left running after Ctrl-C: {left:?} (instance locked: {})", inst.locked()));
+    }
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    if st.code != Some(1) {
+        return Err(format!("status after Ctrl-C must exit 1:\n{}", st.show()));
+    }
+    check_status_stopped(&st.json()?, name, port)
+}
+
+/// The shape every matrix document shares (`check`, `check --guest`, `verify`): `{subject, ok,
+/// exit_code, rows: [{id, status, required, reason, fix?}]}`, `ok` and `exit_code` agreeing with
+/// each other, with the rows and with the process's exit code. Returns the rows.
+fn matrix_doc<'a>(doc: &'a Value, subject: &str, code: Option<i32>) -> Result<&'a Vec<Value>, String> {
+    let rows = field(doc, "rows")?.as_array().ok_or_else(|| format!("rows is not an array: {doc}"))?;
+    let mut blocking = false;
+    for r in rows {
+        let id = field(r, "id")?.as_str().filter(|s| !s.is_empty());
+        let status = field(r, "status")?.as_str();
+        let required = field(r, "required")?.as_bool();
+        let reason = field(r, "reason")?.as_str().filter(|s| !s.is_empty());
+        let (Some(_), Some(status), Some(required), Some(_)) = (id, status, required, reason) else {
+            return Err(format!("malformed row {r}"));
+        };
+        if !["PASS", "WARN", "FAIL"].contains(&status) {
+            return Err(format!("row status {status:?} in {r}"));
+        }
+        if status != "PASS" && r.get("fix").and_then(Value::as_str).is_none_or(str::is_empty) {
+            return Err(format!("a {status} row without a fix: {r}"));
+        }
+        blocking |= required && status == "FAIL";
+    }
+    let want = if blocking { 1 } else { 0 };
+    expect_fields(doc, subject, &[("subject", json!(subject)), ("ok", json!(!blocking)), ("exit_code", json!(want))])?;
+    if code != Some(want) {
+        return Err(format!("{subject}: the process exited {code:?}, its document says exit_code {want}"));
+    }
+    Ok(rows)
+}
+
+fn row<'a>(rows: &'a [Value], id: &str) -> Result<&'a Value, String> {
+    rows.iter().find(|r| r["id"] == id).ok_or_else(|| format!("no {id:?} row"))
+}
+
+fn verify_exit_codes_and_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cli = Cli::new(&dir, vmm)?;
+    match verify_in(&cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn verify_in(cli: &Cli) -> Result<(), String> {
+    // Exit 2: nothing to verify, and the document says so.
+    for args in [&["verify", "--json"][..], &["verify", "--json", "--name", "nosuch"][..]] {
+        let r = cli.run(args)?;
+        let doc = r.json()?;
+        let error = doc.get("error").and_then(Value::as_str).unwrap_or_default();
+        if r.code != Some(2) || doc["ok"] != json!(false) || doc["exit_code"] != json!(2) || error.is_empty() {
+            return Err(format!("`{}` with nothing to verify must exit 2 with {{ok: false, exit_code: 2, error}}:\n{}", r.args, r.show()));
+        }
+    }
+    let (name, port) = ("verified", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &[])?;
+    // Exit 0: the active instance (no --name) passes every row.
+    let r = cli.run(&["verify", "--json"])?;
+    let doc = r.json()?;
+    let rows = matrix_doc(&doc, &format!("verify gateway {name}"), r.code)?;
+    let ids: Vec<&str> = rows.iter().filter_map(|r| r["id"].as_str()).collect();
+    if r.code != Some(0) || ids != crate::verify::ROWS || rows.iter().any(|r| r["status"] != "PASS") {
+        return Err(format!("verify of a healthy gateway must pass rows {:?}:\n{}", crate::verify::ROWS, r.show()));
+    }
+    // Exit 1: its forward dies with passt.
+    let (_, _, _, passt) = recorded_pids(&inst)?;
+    if procfs::process(passt).program_is_any(&["passt"]) {
+        // SAFETY: kill(2) on the passt pid this instance recorded, checked to still be passt.
+        unsafe { libc::kill(passt as i32, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !support::tcp_listeners(port).is_empty() {
+        if Instant::now() > deadline {
+            return Err(format!("port {port} still listens 10 s after passt {passt} was killed"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = cli.run(&["verify", "--json", "--name", name])?;
+    let doc = r.json()?;
+    let rows = matrix_doc(&doc, &format!("verify gateway {name}"), r.code)?;
+    let tcp = row(rows, "tcp")?;
+    if r.code != Some(1) || tcp["status"] != "FAIL" || tcp["required"] != json!(true) || row(rows, "vm-process")?["status"] != "PASS" {
+        return Err(format!("verify with the forward gone must exit 1 with a failing tcp row and a live VM:\n{}", r.show()));
+    }
+    Ok(())
+}
+
+/// A store of this trial's own with copies of the artifacts (`cp -a`: the manifest still
+/// describes the copy), laid out as the shared one: `<kind>/<key>/`.
+fn own_store(a: &Artifacts, dir: &Path, with_kernel: bool) -> Result<PathBuf, String> {
+    let cache = dir.join("cache");
+    let mut copies = vec![(a.rootfs.clone(), openshell_artifacts::rootfs::STORE_KIND)];
+    if with_kernel {
+        copies.push((a.kernel.parent().ok_or("the kernel path has no directory")?.to_owned(), openshell_artifacts::kernel::STORE_KIND));
+    }
+    for (from, kind) in copies {
+        let key = from.file_name().ok_or_else(|| format!("{} has no key directory", from.display()))?;
+        std::fs::create_dir_all(cache.join(kind)).map_err(|e| e.to_string())?;
+        support::copy(&from, &cache.join(kind).join(key))?;
+    }
+    Ok(cache)
+}
+
+/// Changes `/etc/hostname` in a rootfs: returns (file, recorded digest, found digest), computed
+/// here independently of the code under test.
+fn tamper(rootfs: &Path) -> Result<(PathBuf, Digest, Digest), String> {
+    let file = rootfs.join("etc/hostname");
+    let recorded = sha256_file(&file).map_err(|e| e.to_string())?;
+    std::fs::write(&file, "tampered\n").map_err(|e| e.to_string())?;
+    let found = sha256_file(&file).map_err(|e| e.to_string())?;
+    Ok((file, recorded, found))
+}
+
+fn check_exit_codes_and_json(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let mut cli = Cli::new(&dir, vmm)?;
+    match check_in(a, &mut cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
+    let cache = own_store(a, &cli.dir, true)?;
+    cli.cache = Some(cache.clone());
+    let own_rootfs = cache.join("rootfs").join(a.rootfs.file_name().unwrap());
+    let own_kernel = cache.join("kernel").join(a.kernel.parent().unwrap().file_name().unwrap()).join("vmlinux");
+    let port = support::free_port();
+    let check = |cli: &Cli| {
+        let r = cli.run(&["check", "--json", "--vmm", cli.vmm, "--port", &port.to_string()])?;
+        let doc = r.json()?;
+        matrix_doc(&doc, "host", r.code)?;
+        Ok::<_, String>((r, doc))
+    };
+
+    // Exit 0: this host boots with this backend, the artifacts match their records, the port is free.
+    let (r, doc) = check(cli)?;
+    let rows = doc["rows"].as_array().unwrap();
+    let mut required = vec!["vmm", "kernel", "rootfs", "gateway-port", "disk"];
+    if cfg!(target_os = "linux") {
+        required.push("passt");
+    }
+    for id in &required {
+        row(rows, id)?;
+    }
+    let pass = |id: &str, mentions: &str| {
+        let r = row(rows, id)?;
+        let ok = r["status"] == "PASS" && r["required"] == json!(true) && r["reason"].as_str().is_some_and(|s| s.contains(mentions));
+        ok.then_some(()).ok_or_else(|| format!("the {id} row should PASS naming {mentions:?}: {r}"))
+    };
+    pass("kernel", &own_kernel.to_string_lossy())?;
+    pass("rootfs", &own_rootfs.to_string_lossy())?;
+    pass("gateway-port", &format!("127.0.0.1:{port} is free"))?;
+    if r.code != Some(0) {
+        return Err(format!("check on a host that boots with --vmm {} must exit 0:\n{}", cli.vmm, r.show()));
+    }
+    let kernel_sha = sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
+    let manifest_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
+    let prov = field(&doc, "provenance")?;
+    if prov["kernel"]["vmlinux_sha256"] != json!(kernel_sha) || prov["rootfs"]["manifest_sha256"] != json!(manifest_sha) {
+        return Err(format!("provenance does not carry the artifacts' digests {kernel_sha} / {manifest_sha}: {prov:#}"));
+    }
+
+    // Exit 1: the gateway's port is taken.
+    let held = std::net::TcpListener::bind(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let (r, doc) = check(cli)?;
+    drop(held);
+    let p = row(doc["rows"].as_array().unwrap(), "gateway-port")?.clone();
+    if r.code != Some(1) || p["status"] != "FAIL" || p["required"] != json!(true) || !p["reason"].as_str().unwrap_or_default().contains("in use") {
+        return Err(format!("check with port {port} taken must exit 1 on a failing gateway-port row:\n{}", r.show()));
+    }
+
+    // Exit 1: a rootfs file changed after it was baked; the row names it and both digests.
+    let (file, recorded, found) = tamper(&own_rootfs)?;
+    let (r, doc) = check(cli)?;
+    let f = row(doc["rows"].as_array().unwrap(), "rootfs")?.clone();
+    let reason = f["reason"].as_str().unwrap_or_default();
+    let named = [file.to_string_lossy().into_owned(), recorded.hex(), found.hex()].iter().all(|s| reason.contains(s.as_str()));
+    if r.code != Some(1) || f["status"] != "FAIL" || !named || !f["fix"].as_str().unwrap_or_default().contains("cargo xtask rootfs") {
+        return Err(format!("check with a tampered rootfs must exit 1 naming {} and both digests:\n{}", file.display(), r.show()));
+    }
+
+    // Exit 2: `check --guest` cannot run its checker on that rootfs: it refuses to boot it, says
+    // why in the document, and no VM is started.
+    let r = cli.run(&["check", "--guest", "--json", "--vmm", cli.vmm])?;
+    let doc = r.json()?;
+    let error = doc.get("error").and_then(Value::as_str).unwrap_or_default();
+    let ok = r.code == Some(2)
+        && doc["subject"] == "guest"
+        && doc["ok"] == json!(false)
+        && doc["exit_code"] == json!(2)
+        && error.contains(&file.to_string_lossy().into_owned());
+    if !ok {
+        return Err(format!("check --guest on a tampered rootfs must exit 2 naming the file:\n{}", r.show()));
+    }
+    let started = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !started.is_empty() {
+        return Err(format!("check --guest started processes on a tampered rootfs: {started:?}"));
+    }
+    // The shared store was only read.
+    if sha256_file(&a.rootfs.join("etc/hostname")).map_err(|e| e.to_string())? != recorded {
+        return Err(format!("the shared rootfs {} changed", a.rootfs.display()));
+    }
+    Ok(())
+}
+
+fn rootfs_check_detects_a_tampered_file(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let mut cli = Cli::new(&dir, vmm)?;
+    match rootfs_check_in(a, &mut cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn rootfs_check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
+    // Nothing baked: exit 1, saying what builds it.
+    cli.cache = Some(cli.dir.join("empty-cache"));
+    let r = cli.run(&["rootfs", "--check"])?;
+    if r.code != Some(1) || !r.stderr.contains("no rootfs has been baked") || !r.stderr.contains("cargo xtask rootfs") {
+        return Err(format!("rootfs --check with nothing baked must exit 1 and name `cargo xtask rootfs`:\n{}", r.show()));
+    }
+    let cache = own_store(a, &cli.dir, false)?;
+    cli.cache = Some(cache.clone());
+    let own = cache.join("rootfs").join(a.rootfs.file_name().unwrap());
+    let r = cli.run(&["rootfs", "--check"])?;
+    if r.code != Some(0) || !r.stdout.contains("verified") || !r.stdout.contains(&own.to_string_lossy().into_owned()) {
+        return Err(format!("rootfs --check of an intact copy in OPENSHELL_CACHE_DIR must exit 0 naming it:\n{}", r.show()));
+    }
+    let (file, recorded, found) = tamper(&own)?;
+    let r = cli.run(&["rootfs", "--check"])?;
+    let names = [own.to_string_lossy().into_owned(), "etc/hostname".into(), recorded.hex(), found.hex(), "cargo xtask rootfs".into()];
+    if r.code != Some(1) || !names.iter().all(|n| r.stderr.contains(n.as_str())) {
+        return Err(format!("rootfs --check of a tampered {} must exit 1 naming it, both digests and the fix:\n{}", file.display(), r.show()));
+    }
+    if sha256_file(&a.rootfs.join("etc/hostname")).map_err(|e| e.to_string())? != recorded {
+        return Err(format!("the shared rootfs {} changed", a.rootfs.display()));
+    }
+    Ok(())
+}
+
+fn kernel_json_is_the_provenance(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cli = Cli::new(&dir, vmm)?;
+    match kernel_json_in(a, &cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn kernel_json_in(a: &Artifacts, cli: &Cli) -> Result<(), String> {
+    let r = cli.run(&["kernel", "--json"])?;
+    let doc = r.json()?;
+    if r.code != Some(0) {
+        return Err(format!("kernel --json:\n{}", r.show()));
+    }
+    let recorded: Value = std::fs::read(a.kernel.with_file_name("provenance.json"))
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))?;
+    if doc != recorded {
+        return Err(format!("kernel --json is not the kernel's provenance.json:\n{doc:#}\nvs\n{recorded:#}"));
+    }
+    // Field by field, against what the trial finds itself.
+    let sha = sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
+    let frags: Vec<&str> = field(&doc, "fragments")?.as_array().into_iter().flatten().filter_map(|f| f["name"].as_str()).collect();
+    let ok = doc["vmlinux_sha256"] == json!(sha)
+        && doc["kernel_release"].as_str().is_some_and(|s| s.starts_with("6.1."))
+        && doc["source_package"] == "linux-source-6.1"
+        && doc["source_version"].as_str().is_some_and(|s| s.starts_with("6.1"))
+        && doc["key"].as_str().is_some_and(|s| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()))
+        && doc["built_at_unix"].as_u64().is_some_and(|t| t > 1_600_000_000)
+        && doc["build_seconds"].as_f64().is_some_and(|s| s > 0.0)
+        && doc["host"].as_str().is_some_and(|s| !s.is_empty())
+        && ["microvm.config", "k8s-networking.config"].iter().all(|f| frags.contains(f));
+    if !ok {
+        return Err(format!("kernel --json fields do not describe {} (sha256 {sha}):\n{doc:#}", a.kernel.display()));
+    }
+    Ok(())
+}
+
+fn bench_boot_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let cli = Cli::new(&dir, vmm)?;
+    match bench_in(&cli) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(cli.fail(dir, e)),
+    }
+}
+
+fn bench_in(cli: &Cli) -> Result<(), String> {
+    let r = cli.run(&["bench", "boot", "-n", "1", "--vmm", cli.vmm, "--json"])?;
+    let doc = r.json()?;
+    if r.code != Some(0) {
+        return Err(format!("bench boot -n 1:\n{}", r.show()));
+    }
+    for mode in ["cold", "warm"] {
+        let phases = field(&doc, mode)?.as_object().ok_or_else(|| format!("{mode} is not an object: {doc}"))?;
+        for (phase, s) in phases {
+            let num = |k: &str| s.get(k).and_then(Value::as_f64);
+            // One boot: median, min and max are that boot's figure.
+            let ok = s["n"] == json!(1) && num("median").is_some_and(|m| m >= 0.0 && Some(m) == num("min") && Some(m) == num("max"));
+            if !ok {
+                return Err(format!("{mode} / {phase}: want {{median = min = max, n: 1}}, got {s}"));
+            }
+        }
+        let serving = phases.get("host: boot → mTLS SERVING").and_then(|s| s["median"].as_f64());
+        let guest = phases.keys().filter(|k| k.starts_with("guest: ")).count();
+        if !serving.is_some_and(|ms| ms > 0.0) || guest == 0 {
+            return Err(format!("{mode}: no boot → SERVING figure or no guest phase:\n{doc:#}"));
+        }
+        println!("bench {mode}: boot → mTLS SERVING {:.0} ms", serving.unwrap());
+    }
+    // Its instances live in a temporary directory under the trial's TMPDIR.
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("the bench left processes running: {left:?}"));
+    }
+    Ok(())
+}
