@@ -110,12 +110,16 @@ struct Outcome {
     notes: Vec<String>,
 }
 
+/// (passed, failed)
+type Count = (usize, usize);
+
 #[derive(Default)]
 struct Tally {
-    booted_passed: usize,
-    booted_failed: usize,
-    refused_passed: usize,
-    refused_failed: usize,
+    booted: Count,
+    refused: Count,
+    no_vm: Count,
+    /// Trials that had to boot a VM but failed before starting one.
+    unbooted_failed: usize,
     ignored: BTreeMap<String, usize>,
     failed: Vec<String>,
     notes: Vec<String>,
@@ -133,14 +137,19 @@ fn tally(records: &Path, ignored: &[(String, String)]) -> BTreeMap<String, Tally
             continue;
         };
         let t = by_backend.entry(o.backend.clone()).or_default();
-        match (o.expects.as_str(), o.passed, o.vmms) {
-            ("vm", true, _) => t.booted_passed += 1,
-            ("vm", false, 0) => t.failed.push(format!("{} (before starting a VMM)", o.trial)),
-            ("vm", false, _) => t.booted_failed += 1,
-            (_, true, _) => t.refused_passed += 1,
-            (_, false, _) => t.refused_failed += 1,
+        let count = match (o.expects.as_str(), o.vmms) {
+            ("vm", 0) if !o.passed => {
+                t.unbooted_failed += 1;
+                None
+            }
+            ("vm", _) => Some(&mut t.booted),
+            ("refused-before-boot", _) => Some(&mut t.refused),
+            _ => Some(&mut t.no_vm),
+        };
+        if let Some((passed, failed)) = count {
+            *if o.passed { passed } else { failed } += 1;
         }
-        if !o.passed && (o.vmms > 0 || o.expects != "vm") {
+        if !o.passed {
             t.failed.push(o.trial.clone());
         }
         t.notes.extend(o.notes.into_iter().map(|n| format!("{}: {n}", o.trial)));
@@ -148,20 +157,26 @@ fn tally(records: &Path, ignored: &[(String, String)]) -> BTreeMap<String, Tally
     by_backend
 }
 
-/// Per backend: trials that booted a VM, trials refused before boot by design, trials ignored.
+/// Per backend: trials that booted a VM, were refused before boot by design, ran no VM by design
+/// (commands that boot nothing), failed before booting, and were ignored (with the reasons).
 fn print_summary(by_backend: &BTreeMap<String, Tally>) {
-    eprintln!("VM trials by backend (a trial counts as booted only if it started a VMM):");
+    eprintln!("VM trials by backend (a trial counts as booted only if it started a VMM of that backend):");
     for (backend, t) in by_backend {
         let ignored: usize = t.ignored.values().sum();
-        let unbooted = t.failed.iter().filter(|f| f.ends_with("(before starting a VMM)")).count();
+        let (b, r, n) = (t.booted, t.refused, t.no_vm);
         eprintln!(
-            "  {backend}: {} booted a VM ({} passed, {} failed); {unbooted} failed before starting one; {} refused before boot by design ({} passed, {} failed); {ignored} ignored",
-            t.booted_passed + t.booted_failed,
-            t.booted_passed,
-            t.booted_failed,
-            t.refused_passed + t.refused_failed,
-            t.refused_passed,
-            t.refused_failed,
+            "  {backend}: {} booted a VM ({} passed, {} failed); {} refused before boot by design ({} passed, {} failed); \
+             {} ran no VM by design ({} passed, {} failed); {} failed before booting; {ignored} ignored",
+            b.0 + b.1,
+            b.0,
+            b.1,
+            r.0 + r.1,
+            r.0,
+            r.1,
+            n.0 + n.1,
+            n.0,
+            n.1,
+            t.unbooted_failed,
         );
         for (reason, n) in &t.ignored {
             eprintln!("    {n} ignored: {reason}");
@@ -224,8 +239,8 @@ mod tests {
         let ignored = vec![("krun::a".to_owned(), "no KVM".to_owned()), ("krun::b".to_owned(), "no KVM".to_owned())];
         let t = tally(dir.path(), &ignored);
         let q = &t["qemu"];
-        assert_eq!((q.booted_passed, q.booted_failed, q.refused_passed, q.refused_failed), (1, 0, 1, 0));
-        assert_eq!(q.failed, ["qemu::c (before starting a VMM)"]);
+        assert_eq!((q.booted, q.refused, q.no_vm, q.unbooted_failed), ((1, 0), (1, 0), (0, 0), 1));
+        assert_eq!(q.failed, ["qemu::c"]);
         assert_eq!(q.notes, ["qemu::c: n"]);
         assert_eq!(t["krun"].ignored["no KVM"], 2);
     }

@@ -57,12 +57,24 @@ pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
     vec![("krun", VmmChoice::Krun, krun), ("qemu", VmmChoice::Qemu, qemu)]
 }
 
-/// What a trial must do for its verdict to mean anything: boot a VM (the default), or be refused
-/// before any VMM starts. [`observe`] checks it against the VMMs the trial really started.
+/// What a trial must do for its verdict to mean anything: boot a VM (the default), be refused
+/// before any VMM starts, or run a command that boots nothing by design (`kernel --json`).
+/// [`observe`] checks it against the VMMs the trial really started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Boots {
     Vm,
     RefusedBeforeBoot,
+    NoVm,
+}
+
+impl Boots {
+    fn as_str(self) -> &'static str {
+        match self {
+            Boots::Vm => "vm",
+            Boots::RefusedBeforeBoot => "refused-before-boot",
+            Boots::NoVm => "no-vm",
+        }
+    }
 }
 
 /// How `--vmm` (and the supervisor mode's environment) spells a trial's backend.
@@ -89,6 +101,11 @@ impl TrialDir {
     /// Declares that this trial passes only if it is refused before any VMM starts.
     pub fn expect_refusal_before_boot(&self) {
         self.1.set(Boots::RefusedBeforeBoot);
+    }
+
+    /// Declares that this trial runs only commands that boot nothing (and fails if one does).
+    pub fn expect_no_vm(&self) {
+        self.1.set(Boots::NoVm);
     }
 
     /// Wraps a failure with the console's tail and keeps the directory for inspection.
@@ -313,7 +330,7 @@ impl Records {
 struct Outcome<'a> {
     trial: &'a str,
     backend: &'a str,
-    /// "vm" or "refused-before-boot": what the trial had to do.
+    /// "vm", "refused-before-boot" or "no-vm": what the trial had to do.
     expects: &'static str,
     /// VMM processes of `backend` the trial (and the processes it started) launched.
     vmms: usize,
@@ -341,15 +358,15 @@ pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<
     });
     result = match (result, expects.get(), vmms) {
         (Ok(()), Boots::Vm, 0) => Err("the trial passed without starting a VMM, so it proves nothing about a VM".into()),
-        (Ok(()), Boots::RefusedBeforeBoot, n) if n > 0 => {
-            Err(format!("the trial expects a refusal before boot, but {n} VMM(s) were started").into())
+        (Ok(()), Boots::RefusedBeforeBoot | Boots::NoVm, n) if n > 0 => {
+            Err(format!("the trial expects no VM ({}), but {n} VMM(s) were started", expects.get().as_str()).into())
         }
         (r, _, _) => r,
     };
     let outcome = Outcome {
         trial: name,
         backend,
-        expects: if expects.get() == Boots::Vm { "vm" } else { "refused-before-boot" },
+        expects: expects.get().as_str(),
         vmms,
         passed: result.is_ok(),
         notes: std::mem::take(&mut *NOTES.lock().unwrap()),
