@@ -367,12 +367,18 @@ fn check_status_stopped(doc: &Value, name: &str, port: u16) -> Result<(), String
     )
 }
 
-fn detach_status_logs_and_stop(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let cli = Cli::new(&dir, vmm)?;
-    match detach_status_logs_and_stop_in(&cli) {
+/// Runs a trial body against its own `Cli`; a failure carries the instances' logs and keeps the
+/// trial's directory.
+fn in_cli(dir: TrialDir, vmm: VmmChoice, body: impl FnOnce(&mut Cli) -> Result<(), String>) -> Result<(), Failed> {
+    let mut cli = Cli::new(&dir, vmm)?;
+    match body(&mut cli) {
         Ok(()) => Ok(()),
         Err(e) => Err(cli.fail(dir, e)),
     }
+}
+
+fn detach_status_logs_and_stop(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| detach_status_logs_and_stop_in(cli))
 }
 
 fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
@@ -441,11 +447,7 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
 }
 
 fn second_run_of_a_running_name_is_refused(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let cli = Cli::new(&dir, vmm)?;
-    match second_run_refused_in(&cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| second_run_refused_in(cli))
 }
 
 fn second_run_refused_in(cli: &Cli) -> Result<(), String> {
@@ -483,11 +485,7 @@ fn second_run_refused_in(cli: &Cli) -> Result<(), String> {
 }
 
 fn reset_replaces_the_pki(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let cli = Cli::new(&dir, vmm)?;
-    match reset_replaces_the_pki_in(&cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| reset_replaces_the_pki_in(cli))
 }
 
 /// Every file under `dir` whose bytes are exactly `bytes`.
@@ -548,11 +546,7 @@ fn reset_replaces_the_pki_in(cli: &Cli) -> Result<(), String> {
 }
 
 fn ready_timeout_expiry_leaves_nothing_running(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let cli = Cli::new(&dir, vmm)?;
-    match ready_timeout_in(&cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| ready_timeout_in(cli))
 }
 
 fn ready_timeout_in(cli: &Cli) -> Result<(), String> {
@@ -606,11 +600,7 @@ fn ready_timeout_in(cli: &Cli) -> Result<(), String> {
 }
 
 fn sigint_stops_a_foreground_run(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let cli = Cli::new(&dir, vmm)?;
-    match sigint_in(&cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| sigint_in(cli))
 }
 
 fn sigint_in(cli: &Cli) -> Result<(), String> {
@@ -685,11 +675,7 @@ fn row<'a>(rows: &'a [Value], id: &str) -> Result<&'a Value, String> {
 }
 
 fn verify_exit_codes_and_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let cli = Cli::new(&dir, vmm)?;
-    match verify_in(&cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| verify_in(cli))
 }
 
 fn verify_in(cli: &Cli) -> Result<(), String> {
@@ -766,11 +752,7 @@ fn tamper(rootfs: &Path) -> Result<(PathBuf, Digest, Digest), String> {
 fn check_exit_codes_and_json(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     // `check` boots nothing, and `check --guest` must refuse the tampered rootfs before booting.
     dir.expect_refusal_before_boot();
-    let mut cli = Cli::new(&dir, vmm)?;
-    match check_in(a, &mut cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| check_in(a, cli))
 }
 
 fn check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
@@ -859,11 +841,7 @@ fn check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
 
 fn rootfs_check_detects_a_tampered_file(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     dir.expect_no_vm();
-    let mut cli = Cli::new(&dir, vmm)?;
-    match rootfs_check_in(a, &mut cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| rootfs_check_in(a, cli))
 }
 
 fn rootfs_check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
@@ -894,11 +872,7 @@ fn rootfs_check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
 
 fn kernel_json_is_the_provenance(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     dir.expect_no_vm();
-    let cli = Cli::new(&dir, vmm)?;
-    match kernel_json_in(a, &cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| kernel_json_in(a, cli))
 }
 
 fn kernel_json_in(a: &Artifacts, cli: &Cli) -> Result<(), String> {
@@ -932,11 +906,7 @@ fn kernel_json_in(a: &Artifacts, cli: &Cli) -> Result<(), String> {
 }
 
 fn bench_boot_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let cli = Cli::new(&dir, vmm)?;
-    match bench_in(&cli) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(cli.fail(dir, e)),
-    }
+    in_cli(dir, vmm, |cli| bench_in(cli))
 }
 
 fn bench_in(cli: &Cli) -> Result<(), String> {

@@ -57,26 +57,8 @@ pub fn all() -> Vec<Trial> {
                 (Ok(()), Err(why)) if !support::require() => Some(why.clone()),
                 _ => None,
             };
-            trials.push(match cannot {
-                Some(why) if must_run => Trial::test(full.clone(), move || {
-                    support::observe(&full, backend, |_| {
-                        Err(format!("the {backend} backend is required here (OPENSHELL_E2E_REQUIRE_BACKENDS) but cannot run: {why}").into())
-                    })
-                }),
-                // Forced to run (`--run-ignored`), it fails with its reason rather than passing.
-                Some(why) => Trial::test(full, {
-                    let why = why.clone();
-                    move || Err(format!("not run: {why}").into())
-                })
-                .with_ignored_flag(true)
-                .with_kind(why),
-                None => {
-                    let artifacts = artifacts.clone();
-                    Trial::test(full.clone(), move || {
-                        support::observe(&full, backend, |dir| body(&artifacts.map_err(Failed::from)?, vmm, dir))
-                    })
-                }
-            });
+            let artifacts = artifacts.clone();
+            trials.push(trial(full, backend, cannot, must_run, move |dir| body(&artifacts.map_err(Failed::from)?, vmm, dir)));
         }
     }
     // The VM suites did not run at all (plain `cargo nextest run`): say so with a failure, not a
@@ -105,22 +87,33 @@ fn krun_smoke_trial(artifacts: &Result<Artifacts, String>) -> Trial {
     };
     let must_run = support::required_backends().iter().any(|b| b == "krun")
         || (support::require() && host.kvm_usable);
+    let a = artifacts.clone();
+    trial(smoke.to_owned(), "krun", cannot, must_run, move |dir| krun_smoke(&a.map_err(Failed::from)?, dir, host.kvm_pvm))
+}
+
+/// One trial of `backend`: run and observed (its VMMs counted, its record written); or, when it
+/// `cannot` run here, a failure if the backend `must_run`, else ignored with the reason (and a
+/// failure with that reason if forced to run with `--run-ignored`).
+fn trial(
+    name: String,
+    backend: &'static str,
+    cannot: Option<String>,
+    must_run: bool,
+    body: impl FnOnce(TrialDir) -> Result<(), Failed> + Send + 'static,
+) -> Trial {
     match cannot {
-        Some(why) if must_run => Trial::test(smoke, move || {
-            support::observe(smoke, "krun", |_| Err(format!("required but cannot run: {why}").into()))
+        Some(why) if must_run => Trial::test(name.clone(), move || {
+            support::observe(&name, backend, |_| {
+                Err(format!("the {backend} backend is required here (--require-backend) but cannot run: {why}").into())
+            })
         }),
-        Some(why) => Trial::test(smoke, {
+        Some(why) => Trial::test(name, {
             let why = why.clone();
             move || Err(format!("not run: {why}").into())
         })
         .with_ignored_flag(true)
         .with_kind(why),
-        None => {
-            let a = artifacts.clone();
-            Trial::test(smoke, move || {
-                support::observe(smoke, "krun", |dir| krun_smoke(&a.map_err(Failed::from)?, dir, host.kvm_pvm))
-            })
-        }
+        None => Trial::test(name.clone(), move || support::observe(&name, backend, body)),
     }
 }
 
