@@ -25,13 +25,19 @@ pub struct TestCmd {
 /// Builds kernel, rootfs and `openshell-vmm`, and exports where they are.
 fn prepare(sh: &Shell) -> anyhow::Result<()> {
     let store = Store::default_location();
-    let kernel = crate::artifacts::ensure_kernel(sh, &store)?;
+    let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
     let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
     crate::deps::ensure(sh, &[crate::deps::QEMU])?;
     cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").quiet().run().context("building openshell-vmm failed")?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
     sh.set_var("OPENSHELL_VMM", crate::project_root().join("target/debug/openshell-vmm"));
+    // Where libkrun runs only nested, the krun trials run inside the nested host (L1).
+    if openshell_vm::backend::krun_place(&openshell_vm::HostFacts::probe()) == openshell_vm::KrunPlace::NestedL1 {
+        let (l1_kernel, l1_root) = crate::artifacts::ensure_nested_host(sh, &store)?;
+        sh.set_var("OPENSHELL_NESTED_KERNEL", &l1_kernel.vmlinux);
+        sh.set_var("OPENSHELL_NESTED_ROOT", &l1_root.dir);
+    }
     // Artifacts are built: a VM trial that finds none is a failure now, not an ignore.
     sh.set_var("OPENSHELL_E2E_REQUIRE", "1");
     Ok(())

@@ -15,6 +15,9 @@ pub struct Cli {
 pub enum Cmd {
     /// Build the guest kernel from Debian's linux-source-6.1 (content-addressed; cached)
     Kernel(crate::kernel::KernelCmd),
+    /// Build the nested host (L1 kernel with KVM, Debian root with passt) that runs the krun trials
+    /// where libkrun cannot run directly
+    NestedHost(crate::nested_host::NestedHostCmd),
     /// Bake the guest root directory: busybox, /etc basics, guest programs, manifest
     Rootfs(crate::rootfs::RootfsCmd),
     /// Run VMs

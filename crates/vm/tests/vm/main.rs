@@ -8,6 +8,7 @@
 
 mod guest_check;
 mod lifecycle;
+mod nested;
 mod provenance;
 mod support;
 mod trials;

@@ -43,6 +43,10 @@ pub fn all() -> Vec<Trial> {
     for (backend, vmm, usable) in support::backends() {
         for &(name, body) in GROUPS.iter().copied().flatten() {
             let full = format!("{backend}::{name}");
+            if let Some(nested) = crate::nested::route(&full, &artifacts) {
+                trials.push(nested);
+                continue;
+            }
             let reason = match (&usable, &artifacts) {
                 (Err(why), _) => Some(why.clone()),
                 (Ok(()), Err(why)) if !support::require() => Some(why.clone()),

@@ -1,0 +1,153 @@
+//! Prototype: the krun trials on a host where libkrun runs only nested
+//! ([`KrunPlace::NestedL1`]). Each such trial boots its own L1 (the nested host, through the QEMU
+//! backend) with this test binary, `openshell-vmm` and the guest artifacts shared in, runs
+//! `<this binary> --exact krun::X --nocapture` inside it, and reports that inner run's result:
+//! passed only when the inner run says exactly one trial passed, so an inner trial that was
+//! ignored or filtered out fails here instead of passing silently.
+//!
+//! Inside L1, [`INSIDE_L1_ENV`] is set: the inner binary runs its krun trials itself (L1's facts
+//! say hardware KVM there anyway) and never nests again.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use libtest_mimic::{Failed, Trial};
+use openshell_vm::nested::{L1Paths, NestedHost};
+use openshell_vm::{HostFacts, KrunPlace};
+
+use crate::support::{self, Artifacts, TrialDir};
+
+/// Set inside L1 for the inner run.
+pub const INSIDE_L1_ENV: &str = "OPENSHELL_NESTED_L1";
+/// Upper bound for one L1 (boot, the inner trial with its own L2 boots, power-off) under TCG.
+const L1_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+pub fn inside_l1() -> bool {
+    std::env::var_os(INSIDE_L1_ENV).is_some()
+}
+
+/// The nested host from `OPENSHELL_NESTED_KERNEL` / `OPENSHELL_NESTED_ROOT` (set by `cargo xtask e2e`).
+fn nested_host() -> Result<NestedHost, String> {
+    let get = |k: &str| std::env::var_os(k).map(PathBuf::from).filter(|p| p.exists());
+    match (get("OPENSHELL_NESTED_KERNEL"), get("OPENSHELL_NESTED_ROOT")) {
+        (Some(kernel), Some(root)) => Ok(NestedHost { kernel, root }),
+        _ => Err("krun runs only nested here, and OPENSHELL_NESTED_KERNEL/OPENSHELL_NESTED_ROOT are not set to a built nested host; run `cargo xtask e2e --vm`".into()),
+    }
+}
+
+/// The hook: `krun::X` on a host where libkrun runs only nested becomes a trial that runs it in
+/// L1. `None` leaves the trial to the caller (other backends, krun running directly, inside L1).
+pub fn route(full: &str, artifacts: &Result<Artifacts, String>) -> Option<Trial> {
+    if !full.starts_with("krun::") || inside_l1() || openshell_vm::backend::krun_place(&HostFacts::probe()) != KrunPlace::NestedL1 {
+        return None;
+    }
+    let ready = artifacts.clone().and_then(|a| Ok((a, nested_host()?, vmm_binary()?)));
+    let name = full.to_owned();
+    Some(match ready {
+        Ok((a, host, vmm)) => Trial::test(full, move || run_trial(&name, &a, &host, &vmm)),
+        Err(why) if !support::require() => Trial::test(full, || Ok(())).with_ignored_flag(true).with_kind(why),
+        Err(why) => Trial::test(full, move || Err(why.into())),
+    })
+}
+
+fn vmm_binary() -> Result<PathBuf, String> {
+    std::env::var_os("OPENSHELL_VMM")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .ok_or_else(|| "OPENSHELL_VMM not set to the openshell-vmm binary; run `cargo xtask e2e --vm`".into())
+}
+
+/// What one L1 run gave back.
+pub struct L1Run {
+    pub code: i32,
+    pub console: String,
+    /// Host seconds from starting QEMU to L1's init starting the command.
+    pub l1_ready_s: Option<f64>,
+    pub total_s: f64,
+    pub dir: TrialDir,
+}
+
+/// Boots L1 running `argv` (the test binary's path inside L1 is prepended) with the guest
+/// artifacts and `openshell-vmm` shared in and the environment the inner binary needs.
+pub fn run_in_l1(name: &str, a: &Artifacts, host: &NestedHost, vmm: &std::path::Path, argv: &[&str]) -> Result<L1Run, Failed> {
+    let dir = TrialDir::new(&format!("l1-{name}"));
+    let me = std::env::current_exe().map_err(|e| Failed::from(format!("cannot find this test binary: {e}")))?;
+    let mut paths = L1Paths::default();
+    let shared = (|| -> Result<_, openshell_vm::VmError> {
+        Ok((paths.share_file(&me)?, paths.share_file(&a.kernel)?, paths.share_dir(&a.rootfs), paths.share_file(vmm)?))
+    })();
+    let (bin, kernel, rootfs, vmm) = match shared {
+        Ok(s) => s,
+        Err(e) => return Err(dir.fail(e.to_string())),
+    };
+    let env = [
+        ("OPENSHELL_KERNEL", kernel.as_str()),
+        ("OPENSHELL_ROOTFS", rootfs.as_str()),
+        ("OPENSHELL_VMM", vmm.as_str()),
+        ("OPENSHELL_E2E_REQUIRE", "1"),
+        (INSIDE_L1_ENV, "1"),
+        ("RUST_BACKTRACE", "1"),
+    ];
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let argv: Vec<String> = std::iter::once(bin).chain(argv.iter().map(|s| s.to_string())).collect();
+    let cfg = match host.l1_config(dir.path().join("state"), argv, env, paths) {
+        Ok(c) => c,
+        Err(e) => return Err(dir.fail(format!("cannot configure L1: {e}"))),
+    };
+    let started = Instant::now();
+    let mut vm = match openshell_vm::launch(&cfg) {
+        Ok(vm) => vm,
+        Err(e) => return Err(dir.fail(format!("L1 launch failed: {e}"))),
+    };
+    let mut watch = ExecWatch { started, seen: String::new(), ready_s: None };
+    let code = vm.wait(Some(&mut watch), Some(L1_TIMEOUT));
+    drop(vm);
+    let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
+    match code {
+        Ok(code) => Ok(L1Run { code, console, l1_ready_s: watch.ready_s, total_s: started.elapsed().as_secs_f64(), dir }),
+        Err(e) => Err(dir.fail(format!("L1 did not report: {e}"))),
+    }
+}
+
+/// Watches L1's console for its init starting the command, to time L1's boot (printed, never
+/// asserted).
+struct ExecWatch {
+    started: Instant,
+    seen: String,
+    ready_s: Option<f64>,
+}
+
+impl std::io::Write for ExecWatch {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.ready_s.is_none() {
+            self.seen.push_str(&String::from_utf8_lossy(data));
+            if self.seen.contains("openshell-init: [") && self.seen.contains("] exec /") {
+                self.ready_s = Some(self.started.elapsed().as_secs_f64());
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs trial `name` inside its own L1 and passes only if the inner run passed exactly it.
+fn run_trial(name: &str, a: &Artifacts, host: &NestedHost, vmm: &std::path::Path) -> Result<(), Failed> {
+    let run = run_in_l1(name, a, host, vmm, &["--exact", name, "--nocapture", "--test-threads", "1"])?;
+    let summary = run.console.lines().rev().find(|l| l.starts_with("test result:")).unwrap_or("").to_owned();
+    let l1 = run.l1_ready_s.map_or("?".into(), |s| format!("{s:.1}"));
+    println!("nested {name}: L1 ready after {l1} s, whole L1 run {:.1} s; inner: {summary}", run.total_s);
+    if run.code == 0 && summary.contains(" 1 passed; 0 failed; 0 ignored") {
+        return Ok(());
+    }
+    // The inner run's own failure report, from libtest's "failures:" section on.
+    let lines: Vec<&str> = run.console.lines().collect();
+    let from = lines.iter().position(|l| *l == "failures:").unwrap_or(lines.len().saturating_sub(80));
+    let report = lines[from..].join("\n");
+    Err(run.dir.fail(format!(
+        "inside L1, `{name}` did not pass (L1 exit code {}, inner summary {summary:?})\n--- inner report ---\n{report}",
+        run.code
+    )))
+}
