@@ -20,6 +20,9 @@ fn main() {
     if let Some(code) = support::supervisor_mode() {
         std::process::exit(code);
     }
+    if let Some(code) = nested::exec_mode() {
+        std::process::exit(code);
+    }
     let args = Arguments::from_args();
     let mut all: Vec<Trial> = trials::all();
     all.sort_by(|a, b| a.name().cmp(b.name()));
