@@ -26,8 +26,9 @@ use crate::support::{self, Artifacts, TrialDir};
 pub const INSIDE_L1_ENV: &str = "OPENSHELL_NESTED_L1";
 /// Selects [`exec_mode`].
 const EXEC_ENV: &str = "OPENSHELL_NESTED_EXEC";
-/// Upper bound for one L1 (boot, the inner trial with its own L2 boots, power-off) under TCG.
-const L1_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// Upper bound for one L1 (boot, the inner trial with its own L2 boots, power-off) under TCG; below
+/// nextest's e2e terminate-after (300 s), so a wedged L1 is reported with its console.
+const L1_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(280);
 
 pub fn inside_l1() -> bool {
     std::env::var_os(INSIDE_L1_ENV).is_some()
@@ -45,7 +46,10 @@ fn nested_host() -> Result<NestedHost, String> {
 /// The hook: `krun::X` on a host where libkrun runs only nested becomes a trial that runs it in
 /// L1. `None` leaves the trial to the caller (other backends, krun running directly, inside L1).
 pub fn route(full: &str, artifacts: &Result<Artifacts, String>) -> Option<Trial> {
-    if !full.starts_with("krun::") || inside_l1() || openshell_vm::backend::krun_place(&HostFacts::probe()) != KrunPlace::NestedL1 {
+    // Probed once for all the trials.
+    static PLACE: std::sync::OnceLock<KrunPlace> = std::sync::OnceLock::new();
+    let place = PLACE.get_or_init(|| openshell_vm::backend::krun_place(&HostFacts::probe()));
+    if !full.starts_with("krun::") || inside_l1() || *place != KrunPlace::NestedL1 {
         return None;
     }
     let ready = artifacts.clone().and_then(|a| Ok((a, nested_host()?, vmm_binary()?)));
