@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use openshell_artifacts::kernel::{self, GuestKernel, KernelSpec};
+use openshell_artifacts::kernel::{self, GuestKernel, KernelRole, KernelSpec};
+use openshell_artifacts::nested_root::{self, NestedRootInputs};
 use openshell_artifacts::rootfs::{self, GuestFile, RootfsBundle, RootfsInputs};
 use openshell_artifacts::Store;
 use xshell::{cmd, Shell};
@@ -43,24 +44,24 @@ pub fn scrub_crate_env() {
     }
 }
 
-pub fn kernel_spec() -> anyhow::Result<KernelSpec> {
-    Ok(KernelSpec::from_project(&crate::project_root().join("kernel"))?)
+pub fn kernel_spec(role: KernelRole) -> anyhow::Result<KernelSpec> {
+    Ok(KernelSpec::from_project(&crate::project_root().join("kernel"), role)?)
 }
 
-/// The kernel for the current fragments, built (minutes, with progress) if the store lacks it.
-pub fn ensure_kernel(sh: &Shell, store: &Store) -> anyhow::Result<GuestKernel> {
+/// The `role` kernel for the current fragments, built (minutes, with progress) if the store lacks it.
+pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole) -> anyhow::Result<GuestKernel> {
     deps::ensure(sh, &[deps::KERNEL])?;
-    let spec = kernel_spec()?;
+    let spec = kernel_spec(role)?;
     if let Ok(k) = kernel::locate(store, &spec) {
         return Ok(k);
     }
-    let pb = progress::spinner("building guest kernel (about 5-10 min on 2 cores)");
+    let pb = progress::spinner(format!("building the {role} kernel (about 5-10 min on 2 cores)"));
     let mut lines = 0u64;
     let built = kernel::build(store, &spec, &mut |line| {
         lines += 1;
         pb.set_message(line.to_owned());
         if pb.is_hidden() && lines.is_multiple_of(200) {
-            eprintln!("kernel build: {line}");
+            eprintln!("{role} kernel build: {line}");
         }
     });
     pb.finish_and_clear();
@@ -95,7 +96,7 @@ fn guest_program_files() -> Vec<GuestFile> {
 /// The kernel `vm run` would boot, without building or installing anything: its `vmlinux`, or
 /// what was looked for.
 pub fn locate_kernel(store: &Store) -> Result<PathBuf, String> {
-    let spec = kernel_spec().map_err(|e| format!("cannot tell which kernel the current fragments need: {e:#}"))?;
+    let spec = kernel_spec(KernelRole::Guest).map_err(|e| format!("cannot tell which kernel the current fragments need: {e:#}"))?;
     match kernel::locate(store, &spec) {
         Ok(k) => Ok(k.vmlinux),
         Err(_) => Err(format!(
@@ -141,6 +142,32 @@ pub fn rootfs_inputs(sh: &Shell) -> anyhow::Result<RootfsInputs> {
 pub fn ensure_rootfs(sh: &Shell, store: &Store) -> anyhow::Result<RootfsBundle> {
     let inputs = rootfs_inputs(sh)?;
     rootfs::bake(store, &inputs).context("rootfs bake failed")
+}
+
+/// The nested host (L1 of a nested boot): its kernel and its root, built if the store lacks them
+/// (the kernel takes minutes; the root about a minute, from Debian's archive).
+pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKernel, RootfsBundle)> {
+    deps::ensure(sh, &[deps::NESTED])?;
+    let kernel = ensure_kernel(sh, store, KernelRole::NestedHost)?;
+    let init = build_guest_programs(sh)?
+        .into_iter()
+        .find(|p| p.dest == "/sbin/openshell-init")
+        .expect("openshell-init is a guest program");
+    let inputs = NestedRootInputs::recipe(init.source);
+    if let Ok(root) = nested_root::locate(store, &inputs) {
+        return Ok((kernel, root));
+    }
+    let pb = progress::spinner("baking the nested root (Debian minbase + passt, about a minute)");
+    let mut lines = 0u64;
+    let baked = nested_root::bake(store, &inputs, &mut |line| {
+        lines += 1;
+        pb.set_message(line.to_owned());
+        if pb.is_hidden() && lines.is_multiple_of(20) {
+            eprintln!("nested root: {line}");
+        }
+    });
+    pb.finish_and_clear();
+    Ok((kernel, baked.context("nested root bake failed")?))
 }
 
 /// What `cfg` needs on the host to boot: passt for its network, QEMU where libkrun cannot run,

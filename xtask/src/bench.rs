@@ -36,7 +36,7 @@ impl BenchCmd {
         anyhow::ensure!(n > 0, "-n must be at least 1");
         let sh = Shell::new()?;
         let store = Store::default_location();
-        let kernel = crate::artifacts::ensure_kernel(&sh, &store)?;
+        let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
         crate::deps::ensure(&sh, &[crate::deps::PASST])?;
         let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());

@@ -21,6 +21,8 @@ pub const KERNEL: &[(&str, &str)] = &[
 pub const ROOTFS: &[(&str, &str)] = &[("/bin/busybox", "busybox-static"), ("/usr/include/stdio.h", "libc6-dev")];
 pub const PASST: &[(&str, &str)] = &[("passt", "passt")];
 pub const QEMU: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86")];
+/// The nested host: QEMU runs L1, mmdebstrap bakes its root.
+pub const NESTED: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("mmdebstrap", "mmdebstrap")];
 
 fn present(what: &str) -> bool {
     if what.starts_with('/') {

@@ -56,7 +56,7 @@ const RECORDS: &str = "target/e2e-records";
 /// Builds kernel, rootfs and `openshell-vmm`, and exports where they are.
 fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     let store = Store::default_location();
-    let kernel = crate::artifacts::ensure_kernel(sh, &store)?;
+    let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
     let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
     crate::deps::ensure(sh, &[crate::deps::QEMU])?;
     cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").quiet().run().context("building openshell-vmm failed")?;
@@ -65,6 +65,12 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     sh.set_var("OPENSHELL_VMM", crate::project_root().join("target/debug/openshell-vmm"));
     // The CLI trials run this very binary, as a user runs `cargo xtask`.
     sh.set_var("OPENSHELL_XTASK", std::env::current_exe().context("cannot tell where the xtask binary is")?);
+    // Where libkrun runs only nested, the krun trials run inside the nested host (L1).
+    if openshell_vm::backend::krun_place(&openshell_vm::HostFacts::probe()) == openshell_vm::KrunPlace::NestedL1 {
+        let (l1_kernel, l1_root) = crate::artifacts::ensure_nested_host(sh, &store)?;
+        sh.set_var("OPENSHELL_NESTED_KERNEL", &l1_kernel.vmlinux);
+        sh.set_var("OPENSHELL_NESTED_ROOT", &l1_root.dir);
+    }
     // Artifacts are built: a VM trial that finds none is a failure now, not an ignore.
     sh.set_var("OPENSHELL_E2E_REQUIRE", "1");
     let required: Vec<&str> = required.iter().map(|b| b.name()).collect();

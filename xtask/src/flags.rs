@@ -13,8 +13,11 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Cmd {
-    /// Build the guest kernel from Debian's linux-source-6.1 (content-addressed; cached)
+    /// Build the guest (or nested host) kernel from Debian's linux-source-6.1 (content-addressed; cached)
     Kernel(crate::kernel::KernelCmd),
+    /// Build the nested host (L1 kernel with KVM, Debian root with passt) that runs the krun trials
+    /// where libkrun cannot run directly
+    NestedHost(crate::nested_host::NestedHostCmd),
     /// Bake the guest root directory: busybox, /etc basics, guest programs, manifest
     Rootfs(crate::rootfs::RootfsCmd),
     /// Run VMs

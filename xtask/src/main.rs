@@ -11,6 +11,7 @@ mod e2e;
 mod flags;
 mod guest_check;
 mod kernel;
+mod nested_host;
 mod progress;
 mod rootfs;
 mod verify;
@@ -33,6 +34,7 @@ fn main() -> anyhow::Result<()> {
     std::env::set_current_dir(project_root())?;
     match cli.cmd {
         flags::Cmd::Kernel(cmd) => cmd.run(),
+        flags::Cmd::NestedHost(cmd) => cmd.run(),
         flags::Cmd::Rootfs(cmd) => cmd.run(),
         flags::Cmd::Vm(cmd) => cmd.run(),
         flags::Cmd::E2e(cmd) => cmd.run(),

@@ -183,7 +183,7 @@ impl RunArgs {
         };
         let sh = Shell::new()?;
         let store = Store::default_location();
-        let kernel = crate::artifacts::ensure_kernel(&sh, &store)?;
+        let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
         // Lives as long as the VM: a one-shot --exec VM without --state-dir runs in a temp dir.
         let mut tmp = None;

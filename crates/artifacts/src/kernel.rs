@@ -5,15 +5,19 @@
 //! be `=y` and every `is not set` must still be off; otherwise the build fails naming the options
 //! Kconfig dropped. The artifact (`vmlinux`, `config`, `provenance.json`) is keyed by the sha256 of
 //! the source package version and the fragments.
+//!
+//! Two kernels come from the same machinery, one per [`KernelRole`]: the guest's, and the nested
+//! host's (an L1 VM that runs libkrun's guest as L2 where libkrun cannot run directly), which is the
+//! guest's fragments plus its own.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use std::fs;
 
 use serde::{Deserialize, Serialize};
 
+use crate::command::{capture, run, CommandFailed};
 use crate::store::StoreError;
 use crate::{sha256_file, Digest, DigestBuilder, Store};
 
@@ -23,6 +27,12 @@ const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// The one command that installs the source and everything `make vmlinux` needs.
 pub const INSTALL_HINT: &str =
     "apt-get install -y linux-source-6.1 bc bison flex libelf-dev libssl-dev make gcc xz-utils";
+
+impl From<CommandFailed> for KernelError {
+    fn from(CommandFailed { command, detail }: CommandFailed) -> KernelError {
+        KernelError::Command { command, detail }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -75,6 +85,44 @@ impl Fragment {
     }
 }
 
+/// What a kernel is for. Each role but the guest owns one fragment in `kernel/`; the guest's
+/// fragments are all the others, and every other role builds on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelRole {
+    /// The kernel every VM boots.
+    Guest,
+    /// L1 of a nested boot: KVM built in (for TCG's emulated AMD SVM) and what a glibc userspace
+    /// running `openshell-vmm` and passt needs.
+    NestedHost,
+}
+
+impl KernelRole {
+    pub const ALL: [KernelRole; 2] = [KernelRole::Guest, KernelRole::NestedHost];
+
+    /// The fragment only this role adds.
+    pub fn own_fragment(self) -> Option<&'static str> {
+        match self {
+            KernelRole::Guest => None,
+            KernelRole::NestedHost => Some("nested-host.config"),
+        }
+    }
+
+    /// Whether the fragment file `name` goes into this role's kernel.
+    fn takes(self, name: &str) -> bool {
+        let owner = KernelRole::ALL.into_iter().find(|r| r.own_fragment() == Some(name));
+        owner.is_none_or(|r| r == self)
+    }
+}
+
+impl std::fmt::Display for KernelRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelRole::Guest => "guest",
+            KernelRole::NestedHost => "nested-host",
+        })
+    }
+}
+
 /// The inputs of a kernel build.
 #[derive(Debug, Clone)]
 pub struct KernelSpec {
@@ -84,8 +132,9 @@ pub struct KernelSpec {
 }
 
 impl KernelSpec {
-    /// Reads `kernel/*.config` (sorted by name) and the installed source package's version.
-    pub fn from_project(kernel_dir: &Path) -> Result<KernelSpec, KernelError> {
+    /// Reads the fragments of `role` from `kernel/*.config` (sorted by name) and the installed source
+    /// package's version.
+    pub fn from_project(kernel_dir: &Path, role: KernelRole) -> Result<KernelSpec, KernelError> {
         let source_tarball = PathBuf::from(SOURCE_TARBALL);
         if !source_tarball.is_file() {
             return Err(KernelError::SourceMissing);
@@ -95,6 +144,7 @@ impl KernelSpec {
             .map_err(io)?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "config"))
+            .filter(|p| p.file_name().is_some_and(|n| role.takes(&n.to_string_lossy())))
             .collect();
         names.sort();
         let fragments = names
@@ -276,45 +326,6 @@ fn build_into(
     Ok(())
 }
 
-/// Runs a build step, streaming its output lines (stdout and stderr merged) to `on_line`.
-fn run(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<(), KernelError> {
-    let shown = format!("{cmd:?}");
-    let failed = |detail: String| KernelError::Command { command: shown.clone(), detail };
-    let (reader, writer) = std::io::pipe().map_err(|e| failed(e.to_string()))?;
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(writer.try_clone().map_err(|e| failed(e.to_string()))?)
-        .stderr(writer)
-        .spawn()
-        .map_err(|e| failed(e.to_string()))?;
-    // Drop our copies of the write end (moved into `cmd`) so the reader sees EOF at exit.
-    drop(std::mem::replace(cmd, Command::new("true")));
-    for line in BufReader::new(reader).lines() {
-        match line {
-            Ok(l) => on_line(&l),
-            Err(_) => continue,
-        }
-    }
-    let status = child.wait().map_err(|e| failed(e.to_string()))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(failed(status.to_string()))
-    }
-}
-
-fn capture(cmd: &mut Command) -> Result<String, KernelError> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.stderr(Stdio::inherit()).output().map_err(|e| KernelError::Command {
-        command: shown.clone(),
-        detail: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(KernelError::Command { command: shown, detail: out.status.to_string() });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn package_version(package: &str) -> Result<String, KernelError> {
     let v = capture(Command::new("dpkg-query").args(["-W", "-f=${Version}", package]))
         .map_err(|_| KernelError::SourceMissing)?;
@@ -343,6 +354,34 @@ mod tests {
         let reqs = frag("CONFIG_A=y\nCONFIG_AB=y\n# CONFIG_B is not set\n# CONFIG_C is not set\n").requirements();
         let resolved = "CONFIG_A=y\nCONFIG_ABC=y\nCONFIG_B=y\n# CONFIG_C is not set\n";
         assert_eq!(unmet(&reqs, resolved), vec!["CONFIG_AB=y", "CONFIG_B (must be off)"]);
+    }
+
+    #[test]
+    fn the_nested_host_takes_the_guests_fragments_and_its_own_and_the_guest_not_its() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernel");
+        let names = |role| -> Vec<String> {
+            let files = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned());
+            let mut v: Vec<String> = files.filter(|n| n.ends_with(".config") && KernelRole::takes(role, n)).collect();
+            v.sort();
+            v
+        };
+        let (guest, nested) = (names(KernelRole::Guest), names(KernelRole::NestedHost));
+        assert!(!guest.contains(&"nested-host.config".to_owned()), "{guest:?}");
+        assert!(guest.contains(&"microvm.config".to_owned()), "{guest:?}");
+        let mut expected = guest.clone();
+        expected.push("nested-host.config".into());
+        expected.sort();
+        assert_eq!(nested, expected);
+    }
+
+    #[test]
+    fn nested_host_fragment_builds_kvm_amd_in_and_keeps_kvm_intel_out() {
+        let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernel/nested-host.config")).unwrap();
+        let reqs = frag(&text).requirements();
+        for opt in ["CONFIG_KVM", "CONFIG_KVM_AMD", "CONFIG_FHANDLE", "CONFIG_USER_NS"] {
+            assert!(reqs.contains(&Requirement::Enabled(opt.into())), "{opt} missing");
+        }
+        assert!(reqs.contains(&Requirement::Disabled("CONFIG_KVM_INTEL".into())));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Guest artifacts the VM boots: the kernel (`kernel`) and the root directory (`rootfs`).
+//! Guest artifacts the VM boots: the kernel (`kernel`) and the root directory (`rootfs`), and the
+//! nested host's root (`nested_root`, L1 of a nested boot; its kernel is a [`kernel::KernelRole`]).
 //!
 //! Both are content-addressed: a build is keyed by the sha256 of its inputs, lives in its own
 //! directory under the [`Store`], and is published by an atomic rename, so a directory that exists
@@ -6,8 +7,10 @@
 //! artifacts; it does not boot them (that is `openshell-vm`) and prints nothing (callers get
 //! progress through callbacks and `tracing`).
 
+mod command;
 pub mod digest;
 pub mod kernel;
+pub mod nested_root;
 pub mod rootfs;
 pub mod store;
 

@@ -253,9 +253,14 @@ pub fn scan(root: &Path) -> Result<Manifest, RootfsError> {
             } else if meta.file_type().is_symlink() {
                 let target = fs::read_link(&path).map_err(io(&path))?;
                 m.symlinks.insert(rel, target.to_string_lossy().into_owned());
-            } else {
+            } else if meta.is_file() {
                 let entry = ManifestEntry { sha256: hash(&path)?, mode: meta.permissions().mode() & 0o7777 };
                 m.files.insert(rel, entry);
+            } else {
+                // A device node, fifo or socket has no content to record (and hashing /dev/zero
+                // would never end): a tree holding one is not a root we bake.
+                let why = std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file, directory or symlink");
+                return Err(RootfsError::Io { path, source: why });
             }
         }
     }

@@ -25,6 +25,64 @@ pub const GUEST_CHECK_BIN: &str = "/usr/bin/openshell-guest-check";
 pub const GUEST_CHECK_FILE: &str = "guest-check.json";
 /// Kernel command-line key telling init how the share is transported (`9p` or `virtiofs`).
 pub const SHARE_TRANSPORT_PARAM: &str = "openshell.share";
+/// Kernel command-line key listing the extra host directories init mounts (same transport as the
+/// share) before it runs the command: `openshell.mounts=TAG:/path[:ro],…`.
+pub const MOUNTS_PARAM: &str = "openshell.mounts";
+
+/// An extra host directory shared into the guest: its device tag and where init mounts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestMount {
+    pub tag: String,
+    /// Absolute path inside the guest.
+    pub path: String,
+    pub read_only: bool,
+}
+
+impl GuestMount {
+    /// Tags and paths travel on the kernel command line, separated by `:` and `,`: a tag is
+    /// `[A-Za-z0-9_-]`, at most 31 bytes (virtio-fs and 9p both take that), and a path is absolute
+    /// with neither separator nor whitespace. The rootfs and the instance share have their own tags.
+    pub fn validate(&self) -> Result<(), String> {
+        let tag_ok = |t: &str| !t.is_empty() && t.len() <= 31 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !tag_ok(&self.tag) || self.tag == SHARE_TAG || self.tag == "rootfs" {
+            return Err(format!("share tag {:?}: use 1-31 of [A-Za-z0-9_-], not `rootfs` or `{SHARE_TAG}`", self.tag));
+        }
+        let bad = |c: char| c == ',' || c == ':' || c.is_whitespace();
+        if !self.path.starts_with('/') || self.path == "/" || self.path.contains(bad) {
+            return Err(format!("share mount point {:?}: use an absolute path below / without `,`, `:` or spaces", self.path));
+        }
+        Ok(())
+    }
+
+    /// The command-line parameter for `mounts` (empty for none).
+    pub fn param(mounts: &[GuestMount]) -> String {
+        if mounts.is_empty() {
+            return String::new();
+        }
+        let list: Vec<String> =
+            mounts.iter().map(|m| format!("{}:{}{}", m.tag, m.path, if m.read_only { ":ro" } else { "" })).collect();
+        format!("{MOUNTS_PARAM}={}", list.join(","))
+    }
+
+    /// The value of [`MOUNTS_PARAM`], as [`GuestMount::param`] wrote it.
+    pub fn parse(value: &str) -> Result<Vec<GuestMount>, String> {
+        value
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(|entry| {
+                let mut parts = entry.split(':');
+                let (tag, path, flag) = (parts.next(), parts.next(), parts.next());
+                let m = match (tag, path, flag, parts.next()) {
+                    (Some(t), Some(p), None | Some("ro"), None) => {
+                        GuestMount { tag: t.into(), path: p.into(), read_only: flag.is_some() }
+                    }
+                    _ => return Err(format!("bad {MOUNTS_PARAM} entry {entry:?}: expected TAG:/path[:ro]")),
+                };
+                m.validate().map(|()| m)
+            })
+            .collect()
+    }
+}
 
 /// The command the guest's init runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,4 +92,35 @@ pub struct ExecRequest {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub workdir: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(tag: &str, path: &str, read_only: bool) -> GuestMount {
+        GuestMount { tag: tag.into(), path: path.into(), read_only }
+    }
+
+    #[test]
+    fn mounts_round_trip_through_the_command_line() {
+        let mounts = vec![m("bin", "/nested/bin", true), m("work", "/work", false)];
+        let param = GuestMount::param(&mounts);
+        assert_eq!(param, "openshell.mounts=bin:/nested/bin:ro,work:/work");
+        assert_eq!(GuestMount::parse(param.strip_prefix("openshell.mounts=").unwrap()).unwrap(), mounts);
+        assert_eq!(GuestMount::param(&[]), "");
+    }
+
+    #[test]
+    fn bad_tags_paths_and_entries_are_refused() {
+        assert!(m("rootfs", "/x", true).validate().is_err());
+        assert!(m(SHARE_TAG, "/x", true).validate().is_err());
+        assert!(m("a b", "/x", true).validate().is_err());
+        assert!(m(&"t".repeat(32), "/x", true).validate().is_err());
+        assert!(m("t", "relative", true).validate().is_err());
+        assert!(m("t", "/a,b", true).validate().is_err());
+        assert!(m("t", "/", true).validate().is_err());
+        assert!(GuestMount::parse("t:/x:rw").is_err());
+        assert!(GuestMount::parse("t").is_err());
+    }
 }

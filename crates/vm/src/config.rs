@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use openshell_guest::ExecRequest;
+use openshell_guest::{ExecRequest, GuestMount};
 
 use crate::{NetMode, PortMap, VmmChoice};
 
@@ -69,6 +69,21 @@ pub struct VmConfig {
     /// Let the guest ask the network backend by DHCP (the host's static address is the
     /// fallback) instead of taking the static address directly, which skips a round trip.
     pub dhcp: bool,
+    /// Host directories shared into the guest besides the rootfs and the instance share; the
+    /// guest's init mounts them before it runs the command.
+    pub shares: Vec<DirShare>,
+    /// The TSC rate the guest kernel is told (`tsc_early_khz`, QEMU only) instead of calibrating it
+    /// against the PIT, which under TCG fails in about one boot of four and leaves the TSC marked
+    /// unstable. TCG hands the guest the host's TSC, so this is the host's rate
+    /// ([`crate::host::tsc_khz`]). The nested host needs it: its KVM cannot run L2 without a TSC rate.
+    pub guest_tsc_khz: Option<u32>,
+}
+
+/// A host directory shared into the guest (virtio-9p under QEMU, virtio-fs under libkrun).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirShare {
+    pub host: PathBuf,
+    pub mount: GuestMount,
 }
 
 impl VmConfig {
@@ -88,6 +103,8 @@ impl VmConfig {
             net: NetMode::None,
             ports: Vec::new(),
             dhcp: false,
+            shares: Vec::new(),
+            guest_tsc_khz: None,
         }
     }
 
@@ -118,6 +135,15 @@ impl VmConfig {
         }
         if let Some((k, _)) = self.exec.env.iter().find(|(k, _)| k.is_empty() || k.contains('=')) {
             return Err(VmError::Invalid(format!("bad environment variable name {k:?}")));
+        }
+        for (i, share) in self.shares.iter().enumerate() {
+            share.mount.validate().map_err(VmError::Invalid)?;
+            if !share.host.is_dir() {
+                return Err(VmError::Invalid(format!("shared directory {} does not exist", share.host.display())));
+            }
+            if self.shares[..i].iter().any(|s| s.mount.tag == share.mount.tag) {
+                return Err(VmError::Invalid(format!("share tag {:?} is used twice", share.mount.tag)));
+            }
         }
         if !self.ports.is_empty() && self.net == NetMode::None {
             return Err(VmError::Invalid("port forwards (-p) need a network backend: use --net passt or --net gvproxy".into()));
@@ -155,6 +181,24 @@ mod tests {
         let mut c = cfg(t.path());
         c.exec.argv = vec!["true".into()];
         assert!(c.validate().unwrap_err().to_string().contains("absolute"));
+    }
+
+    #[test]
+    fn shares_need_an_existing_dir_and_distinct_valid_tags() {
+        let t = tempfile::tempdir().unwrap();
+        let share = |tag: &str, host: &std::path::Path| DirShare {
+            host: host.to_owned(),
+            mount: GuestMount { tag: tag.into(), path: format!("/run/{tag}"), read_only: true },
+        };
+        let mut c = cfg(t.path());
+        c.shares = vec![share("a", t.path()), share("b", t.path())];
+        c.validate().unwrap();
+        c.shares.push(share("a", t.path()));
+        assert!(c.validate().unwrap_err().to_string().contains("used twice"));
+        c.shares = vec![share("a", &t.path().join("nope"))];
+        assert!(c.validate().unwrap_err().to_string().contains("does not exist"));
+        c.shares = vec![share("rootfs", t.path())];
+        assert!(c.validate().unwrap_err().to_string().contains("rootfs"));
     }
 
     #[test]

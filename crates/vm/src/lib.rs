@@ -12,14 +12,15 @@ pub mod gateway;
 pub mod guest_check;
 pub mod host;
 pub mod launch;
+pub mod nested;
 pub mod net;
 pub mod procfs;
 pub mod supervise;
 pub mod timeline;
 pub mod verify;
 
-pub use backend::{Backend, VmmChoice};
-pub use config::{VmConfig, VmError};
+pub use backend::{Backend, KrunPlace, VmmChoice};
+pub use config::{DirShare, VmConfig, VmError};
 pub use host::HostFacts;
 pub use launch::{launch, RunningVm, Stopped, VmExit, LEDGER_ENV};
 pub use net::{NetMode, PortMap};

@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use openshell_guest::netconf::{self, Ipv4Config, NetPlan};
 use openshell_guest::{
-    ifconfig, ExecRequest, EXEC_FILE, EXIT_CODE_FILE, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM, STOP_REQUEST_FILE,
+    ifconfig, ExecRequest, GuestMount, EXEC_FILE, EXIT_CODE_FILE, MOUNTS_PARAM, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM,
+    STOP_REQUEST_FILE,
 };
 
 /// How long the workload gets between SIGTERM and SIGKILL once a stop is requested.
@@ -277,6 +278,14 @@ fn run_request(cmdline: &str) -> Result<i32, String> {
     };
     mount(SHARE_TAG, SHARE_MOUNT, fstype, libc::MS_NOSUID | libc::MS_NODEV, &data)?;
     clean_stale_state();
+    let extra = GuestMount::parse(netconf::cmdline_param(cmdline, MOUNTS_PARAM).unwrap_or(""))?;
+    for m in &extra {
+        let ro = if m.read_only { libc::MS_RDONLY } else { 0 };
+        mount(&m.tag, &m.path, fstype, libc::MS_NODEV | ro, &data)?;
+    }
+    if !extra.is_empty() {
+        step(&format!("mounted {} extra share(s)", extra.len()));
+    }
     let path = format!("{SHARE_MOUNT}/{EXEC_FILE}");
     let text = fs::read_to_string(&path).map_err(|e| format!("read {path}: {e}"))?;
     let req: ExecRequest = serde_json::from_str(&text).map_err(|e| format!("parse {path}: {e}"))?;

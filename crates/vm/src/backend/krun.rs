@@ -39,7 +39,10 @@ pub fn spec(cfg: &VmConfig) -> KrunSpec {
         workdir: cfg.exec.workdir.clone(),
         console_output: Some(cfg.console_path()),
         serial_console: true,
-        shares: vec![(super::ROOT_TAG.into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())],
+        shares: [(super::ROOT_TAG.into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())]
+            .into_iter()
+            .chain(cfg.shares.iter().map(|s| (s.mount.tag.clone(), s.host.clone())))
+            .collect(),
         log_level: cfg.log_level,
         passt_fd: (cfg.net == crate::NetMode::Passt).then_some(crate::net::CHILD_FD),
         net_unixgram: match cfg.net {

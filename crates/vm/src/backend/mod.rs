@@ -67,6 +67,11 @@ pub fn init_params(cfg: &crate::VmConfig) -> String {
         p.push(' ');
         p.push_str(&guest.cmdline_param(cfg.dhcp));
     }
+    let mounts: Vec<openshell_guest::GuestMount> = cfg.shares.iter().map(|s| s.mount.clone()).collect();
+    if !mounts.is_empty() {
+        p.push(' ');
+        p.push_str(&openshell_guest::GuestMount::param(&mounts));
+    }
     p
 }
 
@@ -128,6 +133,42 @@ pub fn choose(choice: VmmChoice, host: &HostFacts) -> Result<(Backend, String), 
     }
 }
 
+/// Where libkrun's guest can run on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KrunPlace {
+    /// Here: hardware KVM (or HVF on macOS).
+    Direct,
+    /// Only inside a nested host: an L1 QEMU TCG VM whose emulated AMD CPU (`-cpu max`) offers SVM
+    /// with nested paging, so L1's own KVM runs libkrun's guest as L2. Slow (everything below L1
+    /// is emulated), so it serves the krun trials, not `vm run`.
+    NestedL1,
+    /// Nowhere on this host, and why.
+    Nowhere(String),
+}
+
+/// Decides [`KrunPlace`] from the host's facts: the one answer the check, the test suites and the
+/// e2e build step read. The nested host needs QEMU for x86_64 on an x86_64 Linux host (it runs
+/// `openshell-vmm` built here inside L1); TCG needs no `/dev/kvm`, so PVM or none both qualify.
+pub fn krun_place(host: &HostFacts) -> KrunPlace {
+    if host.hardware_kvm() {
+        return KrunPlace::Direct;
+    }
+    let why = if host.kvm_pvm {
+        "/dev/kvm is nested PVM KVM, where libkrun's guest never reaches userspace"
+    } else if host.kvm_usable {
+        "/dev/kvm works but the CPU shows no VMX/SVM"
+    } else {
+        "there is no usable /dev/kvm"
+    };
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        return KrunPlace::Nowhere(format!("{why}, and a nested host needs an x86_64 Linux host"));
+    }
+    match host.qemu {
+        Some(_) => KrunPlace::NestedL1,
+        None => KrunPlace::Nowhere(format!("{why}, and a nested host needs qemu-system-x86_64; {QEMU_HINT}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +195,17 @@ mod tests {
         assert!(err.contains("apt-get install -y qemu-system-x86"), "{err}");
         let err = choose(VmmChoice::Krun, &facts(false, false, false, true)).unwrap_err().to_string();
         assert!(err.contains("/dev/kvm"), "{err}");
+    }
+
+    #[test]
+    fn krun_runs_directly_on_hardware_kvm_nested_under_pvm_with_qemu_and_nowhere_without_it() {
+        assert_eq!(krun_place(&facts(true, true, false, true)), KrunPlace::Direct);
+        assert_eq!(krun_place(&facts(true, false, true, true)), KrunPlace::NestedL1);
+        assert_eq!(krun_place(&facts(false, false, false, true)), KrunPlace::NestedL1);
+        match krun_place(&facts(true, false, true, false)) {
+            KrunPlace::Nowhere(why) => assert!(why.contains("PVM") && why.contains("apt-get install -y qemu-system-x86"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

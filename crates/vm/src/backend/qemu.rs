@@ -16,7 +16,8 @@ use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
 use crate::VmConfig;
 
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
-    format!("{} {}", base_cmdline(), super::init_params(cfg))
+    let tsc = cfg.guest_tsc_khz.map(|khz| format!(" tsc_early_khz={khz}")).unwrap_or_default();
+    format!("{}{tsc} {}", base_cmdline(), super::init_params(cfg))
 }
 
 fn base_cmdline() -> String {
@@ -49,6 +50,11 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
         .arg(format!("local,id=share,path={},security_model=none", cfg.share_dir().display()))
         .args(["-device", &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}")])
         .args(["-device", "virtio-rng-device"]);
+    for (i, share) in cfg.shares.iter().enumerate() {
+        let ro = if share.mount.read_only { ",readonly=on" } else { "" };
+        c.arg("-fsdev").arg(format!("local,id=x{i},path={},security_model=none{ro}", share.host.display()));
+        c.args(["-device", &format!("virtio-9p-device,fsdev=x{i},mount_tag={}", share.mount.tag)]);
+    }
     if cfg.net != crate::NetMode::None {
         // A stream socket inherited as fd 3 (see `net::inherit_as_child_fd`): passt's socketpair
         // end, or our connection to gvproxy's `-listen-qemu` socket (same framing: a 4-byte length
@@ -149,6 +155,24 @@ mod tests {
         assert!(joined.contains("path=/s/share,security_model=none"));
         assert!(joined.contains("path=/s/console.log"));
         assert!(!joined.contains("-netdev"), "no NIC without a network");
+    }
+
+    #[test]
+    fn extra_shares_and_the_tsc_rate_reach_qemu_and_the_command_line() {
+        let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
+        let mount = |tag: &str, ro| openshell_guest::GuestMount { tag: tag.into(), path: format!("/run/{tag}"), read_only: ro };
+        cfg.shares = vec![
+            crate::config::DirShare { host: "/h/bin".into(), mount: mount("bin", true) },
+            crate::config::DirShare { host: "/h/work".into(), mount: mount("work", false) },
+        ];
+        cfg.guest_tsc_khz = Some(2_596_148);
+        let joined = command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(joined.contains("-fsdev local,id=x0,path=/h/bin,security_model=none,readonly=on -device virtio-9p-device,fsdev=x0,mount_tag=bin"), "{joined}");
+        assert!(joined.contains("-fsdev local,id=x1,path=/h/work,security_model=none -device virtio-9p-device,fsdev=x1,mount_tag=work"), "{joined}");
+        assert!(joined.contains(" tsc_early_khz=2596148 "), "{joined}");
+        assert!(joined.contains("openshell.mounts=bin:/run/bin:ro,work:/run/work"), "{joined}");
+        cfg.guest_tsc_khz = None;
+        assert!(!kernel_cmdline(&cfg).contains("tsc_early_khz"));
     }
 
     #[test]

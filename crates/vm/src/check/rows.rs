@@ -120,19 +120,26 @@ pub fn backend_krun(f: &Facts) -> Row {
         };
     }
     if host.hardware_kvm() {
-        Row::pass("backend-krun", format!("{what} on hardware KVM{vmm}"))
-    } else if host.kvm_usable && host.kvm_pvm {
-        Row::fail(
-            "backend-krun",
-            format!("{what}: under nested PVM the guest kernel starts but never reaches userspace (only the krun smoke trial runs)"),
+        return Row::pass("backend-krun", format!("{what} on hardware KVM{vmm}"));
+    }
+    let (why, fix) = if host.kvm_usable && host.kvm_pvm {
+        (
+            "under nested PVM the guest kernel starts but never reaches userspace",
             format!("use QEMU (what --vmm auto does here); {FASTER_HOST}"),
         )
-        .optional()
     } else if host.kvm_usable {
-        Row::fail("backend-krun", format!("{what}: /dev/kvm works but the CPU shows no VMX/SVM"), FASTER_HOST).optional()
+        ("/dev/kvm works but the CPU shows no VMX/SVM", FASTER_HOST.to_owned())
     } else {
-        Row::fail("backend-krun", format!("{what}: needs a usable /dev/kvm"), "see the kvm-device row; --vmm auto uses QEMU meanwhile").optional()
-    }
+        ("needs a usable /dev/kvm", "see the kvm-device row; --vmm auto uses QEMU meanwhile".to_owned())
+    };
+    let nested = match crate::backend::krun_place(&host) {
+        crate::KrunPlace::NestedL1 => {
+            "; it runs only nested here, as L2 inside a QEMU TCG VM with emulated SVM (the nested host), which is where \
+             the krun trials run (`cargo xtask e2e --vm`), not `vm run`"
+        }
+        _ => "",
+    };
+    Row::fail("backend-krun", format!("{what}: {why}{nested}"), fix).optional()
 }
 
 /// `major.minor` of a `QEMU emulator version X.Y.Z …` line.
@@ -434,6 +441,17 @@ pub(crate) mod tests {
         assert!(v.reason.contains("qemu (tcg)") && v.reason.contains("PVM"), "{}", v.reason);
         assert_eq!(vmm(&f, VmmChoice::Krun).status, Status::Warn);
         assert_eq!(status(&hardware_virt(&f)), (Status::Warn, false));
+    }
+
+    #[test]
+    fn krun_row_says_it_runs_only_nested_when_qemu_can_host_it() {
+        let f = pvm();
+        let krun = backend_krun(&f);
+        assert_eq!(status(&krun), (Status::Fail, false));
+        assert!(krun.reason.contains("runs only nested here") && krun.reason.contains("cargo xtask e2e --vm"), "{}", krun.reason);
+        let mut f = pvm();
+        f.qemu = None;
+        assert!(!backend_krun(&f).reason.contains("nested here"), "{}", backend_krun(&f).reason);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 mod cli;
 mod guest_check;
 mod lifecycle;
+mod nested;
 mod provenance;
 mod stop;
 mod support;
@@ -24,6 +25,9 @@ use libtest_mimic::{Arguments, Trial};
 
 fn main() {
     if let Some(code) = support::supervisor_mode() {
+        std::process::exit(code);
+    }
+    if let Some(code) = nested::exec_mode() {
         std::process::exit(code);
     }
     let mut args = Arguments::from_args();

@@ -320,9 +320,11 @@ impl Records {
         Records { _own: Some(dir) }
     }
 
-    fn dir() -> PathBuf {
-        PathBuf::from(std::env::var_os(RECORDS_ENV).expect("Records::init ran in main"))
-    }
+}
+
+/// Where this run's trial records go (see [`Records`]).
+pub fn records_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os(RECORDS_ENV).expect("Records::init ran in main"))
 }
 
 /// One trial's record, read by `cargo xtask e2e` for the per-backend summary.
@@ -342,7 +344,7 @@ struct Outcome<'a> {
 /// starts is appended to the trial's own ledger (`openshell_vm::LEDGER_ENV`). A trial that expects
 /// a VM and started none, or expects a refusal and started one, fails whatever its body said.
 pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<(), Failed>) -> Result<(), Failed> {
-    let ledger = Records::dir().join(format!("{}.vmms", name.replace("::", "-")));
+    let ledger = records_dir().join(format!("{}.vmms", name.replace("::", "-")));
     let _ = std::fs::remove_file(&ledger);
     // Trials run one at a time in this process (main sets one test thread), so this is the only
     // trial whose launches can land here; child processes inherit it.
@@ -371,7 +373,7 @@ pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<
         passed: result.is_ok(),
         notes: std::mem::take(&mut *NOTES.lock().unwrap()),
     };
-    let path = Records::dir().join(format!("{}.outcome.json", name.replace("::", "-")));
+    let path = records_dir().join(format!("{}.outcome.json", name.replace("::", "-")));
     std::fs::write(&path, serde_json::to_vec(&outcome).unwrap()).expect("the trial record is writable");
     result
 }

@@ -1,0 +1,263 @@
+//! Prototype: the krun trials on a host where libkrun runs only nested
+//! ([`KrunPlace::NestedL1`]). Each such trial boots its own L1 (the nested host, through the QEMU
+//! backend) with this test binary, `openshell-vmm` and the guest artifacts shared in, runs
+//! `<this binary> --exact krun::X --nocapture` inside it, and reports that inner run's result:
+//! passed only when the inner run says exactly one trial passed, so an inner trial that was
+//! ignored or filtered out fails here instead of passing silently.
+//!
+//! Inside L1, [`INSIDE_L1_ENV`] is set: the inner binary runs its krun trials itself (L1's facts
+//! say hardware KVM there anyway) and never nests again.
+//!
+//! [`exec_mode`] (hooked into `main`, like the supervisor mode) runs one command in L2 from the host
+//! and exits with its code: `OPENSHELL_NESTED_EXEC=1 <this binary> /bin/sh -c 'exit 42'` boots L1,
+//! which boots L2 through `openshell_vm::launch` with `--vmm krun`, and prints both consoles and the
+//! timings of each level. For proving and debugging the nested path by hand.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use libtest_mimic::Failed;
+use openshell_vm::nested::{L1Paths, NestedHost};
+use openshell_vm::{HostFacts, KrunPlace};
+
+use crate::support::{self, Artifacts, TrialDir};
+
+/// Set inside L1 for the inner run.
+pub const INSIDE_L1_ENV: &str = "OPENSHELL_NESTED_L1";
+/// Selects [`exec_mode`].
+const EXEC_ENV: &str = "OPENSHELL_NESTED_EXEC";
+/// Upper bound for one L1 (boot, the inner trial with its own L2 boots, power-off) under TCG; below
+/// nextest's e2e terminate-after (300 s), so a wedged L1 is reported with its console.
+const L1_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(280);
+
+pub fn inside_l1() -> bool {
+    std::env::var_os(INSIDE_L1_ENV).is_some()
+}
+
+/// The nested host from `OPENSHELL_NESTED_KERNEL` / `OPENSHELL_NESTED_ROOT` (set by `cargo xtask e2e`).
+fn nested_host() -> Result<NestedHost, String> {
+    let get = |k: &str| std::env::var_os(k).map(PathBuf::from).filter(|p| p.exists());
+    match (get("OPENSHELL_NESTED_KERNEL"), get("OPENSHELL_NESTED_ROOT")) {
+        (Some(kernel), Some(root)) => Ok(NestedHost { kernel, root }),
+        _ => Err("krun runs only nested here, and OPENSHELL_NESTED_KERNEL/OPENSHELL_NESTED_ROOT are not set to a built nested host; run `cargo xtask e2e --vm`".into()),
+    }
+}
+
+/// A krun trial that runs inside its own L1.
+pub struct NestedTrial {
+    name: String,
+    artifacts: Artifacts,
+    host: NestedHost,
+    vmm: PathBuf,
+}
+
+/// The hook: `krun::X` on a host where libkrun runs only nested becomes a trial that runs it in
+/// L1 (or the reason it cannot: no nested host built). `None` leaves the trial to the caller
+/// (other backends, krun running directly, inside L1).
+pub fn route(full: &str, artifacts: &Result<Artifacts, String>) -> Option<Result<NestedTrial, String>> {
+    // Probed once for all the trials.
+    static PLACE: std::sync::OnceLock<KrunPlace> = std::sync::OnceLock::new();
+    let place = PLACE.get_or_init(|| openshell_vm::backend::krun_place(&HostFacts::probe()));
+    if !full.starts_with("krun::") || inside_l1() || *place != KrunPlace::NestedL1 {
+        return None;
+    }
+    let ready = artifacts.clone().and_then(|a| Ok((a, nested_host()?, vmm_binary()?)));
+    Some(ready.map(|(artifacts, host, vmm)| NestedTrial { name: full.to_owned(), artifacts, host, vmm }))
+}
+
+impl NestedTrial {
+    pub fn run(self, dir: TrialDir) -> Result<(), Failed> {
+        run_trial(&self.name, &self.artifacts, &self.host, &self.vmm, dir)
+    }
+}
+
+fn vmm_binary() -> Result<PathBuf, String> {
+    std::env::var_os("OPENSHELL_VMM")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .ok_or_else(|| "OPENSHELL_VMM not set to the openshell-vmm binary; run `cargo xtask e2e --vm`".into())
+}
+
+/// What one L1 run gave back.
+pub struct L1Run {
+    pub code: i32,
+    pub console: String,
+    /// Host seconds from starting QEMU to L1's init starting the command.
+    pub l1_ready_s: Option<f64>,
+    pub total_s: f64,
+    pub dir: TrialDir,
+}
+
+/// Boots L1 running `argv` (the test binary's path inside L1 is prepended) with the guest
+/// artifacts and `openshell-vmm` shared in and the environment the inner binary needs.
+pub fn run_in_l1(
+    dir: TrialDir,
+    a: &Artifacts,
+    host: &NestedHost,
+    vmm: &std::path::Path,
+    argv: &[&str],
+    extra_env: &[(&str, &str)],
+) -> Result<L1Run, Failed> {
+    let me = std::env::current_exe().map_err(|e| Failed::from(format!("cannot find this test binary: {e}")))?;
+    let mut paths = L1Paths::default();
+    let shared = (|| -> Result<_, openshell_vm::VmError> {
+        Ok((paths.share_file(&me)?, paths.share_file(&a.kernel)?, paths.share_dir(&a.rootfs), paths.share_file(vmm)?))
+    })();
+    // The inner run's trial records (its VMM ledger included) land where this process's do.
+    let records = paths.share_dir_writable(&support::records_dir());
+    let (bin, kernel, rootfs, vmm) = match shared {
+        Ok(s) => s,
+        Err(e) => return Err(dir.fail(e.to_string())),
+    };
+    let env = [
+        ("OPENSHELL_KERNEL", kernel.as_str()),
+        ("OPENSHELL_ROOTFS", rootfs.as_str()),
+        ("OPENSHELL_VMM", vmm.as_str()),
+        ("OPENSHELL_E2E_REQUIRE", "1"),
+        ("OPENSHELL_E2E_RECORDS", records.as_str()),
+        (INSIDE_L1_ENV, "1"),
+        ("RUST_BACKTRACE", "1"),
+    ];
+    let env = env.iter().chain(extra_env).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let argv: Vec<String> = std::iter::once(bin).chain(argv.iter().map(|s| s.to_string())).collect();
+    let cfg = match host.l1_config(dir.path().join("state"), argv, env, paths) {
+        Ok(c) => c,
+        Err(e) => return Err(dir.fail(format!("cannot configure L1: {e}"))),
+    };
+    let started = Instant::now();
+    let mut vm = match openshell_vm::launch(&cfg) {
+        Ok(vm) => vm,
+        Err(e) => return Err(dir.fail(format!("L1 launch failed: {e}"))),
+    };
+    let mut clock = ConsoleClock::new(started, &[L1_EXEC], false);
+    let code = vm.wait(Some(&mut clock), Some(L1_TIMEOUT));
+    drop(vm);
+    let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
+    match code {
+        Ok(openshell_vm::VmExit::Guest(code)) => {
+            Ok(L1Run { code, console, l1_ready_s: clock.at(L1_EXEC), total_s: started.elapsed().as_secs_f64(), dir })
+        }
+        Ok(other) => Err(dir.fail(format!("L1 did not report an exit code: {other}"))),
+        Err(e) => Err(dir.fail(format!("L1 did not report: {e}"))),
+    }
+}
+
+/// Init's step once it starts the command, in L1 and in L2 alike.
+const L1_EXEC: &str = "] exec /";
+
+/// A console sink that records when each marker first appears (seconds since `started`), to time
+/// a boot's phases from outside; printed, never asserted. Optionally echoes to stdout.
+struct ConsoleClock {
+    started: Instant,
+    line: String,
+    marks: Vec<(&'static str, Option<f64>)>,
+    echo: bool,
+}
+
+impl ConsoleClock {
+    fn new(started: Instant, markers: &[&'static str], echo: bool) -> ConsoleClock {
+        ConsoleClock { started, line: String::new(), marks: markers.iter().map(|m| (*m, None)).collect(), echo }
+    }
+
+    fn at(&self, marker: &str) -> Option<f64> {
+        self.marks.iter().find(|(m, _)| *m == marker).and_then(|(_, t)| *t)
+    }
+}
+
+impl std::io::Write for ConsoleClock {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.echo {
+            let mut out = std::io::stdout();
+            out.write_all(data)?;
+            out.flush()?;
+        }
+        let now = self.started.elapsed().as_secs_f64();
+        self.line.push_str(&String::from_utf8_lossy(data));
+        // Only the unfinished last line is kept; each complete line is checked once.
+        while let Some(end) = self.line.find('\n') {
+            let line: String = self.line.drain(..=end).collect();
+            for (_, t) in self.marks.iter_mut().filter(|(m, t)| t.is_none() && line.contains(*m)) {
+                *t = Some(now);
+            }
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn secs(t: Option<f64>) -> String {
+    t.map_or("?".into(), |s| format!("{s:.2}"))
+}
+
+/// Hook for `main`: with `OPENSHELL_NESTED_EXEC=1`, run the arguments as a command in L2 and return
+/// its exit code (on the host: through an L1 of its own; inside L1: through libkrun).
+pub fn exec_mode() -> Option<i32> {
+    std::env::var_os(EXEC_ENV)?;
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let result = if inside_l1() { exec_in_l2(argv) } else { exec_via_l1(&argv) };
+    Some(result.unwrap_or_else(|e| {
+        eprintln!("nested exec: {e}");
+        125
+    }))
+}
+
+/// On the host: boot L1 running this binary in exec mode, print L1's console and timings.
+fn exec_via_l1(argv: &[String]) -> Result<i32, String> {
+    let a = support::artifacts()?;
+    let (host, vmm) = (nested_host()?, vmm_binary()?);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let run = run_in_l1(TrialDir::new("l1-exec"), &a, &host, &vmm, &argv, &[(EXEC_ENV, "1")]).map_err(|f| format!("{f:?}"))?;
+    print!("{}", run.console);
+    println!("L1 (QEMU TCG, host clock): init ran the command after {} s; L1 exited after {:.2} s with {}", secs(run.l1_ready_s), run.total_s, run.code);
+    Ok(run.code)
+}
+
+/// Inside L1: boot L2 with libkrun through the library, echo its console, print its timings.
+fn exec_in_l2(argv: Vec<String>) -> Result<i32, String> {
+    let a = support::artifacts()?;
+    let dir = tempfile::Builder::new().prefix("l2-").tempdir().map_err(|e| e.to_string())?;
+    let mut cfg = openshell_vm::VmConfig::exec(a.kernel, a.rootfs, dir.path().join("state"), argv);
+    cfg.vmm = openshell_vm::VmmChoice::Krun;
+    let started = Instant::now();
+    let mut vm = openshell_vm::launch(&cfg).map_err(|e| e.to_string())?;
+    let vmm_started = started.elapsed().as_secs_f64();
+    const INIT: &str = "] init started";
+    let mut clock = ConsoleClock::new(started, &[INIT, L1_EXEC], true);
+    let code = vm.wait(Some(&mut clock), Some(support::GUEST_TIMEOUT)).map_err(|e| e.to_string())?.code();
+    let exited = started.elapsed().as_secs_f64();
+    // The guest kernel is `quiet`, so its start shows only through init's stamp (L2's clock since
+    // its kernel started) subtracted from when that line arrived.
+    let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
+    let init_ms = openshell_vm::timeline::guest_steps(&console).into_iter().find(|(_, s)| s == "init started").map(|(ms, _)| ms);
+    let kernel = clock.at(INIT).zip(init_ms).map(|(t, ms)| t - ms as f64 / 1e3);
+    println!(
+        "L2 ({}, L1 clock): openshell-vmm started {vmm_started:.2} s, kernel started ~{} s, init {} s, command {} s, exit {exited:.2} s",
+        vm.backend,
+        secs(kernel),
+        secs(clock.at(INIT)),
+        secs(clock.at(L1_EXEC)),
+    );
+    Ok(code)
+}
+
+/// Runs trial `name` inside its own L1 and passes only if the inner run passed exactly it.
+fn run_trial(name: &str, a: &Artifacts, host: &NestedHost, vmm: &std::path::Path, dir: TrialDir) -> Result<(), Failed> {
+    let run = run_in_l1(dir, a, host, vmm, &["--exact", name, "--nocapture", "--test-threads", "1"], &[])?;
+    let summary = run.console.lines().rev().find(|l| l.starts_with("test result:")).unwrap_or("").to_owned();
+    let l1 = run.l1_ready_s.map_or("?".into(), |s| format!("{s:.1}"));
+    support::note(format!("nested: L1 ready after {l1} s, whole L1 run {:.1} s; inner: {summary}", run.total_s));
+    if run.code == 0 && summary.contains(" 1 passed; 0 failed; 0 ignored") {
+        return Ok(());
+    }
+    // The inner run's own failure report, from libtest's "failures:" section on.
+    let lines: Vec<&str> = run.console.lines().collect();
+    let from = lines.iter().position(|l| *l == "failures:").unwrap_or(lines.len().saturating_sub(80));
+    let report = lines[from..].join("\n");
+    Err(run.dir.fail(format!(
+        "inside L1, `{name}` did not pass (L1 exit code {}, inner summary {summary:?})\n--- inner report ---\n{report}",
+        run.code
+    )))
+}
