@@ -41,22 +41,12 @@ pub struct L1Paths {
 impl L1Paths {
     /// Shares the directory `dir` (read-only) and returns where it appears inside L1.
     pub fn share_dir(&mut self, dir: &Path) -> String {
-        self.share(dir, true)
-    }
-
-    /// Shares the directory `dir` read-write (what L1 writes back to the host, such as records)
-    /// and returns where it appears inside L1.
-    pub fn share_dir_writable(&mut self, dir: &Path) -> String {
-        self.share(dir, false)
-    }
-
-    fn share(&mut self, dir: &Path, read_only: bool) -> String {
-        if let Some(s) = self.shares.iter().find(|s| s.host == dir && s.mount.read_only == read_only) {
+        if let Some(s) = self.shares.iter().find(|s| s.host == dir) {
             return s.mount.path.clone();
         }
         let tag = format!("l1share{}", self.shares.len());
         let path = format!("{L1_SHARES}/{tag}");
-        self.shares.push(DirShare { host: dir.to_owned(), mount: GuestMount { tag, path: path.clone(), read_only } });
+        self.shares.push(DirShare { host: dir.to_owned(), mount: GuestMount { tag, path: path.clone(), read_only: true } });
         path
     }
 
@@ -116,8 +106,5 @@ mod tests {
         assert_eq!(p.shares.len(), 2);
         assert!(p.shares.iter().all(|s| s.mount.read_only && s.mount.validate().is_ok()));
         assert!(p.share_file(Path::new("/")).is_err());
-        let rw = p.share_dir_writable(Path::new("/t/records"));
-        assert_eq!(rw, "/run/nested/l1share2");
-        assert!(!p.shares[2].mount.read_only);
     }
 }

@@ -21,6 +21,7 @@ use openshell_vm::nested::{L1Paths, NestedHost};
 use openshell_vm::{HostFacts, KrunPlace};
 
 use crate::support::{self, Artifacts, TrialDir};
+use openshell_guest::SHARE_MOUNT;
 
 /// Set inside L1 for the inner run.
 pub const INSIDE_L1_ENV: &str = "OPENSHELL_NESTED_L1";
@@ -103,8 +104,6 @@ pub fn run_in_l1(
     let shared = (|| -> Result<_, openshell_vm::VmError> {
         Ok((paths.share_file(&me)?, paths.share_file(&a.kernel)?, paths.share_dir(&a.rootfs), paths.share_file(vmm)?))
     })();
-    // The inner run's trial records (its VMM ledger included) land where this process's do.
-    let records = paths.share_dir_writable(&support::records_dir());
     let (bin, kernel, rootfs, vmm) = match shared {
         Ok(s) => s,
         Err(e) => return Err(dir.fail(e.to_string())),
@@ -114,7 +113,9 @@ pub fn run_in_l1(
         ("OPENSHELL_ROOTFS", rootfs.as_str()),
         ("OPENSHELL_VMM", vmm.as_str()),
         ("OPENSHELL_E2E_REQUIRE", "1"),
-        ("OPENSHELL_E2E_RECORDS", records.as_str()),
+        // The inner run's trial records (its VMM ledger included) go to L1's own share; this
+        // process adds its ledger lines to its own once L1 is done.
+        ("OPENSHELL_E2E_RECORDS", INNER_RECORDS),
         (INSIDE_L1_ENV, "1"),
         ("RUST_BACKTRACE", "1"),
     ];
@@ -124,6 +125,10 @@ pub fn run_in_l1(
         Ok(c) => c,
         Err(e) => return Err(dir.fail(format!("cannot configure L1: {e}"))),
     };
+    let inner_records = cfg.share_dir().join(INNER_RECORDS.trim_start_matches(&format!("{SHARE_MOUNT}/")));
+    if let Err(e) = std::fs::create_dir_all(&inner_records) {
+        return Err(dir.fail(format!("cannot create {}: {e}", inner_records.display())));
+    }
     let started = Instant::now();
     let mut vm = match openshell_vm::launch(&cfg) {
         Ok(vm) => vm,
@@ -132,6 +137,7 @@ pub fn run_in_l1(
     let mut clock = ConsoleClock::new(started, &[L1_EXEC], false);
     let code = vm.wait(Some(&mut clock), Some(L1_TIMEOUT));
     drop(vm);
+    support::adopt_ledgers(&inner_records);
     let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
     match code {
         Ok(openshell_vm::VmExit::Guest(code)) => {
@@ -141,6 +147,10 @@ pub fn run_in_l1(
         Err(e) => Err(dir.fail(format!("L1 did not report: {e}"))),
     }
 }
+
+/// Where the inner run keeps its trial records: inside L1's own share (virtio-mmio slots on QEMU's
+/// microvm are few, so no share of its own).
+const INNER_RECORDS: &str = "/run/openshell/records";
 
 /// Init's step once it starts the command, in L1 and in L2 alike.
 const L1_EXEC: &str = "] exec /";

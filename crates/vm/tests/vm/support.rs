@@ -327,6 +327,22 @@ pub fn records_dir() -> PathBuf {
     PathBuf::from(std::env::var_os(RECORDS_ENV).expect("Records::init ran in main"))
 }
 
+/// Adds the VMMs recorded in the ledgers under `dir` (a nested run's, inside its L1) to this
+/// trial's own ledger, so the VMs booted inside L1 count for the trial that ran them.
+pub fn adopt_ledgers(dir: &std::path::Path) {
+    let Some(own) = std::env::var_os(openshell_vm::LEDGER_ENV) else { return };
+    let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
+    let lines: String = entries
+        .filter(|e| e.path().extension().is_some_and(|x| x == "vmms"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    use std::io::Write;
+    let appended = std::fs::OpenOptions::new().create(true).append(true).open(&own).and_then(|mut f| f.write_all(lines.as_bytes()));
+    if let Err(e) = appended {
+        eprintln!("cannot add the nested ledgers to {}: {e}", PathBuf::from(own).display());
+    }
+}
+
 /// One trial's record, read by `cargo xtask e2e` for the per-backend summary.
 #[derive(serde::Serialize)]
 struct Outcome<'a> {
