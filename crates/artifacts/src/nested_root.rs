@@ -28,6 +28,9 @@ pub const INSTALL_HINT: &str = "apt-get install -y mmdebstrap";
 pub const PROVENANCE: &str = "nested-root.json";
 /// Where the init goes; Debian's `/sbin` is a link into `/usr/sbin`, which the kernel follows.
 const INIT_DEST: &str = "usr/sbin/openshell-init";
+/// L1's root is read-only, and init writes the nameserver it learns to `/run/resolv.conf` (as in
+/// the guest's rootfs): without this link L1 keeps the build host's resolver, which it cannot reach.
+const LINKS: &[(&str, &str)] = &[("etc/resolv.conf", "../run/resolv.conf")];
 
 /// Debian's suite: the host's (bookworm), so `openshell-vmm` and the test binary built on the host
 /// find the same glibc in L1.
@@ -106,6 +109,9 @@ impl NestedRootInputs {
         }
         for o in MMDEBSTRAP_OPTIONS {
             b.str("option", o);
+        }
+        for (link, target) in LINKS {
+            b.str("link", &format!("{link} -> {target}"));
         }
         b.digest("init", &sha256_file(&self.init).map_err(|_| NestedRootError::NoInit { path: self.init.clone() })?);
         Ok(b.finish())
@@ -197,6 +203,11 @@ fn bake_into(
     // manifest must not hash /dev/zero.
     let dev = out.join("dev");
     fs::remove_dir_all(&dev).and_then(|()| fs::create_dir(&dev)).map_err(io(&dev))?;
+    for (link, target) in LINKS {
+        let path = out.join(link);
+        let _ = fs::remove_file(&path);
+        std::os::unix::fs::symlink(target, &path).map_err(io(&path))?;
+    }
     let init = out.join(INIT_DEST);
     fs::copy(&inputs.init, &init).map_err(io(&init))?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).map_err(io(&init))?;

@@ -25,18 +25,23 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
     format!("{line} {}", super::init_params(cfg))
 }
 
+/// What libkrun is told to execute: our init itself, without arguments or environment. The
+/// command reaches the guest once, in `exec.json` in the share; `krun_set_exec` would also put its
+/// argv and env on the guest kernel command line, where every guest process can read them and a
+/// newline in a script aborts the VMM (libkrun's cmdline builder: `InvalidAscii`).
+const KRUN_EXEC: &str = "/sbin/openshell-init";
+
 pub fn spec(cfg: &VmConfig) -> KrunSpec {
-    let (exec_path, args) = cfg.exec.argv.split_first().expect("validated: argv is not empty");
     KrunSpec {
         vcpus: cfg.vcpus,
         mem_mib: cfg.mem_mib,
         root: cfg.rootfs.clone(),
         kernel: cfg.kernel.clone(),
         cmdline: kernel_cmdline(cfg),
-        exec_path: exec_path.clone(),
-        args: args.to_vec(),
-        env: cfg.exec.env.clone(),
-        workdir: cfg.exec.workdir.clone(),
+        exec_path: KRUN_EXEC.into(),
+        args: Vec::new(),
+        env: Vec::new(),
+        workdir: None,
         console_output: Some(cfg.console_path()),
         serial_console: true,
         shares: [(super::ROOT_TAG.into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())]
@@ -108,6 +113,16 @@ mod tests {
         let mut c = VmConfig::exec("/k".into(), "/r".into(), "/st".into(), vec!["/bin/true".into()]);
         c.net = net;
         c
+    }
+
+    #[test]
+    fn the_command_travels_only_in_the_share() {
+        let mut c = cfg(crate::NetMode::None);
+        c.exec.argv = vec!["/bin/sh".into(), "-c".into(), "echo one\necho two".into()];
+        c.exec.env = vec![("SECRET".into(), "value".into())];
+        let s = spec(&c);
+        assert_eq!((s.exec_path.as_str(), s.args.len(), s.env.len(), s.workdir), (KRUN_EXEC, 0, 0, None));
+        assert!(!s.cmdline.contains("SECRET") && !s.cmdline.contains("echo"), "{}", s.cmdline);
     }
 
     #[test]

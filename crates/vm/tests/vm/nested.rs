@@ -52,18 +52,39 @@ pub struct NestedTrial {
     vmm: PathBuf,
 }
 
+/// Where a krun trial runs on a host where libkrun runs only nested.
+pub enum Route {
+    /// Inside its own L1.
+    Nested(NestedTrial),
+    /// It would, but the nested host is missing (not built, no artifacts): the reason.
+    Cannot(String),
+    /// Never nested, by design: the reason (it stays ignored even where krun is required).
+    NotNested(String),
+}
+
+/// Trials that cannot run inside L1, and why.
+const NOT_NESTED: &[(&str, &str)] = &[(
+    "krun::cli::",
+    "runs the xtask binary, which builds its artifacts with cargo; L1 has no toolchain, so krun's CLI trials run only where libkrun runs directly",
+)];
+
 /// The hook: `krun::X` on a host where libkrun runs only nested becomes a trial that runs it in
-/// L1 (or the reason it cannot: no nested host built). `None` leaves the trial to the caller
-/// (other backends, krun running directly, inside L1).
-pub fn route(full: &str, artifacts: &Result<Artifacts, String>) -> Option<Result<NestedTrial, String>> {
+/// L1. `None` leaves the trial to the caller (other backends, krun running directly, inside L1).
+pub fn route(full: &str, artifacts: &Result<Artifacts, String>) -> Option<Route> {
     // Probed once for all the trials.
     static PLACE: std::sync::OnceLock<KrunPlace> = std::sync::OnceLock::new();
     let place = PLACE.get_or_init(|| openshell_vm::backend::krun_place(&HostFacts::probe()));
     if !full.starts_with("krun::") || inside_l1() || *place != KrunPlace::NestedL1 {
         return None;
     }
+    if let Some((_, why)) = NOT_NESTED.iter().find(|(prefix, _)| full.starts_with(prefix)) {
+        return Some(Route::NotNested(format!("krun runs only nested here, and this trial {why}")));
+    }
     let ready = artifacts.clone().and_then(|a| Ok((a, nested_host()?, vmm_binary()?)));
-    Some(ready.map(|(artifacts, host, vmm)| NestedTrial { name: full.to_owned(), artifacts, host, vmm }))
+    Some(match ready {
+        Ok((artifacts, host, vmm)) => Route::Nested(NestedTrial { name: full.to_owned(), artifacts, host, vmm }),
+        Err(why) => Route::Cannot(why),
+    })
 }
 
 impl NestedTrial {
@@ -117,7 +138,8 @@ pub fn run_in_l1(
         // process adds its ledger lines to its own once L1 is done.
         ("OPENSHELL_E2E_RECORDS", INNER_RECORDS),
         (INSIDE_L1_ENV, "1"),
-        ("RUST_BACKTRACE", "1"),
+        // A panic's message, not its backtrace, must fit in the tail a failure report keeps.
+        ("RUST_BACKTRACE", "0"),
     ];
     let env = env.iter().chain(extra_env).map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let argv: Vec<String> = std::iter::once(bin).chain(argv.iter().map(|s| s.to_string())).collect();
@@ -137,7 +159,7 @@ pub fn run_in_l1(
     let mut clock = ConsoleClock::new(started, &[L1_EXEC], false);
     let code = vm.wait(Some(&mut clock), Some(L1_TIMEOUT));
     drop(vm);
-    support::adopt_ledgers(&inner_records);
+    dir.adopt_nested_records(&inner_records);
     let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
     match code {
         Ok(openshell_vm::VmExit::Guest(code)) => {

@@ -111,9 +111,46 @@ impl TrialDir {
     /// Wraps a failure with the console's tail and keeps the directory for inspection.
     pub fn fail(mut self, msg: impl Into<String>) -> Failed {
         let dir = self.0.take().unwrap().keep();
-        let console = std::fs::read_to_string(dir.join("state/console.log")).unwrap_or_default();
-        let tail: Vec<&str> = console.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
-        format!("{}\nstate kept at {}\n--- console (last 30 lines) ---\n{}", msg.into(), dir.display(), tail.join("\n")).into()
+        let tail = |file: &str, n: usize| {
+            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        };
+        // The VMM's own output says why a VMM died (an abort, a device error), which the guest's
+        // console cannot; and a nested trial's directory vanishes with its L1, so both go here.
+        // A panicking VMM prints a long backtrace after its message: keep the message.
+        let vmm_log = std::fs::read_to_string(dir.join("state/vmm.log")).unwrap_or_default();
+        let lines: Vec<&str> = vmm_log.lines().collect();
+        let panics: Vec<String> =
+            lines.iter().enumerate().filter(|(_, l)| l.contains("panicked at")).map(|(i, _)| lines[i..(i + 3).min(lines.len())].join("\n")).collect();
+        format!(
+            "{}\nstate kept at {}\n--- console (last 30 lines) ---\n{}\n--- vmm.log (last 15 lines) ---\n{}{}",
+            msg.into(),
+            dir.display(),
+            tail("state/console.log", 30),
+            tail("state/vmm.log", 15),
+            if panics.is_empty() { String::new() } else { format!("\n--- vmm.log panics ---\n{}", panics.join("\n")) }
+        )
+        .into()
+    }
+
+    /// Takes on what a run of this trial inside a nested L1 recorded under `records`: its VMMs (so
+    /// they count here), what it expected to boot, and its notes.
+    pub fn adopt_nested_records(&self, records: &std::path::Path) {
+        adopt_ledgers(records);
+        for entry in std::fs::read_dir(records).into_iter().flatten().flatten() {
+            let Some(o) = std::fs::read(entry.path()).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) else {
+                continue;
+            };
+            match o["expects"].as_str() {
+                Some("refused-before-boot") => self.1.set(Boots::RefusedBeforeBoot),
+                Some("no-vm") => self.1.set(Boots::NoVm),
+                _ => {}
+            }
+            for n in o["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
+                note(format!("inside L1: {n}"));
+            }
+        }
     }
 }
 
@@ -329,7 +366,7 @@ pub fn records_dir() -> PathBuf {
 
 /// Adds the VMMs recorded in the ledgers under `dir` (a nested run's, inside its L1) to this
 /// trial's own ledger, so the VMs booted inside L1 count for the trial that ran them.
-pub fn adopt_ledgers(dir: &std::path::Path) {
+fn adopt_ledgers(dir: &std::path::Path) {
     let Some(own) = std::env::var_os(openshell_vm::LEDGER_ENV) else { return };
     let entries = std::fs::read_dir(dir).into_iter().flatten().flatten();
     let lines: String = entries

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Failed, Trial};
 use openshell_vm::{VmConfig, VmmChoice};
 
+use crate::nested::Route;
 use crate::support::{self, Artifacts, TrialDir};
 use openshell_vm::gateway::{self, GatewayInstance};
 
@@ -53,12 +54,15 @@ pub fn all() -> Vec<Trial> {
         for &(name, body) in GROUPS.iter().copied().flatten() {
             let full = format!("{backend}::{name}");
             // Where libkrun runs only nested, each krun trial runs inside its own L1.
-            if let Some(nested) = crate::nested::route(&full, &artifacts) {
-                let (cannot, run) = match nested {
-                    Ok(run) => (None, Some(run)),
-                    Err(why) => (Some(why), None),
-                };
-                trials.push(trial(full, backend, cannot, must_run, move |dir| run.expect("runnable when nothing stops it").run(dir)));
+            let nested = match crate::nested::route(&full, &artifacts) {
+                Some(Route::Nested(run)) => Some(trial(full.clone(), backend, None, must_run, move |dir| run.run(dir))),
+                Some(Route::Cannot(why)) => Some(trial(full.clone(), backend, Some(why), must_run, |_| unreachable!())),
+                // Ignored whether or not krun is required: the reason is the trial's, not the host's.
+                Some(Route::NotNested(why)) => Some(trial(full.clone(), backend, Some(why), false, |_| unreachable!())),
+                None => None,
+            };
+            if let Some(nested) = nested {
+                trials.push(nested);
                 continue;
             }
             let cannot = match (&usable, &artifacts) {
