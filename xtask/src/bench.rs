@@ -1,12 +1,19 @@
 //! `cargo xtask bench boot`: boot the gateway N times, cold (fresh PKI) and warm (reused), and
 //! print median/min/max of each boot phase, of boot → mTLS SERVING, and the peak RSS of the VMM
 //! and passt. Figures, not assertions.
+//!
+//! Where libkrun runs only nested (`KrunPlace::NestedL1`), `--vmm krun` boots the nested host (L1)
+//! N times; in each, this same binary (`--inside-l1`) benchmarks one cold and one warm gateway on
+//! libkrun (L2), and the host adds L1's own boot. In the same run the host benchmarks the same
+//! gateway under QEMU directly, and prints the two side by side with their ratio.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use openshell_artifacts::Store;
 use openshell_vm::gateway::{self, GatewayInstance};
-use openshell_vm::{timeline, VmmChoice};
+use openshell_vm::{timeline, KrunPlace, VmExit, VmmChoice};
 use xshell::Shell;
 
 #[derive(clap::Args)]
@@ -27,73 +34,278 @@ enum BenchWhat {
         /// Machine-readable output
         #[arg(long)]
         json: bool,
+        /// Run inside the nested host with the artifacts named by OPENSHELL_KERNEL,
+        /// OPENSHELL_ROOTFS and OPENSHELL_VMM (what the host's nested bench starts in L1)
+        #[arg(long, hide = true)]
+        inside_l1: bool,
     },
 }
 
 impl BenchCmd {
+    /// Whether this run needs the project tree (the inner run inside L1 has none).
+    pub fn needs_project(&self) -> bool {
+        let BenchWhat::Boot { inside_l1, .. } = &self.what;
+        !inside_l1
+    }
+
     pub fn run(self) -> anyhow::Result<()> {
-        let BenchWhat::Boot { n, vmm, json } = self.what;
+        let BenchWhat::Boot { n, vmm, json, inside_l1 } = self.what;
         anyhow::ensure!(n > 0, "-n must be at least 1");
-        let sh = Shell::new()?;
-        let store = Store::default_location();
-        let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
-        let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
-        crate::deps::ensure(&sh, &[crate::deps::PASST])?;
-        let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
-        let root = tempfile::Builder::new().prefix("openshell-bench-").tempdir()?;
-        let mut report = serde_json::Map::new();
-        for mode in ["cold", "warm"] {
-            // (phase name, samples in ms), in the order the phases happen
-            let mut samples: Vec<(String, Vec<f64>)> = Vec::new();
-            let mut add = |phase: String, v: f64| match samples.iter_mut().find(|(p, _)| *p == phase) {
-                Some((_, s)) => s.push(v),
-                None => samples.push((phase, vec![v])),
-            };
-            let pb = crate::progress::spinner(format!("bench boot ({mode})"));
-            for i in 0..n {
-                pb.set_message(format!("boot {}/{n}", i + 1));
-                let inst = GatewayInstance::new(root.path(), "bench")?;
-                if mode == "cold" {
-                    inst.reset()?;
-                }
-                inst.ensure_pki()?;
-                let port = free_port()?;
-                let mut cfg = inst.vm_config(kernel.vmlinux.clone(), rootfs.dir.clone(), (&digests.0, &digests.1), port, openshell_vm::NetMode::Passt)?;
-                cfg.vmm = vmm;
-                let mut vm = openshell_vm::launch(&cfg)?;
-                let ready = gateway::wait_ready(&mut vm, &format!("127.0.0.1:{port}"), &inst.client_bundle()?, Duration::from_secs(120))?;
-                for (ms, step) in timeline::guest_steps(&std::fs::read_to_string(&vm.console).unwrap_or_default()) {
-                    add(format!("guest: {}", timeline::phase(&step)), ms as f64);
-                }
-                add("host: boot → mTLS SERVING".into(), ready.as_secs_f64() * 1e3);
-                if let Some(k) = timeline::peak_rss_kib(vm.pid()) {
-                    add("peak RSS VMM (MiB)".into(), k as f64 / 1024.0);
-                }
-                if let Some(k) = vm.passt_pid().and_then(timeline::peak_rss_kib) {
-                    add("peak RSS passt (MiB)".into(), k as f64 / 1024.0);
-                }
-                drop(vm);
-            }
-            pb.finish_and_clear();
-            let mut rows = serde_json::Map::new();
-            if !json {
-                println!("{mode} boots (n={n}):");
-                println!("  {:<36} {:>9} {:>9} {:>9}", "phase (ms unless noted)", "median", "min", "max");
-            }
-            for (phase, mut v) in samples {
-                v.sort_by(|a, b| a.total_cmp(b));
-                let (med, min, max) = (v[v.len() / 2], v[0], v[v.len() - 1]);
-                if !json {
-                    println!("  {phase:<36} {med:>9.1} {min:>9.1} {max:>9.1}");
-                }
-                rows.insert(phase, serde_json::json!({"median": med, "min": min, "max": max, "n": v.len()}));
-            }
-            report.insert(mode.into(), rows.into());
+        if inside_l1 {
+            let a = Artifacts::from_env()?;
+            // L1's console is a terminal to it, but a spinner there only garbles what the host reads.
+            let report = boots(n, vmm, &a, false)?;
+            // One line L1's console carries back to the host.
+            println!("{INNER_PREFIX}{}", serde_json::to_string(&report)?);
+            return Ok(());
         }
+        let sh = Shell::new()?;
+        let a = Artifacts::build(&sh)?;
+        let place = openshell_vm::backend::krun_place(&openshell_vm::HostFacts::probe());
+        if vmm == VmmChoice::Krun && place == KrunPlace::NestedL1 {
+            return nested(&sh, n, &a, json);
+        }
+        let report = boots(n, vmm, &a, true)?;
         if json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!("{}", serde_json::to_string_pretty(&summarize_all(&report))?);
+        } else {
+            for (mode, samples) in &report {
+                print_table(&format!("{mode} boots (n={n})"), &[("", samples)]);
+            }
         }
         Ok(())
+    }
+}
+
+/// What the inner run prints before its report, so the host finds it among L1's console lines.
+const INNER_PREFIX: &str = "openshell-bench-report: ";
+
+/// (phase, samples), in the order the phases happen.
+type Samples = Vec<(String, Vec<f64>)>;
+/// (mode, its samples): `cold`, then `warm`.
+type Report = Vec<(String, Samples)>;
+
+fn add(samples: &mut Samples, phase: impl Into<String>, v: f64) {
+    let phase = phase.into();
+    match samples.iter_mut().find(|(p, _)| *p == phase) {
+        Some((_, s)) => s.push(v),
+        None => samples.push((phase, vec![v])),
+    }
+}
+
+/// The guest artifacts and their digests (what the gateway's metadata records).
+struct Artifacts {
+    kernel: PathBuf,
+    rootfs: PathBuf,
+    digests: (String, String),
+}
+
+impl Artifacts {
+    fn build(sh: &Shell) -> anyhow::Result<Artifacts> {
+        let store = Store::default_location();
+        let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
+        let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
+        crate::deps::ensure(sh, &[crate::deps::PASST])?;
+        let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
+        Ok(Artifacts { kernel: kernel.vmlinux, rootfs: rootfs.dir, digests })
+    }
+
+    fn from_env() -> anyhow::Result<Artifacts> {
+        let get = |k: &str| std::env::var_os(k).map(PathBuf::from).with_context(|| format!("{k} is not set"));
+        let (kernel, rootfs) = (get("OPENSHELL_KERNEL")?, get("OPENSHELL_ROOTFS")?);
+        let k = openshell_artifacts::sha256_file(&kernel).with_context(|| format!("hashing {}", kernel.display()))?;
+        let r = openshell_artifacts::rootfs::RootfsBundle::open(&rootfs)?.digest();
+        Ok(Artifacts { kernel, rootfs, digests: (k.hex(), r.hex()) })
+    }
+}
+
+/// `n` cold and `n` warm gateway boots on `vmm`.
+fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Result<Report> {
+    let root = tempfile::Builder::new().prefix("openshell-bench-").tempdir()?;
+    let mut report = Report::new();
+    for mode in ["cold", "warm"] {
+        let mut samples = Samples::new();
+        let pb = if progress { crate::progress::spinner(format!("bench boot ({mode})")) } else { indicatif::ProgressBar::hidden() };
+        for i in 0..n {
+            pb.set_message(format!("boot {}/{n}", i + 1));
+            let inst = GatewayInstance::new(root.path(), "bench")?;
+            if mode == "cold" {
+                inst.reset()?;
+            }
+            inst.ensure_pki()?;
+            let port = free_port()?;
+            let mut cfg =
+                inst.vm_config(a.kernel.clone(), a.rootfs.clone(), (&a.digests.0, &a.digests.1), port, openshell_vm::NetMode::Passt)?;
+            cfg.vmm = vmm;
+            let mut vm = openshell_vm::launch(&cfg)?;
+            let init_seen = watch_for(&vm.console, "] init started", vm.started);
+            let ready = gateway::wait_ready(&mut vm, &format!("127.0.0.1:{port}"), &inst.client_bundle()?, Duration::from_secs(120))?;
+            let steps = timeline::guest_steps(&std::fs::read_to_string(&vm.console).unwrap_or_default());
+            // The guest's clock starts with its kernel: where init's line arrived on the host's
+            // clock, less init's own stamp, is when the kernel started (±5 ms of polling).
+            let init_ms = steps.iter().find(|(_, s)| s == "init started").map(|(ms, _)| *ms as f64);
+            if let (Some(seen), Some(init_ms)) = (init_seen.join().ok().flatten(), init_ms) {
+                add(&mut samples, "host: VMM start → guest kernel start", seen - init_ms);
+            }
+            for (ms, step) in steps {
+                add(&mut samples, format!("guest: {}", timeline::phase(&step)), ms as f64);
+            }
+            add(&mut samples, "host: boot → mTLS SERVING", ready.as_secs_f64() * 1e3);
+            if let Some(k) = timeline::peak_rss_kib(vm.pid()) {
+                add(&mut samples, "peak RSS VMM (MiB)", k as f64 / 1024.0);
+            }
+            if let Some(k) = vm.passt_pid().and_then(timeline::peak_rss_kib) {
+                add(&mut samples, "peak RSS passt (MiB)", k as f64 / 1024.0);
+            }
+            drop(vm);
+        }
+        pb.finish_and_clear();
+        report.push((mode.to_owned(), samples));
+    }
+    Ok(report)
+}
+
+/// A thread that polls `console` every 5 ms and returns when `marker` first appeared (ms since
+/// `since`), or `None` after two minutes.
+fn watch_for(console: &std::path::Path, marker: &'static str, since: Instant) -> std::thread::JoinHandle<Option<f64>> {
+    let mut tail = openshell_vm::launch::Tail::new(console);
+    std::thread::spawn(move || {
+        let mut seen = String::new();
+        while since.elapsed() < Duration::from_secs(120) {
+            seen.push_str(&String::from_utf8_lossy(&tail.read_new()));
+            if seen.contains(marker) {
+                return Some(since.elapsed().as_secs_f64() * 1e3);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    })
+}
+
+/// `--vmm krun` where libkrun runs only nested: N L1 boots, each running one cold and one warm
+/// libkrun gateway inside; then the same gateway under QEMU directly, N times each; side by side.
+fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()> {
+    let store = Store::default_location();
+    let (l1_kernel, l1_root) = crate::artifacts::ensure_nested_host(sh, &store)?;
+    let host = openshell_vm::nested::NestedHost { kernel: l1_kernel.vmlinux, root: l1_root.dir };
+    let mut probe = openshell_vm::VmConfig::exec(a.kernel.clone(), a.rootfs.clone(), PathBuf::new(), vec!["/bin/true".into()]);
+    probe.vmm = VmmChoice::Krun;
+    crate::artifacts::ensure_vmm(sh, &mut probe)?;
+    let vmm = probe.krun_vmm_binary.context("openshell-vmm was not built")?;
+    let me = std::env::current_exe().context("cannot tell where the xtask binary is")?;
+
+    let mut krun = Report::new();
+    let pb = crate::progress::spinner("bench boot (krun, nested)");
+    for i in 0..n {
+        pb.set_message(format!("L1 boot {}/{n}", i + 1));
+        let state = tempfile::Builder::new().prefix("openshell-bench-l1-").tempdir()?;
+        let mut paths = openshell_vm::nested::L1Paths::default();
+        let (bin, kernel, vmm_in_l1) = (paths.share_file(&me)?, paths.share_file(&a.kernel)?, paths.share_file(&vmm)?);
+        let rootfs = paths.share_dir(&a.rootfs);
+        let argv = [bin.as_str(), "bench", "boot", "--inside-l1", "--vmm", "krun", "-n", "1"];
+        let env = [("OPENSHELL_KERNEL", kernel), ("OPENSHELL_ROOTFS", rootfs), ("OPENSHELL_VMM", vmm_in_l1), ("RUST_BACKTRACE", "0".into())];
+        let cfg = host.l1_config(
+            state.path().join("state"),
+            argv.iter().map(|s| s.to_string()).collect(),
+            env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            paths,
+        )?;
+        let mut l1 = openshell_vm::launch(&cfg)?;
+        let l1_ready = watch_for(&l1.console, "] exec /", l1.started);
+        let exit = l1.wait(None, Some(Duration::from_secs(600)))?;
+        let console = std::fs::read_to_string(&l1.console).unwrap_or_default();
+        let inner = console.lines().find_map(|l| Some(&l[l.find(INNER_PREFIX)? + INNER_PREFIX.len()..]));
+        let (VmExit::Guest(0), Some(inner)) = (exit, inner) else {
+            let tail: Vec<&str> = console.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let report = if inner.is_some() { "with a report" } else { "without a report" };
+            anyhow::bail!("the nested bench inside L1 failed ({exit}, {report}); L1's console ends:\n{}", tail.join("\n"));
+        };
+        let report: Report = serde_json::from_str(inner).context("the nested bench's report is unreadable")?;
+        let l1_ms = l1_ready.join().ok().flatten();
+        for (mode, samples) in report {
+            let into = match krun.iter_mut().find(|(m, _)| *m == mode) {
+                Some((_, s)) => s,
+                None => {
+                    krun.push((mode.clone(), Samples::new()));
+                    &mut krun.last_mut().unwrap().1
+                }
+            };
+            if let Some(ms) = l1_ms {
+                add(into, "host: L1 boot (QEMU start → L1 init runs the bench)", ms);
+            }
+            for (phase, values) in samples {
+                for v in values {
+                    add(into, phase.clone(), v);
+                }
+            }
+        }
+    }
+    pb.finish_and_clear();
+    let qemu = boots(n, VmmChoice::Qemu, a, true)?;
+    if json {
+        let doc = serde_json::json!({ "krun_nested": summarize_all(&krun), "qemu_direct": summarize_all(&qemu) });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    for ((mode, k), (_, q)) in krun.iter().zip(&qemu) {
+        print_table(
+            &format!("{mode} boots (n={n}): libkrun as L2 inside the nested host vs QEMU directly (medians; L2 phases on L1's clock)"),
+            &[("krun nested", k), ("qemu direct", q)],
+        );
+    }
+    Ok(())
+}
+
+/// median, min, max
+fn summary(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn summarize_all(report: &Report) -> serde_json::Value {
+    let modes = report.iter().map(|(mode, samples)| {
+        let rows = samples.iter().map(|(phase, v)| {
+            let (med, min, max) = summary(v);
+            (phase.clone(), serde_json::json!({"median": med, "min": min, "max": max, "n": v.len()}))
+        });
+        (mode.clone(), serde_json::Value::Object(rows.collect()))
+    });
+    serde_json::Value::Object(modes.collect())
+}
+
+/// One table: a row per phase; with one column set, median/min/max; with two, each one's median
+/// and their ratio.
+fn print_table(title: &str, columns: &[(&str, &Samples)]) {
+    println!("{title}:");
+    let mut phases: Vec<&str> = Vec::new();
+    for (_, samples) in columns {
+        for (p, _) in samples.iter() {
+            if !phases.contains(&p.as_str()) {
+                phases.push(p);
+            }
+        }
+    }
+    let get = |s: &Samples, p: &str| s.iter().find(|(q, _)| q == p).map(|(_, v)| summary(v));
+    let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    match columns {
+        [(_, s)] => {
+            println!("  {:<52} {:>9} {:>9} {:>9}", "phase (ms unless noted)", "median", "min", "max");
+            for p in phases {
+                let (med, min, max) = get(s, p).unwrap_or((f64::NAN, f64::NAN, f64::NAN));
+                println!("  {p:<52} {med:>9.1} {min:>9.1} {max:>9.1}");
+            }
+        }
+        [(a_name, a), (b_name, b)] => {
+            println!("  {:<52} {:>12} {:>12} {:>7}", "phase (ms unless noted)", a_name, b_name, "ratio");
+            for p in phases {
+                let (x, y) = (get(a, p).map(|s| s.0), get(b, p).map(|s| s.0));
+                let ratio = x.zip(y).filter(|(_, y)| *y > 0.0).map_or("-".to_owned(), |(x, y)| format!("{:.2}", x / y));
+                println!("  {p:<52} {:>12} {:>12} {ratio:>7}", cell(x), cell(y));
+            }
+        }
+        _ => unreachable!("one or two columns"),
     }
 }
 

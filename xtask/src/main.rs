@@ -31,7 +31,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = flags::Cli::parse();
-    std::env::set_current_dir(project_root())?;
+    // Everything works from the project root, except the bench's inner run inside the nested
+    // host, where there is no project tree.
+    if !matches!(&cli.cmd, flags::Cmd::Bench(b) if !b.needs_project()) {
+        std::env::set_current_dir(project_root())?;
+    }
     match cli.cmd {
         flags::Cmd::Kernel(cmd) => cmd.run(),
         flags::Cmd::NestedHost(cmd) => cmd.run(),
