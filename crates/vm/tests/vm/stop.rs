@@ -49,11 +49,13 @@ fn init_sigkills_a_workload_that_ignores_sigterm(a: &Artifacts, vmm: VmmChoice, 
 }
 
 fn init_reaps_orphans(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    // A subshell starts `sleep 1` in the background and exits: the sleep is orphaned, PID 1
-    // inherits it, and when it exits only init can reap it. Without that it stays a zombie (its
-    // /proc entry remains, state Z) for as long as the guest runs.
-    let script = r#"( sleep 1 & echo $! > /tmp/orphan ); o=$(cat /tmp/orphan)
+    // A subshell starts a waiter in the background and exits: the waiter is orphaned, PID 1
+    // inherits it, and once it is released and exits only init can reap it. Without that it stays
+    // a zombie (its /proc entry remains, state Z) for as long as the guest runs. It waits for
+    // /tmp/go rather than a fixed time, so a slow guest (nested, loaded) still sees it adopted.
+    let script = r#"( sh -c 'while [ ! -e /tmp/go ]; do sleep 0.1; done' & echo $! > /tmp/orphan ); o=$(cat /tmp/orphan)
 echo "orphan $o ppid $(sed -n 's/^PPid:[[:space:]]*//p' /proc/$o/status)"
+touch /tmp/go
 i=0; while [ -e /proc/$o ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 if [ -e /proc/$o ]; then echo "orphan left: $(grep ^State: /proc/$o/status)"; else echo "orphan reaped"; fi
 echo "zombies: $(grep -l '^State:[[:space:]]*Z' /proc/[0-9]*/status 2>/dev/null | wc -l)""#;
