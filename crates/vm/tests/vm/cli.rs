@@ -607,11 +607,12 @@ fn ready_timeout_in(cli: &Cli) -> Result<(), String> {
 const NOTICE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Polls `done` until it holds or `limit` passes; returns how long it took, or `what` with the
-/// last state `done` described.
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> Result<(), String>) -> Result<Duration, String> {
+/// last state `done` described. `done` fails outright (outer `Err`) on a state that cannot lead
+/// to success.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> Result<Result<(), String>, String>) -> Result<Duration, String> {
     let t = Instant::now();
     loop {
-        match done() {
+        match done().map_err(|e| format!("not {what}: {e}"))? {
             Ok(()) => return Ok(t.elapsed()),
             Err(e) if t.elapsed() > limit => return Err(format!("{what} within {}s: {e}", limit.as_secs())),
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -649,7 +650,7 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
         if inst.locked() {
             left.push("the instance lock is held".into());
         }
-        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
+        Ok(if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) })
     })?;
     eprintln!("kill -9 {victim} → nothing of the instance left after {:.2}s", took.as_secs_f64());
 
@@ -712,8 +713,14 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     kill9(passt)?;
     // Back when the same supervisor recorded a new VMM and passt.
     let took = wait_until(Duration::from_secs(180), "the gateway booted again", || {
-        let (_, s, v, p) = recorded_pids(&inst)?;
-        if s == sup && v != vm && p != passt { Ok(()) } else { Err(format!("supervisor {s}, vm {v}, passt {p}")) }
+        if !procfs::process(sup).alive {
+            return Err(format!("the supervisor {sup} exited instead of restarting"));
+        }
+        Ok(match recorded_pids(&inst) {
+            Ok((_, s, v, p)) if s == sup && v != vm && p != passt => Ok(()),
+            Ok((_, s, v, p)) => Err(format!("supervisor {s}, vm {v}, passt {p}")),
+            Err(e) => Err(e),
+        })
     })?;
     eprintln!("kill -9 passt → SERVING again after {:.2}s", took.as_secs_f64());
     let gone = [(vm, vmm_program(cli.vmm)), (passt, "passt")];
