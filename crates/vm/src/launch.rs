@@ -25,6 +25,10 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// before the VMM itself is stopped: init's own SIGTERM→SIGKILL grace (5 s) plus its power-off.
 const GUEST_STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a VMM gets to exit after its network helper did, before the helper's death counts
+/// as the cause (see [`RunningVm::wait`]).
+const VMM_EXIT_AFTER_NET: Duration = Duration::from_millis(500);
+
 /// How a guest run ended, and who says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmExit {
@@ -281,7 +285,7 @@ impl RunningVm {
         let mut console = Tail::new(&self.console);
         // (signal, when the guest was asked to stop, whether the VMM was signalled)
         let mut stopping: Option<(i32, Instant, bool)> = None;
-        let result = loop {
+        let result = 'watch: loop {
             console.drain(&mut sink);
             let sig = got.swap(0, Ordering::Relaxed) as i32;
             match (&mut stopping, sig) {
@@ -310,6 +314,17 @@ impl RunningVm {
                     break self.exit_code(status, stopping.map(|(sig, _, _)| sig));
                 }
                 Ok(None) if net_ended.is_some() => {
+                    // A VMM shutting down closes its end of the link before it exits, and passt
+                    // exits on that: give it a moment to show that it was the one ending.
+                    let until = Instant::now() + VMM_EXIT_AFTER_NET;
+                    while Instant::now() < until {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            self.child = None;
+                            console.drain(&mut sink);
+                            break 'watch self.exit_code(status, None);
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                     let (helper, how) = net_ended.expect("matched");
                     tracing::warn!(%helper, %how, "the network helper ended while the VM ran; stopping the VMM");
                     self.stop();
