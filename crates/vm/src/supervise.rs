@@ -141,18 +141,29 @@ impl Supervised {
     fn wait_restarting(&mut self, mut sink: Option<&mut dyn std::io::Write>, restart: Restart, got: &AtomicUsize) -> Result<VmExit, VmError> {
         let mut restarts = 0;
         loop {
-            got.store(0, Ordering::Relaxed);
+            // A signal that came during a restart's boot, before `RunningVm::wait` listened.
+            if let Some(signal) = signalled(got) {
+                self.vm.stop();
+                return Ok(VmExit::Stopped { signal });
+            }
             let exit = self.vm.wait(sink.as_mut().map(|s| &mut **s as &mut dyn std::io::Write), None)?;
             let Some((child, how)) = exit.failure() else { return Ok(exit) };
             let failure = gateway::Failure { child, how, at_unix: gateway::now_unix() };
             self.vm.stop();
             self.vm.stop_network();
-            self.record(failure)?;
-            let Restart::OnFailure { max, backoff } = restart else { return Ok(exit) };
-            if restarts == max {
-                tracing::warn!(gateway = %self.inst.name, "{failure}; gave up after {max} restarts");
-                return Ok(exit);
-            }
+            let (max, backoff) = match restart {
+                Restart::OnFailure { max, backoff } if restarts < max => (max, backoff),
+                Restart::OnFailure { max, .. } => {
+                    tracing::warn!(gateway = %self.inst.name, "{failure}; gave up after {max} restarts");
+                    self.record(failure, false)?;
+                    return Ok(exit);
+                }
+                Restart::No => {
+                    self.record(failure, false)?;
+                    return Ok(exit);
+                }
+            };
+            self.record(failure, true)?;
             restarts += 1;
             let pause = backoff * 2u32.saturating_pow(restarts - 1);
             tracing::warn!(gateway = %self.inst.name, "restart {restarts}/{max} after {failure}: booting again in {}s", pause.as_secs());
@@ -166,19 +177,19 @@ impl Supervised {
             let (vm, endpoint, ready) = start(&self.inst, &self.cfg, &self.digests, self.ready_timeout)?;
             (self.vm, self.endpoint, self.ready) = (vm, endpoint, ready);
             tracing::warn!(gateway = %self.inst.name, "restart {restarts}/{max}: SERVING again at {} after {:.2}s", self.endpoint, ready.as_secs_f64());
-            if let Some(signal) = signalled(got) {
-                self.vm.stop();
-                return Ok(VmExit::Stopped { signal });
-            }
         }
     }
 
-    /// Writes `failure` into the instance's metadata and clears its pids: the supervisor stopped
-    /// every child before calling this.
-    fn record(&self, failure: gateway::Failure) -> Result<(), VmError> {
+    /// Writes `failure` into the instance's metadata and clears the pids of its children (the
+    /// supervisor stopped them all before calling this), and its own unless it `stays` to restart
+    /// them (a `vm stop` during the backoff finds it there).
+    fn record(&self, failure: gateway::Failure, stays: bool) -> Result<(), VmError> {
         let Some(mut meta) = self.inst.read_metadata() else { return Ok(()) };
         meta.failure = Some(failure);
-        (meta.vm_pid, meta.passt_pid, meta.gvproxy_pid, meta.supervisor_pid) = (None, None, None, None);
+        (meta.vm_pid, meta.passt_pid, meta.gvproxy_pid) = (None, None, None);
+        if !stays {
+            meta.supervisor_pid = None;
+        }
         self.inst.write_metadata(&meta)
     }
 }

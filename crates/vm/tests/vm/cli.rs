@@ -405,7 +405,8 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
     }
     check_status_serving(cli, &st.json()?, name, port)?;
     let text = cli.run(&["vm", "status", "--name", name])?;
-    if text.code != Some(0) || !text.stdout.contains("running at") || !text.stdout.contains("health: SERVING") {
+    let pids = format!("(supervisor {sup}, vm {vm})");
+    if text.code != Some(0) || !text.stdout.contains("running at") || !text.stdout.contains(&pids) || !text.stdout.contains("health: SERVING") {
         return Err(format!("plain status of a SERVING instance:\n{}", text.show()));
     }
 
@@ -657,8 +658,7 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
     let st = cli.run(&["vm", "status", "--name", &name, "--json"])?;
     let doc = st.json()?;
     if st.code != Some(1) {
-        return Err(format!("status of a failed instance must exit 1:
-{}", st.show()));
+        return Err(format!("status of a failed instance must exit 1:\n{}", st.show()));
     }
     check_status_stopped(&doc, &name, port)?;
     let failure = field(&doc, "failure")?;
@@ -680,14 +680,12 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
         format!("start it again with cargo xtask vm run --name {name}"),
     ];
     if text.code != Some(1) || want.iter().any(|w| !text.stdout.contains(w.as_str())) || text.stdout.contains("Some(") {
-        return Err(format!("plain status of a failed instance must say {want:?} and no Rust Debug forms:
-{}", text.show()));
+        return Err(format!("plain status of a failed instance must say {want:?} and no Rust Debug forms:\n{}", text.show()));
     }
     let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
     let last = format!("exit code {}", 128 + 9);
     if !log.contains(&format!("vm: {}", if child == "vmm" { "the VMM was killed by signal 9" } else { "passt exited (signal 9)" })) || !log.contains(&last) {
-        return Err(format!("supervisor.log does not end with the cause and {last}:
-{}", tail(&log, 20)));
+        return Err(format!("supervisor.log does not end with the cause and {last}:\n{}", tail(&log, 20)));
     }
     Ok(())
 }
@@ -736,26 +734,35 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     }
     let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
     if st.code != Some(0) {
-        return Err(format!("status of the restarted instance must exit 0:
-{}", st.show()));
+        return Err(format!("status of the restarted instance must exit 0:\n{}", st.show()));
     }
     let doc = st.json()?;
     check_status_serving(cli, &doc, name, port)?;
     expect_fields(&doc, "status --json of a restarted instance", &[("failure", Value::Null)])?;
     let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
     if !log.contains("restart 1/5 after passt exited (signal 9)") || !log.contains("restart 1/5: SERVING again") {
-        return Err(format!("supervisor.log does not log the restart with its cause:
-{}", tail(&log, 20)));
+        return Err(format!("supervisor.log does not log the restart with its cause:\n{}", tail(&log, 20)));
     }
+    // A second failure, and `vm stop` during the 2 s backoff of restart 2 (the time `vm stop`
+    // takes to send its SIGTERM must fit in it): the instance stops and nothing boots again.
     let (_, sup, vm, passt) = recorded_pids(&inst)?;
+    kill9(passt)?;
+    let log_path = inst.dir.join("supervisor.log");
+    wait_until(NOTICE_LIMIT, "the supervisor logged restart 2", || {
+        let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
+        Ok(if log.contains("restart 2/5 after passt exited (signal 9)") { Ok(()) } else { Err(tail(&log, 5)) })
+    })?;
     let stop = cli.run(&["vm", "stop", "--name", name])?;
     if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
-        return Err(format!("vm stop of the restarted instance:
-{}", stop.show()));
+        return Err(format!("vm stop of the restarting instance:\n{}", stop.show()));
     }
     let left = leftovers(cli, port, &[(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
-    if !left.is_empty() {
-        return Err(format!("left running after vm stop: {left:?}"));
+    if !left.is_empty() || inst.locked() {
+        return Err(format!("left running after vm stop: {left:?} (instance locked: {})", inst.locked()));
+    }
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
+    if log.contains("restart 2/5: SERVING again") {
+        return Err(format!("the gateway booted again after vm stop:\n{}", tail(&log, 20)));
     }
     drop(guard);
     Ok(())
