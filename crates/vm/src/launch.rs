@@ -3,7 +3,9 @@
 //! The VMM always runs in its own process (libkrun's `krun_start_enter` never returns, and QEMU is
 //! a program anyway), in its own process group so a terminal's Ctrl-C reaches the supervisor
 //! first, and with `PR_SET_PDEATHSIG` so it dies with its supervisor even on SIGKILL. The value
-//! that owns it, [`RunningVm`], stops it on drop: SIGTERM, a grace period, then SIGKILL.
+//! that owns it, [`RunningVm`], stops it on drop: SIGTERM, a grace period, then SIGKILL. While it
+//! waits, it watches the network helper too: a VM whose passt/gvproxy died is unreachable, so it
+//! is stopped and the run ends saying which helper died and how ([`VmExit::NetworkDied`]).
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -261,6 +263,11 @@ impl RunningVm {
         self.net.as_mut().and_then(crate::net::HostNet::ended)
     }
 
+    /// Stops the network helper (passt, gvproxy) now rather than on drop.
+    pub fn stop_network(&mut self) {
+        self.net.take();
+    }
+
     /// The passt process carrying this VM's network, if any.
     pub fn passt_pid(&self) -> Option<u32> {
         self.net.as_ref().filter(|n| matches!(n, crate::net::HostNet::Passt(_))).and_then(crate::net::HostNet::pid)
@@ -391,13 +398,6 @@ impl RunningVm {
         let _ = child.kill();
         let _ = child.wait();
         Stopped::Killed
-    }
-}
-
-impl RunningVm {
-    /// Stops the network helper (passt, gvproxy) now rather than on drop.
-    pub fn stop_network(&mut self) {
-        self.net.take();
     }
 }
 

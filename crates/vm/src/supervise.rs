@@ -1,6 +1,8 @@
 //! Owning a gateway instance while it runs: take its lock, recover what a dead supervisor left,
-//! launch the VM, wait for mTLS readiness, record the pids. The foreground `vm run`, the detached
-//! supervisor and the VM suites all go through [`boot`], so they behave the same.
+//! launch the VM, wait for mTLS readiness, record the pids; then, in [`Supervised::wait`], notice
+//! a child dying, record which one and how, and (with `--restart on-failure`) boot again. The
+//! foreground `vm run`, the detached supervisor and the VM suites all go through [`boot`], so they
+//! behave the same.
 //!
 //! Recovery never looks processes up by name: it signals only the pids this instance recorded, and
 //! only while `/proc/<pid>/cmdline` still shows the program we started there (a recycled pid is
