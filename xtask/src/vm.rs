@@ -62,6 +62,11 @@ struct RunArgs {
     /// Return once the gateway is ready, leaving it running in the background
     #[arg(long, conflicts_with = "exec")]
     detach: bool,
+    /// What to do when passt/gvproxy or the VMM dies under the gateway: no (the instance ends,
+    /// `vm status` says why) or on-failure (boot it again on the same port, at most 5 times, after
+    /// 1, 2, 4, 8, 16 s; each restart is logged with its cause)
+    #[arg(long, value_name = "no|on-failure", default_value = "no", conflicts_with = "exec")]
+    restart: openshell_vm::supervise::Restart,
     /// Arguments of the command
     #[arg(last = true)]
     args: Vec<String>,
@@ -122,14 +127,20 @@ impl VmCmd {
                 let st = GatewayInstance::new(&gateway::gateways_root(), &name)?.status();
                 if json {
                     println!("{}", serde_json::to_string_pretty(&st)?);
-                } else {
+                } else if let Some(failure) = &st.failure {
                     println!(
-                        "gateway {:?}: {} at {} (supervisor {:?}, vm {:?}); health: {}; client bundle: {}",
+                        "gateway {:?}: failed: {failure}; nothing left running; start it again with cargo xtask vm run --name {}",
+                        st.name, st.name
+                    );
+                } else {
+                    let pid = |p: Option<u32>| p.map_or("-".to_owned(), |p| p.to_string());
+                    println!(
+                        "gateway {:?}: {} at {} (supervisor {}, vm {}); health: {}; client bundle: {}",
                         st.name,
                         if st.running { "running" } else { "stopped" },
                         st.endpoint.as_deref().unwrap_or("-"),
-                        st.supervisor_pid,
-                        st.vm_pid,
+                        pid(st.supervisor_pid),
+                        pid(st.vm_pid),
                         st.health,
                         st.mtls_dir.display()
                     );
@@ -258,18 +269,18 @@ impl RunArgs {
                 Running::Exec(vm)
             }
         };
-        let vm = match &mut vm {
-            Running::Gateway(up) => &mut up.vm,
-            Running::Exec(vm) => vm,
-        };
         let mut out = std::io::stdout();
-        let exit = vm.wait(Some(&mut out), None)?;
-        eprintln!("vm: {exit} after {:.2}s", vm.started.elapsed().as_secs_f64());
+        let (exit, started) = match &mut vm {
+            Running::Gateway(up) => (up.wait(Some(&mut out), self.restart)?, up.vm.started),
+            Running::Exec(vm) => (vm.wait(Some(&mut out), None)?, vm.started),
+        };
+        eprintln!("vm: {exit} after {:.2}s", started.elapsed().as_secs_f64());
         Ok(exit.code())
     }
 }
 
 /// The foreground VM: a supervised gateway (holding its instance lock) or a one-shot command.
+#[allow(clippy::large_enum_variant)] // one per process
 enum Running {
     Gateway(openshell_vm::supervise::Supervised),
     Exec(openshell_vm::RunningVm),

@@ -57,6 +57,27 @@ pub struct Metadata {
     /// Where the guest console is recorded (`None`: `vm/console.log`).
     #[serde(default)]
     pub console_log: Option<PathBuf>,
+    /// The child whose death ended the instance, written by its supervisor as it gave up; cleared
+    /// by the next boot.
+    #[serde(default)]
+    pub failure: Option<Failure>,
+}
+
+/// A child of the supervisor that ended while the instance ran, and so ended it. In JSON:
+/// `{"child": "passt", "signal": 9, "at_unix": …}` (`exit_code` instead of `signal` for an exit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub child: crate::Child,
+    #[serde(flatten)]
+    pub how: crate::Ended,
+    pub at_unix: u64,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.at_unix % 86_400;
+        write!(f, "{} exited ({}) at {:02}:{:02}:{:02} UTC", self.child, self.how, secs / 3600, secs / 60 % 60, secs % 60)
+    }
 }
 
 /// What `vm status` reports.
@@ -70,6 +91,8 @@ pub struct Status {
     /// `SERVING`, or why not.
     pub health: String,
     pub mtls_dir: PathBuf,
+    /// Why the instance is not running, when a child's death ended it (see [`Failure`]).
+    pub failure: Option<Failure>,
     /// Stale state a dead supervisor left, cleaned up by this status call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recovered: Vec<String>,
@@ -260,6 +283,7 @@ impl GatewayInstance {
             running,
             supervisor_pid: meta.as_ref().and_then(|m| m.supervisor_pid).filter(|_| running),
             vm_pid: meta.as_ref().and_then(|m| m.vm_pid).filter(|_| running),
+            failure: meta.as_ref().and_then(|m| m.failure).filter(|_| !running),
             health,
             mtls_dir: self.mtls_dir(),
             recovered,
@@ -332,6 +356,9 @@ pub fn wait_ready(
         if let Some(status) = vm.exited() {
             return Err(not_ready(vm, &format!("the VM exited ({status}) before the gateway was ready")));
         }
+        if let Some((helper, how)) = vm.net_ended() {
+            return Err(not_ready(vm, &format!("{helper} exited ({how}) before the gateway was ready")));
+        }
         // Probe once the gateway says it listens (seen on the console, a local file). Before
         // that, passt accepts on the host but the connection goes nowhere, and each such probe
         // would burn a whole attempt timeout. A slow fallback probe covers a gateway that never
@@ -389,6 +416,28 @@ mod tests {
         let inst = GatewayInstance::new(t.path(), "t").unwrap();
         let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), 30051, NetMode::None).unwrap_err().to_string();
         assert!(err.contains("--net passt or --net gvproxy"), "{err}");
+    }
+
+    #[test]
+    fn a_failure_names_the_child_and_how_it_ended_in_json_and_words() {
+        let f = Failure { child: crate::Child::Passt, how: crate::Ended::Signal(9), at_unix: 86_400 * 3 + 22 * 3600 + 41 * 60 + 58 };
+        let json = serde_json::to_value(f).unwrap();
+        assert_eq!(json, serde_json::json!({"child": "passt", "signal": 9, "at_unix": f.at_unix}));
+        assert_eq!(serde_json::from_value::<Failure>(json).unwrap(), f);
+        assert_eq!(f.to_string(), "passt exited (signal 9) at 22:41:58 UTC");
+        let vmm = Failure { child: crate::Child::Vmm, how: crate::Ended::ExitCode(1), at_unix: 0 };
+        assert_eq!(serde_json::to_value(vmm).unwrap(), serde_json::json!({"child": "vmm", "exit_code": 1, "at_unix": 0}));
+        assert_eq!(vmm.to_string(), "the VMM exited (exit code 1) at 00:00:00 UTC");
+    }
+
+    #[test]
+    fn metadata_written_before_failures_were_recorded_still_reads() {
+        let t = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        fs::create_dir_all(&inst.dir).unwrap();
+        let old = r#"{"name":"t","endpoint":"127.0.0.1:1","created_unix":0,"vm_pid":null,"kernel_sha256":"","rootfs_sha256":"","backend":"qemu"}"#;
+        fs::write(inst.metadata_path(), old).unwrap();
+        assert_eq!(inst.read_metadata().expect("old metadata reads").failure, None);
     }
 
     #[test]

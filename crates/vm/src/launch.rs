@@ -3,14 +3,16 @@
 //! The VMM always runs in its own process (libkrun's `krun_start_enter` never returns, and QEMU is
 //! a program anyway), in its own process group so a terminal's Ctrl-C reaches the supervisor
 //! first, and with `PR_SET_PDEATHSIG` so it dies with its supervisor even on SIGKILL. The value
-//! that owns it, [`RunningVm`], stops it on drop: SIGTERM, a grace period, then SIGKILL.
+//! that owns it, [`RunningVm`], stops it on drop: SIGTERM, a grace period, then SIGKILL. While it
+//! waits, it watches the network helper too: a VM whose passt/gvproxy died is unreachable, so it
+//! is stopped and the run ends saying which helper died and how ([`VmExit::NetworkDied`]).
 
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +27,10 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// before the VMM itself is stopped: init's own SIGTERM→SIGKILL grace (5 s) plus its power-off.
 const GUEST_STOP_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a VMM gets to exit after its network helper did, before the helper's death counts
+/// as the cause (see [`RunningVm::wait`]).
+const VMM_EXIT_AFTER_NET: Duration = Duration::from_millis(500);
+
 /// How a guest run ended, and who says so.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmExit {
@@ -35,6 +41,57 @@ pub enum VmExit {
     Stopped { signal: i32 },
     /// The VMM process was killed by `signal` from outside (not by us); the guest reported nothing.
     VmmKilled { signal: i32 },
+    /// The network helper (passt or gvproxy) ended while the VM ran, so the guest could no longer
+    /// be reached; the VMM was stopped.
+    NetworkDied { helper: Child, how: Ended },
+}
+
+/// A process the supervisor owns for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Child {
+    Vmm,
+    Passt,
+    Gvproxy,
+}
+
+impl std::fmt::Display for Child {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Child::Vmm => "the VMM",
+            Child::Passt => "passt",
+            Child::Gvproxy => "gvproxy",
+        })
+    }
+}
+
+/// How a process ended: its own exit code, or the signal that killed it. In JSON, one key:
+/// `{"exit_code": 1}` or `{"signal": 9}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ended {
+    ExitCode(i32),
+    Signal(i32),
+}
+
+impl Ended {
+    pub fn of(status: std::process::ExitStatus) -> Ended {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => Ended::ExitCode(code),
+            (None, Some(signal)) => Ended::Signal(signal),
+            // Neither code nor signal happens only for stopped/continued, which wait() never returns.
+            (None, None) => Ended::ExitCode(-1),
+        }
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::ExitCode(code) => write!(f, "exit code {code}"),
+            Ended::Signal(signal) => write!(f, "signal {signal}"),
+        }
+    }
 }
 
 impl VmExit {
@@ -43,6 +100,19 @@ impl VmExit {
         match self {
             VmExit::Guest(code) => code,
             VmExit::Stopped { signal } | VmExit::VmmKilled { signal } => 128 + signal,
+            VmExit::NetworkDied { how: Ended::Signal(signal), .. } => 128 + signal,
+            // A helper that exited 0 still failed the run: the guest lost its network.
+            VmExit::NetworkDied { how: Ended::ExitCode(code), .. } => code.max(1),
+        }
+    }
+
+    /// The child whose death ended the run from outside, and how; `None` when the guest reported
+    /// its own exit or the run was stopped on request.
+    pub fn failure(self) -> Option<(Child, Ended)> {
+        match self {
+            VmExit::VmmKilled { signal } => Some((Child::Vmm, Ended::Signal(signal))),
+            VmExit::NetworkDied { helper, how } => Some((helper, how)),
+            VmExit::Guest(_) | VmExit::Stopped { .. } => None,
         }
     }
 }
@@ -60,6 +130,9 @@ impl std::fmt::Display for VmExit {
             VmExit::VmmKilled { signal } => {
                 write!(f, "the VMM was killed by signal {signal}; the guest reported no exit code (exit code {})", 128 + signal)
             }
+            VmExit::NetworkDied { helper, how } => {
+                write!(f, "{helper} exited ({how}) while the VM ran, so the VM was stopped (exit code {})", self.code())
+            }
         }
     }
 }
@@ -67,7 +140,7 @@ impl std::fmt::Display for VmExit {
 /// A VMM process and the paths it writes.
 #[derive(Debug)]
 pub struct RunningVm {
-    child: Option<Child>,
+    child: Option<std::process::Child>,
     pid: u32,
     pub backend: Backend,
     /// One line: which backend and why.
@@ -185,6 +258,16 @@ impl RunningVm {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// Which network helper has ended, and how, once one has (reaping it).
+    pub fn net_ended(&mut self) -> Option<(Child, Ended)> {
+        self.net.as_mut().and_then(crate::net::HostNet::ended)
+    }
+
+    /// Stops the network helper (passt, gvproxy) now rather than on drop.
+    pub fn stop_network(&mut self) {
+        self.net.take();
+    }
+
     /// The passt process carrying this VM's network, if any.
     pub fn passt_pid(&self) -> Option<u32> {
         self.net.as_ref().filter(|n| matches!(n, crate::net::HostNet::Passt(_))).and_then(crate::net::HostNet::pid)
@@ -209,7 +292,7 @@ impl RunningVm {
         let mut console = Tail::new(&self.console);
         // (signal, when the guest was asked to stop, whether the VMM was signalled)
         let mut stopping: Option<(i32, Instant, bool)> = None;
-        let result = loop {
+        let result = 'watch: loop {
             console.drain(&mut sink);
             let sig = got.swap(0, Ordering::Relaxed) as i32;
             match (&mut stopping, sig) {
@@ -226,12 +309,34 @@ impl RunningVm {
                 }
                 _ => {}
             }
+            // Looked at before the VMM: passt exits by itself once the VMM's end closes, so a helper
+            // found dead while the VMM is still running (looked at after) died first. While
+            // stopping on request, the helper going is part of the stop.
+            let net_ended = if stopping.is_none() { self.net_ended() } else { None };
             let child = self.child.as_mut().expect("waited only once");
             match child.try_wait() {
                 Ok(Some(status)) => {
                     self.child = None;
                     console.drain(&mut sink);
                     break self.exit_code(status, stopping.map(|(sig, _, _)| sig));
+                }
+                Ok(None) if net_ended.is_some() => {
+                    // A VMM shutting down closes its end of the link before it exits, and passt
+                    // exits on that: give it a moment to show that it was the one ending.
+                    let until = Instant::now() + VMM_EXIT_AFTER_NET;
+                    while Instant::now() < until {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            self.child = None;
+                            console.drain(&mut sink);
+                            break 'watch self.exit_code(status, None);
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    let (helper, how) = net_ended.expect("matched");
+                    tracing::warn!(%helper, %how, "the network helper ended while the VM ran; stopping the VMM");
+                    self.stop();
+                    console.drain(&mut sink);
+                    break Ok(VmExit::NetworkDied { helper, how });
                 }
                 Ok(None) if deadline.is_some_and(|(_, d)| Instant::now() > d) => {
                     let secs = deadline.map_or(0, |(t, _)| t.as_secs());

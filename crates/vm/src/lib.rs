@@ -22,5 +22,5 @@ pub mod verify;
 pub use backend::{Backend, KrunPlace, VmmChoice};
 pub use config::{DirShare, VmConfig, VmError};
 pub use host::HostFacts;
-pub use launch::{launch, RunningVm, Stopped, VmExit, LEDGER_ENV};
+pub use launch::{launch, Child, Ended, RunningVm, Stopped, VmExit, LEDGER_ENV};
 pub use net::{NetMode, PortMap};

@@ -1,17 +1,21 @@
 //! Owning a gateway instance while it runs: take its lock, recover what a dead supervisor left,
-//! launch the VM, wait for mTLS readiness, record the pids. The foreground `vm run`, the detached
-//! supervisor and the VM suites all go through [`boot`], so they behave the same.
+//! launch the VM, wait for mTLS readiness, record the pids; then, in [`Supervised::wait`], notice
+//! a child dying, record which one and how, and (with `--restart on-failure`) boot again. The
+//! foreground `vm run`, the detached supervisor and the VM suites all go through [`boot`], so they
+//! behave the same.
 //!
 //! Recovery never looks processes up by name: it signals only the pids this instance recorded, and
 //! only while `/proc/<pid>/cmdline` still shows the program we started there (a recycled pid is
 //! left alone).
 
 use std::fs;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::gateway::{self, GatewayInstance, Metadata};
 use crate::procfs;
-use crate::{RunningVm, VmConfig, VmError};
+use crate::{RunningVm, VmConfig, VmError, VmExit};
 
 /// A gateway VM that answered its mTLS health check. Dropping it stops the VM and passt and
 /// releases the instance lock.
@@ -24,7 +28,39 @@ pub struct Supervised {
     pub recovered: Vec<String>,
     /// The host checks this boot passed (with any warnings to show).
     pub preflight: crate::check::Preflight,
+    inst: GatewayInstance,
+    cfg: VmConfig,
+    digests: (String, String),
+    ready_timeout: Duration,
     _lock: fs::File,
+}
+
+/// `vm run --restart`: what the supervisor does when a child's death (passt, gvproxy, the VMM)
+/// ends the instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Restart {
+    /// The first failure ends the instance.
+    #[default]
+    No,
+    /// Boot again, at most `max` times over the supervisor's life, after `backoff`, doubled at
+    /// each restart (a child that dies at once does not spin).
+    OnFailure { max: u32, backoff: Duration },
+}
+
+impl Restart {
+    /// `--restart on-failure`: 5 restarts, after 1, 2, 4, 8 and 16 s.
+    pub const ON_FAILURE: Restart = Restart::OnFailure { max: 5, backoff: Duration::from_secs(1) };
+}
+
+impl std::str::FromStr for Restart {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "no" => Ok(Restart::No),
+            "on-failure" => Ok(Restart::ON_FAILURE),
+            _ => Err(format!("unknown restart policy {s:?}: expected no or on-failure")),
+        }
+    }
 }
 
 /// Boots `cfg` (from [`GatewayInstance::vm_config`]) as instance `inst` after the host checks
@@ -42,6 +78,25 @@ pub fn boot(
     let recovered = clean_stale(inst)?;
     // After recovery: a leftover passt of a dead supervisor must not read as "port in use".
     let preflight = crate::check::preflight(cfg, verification)?;
+    let digests = (digests.0.to_owned(), digests.1.to_owned());
+    let (vm, endpoint, ready) = start(inst, cfg, &digests, ready_timeout)?;
+    Ok(Supervised {
+        vm,
+        endpoint,
+        ready,
+        recovered,
+        preflight,
+        inst: inst.clone(),
+        cfg: cfg.clone(),
+        digests,
+        ready_timeout,
+        _lock: lock,
+    })
+}
+
+/// Launches the VM, waits for SERVING and records the instance's pids (clearing any failure of
+/// an earlier boot). The caller holds the instance lock.
+fn start(inst: &GatewayInstance, cfg: &VmConfig, digests: &(String, String), ready_timeout: Duration) -> Result<(RunningVm, String, Duration), VmError> {
     let port = cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
     let endpoint = format!("127.0.0.1:{port}");
     let mut vm = crate::launch(cfg)?;
@@ -52,8 +107,8 @@ pub fn boot(
         endpoint: endpoint.clone(),
         created_unix: gateway::now_unix(),
         vm_pid: Some(vm.pid()),
-        kernel_sha256: digests.0.to_owned(),
-        rootfs_sha256: digests.1.to_owned(),
+        kernel_sha256: digests.0.clone(),
+        rootfs_sha256: digests.1.clone(),
         backend: vm.backend.to_string(),
         supervisor_pid: Some(std::process::id()),
         passt_pid: vm.passt_pid(),
@@ -61,8 +116,88 @@ pub fn boot(
         kernel_path: Some(cfg.kernel.clone()),
         rootfs_dir: Some(cfg.rootfs.clone()),
         console_log: Some(vm.console.clone()),
+        failure: None,
     })?;
-    Ok(Supervised { vm, endpoint, ready, recovered, preflight, _lock: lock })
+    Ok((vm, endpoint, ready))
+}
+
+impl Supervised {
+    /// Waits for the VM like [`RunningVm::wait`] (console to `sink`, SIGINT/SIGTERM stop it).
+    /// When a child's death ends it (passt or gvproxy exiting, the VMM killed), stops what is left
+    /// and records which child died, how and when in the instance's metadata, with its pids
+    /// cleared (nothing of it runs), for `vm status`. Under [`Restart::OnFailure`] it then boots
+    /// the instance again on the same port, logging each restart with its cause, until the
+    /// restarts run out; the result is how the last run ended.
+    pub fn wait(&mut self, sink: Option<&mut dyn std::io::Write>, restart: Restart) -> Result<VmExit, VmError> {
+        // Covers the backoff and the reboot too, where `RunningVm::wait` does not listen: a
+        // `vm stop` then ends the supervisor once the pause or the boot is over.
+        let got = Arc::new(AtomicUsize::new(0));
+        let ids = [libc::SIGINT, libc::SIGTERM].map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
+        let result = self.wait_restarting(sink, restart, &got);
+        for id in ids.into_iter().flatten() {
+            signal_hook::low_level::unregister(id);
+        }
+        result
+    }
+
+    fn wait_restarting(&mut self, mut sink: Option<&mut dyn std::io::Write>, restart: Restart, got: &AtomicUsize) -> Result<VmExit, VmError> {
+        let mut restarts = 0;
+        loop {
+            // A signal that came during a restart's boot, before `RunningVm::wait` listened.
+            if let Some(signal) = signalled(got) {
+                self.vm.stop();
+                return Ok(VmExit::Stopped { signal });
+            }
+            let exit = self.vm.wait(sink.as_mut().map(|s| &mut **s as &mut dyn std::io::Write), None)?;
+            let Some((child, how)) = exit.failure() else { return Ok(exit) };
+            let failure = gateway::Failure { child, how, at_unix: gateway::now_unix() };
+            self.vm.stop();
+            self.vm.stop_network();
+            let (max, backoff) = match restart {
+                Restart::OnFailure { max, backoff } if restarts < max => (max, backoff),
+                Restart::OnFailure { max, .. } => {
+                    tracing::warn!(gateway = %self.inst.name, "{failure}; gave up after {max} restarts");
+                    self.record(failure, false)?;
+                    return Ok(exit);
+                }
+                Restart::No => {
+                    self.record(failure, false)?;
+                    return Ok(exit);
+                }
+            };
+            self.record(failure, true)?;
+            restarts += 1;
+            let pause = backoff * 2u32.saturating_pow(restarts - 1);
+            tracing::warn!(gateway = %self.inst.name, "restart {restarts}/{max} after {failure}: booting again in {}s", pause.as_secs());
+            let until = std::time::Instant::now() + pause;
+            while std::time::Instant::now() < until {
+                if let Some(signal) = signalled(got) {
+                    return Ok(VmExit::Stopped { signal });
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let (vm, endpoint, ready) = start(&self.inst, &self.cfg, &self.digests, self.ready_timeout)?;
+            (self.vm, self.endpoint, self.ready) = (vm, endpoint, ready);
+            tracing::warn!(gateway = %self.inst.name, "restart {restarts}/{max}: SERVING again at {} after {:.2}s", self.endpoint, ready.as_secs_f64());
+        }
+    }
+
+    /// Writes `failure` into the instance's metadata and clears the pids of its children (the
+    /// supervisor stopped them all before calling this), and its own unless it `stays` to restart
+    /// them (a `vm stop` during the backoff finds it there).
+    fn record(&self, failure: gateway::Failure, stays: bool) -> Result<(), VmError> {
+        let Some(mut meta) = self.inst.read_metadata() else { return Ok(()) };
+        meta.failure = Some(failure);
+        (meta.vm_pid, meta.passt_pid, meta.gvproxy_pid) = (None, None, None);
+        if !stays {
+            meta.supervisor_pid = None;
+        }
+        self.inst.write_metadata(&meta)
+    }
+}
+
+fn signalled(got: &AtomicUsize) -> Option<i32> {
+    Some(got.swap(0, Ordering::Relaxed) as i32).filter(|&s| s != 0)
 }
 
 /// When no supervisor holds the instance but its metadata still names pids, the supervisor died
@@ -149,6 +284,7 @@ mod tests {
             kernel_path: None,
             rootfs_dir: None,
             console_log: None,
+            failure: None,
         }
     }
 
@@ -161,6 +297,14 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         child
+    }
+
+    #[test]
+    fn restart_policies_parse() {
+        assert_eq!("no".parse::<Restart>().unwrap(), Restart::No);
+        assert_eq!("on-failure".parse::<Restart>().unwrap(), Restart::ON_FAILURE);
+        let err = "always".parse::<Restart>().unwrap_err();
+        assert!(err.contains("no or on-failure"), "{err}");
     }
 
     #[test]

@@ -539,6 +539,7 @@ mod tests {
                 kernel_path: Some("/k/vmlinux".into()),
                 rootfs_dir: Some("/r".into()),
                 console_log: None,
+                failure: None,
             },
             port: 30051,
             locked: true,

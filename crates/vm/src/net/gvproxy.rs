@@ -345,6 +345,11 @@ impl Gvproxy {
         self.child.as_ref().map(Child::id)
     }
 
+    /// How gvproxy ended, once it has; reaps it.
+    pub fn ended(&mut self) -> Option<crate::launch::Ended> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(crate::launch::Ended::of)
+    }
+
     pub fn sockets(&self) -> &Sockets {
         &self.sockets
     }

@@ -212,6 +212,14 @@ impl HostNet {
             HostNet::Gvproxy(g) => g.pid(),
         }
     }
+
+    /// Which helper this is, and how it ended once it has.
+    pub fn ended(&mut self) -> Option<(crate::launch::Child, crate::launch::Ended)> {
+        match self {
+            HostNet::Passt(p) => p.ended().map(|how| (crate::launch::Child::Passt, how)),
+            HostNet::Gvproxy(g) => g.ended().map(|how| (crate::launch::Child::Gvproxy, how)),
+        }
+    }
 }
 
 /// Starts the network backend of `mode` with `ports` forwarded. Returns the running process and,

@@ -83,9 +83,10 @@ impl Passt {
         }
     }
 
-    /// Whether passt has exited (it does when the VM closes its end).
-    pub fn exited(&mut self) -> bool {
-        self.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    /// How passt ended, once it has (it does by itself when the VM closes its end); reaps it, so
+    /// it does not linger as a zombie.
+    pub fn ended(&mut self) -> Option<crate::launch::Ended> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(crate::launch::Ended::of)
     }
 }
 

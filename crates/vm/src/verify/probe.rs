@@ -341,6 +341,7 @@ mod tests {
             kernel_path: None,
             rootfs_dir: None,
             console_log: None,
+            failure: None,
         };
         inst.write_metadata(&meta).unwrap();
         fs::write(inst.dir.join(".metadata.json.tmp"), "{}").unwrap();

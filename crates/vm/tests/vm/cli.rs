@@ -30,6 +30,9 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::reset_replaces_the_pki", reset_replaces_the_pki),
     ("cli::ready_timeout_expiry_leaves_nothing_running", ready_timeout_expiry_leaves_nothing_running),
     ("cli::sigint_stops_a_foreground_run", sigint_stops_a_foreground_run),
+    ("cli::passt_killed_fails_the_instance_and_status_says_why", passt_killed_fails_the_instance_and_status_says_why),
+    ("cli::vmm_killed_fails_the_instance_and_status_says_why", vmm_killed_fails_the_instance_and_status_says_why),
+    ("cli::restart_on_failure_brings_the_gateway_back", restart_on_failure_brings_the_gateway_back),
     ("cli::verify_exit_codes_and_json", verify_exit_codes_and_json),
     ("cli::check_exit_codes_and_json", check_exit_codes_and_json),
     ("cli::rootfs_check_detects_a_tampered_file", rootfs_check_detects_a_tampered_file),
@@ -402,7 +405,8 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
     }
     check_status_serving(cli, &st.json()?, name, port)?;
     let text = cli.run(&["vm", "status", "--name", name])?;
-    if text.code != Some(0) || !text.stdout.contains("running at") || !text.stdout.contains("health: SERVING") {
+    let pids = format!("(supervisor {sup}, vm {vm})");
+    if text.code != Some(0) || !text.stdout.contains("running at") || !text.stdout.contains(&pids) || !text.stdout.contains("health: SERVING") {
         return Err(format!("plain status of a SERVING instance:\n{}", text.show()));
     }
 
@@ -599,6 +603,171 @@ fn ready_timeout_in(cli: &Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// Bound on how long the supervisor may take to notice a dead child and stop the rest: a hang
+/// guard only (the time taken is printed, not asserted).
+const NOTICE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Polls `done` until it holds or `limit` passes; returns how long it took, or `what` with the
+/// last state `done` described. `done` fails outright (outer `Err`) on a state that cannot lead
+/// to success.
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> Result<Result<(), String>, String>) -> Result<Duration, String> {
+    let t = Instant::now();
+    loop {
+        match done().map_err(|e| format!("not {what}: {e}"))? {
+            Ok(()) => return Ok(t.elapsed()),
+            Err(e) if t.elapsed() > limit => return Err(format!("{what} within {}s: {e}", limit.as_secs())),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn kill9(pid: u32) -> Result<(), String> {
+    // SAFETY: kill(2) on a pid this trial read from the instance's metadata and just checked.
+    if unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
+        return Err(format!("kill -9 {pid}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Kills the `victim` child ("passt" or "vm") of a detached gateway with SIGKILL, and checks that
+/// the supervisor stops the rest and exits, and that `vm status` (plain and `--json`) says which
+/// child died and how, with nothing running.
+fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
+    let (name, port) = (format!("{victim}-killed"), support::free_port());
+    let inst = cli.instance(&name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(&name, port, &[])?;
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+    let (pid, child, prog) = if victim == "passt" { (passt, "passt", "passt") } else { (vm, "vmm", vmm_program(cli.vmm)) };
+    if !procfs::process(pid).program_is_any(&[prog]) {
+        return Err(format!("recorded {victim} pid {pid} is not a live {prog}"));
+    }
+    kill9(pid)?;
+    let pids = [(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")];
+    let took = wait_until(NOTICE_LIMIT, &format!("nothing of the instance left after kill -9 of {victim}"), || {
+        let mut left = leftovers(cli, port, &pids);
+        // A zombie is no leftover for `leftovers`, but one the supervisor never reaped is a bug.
+        left.extend(pids.iter().filter(|(p, _)| std::fs::metadata(format!("/proc/{p}")).is_ok()).map(|(p, what)| format!("{what} pid {p} (maybe a zombie)")));
+        if inst.locked() {
+            left.push("the instance lock is held".into());
+        }
+        Ok(if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) })
+    })?;
+    eprintln!("kill -9 {victim} → nothing of the instance left after {:.2}s", took.as_secs_f64());
+
+    let st = cli.run(&["vm", "status", "--name", &name, "--json"])?;
+    let doc = st.json()?;
+    if st.code != Some(1) {
+        return Err(format!("status of a failed instance must exit 1:\n{}", st.show()));
+    }
+    check_status_stopped(&doc, &name, port)?;
+    let failure = field(&doc, "failure")?;
+    expect_fields(failure, "status --json failure", &[("child", json!(child)), ("signal", json!(9))])?;
+    let at = field(failure, "at_unix")?.as_u64().ok_or_else(|| format!("failure.at_unix is not a number: {failure}"))?;
+    let now = openshell_vm::gateway::now_unix();
+    if at == 0 || at > now {
+        return Err(format!("failure.at_unix {at} is not a time before now ({now})"));
+    }
+    if doc.get("recovered").is_some() {
+        return Err(format!("the supervisor left stale pids for status to recover: {doc:#}"));
+    }
+
+    let text = cli.run(&["vm", "status", "--name", &name])?;
+    let said = if child == "vmm" { "the VMM" } else { "passt" };
+    let want = [
+        format!("failed: {said} exited (signal 9) at "),
+        "nothing left running".to_owned(),
+        format!("start it again with cargo xtask vm run --name {name}"),
+    ];
+    if text.code != Some(1) || want.iter().any(|w| !text.stdout.contains(w.as_str())) || text.stdout.contains("Some(") {
+        return Err(format!("plain status of a failed instance must say {want:?} and no Rust Debug forms:\n{}", text.show()));
+    }
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
+    let last = format!("exit code {}", 128 + 9);
+    if !log.contains(&format!("vm: {}", if child == "vmm" { "the VMM was killed by signal 9" } else { "passt exited (signal 9)" })) || !log.contains(&last) {
+        return Err(format!("supervisor.log does not end with the cause and {last}:\n{}", tail(&log, 20)));
+    }
+    Ok(())
+}
+
+fn passt_killed_fails_the_instance_and_status_says_why(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| child_killed_in(cli, "passt"))
+}
+
+fn vmm_killed_fails_the_instance_and_status_says_why(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| child_killed_in(cli, "vm"))
+}
+
+fn restart_on_failure_brings_the_gateway_back(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| restart_in(cli))
+}
+
+fn restart_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("restarted", support::free_port());
+    let inst = cli.instance(name);
+    let guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &["--restart", "on-failure"])?;
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+    kill9(passt)?;
+    // Back when the same supervisor recorded a new VMM and passt.
+    let took = wait_until(Duration::from_secs(180), "the gateway booted again", || {
+        if !procfs::process(sup).alive {
+            return Err(format!("the supervisor {sup} exited instead of restarting"));
+        }
+        Ok(match recorded_pids(&inst) {
+            Ok((_, s, v, p)) if s == sup && v != vm && p != passt => Ok(()),
+            Ok((_, s, v, p)) => Err(format!("supervisor {s}, vm {v}, passt {p}")),
+            Err(e) => Err(e),
+        })
+    })?;
+    eprintln!("kill -9 passt → SERVING again after {:.2}s", took.as_secs_f64());
+    let gone = [(vm, vmm_program(cli.vmm)), (passt, "passt")];
+    let left: Vec<String> = gone.iter().filter(|(p, _)| std::fs::metadata(format!("/proc/{p}")).is_ok()).map(|(p, w)| format!("{w} pid {p}")).collect();
+    if !left.is_empty() {
+        return Err(format!("the first boot's processes are still there (or unreaped) after the restart: {left:?}"));
+    }
+    let endpoint = format!("127.0.0.1:{port}");
+    let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
+    let h = health(&endpoint, &bundle)?;
+    if h != openshell_gateway::ServingStatus::Serving {
+        return Err(format!("the restarted gateway at {endpoint} says {h:?}"));
+    }
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    if st.code != Some(0) {
+        return Err(format!("status of the restarted instance must exit 0:\n{}", st.show()));
+    }
+    let doc = st.json()?;
+    check_status_serving(cli, &doc, name, port)?;
+    expect_fields(&doc, "status --json of a restarted instance", &[("failure", Value::Null)])?;
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
+    if !log.contains("restart 1/5 after passt exited (signal 9)") || !log.contains("restart 1/5: SERVING again") {
+        return Err(format!("supervisor.log does not log the restart with its cause:\n{}", tail(&log, 20)));
+    }
+    // A second failure, and `vm stop` during the 2 s backoff of restart 2 (the time `vm stop`
+    // takes to send its SIGTERM must fit in it): the instance stops and nothing boots again.
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+    kill9(passt)?;
+    let log_path = inst.dir.join("supervisor.log");
+    wait_until(NOTICE_LIMIT, "the supervisor logged restart 2", || {
+        let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
+        Ok(if log.contains("restart 2/5 after passt exited (signal 9)") { Ok(()) } else { Err(tail(&log, 5)) })
+    })?;
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
+        return Err(format!("vm stop of the restarting instance:\n{}", stop.show()));
+    }
+    let left = leftovers(cli, port, &[(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    if !left.is_empty() || inst.locked() {
+        return Err(format!("left running after vm stop: {left:?} (instance locked: {})", inst.locked()));
+    }
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
+    if log.contains("restart 2/5: SERVING again") {
+        return Err(format!("the gateway booted again after vm stop:\n{}", tail(&log, 20)));
+    }
+    drop(guard);
+    Ok(())
+}
+
 fn sigint_stops_a_foreground_run(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| sigint_in(cli))
 }
@@ -700,25 +869,21 @@ fn verify_in(cli: &Cli) -> Result<(), String> {
     if r.code != Some(0) || ids != crate::verify::ROWS || rows.iter().any(|r| r["status"] != "PASS") {
         return Err(format!("verify of a healthy gateway must pass rows {:?}:\n{}", crate::verify::ROWS, r.show()));
     }
-    // Exit 1: its forward dies with passt.
+    // Exit 1: its forward dies with passt, and the supervisor, noticing, ends the instance (the
+    // in-process `gateway::verify_fails_when_forward_is_closed` covers a live VM without forward).
     let (_, _, _, passt) = recorded_pids(&inst)?;
     if procfs::process(passt).program_is_any(&["passt"]) {
-        // SAFETY: kill(2) on the passt pid this instance recorded, checked to still be passt.
-        unsafe { libc::kill(passt as i32, libc::SIGKILL) };
+        kill9(passt)?;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !support::tcp_listeners(port).is_empty() {
-        if Instant::now() > deadline {
-            return Err(format!("port {port} still listens 10 s after passt {passt} was killed"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(NOTICE_LIMIT, "the instance ended after passt was killed", || {
+        Ok(if support::tcp_listeners(port).is_empty() && !inst.locked() { Ok(()) } else { Err(format!("port {port} listens or the lock is held")) })
+    })?;
     let r = cli.run(&["verify", "--json", "--name", name])?;
     let doc = r.json()?;
     let rows = matrix_doc(&doc, &format!("verify gateway {name}"), r.code)?;
     let tcp = row(rows, "tcp")?;
-    if r.code != Some(1) || tcp["status"] != "FAIL" || tcp["required"] != json!(true) || row(rows, "vm-process")?["status"] != "PASS" {
-        return Err(format!("verify with the forward gone must exit 1 with a failing tcp row and a live VM:\n{}", r.show()));
+    if r.code != Some(1) || tcp["status"] != "FAIL" || tcp["required"] != json!(true) || row(rows, "supervisor")?["status"] != "FAIL" {
+        return Err(format!("verify with the forward gone must exit 1 with failing tcp and supervisor rows:\n{}", r.show()));
     }
     Ok(())
 }
