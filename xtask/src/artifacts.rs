@@ -55,16 +55,9 @@ pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole) -> anyhow::Res
     if let Ok(k) = kernel::locate(store, &spec) {
         return Ok(k);
     }
-    let pb = progress::spinner(format!("building the {role} kernel (about 5-10 min on 2 cores)"));
-    let mut lines = 0u64;
-    let built = kernel::build(store, &spec, &mut |line| {
-        lines += 1;
-        pb.set_message(line.to_owned());
-        if pb.is_hidden() && lines.is_multiple_of(200) {
-            eprintln!("{role} kernel build: {line}");
-        }
-    });
-    pb.finish_and_clear();
+    let mut progress = progress::BuildLines::new(format!("building the {role} kernel (about 5-10 min on 2 cores)"), format!("{role} kernel build"), 200);
+    let built = kernel::build(store, &spec, &mut |line| progress.line(line));
+    progress.finish();
     built.context("kernel build failed")
 }
 
@@ -157,16 +150,9 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
     if let Ok(root) = nested_root::locate(store, &inputs) {
         return Ok((kernel, root));
     }
-    let pb = progress::spinner("baking the nested root (Debian minbase + passt, about a minute)");
-    let mut lines = 0u64;
-    let baked = nested_root::bake(store, &inputs, &mut |line| {
-        lines += 1;
-        pb.set_message(line.to_owned());
-        if pb.is_hidden() && lines.is_multiple_of(20) {
-            eprintln!("nested root: {line}");
-        }
-    });
-    pb.finish_and_clear();
+    let mut progress = progress::BuildLines::new("baking the nested root (Debian minbase + passt, about a minute)", "nested root", 20);
+    let baked = nested_root::bake(store, &inputs, &mut |line| progress.line(line));
+    progress.finish();
     Ok((kernel, baked.context("nested root bake failed")?))
 }
 

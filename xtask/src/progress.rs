@@ -15,3 +15,30 @@ pub fn spinner(msg: impl Into<String>) -> ProgressBar {
     pb.enable_steady_tick(Duration::from_millis(120));
     pb
 }
+
+/// Progress of a long build that prints lines: a spinner showing the latest one on a terminal;
+/// elsewhere (CI logs) every `every`-th line, prefixed with `label`, so the log shows it moving.
+pub struct BuildLines {
+    pb: ProgressBar,
+    label: String,
+    every: u64,
+    seen: u64,
+}
+
+impl BuildLines {
+    pub fn new(msg: impl Into<String>, label: impl Into<String>, every: u64) -> BuildLines {
+        BuildLines { pb: spinner(msg), label: label.into(), every, seen: 0 }
+    }
+
+    pub fn line(&mut self, line: &str) {
+        self.seen += 1;
+        self.pb.set_message(line.to_owned());
+        if self.pb.is_hidden() && self.seen.is_multiple_of(self.every) {
+            eprintln!("{}: {line}", self.label);
+        }
+    }
+
+    pub fn finish(self) {
+        self.pb.finish_and_clear();
+    }
+}
