@@ -29,6 +29,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a terminal: a detached supervisor's stderr is its supervisor.log.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = flags::Cli::parse();
     // Everything works from the project root, except the bench's inner run inside the nested

@@ -74,6 +74,9 @@ pub fn boot(
     ready_timeout: Duration,
     verification: crate::check::Verification,
 ) -> Result<Supervised, VmError> {
+    // Every line logged while this instance boots says which instance and which boot it is. At
+    // WARN so the span is on whenever the warnings it frames are (the default filter is `warn`).
+    let _span = tracing::warn_span!("gateway", name = %inst.name, boot = 1).entered();
     let lock = inst.lock()?;
     let recovered = clean_stale(inst)?;
     // After recovery: a leftover passt of a dead supervisor must not read as "port in use".
@@ -143,6 +146,7 @@ impl Supervised {
     fn wait_restarting(&mut self, mut sink: Option<&mut dyn std::io::Write>, restart: Restart, got: &AtomicUsize) -> Result<VmExit, VmError> {
         let mut restarts = 0;
         loop {
+            let _span = tracing::warn_span!("gateway", name = %self.inst.name, boot = restarts + 1).entered();
             // A signal that came during a restart's boot, before `RunningVm::wait` listened.
             if let Some(signal) = signalled(got) {
                 self.vm.stop();
@@ -156,7 +160,7 @@ impl Supervised {
             let (max, backoff) = match restart {
                 Restart::OnFailure { max, backoff } if restarts < max => (max, backoff),
                 Restart::OnFailure { max, .. } => {
-                    tracing::warn!(gateway = %self.inst.name, "{failure}; gave up after {max} restarts");
+                    tracing::warn!("{failure}; gave up after {max} restarts");
                     self.record(failure, false)?;
                     return Ok(exit);
                 }
@@ -168,7 +172,7 @@ impl Supervised {
             self.record(failure, true)?;
             restarts += 1;
             let pause = backoff * 2u32.saturating_pow(restarts - 1);
-            tracing::warn!(gateway = %self.inst.name, "restart {restarts}/{max} after {failure}: booting again in {}s", pause.as_secs());
+            tracing::warn!("restart {restarts}/{max} after {failure}: booting again in {}s", pause.as_secs());
             let until = std::time::Instant::now() + pause;
             while std::time::Instant::now() < until {
                 if let Some(signal) = signalled(got) {
@@ -178,7 +182,7 @@ impl Supervised {
             }
             let (vm, endpoint, ready) = start(&self.inst, &self.cfg, &self.digests, self.ready_timeout)?;
             (self.vm, self.endpoint, self.ready) = (vm, endpoint, ready);
-            tracing::warn!(gateway = %self.inst.name, "restart {restarts}/{max}: SERVING again at {} after {:.2}s", self.endpoint, ready.as_secs_f64());
+            tracing::warn!("restart {restarts}/{max}: SERVING again at {} after {:.2}s", self.endpoint, ready.as_secs_f64());
         }
     }
 

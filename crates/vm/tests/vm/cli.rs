@@ -743,6 +743,10 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     if !log.contains("restart 1/5 after passt exited (signal 9)") || !log.contains("restart 1/5: SERVING again") {
         return Err(format!("supervisor.log does not log the restart with its cause:\n{}", tail(&log, 20)));
     }
+    // A file, not a terminal: no colour escapes; and each line says which instance and boot.
+    if log.contains('\x1b') || !log.contains(&format!("gateway{{name={name} boot=1}}")) {
+        return Err(format!("supervisor.log has colour escapes or lines without the instance's span:\n{}", tail(&log, 20)));
+    }
     // A second failure, and `vm stop` during the 2 s backoff of restart 2 (the time `vm stop`
     // takes to send its SIGTERM must fit in it): the instance stops and nothing boots again.
     let (_, sup, vm, passt) = recorded_pids(&inst)?;
