@@ -55,7 +55,11 @@ pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole) -> anyhow::Res
     if let Ok(k) = kernel::locate(store, &spec) {
         return Ok(k);
     }
-    let mut progress = progress::BuildLines::new(format!("building the {role} kernel (about 5-10 min on 2 cores)"), format!("{role} kernel build"), 200);
+    let mut progress = progress::BuildLines::new(
+        format!("building the {role} kernel (about 5-10 min on 2 cores)"),
+        format!("{role} kernel build"),
+        200,
+    );
     let built = kernel::build(store, &spec, &mut |line| progress.line(line));
     progress.finish();
     built.context("kernel build failed")
@@ -89,7 +93,8 @@ fn guest_program_files() -> Vec<GuestFile> {
 /// The kernel `vm run` would boot, without building or installing anything: its `vmlinux`, or
 /// what was looked for.
 pub fn locate_kernel(store: &Store) -> Result<PathBuf, String> {
-    let spec = kernel_spec(KernelRole::Guest).map_err(|e| format!("cannot tell which kernel the current fragments need: {e:#}"))?;
+    let spec = kernel_spec(KernelRole::Guest)
+        .map_err(|e| format!("cannot tell which kernel the current fragments need: {e:#}"))?;
     match kernel::locate(store, &spec) {
         Ok(k) => Ok(k.vmlinux),
         Err(_) => Err(format!(
@@ -150,7 +155,8 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
     if let Ok(root) = nested_root::locate(store, &inputs) {
         return Ok((kernel, root));
     }
-    let mut progress = progress::BuildLines::new("baking the nested root (Debian minbase + passt, about a minute)", "nested root", 20);
+    let mut progress =
+        progress::BuildLines::new("baking the nested root (Debian minbase + passt, about a minute)", "nested root", 20);
     let baked = nested_root::bake(store, &inputs, &mut |line| progress.line(line));
     progress.finish();
     Ok((kernel, baked.context("nested root bake failed")?))

@@ -125,7 +125,11 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
     let mut report = Report::new();
     for mode in ["cold", "warm"] {
         let mut samples = Samples::new();
-        let pb = if progress { crate::progress::spinner(format!("bench boot ({mode})")) } else { indicatif::ProgressBar::hidden() };
+        let pb = if progress {
+            crate::progress::spinner(format!("bench boot ({mode})"))
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         for i in 0..n {
             pb.set_message(format!("boot {}/{n}", i + 1));
             let inst = GatewayInstance::new(root.path(), "bench")?;
@@ -134,12 +138,22 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
             }
             inst.ensure_pki()?;
             let port = free_port()?;
-            let mut cfg =
-                inst.vm_config(a.kernel.clone(), a.rootfs.clone(), (&a.digests.0, &a.digests.1), port, openshell_vm::NetMode::Passt)?;
+            let mut cfg = inst.vm_config(
+                a.kernel.clone(),
+                a.rootfs.clone(),
+                (&a.digests.0, &a.digests.1),
+                port,
+                openshell_vm::NetMode::Passt,
+            )?;
             cfg.vmm = vmm;
             let mut vm = openshell_vm::launch(&cfg)?;
             let init_seen = watch_for(&vm.console, "] init started", vm.started);
-            let ready = gateway::wait_ready(&mut vm, &format!("127.0.0.1:{port}"), &inst.client_bundle()?, Duration::from_secs(120))?;
+            let ready = gateway::wait_ready(
+                &mut vm,
+                &format!("127.0.0.1:{port}"),
+                &inst.client_bundle()?,
+                Duration::from_secs(120),
+            )?;
             let steps = timeline::guest_steps(&std::fs::read_to_string(&vm.console).unwrap_or_default());
             // The guest's clock starts with its kernel: where init's line arrived on the host's
             // clock, less init's own stamp, is when the kernel started (±5 ms of polling).
@@ -188,7 +202,8 @@ fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()>
     let store = Store::default_location();
     let (l1_kernel, l1_root) = crate::artifacts::ensure_nested_host(sh, &store)?;
     let host = openshell_vm::nested::NestedHost { kernel: l1_kernel.vmlinux, root: l1_root.dir };
-    let mut probe = openshell_vm::VmConfig::exec(a.kernel.clone(), a.rootfs.clone(), PathBuf::new(), vec!["/bin/true".into()]);
+    let mut probe =
+        openshell_vm::VmConfig::exec(a.kernel.clone(), a.rootfs.clone(), PathBuf::new(), vec!["/bin/true".into()]);
     probe.vmm = VmmChoice::Krun;
     crate::artifacts::ensure_vmm(sh, &mut probe)?;
     let vmm = probe.krun_vmm_binary.context("openshell-vmm was not built")?;
@@ -203,7 +218,12 @@ fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()>
         let (bin, kernel, vmm_in_l1) = (paths.share_file(&me)?, paths.share_file(&a.kernel)?, paths.share_file(&vmm)?);
         let rootfs = paths.share_dir(&a.rootfs);
         let argv = [bin.as_str(), "bench", "boot", "--inside-l1", "--vmm", "krun", "-n", "1"];
-        let env = [("OPENSHELL_KERNEL", kernel), ("OPENSHELL_ROOTFS", rootfs), ("OPENSHELL_VMM", vmm_in_l1), ("RUST_BACKTRACE", "0".into())];
+        let env = [
+            ("OPENSHELL_KERNEL", kernel),
+            ("OPENSHELL_ROOTFS", rootfs),
+            ("OPENSHELL_VMM", vmm_in_l1),
+            ("RUST_BACKTRACE", "0".into()),
+        ];
         let cfg = host.l1_config(
             state.path().join("state"),
             argv.iter().map(|s| s.to_string()).collect(),
@@ -219,7 +239,10 @@ fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()>
             let tail: Vec<&str> = console.lines().rev().take(30).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             let report = if inner.is_some() { "with a report" } else { "without a report" };
-            anyhow::bail!("the nested bench inside L1 failed ({exit}, {report}); L1's console ends:\n{}", tail.join("\n"));
+            anyhow::bail!(
+                "the nested bench inside L1 failed ({exit}, {report}); L1's console ends:\n{}",
+                tail.join("\n")
+            );
         };
         let report: Report = serde_json::from_str(inner).context("the nested bench's report is unreadable")?;
         let l1_ms = l1_ready.join().ok().flatten();

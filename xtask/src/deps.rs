@@ -34,7 +34,8 @@ fn present(what: &str) -> bool {
 
 /// Makes sure every tool in `sets` exists, installing the missing packages when running as root.
 pub fn ensure(sh: &Shell, sets: &[&[(&str, &str)]]) -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = sets.iter().flat_map(|s| s.iter()).filter(|(w, _)| !present(w)).map(|(_, p)| *p).collect();
+    let mut missing: Vec<&str> =
+        sets.iter().flat_map(|s| s.iter()).filter(|(w, _)| !present(w)).map(|(_, p)| *p).collect();
     missing.sort();
     missing.dedup();
     if missing.is_empty() {

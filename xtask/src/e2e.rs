@@ -28,7 +28,12 @@ pub struct TestCmd {
 struct SuiteArgs {
     /// A backend whose VM trials must run here: if this host cannot run it, each of its trials
     /// fails instead of being ignored (CI sets the backends its host must prove). Repeatable.
-    #[arg(long = "require-backend", value_name = "krun|qemu", env = "OPENSHELL_E2E_REQUIRE_BACKENDS", value_delimiter = ',')]
+    #[arg(
+        long = "require-backend",
+        value_name = "krun|qemu",
+        env = "OPENSHELL_E2E_REQUIRE_BACKENDS",
+        value_delimiter = ','
+    )]
     require_backend: Vec<Backend>,
     /// Extra arguments for nextest (e.g. a filter)
     #[arg(last = true)]
@@ -59,7 +64,10 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
     let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
     crate::deps::ensure(sh, &[crate::deps::QEMU])?;
-    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm").quiet().run().context("building openshell-vmm failed")?;
+    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
+        .quiet()
+        .run()
+        .context("building openshell-vmm failed")?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
     sh.set_var("OPENSHELL_VMM", crate::project_root().join("target/debug/openshell-vmm"));
@@ -238,10 +246,20 @@ mod tests {
     #[test]
     fn summary_counts_booted_refused_and_ignored_apart() {
         let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, body: serde_json::Value| std::fs::write(dir.path().join(name), body.to_string()).unwrap();
-        write("a.outcome.json", serde_json::json!({"trial":"qemu::a","backend":"qemu","expects":"vm","vmms":1,"passed":true,"notes":[]}));
-        write("b.outcome.json", serde_json::json!({"trial":"qemu::b","backend":"qemu","expects":"refused-before-boot","vmms":0,"passed":true,"notes":[]}));
-        write("c.outcome.json", serde_json::json!({"trial":"qemu::c","backend":"qemu","expects":"vm","vmms":0,"passed":false,"notes":["n"]}));
+        let write =
+            |name: &str, body: serde_json::Value| std::fs::write(dir.path().join(name), body.to_string()).unwrap();
+        write(
+            "a.outcome.json",
+            serde_json::json!({"trial":"qemu::a","backend":"qemu","expects":"vm","vmms":1,"passed":true,"notes":[]}),
+        );
+        write(
+            "b.outcome.json",
+            serde_json::json!({"trial":"qemu::b","backend":"qemu","expects":"refused-before-boot","vmms":0,"passed":true,"notes":[]}),
+        );
+        write(
+            "c.outcome.json",
+            serde_json::json!({"trial":"qemu::c","backend":"qemu","expects":"vm","vmms":0,"passed":false,"notes":["n"]}),
+        );
         let ignored = vec![("krun::a".to_owned(), "no KVM".to_owned()), ("krun::b".to_owned(), "no KVM".to_owned())];
         let t = tally(dir.path(), &ignored);
         let q = &t["qemu"];

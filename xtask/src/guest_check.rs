@@ -14,7 +14,8 @@ pub fn run(json: bool, vmm: VmmChoice) -> anyhow::Result<i32> {
     let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
     let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
     let state = tempfile::Builder::new().prefix("openshell-guest-check-").tempdir()?;
-    let mut cfg = openshell_vm::guest_check::config(kernel.vmlinux.clone(), rootfs.dir.clone(), state.path().join("state"));
+    let mut cfg =
+        openshell_vm::guest_check::config(kernel.vmlinux.clone(), rootfs.dir.clone(), state.path().join("state"));
     cfg.vmm = vmm;
     crate::artifacts::ensure_vmm(&sh, &mut cfg)?;
     eprintln!("guest check: booting kernel {} with rootfs {}", kernel.provenance.kernel_release, rootfs.digest().hex());

@@ -38,7 +38,12 @@ impl KernelCmd {
         if self.json {
             println!("{}", serde_json::to_string_pretty(&k.provenance)?);
         } else {
-            println!("{role} kernel {} ({}) ready in {:.1}s", k.provenance.kernel_release, k.provenance.vmlinux_sha256, started.elapsed().as_secs_f64());
+            println!(
+                "{role} kernel {} ({}) ready in {:.1}s",
+                k.provenance.kernel_release,
+                k.provenance.vmlinux_sha256,
+                started.elapsed().as_secs_f64()
+            );
             println!("  {}", k.vmlinux.display());
         }
         Ok(())

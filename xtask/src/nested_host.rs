@@ -24,7 +24,12 @@ impl NestedHostCmd {
         let prov = nested_root::provenance(&root)?;
         let state = if self.check { "verified" } else { "ready" };
         println!("nested host {state} in {:.1}s", started.elapsed().as_secs_f64());
-        println!("  kernel {} ({})  {}", kernel.provenance.kernel_release, kernel.provenance.vmlinux_sha256.short(), kernel.vmlinux.display());
+        println!(
+            "  kernel {} ({})  {}",
+            kernel.provenance.kernel_release,
+            kernel.provenance.vmlinux_sha256.short(),
+            kernel.vmlinux.display()
+        );
         println!(
             "  root   {} packages from {} ({} files, manifest {})  {}",
             prov.packages.len(),
@@ -34,8 +39,12 @@ impl NestedHostCmd {
             root.dir.display()
         );
         match openshell_vm::backend::krun_place(&HostFacts::probe()) {
-            KrunPlace::NestedL1 => println!("  libkrun runs only nested on this host: the krun trials use this nested host"),
-            KrunPlace::Direct => println!("  libkrun runs directly on this host: the krun trials do not need the nested host"),
+            KrunPlace::NestedL1 => {
+                println!("  libkrun runs only nested on this host: the krun trials use this nested host")
+            }
+            KrunPlace::Direct => {
+                println!("  libkrun runs directly on this host: the krun trials do not need the nested host")
+            }
             KrunPlace::Nowhere(why) => println!("  libkrun cannot run here, nested or not: {why}"),
         }
         Ok(())

@@ -8,8 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub fn spinner(msg: impl Into<String>) -> ProgressBar {
     let pb = ProgressBar::new_spinner();
     pb.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix} {wide_msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix} {wide_msg}").expect("valid template"),
     );
     pb.set_prefix(msg.into());
     pb.enable_steady_tick(Duration::from_millis(120));

@@ -19,7 +19,10 @@ impl RootfsCmd {
         let bundle = if self.check {
             let b = rootfs::locate(&store, &crate::artifacts::rootfs_inputs(&sh)?)?;
             rootfs::verify(&b).with_context(|| {
-                format!("{} changed after it was baked: remove it and run `cargo xtask rootfs` to bake it anew", b.dir.display())
+                format!(
+                    "{} changed after it was baked: remove it and run `cargo xtask rootfs` to bake it anew",
+                    b.dir.display()
+                )
             })?;
             b
         } else {

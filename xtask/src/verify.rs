@@ -36,7 +36,10 @@ impl VerifyCmd {
                 if self.json {
                     // A consumer of --json gets a document on every exit, as from `check --guest`.
                     let code = openshell_matrix::EXIT_CHECKER_FAILED;
-                    println!("{}", serde_json::json!({"subject": "verify", "ok": false, "exit_code": code, "error": format!("{e:#}")}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"subject": "verify", "ok": false, "exit_code": code, "error": format!("{e:#}")})
+                    );
                 }
                 std::process::exit(openshell_matrix::EXIT_CHECKER_FAILED);
             }

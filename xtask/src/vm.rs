@@ -207,7 +207,13 @@ impl RunArgs {
                 let cold = inst.ensure_pki()?;
                 let port = self.ports.first().map_or(gateway::GATEWAY_PORT, |p| p.host);
                 let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
-                let cfg = inst.vm_config(kernel.vmlinux.clone(), rootfs.dir.clone(), (&digests.0, &digests.1), port, net.clone())?;
+                let cfg = inst.vm_config(
+                    kernel.vmlinux.clone(),
+                    rootfs.dir.clone(),
+                    (&digests.0, &digests.1),
+                    port,
+                    net.clone(),
+                )?;
                 Some((inst, cfg, cold, digests))
             }
         };
@@ -244,7 +250,13 @@ impl RunArgs {
         }
         let mut vm = match &gateway {
             Some((inst, _, cold, digests)) => {
-                let up = openshell_vm::supervise::boot(inst, &cfg, (&digests.0, &digests.1), Duration::from_secs(self.ready_timeout), verification)?;
+                let up = openshell_vm::supervise::boot(
+                    inst,
+                    &cfg,
+                    (&digests.0, &digests.1),
+                    Duration::from_secs(self.ready_timeout),
+                    verification,
+                )?;
                 show_warnings(&up.preflight);
                 for line in &up.recovered {
                     eprintln!("gateway {:?}: recovered stale state: {line}", inst.name);
@@ -332,7 +344,10 @@ fn detach(inst: &GatewayInstance, ready_timeout: u64, cold: bool) -> anyhow::Res
             let pki = if cold { "new PKI" } else { "reused PKI" };
             eprintln!(
                 "gateway {:?} SERVING over mTLS at {} ({pki}; supervisor pid {}); `cargo xtask vm status --name {}`",
-                inst.name, m.endpoint, child.id(), inst.name
+                inst.name,
+                m.endpoint,
+                child.id(),
+                inst.name
             );
             return Ok(0);
         }

@@ -58,9 +58,8 @@ impl std::str::FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.strip_prefix("sha256:").unwrap_or(s);
         let bytes = hex::decode(s).map_err(|e| format!("not a sha256 digest {s:?}: {e}"))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| format!("not a sha256 digest {s:?}: expected 64 hex characters"))?;
+        let arr: [u8; 32] =
+            bytes.try_into().map_err(|_| format!("not a sha256 digest {s:?}: expected 64 hex characters"))?;
         Ok(Digest(arr))
     }
 }
@@ -121,10 +120,7 @@ mod tests {
 
     #[test]
     fn known_vector() {
-        assert_eq!(
-            Digest::of_bytes(b"abc").hex(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(Digest::of_bytes(b"abc").hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

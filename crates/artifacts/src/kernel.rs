@@ -10,10 +10,10 @@
 //! host's (an L1 VM that runs libkrun's guest as L2 where libkrun cannot run directly), which is the
 //! guest's fragments plus its own.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use std::fs;
 
 use serde::{Deserialize, Serialize};
 
@@ -231,8 +231,8 @@ impl GuestKernel {
 /// Re-hashes `vmlinux` and compares it with the digest `provenance.json` recorded at build time.
 /// Returns the digest on a match; a mismatch names the file and both digests.
 pub fn verify(kernel: &GuestKernel) -> Result<Digest, KernelError> {
-    let found = sha256_file(&kernel.vmlinux)
-        .map_err(|source| KernelError::Io { path: kernel.vmlinux.clone(), source })?;
+    let found =
+        sha256_file(&kernel.vmlinux).map_err(|source| KernelError::Io { path: kernel.vmlinux.clone(), source })?;
     if found != kernel.provenance.vmlinux_sha256 {
         return Err(KernelError::Tampered {
             path: kernel.vmlinux.clone(),
@@ -253,11 +253,7 @@ pub fn locate(store: &Store, spec: &KernelSpec) -> Result<GuestKernel, KernelErr
 }
 
 /// Builds the kernel for `spec` unless the store has it. `on_line` sees every line of build output.
-pub fn build(
-    store: &Store,
-    spec: &KernelSpec,
-    on_line: &mut dyn FnMut(&str),
-) -> Result<GuestKernel, KernelError> {
+pub fn build(store: &Store, spec: &KernelSpec, on_line: &mut dyn FnMut(&str)) -> Result<GuestKernel, KernelError> {
     let key = spec.key();
     let dir = store.get_or_build(STORE_KIND, &key, |out| build_into(store, spec, &key, out, on_line))?;
     GuestKernel::open(&dir)
@@ -276,23 +272,14 @@ fn build_into(
         move |source| KernelError::Io { path, source }
     };
     // The work tree lives beside the store, not in /tmp: it is ~1.5 GiB once built.
-    let work = tempfile::Builder::new()
-        .prefix(".kernel-work-")
-        .tempdir_in(store.root())
-        .map_err(io(store.root()))?;
+    let work = tempfile::Builder::new().prefix(".kernel-work-").tempdir_in(store.root()).map_err(io(store.root()))?;
     on_line(&format!("extracting {}", spec.source_tarball.display()));
-    run(
-        Command::new("tar").arg("xf").arg(&spec.source_tarball).arg("-C").arg(work.path()),
-        on_line,
-    )?;
+    run(Command::new("tar").arg("xf").arg(&spec.source_tarball).arg("-C").arg(work.path()), on_line)?;
     let src = work.path().join("linux-source-6.1");
     let allconfig = work.path().join("fragments.config");
     let merged: String = spec.fragments.iter().map(|f| format!("{}\n", f.text)).collect();
     fs::write(&allconfig, merged).map_err(io(&allconfig))?;
-    run(
-        Command::new("make").arg("-C").arg(&src).arg("allnoconfig").env("KCONFIG_ALLCONFIG", &allconfig),
-        on_line,
-    )?;
+    run(Command::new("make").arg("-C").arg(&src).arg("allnoconfig").env("KCONFIG_ALLCONFIG", &allconfig), on_line)?;
     let dot_config = src.join(".config");
     let resolved = fs::read_to_string(&dot_config).map_err(io(&dot_config))?;
     let dropped = unmet(&spec.requirements(), &resolved);
@@ -360,7 +347,10 @@ mod tests {
     fn the_nested_host_takes_the_guests_fragments_and_its_own_and_the_guest_not_its() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernel");
         let names = |role| -> Vec<String> {
-            let files = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned());
+            let files = fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned());
             let mut v: Vec<String> = files.filter(|n| n.ends_with(".config") && KernelRole::takes(role, n)).collect();
             v.sort();
             v
@@ -376,7 +366,8 @@ mod tests {
 
     #[test]
     fn nested_host_fragment_builds_kvm_amd_in_and_keeps_kvm_intel_out() {
-        let text = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernel/nested-host.config")).unwrap();
+        let text =
+            fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kernel/nested-host.config")).unwrap();
         let reqs = frag(&text).requirements();
         for opt in ["CONFIG_KVM", "CONFIG_KVM_AMD", "CONFIG_FHANDLE", "CONFIG_USER_NS"] {
             assert!(reqs.contains(&Requirement::Enabled(opt.into())), "{opt} missing");
@@ -444,8 +435,15 @@ mod tests {
             .filter(|e| e.path().extension().is_some_and(|x| x == "config"))
             .flat_map(|e| frag(&fs::read_to_string(e.path()).unwrap()).requirements())
             .collect();
-        for opt in ["CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", "CONFIG_PVH", "CONFIG_9P_FS", "CONFIG_VIRTIO_FS",
-                    "CONFIG_BRIDGE_NETFILTER", "CONFIG_NFT_MASQ", "CONFIG_SECURITY_LANDLOCK"] {
+        for opt in [
+            "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES",
+            "CONFIG_PVH",
+            "CONFIG_9P_FS",
+            "CONFIG_VIRTIO_FS",
+            "CONFIG_BRIDGE_NETFILTER",
+            "CONFIG_NFT_MASQ",
+            "CONFIG_SECURITY_LANDLOCK",
+        ] {
             assert!(reqs.contains(&Requirement::Enabled(opt.into())), "{opt} missing");
         }
         assert!(reqs.contains(&Requirement::Disabled("CONFIG_JUMP_LABEL".into())));

@@ -58,7 +58,9 @@ pub enum NestedRootError {
     NoMmdebstrap,
     #[error("{path} is missing; build the guest programs (`cargo xtask rootfs` does)")]
     NoInit { path: PathBuf },
-    #[error("`{command}` failed: {detail}; its output is above. Is Debian's archive reachable (http://deb.debian.org)?")]
+    #[error(
+        "`{command}` failed: {detail}; its output is above. Is Debian's archive reachable (http://deb.debian.org)?"
+    )]
     Command { command: String, detail: String },
     #[error("nested root I/O at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -173,11 +175,7 @@ pub fn bake(
 }
 
 fn which_mmdebstrap() -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join("mmdebstrap"))
-        .find(|p| p.is_file())
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("mmdebstrap")).find(|p| p.is_file())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NestedRootError {
@@ -212,7 +210,9 @@ fn bake_into(
     fs::copy(&inputs.init, &init).map_err(io(&init))?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).map_err(io(&init))?;
     let admindir = out.join("var/lib/dpkg");
-    let listed = capture(Command::new("dpkg-query").arg("--admindir").arg(&admindir).args(["-W", "-f=${Package} ${Version}\\n"]))?;
+    let listed = capture(
+        Command::new("dpkg-query").arg("--admindir").arg(&admindir).args(["-W", "-f=${Package} ${Version}\\n"]),
+    )?;
     let mut packages: Vec<String> = listed.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect();
     packages.sort();
     let provenance = NestedRootProvenance {

@@ -84,8 +84,8 @@ pub struct RootfsBundle {
 
 impl RootfsBundle {
     pub fn open(dir: &Path) -> Result<RootfsBundle, RootfsError> {
-        let text = fs::read_to_string(dir.join(MANIFEST))
-            .map_err(|_| RootfsError::NoManifest { dir: dir.to_owned() })?;
+        let text =
+            fs::read_to_string(dir.join(MANIFEST)).map_err(|_| RootfsError::NoManifest { dir: dir.to_owned() })?;
         let manifest = serde_json::from_str(&text).map_err(|_| RootfsError::NoManifest { dir: dir.to_owned() })?;
         Ok(RootfsBundle { dir: dir.to_owned(), manifest })
     }
@@ -160,10 +160,7 @@ fn bake_into(inputs: &RootfsInputs, out: &Path) -> Result<(), RootfsError> {
         fs::create_dir_all(out.join(d)).map_err(io(&out.join(d)))?;
     }
     place(&inputs.busybox, out, BUSYBOX, 0o755)?;
-    let list = Command::new(&inputs.busybox)
-        .arg("--list-full")
-        .output()
-        .map_err(io(&inputs.busybox))?;
+    let list = Command::new(&inputs.busybox).arg("--list-full").output().map_err(io(&inputs.busybox))?;
     for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|l| !l.is_empty()) {
         let link = out.join(applet);
         if applet == "bin/busybox" || link.exists() {
@@ -259,7 +256,8 @@ pub fn scan(root: &Path) -> Result<Manifest, RootfsError> {
             } else {
                 // A device node, fifo or socket has no content to record (and hashing /dev/zero
                 // would never end): a tree holding one is not a root we bake.
-                let why = std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file, directory or symlink");
+                let why =
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file, directory or symlink");
                 return Err(RootfsError::Io { path, source: why });
             }
         }
@@ -284,15 +282,23 @@ pub fn verify(bundle: &RootfsBundle) -> Result<(), RootfsError> {
                     }
                     Some(f) => f.sha256.hex(),
                 };
-                return Err(RootfsError::Tampered { path: path.clone(), recorded: entry.sha256.hex(), found })
+                return Err(RootfsError::Tampered { path: path.clone(), recorded: entry.sha256.hex(), found });
             }
         }
     }
     if let Some(extra) = found.files.keys().find(|p| !recorded.files.contains_key(*p)) {
-        return Err(RootfsError::Tampered { path: extra.clone(), recorded: "(absent)".into(), found: "(added)".into() });
+        return Err(RootfsError::Tampered {
+            path: extra.clone(),
+            recorded: "(absent)".into(),
+            found: "(added)".into(),
+        });
     }
     if found.symlinks != recorded.symlinks {
-        return Err(RootfsError::Tampered { path: "(symlinks)".into(), recorded: "manifest".into(), found: "changed".into() });
+        return Err(RootfsError::Tampered {
+            path: "(symlinks)".into(),
+            recorded: "manifest".into(),
+            found: "changed".into(),
+        });
     }
     Ok(())
 }

@@ -65,8 +65,7 @@ impl Store {
             return Ok(dest);
         }
         let parent = dest.parent().expect("store path has a parent");
-        fs::create_dir_all(parent)
-            .map_err(|source| StoreError::Prepare { path: parent.to_owned(), source })?;
+        fs::create_dir_all(parent).map_err(|source| StoreError::Prepare { path: parent.to_owned(), source })?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".tmp-{}-", key.short()))
             .tempdir_in(parent)

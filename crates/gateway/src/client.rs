@@ -46,20 +46,14 @@ pub enum ClientError {
         #[source]
         status: tonic::Status,
     },
-    #[error(
-        "gateway health answered an unknown status {0}; the gateway is newer than this client"
-    )]
+    #[error("gateway health answered an unknown status {0}; the gateway is newer than this client")]
     UnknownStatus(i32),
 }
 
 /// Opens a TLS channel to `endpoint` (`host:port`, or a full `https://` URI),
 /// verifying the server as `server_name` and presenting the bundle's client
 /// certificate.
-pub async fn connect(
-    endpoint: &str,
-    bundle: &ClientBundle,
-    server_name: &str,
-) -> Result<Channel, ClientError> {
+pub async fn connect(endpoint: &str, bundle: &ClientBundle, server_name: &str) -> Result<Channel, ClientError> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
         .identity(Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
@@ -69,15 +63,8 @@ pub async fn connect(
 
 /// One place that turns an endpoint and a TLS config into a connected channel with our timeouts.
 async fn open_channel(endpoint: &str, tls: ClientTlsConfig) -> Result<Channel, ClientError> {
-    let uri = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("https://{endpoint}")
-    };
-    let invalid = |source| ClientError::Endpoint {
-        endpoint: endpoint.to_string(),
-        source,
-    };
+    let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("https://{endpoint}") };
+    let invalid = |source| ClientError::Endpoint { endpoint: endpoint.to_string(), source };
     Endpoint::from_shared(uri)
         .map_err(invalid)?
         .tls_config(tls)
@@ -86,23 +73,15 @@ async fn open_channel(endpoint: &str, tls: ClientTlsConfig) -> Result<Channel, C
         .timeout(REQUEST_TIMEOUT)
         .connect()
         .await
-        .map_err(|source| ClientError::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        })
+        .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })
 }
 
 /// Health of the gateway as a whole (the "" service).
 pub async fn health(channel: &Channel) -> Result<ServingStatus, ClientError> {
     let reply = HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
+        .check(HealthCheckRequest { service: String::new() })
         .await
-        .map_err(|status| ClientError::Rpc {
-            call: "grpc.health.v1.Health/Check",
-            status,
-        })?
+        .map_err(|status| ClientError::Rpc { call: "grpc.health.v1.Health/Check", status })?
         .into_inner();
     ServingStatus::try_from(reply.status).map_err(|_| ClientError::UnknownStatus(reply.status))
 }
@@ -112,8 +91,5 @@ pub async fn info(channel: &Channel) -> Result<InfoReply, ClientError> {
         .info(InfoRequest {})
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| ClientError::Rpc {
-            call: "openshell.gateway.v1.Gateway/Info",
-            status,
-        })
+        .map_err(|status| ClientError::Rpc { call: "openshell.gateway.v1.Gateway/Info", status })
 }

@@ -38,10 +38,7 @@ fn main() -> ExitCode {
 
     // One thread is plenty for a control plane, and keeps the guest's
     // footprint small on a 1-vCPU VM.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("openshell-gateway: starting the async runtime: {e}");
@@ -61,17 +58,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let material = ServerMaterial::load(&args.tls_dir)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| {
-            format!(
-                "binding {}: {e}; is another gateway already running?",
-                args.listen
-            )
-        })?;
+        .map_err(|e| format!("binding {}: {e}; is another gateway already running?", args.listen))?;
     let addr = listener.local_addr()?;
-    let config = GatewayConfig {
-        kernel_digest_file: args.kernel_digest_file,
-        rootfs_digest_file: args.rootfs_digest_file,
-    };
+    let config =
+        GatewayConfig { kernel_digest_file: args.kernel_digest_file, rootfs_digest_file: args.rootfs_digest_file };
     // Validate TLS before announcing readiness: a supervisor that waits for
     // this line should not see it from a gateway about to exit.
     openshell_gateway::tls::server_config(&material)?;

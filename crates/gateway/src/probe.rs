@@ -27,9 +27,9 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, SupportedProtocolVersion};
 /// The outcome's vocabulary, so callers need no rustls of their own.
 pub use rustls::{AlertDescription, ProtocolVersion};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, SupportedProtocolVersion};
 
 /// What a probe presents: the CA it trusts for the server, its client identity if any, the TLS
 /// versions it offers and the name it expects the server's certificate to carry.
@@ -164,7 +164,11 @@ pub fn probe(endpoint: &str, p: &TlsProbe, timeout: Duration) -> Result<TlsOutco
 
 fn resolve(endpoint: &str) -> Result<SocketAddr, ProbeError> {
     let err = |detail: String| ProbeError::Endpoint { endpoint: endpoint.to_owned(), detail };
-    endpoint.to_socket_addrs().map_err(|e| err(e.to_string()))?.next().ok_or_else(|| err("resolves to no address".into()))
+    endpoint
+        .to_socket_addrs()
+        .map_err(|e| err(e.to_string()))?
+        .next()
+        .ok_or_else(|| err("resolves to no address".into()))
 }
 
 fn exchange(mut conn: ClientConnection, mut tcp: TcpStream) -> TlsOutcome {

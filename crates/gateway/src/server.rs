@@ -70,12 +70,8 @@ pub async fn serve(
 
     let (mut reporter, health_service) = tonic_health::server::health_reporter();
     // "" is the whole server: it is serving as soon as the listener is.
-    reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
-    reporter
-        .set_serving::<GatewayServer<GatewayService>>()
-        .await;
+    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter.set_serving::<GatewayServer<GatewayService>>().await;
 
     tonic::transport::Server::builder()
         .add_service(health_service)

@@ -6,18 +6,13 @@ use std::fs;
 use std::path::Path;
 
 pub fn boot_id() -> String {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// Milliseconds since the guest kernel booted (not since the gateway started),
 /// so the host can spot a guest reboot even if the gateway restarts too.
 pub fn uptime_ms() -> u64 {
-    fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| parse_uptime_ms(&s))
-        .unwrap_or(0)
+    fs::read_to_string("/proc/uptime").ok().and_then(|s| parse_uptime_ms(&s)).unwrap_or(0)
 }
 
 fn parse_uptime_ms(text: &str) -> Option<u64> {
@@ -32,22 +27,15 @@ pub fn kernel_release() -> String {
         return String::new();
     }
     // SAFETY: on success the kernel NUL-terminates every field.
-    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned()
 }
 
 pub fn vcpus() -> u32 {
-    std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(0)
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(0)
 }
 
 pub fn memory_kib() -> u64 {
-    fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| parse_mem_total_kib(&s))
-        .unwrap_or(0)
+    fs::read_to_string("/proc/meminfo").ok().and_then(|s| parse_mem_total_kib(&s)).unwrap_or(0)
 }
 
 fn parse_mem_total_kib(text: &str) -> Option<u64> {
@@ -70,10 +58,7 @@ mod tests {
     #[test]
     fn parses_proc_formats() {
         assert_eq!(parse_uptime_ms("12.34 40.00\n"), Some(12_340));
-        assert_eq!(
-            parse_mem_total_kib("MemTotal:        2035104 kB\nMemFree: 1 kB\n"),
-            Some(2_035_104)
-        );
+        assert_eq!(parse_mem_total_kib("MemTotal:        2035104 kB\nMemFree: 1 kB\n"), Some(2_035_104));
         assert_eq!(parse_uptime_ms(""), None);
     }
 

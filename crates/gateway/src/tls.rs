@@ -41,7 +41,9 @@ pub enum TlsError {
     Pem { what: &'static str, detail: String },
     #[error("building the TLS configuration: {0}; the certificate and key probably do not match, regenerate the server material")]
     Config(#[from] rustls::Error),
-    #[error("building the client-certificate verifier: {0}; the client CA is unusable, regenerate the server material")]
+    #[error(
+        "building the client-certificate verifier: {0}; the client CA is unusable, regenerate the server material"
+    )]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
@@ -72,15 +74,9 @@ impl ServerMaterial {
 fn certs(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem {
-            what,
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| TlsError::Pem { what, detail: e.to_string() })?;
     if certs.is_empty() {
-        return Err(TlsError::Pem {
-            what,
-            detail: "no CERTIFICATE block".into(),
-        });
+        return Err(TlsError::Pem { what, detail: "no CERTIFICATE block".into() });
     }
     Ok(certs)
 }
@@ -94,20 +90,13 @@ pub fn server_config(material: &ServerMaterial) -> Result<Arc<ServerConfig>, Tls
     for ca in certs(&material.client_ca_pem, "the client CA (ca.crt)")? {
         roots.add(ca)?;
     }
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
-    let key =
-        PrivateKeyDer::from_pem_slice(material.key_pem.as_bytes()).map_err(|e| TlsError::Pem {
-            what: "the server key (server.key)",
-            detail: e.to_string(),
-        })?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let key = PrivateKeyDer::from_pem_slice(material.key_pem.as_bytes())
+        .map_err(|e| TlsError::Pem { what: "the server key (server.key)", detail: e.to_string() })?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            certs(&material.cert_pem, "the server certificate (server.crt)")?,
-            key,
-        )?;
+        .with_single_cert(certs(&material.cert_pem, "the server certificate (server.crt)")?, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -166,11 +155,7 @@ pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming
     TlsIncoming { rx, accept_loop }
 }
 
-async fn handshake(
-    acceptor: &TlsAcceptor,
-    tcp: TcpStream,
-    peer: SocketAddr,
-) -> Option<TlsStream<TcpStream>> {
+async fn handshake(acceptor: &TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> Option<TlsStream<TcpStream>> {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => Some(tls),
         Ok(Err(e)) => {

@@ -22,20 +22,12 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 fn bundle(ca_pem: &str, cert_pem: &str, key_pem: &str) -> ClientBundle {
-    ClientBundle {
-        ca_pem: ca_pem.into(),
-        cert_pem: cert_pem.into(),
-        key_pem: key_pem.into(),
-    }
+    ClientBundle { ca_pem: ca_pem.into(), cert_pem: cert_pem.into(), key_pem: key_pem.into() }
 }
 
 fn server_material(pki: &Pki) -> ServerMaterial {
     let m = pki.server_material();
-    ServerMaterial {
-        client_ca_pem: m.client_ca_pem,
-        cert_pem: m.cert_pem,
-        key_pem: m.key_pem,
-    }
+    ServerMaterial { client_ca_pem: m.client_ca_pem, cert_pem: m.cert_pem, key_pem: m.key_pem }
 }
 
 struct Running {
@@ -47,10 +39,7 @@ struct Running {
 impl Running {
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(5), self.task)
-            .await
-            .expect("server did not shut down")
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), self.task).await.expect("server did not shut down").unwrap();
     }
 }
 
@@ -66,11 +55,7 @@ async fn start(pki: &Pki, config: GatewayConfig) -> Running {
         .await
         .unwrap();
     });
-    Running {
-        addr,
-        stop: Some(stop),
-        task,
-    }
+    Running { addr, stop: Some(stop), task }
 }
 
 /// Probes `addr` off the runtime (the probe is blocking, the server runs on this runtime).
@@ -92,9 +77,7 @@ async fn served(server: &Running, pki: &Pki) -> TlsProbe {
         matches!(outcome, TlsOutcome::Served { version: rustls::ProtocolVersion::TLSv1_3 }),
         "the host's own client was not served: {outcome}"
     );
-    let ch = connect(&server.addr.to_string(), &bundle(&b.ca_pem, &b.cert_pem, &b.key_pem), "localhost")
-        .await
-        .unwrap();
+    let ch = connect(&server.addr.to_string(), &bundle(&b.ca_pem, &b.cert_pem, &b.key_pem), "localhost").await.unwrap();
     assert_eq!(health(&ch).await.unwrap(), ServingStatus::Serving);
     good
 }
@@ -116,29 +99,20 @@ async fn authenticated_client_gets_health_and_info() {
     std::fs::write(&kernel_digest, format!("{}  vmlinux\n", "ab".repeat(32))).unwrap();
     let server = start(
         &pki,
-        GatewayConfig {
-            kernel_digest_file: Some(kernel_digest),
-            rootfs_digest_file: Some(dir.path().join("absent")),
-        },
+        GatewayConfig { kernel_digest_file: Some(kernel_digest), rootfs_digest_file: Some(dir.path().join("absent")) },
     )
     .await;
 
     let b = pki.client_bundle();
     let client = bundle(&b.ca_pem, &b.cert_pem, &b.key_pem);
     for name in ["localhost", "127.0.0.1", "gateway"] {
-        let ch = connect(&server.addr.to_string(), &client, name)
-            .await
-            .unwrap();
+        let ch = connect(&server.addr.to_string(), &client, name).await.unwrap();
         assert_eq!(health(&ch).await.unwrap(), ServingStatus::Serving, "{name}");
     }
 
-    let ch = connect(&server.addr.to_string(), &client, "gateway")
-        .await
-        .unwrap();
+    let ch = connect(&server.addr.to_string(), &client, "gateway").await.unwrap();
     let per_service = HealthClient::new(ch.clone())
-        .check(HealthCheckRequest {
-            service: GATEWAY_SERVICE_NAME.into(),
-        })
+        .check(HealthCheckRequest { service: GATEWAY_SERVICE_NAME.into() })
         .await
         .unwrap()
         .into_inner();
@@ -177,10 +151,8 @@ async fn client_certificate_from_another_ca_is_refused_by_name_or_signature() {
     let good = served(&server, &pki).await;
 
     // Trusts the real server, but presents a certificate the gateway's CA never signed.
-    let impostor = TlsProbe {
-        identity: Some((foreign.client_cert_pem.clone(), foreign.client_key_pem.clone())),
-        ..good.clone()
-    };
+    let impostor =
+        TlsProbe { identity: Some((foreign.client_cert_pem.clone(), foreign.client_key_pem.clone())), ..good.clone() };
     refused_with(&server, &impostor, AlertDescription::UnknownCA, true).await;
 
     // A CA with the gateway CA's very name but another key: the verifier finds an issuer of
@@ -253,8 +225,8 @@ async fn binary_announces_and_serves() {
     std::fs::write(&rootfs_digest, "cd".repeat(32)).unwrap();
 
     // Lets the static guest build be checked with the same test.
-    let bin = std::env::var_os("OPENSHELL_GATEWAY_BIN")
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_openshell-gateway").into());
+    let bin =
+        std::env::var_os("OPENSHELL_GATEWAY_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_openshell-gateway").into());
     let mut child = Command::new(bin)
         .arg("--listen=127.0.0.1:0")
         .arg("--tls-dir")
@@ -268,13 +240,9 @@ async fn binary_announces_and_serves() {
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
-    let read =
-        tokio::task::spawn_blocking(move || stderr.read_line(&mut line).map(|_| (line, stderr)));
-    let (line, _stderr) = tokio::time::timeout(Duration::from_secs(20), read)
-        .await
-        .expect("no readiness line")
-        .unwrap()
-        .unwrap();
+    let read = tokio::task::spawn_blocking(move || stderr.read_line(&mut line).map(|_| (line, stderr)));
+    let (line, _stderr) =
+        tokio::time::timeout(Duration::from_secs(20), read).await.expect("no readiness line").unwrap().unwrap();
     // `openshell-gateway: [N ms] listening on ADDR`, the boot timeline's format.
     let addr = line
         .trim()

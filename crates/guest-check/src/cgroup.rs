@@ -101,7 +101,11 @@ pub fn check() -> Vec<Row> {
                 kernel_fix(controller_options(c)),
             ));
         } else if let Err(e) = write(root, "cgroup.subtree_control", &format!("+{c}")) {
-            rows.push(Row::fail(row_id(c), format!("enabling {c} for child cgroups: {e}"), kernel_fix(controller_options(c))));
+            rows.push(Row::fail(
+                row_id(c),
+                format!("enabling {c} for child cgroups: {e}"),
+                kernel_fix(controller_options(c)),
+            ));
         } else {
             enabled.push(c);
         }
@@ -125,7 +129,9 @@ fn limits(dir: &Path, enabled: &[&str], rows: &mut Vec<Row>) -> Result<(), Strin
     let on = |c: &str| enabled.contains(&c);
     if on("cpu") {
         let weight = set(dir, "cpu.weight", "50").map_err(|e| (e, "CONFIG_FAIR_GROUP_SCHED"));
-        if let Err((e, option)) = weight.and_then(|()| set(dir, "cpu.max", CPU_MAX).map_err(|e| (e, "CONFIG_CFS_BANDWIDTH"))) {
+        if let Err((e, option)) =
+            weight.and_then(|()| set(dir, "cpu.max", CPU_MAX).map_err(|e| (e, "CONFIG_CFS_BANDWIDTH")))
+        {
             rows.push(Row::fail(CPU, e, kernel_fix(option)));
         }
     }
@@ -141,7 +147,11 @@ fn limits(dir: &Path, enabled: &[&str], rows: &mut Vec<Row>) -> Result<(), Strin
                 MEMORY,
                 format!("memory.max=256M accepted; memory.current counts this process ({} KiB)", bytes / 1024),
             )),
-            other => rows.push(Row::fail(MEMORY, format!("memory.current after moving in: {other:?}"), kernel_fix(controller_options("memory")))),
+            other => rows.push(Row::fail(
+                MEMORY,
+                format!("memory.current after moving in: {other:?}"),
+                kernel_fix(controller_options("memory")),
+            )),
         }
     }
     if on("cpu") && !rows.iter().any(|r| r.id == CPU) {
@@ -233,7 +243,11 @@ pub fn pids_row(fork_result: libc::pid_t, errno: i32) -> Row {
             kernel_fix(controller_options("pids")),
         )
     } else {
-        Row::fail(PIDS, "fork succeeded inside a cgroup with pids.max=1: the limit is not enforced", kernel_fix(controller_options("pids")))
+        Row::fail(
+            PIDS,
+            "fork succeeded inside a cgroup with pids.max=1: the limit is not enforced",
+            kernel_fix(controller_options("pids")),
+        )
     }
 }
 
@@ -257,7 +271,8 @@ mod tests {
 
     #[test]
     fn cpu_row_passes_only_when_throttled() {
-        let throttled = "usage_usec 31000\nuser_usec 31000\nsystem_usec 0\nnr_periods 4\nnr_throttled 3\nthrottled_usec 270000\n";
+        let throttled =
+            "usage_usec 31000\nuser_usec 31000\nsystem_usec 0\nnr_periods 4\nnr_throttled 3\nthrottled_usec 270000\n";
         let row = cpu_row(throttled);
         assert_eq!(row.status, openshell_matrix::Status::Pass, "{row:?}");
         assert!(row.reason.contains("throttled 3 times (270 ms held back)"), "{}", row.reason);

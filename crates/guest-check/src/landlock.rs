@@ -42,8 +42,14 @@ pub fn unavailable(errno: i32) -> Row {
             "landlock is built in but not enabled at boot (EOPNOTSUPP)",
             "add landlock to CONFIG_LSM in kernel/k8s-networking.config, or lsm=landlock,… on the kernel command line",
         ),
-        libc::ENOSYS => Row::fail(ID, "landlock_create_ruleset: ENOSYS (not built)", kernel_fix("CONFIG_SECURITY_LANDLOCK")),
-        e => Row::fail(ID, format!("landlock_create_ruleset: {}", std::io::Error::from_raw_os_error(e)), kernel_fix("CONFIG_SECURITY_LANDLOCK")),
+        libc::ENOSYS => {
+            Row::fail(ID, "landlock_create_ruleset: ENOSYS (not built)", kernel_fix("CONFIG_SECURITY_LANDLOCK"))
+        }
+        e => Row::fail(
+            ID,
+            format!("landlock_create_ruleset: {}", std::io::Error::from_raw_os_error(e)),
+            kernel_fix("CONFIG_SECURITY_LANDLOCK"),
+        ),
     }
 }
 
@@ -58,7 +64,11 @@ fn run() -> Row {
         .iter()
         .try_for_each(|d| std::fs::create_dir_all(d).and_then(|()| std::fs::write(d.join("file"), "x")));
     if let Err(e) = made {
-        return Row::fail(ID, format!("preparing {SCRATCH}: {e}"), "openshell-init mounts a tmpfs on /tmp; check the guest console");
+        return Row::fail(
+            ID,
+            format!("preparing {SCRATCH}: {e}"),
+            "openshell-init mounts a tmpfs on /tmp; check the guest console",
+        );
     }
     let v1 = ABI::V1;
     let status = Ruleset::default()
@@ -68,10 +78,20 @@ fn run() -> Row {
         .and_then(|r| r.restrict_self());
     let status = match status {
         Ok(s) => s,
-        Err(e) => return Row::fail(ID, format!("creating and entering a ruleset: {e}"), kernel_fix("CONFIG_SECURITY_LANDLOCK")),
+        Err(e) => {
+            return Row::fail(
+                ID,
+                format!("creating and entering a ruleset: {e}"),
+                kernel_fix("CONFIG_SECURITY_LANDLOCK"),
+            )
+        }
     };
     if status.ruleset != RulesetStatus::FullyEnforced {
-        return Row::fail(ID, format!("ruleset status {:?} (ABI {abi})", status.ruleset), kernel_fix("CONFIG_SECURITY_LANDLOCK"));
+        return Row::fail(
+            ID,
+            format!("ruleset status {:?} (ABI {abi})", status.ruleset),
+            kernel_fix("CONFIG_SECURITY_LANDLOCK"),
+        );
     }
     decide(abi, std::fs::File::open(allowed.join("file")).err(), std::fs::File::open(denied.join("file")).err())
 }

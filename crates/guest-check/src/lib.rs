@@ -29,7 +29,9 @@ pub fn kernel_fix(options: &str) -> String {
 /// root (the checks need CAP_SYS_ADMIN and CAP_NET_ADMIN), anything else a missing feature.
 pub fn fix_for(e: &std::io::Error, options: &str) -> String {
     match e.raw_os_error() {
-        Some(libc::EPERM | libc::EACCES) => "run openshell-guest-check as root (it needs CAP_SYS_ADMIN and CAP_NET_ADMIN)".into(),
+        Some(libc::EPERM | libc::EACCES) => {
+            "run openshell-guest-check as root (it needs CAP_SYS_ADMIN and CAP_NET_ADMIN)".into()
+        }
         _ => kernel_fix(options),
     }
 }

@@ -207,7 +207,11 @@ async fn topology(r: &mut Report) -> Option<()> {
         match link_names(h).await {
             Ok(names) if names == ["lo"] => {}
             Ok(names) => {
-                r.fail(NETNS, format!("a new namespace already holds {names:?}, expected only lo"), kernel_fix("CONFIG_NET_NS"));
+                r.fail(
+                    NETNS,
+                    format!("a new namespace already holds {names:?}, expected only lo"),
+                    kernel_fix("CONFIG_NET_NS"),
+                );
                 return None;
             }
             Err(e) => return r.block(format!("listing links in a new namespace: {}", describe(&e))),
@@ -222,9 +226,14 @@ async fn topology(r: &mut Report) -> Option<()> {
             return None;
         }
         let peer = link(&router, b).await.ok()?.header.index;
-        let moved = router.link().set(LinkUnspec::new_with_index(peer).setns_by_fd(far.as_raw_fd()).build()).execute().await;
+        let moved =
+            router.link().set(LinkUnspec::new_with_index(peer).setns_by_fd(far.as_raw_fd()).build()).execute().await;
         if let Err(e) = moved {
-            r.fail(VETH, format!("moving {b} into its namespace: {}", describe(&e)), kernel_fix("CONFIG_VETH, CONFIG_NET_NS"));
+            r.fail(
+                VETH,
+                format!("moving {b} into its namespace: {}", describe(&e)),
+                kernel_fix("CONFIG_VETH, CONFIG_NET_NS"),
+            );
             return None;
         }
     }
@@ -257,7 +266,11 @@ async fn topology(r: &mut Report) -> Option<()> {
         })
     });
     if master != Some(br0) {
-        r.fail(BRIDGE, format!("vc0's master is {master:?} after attaching it to br0 (ifindex {br0})"), kernel_fix("CONFIG_BRIDGE"));
+        r.fail(
+            BRIDGE,
+            format!("vc0's master is {master:?} after attaching it to br0 (ifindex {br0})"),
+            kernel_fix("CONFIG_BRIDGE"),
+        );
         return None;
     }
     r.pass(BRIDGE, format!("created br0 and attached vc0 to it (vc0's master is ifindex {br0})"));
@@ -268,7 +281,9 @@ async fn topology(r: &mut Report) -> Option<()> {
         async move { link(&h, "lo").await.map(|l| l.header.index) }
     };
     let plumbing: Result<(), rtnetlink::Error> = async {
-        for (h, idx, addr) in [(&router, br0, ROUTER_DOWN), (&router, vs0, ROUTER_UP), (&client, vc1, CLIENT), (&server, vs1, SERVER)] {
+        for (h, idx, addr) in
+            [(&router, br0, ROUTER_DOWN), (&router, vs0, ROUTER_UP), (&client, vc1, CLIENT), (&server, vs1, SERVER)]
+        {
             h.address().add(idx, addr.into(), 24).execute().await?;
         }
         for (h, idx) in [(&router, vc0), (&router, br0), (&router, vs0), (&client, vc1), (&server, vs1)] {
@@ -304,7 +319,11 @@ async fn topology(r: &mut Report) -> Option<()> {
     // ip-forward (decided once a datagram has crossed the router)
     let forward = sysctl_set("/proc/sys/net/ipv4/ip_forward", "1");
     if !matches!(forward.as_deref(), Ok("1")) {
-        r.fail(IP_FORWARD, format!("net.ipv4.ip_forward in the router netns: {forward:?} after writing 1"), kernel_fix("CONFIG_INET, CONFIG_SYSCTL"));
+        r.fail(
+            IP_FORWARD,
+            format!("net.ipv4.ip_forward in the router netns: {forward:?} after writing 1"),
+            kernel_fix("CONFIG_INET, CONFIG_SYSCTL"),
+        );
         return None;
     }
 
@@ -320,10 +339,17 @@ async fn topology(r: &mut Report) -> Option<()> {
     match nft::list_rules() {
         Ok(rules) if rules.iter().any(|exprs| exprs.iter().any(|x| x == "masq")) => r.pass(
             NFT_MASQ,
-            format!("table ip {}: a nat chain on postrouting with a masquerade rule, committed and listed back", nft::TABLE),
+            format!(
+                "table ip {}: a nat chain on postrouting with a masquerade rule, committed and listed back",
+                nft::TABLE
+            ),
         ),
         Ok(rules) => {
-            r.fail(NFT_MASQ, format!("the committed chain lists {rules:?}, no masq expression"), kernel_fix("CONFIG_NFT_MASQ"));
+            r.fail(
+                NFT_MASQ,
+                format!("the committed chain lists {rules:?}, no masq expression"),
+                kernel_fix("CONFIG_NFT_MASQ"),
+            );
             return None;
         }
         Err(e) => return r.block(format!("listing the nftables rule back: {e}")),
@@ -331,31 +357,56 @@ async fn topology(r: &mut Report) -> Option<()> {
 
     // iptables-legacy (optional: a CNI may use iptables-nft instead)
     match (xtables::table_chains("filter"), xtables::table_chains("nat")) {
-        (Ok(f), Ok(n)) => r.pass(
-            IPTABLES_LEGACY,
-            format!("x_tables answered for filter ({}) and nat ({})", f.join(","), n.join(",")),
-        ),
+        (Ok(f), Ok(n)) => {
+            r.pass(IPTABLES_LEGACY, format!("x_tables answered for filter ({}) and nat ({})", f.join(","), n.join(",")))
+        }
         (f, n) => r.fail(
             IPTABLES_LEGACY,
-            format!("IPT_SO_GET_INFO: filter {:?}, nat {:?}", f.err().map(|e| e.to_string()), n.err().map(|e| e.to_string())),
+            format!(
+                "IPT_SO_GET_INFO: filter {:?}, nat {:?}",
+                f.err().map(|e| e.to_string()),
+                n.err().map(|e| e.to_string())
+            ),
             kernel_fix("CONFIG_IP_NF_IPTABLES, CONFIG_IP_NF_FILTER, CONFIG_IP_NF_NAT"),
         ),
     }
 
     // policy-route: the client's only way off its link is table 100, reached by a source rule.
-    let rule = client.rule().add().v4().source_prefix(CLIENT, 32).table_id(POLICY_TABLE).priority(1000).action(RuleAction::ToTable).execute().await;
+    let rule = client
+        .rule()
+        .add()
+        .v4()
+        .source_prefix(CLIENT, 32)
+        .table_id(POLICY_TABLE)
+        .priority(1000)
+        .action(RuleAction::ToTable)
+        .execute()
+        .await;
     if let Err(e) = rule {
-        r.fail(POLICY_ROUTE, format!("ip rule add from {CLIENT} lookup {POLICY_TABLE}: {}", describe(&e)), kernel_fix("CONFIG_IP_MULTIPLE_TABLES"));
+        r.fail(
+            POLICY_ROUTE,
+            format!("ip rule add from {CLIENT} lookup {POLICY_TABLE}: {}", describe(&e)),
+            kernel_fix("CONFIG_IP_MULTIPLE_TABLES"),
+        );
         return None;
     }
-    let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(ROUTER_DOWN).output_interface(vc1).table_id(POLICY_TABLE).build();
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .gateway(ROUTER_DOWN)
+        .output_interface(vc1)
+        .table_id(POLICY_TABLE)
+        .build();
     if let Err(e) = client.route().add(route).execute().await {
-        r.fail(POLICY_ROUTE, format!("ip route add default via {ROUTER_DOWN} table {POLICY_TABLE}: {}", describe(&e)), kernel_fix("CONFIG_IP_MULTIPLE_TABLES"));
+        r.fail(
+            POLICY_ROUTE,
+            format!("ip route add default via {ROUTER_DOWN} table {POLICY_TABLE}: {}", describe(&e)),
+            kernel_fix("CONFIG_IP_MULTIPLE_TABLES"),
+        );
         return None;
     }
 
     // The datagram.
-    let sockets = (udp_in(&ns.client, SocketAddrV4::new(CLIENT, 0)), udp_in(&ns.server, SocketAddrV4::new(SERVER, SERVER_PORT)));
+    let sockets =
+        (udp_in(&ns.client, SocketAddrV4::new(CLIENT, 0)), udp_in(&ns.server, SocketAddrV4::new(SERVER, SERVER_PORT)));
     let (cs, ss) = match sockets {
         (Ok(c), Ok(s)) => (c, s),
         (Err(e), _) | (_, Err(e)) => return r.block(format!("binding the test UDP sockets: {e}")),
@@ -372,7 +423,10 @@ async fn topology(r: &mut Report) -> Option<()> {
     let from = match ss.recv_from(&mut buf) {
         Ok((_, from)) => from,
         Err(e) => {
-            r.pass(POLICY_ROUTE, format!("rule 'from {CLIENT} lookup {POLICY_TABLE}' gave the client a route to {SERVER}"));
+            r.pass(
+                POLICY_ROUTE,
+                format!("rule 'from {CLIENT} lookup {POLICY_TABLE}' gave the client a route to {SERVER}"),
+            );
             r.fail(
                 IP_FORWARD,
                 format!("ip_forward=1 in the router netns, but the datagram never reached {SERVER} ({e})"),
@@ -382,11 +436,18 @@ async fn topology(r: &mut Report) -> Option<()> {
         }
     };
     r.pass(POLICY_ROUTE, format!("rule 'from {CLIENT} lookup {POLICY_TABLE}' carried the client's datagram (its main table has no route off-link)"));
-    r.pass(IP_FORWARD, format!("ip_forward=1 in the router netns; a UDP datagram from {CLIENT} crossed br0 -> vs0 to {SERVER}"));
+    r.pass(
+        IP_FORWARD,
+        format!("ip_forward=1 in the router netns; a UDP datagram from {CLIENT} crossed br0 -> vs0 to {SERVER}"),
+    );
     if from.ip() == std::net::IpAddr::V4(ROUTER_UP) {
         r.pass(NAT, format!("the server saw the datagram from {ROUTER_UP}: masqueraded from {CLIENT}"));
     } else {
-        r.fail(NAT, format!("the server saw source {}, not the masqueraded {ROUTER_UP}", from.ip()), kernel_fix("CONFIG_NF_NAT, CONFIG_NFT_NAT, CONFIG_NFT_MASQ"));
+        r.fail(
+            NAT,
+            format!("the server saw source {}, not the masqueraded {ROUTER_UP}", from.ip()),
+            kernel_fix("CONFIG_NF_NAT, CONFIG_NFT_NAT, CONFIG_NFT_MASQ"),
+        );
     }
 
     // conntrack: the reply goes to the router's address and must be mapped back to the client.

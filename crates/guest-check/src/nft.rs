@@ -89,7 +89,12 @@ fn control_or_nft(
 pub fn masquerade_batch() -> Vec<(Option<Step>, NetlinkMessage<NetfilterMessage>)> {
     let v4 = NetfilterProtoFamily::IPv4;
     let batch = |m: ControlMessage, seq| {
-        control_or_nft(NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES), m.into(), NLM_F_REQUEST, seq)
+        control_or_nft(
+            NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES),
+            m.into(),
+            NLM_F_REQUEST,
+            seq,
+        )
     };
     let table = NfTablesMessage::NewTable(TableMessage { attributes: vec![TableAttribute::Name(TABLE.into())] });
     let chain = NfTablesMessage::NewChain(netlink_packet_netfilter::nftables::ChainMessage {
@@ -236,7 +241,10 @@ pub fn list_rules() -> Result<Vec<Vec<String>>, NftError> {
                 NetlinkPayload::Done(_) => return Ok(rules),
                 NetlinkPayload::Error(e) if e.code.is_some() => {
                     let errno = e.code.map_or(0, |c| -c.get());
-                    return Err(NftError::Protocol(format!("listing rules: {}", std::io::Error::from_raw_os_error(errno))));
+                    return Err(NftError::Protocol(format!(
+                        "listing rules: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    )));
                 }
                 NetlinkPayload::InnerMessage(NetfilterMessage {
                     inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewRule(rule)),

@@ -29,7 +29,11 @@ fn run() -> Row {
         Err(e) => return Row::fail(ID, format!("compiling the filter: {e}"), "a bug in openshell-guest-check"),
     };
     if let Err(e) = seccompiler::apply_filter(&program) {
-        return Row::fail(ID, format!("installing a seccomp filter: {e}"), kernel_fix("CONFIG_SECCOMP, CONFIG_SECCOMP_FILTER"));
+        return Row::fail(
+            ID,
+            format!("installing a seccomp filter: {e}"),
+            kernel_fix("CONFIG_SECCOMP, CONFIG_SECCOMP_FILTER"),
+        );
     }
     // SAFETY: raw syscalls without arguments.
     let (ppid, errno) = unsafe { (libc::syscall(libc::SYS_getppid), std::io::Error::last_os_error().raw_os_error()) };

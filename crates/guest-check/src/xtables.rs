@@ -27,20 +27,16 @@ pub fn table_chains(table: &str) -> Result<Vec<&'static str>, std::io::Error> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let mut info = IptGetinfo {
-        name: [0; 32],
-        valid_hooks: 0,
-        hook_entry: [0; 5],
-        underflow: [0; 5],
-        num_entries: 0,
-        size: 0,
-    };
+    let mut info =
+        IptGetinfo { name: [0; 32], valid_hooks: 0, hook_entry: [0; 5], underflow: [0; 5], num_entries: 0, size: 0 };
     for (dst, src) in info.name.iter_mut().zip(table.bytes().take(31)) {
         *dst = src as libc::c_char;
     }
     let mut len = std::mem::size_of::<IptGetinfo>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the struct we own.
-    let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_IP, IPT_SO_GET_INFO, (&mut info as *mut IptGetinfo).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_IP, IPT_SO_GET_INFO, (&mut info as *mut IptGetinfo).cast(), &mut len)
+    };
     let err = std::io::Error::last_os_error();
     // SAFETY: closing the descriptor opened above.
     unsafe { libc::close(fd) };

@@ -43,13 +43,18 @@ impl GuestMount {
     /// `[A-Za-z0-9_-]`, at most 31 bytes (virtio-fs and 9p both take that), and a path is absolute
     /// with neither separator nor whitespace. The rootfs and the instance share have their own tags.
     pub fn validate(&self) -> Result<(), String> {
-        let tag_ok = |t: &str| !t.is_empty() && t.len() <= 31 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let tag_ok = |t: &str| {
+            !t.is_empty() && t.len() <= 31 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
         if !tag_ok(&self.tag) || self.tag == SHARE_TAG || self.tag == "rootfs" {
             return Err(format!("share tag {:?}: use 1-31 of [A-Za-z0-9_-], not `rootfs` or `{SHARE_TAG}`", self.tag));
         }
         let bad = |c: char| c == ',' || c == ':' || c.is_whitespace();
         if !self.path.starts_with('/') || self.path == "/" || self.path.contains(bad) {
-            return Err(format!("share mount point {:?}: use an absolute path below / without `,`, `:` or spaces", self.path));
+            return Err(format!(
+                "share mount point {:?}: use an absolute path below / without `,`, `:` or spaces",
+                self.path
+            ));
         }
         Ok(())
     }

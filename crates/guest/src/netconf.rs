@@ -59,7 +59,9 @@ pub enum NetPlan {
     /// No network device was given to the guest.
     None,
     Static(Ipv4Config),
-    Dhcp { fallback: Option<Ipv4Config> },
+    Dhcp {
+        fallback: Option<Ipv4Config>,
+    },
 }
 
 /// The value of `key=` on a kernel command line.
@@ -79,9 +81,7 @@ pub fn plan(cmdline: &str) -> Result<NetPlan, String> {
 }
 
 pub fn dns_servers(cmdline: &str) -> Vec<Ipv4Addr> {
-    cmdline_param(cmdline, DNS_PARAM)
-        .map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect())
-        .unwrap_or_default()
+    cmdline_param(cmdline, DNS_PARAM).map(|v| v.split(',').filter_map(|s| s.parse().ok()).collect()).unwrap_or_default()
 }
 
 /// A lease as busybox `udhcpc` hands it to its script (environment `ip`, `mask`, `router`,
@@ -135,7 +135,9 @@ mod tests {
     #[test]
     fn no_param_means_no_network_and_bad_ones_are_named() {
         assert_eq!(plan("console=ttyS0").unwrap(), NetPlan::None);
-        for bad in ["openshell.net=1.2.3.4", "openshell.net=1.2.3.4/33", "openshell.net=x/24", "openshell.net=1.2.3.4/24,nope"] {
+        for bad in
+            ["openshell.net=1.2.3.4", "openshell.net=1.2.3.4/33", "openshell.net=x/24", "openshell.net=1.2.3.4/24,nope"]
+        {
             assert!(plan(bad).is_err(), "{bad}");
         }
         // The fallback key must not be read as the main key.

@@ -6,9 +6,7 @@
 //! the same C types, which is why callers go through the `call!` macro.
 
 #[cfg(all(feature = "bundled", feature = "system"))]
-compile_error!(
-    "features `bundled` and `system` both provide the krun_* symbols; enable exactly one"
-);
+compile_error!("features `bundled` and `system` both provide the krun_* symbols; enable exactly one");
 #[cfg(not(any(feature = "bundled", feature = "system")))]
 compile_error!("enable one of the features `bundled` or `system`");
 

@@ -62,10 +62,7 @@ impl KrunError {
     /// libkrun reports failure as `-errno`; non-negative values are results.
     fn check(call: &'static str, ret: i32) -> Result<i32, Self> {
         if ret < 0 {
-            Err(Self::Call {
-                call,
-                source: io::Error::from_raw_os_error(-ret),
-            })
+            Err(Self::Call { call, source: io::Error::from_raw_os_error(-ret) })
         } else {
             Ok(ret)
         }
@@ -90,11 +87,7 @@ fn cpath(what: &'static str, p: &Path) -> Result<CString, KrunError> {
 
 /// NULL-terminated `char *[]` borrowing from `strings`, which must outlive it.
 fn ptr_array(strings: &[CString]) -> Vec<*const c_char> {
-    strings
-        .iter()
-        .map(|s| s.as_ptr())
-        .chain(std::iter::once(ptr::null()))
-        .collect()
+    strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(ptr::null())).collect()
 }
 
 /// Sets libkrun's global log level (0 = off … 5 = trace).
@@ -145,40 +138,19 @@ impl Context {
     pub fn kernel(&mut self, vmlinux: &Path, cmdline: &str) -> Result<&mut Self, KrunError> {
         let vmlinux = cpath("kernel path", vmlinux)?;
         let cmdline = cstr("kernel cmdline", cmdline)?;
-        call!(krun_set_kernel(
-            self.id,
-            vmlinux.as_ptr(),
-            KERNEL_FORMAT_ELF,
-            ptr::null(),
-            cmdline.as_ptr(),
-        ))?;
+        call!(krun_set_kernel(self.id, vmlinux.as_ptr(), KERNEL_FORMAT_ELF, ptr::null(), cmdline.as_ptr(),))?;
         Ok(self)
     }
 
     /// `env` is always passed explicitly: a NULL envp makes libkrun copy the
     /// whole host environment onto the kernel command line.
-    pub fn exec(
-        &mut self,
-        path: &str,
-        args: &[String],
-        env: &[(String, String)],
-    ) -> Result<&mut Self, KrunError> {
+    pub fn exec(&mut self, path: &str, args: &[String], env: &[(String, String)]) -> Result<&mut Self, KrunError> {
         let path = cstr("exec path", path)?;
-        let args = args
-            .iter()
-            .map(|a| cstr("exec argument", a.as_str()))
-            .collect::<Result<Vec<_>, _>>()?;
-        let env = env
-            .iter()
-            .map(|(k, v)| cstr("exec environment", format!("{k}={v}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let args = args.iter().map(|a| cstr("exec argument", a.as_str())).collect::<Result<Vec<_>, _>>()?;
+        let env =
+            env.iter().map(|(k, v)| cstr("exec environment", format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
         let (argv, envp) = (ptr_array(&args), ptr_array(&env));
-        call!(krun_set_exec(
-            self.id,
-            path.as_ptr(),
-            argv.as_ptr(),
-            envp.as_ptr()
-        ))?;
+        call!(krun_set_exec(self.id, path.as_ptr(), argv.as_ptr(), envp.as_ptr()))?;
         Ok(self)
     }
 
@@ -198,11 +170,7 @@ impl Context {
 
     /// Legacy 8250 serial port (ttyS0); it is up early enough for
     /// `earlyprintk=serial`, unlike virtio hvc0. `-1` disables a direction.
-    pub fn serial_console_default(
-        &mut self,
-        in_fd: RawFd,
-        out_fd: RawFd,
-    ) -> Result<&mut Self, KrunError> {
+    pub fn serial_console_default(&mut self, in_fd: RawFd, out_fd: RawFd) -> Result<&mut Self, KrunError> {
         call!(krun_add_serial_console_default(self.id, in_fd, out_fd))?;
         Ok(self)
     }
@@ -227,26 +195,17 @@ impl Context {
         let mut mac = mac;
         // The header declares `uint8_t *const c_mac` (bindgen: `*mut u8`) while the bundled
         // crate takes `*const u8`; a `*mut` argument fits both.
-        call!(krun_add_net_unixgram(
-            self.id,
-            path.as_ptr(),
-            -1,
-            mac.as_mut_ptr(),
-            features,
-            flags
-        ))?;
+        call!(krun_add_net_unixgram(self.id, path.as_ptr(), -1, mac.as_mut_ptr(), features, flags))?;
         Ok(self)
     }
 
     /// Boots the VM in this process. On success libkrun never returns: the
     /// process exits when the guest powers off.
     pub fn start_enter(self) -> Result<Infallible, KrunError> {
-        let err = call!(krun_start_enter(self.id))
-            .err()
-            .unwrap_or_else(|| KrunError::Call {
-                call: "krun_start_enter",
-                source: io::Error::other("returned without error"),
-            });
+        let err = call!(krun_start_enter(self.id)).err().unwrap_or_else(|| KrunError::Call {
+            call: "krun_start_enter",
+            source: io::Error::other("returned without error"),
+        });
         Err(err)
     }
 }
@@ -287,25 +246,11 @@ mod tests {
     #[test]
     fn interior_nul_is_rejected_before_ffi() {
         let mut ctx = Context::new().unwrap();
-        let err = ctx
-            .kernel(Path::new("/vmlinux"), "console=\0ttyS0")
-            .unwrap_err();
-        assert!(
-            matches!(
-                err,
-                KrunError::Nul {
-                    what: "kernel cmdline",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        let err = ctx.kernel(Path::new("/vmlinux"), "console=\0ttyS0").unwrap_err();
+        assert!(matches!(err, KrunError::Nul { what: "kernel cmdline", .. }), "{err}");
         let env = [("A\0".to_string(), "b".to_string())];
         let err = ctx.exec("/bin/true", &[], &env).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "exec environment contains an interior NUL byte"
-        );
+        assert_eq!(err.to_string(), "exec environment contains an interior NUL byte");
     }
 
     #[test]
@@ -315,9 +260,7 @@ mod tests {
         drop(ctx);
         let err = call!(krun_set_vm_config(id, 1, 128)).unwrap_err();
         assert_eq!(err.call(), Some("krun_set_vm_config"));
-        assert!(
-            matches!(err, KrunError::Call { ref source, .. } if source.raw_os_error() == Some(libc::ENOENT))
-        );
+        assert!(matches!(err, KrunError::Call { ref source, .. } if source.raw_os_error() == Some(libc::ENOENT)));
     }
 
     #[test]
@@ -325,21 +268,11 @@ mod tests {
         let mut ctx = Context::new().unwrap();
         let mac = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
         // libkrun records the device; it connects only when the VM starts.
-        ctx.add_net_unixgram(
-            Path::new("/tmp/gvproxy.sock"),
-            mac,
-            NET_COMPAT_FEATURES,
-            NET_FLAG_VFKIT,
-        )
-        .unwrap();
+        ctx.add_net_unixgram(Path::new("/tmp/gvproxy.sock"), mac, NET_COMPAT_FEATURES, NET_FLAG_VFKIT).unwrap();
         // A flag libkrun does not know is refused with EINVAL, named after the call.
-        let err = ctx
-            .add_net_unixgram(Path::new("/tmp/gvproxy.sock"), mac, 0, 1 << 7)
-            .unwrap_err();
+        let err = ctx.add_net_unixgram(Path::new("/tmp/gvproxy.sock"), mac, 0, 1 << 7).unwrap_err();
         assert_eq!(err.call(), Some("krun_add_net_unixgram"));
-        assert!(
-            matches!(err, KrunError::Call { ref source, .. } if source.raw_os_error() == Some(libc::EINVAL))
-        );
+        assert!(matches!(err, KrunError::Call { ref source, .. } if source.raw_os_error() == Some(libc::EINVAL)));
     }
 
     #[test]

@@ -62,10 +62,11 @@ pub struct UnixgramNet {
 pub fn run(spec: &KrunSpec) -> Result<Infallible, KrunError> {
     crate::set_log_level(spec.log_level)?;
     let mut ctx = Context::new()?;
-    ctx.vm_config(spec.vcpus, spec.mem_mib)?
-        .root(&spec.root)?
-        .kernel(&spec.kernel, &spec.cmdline)?
-        .exec(&spec.exec_path, &spec.args, &spec.env)?;
+    ctx.vm_config(spec.vcpus, spec.mem_mib)?.root(&spec.root)?.kernel(&spec.kernel, &spec.cmdline)?.exec(
+        &spec.exec_path,
+        &spec.args,
+        &spec.env,
+    )?;
     for (tag, dir) in &spec.shares {
         ctx.add_virtiofs(tag, dir)?;
     }
@@ -149,20 +150,8 @@ mod tests {
 
     #[test]
     fn run_reports_nul_before_booting() {
-        let spec = KrunSpec {
-            cmdline: "a\0b".into(),
-            ..sample()
-        };
+        let spec = KrunSpec { cmdline: "a\0b".into(), ..sample() };
         let err = run(&spec).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                KrunError::Nul {
-                    what: "kernel cmdline",
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, KrunError::Nul { what: "kernel cmdline", .. }), "{err}");
     }
 }

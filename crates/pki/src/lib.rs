@@ -12,8 +12,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
 };
 
 /// File names inside a client bundle directory.
@@ -35,7 +35,9 @@ const CERT_MODE: u32 = 0o644;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("generating the {what}: {source}; this points at a broken RNG or a bug, retry and report it if it persists")]
+    #[error(
+        "generating the {what}: {source}; this points at a broken RNG or a bug, retry and report it if it persists"
+    )]
     Generate {
         what: &'static str,
         #[source]
@@ -60,11 +62,7 @@ pub enum PkiError {
         source: io::Error,
     },
     #[error("{path} does not hold a PEM {expected} ({detail}); delete the directory and generate the material again")]
-    Malformed {
-        path: PathBuf,
-        expected: &'static str,
-        detail: String,
-    },
+    Malformed { path: PathBuf, expected: &'static str, detail: String },
 }
 
 pub type Result<T, E = PkiError> = std::result::Result<T, E>;
@@ -128,16 +126,11 @@ impl Pki {
         let ca_key = KeyPair::generate().map_err(gen_err("CA key"))?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err("CA"))?;
         ca_params.distinguished_name = DistinguishedName::new();
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{common_name_prefix} CA"));
+        ca_params.distinguished_name.push(DnType::CommonName, format!("{common_name_prefix} CA"));
         // Path length 0: this CA signs leaves only, never another CA.
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        ca_params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err("CA"))?;
 
         let server_key = KeyPair::generate().map_err(gen_err("server key"))?;
@@ -241,15 +234,8 @@ pub fn load_server_material(dir: &Path) -> Result<ServerMaterial> {
 }
 
 fn create_private_dir(dir: &Path) -> Result<()> {
-    let err = |source| PkiError::CreateDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)
-        .map_err(err)?;
+    let err = |source| PkiError::CreateDir { path: dir.to_path_buf(), source };
+    DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(err)?;
     // An already existing directory keeps its old mode otherwise, and it is
     // about to hold a private key.
     fs::set_permissions(dir, Permissions::from_mode(DIR_MODE)).map_err(err)
@@ -259,14 +245,8 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 /// never readable by others even for a moment, and readers never see a
 /// half-written file.
 fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
-    let err = |source| PkiError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
-    let name = path
-        .file_name()
-        .expect("callers pass dir.join(constant)")
-        .to_string_lossy();
+    let err = |source| PkiError::Write { path: path.to_path_buf(), source };
+    let name = path.file_name().expect("callers pass dir.join(constant)").to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.tmp.{}", std::process::id()));
     match fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -274,11 +254,7 @@ fn write_atomic(path: &Path, contents: &str, mode: u32) -> Result<()> {
         Err(e) => return Err(err(e)),
     }
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         file.write_all(contents.as_bytes())?;
         file.sync_all()?;
         fs::rename(&tmp, path)
@@ -314,15 +290,9 @@ impl PemKind {
 }
 
 fn read_pem(path: &Path, kind: PemKind) -> Result<String> {
-    let text = fs::read_to_string(path).map_err(|source| PkiError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let malformed = |detail: String| PkiError::Malformed {
-        path: path.to_path_buf(),
-        expected: kind.describe(),
-        detail,
-    };
+    let text = fs::read_to_string(path).map_err(|source| PkiError::Read { path: path.to_path_buf(), source })?;
+    let malformed =
+        |detail: String| PkiError::Malformed { path: path.to_path_buf(), expected: kind.describe(), detail };
     let blocks = pem::parse_many(&text).map_err(|e| malformed(e.to_string()))?;
     match blocks.first() {
         None => Err(malformed("no PEM block found".into())),
@@ -356,9 +326,7 @@ mod tests {
     }
 
     fn verify_server(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
-        let verifier = WebPkiServerVerifier::builder_with_provider(roots(ca_pem), provider())
-            .build()
-            .unwrap();
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots(ca_pem), provider()).build().unwrap();
         verifier
             .verify_server_cert(
                 &der(cert_pem),
@@ -371,12 +339,8 @@ mod tests {
     }
 
     fn verify_client(ca_pem: &str, cert_pem: &str) -> Result<(), rustls::Error> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem), provider())
-            .build()
-            .unwrap();
-        verifier
-            .verify_client_cert(&der(cert_pem), &[], UnixTime::now())
-            .map(|_| ())
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca_pem), provider()).build().unwrap();
+        verifier.verify_client_cert(&der(cert_pem), &[], UnixTime::now()).map(|_| ())
     }
 
     fn mode(path: &Path) -> u32 {
@@ -387,8 +351,7 @@ mod tests {
     fn server_cert_verifies_for_every_san() {
         let pki = Pki::generate("test").unwrap();
         for name in SERVER_NAMES {
-            verify_server(&pki.ca_cert_pem, &pki.server_cert_pem, name)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            verify_server(&pki.ca_cert_pem, &pki.server_cert_pem, name).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         assert!(verify_server(&pki.ca_cert_pem, &pki.server_cert_pem, "example.com").is_err());
     }
@@ -423,10 +386,8 @@ mod tests {
         assert_eq!(mode(&dir.join(CLIENT_CERT_FILE)) & 0o022, 0);
         assert_eq!(load_client_bundle(&dir).unwrap(), pki.client_bundle());
         // No temp files left behind.
-        let names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let names: Vec<_> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
     }
 
@@ -442,10 +403,7 @@ mod tests {
         second.write_server_material(&dir).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join(SERVER_KEY_FILE)), 0o600);
-        assert_eq!(
-            load_server_material(&dir).unwrap(),
-            second.server_material()
-        );
+        assert_eq!(load_server_material(&dir).unwrap(), second.server_material());
     }
 
     #[test]
@@ -454,20 +412,10 @@ mod tests {
         let err = load_client_bundle(tmp.path()).unwrap_err().to_string();
         assert!(err.contains("ca.crt") && err.contains("generate"), "{err}");
 
-        Pki::generate("t")
-            .unwrap()
-            .write_client_bundle(tmp.path())
-            .unwrap();
+        Pki::generate("t").unwrap().write_client_bundle(tmp.path()).unwrap();
         // A certificate where the key belongs is a mix-up worth catching early.
-        fs::copy(
-            tmp.path().join(CLIENT_CERT_FILE),
-            tmp.path().join(CLIENT_KEY_FILE),
-        )
-        .unwrap();
+        fs::copy(tmp.path().join(CLIENT_CERT_FILE), tmp.path().join(CLIENT_KEY_FILE)).unwrap();
         let err = load_client_bundle(tmp.path()).unwrap_err().to_string();
-        assert!(
-            err.contains("tls.key") && err.contains("private key"),
-            "{err}"
-        );
+        assert!(err.contains("tls.key") && err.contains("private key"), "{err}");
     }
 }

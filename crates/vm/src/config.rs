@@ -24,7 +24,9 @@ pub enum VmError {
     Spawn { what: String, source: std::io::Error },
     #[error("VM state I/O at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("host port {0} is already in use on 127.0.0.1; stop what listens there or map another port with -p HOST:GUEST")]
+    #[error(
+        "host port {0} is already in use on 127.0.0.1; stop what listens there or map another port with -p HOST:GUEST"
+    )]
     PortInUse(u16),
     #[error("passt exited before the VM could use it ({0}); see passt.log in the VM's state directory")]
     PasstDied(String),
@@ -131,7 +133,9 @@ impl VmConfig {
             return Err(VmError::Invalid(format!("--mem {} MiB is out of range 64..=65536", self.mem_mib)));
         }
         if self.exec.argv.first().is_none_or(|p| !p.starts_with('/')) {
-            return Err(VmError::Invalid("the command must be an absolute path inside the guest, e.g. /bin/true".into()));
+            return Err(VmError::Invalid(
+                "the command must be an absolute path inside the guest, e.g. /bin/true".into(),
+            ));
         }
         if let Some((k, _)) = self.exec.env.iter().find(|(k, _)| k.is_empty() || k.contains('=')) {
             return Err(VmError::Invalid(format!("bad environment variable name {k:?}")));
@@ -146,7 +150,9 @@ impl VmConfig {
             }
         }
         if !self.ports.is_empty() && self.net == NetMode::None {
-            return Err(VmError::Invalid("port forwards (-p) need a network backend: use --net passt or --net gvproxy".into()));
+            return Err(VmError::Invalid(
+                "port forwards (-p) need a network backend: use --net passt or --net gvproxy".into(),
+            ));
         }
         Ok(())
     }

@@ -76,7 +76,15 @@ pub struct Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = self.at_unix % 86_400;
-        write!(f, "{} exited ({}) at {:02}:{:02}:{:02} UTC", self.child, self.how, secs / 3600, secs / 60 % 60, secs % 60)
+        write!(
+            f,
+            "{} exited ({}) at {:02}:{:02}:{:02} UTC",
+            self.child,
+            self.how,
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        )
     }
 }
 
@@ -175,7 +183,14 @@ impl GatewayInstance {
 
     /// The gateway VM on network `net`: server material and artifact digests placed in the guest
     /// share. The gateway is reached through a forward, so it needs a network.
-    pub fn vm_config(&self, kernel: PathBuf, rootfs: PathBuf, digests: (&str, &str), host_port: u16, net: NetMode) -> Result<VmConfig, VmError> {
+    pub fn vm_config(
+        &self,
+        kernel: PathBuf,
+        rootfs: PathBuf,
+        digests: (&str, &str),
+        host_port: u16,
+        net: NetMode,
+    ) -> Result<VmConfig, VmError> {
         if net == NetMode::None {
             return Err(VmError::Invalid("the gateway is reached through a port forward, so it needs a network: use --net passt or --net gvproxy".into()));
         }
@@ -219,7 +234,12 @@ impl GatewayInstance {
     /// Takes the instance lock for as long as the returned file lives, or names who holds it.
     pub fn lock(&self) -> Result<fs::File, VmError> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io_err(&self.dir))?;
-        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(self.lock_path()).map_err(io_err(&self.lock_path()))?;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.lock_path())
+            .map_err(io_err(&self.lock_path()))?;
         // SAFETY: flock on an fd we own.
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(self.already_running());
@@ -267,11 +287,22 @@ impl GatewayInstance {
                     .map_err(|e| e.to_string())
                     .and_then(|rt| {
                         rt.block_on(async {
-                            let ch = openshell_gateway::connect(ep, &bundle, "localhost").await.map_err(|e| e.to_string())?;
+                            let ch = openshell_gateway::connect(ep, &bundle, "localhost")
+                                .await
+                                .map_err(|e| e.to_string())?;
                             openshell_gateway::health(&ch).await.map_err(|e| e.to_string())
                         })
                     })
-                    .map_or_else(|e| e, |s| if s == openshell_gateway::ServingStatus::Serving { "SERVING".into() } else { format!("{s:?}") }),
+                    .map_or_else(
+                        |e| e,
+                        |s| {
+                            if s == openshell_gateway::ServingStatus::Serving {
+                                "SERVING".into()
+                            } else {
+                                format!("{s:?}")
+                            }
+                        },
+                    ),
                 Err(e) => e.to_string(),
             },
             (None, _) => "never started".into(),
@@ -305,7 +336,11 @@ impl GatewayInstance {
         let deadline = Instant::now() + grace;
         while self.locked() {
             if Instant::now() > deadline {
-                return Err(VmError::Instance(format!("gateway {:?} (supervisor {sup}) did not stop within {}s", self.name, grace.as_secs())));
+                return Err(VmError::Instance(format!(
+                    "gateway {:?} (supervisor {sup}) did not stop within {}s",
+                    self.name,
+                    grace.as_secs()
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -379,7 +414,12 @@ pub fn wait_ready(
                     let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await?;
                     let connected = t.elapsed();
                     let h = openshell_gateway::health(&ch).await;
-                    tracing::debug!(connect_ms = connected.as_millis() as u64, health_ms = (t.elapsed() - connected).as_millis() as u64, at_ms = vm.started.elapsed().as_millis() as u64, "readiness probe");
+                    tracing::debug!(
+                        connect_ms = connected.as_millis() as u64,
+                        health_ms = (t.elapsed() - connected).as_millis() as u64,
+                        at_ms = vm.started.elapsed().as_millis() as u64,
+                        "readiness probe"
+                    );
                     h
                 })
                 .await
@@ -420,13 +460,20 @@ mod tests {
 
     #[test]
     fn a_failure_names_the_child_and_how_it_ended_in_json_and_words() {
-        let f = Failure { child: crate::Child::Passt, how: crate::Ended::Signal(9), at_unix: 86_400 * 3 + 22 * 3600 + 41 * 60 + 58 };
+        let f = Failure {
+            child: crate::Child::Passt,
+            how: crate::Ended::Signal(9),
+            at_unix: 86_400 * 3 + 22 * 3600 + 41 * 60 + 58,
+        };
         let json = serde_json::to_value(f).unwrap();
         assert_eq!(json, serde_json::json!({"child": "passt", "signal": 9, "at_unix": f.at_unix}));
         assert_eq!(serde_json::from_value::<Failure>(json).unwrap(), f);
         assert_eq!(f.to_string(), "passt exited (signal 9) at 22:41:58 UTC");
         let vmm = Failure { child: crate::Child::Vmm, how: crate::Ended::ExitCode(1), at_unix: 0 };
-        assert_eq!(serde_json::to_value(vmm).unwrap(), serde_json::json!({"child": "vmm", "exit_code": 1, "at_unix": 0}));
+        assert_eq!(
+            serde_json::to_value(vmm).unwrap(),
+            serde_json::json!({"child": "vmm", "exit_code": 1, "at_unix": 0})
+        );
         assert_eq!(vmm.to_string(), "the VMM exited (exit code 1) at 00:00:00 UTC");
     }
 

@@ -45,7 +45,10 @@ pub fn run(cfg: &VmConfig, verification: Verification) -> Result<Matrix, VmError
     let exit = vm.wait(None, Some(TIMEOUT))?;
     drop(vm);
     let crate::VmExit::Guest(code) = exit else {
-        return Err(VmError::GuestCheck(format!("it did not finish: {exit}; console log: {}", cfg.console_path().display())));
+        return Err(VmError::GuestCheck(format!(
+            "it did not finish: {exit}; console log: {}",
+            cfg.console_path().display()
+        )));
     };
     read_matrix(&report, code, &cfg.console_path())
 }
@@ -60,7 +63,11 @@ pub fn read_matrix(report: &Path, code: i32, console: &Path) -> Result<Matrix, V
         ))
     })?;
     let matrix: Matrix = serde_json::from_str(&text).map_err(|e| {
-        VmError::GuestCheck(format!("its matrix {} is unreadable: {e}; console log: {}", report.display(), console.display()))
+        VmError::GuestCheck(format!(
+            "its matrix {} is unreadable: {e}; console log: {}",
+            report.display(),
+            console.display()
+        ))
     })?;
     if matrix.exit_code() != code {
         return Err(VmError::GuestCheck(format!(

@@ -65,7 +65,8 @@ fn measure_tsc_khz(window: std::time::Duration) -> Option<u32> {
                 (before, ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128, after)
             }
         };
-        let (before, ns, after) = (0..32).map(|_| sample()).min_by_key(|(b, _, a)| a.wrapping_sub(*b)).expect("32 samples");
+        let (before, ns, after) =
+            (0..32).map(|_| sample()).min_by_key(|(b, _, a)| a.wrapping_sub(*b)).expect("32 samples");
         (u128::from(before) + u128::from(after.wrapping_sub(before)) / 2, ns)
     }
     let (tsc0, ns0) = reading();

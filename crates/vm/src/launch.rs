@@ -225,7 +225,11 @@ fn record_in_ledger(pid: u32, backend: Backend, state_dir: &Path) {
     let Some(path) = std::env::var_os(LEDGER_ENV) else { return };
     let line = serde_json::json!({ "vmm_pid": pid, "backend": backend.kind(), "state_dir": state_dir });
     // One write of one line with O_APPEND, so lines from concurrent processes do not interleave.
-    let written = fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+    let written = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
     if let Err(e) = written {
         tracing::warn!(ledger = ?path, error = %e, "cannot record the VMM in the ledger");
     }
@@ -302,7 +306,9 @@ impl RunningVm {
                     self.request_guest_stop();
                     stopping = Some((sig, Instant::now(), false));
                 }
-                (Some((_, asked, vmm_signalled)), again) if !*vmm_signalled && (again != 0 || asked.elapsed() > GUEST_STOP_GRACE) => {
+                (Some((_, asked, vmm_signalled)), again)
+                    if !*vmm_signalled && (again != 0 || asked.elapsed() > GUEST_STOP_GRACE) =>
+                {
                     tracing::info!("the guest did not stop in time (or a second signal came): stopping the VMM");
                     self.signal(libc::SIGTERM);
                     *vmm_signalled = true;

@@ -46,7 +46,8 @@ impl L1Paths {
         }
         let tag = format!("l1share{}", self.shares.len());
         let path = format!("{L1_SHARES}/{tag}");
-        self.shares.push(DirShare { host: dir.to_owned(), mount: GuestMount { tag, path: path.clone(), read_only: true } });
+        self.shares
+            .push(DirShare { host: dir.to_owned(), mount: GuestMount { tag, path: path.clone(), read_only: true } });
         path
     }
 

@@ -53,7 +53,8 @@ pub fn process(pid: u32) -> ProcessFact {
 pub fn argv(pid: u32) -> Option<Vec<String>> {
     let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let raw = raw.strip_suffix(b"\0").unwrap_or(&raw);
-    Some(raw.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect()).filter(|a: &Vec<String>| !a[0].is_empty())
+    Some(raw.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+        .filter(|a: &Vec<String>| !a[0].is_empty())
 }
 
 /// The process's working directory (what its relative paths mean).
@@ -100,7 +101,8 @@ fn parse_proc_net_tcp(text: &str) -> Vec<TcpListenerFact> {
             continue;
         }
         let Some((addr, port)) = cols[1].split_once(':') else { continue };
-        let (Some(addr), Ok(port), Ok(inode)) = (parse_hex_addr(addr), u16::from_str_radix(port, 16), cols[9].parse()) else {
+        let (Some(addr), Ok(port), Ok(inode)) = (parse_hex_addr(addr), u16::from_str_radix(port, 16), cols[9].parse())
+        else {
             continue;
         };
         out.push(TcpListenerFact { addr, port, inode });

@@ -99,8 +99,14 @@ pub fn boot(
 
 /// Launches the VM, waits for SERVING and records the instance's pids (clearing any failure of
 /// an earlier boot). The caller holds the instance lock.
-fn start(inst: &GatewayInstance, cfg: &VmConfig, digests: &(String, String), ready_timeout: Duration) -> Result<(RunningVm, String, Duration), VmError> {
-    let port = cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
+fn start(
+    inst: &GatewayInstance,
+    cfg: &VmConfig,
+    digests: &(String, String),
+    ready_timeout: Duration,
+) -> Result<(RunningVm, String, Duration), VmError> {
+    let port =
+        cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
     let endpoint = format!("127.0.0.1:{port}");
     let mut vm = crate::launch(cfg)?;
     let bundle = inst.client_bundle()?;
@@ -135,7 +141,8 @@ impl Supervised {
         // Covers the backoff and the reboot too, where `RunningVm::wait` does not listen: a
         // `vm stop` then ends the supervisor once the pause or the boot is over.
         let got = Arc::new(AtomicUsize::new(0));
-        let ids = [libc::SIGINT, libc::SIGTERM].map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
+        let ids = [libc::SIGINT, libc::SIGTERM]
+            .map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
         let result = self.wait_restarting(sink, restart, &got);
         for id in ids.into_iter().flatten() {
             signal_hook::low_level::unregister(id);
@@ -143,7 +150,12 @@ impl Supervised {
         result
     }
 
-    fn wait_restarting(&mut self, mut sink: Option<&mut dyn std::io::Write>, restart: Restart, got: &AtomicUsize) -> Result<VmExit, VmError> {
+    fn wait_restarting(
+        &mut self,
+        mut sink: Option<&mut dyn std::io::Write>,
+        restart: Restart,
+        got: &AtomicUsize,
+    ) -> Result<VmExit, VmError> {
         let mut restarts = 0;
         loop {
             let _span = tracing::warn_span!("gateway", name = %self.inst.name, boot = restarts + 1).entered();
@@ -182,7 +194,11 @@ impl Supervised {
             }
             let (vm, endpoint, ready) = start(&self.inst, &self.cfg, &self.digests, self.ready_timeout)?;
             (self.vm, self.endpoint, self.ready) = (vm, endpoint, ready);
-            tracing::warn!("restart {restarts}/{max}: SERVING again at {} after {:.2}s", self.endpoint, ready.as_secs_f64());
+            tracing::warn!(
+                "restart {restarts}/{max}: SERVING again at {} after {:.2}s",
+                self.endpoint,
+                ready.as_secs_f64()
+            );
         }
     }
 
@@ -243,7 +259,8 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
     if let Some(sup) = meta.supervisor_pid.filter(|&p| p != std::process::id()) {
         done.push(format!("supervisor pid {sup} is gone; cleared its stale record"));
     }
-    if meta.vm_pid.is_some() || meta.passt_pid.is_some() || meta.gvproxy_pid.is_some() || meta.supervisor_pid.is_some() {
+    if meta.vm_pid.is_some() || meta.passt_pid.is_some() || meta.gvproxy_pid.is_some() || meta.supervisor_pid.is_some()
+    {
         meta.vm_pid = None;
         meta.passt_pid = None;
         meta.gvproxy_pid = None;

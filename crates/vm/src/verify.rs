@@ -54,10 +54,10 @@ use std::time::Duration;
 
 use openshell_matrix::{Matrix, Row};
 
-use crate::gateway::Metadata;
-pub use probe::{probe, verify};
 pub use crate::backend::BootedArtifacts;
+use crate::gateway::Metadata;
 pub use crate::procfs::{ProcessFact, TcpListenerFact};
+pub use probe::{probe, verify};
 
 /// The outcome of one probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,7 +213,10 @@ pub fn stale_findings(o: &Observations) -> Vec<String> {
         if !o.locked {
             out.push(format!("{what} pid {} still runs without a supervisor (orphan)", p.pid));
         } else if m.supervisor_pid.is_some() && p.ppid != m.supervisor_pid {
-            out.push(format!("{what} pid {} is a child of {:?}, not of supervisor {:?}", p.pid, p.ppid, m.supervisor_pid));
+            out.push(format!(
+                "{what} pid {} is a child of {:?}, not of supervisor {:?}",
+                p.pid, p.ppid, m.supervisor_pid
+            ));
         }
     }
     for l in &o.leftovers {
@@ -226,7 +229,8 @@ pub fn stale_findings(o: &Observations) -> Vec<String> {
 pub fn decide(o: &Observations) -> Matrix {
     let name = &o.name;
     let m = &o.metadata;
-    let restart = format!("restart it: `cargo xtask vm stop --name {name} && cargo xtask vm run --detach --name {name}`");
+    let restart =
+        format!("restart it: `cargo xtask vm stop --name {name} && cargo xtask vm run --detach --name {name}`");
     let logs = format!("see `cargo xtask vm logs --name {name}`");
     let mut mx = Matrix::new(format!("verify gateway {name}"));
 
@@ -237,8 +241,14 @@ pub fn decide(o: &Observations) -> Matrix {
             format!("start it: `cargo xtask vm run --detach --name {name}`"),
         ),
         (Some(s), true) if s.alive => Row::pass("supervisor", format!("pid {} holds the instance lock", s.pid)),
-        (Some(s), true) => Row::fail("supervisor", format!("the lock is held but recorded supervisor {} is dead", s.pid), restart.clone()),
-        (None, true) => Row::fail("supervisor", "the lock is held but metadata.json records no supervisor", restart.clone()),
+        (Some(s), true) => Row::fail(
+            "supervisor",
+            format!("the lock is held but recorded supervisor {} is dead", s.pid),
+            restart.clone(),
+        ),
+        (None, true) => {
+            Row::fail("supervisor", "the lock is held but metadata.json records no supervisor", restart.clone())
+        }
     });
 
     mx.push(process_row("vm-process", "VMM", &o.vm, crate::backend::VMM_PROGRAMS, &format!("{logs}; {restart}")));
@@ -250,7 +260,9 @@ pub fn decide(o: &Observations) -> Matrix {
         other => Row::fail("tcp", format!("{}: {}", m.endpoint, other.why_not().unwrap_or_default()), restart.clone()),
     });
     mx.push(match &o.mtls {
-        Attempt::Done(t) => Row::pass("mtls-handshake", format!("TLS channel with the stored client bundle ({} ms)", t.as_millis())),
+        Attempt::Done(t) => {
+            Row::pass("mtls-handshake", format!("TLS channel with the stored client bundle ({} ms)", t.as_millis()))
+        }
         Attempt::NotTried(why) => Row::fail("mtls-handshake", why.clone(), restart.clone()),
         Attempt::Failed(e) => Row::fail(
             "mtls-handshake",
@@ -288,7 +300,13 @@ pub fn decide(o: &Observations) -> Matrix {
     mx.push(match &o.info {
         Attempt::Done(i) => Row::pass(
             "info",
-            format!("gateway {} on kernel {}, up {:.1} s, boot {}", i.version, i.kernel_release, i.uptime_ms as f64 / 1000.0, short(&i.boot_id)),
+            format!(
+                "gateway {} on kernel {}, up {:.1} s, boot {}",
+                i.version,
+                i.kernel_release,
+                i.uptime_ms as f64 / 1000.0,
+                short(&i.boot_id)
+            ),
         ),
         other => Row::fail("info", other.why_not().unwrap_or_default().to_owned(), format!("{logs}; {restart}")),
     });
@@ -313,7 +331,10 @@ pub fn decide(o: &Observations) -> Matrix {
         Attempt::Done(text) => {
             let bad = kernel_trouble(text);
             match bad.first() {
-                None => Row::pass("console-clean", format!("{} lines, no oops/panic/BUG/WARNING/call trace", text.lines().count())),
+                None => Row::pass(
+                    "console-clean",
+                    format!("{} lines, no oops/panic/BUG/WARNING/call trace", text.lines().count()),
+                ),
                 Some(first) => Row::fail(
                     "console-clean",
                     format!("{} kernel trouble line(s), first: {:?}", bad.len(), first.trim()),
@@ -335,7 +356,9 @@ pub fn decide(o: &Observations) -> Matrix {
         Row::fail(
             "no-stale-state",
             stale.join("; "),
-            format!("`cargo xtask vm stop --name {name}` clears processes; remove the named files, then start it again"),
+            format!(
+                "`cargo xtask vm stop --name {name}` clears processes; remove the named files, then start it again"
+            ),
         )
     });
     mx
@@ -421,35 +444,57 @@ struct DigestCheck {
 
 /// The artifact the VMM has, re-hashed, against its own record, then against what
 /// `metadata.json` says was booted, then against the guest's `Info` (which only echoes the share).
-fn digest_row(c: DigestCheck, rehashed: &Attempt<Rehashed>, metadata: (Option<&std::path::Path>, &str), info: Result<&str, &str>) -> Row {
+fn digest_row(
+    c: DigestCheck,
+    rehashed: &Attempt<Rehashed>,
+    metadata: (Option<&std::path::Path>, &str),
+    info: Result<&str, &str>,
+) -> Row {
     let DigestCheck { id, what, record_file, fix } = c;
     let r = match rehashed {
         Attempt::Done(r) => r,
-        Attempt::NotTried(why) | Attempt::Failed(why) => return Row::fail(id, format!("not compared: {}", first_line(why)), fix),
+        Attempt::NotTried(why) | Attempt::Failed(why) => {
+            return Row::fail(id, format!("not compared: {}", first_line(why)), fix)
+        }
     };
     let path = r.path.display();
     let recorded = match &r.recorded {
         Attempt::Done(rec) => rec,
         Attempt::NotTried(why) | Attempt::Failed(why) => {
-            return Row::fail(id, format!("the VMM runs {path}, whose {record_file} cannot be read: {}", first_line(why)), fix)
+            return Row::fail(
+                id,
+                format!("the VMM runs {path}, whose {record_file} cannot be read: {}", first_line(why)),
+                fix,
+            )
         }
     };
     if &r.found != recorded {
         let at = r.first_difference.as_ref().map_or(String::new(), |d| format!(" (first difference: {d})"));
         return Row::fail(
             id,
-            format!("the VMM runs {path}, which hashes to {} now, but its {record_file} records {}{at}", r.found, recorded),
+            format!(
+                "the VMM runs {path}, which hashes to {} now, but its {record_file} records {}{at}",
+                r.found, recorded
+            ),
             fix,
         );
     }
     let (meta_path, meta_digest) = metadata;
     if let Some(p) = meta_path.filter(|p| *p != r.path) {
-        return Row::fail(id, format!("metadata.json says the instance booted {}, but its VMM runs {path}", p.display()), fix);
+        return Row::fail(
+            id,
+            format!("metadata.json says the instance booted {}, but its VMM runs {path}", p.display()),
+            fix,
+        );
     }
     if meta_digest != recorded {
         return Row::fail(
             id,
-            format!("metadata.json records {what} {} but the VMM's {path} is {} (as its {record_file} records)", short(meta_digest), short(recorded)),
+            format!(
+                "metadata.json records {what} {} but the VMM's {path} is {} (as its {record_file} records)",
+                short(meta_digest),
+                short(recorded)
+            ),
             fix,
         );
     }
@@ -511,7 +556,12 @@ mod tests {
     }
 
     fn rehashed(path: &str, found: &str, recorded: &str) -> Rehashed {
-        Rehashed { path: path.into(), found: found.into(), recorded: Attempt::Done(recorded.into()), first_difference: None }
+        Rehashed {
+            path: path.into(),
+            found: found.into(),
+            recorded: Attempt::Done(recorded.into()),
+            first_difference: None,
+        }
     }
 
     /// The VMM is dead, so there is no command line to read the booted artifacts from.
@@ -562,7 +612,9 @@ mod tests {
             }),
             kernel: Attempt::Done(rehashed("/k/vmlinux", K, K)),
             rootfs: Attempt::Done(rehashed("/r", R, R)),
-            console: Attempt::Done("Linux version 6.1\nopenshell-init: [  12 ms] mounted\ngateway listening on 0.0.0.0:30051\n".into()),
+            console: Attempt::Done(
+                "Linux version 6.1\nopenshell-init: [  12 ms] mounted\ngateway listening on 0.0.0.0:30051\n".into(),
+            ),
             console_path: "/g/default/vm/console.log".into(),
             leftovers: vec![],
         }
@@ -774,7 +826,12 @@ mod tests {
         o.kernel = Attempt::Done(rehashed("/k/vmlinux", R, K));
         let m = fails_with(&o, &["kernel-digest"]);
         let reason = &m.row("kernel-digest").unwrap().reason;
-        assert!(reason.contains("/k/vmlinux") && reason.contains(&format!("hashes to {R} now")) && reason.contains(&format!("provenance.json records {K}")), "{reason}");
+        assert!(
+            reason.contains("/k/vmlinux")
+                && reason.contains(&format!("hashes to {R} now"))
+                && reason.contains(&format!("provenance.json records {K}")),
+            "{reason}"
+        );
 
         let mut o = healthy();
         o.rootfs = Attempt::Done(Rehashed {
@@ -783,7 +840,11 @@ mod tests {
         });
         let m = fails_with(&o, &["rootfs-digest"]);
         let reason = &m.row("rootfs-digest").unwrap().reason;
-        assert!(reason.contains("manifest.json records bbbb") && reason.contains("first difference: rootfs file /etc/hostname"), "{reason}");
+        assert!(
+            reason.contains("manifest.json records bbbb")
+                && reason.contains("first difference: rootfs file /etc/hostname"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -792,13 +853,21 @@ mod tests {
         let mut o = healthy();
         o.metadata.kernel_path = Some("/other/vmlinux".into());
         let m = fails_with(&o, &["kernel-digest"]);
-        assert!(m.row("kernel-digest").unwrap().reason.contains("booted /other/vmlinux, but its VMM runs /k/vmlinux"), "{}", m.render());
+        assert!(
+            m.row("kernel-digest").unwrap().reason.contains("booted /other/vmlinux, but its VMM runs /k/vmlinux"),
+            "{}",
+            m.render()
+        );
 
         // metadata.json records another digest than the booted artifact's record.
         let mut o = healthy();
         o.metadata.rootfs_sha256 = K.into();
         let m = fails_with(&o, &["rootfs-digest"]);
-        assert!(m.row("rootfs-digest").unwrap().reason.contains("metadata.json records rootfs aaaaaaaaaaaaaaaa"), "{}", m.render());
+        assert!(
+            m.row("rootfs-digest").unwrap().reason.contains("metadata.json records rootfs aaaaaaaaaaaaaaaa"),
+            "{}",
+            m.render()
+        );
 
         // Info answers for another boot.
         let mut o = healthy();
@@ -812,7 +881,10 @@ mod tests {
         assert!(m.row("rootfs-digest").unwrap().reason.contains("reports no rootfs digest"), "{}", m.render());
 
         let mut o = healthy();
-        o.kernel = Attempt::Done(Rehashed { recorded: Attempt::Failed("/k/provenance.json: No such file".into()), ..rehashed("/k/vmlinux", K, K) });
+        o.kernel = Attempt::Done(Rehashed {
+            recorded: Attempt::Failed("/k/provenance.json: No such file".into()),
+            ..rehashed("/k/vmlinux", K, K)
+        });
         let m = fails_with(&o, &["kernel-digest"]);
         assert!(m.row("kernel-digest").unwrap().reason.contains("provenance.json cannot be read"), "{}", m.render());
     }
@@ -823,14 +895,21 @@ mod tests {
         o.kernel = Attempt::NotTried("the VMM pid 11 is dead".into());
         o.rootfs = Attempt::Failed("VMM pid 11: no -kernel on its command line".into());
         let m = fails_with(&o, &["kernel-digest", "rootfs-digest"]);
-        assert!(m.row("kernel-digest").unwrap().reason.contains("not compared: the VMM pid 11 is dead"), "{}", m.render());
+        assert!(
+            m.row("kernel-digest").unwrap().reason.contains("not compared: the VMM pid 11 is dead"),
+            "{}",
+            m.render()
+        );
     }
 
     #[test]
     fn passing_digest_rows_say_what_they_compared() {
         let m = decide(&healthy());
         let reason = &m.row("kernel-digest").unwrap().reason;
-        assert_eq!(reason, "/k/vmlinux as the VMM has it, re-hashed: aaaaaaaaaaaaaaaa = provenance.json = metadata.json = Info");
+        assert_eq!(
+            reason,
+            "/k/vmlinux as the VMM has it, re-hashed: aaaaaaaaaaaaaaaa = provenance.json = metadata.json = Info"
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use openshell_guest::netconf::{self, Ipv4Config, NetPlan};
 use openshell_guest::{
-    ifconfig, ExecRequest, GuestMount, EXEC_FILE, EXIT_CODE_FILE, MOUNTS_PARAM, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM,
-    STOP_REQUEST_FILE,
+    ifconfig, ExecRequest, GuestMount, EXEC_FILE, EXIT_CODE_FILE, MOUNTS_PARAM, SHARE_MOUNT, SHARE_TAG,
+    SHARE_TRANSPORT_PARAM, STOP_REQUEST_FILE,
 };
 
 /// How long the workload gets between SIGTERM and SIGKILL once a stop is requested.
@@ -261,7 +261,8 @@ fn clean_stale_state() {
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let stale = name == EXIT_CODE_FILE || name.ends_with(".pid") || name.ends_with(".sock") || name.ends_with(".tmp");
+        let stale =
+            name == EXIT_CODE_FILE || name.ends_with(".pid") || name.ends_with(".sock") || name.ends_with(".tmp");
         if stale && fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }

@@ -13,10 +13,7 @@ fn main() -> ExitCode {
     // A VM whose supervisor died would be unreachable; die with it.
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        eprintln!(
-            "openshell-vmm: prctl(PR_SET_PDEATHSIG): {}",
-            std::io::Error::last_os_error()
-        );
+        eprintln!("openshell-vmm: prctl(PR_SET_PDEATHSIG): {}", std::io::Error::last_os_error());
         return ExitCode::from(EXIT_SETUP_FAILED);
     }
     let mut args = std::env::args_os().skip(1);

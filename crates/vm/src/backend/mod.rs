@@ -203,7 +203,9 @@ mod tests {
         assert_eq!(krun_place(&facts(true, false, true, true)), KrunPlace::NestedL1);
         assert_eq!(krun_place(&facts(false, false, false, true)), KrunPlace::NestedL1);
         match krun_place(&facts(true, false, true, false)) {
-            KrunPlace::Nowhere(why) => assert!(why.contains("PVM") && why.contains("apt-get install -y qemu-system-x86"), "{why}"),
+            KrunPlace::Nowhere(why) => {
+                assert!(why.contains("PVM") && why.contains("apt-get install -y qemu-system-x86"), "{why}")
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -216,11 +218,18 @@ mod tests {
 
     #[test]
     fn booted_artifacts_by_program_with_relative_paths_from_the_cwd() {
-        let argv: Vec<String> = ["/usr/bin/qemu-system-x86_64", "-kernel", "k/vmlinux", "-fsdev", "local,id=root,path=rootfs",
-            "-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs"]
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
+        let argv: Vec<String> = [
+            "/usr/bin/qemu-system-x86_64",
+            "-kernel",
+            "k/vmlinux",
+            "-fsdev",
+            "local,id=root,path=rootfs",
+            "-device",
+            "virtio-9p-device,fsdev=root,mount_tag=rootfs",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
         let b = booted_artifacts(&argv, Path::new("/cwd")).unwrap();
         assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/cwd/k/vmlinux"), Path::new("/cwd/rootfs")));
         let e = booted_artifacts(&["/usr/bin/sleep".to_owned(), "9".to_owned()], Path::new("/")).unwrap_err();

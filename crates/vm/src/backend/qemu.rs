@@ -93,7 +93,10 @@ pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, Strin
     let root_fsdev = values("device")
         .into_iter()
         .map(qemu_opts)
-        .find(|o| o.first().is_some_and(|(k, v)| k.is_none() && v.starts_with("virtio-9p")) && opt(o, "mount_tag") == Some(super::ROOT_TAG))
+        .find(|o| {
+            o.first().is_some_and(|(k, v)| k.is_none() && v.starts_with("virtio-9p"))
+                && opt(o, "mount_tag") == Some(super::ROOT_TAG)
+        })
         .and_then(|o| opt(&o, "fsdev").map(str::to_owned))
         .ok_or_else(|| format!("no virtio-9p device with mount_tag={} on its command line", super::ROOT_TAG))?;
     let rootfs = values("fsdev")
@@ -142,10 +145,8 @@ mod tests {
         let mut cfg = cfg;
         cfg.vcpus = 2;
         cfg.mem_mib = 256;
-        let args: Vec<String> = command(Path::new("qemu"), &cfg, false)
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
+        let args: Vec<String> =
+            command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let joined = args.join(" ");
         assert!(joined.contains("acpi=off"));
         assert!(joined.contains("rtc=on"));
@@ -160,15 +161,25 @@ mod tests {
     #[test]
     fn extra_shares_and_the_tsc_rate_reach_qemu_and_the_command_line() {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
-        let mount = |tag: &str, ro| openshell_guest::GuestMount { tag: tag.into(), path: format!("/run/{tag}"), read_only: ro };
+        let mount =
+            |tag: &str, ro| openshell_guest::GuestMount { tag: tag.into(), path: format!("/run/{tag}"), read_only: ro };
         cfg.shares = vec![
             crate::config::DirShare { host: "/h/bin".into(), mount: mount("bin", true) },
             crate::config::DirShare { host: "/h/work".into(), mount: mount("work", false) },
         ];
         cfg.guest_tsc_khz = Some(2_596_148);
-        let joined = command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        let joined = command(Path::new("qemu"), &cfg, false)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(joined.contains("-fsdev local,id=x0,path=/h/bin,security_model=none,readonly=on -device virtio-9p-device,fsdev=x0,mount_tag=bin"), "{joined}");
-        assert!(joined.contains("-fsdev local,id=x1,path=/h/work,security_model=none -device virtio-9p-device,fsdev=x1,mount_tag=work"), "{joined}");
+        assert!(
+            joined.contains(
+                "-fsdev local,id=x1,path=/h/work,security_model=none -device virtio-9p-device,fsdev=x1,mount_tag=work"
+            ),
+            "{joined}"
+        );
         assert!(joined.contains(" tsc_early_khz=2596148 "), "{joined}");
         assert!(joined.contains("openshell.mounts=bin:/run/bin:ro,work:/run/work"), "{joined}");
         cfg.guest_tsc_khz = None;
@@ -179,13 +190,18 @@ mod tests {
     fn gvproxy_nic_is_a_stream_on_fd_3_with_gvproxys_guest_mac() {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
         cfg.net = crate::NetMode::Gvproxy { binary: "/gv".into() };
-        let args: Vec<String> = command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<String> =
+            command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let joined = args.join(" ");
         assert!(joined.contains("-netdev stream,id=n0,server=off,addr.type=fd,addr.str=3"), "{joined}");
         assert!(joined.contains("virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee"), "{joined}");
         assert!(joined.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{joined}");
         cfg.net = crate::NetMode::Passt;
-        let joined = command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        let joined = command(Path::new("qemu"), &cfg, false)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(joined.ends_with("-device virtio-net-device,netdev=n0"), "{joined}");
         assert!(joined.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{joined}");
     }
@@ -193,18 +209,48 @@ mod tests {
     /// `/proc/<pid>/cmdline` of a gateway's QEMU, captured from `cargo xtask vm run --detach` on
     /// the development host (TCG, passt).
     const REAL_GATEWAY_ARGV: &[&str] = &[
-        "/usr/bin/qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off", "-accel", "tcg",
-        "-cpu", "max", "-m", "512", "-smp", "1", "-no-reboot", "-nodefaults", "-no-user-config", "-display", "none",
-        "-monitor", "none", "-chardev", "file,id=con,path=/tmp/mtls-cfg/openshell/gateways/mtls/vm/console.log",
-        "-serial", "chardev:con", "-kernel", "/root/.cache/openshell-vm/kernel/646f113c0432205b/vmlinux", "-append",
+        "/usr/bin/qemu-system-x86_64",
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "512",
+        "-smp",
+        "1",
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-chardev",
+        "file,id=con,path=/tmp/mtls-cfg/openshell/gateways/mtls/vm/console.log",
+        "-serial",
+        "chardev:con",
+        "-kernel",
+        "/root/.cache/openshell-vm/kernel/646f113c0432205b/vmlinux",
+        "-append",
         "console=ttyS0 root=rootfs rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro \
          init=/sbin/openshell-init panic=-1 reboot=t quiet openshell.share=9p openshell.time=1795564043 \
          openshell.net=192.0.2.2/24,192.0.2.1 openshell.dns=192.0.2.1",
-        "-fsdev", "local,id=root,path=/root/.cache/openshell-vm/rootfs/d30be489612c4283,security_model=none,readonly=on",
-        "-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs",
-        "-fsdev", "local,id=share,path=/tmp/mtls-cfg/openshell/gateways/mtls/vm/share,security_model=none",
-        "-device", "virtio-9p-device,fsdev=share,mount_tag=openshell", "-device", "virtio-rng-device",
-        "-netdev", "stream,id=n0,server=off,addr.type=fd,addr.str=3", "-device", "virtio-net-device,netdev=n0",
+        "-fsdev",
+        "local,id=root,path=/root/.cache/openshell-vm/rootfs/d30be489612c4283,security_model=none,readonly=on",
+        "-device",
+        "virtio-9p-device,fsdev=root,mount_tag=rootfs",
+        "-fsdev",
+        "local,id=share,path=/tmp/mtls-cfg/openshell/gateways/mtls/vm/share,security_model=none",
+        "-device",
+        "virtio-9p-device,fsdev=share,mount_tag=openshell",
+        "-device",
+        "virtio-rng-device",
+        "-netdev",
+        "stream,id=n0,server=off,addr.type=fd,addr.str=3",
+        "-device",
+        "virtio-net-device,netdev=n0",
     ];
 
     fn strings(argv: &[&str]) -> Vec<String> {
@@ -224,7 +270,9 @@ mod tests {
         let mut cfg = VmConfig::exec("/k/vm linux".into(), "/r/root fs".into(), "/s".into(), vec!["/bin/true".into()]);
         cfg.net = crate::NetMode::Passt;
         let mut argv = vec!["qemu-system-x86_64".to_owned()];
-        argv.extend(command(Path::new("qemu-system-x86_64"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()));
+        argv.extend(
+            command(Path::new("qemu-system-x86_64"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()),
+        );
         let b = booted_artifacts(&argv).unwrap();
         assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/k/vm linux"), Path::new("/r/root fs")));
     }
@@ -234,8 +282,15 @@ mod tests {
         // `--opt` spelling, the root export declared after its device and with another id, and
         // a path with an escaped comma.
         let argv = strings(&[
-            "qemu-system-x86_64", "--kernel", "/k,v/vmlinux", "--device", "virtio-9p-device,mount_tag=rootfs,fsdev=r2",
-            "-fsdev", "local,id=share,path=/share", "-fsdev", "local,path=/roots/a,,b,id=r2,readonly=on",
+            "qemu-system-x86_64",
+            "--kernel",
+            "/k,v/vmlinux",
+            "--device",
+            "virtio-9p-device,mount_tag=rootfs,fsdev=r2",
+            "-fsdev",
+            "local,id=share,path=/share",
+            "-fsdev",
+            "local,path=/roots/a,,b,id=r2,readonly=on",
         ]);
         let b = booted_artifacts(&argv).unwrap();
         assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/k,v/vmlinux"), Path::new("/roots/a,b")));
@@ -243,12 +298,25 @@ mod tests {
 
     #[test]
     fn booted_artifacts_refuse_what_they_cannot_tell() {
-        let without_kernel: Vec<String> = strings(REAL_GATEWAY_ARGV).into_iter().filter(|a| !a.contains("vmlinux") && a != "-kernel").collect();
+        let without_kernel: Vec<String> =
+            strings(REAL_GATEWAY_ARGV).into_iter().filter(|a| !a.contains("vmlinux") && a != "-kernel").collect();
         assert!(booted_artifacts(&without_kernel).unwrap_err().contains("no -kernel"));
         let twice = strings(&["qemu", "-kernel", "/a", "-kernel", "/b"]);
         assert!(booted_artifacts(&twice).unwrap_err().contains("more than one -kernel"));
-        let no_root = strings(&["qemu", "-kernel", "/a", "-fsdev", "local,id=share,path=/s", "-device", "virtio-9p-device,fsdev=share,mount_tag=openshell"]);
-        assert!(booted_artifacts(&no_root).unwrap_err().contains("mount_tag=rootfs"), "{:?}", booted_artifacts(&no_root));
+        let no_root = strings(&[
+            "qemu",
+            "-kernel",
+            "/a",
+            "-fsdev",
+            "local,id=share,path=/s",
+            "-device",
+            "virtio-9p-device,fsdev=share,mount_tag=openshell",
+        ]);
+        assert!(
+            booted_artifacts(&no_root).unwrap_err().contains("mount_tag=rootfs"),
+            "{:?}",
+            booted_artifacts(&no_root)
+        );
         let no_fsdev = strings(&["qemu", "-kernel", "/a", "-device", "virtio-9p-device,fsdev=root,mount_tag=rootfs"]);
         assert!(booted_artifacts(&no_fsdev).unwrap_err().contains("no -fsdev with id=root"));
     }

@@ -90,7 +90,10 @@ pub enum Artifact<P> {
     Missing(String),
     /// Present, but there is no readable record (`provenance.json` / `manifest.json`) to check it
     /// against.
-    Unrecorded { path: PathBuf, why: String },
+    Unrecorded {
+        path: PathBuf,
+        why: String,
+    },
     Checked(Checked<P>),
 }
 

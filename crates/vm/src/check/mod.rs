@@ -169,7 +169,8 @@ fn provenance(f: &Facts) -> (serde_json::Value, String) {
                 p.host
             ));
             text.push_str(&format!("          vmlinux sha256 {}, build key {}\n", p.vmlinux_sha256, p.key.short()));
-            let frags: Vec<String> = p.fragments.iter().map(|fr| format!("{} {}", fr.name, fr.sha256.short())).collect();
+            let frags: Vec<String> =
+                p.fragments.iter().map(|fr| format!("{} {}", fr.name, fr.sha256.short())).collect();
             text.push_str(&format!("          fragments: {}\n", frags.join(", ")));
             serde_json::to_value(p).expect("provenance serializes")
         }
@@ -233,7 +234,19 @@ mod tests {
         let ids: Vec<&str> = r.matrix.rows.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
             ids,
-            ["hardware-virt", "kvm-device", "kvm-kind", "backend-krun", "backend-qemu", "vmm", "passt", "kernel", "rootfs", "gateway-port", "disk"]
+            [
+                "hardware-virt",
+                "kvm-device",
+                "kvm-kind",
+                "backend-krun",
+                "backend-qemu",
+                "vmm",
+                "passt",
+                "kernel",
+                "rootfs",
+                "gateway-port",
+                "disk"
+            ]
         );
         let text = r.render();
         assert!(text.contains("linux-source-6.1 6.1.192-2") && text.contains("2026-11-24 19:32 UTC"), "{text}");

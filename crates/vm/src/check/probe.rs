@@ -12,7 +12,10 @@ use std::time::{Instant, UNIX_EPOCH};
 use openshell_artifacts::kernel::{self, GuestKernel, KernelError, KernelProvenance};
 use openshell_artifacts::rootfs::{self, RootfsBundle, RootfsError, MANIFEST};
 
-use super::facts::{Artifact, Checked, DiskFacts, Facts, KrunFacts, KvmDevice, MacFacts, Mismatch, Os, PortFacts, RootfsProvenance, Tool};
+use super::facts::{
+    Artifact, Checked, DiskFacts, Facts, KrunFacts, KvmDevice, MacFacts, Mismatch, Os, PortFacts, RootfsProvenance,
+    Tool,
+};
 use crate::gateway::GatewayInstance;
 
 /// What to look at beyond the host itself.
@@ -57,7 +60,9 @@ pub fn probe(req: &ProbeRequest) -> Facts {
         passt: tool("passt", |out| {
             // Debian's passt says "passt unknown version"; its package version is the useful one.
             let own = out.strip_prefix("passt ").filter(|v| !v.contains("unknown")).map(str::to_owned);
-            own.or_else(|| first_line("dpkg-query", &["-W", "-f=${Version}", "passt"]).map(|v| format!("{v} (Debian package)")))
+            own.or_else(|| {
+                first_line("dpkg-query", &["-W", "-f=${Version}", "passt"]).map(|v| format!("{v} (Debian package)"))
+            })
         }),
         kernel: probe_kernel(&req.kernel),
         rootfs: probe_rootfs(&req.rootfs),

@@ -47,8 +47,12 @@ pub fn hardware_virt(f: &Facts) -> Row {
 pub fn hvf(f: &Facts) -> Row {
     match &f.macos {
         Some(m) if m.hvf => Row::pass("hvf", "Hypervisor.framework is available (kern.hv_support=1)"),
-        _ => Row::fail("hvf", "Hypervisor.framework is not available (kern.hv_support is not 1)", "run on a Mac with Apple silicon or VT-x, not inside a VM without nested HVF")
-            .optional(),
+        _ => Row::fail(
+            "hvf",
+            "Hypervisor.framework is not available (kern.hv_support is not 1)",
+            "run on a Mac with Apple silicon or VT-x, not inside a VM without nested HVF",
+        )
+        .optional(),
     }
 }
 
@@ -88,13 +92,21 @@ pub fn kvm_kind(f: &Facts) -> Option<Row> {
         )
         .optional()
     } else if f.cpu_virt_flag.is_some() && f.cpu_hypervisor {
-        Row::pass("kvm-kind", format!("nested hardware KVM ({module}) inside a VM: near-native guests; VM exits cost more than on bare metal"))
+        Row::pass(
+            "kvm-kind",
+            format!(
+                "nested hardware KVM ({module}) inside a VM: near-native guests; VM exits cost more than on bare metal"
+            ),
+        )
     } else if f.cpu_virt_flag.is_some() {
         Row::pass("kvm-kind", format!("hardware KVM ({module})"))
     } else {
         Row::warn(
             "kvm-kind",
-            format!("/dev/kvm exists ({}) but the CPU shows no VMX/SVM: treated as unaccelerated, QEMU with TCG", if module.is_empty() { "unknown module" } else { &module }),
+            format!(
+                "/dev/kvm exists ({}) but the CPU shows no VMX/SVM: treated as unaccelerated, QEMU with TCG",
+                if module.is_empty() { "unknown module" } else { &module }
+            ),
             FASTER_HOST,
         )
         .optional()
@@ -160,7 +172,10 @@ pub fn backend_qemu(f: &Facts) -> Row {
     match version.as_deref().and_then(qemu_version) {
         Some(v) if v < (7, 2) => Row::warn(
             "backend-qemu",
-            format!("QEMU {shown} at {} predates 7.2: no `-netdev stream`, so passt networking (the gateway) cannot work", path.display()),
+            format!(
+                "QEMU {shown} at {} predates 7.2: no `-netdev stream`, so passt networking (the gateway) cannot work",
+                path.display()
+            ),
             format!("install QEMU 7.2 or newer (Debian bookworm: {QEMU_INSTALL})"),
         ),
         _ => Row::pass("backend-qemu", format!("QEMU {shown} at {}; accelerator {accel}", path.display())),
@@ -200,16 +215,28 @@ pub fn vmm(f: &Facts, choice: VmmChoice) -> Row {
 /// passt, the user-mode network of the gateway (and `--net passt`). Required on Linux.
 pub fn passt(f: &Facts) -> Row {
     match &f.passt {
-        Some(t) => Row::pass("passt", format!("passt {} at {}", t.version.as_deref().unwrap_or("of unknown version"), t.path.display())),
-        None => Row::fail("passt", "passt is not on PATH: the gateway's network (and --net passt) needs it", PASST_INSTALL),
+        Some(t) => Row::pass(
+            "passt",
+            format!("passt {} at {}", t.version.as_deref().unwrap_or("of unknown version"), t.path.display()),
+        ),
+        None => {
+            Row::fail("passt", "passt is not on PATH: the gateway's network (and --net passt) needs it", PASST_INSTALL)
+        }
     }
 }
 
 /// gvproxy, the network helper on macOS. Required there.
 pub fn gvproxy(f: &Facts) -> Row {
     match f.macos.as_ref().and_then(|m| m.gvproxy.as_ref()) {
-        Some(t) => Row::pass("gvproxy", format!("gvproxy {} at {}", t.version.as_deref().unwrap_or("of unknown version"), t.path.display())),
-        None => Row::fail("gvproxy", "gvproxy is not on PATH: the guest network on macOS needs it", "brew install podman (it ships gvproxy), or put gvproxy on PATH"),
+        Some(t) => Row::pass(
+            "gvproxy",
+            format!("gvproxy {} at {}", t.version.as_deref().unwrap_or("of unknown version"), t.path.display()),
+        ),
+        None => Row::fail(
+            "gvproxy",
+            "gvproxy is not on PATH: the guest network on macOS needs it",
+            "brew install podman (it ships gvproxy), or put gvproxy on PATH",
+        ),
     }
 }
 
@@ -219,8 +246,14 @@ pub fn entitlement(f: &Facts) -> Row {
     let sign = format!("codesign --force --sign - --entitlements crates/krun/entitlements.plist {path}");
     match f.macos.as_ref().and_then(|m| m.vmm_entitled) {
         Some(true) => Row::pass("entitlement", format!("{path} carries com.apple.security.hypervisor")),
-        Some(false) => Row::fail("entitlement", format!("{path} lacks com.apple.security.hypervisor, so HVF refuses it"), sign),
-        None => Row::warn("entitlement", format!("{path} is not built yet, so its entitlement cannot be checked"), format!("build it, then {sign}")),
+        Some(false) => {
+            Row::fail("entitlement", format!("{path} lacks com.apple.security.hypervisor, so HVF refuses it"), sign)
+        }
+        None => Row::warn(
+            "entitlement",
+            format!("{path} is not built yet, so its entitlement cannot be checked"),
+            format!("build it, then {sign}"),
+        ),
     }
 }
 
@@ -236,18 +269,26 @@ fn artifact_row<P>(
     pass: impl Fn(&super::facts::Checked<P>) -> String,
 ) -> Row {
     let unverified = |reason: String, fix: String| match verification {
-        Verification::Required => Row::fail(id, reason, format!("{fix}, or boot it anyway with `vm run --allow-unverified`")),
-        Verification::AllowUnverified => Row::warn(id, format!("{reason}; booting it anyway (--allow-unverified)"), fix),
+        Verification::Required => {
+            Row::fail(id, reason, format!("{fix}, or boot it anyway with `vm run --allow-unverified`"))
+        }
+        Verification::AllowUnverified => {
+            Row::warn(id, format!("{reason}; booting it anyway (--allow-unverified)"), fix)
+        }
     };
     match a {
         Artifact::Missing(what) => Row::warn(id, what.clone(), format!("`{build}` (`vm run` builds it too)")),
-        Artifact::Unrecorded { path, why } => unverified(
-            format!("{} cannot be verified: {why}", path.display()),
-            format!("rebuild it with `{build}`"),
-        ),
+        Artifact::Unrecorded { path, why } => {
+            unverified(format!("{} cannot be verified: {why}", path.display()), format!("rebuild it with `{build}`"))
+        }
         Artifact::Checked(c) => match &c.mismatch {
             Some(m) => unverified(
-                format!("{} does not match its {record}: recorded sha256 {}, found {}", m.file.display(), m.recorded, m.found),
+                format!(
+                    "{} does not match its {record}: recorded sha256 {}, found {}",
+                    m.file.display(),
+                    m.recorded,
+                    m.found
+                ),
                 format!("it changed after it was built: remove {} and run `{build}`", c.path.display()),
             ),
             None => Row::pass(id, pass(c)),
@@ -308,7 +349,13 @@ pub fn disk(f: &Facts) -> Option<Row> {
     let path = d.path.display();
     let free = match &d.free_bytes {
         Ok(b) => *b,
-        Err(e) => return Some(Row::warn("disk", format!("cannot read the free space at {path}: {e}"), "check that the directory is readable; set OPENSHELL_CACHE_DIR to move the store")),
+        Err(e) => {
+            return Some(Row::warn(
+                "disk",
+                format!("cannot read the free space at {path}: {e}"),
+                "check that the directory is readable; set OPENSHELL_CACHE_DIR to move the store",
+            ))
+        }
     };
     let (need, what) = match (&f.kernel, &f.rootfs) {
         (Artifact::Missing(_), _) => (KERNEL_BUILD_BYTES, "a kernel build needs"),
@@ -316,7 +363,11 @@ pub fn disk(f: &Facts) -> Option<Row> {
         _ => (RUN_BYTES, "VM state and logs need"),
     };
     Some(if free < need {
-        Row::fail("disk", format!("{} free at {path}; {what} ~{}", gib(free), gib(need)), "free space there, or set OPENSHELL_CACHE_DIR to a larger disk")
+        Row::fail(
+            "disk",
+            format!("{} free at {path}; {what} ~{}", gib(free), gib(need)),
+            "free space there, or set OPENSHELL_CACHE_DIR to a larger disk",
+        )
     } else {
         Row::pass("disk", format!("{} free at {path} ({what} ~{})", gib(free), gib(need)))
     })
@@ -355,7 +406,12 @@ pub(crate) mod tests {
             cpu_hypervisor: false,
             kvm: KvmDevice { exists: true, open_error: None, modules: vec!["kvm_intel".into()] },
             macos: None,
-            krun: KrunFacts { link_mode: "bundled".into(), version: Some("1.19.7".into()), vmm_binary: "/t/openshell-vmm".into(), vmm_built: true },
+            krun: KrunFacts {
+                link_mode: "bundled".into(),
+                version: Some("1.19.7".into()),
+                vmm_binary: "/t/openshell-vmm".into(),
+                vmm_built: true,
+            },
             qemu: Some(Tool { path: "/usr/bin/qemu-system-x86_64".into(), version: Some("7.2.22".into()) }),
             passt: Some(Tool { path: "/usr/bin/passt".into(), version: Some("0.0~git20230309".into()) }),
             kernel: Artifact::Checked(Checked {
@@ -368,7 +424,12 @@ pub(crate) mod tests {
             rootfs: Artifact::Checked(Checked {
                 path: "/store/rootfs/r".into(),
                 digest: Digest::of_bytes(b"manifest"),
-                provenance: RootfsProvenance { manifest_sha256: Digest::of_bytes(b"manifest"), files: 12, symlinks: 300, baked_at_unix: None },
+                provenance: RootfsProvenance {
+                    manifest_sha256: Digest::of_bytes(b"manifest"),
+                    files: 12,
+                    symlinks: 300,
+                    baked_at_unix: None,
+                },
                 mismatch: None,
                 hashed_in: Duration::from_millis(40),
             }),
@@ -393,8 +454,19 @@ pub(crate) mod tests {
     #[test]
     fn hardware_kvm_host_passes_everything() {
         let f = healthy();
-        for r in [hardware_virt(&f), kvm_device(&f), kvm_kind(&f).unwrap(), backend_krun(&f), backend_qemu(&f), vmm(&f, VmmChoice::Auto), passt(&f),
-                  kernel(&f, Verification::Required), rootfs(&f, Verification::Required), port("gateway-port", &f.ports[0]), disk(&f).unwrap()] {
+        for r in [
+            hardware_virt(&f),
+            kvm_device(&f),
+            kvm_kind(&f).unwrap(),
+            backend_krun(&f),
+            backend_qemu(&f),
+            vmm(&f, VmmChoice::Auto),
+            passt(&f),
+            kernel(&f, Verification::Required),
+            rootfs(&f, Verification::Required),
+            port("gateway-port", &f.ports[0]),
+            disk(&f).unwrap(),
+        ] {
             assert_eq!(r.status, Status::Pass, "{r:?}");
         }
         assert!(vmm(&f, VmmChoice::Auto).reason.contains("krun"));
@@ -435,7 +507,11 @@ pub(crate) mod tests {
         assert!(kind.reason.contains("PVM") && kind.reason.contains("70x"), "{}", kind.reason);
         let krun = backend_krun(&f);
         assert_eq!(status(&krun), (Status::Fail, false));
-        assert!(krun.reason.contains("1.19.7 (bundled)") && krun.reason.contains("never reaches userspace"), "{}", krun.reason);
+        assert!(
+            krun.reason.contains("1.19.7 (bundled)") && krun.reason.contains("never reaches userspace"),
+            "{}",
+            krun.reason
+        );
         let v = vmm(&f, VmmChoice::Auto);
         assert_eq!(v.status, Status::Pass);
         assert!(v.reason.contains("qemu (tcg)") && v.reason.contains("PVM"), "{}", v.reason);
@@ -448,7 +524,11 @@ pub(crate) mod tests {
         let f = pvm();
         let krun = backend_krun(&f);
         assert_eq!(status(&krun), (Status::Fail, false));
-        assert!(krun.reason.contains("runs only nested here") && krun.reason.contains("cargo xtask e2e --vm"), "{}", krun.reason);
+        assert!(
+            krun.reason.contains("runs only nested here") && krun.reason.contains("cargo xtask e2e --vm"),
+            "{}",
+            krun.reason
+        );
         let mut f = pvm();
         f.qemu = None;
         assert!(!backend_krun(&f).reason.contains("nested here"), "{}", backend_krun(&f).reason);
@@ -498,13 +578,20 @@ pub(crate) mod tests {
         let r = port("gateway-port", &PortFacts { port: 30051, free: false, held_by: None });
         assert_eq!(status(&r), (Status::Fail, true));
         assert!(r.fix.contains("ss -ltnp"), "{r:?}");
-        let r = port("gateway-port", &PortFacts { port: 30051, free: false, held_by: Some("gateway \"default\" (supervisor pid 7)".into()) });
+        let r = port(
+            "gateway-port",
+            &PortFacts { port: 30051, free: false, held_by: Some("gateway \"default\" (supervisor pid 7)".into()) },
+        );
         assert!(r.reason.contains("gateway \"default\"") && r.fix.contains("vm stop"), "{r:?}");
     }
 
     fn tamper(f: &mut Facts) {
         let Artifact::Checked(c) = &mut f.rootfs else { unreachable!() };
-        c.mismatch = Some(Mismatch { file: "/store/rootfs/r/etc/hostname".into(), recorded: "aa".repeat(32), found: "bb".repeat(32) });
+        c.mismatch = Some(Mismatch {
+            file: "/store/rootfs/r/etc/hostname".into(),
+            recorded: "aa".repeat(32),
+            found: "bb".repeat(32),
+        });
     }
 
     #[test]

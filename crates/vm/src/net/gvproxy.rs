@@ -42,14 +42,19 @@ use crate::VmError;
 
 /// The guest's address on gvproxy's network: the address gvproxy's DHCP leases to [`GUEST_MAC`],
 /// with its gateway (also the DNS server).
-pub const GUEST: GuestNet = GuestNet { addr: Ipv4Addr::new(192, 168, 127, 2), prefix: 24, gateway: Ipv4Addr::new(192, 168, 127, 1) };
+pub const GUEST: GuestNet =
+    GuestNet { addr: Ipv4Addr::new(192, 168, 127, 2), prefix: 24, gateway: Ipv4Addr::new(192, 168, 127, 1) };
 /// The MAC gvproxy's static lease table gives [`GUEST`]'s address to.
 pub const GUEST_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
 pub const INSTALL_HINT: &str = "install it with `brew install podman` (which ships gvproxy), or pass --gvproxy PATH";
 /// Where podman's packages put gvproxy, which is not on `PATH` (containers/common's helper
 /// binary directories: Homebrew on Apple silicon and Intel, then Linux distributions).
-pub const SEARCH_DIRS: &[&str] =
-    &["/opt/homebrew/opt/podman/libexec/podman", "/usr/local/opt/podman/libexec/podman", "/usr/libexec/podman", "/usr/lib/podman"];
+pub const SEARCH_DIRS: &[&str] = &[
+    "/opt/homebrew/opt/podman/libexec/podman",
+    "/usr/local/opt/podman/libexec/podman",
+    "/usr/libexec/podman",
+    "/usr/lib/podman",
+];
 
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 const API_TIMEOUT: Duration = Duration::from_secs(5);
@@ -76,7 +81,11 @@ pub struct Sockets {
 
 impl Sockets {
     pub fn in_dir(state_dir: &Path) -> Sockets {
-        Sockets { api: state_dir.join("gvproxy-api.sock"), link: state_dir.join("gvproxy-link.sock"), pid_file: state_dir.join("gvproxy.pid") }
+        Sockets {
+            api: state_dir.join("gvproxy-api.sock"),
+            link: state_dir.join("gvproxy-link.sock"),
+            pid_file: state_dir.join("gvproxy.pid"),
+        }
     }
 }
 
@@ -161,7 +170,11 @@ pub struct Response {
 /// is malformed or (`at_eof`) cut short. The body is `Content-Length` long, or runs to EOF.
 pub fn parse_response(raw: &[u8], at_eof: bool) -> Result<Option<Response>, String> {
     let Some(head_end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return if at_eof { Err(format!("the connection closed inside the response head ({} bytes)", raw.len())) } else { Ok(None) };
+        return if at_eof {
+            Err(format!("the connection closed inside the response head ({} bytes)", raw.len()))
+        } else {
+            Ok(None)
+        };
     };
     let head = String::from_utf8_lossy(&raw[..head_end]);
     let mut lines = head.split("\r\n");
@@ -220,7 +233,11 @@ fn refused(what: &str, p: PortMap, r: &Response) -> VmError {
 }
 
 fn api_err(what: &str, p: PortMap, api: &Path, e: std::io::Error) -> VmError {
-    VmError::Gvproxy(format!("cannot {what} the forward of host port {} through gvproxy's API at {}: {e}", p.host, api.display()))
+    VmError::Gvproxy(format!(
+        "cannot {what} the forward of host port {} through gvproxy's API at {}: {e}",
+        p.host,
+        api.display()
+    ))
 }
 
 /// Asks gvproxy to forward 127.0.0.1:HOST to the guest; a 200 means the host port listens.
@@ -244,7 +261,11 @@ pub fn unexpose(api: &Path, p: PortMap) -> Result<(), VmError> {
 }
 
 /// Waits until every path exists, while `alive` says the process that creates them still runs.
-pub fn wait_for_paths(paths: &[&Path], timeout: Duration, mut alive: impl FnMut() -> Result<(), String>) -> Result<(), String> {
+pub fn wait_for_paths(
+    paths: &[&Path],
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         alive()?;
@@ -273,7 +294,13 @@ pub struct Gvproxy {
 /// Starts gvproxy for one VM: waits for its API and link sockets, opens every forward, and for
 /// QEMU connects to the link and returns that stream for the VMM to inherit (libkrun connects to
 /// the vfkit socket by path itself). On any failure gvproxy is stopped again.
-pub fn start(binary: &Path, ports: &[PortMap], attach: Attach, state_dir: &Path, log: File) -> Result<(Gvproxy, Option<OwnedFd>), VmError> {
+pub fn start(
+    binary: &Path,
+    ports: &[PortMap],
+    attach: Attach,
+    state_dir: &Path,
+    log: File,
+) -> Result<(Gvproxy, Option<OwnedFd>), VmError> {
     let sockets = Sockets::in_dir(state_dir);
     for path in [&sockets.api, &sockets.link] {
         if path.as_os_str().len() > max_socket_path() {
@@ -302,7 +329,8 @@ pub fn start(binary: &Path, ports: &[PortMap], attach: Attach, state_dir: &Path,
             crate::launch::die_with_parent()
         });
     }
-    let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("gvproxy ({})", binary.display()), source })?;
+    let child =
+        cmd.spawn().map_err(|source| VmError::Spawn { what: format!("gvproxy ({})", binary.display()), source })?;
     tracing::debug!(pid = child.id(), ?cmd, "gvproxy started");
     let mut gv = Gvproxy { child: Some(child), sockets };
     let log_path = state_dir.join("gvproxy.log");
@@ -390,12 +418,18 @@ mod tests {
 
     #[test]
     fn expose_body_binds_loopback_and_targets_the_guest() {
-        assert_eq!(expose_body(GATEWAY), r#"{"local":"127.0.0.1:30051","remote":"192.168.127.2:30051","protocol":"tcp"}"#);
+        assert_eq!(
+            expose_body(GATEWAY),
+            r#"{"local":"127.0.0.1:30051","remote":"192.168.127.2:30051","protocol":"tcp"}"#
+        );
         assert_eq!(
             expose_body(PortMap { host: 18080, guest: 80 }),
             r#"{"local":"127.0.0.1:18080","remote":"192.168.127.2:80","protocol":"tcp"}"#
         );
-        assert_eq!(unexpose_body(PortMap { host: 18080, guest: 80 }), r#"{"local":"127.0.0.1:18080","protocol":"tcp"}"#);
+        assert_eq!(
+            unexpose_body(PortMap { host: 18080, guest: 80 }),
+            r#"{"local":"127.0.0.1:18080","protocol":"tcp"}"#
+        );
     }
 
     #[test]
@@ -420,7 +454,9 @@ mod tests {
         // more to come, or cut short
         assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Len", false).unwrap(), None);
         assert_eq!(parse_response(b"HTTP/1.1 500 x\r\nContent-Length: 9\r\n\r\nabc", false).unwrap(), None);
-        assert!(parse_response(b"HTTP/1.1 500 x\r\nContent-Length: 9\r\n\r\nabc", true).unwrap_err().contains("3 of 9"));
+        assert!(parse_response(b"HTTP/1.1 500 x\r\nContent-Length: 9\r\n\r\nabc", true)
+            .unwrap_err()
+            .contains("3 of 9"));
         assert!(parse_response(b"HTTP/1.1 200", true).is_err());
         // no length: the body runs to EOF
         let r = parse_response(b"HTTP/1.0 400 Bad Request\r\n\r\npost only\n", true).unwrap().unwrap();
@@ -466,7 +502,8 @@ mod tests {
                 raw.extend_from_slice(&buf[..n]);
                 let text = String::from_utf8_lossy(&raw).into_owned();
                 if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).map_or(0, |v| v.parse().unwrap());
+                    let len =
+                        head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).map_or(0, |v| v.parse().unwrap());
                     if body.len() >= len || n == 0 {
                         break;
                     }
@@ -491,15 +528,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let api = dir.path().join("api.sock");
         let msg = "listen tcp 127.0.0.1:30051: bind: address already in use\n";
-        let resp: &'static str =
-            Box::leak(format!("HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\n\r\n{msg}", msg.len()).into_boxed_str());
+        let resp: &'static str = Box::leak(
+            format!("HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\n\r\n{msg}", msg.len())
+                .into_boxed_str(),
+        );
         let server = serve_once(UnixListener::bind(&api).unwrap(), resp);
         let err = expose(&api, GATEWAY).unwrap_err().to_string();
         server.join().unwrap();
         assert!(err.contains("127.0.0.1:30051") && err.contains("HTTP 500"), "{err}");
         assert!(err.contains("bind: address already in use") && err.contains("-p HOST:GUEST"), "{err}");
 
-        let server = serve_once(UnixListener::bind(dir.path().join("api2.sock")).unwrap(), "HTTP/1.1 500 x\r\nContent-Length: 16\r\n\r\nproxy not found\n");
+        let server = serve_once(
+            UnixListener::bind(dir.path().join("api2.sock")).unwrap(),
+            "HTTP/1.1 500 x\r\nContent-Length: 16\r\n\r\nproxy not found\n",
+        );
         let err = unexpose(&dir.path().join("api2.sock"), GATEWAY).unwrap_err().to_string();
         let req = server.join().unwrap();
         assert_eq!(req, render_post(UNEXPOSE_PATH, &unexpose_body(GATEWAY)));
@@ -531,7 +573,8 @@ mod tests {
 
         let err = wait_for_paths(&[&dir.path().join("never.sock")], Duration::from_millis(50), || Ok(())).unwrap_err();
         assert!(err.contains("never.sock") && err.contains("50 ms"), "{err}");
-        let err = wait_for_paths(&[&dir.path().join("never.sock")], Duration::from_secs(5), || Err("gone".into())).unwrap_err();
+        let err = wait_for_paths(&[&dir.path().join("never.sock")], Duration::from_secs(5), || Err("gone".into()))
+            .unwrap_err();
         assert_eq!(err, "gone");
     }
 
@@ -539,7 +582,11 @@ mod tests {
     /// and answers the API the way gvproxy does. This tests our process owner and client, not gvproxy.
     fn fake_gvproxy(dir: &Path) -> PathBuf {
         let path = dir.join("fake-gvproxy");
-        std::fs::write(&path, format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}/argv.txt\nexec sleep 30\n", dir.display())).unwrap();
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}/argv.txt\nexec sleep 30\n", dir.display()),
+        )
+        .unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         path
     }
@@ -555,7 +602,9 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let _link = UnixDatagram::bind(&s2.link).unwrap();
-            let req = serve_once(UnixListener::bind(&s2.api).unwrap(), "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").join().unwrap();
+            let req = serve_once(UnixListener::bind(&s2.api).unwrap(), "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .join()
+                .unwrap();
             (req, _link)
         });
         let log = File::create(dir.path().join("gvproxy.log")).unwrap();
@@ -576,7 +625,11 @@ mod tests {
     fn gvproxy_that_exits_at_once_is_reported_with_its_log() {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("old-gvproxy");
-        std::fs::write(&bin, "#!/bin/sh\necho 'level=error msg=\"ssh-port value must be between 1024 and 65535\"' >&2\nexit 1\n").unwrap();
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\necho 'level=error msg=\"ssh-port value must be between 1024 and 65535\"' >&2\nexit 1\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let log = File::create(dir.path().join("gvproxy.log")).unwrap();
         let err = start(&bin, &[GATEWAY], Attach::Qemu, dir.path(), log).unwrap_err().to_string();

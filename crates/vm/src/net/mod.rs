@@ -73,7 +73,8 @@ impl GuestNet {
     pub fn cmdline_param(&self, dhcp: bool) -> String {
         use openshell_guest::netconf::{Ipv4Config, DNS_PARAM, FALLBACK_PARAM, NET_PARAM};
         let addr = Ipv4Config { addr: self.addr, prefix: self.prefix, gateway: Some(self.gateway) }.param();
-        let net = if dhcp { format!("{NET_PARAM}=dhcp {FALLBACK_PARAM}={addr}") } else { format!("{NET_PARAM}={addr}") };
+        let net =
+            if dhcp { format!("{NET_PARAM}=dhcp {FALLBACK_PARAM}={addr}") } else { format!("{NET_PARAM}={addr}") };
         format!("{net} {DNS_PARAM}={}", self.gateway)
     }
 }
@@ -104,7 +105,9 @@ pub enum NetMode {
     #[default]
     None,
     Passt,
-    Gvproxy { binary: PathBuf },
+    Gvproxy {
+        binary: PathBuf,
+    },
 }
 
 impl NetMode {
@@ -121,8 +124,8 @@ impl NetMode {
     /// Linux, gvproxy on macOS (found on `PATH` or where podman installs it).
     pub fn resolve(choice: Option<NetChoice>, gvproxy_flag: Option<PathBuf>) -> Result<NetMode, VmError> {
         let macos = cfg!(target_os = "macos");
-        let wants_search = gvproxy_flag.is_none()
-            && (choice == Some(NetChoice::Gvproxy) || (choice.is_none() && macos));
+        let wants_search =
+            gvproxy_flag.is_none() && (choice == Some(NetChoice::Gvproxy) || (choice.is_none() && macos));
         let found = if wants_search { gvproxy::find() } else { None };
         resolve_for(macos, choice, gvproxy_flag, found).map_err(VmError::NoNetwork)
     }
@@ -144,7 +147,11 @@ fn resolve_for(
         match gvproxy_flag.clone().or_else(|| found.clone()) {
             Some(binary) if binary.is_file() => Ok(NetMode::Gvproxy { binary }),
             Some(binary) => Err(format!("gvproxy {} does not exist; {}", binary.display(), gvproxy::INSTALL_HINT)),
-            None => Err(format!("{why}, but gvproxy was not found on PATH or in {}; {}", gvproxy::SEARCH_DIRS.join(", "), gvproxy::INSTALL_HINT)),
+            None => Err(format!(
+                "{why}, but gvproxy was not found on PATH or in {}; {}",
+                gvproxy::SEARCH_DIRS.join(", "),
+                gvproxy::INSTALL_HINT
+            )),
         }
     };
     match choice {
@@ -226,7 +233,12 @@ impl HostNet {
 /// when the VMM reaches it through an inherited stream socket, that socket's VMM end (to be
 /// placed at [`CHILD_FD`]); libkrun connects to gvproxy's unixgram socket by path instead.
 /// `passt.log` / `gvproxy.log` and gvproxy's sockets go in `state_dir`.
-pub fn start(mode: &NetMode, ports: &[PortMap], attach: Attach, state_dir: &Path) -> Result<Option<(HostNet, Option<OwnedFd>)>, VmError> {
+pub fn start(
+    mode: &NetMode,
+    ports: &[PortMap],
+    attach: Attach,
+    state_dir: &Path,
+) -> Result<Option<(HostNet, Option<OwnedFd>)>, VmError> {
     let log = |name: &str| {
         let path = state_dir.join(name);
         std::fs::File::create(&path).map_err(|source| VmError::Io { path, source })
@@ -306,7 +318,10 @@ mod tests {
         let bin = tempfile::NamedTempFile::new().unwrap();
         let found = Some(bin.path().to_owned());
         assert_eq!(resolve_for(false, None, None, None).unwrap(), NetMode::Passt);
-        assert_eq!(resolve_for(true, None, None, found.clone()).unwrap(), NetMode::Gvproxy { binary: bin.path().into() });
+        assert_eq!(
+            resolve_for(true, None, None, found.clone()).unwrap(),
+            NetMode::Gvproxy { binary: bin.path().into() }
+        );
         // none only when asked, on either OS
         assert_eq!(resolve_for(true, Some(NetChoice::None), None, None).unwrap(), NetMode::None);
         assert_eq!(resolve_for(false, Some(NetChoice::None), None, None).unwrap(), NetMode::None);

@@ -13,7 +13,8 @@ use super::{inherit_as_child_fd, GuestNet, PortMap, CHILD_FD};
 use crate::VmError;
 
 /// The address passt assigns the guest (`-a`), its gateway (the host, through passt) and prefix.
-pub const GUEST: GuestNet = GuestNet { addr: Ipv4Addr::new(192, 0, 2, 2), prefix: 24, gateway: Ipv4Addr::new(192, 0, 2, 1) };
+pub const GUEST: GuestNet =
+    GuestNet { addr: Ipv4Addr::new(192, 0, 2, 2), prefix: 24, gateway: Ipv4Addr::new(192, 0, 2, 1) };
 pub const INSTALL_HINT: &str = "apt-get install -y passt";
 
 /// A running passt; stopped on drop.
@@ -24,8 +25,8 @@ pub struct Passt {
 
 /// Starts passt with the forwards; returns it and the socket end the VMM must inherit.
 pub fn start_passt(ports: &[PortMap], log: std::fs::File) -> Result<(Passt, OwnedFd), VmError> {
-    let passt = which::which("passt")
-        .map_err(|_| VmError::NoBackend(format!("passt is not installed; {INSTALL_HINT}")))?;
+    let passt =
+        which::which("passt").map_err(|_| VmError::NoBackend(format!("passt is not installed; {INSTALL_HINT}")))?;
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into the array we own.
     if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
@@ -70,9 +71,8 @@ impl Passt {
                 self.child = None;
                 return Err(VmError::PasstDied(status.to_string()));
             }
-            let bound = ports
-                .iter()
-                .all(|p| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.host)).is_err());
+            let bound =
+                ports.iter().all(|p| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.host)).is_err());
             if bound {
                 return Ok(());
             }

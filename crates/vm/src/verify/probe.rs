@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use openshell_matrix::Matrix;
 
-use crate::procfs;
 use super::{decide, Attempt, InfoFacts, Leftover, NoCertificate, Observations, Rehashed};
 use crate::gateway::{GatewayInstance, Metadata};
+use crate::procfs;
 use crate::VmError;
 
 /// A refused or unrouted TCP connect answers at once; this bounds a black hole.
@@ -57,7 +57,12 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         Attempt::Done(_) => grpc_probes(inst, &metadata.endpoint),
         _ => {
             let why = format!("not tried: TCP to {} failed", metadata.endpoint);
-            (Attempt::NotTried(why.clone()), Attempt::NotTried(why.clone()), Attempt::NotTried(why.clone()), Attempt::NotTried(why))
+            (
+                Attempt::NotTried(why.clone()),
+                Attempt::NotTried(why.clone()),
+                Attempt::NotTried(why.clone()),
+                Attempt::NotTried(why),
+            )
         }
     };
 
@@ -114,7 +119,10 @@ fn endpoint_port(endpoint: &str) -> Option<u16> {
 
 /// The LISTEN sockets on `port`, each with whether the recorded passt holds it, and if it does
 /// not, who does (searched only then, since it walks every process).
-fn listeners(port: u16, passt: Option<&procfs::ProcessFact>) -> Vec<(procfs::TcpListenerFact, Option<bool>, Option<procfs::ProcessFact>)> {
+fn listeners(
+    port: u16,
+    passt: Option<&procfs::ProcessFact>,
+) -> Vec<(procfs::TcpListenerFact, Option<bool>, Option<procfs::ProcessFact>)> {
     procfs::tcp_listeners(port)
         .into_iter()
         .map(|l| {
@@ -151,7 +159,12 @@ type GrpcAttempts = (Attempt<Duration>, Attempt<NoCertificate>, Attempt<String>,
 /// mTLS channel, then (over it) health and Info, then a client without a certificate.
 fn grpc_probes(inst: &GatewayInstance, endpoint: &str) -> GrpcAttempts {
     let not_tried = |why: &str| -> GrpcAttempts {
-        (Attempt::Failed(why.to_owned()), Attempt::NotTried(format!("not tried: {why}")), Attempt::NotTried(format!("not tried: {why}")), Attempt::NotTried(format!("not tried: {why}")))
+        (
+            Attempt::Failed(why.to_owned()),
+            Attempt::NotTried(format!("not tried: {why}")),
+            Attempt::NotTried(format!("not tried: {why}")),
+            Attempt::NotTried(format!("not tried: {why}")),
+        )
     };
     let bundle = match inst.client_bundle() {
         Ok(b) => b,
@@ -172,7 +185,12 @@ fn grpc_probes(inst: &GatewayInstance, endpoint: &str) -> GrpcAttempts {
             Ok(c) => c,
             Err(e) => {
                 let why = "not tried: the mTLS handshake failed".to_owned();
-                return (Attempt::Failed(e), Attempt::NotTried(why.clone()), Attempt::NotTried(why.clone()), Attempt::NotTried(why));
+                return (
+                    Attempt::Failed(e),
+                    Attempt::NotTried(why.clone()),
+                    Attempt::NotTried(why.clone()),
+                    Attempt::NotTried(why),
+                );
             }
         };
         let mtls = Attempt::Done(t.elapsed());
@@ -217,11 +235,16 @@ fn rehash_booted(vm: Option<&procfs::ProcessFact>) -> (Attempt<Rehashed>, Attemp
     let booted = match vm {
         None => Err(Attempt::NotTried("metadata.json records no VMM pid".to_owned())),
         Some(p) if !p.alive => Err(Attempt::NotTried(format!("the VMM pid {} is dead", p.pid))),
-        Some(p) if !p.program_is_any(crate::backend::VMM_PROGRAMS) => Err(Attempt::NotTried(format!("pid {} is not a VMM", p.pid))),
+        Some(p) if !p.program_is_any(crate::backend::VMM_PROGRAMS) => {
+            Err(Attempt::NotTried(format!("pid {} is not a VMM", p.pid)))
+        }
         Some(p) => match (procfs::argv(p.pid), procfs::cwd(p.pid)) {
             (Some(argv), Some(cwd)) => crate::backend::booted_artifacts(&argv, &cwd)
                 .map_err(|e| Attempt::Failed(format!("VMM pid {}: {e}", p.pid))),
-            _ => Err(Attempt::Failed(format!("cannot read /proc/{}/cmdline and cwd; run verify as the user that started the gateway", p.pid))),
+            _ => Err(Attempt::Failed(format!(
+                "cannot read /proc/{}/cmdline and cwd; run verify as the user that started the gateway",
+                p.pid
+            ))),
         },
     };
     match booted {

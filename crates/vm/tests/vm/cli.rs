@@ -64,12 +64,16 @@ struct Ran {
 
 impl Ran {
     fn show(&self) -> String {
-        format!("`xtask {}` exited {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}", self.args, self.code, self.stdout, self.stderr)
+        format!(
+            "`xtask {}` exited {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.args, self.code, self.stdout, self.stderr
+        )
     }
 
     /// Its stdout as one JSON document.
     fn json(&self) -> Result<Value, String> {
-        serde_json::from_str(&self.stdout).map_err(|e| format!("stdout is not one JSON document ({e}):\n{}", self.show()))
+        serde_json::from_str(&self.stdout)
+            .map_err(|e| format!("stdout is not one JSON document ({e}):\n{}", self.show()))
     }
 }
 
@@ -166,7 +170,12 @@ impl Spawned {
                 ));
             }
             if Instant::now() > deadline {
-                return Err(format!("`xtask {}` did not get there within {} s\n--- stderr ---\n{}", self.args, limit.as_secs(), self.stderr.text()));
+                return Err(format!(
+                    "`xtask {}` did not get there within {} s\n--- stderr ---\n{}",
+                    self.args,
+                    limit.as_secs(),
+                    self.stderr.text()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -242,7 +251,8 @@ impl Cli {
         let mut msg = msg.into();
         for entry in std::fs::read_dir(self.root()).into_iter().flatten().flatten() {
             let inst = self.instance(&entry.file_name().to_string_lossy());
-            for (what, path) in [("supervisor.log", inst.dir.join("supervisor.log")), ("console", inst.console_path())] {
+            for (what, path) in [("supervisor.log", inst.dir.join("supervisor.log")), ("console", inst.console_path())]
+            {
                 if let Ok(text) = std::fs::read_to_string(&path) {
                     msg.push_str(&format!("\n--- {} {what} (last 30 lines) ---\n{}", inst.name, tail(&text, 30)));
                 }
@@ -344,7 +354,12 @@ fn check_status_serving(cli: &Cli, doc: &Value, name: &str, port: u16) -> Result
     }
     let v = procfs::process(vm);
     if !v.program_is_any(&[vmm_program(cli.vmm)]) || v.ppid != Some(sup) {
-        return Err(format!("vm pid {vm} is not a {} child of the supervisor: ppid {:?}, {:?}", vmm_program(cli.vmm), v.ppid, v.cmdline));
+        return Err(format!(
+            "vm pid {vm} is not a {} child of the supervisor: ppid {:?}, {:?}",
+            vmm_program(cli.vmm),
+            v.ppid,
+            v.cmdline
+        ));
     }
     for f in ["ca.crt", "tls.crt", "tls.key"] {
         if !inst.mtls_dir().join(f).is_file() {
@@ -406,7 +421,11 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
     check_status_serving(cli, &st.json()?, name, port)?;
     let text = cli.run(&["vm", "status", "--name", name])?;
     let pids = format!("(supervisor {sup}, vm {vm})");
-    if text.code != Some(0) || !text.stdout.contains("running at") || !text.stdout.contains(&pids) || !text.stdout.contains("health: SERVING") {
+    if text.code != Some(0)
+        || !text.stdout.contains("running at")
+        || !text.stdout.contains(&pids)
+        || !text.stdout.contains("health: SERVING")
+    {
         return Err(format!("plain status of a SERVING instance:\n{}", text.show()));
     }
 
@@ -427,10 +446,15 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
     if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
         return Err(format!("vm stop of a running instance:\n{}", stop.show()));
     }
-    let followed = follow.wait(Duration::from_secs(30)).map_err(|e| format!("vm logs -f kept following a stopped instance: {e}"))?;
+    let followed = follow
+        .wait(Duration::from_secs(30))
+        .map_err(|e| format!("vm logs -f kept following a stopped instance: {e}"))?;
     let console = std::fs::read_to_string(inst.console_path()).unwrap_or_default();
     if followed.code != Some(0) || followed.stdout != console || !followed.stderr.contains("is not running") {
-        return Err(format!("vm logs -f must end with exit 0 once the instance stops, having printed the whole console:\n{}", followed.show()));
+        return Err(format!(
+            "vm logs -f must end with exit 0 once the instance stops, having printed the whole console:\n{}",
+            followed.show()
+        ));
     }
 
     let left = leftovers(cli, port, &[(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
@@ -470,7 +494,11 @@ fn second_run_refused_in(cli: &Cli) -> Result<(), String> {
         let r = cli.run(&args)?;
         let names = format!("already running (supervisor pid {sup}); stop it with `cargo xtask vm stop --name {name}`");
         if r.code != Some(1) || !r.stderr.contains(&names) {
-            return Err(format!("a second `vm run {}` of a running name must exit 1 naming its supervisor:\n{}", extra.join(" "), r.show()));
+            return Err(format!(
+                "a second `vm run {}` of a running name must exit 1 naming its supervisor:\n{}",
+                extra.join(" "),
+                r.show()
+            ));
         }
         if !support::tcp_listeners(other).is_empty() {
             return Err(format!("the refused run left a listener on {other}"));
@@ -506,7 +534,10 @@ fn files_holding(dir: &Path, bytes: &[u8]) -> Vec<PathBuf> {
     found
 }
 
-fn health(endpoint: &str, bundle: &openshell_gateway::ClientBundle) -> Result<openshell_gateway::ServingStatus, String> {
+fn health(
+    endpoint: &str,
+    bundle: &openshell_gateway::ClientBundle,
+) -> Result<openshell_gateway::ServingStatus, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
         let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await.map_err(|e| e.to_string())?;
@@ -610,7 +641,11 @@ const NOTICE_LIMIT: Duration = Duration::from_secs(60);
 /// Polls `done` until it holds or `limit` passes; returns how long it took, or `what` with the
 /// last state `done` described. `done` fails outright (outer `Err`) on a state that cannot lead
 /// to success.
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> Result<Result<(), String>, String>) -> Result<Duration, String> {
+fn wait_until(
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut() -> Result<Result<(), String>, String>,
+) -> Result<Duration, String> {
     let t = Instant::now();
     loop {
         match done().map_err(|e| format!("not {what}: {e}"))? {
@@ -638,7 +673,8 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
     let _guard = StopOnDrop(inst.clone());
     cli.detach(&name, port, &[])?;
     let (_, sup, vm, passt) = recorded_pids(&inst)?;
-    let (pid, child, prog) = if victim == "passt" { (passt, "passt", "passt") } else { (vm, "vmm", vmm_program(cli.vmm)) };
+    let (pid, child, prog) =
+        if victim == "passt" { (passt, "passt", "passt") } else { (vm, "vmm", vmm_program(cli.vmm)) };
     if !procfs::process(pid).program_is_any(&[prog]) {
         return Err(format!("recorded {victim} pid {pid} is not a live {prog}"));
     }
@@ -647,7 +683,11 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
     let took = wait_until(NOTICE_LIMIT, &format!("nothing of the instance left after kill -9 of {victim}"), || {
         let mut left = leftovers(cli, port, &pids);
         // A zombie is no leftover for `leftovers`, but one the supervisor never reaped is a bug.
-        left.extend(pids.iter().filter(|(p, _)| std::fs::metadata(format!("/proc/{p}")).is_ok()).map(|(p, what)| format!("{what} pid {p} (maybe a zombie)")));
+        left.extend(
+            pids.iter()
+                .filter(|(p, _)| std::fs::metadata(format!("/proc/{p}")).is_ok())
+                .map(|(p, what)| format!("{what} pid {p} (maybe a zombie)")),
+        );
         if inst.locked() {
             left.push("the instance lock is held".into());
         }
@@ -663,7 +703,8 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
     check_status_stopped(&doc, &name, port)?;
     let failure = field(&doc, "failure")?;
     expect_fields(failure, "status --json failure", &[("child", json!(child)), ("signal", json!(9))])?;
-    let at = field(failure, "at_unix")?.as_u64().ok_or_else(|| format!("failure.at_unix is not a number: {failure}"))?;
+    let at =
+        field(failure, "at_unix")?.as_u64().ok_or_else(|| format!("failure.at_unix is not a number: {failure}"))?;
     let now = openshell_vm::gateway::now_unix();
     if at == 0 || at > now {
         return Err(format!("failure.at_unix {at} is not a time before now ({now})"));
@@ -680,21 +721,36 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
         format!("start it again with cargo xtask vm run --name {name}"),
     ];
     if text.code != Some(1) || want.iter().any(|w| !text.stdout.contains(w.as_str())) || text.stdout.contains("Some(") {
-        return Err(format!("plain status of a failed instance must say {want:?} and no Rust Debug forms:\n{}", text.show()));
+        return Err(format!(
+            "plain status of a failed instance must say {want:?} and no Rust Debug forms:\n{}",
+            text.show()
+        ));
     }
     let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
     let last = format!("exit code {}", 128 + 9);
-    if !log.contains(&format!("vm: {}", if child == "vmm" { "the VMM was killed by signal 9" } else { "passt exited (signal 9)" })) || !log.contains(&last) {
+    if !log.contains(&format!(
+        "vm: {}",
+        if child == "vmm" { "the VMM was killed by signal 9" } else { "passt exited (signal 9)" }
+    )) || !log.contains(&last)
+    {
         return Err(format!("supervisor.log does not end with the cause and {last}:\n{}", tail(&log, 20)));
     }
     Ok(())
 }
 
-fn passt_killed_fails_the_instance_and_status_says_why(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+fn passt_killed_fails_the_instance_and_status_says_why(
+    _: &Artifacts,
+    vmm: VmmChoice,
+    dir: TrialDir,
+) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| child_killed_in(cli, "passt"))
 }
 
-fn vmm_killed_fails_the_instance_and_status_says_why(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+fn vmm_killed_fails_the_instance_and_status_says_why(
+    _: &Artifacts,
+    vmm: VmmChoice,
+    dir: TrialDir,
+) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| child_killed_in(cli, "vm"))
 }
 
@@ -722,7 +778,11 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     })?;
     eprintln!("kill -9 passt → SERVING again after {:.2}s", took.as_secs_f64());
     let gone = [(vm, vmm_program(cli.vmm)), (passt, "passt")];
-    let left: Vec<String> = gone.iter().filter(|(p, _)| std::fs::metadata(format!("/proc/{p}")).is_ok()).map(|(p, w)| format!("{w} pid {p}")).collect();
+    let left: Vec<String> = gone
+        .iter()
+        .filter(|(p, _)| std::fs::metadata(format!("/proc/{p}")).is_ok())
+        .map(|(p, w)| format!("{w} pid {p}"))
+        .collect();
     if !left.is_empty() {
         return Err(format!("the first boot's processes are still there (or unreaped) after the restart: {left:?}"));
     }
@@ -745,7 +805,10 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     }
     // A file, not a terminal: no colour escapes; and each line says which instance and boot.
     if log.contains('\x1b') || !log.contains(&format!("gateway{{name={name} boot=1}}")) {
-        return Err(format!("supervisor.log has colour escapes or lines without the instance's span:\n{}", tail(&log, 20)));
+        return Err(format!(
+            "supervisor.log has colour escapes or lines without the instance's span:\n{}",
+            tail(&log, 20)
+        ));
     }
     // A second failure, and `vm stop` during the 2 s backoff of restart 2 (the time `vm stop`
     // takes to send its SIGTERM must fit in it): the instance stops and nothing boots again.
@@ -800,7 +863,10 @@ fn sigint_in(cli: &Cli) -> Result<(), String> {
         || !guest_side.iter().all(|l| ran.stdout.contains(l))
         || !ran.stderr.contains("the guest reported exit code 0")
     {
-        return Err(format!("a foreground `vm run` stopped by Ctrl-C must stop its guest and exit with the guest's 0:\n{}", ran.show()));
+        return Err(format!(
+            "a foreground `vm run` stopped by Ctrl-C must stop its guest and exit with the guest's 0:\n{}",
+            ran.show()
+        ));
     }
     let left = leftovers(cli, port, &[(vm, vmm_program(cli.vmm)), (passt, "passt")]);
     if !left.is_empty() || inst.locked() {
@@ -858,7 +924,11 @@ fn verify_in(cli: &Cli) -> Result<(), String> {
         let doc = r.json()?;
         let error = doc.get("error").and_then(Value::as_str).unwrap_or_default();
         if r.code != Some(2) || doc["ok"] != json!(false) || doc["exit_code"] != json!(2) || error.is_empty() {
-            return Err(format!("`{}` with nothing to verify must exit 2 with {{ok: false, exit_code: 2, error}}:\n{}", r.args, r.show()));
+            return Err(format!(
+                "`{}` with nothing to verify must exit 2 with {{ok: false, exit_code: 2, error}}:\n{}",
+                r.args,
+                r.show()
+            ));
         }
     }
     let (name, port) = ("verified", support::free_port());
@@ -880,14 +950,25 @@ fn verify_in(cli: &Cli) -> Result<(), String> {
         kill9(passt)?;
     }
     wait_until(NOTICE_LIMIT, "the instance ended after passt was killed", || {
-        Ok(if support::tcp_listeners(port).is_empty() && !inst.locked() { Ok(()) } else { Err(format!("port {port} listens or the lock is held")) })
+        Ok(if support::tcp_listeners(port).is_empty() && !inst.locked() {
+            Ok(())
+        } else {
+            Err(format!("port {port} listens or the lock is held"))
+        })
     })?;
     let r = cli.run(&["verify", "--json", "--name", name])?;
     let doc = r.json()?;
     let rows = matrix_doc(&doc, &format!("verify gateway {name}"), r.code)?;
     let tcp = row(rows, "tcp")?;
-    if r.code != Some(1) || tcp["status"] != "FAIL" || tcp["required"] != json!(true) || row(rows, "supervisor")?["status"] != "FAIL" {
-        return Err(format!("verify with the forward gone must exit 1 with failing tcp and supervisor rows:\n{}", r.show()));
+    if r.code != Some(1)
+        || tcp["status"] != "FAIL"
+        || tcp["required"] != json!(true)
+        || row(rows, "supervisor")?["status"] != "FAIL"
+    {
+        return Err(format!(
+            "verify with the forward gone must exit 1 with failing tcp and supervisor rows:\n{}",
+            r.show()
+        ));
     }
     Ok(())
 }
@@ -898,7 +979,10 @@ fn own_store(a: &Artifacts, dir: &Path, with_kernel: bool) -> Result<PathBuf, St
     let cache = dir.join("cache");
     let mut copies = vec![(a.rootfs.clone(), openshell_artifacts::rootfs::STORE_KIND)];
     if with_kernel {
-        copies.push((a.kernel.parent().ok_or("the kernel path has no directory")?.to_owned(), openshell_artifacts::kernel::STORE_KIND));
+        copies.push((
+            a.kernel.parent().ok_or("the kernel path has no directory")?.to_owned(),
+            openshell_artifacts::kernel::STORE_KIND,
+        ));
     }
     for (from, kind) in copies {
         let key = from.file_name().ok_or_else(|| format!("{} has no key directory", from.display()))?;
@@ -949,7 +1033,9 @@ fn check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
     }
     let pass = |id: &str, mentions: &str| {
         let r = row(rows, id)?;
-        let ok = r["status"] == "PASS" && r["required"] == json!(true) && r["reason"].as_str().is_some_and(|s| s.contains(mentions));
+        let ok = r["status"] == "PASS"
+            && r["required"] == json!(true)
+            && r["reason"].as_str().is_some_and(|s| s.contains(mentions));
         ok.then_some(()).ok_or_else(|| format!("the {id} row should PASS naming {mentions:?}: {r}"))
     };
     pass("kernel", &own_kernel.to_string_lossy())?;
@@ -959,10 +1045,14 @@ fn check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
         return Err(format!("check on a host that boots with --vmm {} must exit 0:\n{}", cli.vmm, r.show()));
     }
     let kernel_sha = sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
-    let manifest_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
+    let manifest_sha =
+        openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
     let prov = field(&doc, "provenance")?;
-    if prov["kernel"]["vmlinux_sha256"] != json!(kernel_sha) || prov["rootfs"]["manifest_sha256"] != json!(manifest_sha) {
-        return Err(format!("provenance does not carry the artifacts' digests {kernel_sha} / {manifest_sha}: {prov:#}"));
+    if prov["kernel"]["vmlinux_sha256"] != json!(kernel_sha) || prov["rootfs"]["manifest_sha256"] != json!(manifest_sha)
+    {
+        return Err(format!(
+            "provenance does not carry the artifacts' digests {kernel_sha} / {manifest_sha}: {prov:#}"
+        ));
     }
 
     // Exit 1: the gateway's port is taken.
@@ -970,7 +1060,11 @@ fn check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
     let (r, doc) = check(cli)?;
     drop(held);
     let p = row(doc["rows"].as_array().unwrap(), "gateway-port")?.clone();
-    if r.code != Some(1) || p["status"] != "FAIL" || p["required"] != json!(true) || !p["reason"].as_str().unwrap_or_default().contains("in use") {
+    if r.code != Some(1)
+        || p["status"] != "FAIL"
+        || p["required"] != json!(true)
+        || !p["reason"].as_str().unwrap_or_default().contains("in use")
+    {
         return Err(format!("check with port {port} taken must exit 1 on a failing gateway-port row:\n{}", r.show()));
     }
 
@@ -979,9 +1073,18 @@ fn check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
     let (r, doc) = check(cli)?;
     let f = row(doc["rows"].as_array().unwrap(), "rootfs")?.clone();
     let reason = f["reason"].as_str().unwrap_or_default();
-    let named = [file.to_string_lossy().into_owned(), recorded.hex(), found.hex()].iter().all(|s| reason.contains(s.as_str()));
-    if r.code != Some(1) || f["status"] != "FAIL" || !named || !f["fix"].as_str().unwrap_or_default().contains("cargo xtask rootfs") {
-        return Err(format!("check with a tampered rootfs must exit 1 naming {} and both digests:\n{}", file.display(), r.show()));
+    let named =
+        [file.to_string_lossy().into_owned(), recorded.hex(), found.hex()].iter().all(|s| reason.contains(s.as_str()));
+    if r.code != Some(1)
+        || f["status"] != "FAIL"
+        || !named
+        || !f["fix"].as_str().unwrap_or_default().contains("cargo xtask rootfs")
+    {
+        return Err(format!(
+            "check with a tampered rootfs must exit 1 naming {} and both digests:\n{}",
+            file.display(),
+            r.show()
+        ));
     }
 
     // Exit 2: `check --guest` cannot run its checker on that rootfs: it refuses to boot it, says
@@ -1018,20 +1121,36 @@ fn rootfs_check_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
     cli.cache = Some(cli.dir.join("empty-cache"));
     let r = cli.run(&["rootfs", "--check"])?;
     if r.code != Some(1) || !r.stderr.contains("no rootfs has been baked") || !r.stderr.contains("cargo xtask rootfs") {
-        return Err(format!("rootfs --check with nothing baked must exit 1 and name `cargo xtask rootfs`:\n{}", r.show()));
+        return Err(format!(
+            "rootfs --check with nothing baked must exit 1 and name `cargo xtask rootfs`:\n{}",
+            r.show()
+        ));
     }
     let cache = own_store(a, &cli.dir, false)?;
     cli.cache = Some(cache.clone());
     let own = cache.join("rootfs").join(a.rootfs.file_name().unwrap());
     let r = cli.run(&["rootfs", "--check"])?;
     if r.code != Some(0) || !r.stdout.contains("verified") || !r.stdout.contains(&own.to_string_lossy().into_owned()) {
-        return Err(format!("rootfs --check of an intact copy in OPENSHELL_CACHE_DIR must exit 0 naming it:\n{}", r.show()));
+        return Err(format!(
+            "rootfs --check of an intact copy in OPENSHELL_CACHE_DIR must exit 0 naming it:\n{}",
+            r.show()
+        ));
     }
     let (file, recorded, found) = tamper(&own)?;
     let r = cli.run(&["rootfs", "--check"])?;
-    let names = [own.to_string_lossy().into_owned(), "etc/hostname".into(), recorded.hex(), found.hex(), "cargo xtask rootfs".into()];
+    let names = [
+        own.to_string_lossy().into_owned(),
+        "etc/hostname".into(),
+        recorded.hex(),
+        found.hex(),
+        "cargo xtask rootfs".into(),
+    ];
     if r.code != Some(1) || !names.iter().all(|n| r.stderr.contains(n.as_str())) {
-        return Err(format!("rootfs --check of a tampered {} must exit 1 naming it, both digests and the fix:\n{}", file.display(), r.show()));
+        return Err(format!(
+            "rootfs --check of a tampered {} must exit 1 naming it, both digests and the fix:\n{}",
+            file.display(),
+            r.show()
+        ));
     }
     if sha256_file(&a.rootfs.join("etc/hostname")).map_err(|e| e.to_string())? != recorded {
         return Err(format!("the shared rootfs {} changed", a.rootfs.display()));
@@ -1058,7 +1177,8 @@ fn kernel_json_in(a: &Artifacts, cli: &Cli) -> Result<(), String> {
     }
     // Field by field, against what the trial finds itself.
     let sha = sha256_file(&a.kernel).map_err(|e| e.to_string())?.hex();
-    let frags: Vec<&str> = field(&doc, "fragments")?.as_array().into_iter().flatten().filter_map(|f| f["name"].as_str()).collect();
+    let frags: Vec<&str> =
+        field(&doc, "fragments")?.as_array().into_iter().flatten().filter_map(|f| f["name"].as_str()).collect();
     let ok = doc["vmlinux_sha256"] == json!(sha)
         && doc["kernel_release"].as_str().is_some_and(|s| s.starts_with("6.1."))
         && doc["source_package"] == "linux-source-6.1"
@@ -1089,7 +1209,8 @@ fn bench_in(cli: &Cli) -> Result<(), String> {
         for (phase, s) in phases {
             let num = |k: &str| s.get(k).and_then(Value::as_f64);
             // One boot: median, min and max are that boot's figure.
-            let ok = s["n"] == json!(1) && num("median").is_some_and(|m| m >= 0.0 && Some(m) == num("min") && Some(m) == num("max"));
+            let ok = s["n"] == json!(1)
+                && num("median").is_some_and(|m| m >= 0.0 && Some(m) == num("min") && Some(m) == num("max"));
             if !ok {
                 return Err(format!("{mode} / {phase}: want {{median = min = max, n: 1}}, got {s}"));
             }

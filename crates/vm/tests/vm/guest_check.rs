@@ -22,7 +22,8 @@ fn all_required_pass(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(),
         Ok(m) => m,
         Err(e) => return Err(dir.fail(format!("the guest checker did not run: {e}"))),
     };
-    let missing: Vec<&str> = openshell_guest_check::row_ids().into_iter().filter(|id| matrix.row(id).is_none()).collect();
+    let missing: Vec<&str> =
+        openshell_guest_check::row_ids().into_iter().filter(|id| matrix.row(id).is_none()).collect();
     if !missing.is_empty() {
         return Err(dir.fail(format!("the matrix lacks rows {missing:?}:\n{}", matrix.render())));
     }
@@ -84,8 +85,14 @@ fn silent_checker_is_an_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> R
     let result = guest_check::run(&cfg, Verification::AllowUnverified);
     let stub_ran = std::fs::read_to_string(cfg.console_path()).unwrap_or_default().contains("silent-checker-stub-ran");
     match result {
-        Err(openshell_vm::VmError::GuestCheck(why)) if why.contains("it exited with 0 and wrote no matrix") && stub_ran => Ok(()),
-        Err(e) => Err(dir.fail(format!("expected the stub to run, exit 0 and a 'wrote no matrix' failure; stub ran: {stub_ran}; got: {e}"))),
+        Err(openshell_vm::VmError::GuestCheck(why))
+            if why.contains("it exited with 0 and wrote no matrix") && stub_ran =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(dir.fail(format!(
+            "expected the stub to run, exit 0 and a 'wrote no matrix' failure; stub ran: {stub_ran}; got: {e}"
+        ))),
         Ok(m) => Err(dir.fail(format!("a checker that wrote nothing produced a matrix:\n{}", m.render()))),
     }
 }

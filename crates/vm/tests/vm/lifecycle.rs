@@ -42,7 +42,10 @@ fn stale_share_files_removed(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Re
     }
     let (code, console, dir) = support::run(&cfg, dir)?;
     let line = console.lines().find(|l| l.starts_with("share: ")).unwrap_or("").to_owned();
-    if code != 0 || ["gateway.pid", "control.sock", ".exit-code.tmp"].iter().any(|f| line.contains(f)) || !line.contains("exec.json") {
+    if code != 0
+        || ["gateway.pid", "control.sock", ".exit-code.tmp"].iter().any(|f| line.contains(f))
+        || !line.contains("exec.json")
+    {
         return Err(dir.fail(format!("stale files survived boot: {line:?} (exit {code})")));
     }
     Ok(())
@@ -58,7 +61,9 @@ fn static_address_with_dns_fallback(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     use std::net::ToSocketAddrs;
     let host_sees = (RESOLVABLE, 80).to_socket_addrs().map(|a| a.count()).unwrap_or(0);
     if host_sees == 0 {
-        return Err(dir.fail(format!("the host itself cannot resolve {RESOLVABLE}, so the guest's DNS path cannot be shown")));
+        return Err(
+            dir.fail(format!("the host itself cannot resolve {RESOLVABLE}, so the guest's DNS path cannot be shown"))
+        );
     }
     let script = format!("{SHOW_NET}; nslookup {RESOLVABLE} && echo resolved-through-forwarder");
     let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", &script]);
@@ -91,7 +96,9 @@ fn dhcp_lease_from_backend(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Resu
         && resolv.contains("nameserver ")
         && console.contains("inet 192.0.2.2/24");
     if !ok {
-        return Err(dir.fail(format!("expected a DHCP lease of 192.0.2.2 with a nameserver, got {resolv:?} (exit {code})")));
+        return Err(
+            dir.fail(format!("expected a DHCP lease of 192.0.2.2 with a nameserver, got {resolv:?} (exit {code})"))
+        );
     }
     Ok(())
 }
@@ -139,7 +146,12 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     let st = inst.status();
     let meta = inst.read_metadata().unwrap();
     let gone = |role: &str, pid: u32| st.recovered.iter().any(|l| l == &format!("{role} pid {pid} already gone"));
-    if st.running || !gone("vm", pids[0]) || !gone("passt", pids[1]) || meta.vm_pid.is_some() || meta.passt_pid.is_some() {
+    if st.running
+        || !gone("vm", pids[0])
+        || !gone("passt", pids[1])
+        || meta.vm_pid.is_some()
+        || meta.passt_pid.is_some()
+    {
         return Err(dir.fail(format!(
             "after SIGKILL: status running={} recovered={:?}, metadata pids {:?}/{:?}",
             st.running, st.recovered, meta.vm_pid, meta.passt_pid
@@ -173,12 +185,14 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     inst.write_metadata(&meta).unwrap();
     let st = inst.status();
     let alive = |p: u32| openshell_vm::procfs::process(p).alive;
-    let (vm_left, passt_left, stranger_alive) = (alive(vm_pid), alive(passt_pid), stranger.try_wait().unwrap().is_none());
+    let (vm_left, passt_left, stranger_alive) =
+        (alive(vm_pid), alive(passt_pid), stranger.try_wait().unwrap().is_none());
     leftover.stop();
     let _ = stranger.kill();
     let _ = stranger.wait();
     let killed = |role: &str, pid: u32| st.recovered.iter().any(|l| l == &format!("killed leftover {role} pid {pid}"));
-    let spared = st.recovered.iter().any(|l| l.starts_with(&format!("gvproxy pid {} now runs something else", stranger.id())));
+    let spared =
+        st.recovered.iter().any(|l| l.starts_with(&format!("gvproxy pid {} now runs something else", stranger.id())));
     if !killed("vm", vm_pid) || !killed("passt", passt_pid) || vm_left || passt_left || !spared || !stranger_alive {
         return Err(dir.fail(format!(
             "recovery of live leftovers: recovered={:?}; VMM alive {vm_left}, passt alive {passt_left}, stranger alive {stranger_alive}",

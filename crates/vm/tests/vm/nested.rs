@@ -241,9 +241,15 @@ fn exec_via_l1(argv: &[String]) -> Result<i32, String> {
     let a = support::artifacts()?;
     let (host, vmm) = (nested_host()?, vmm_binary()?);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let run = run_in_l1(TrialDir::new("l1-exec"), &a, &host, &vmm, &argv, &[(EXEC_ENV, "1")]).map_err(|f| format!("{f:?}"))?;
+    let run = run_in_l1(TrialDir::new("l1-exec"), &a, &host, &vmm, &argv, &[(EXEC_ENV, "1")])
+        .map_err(|f| format!("{f:?}"))?;
     print!("{}", run.console);
-    println!("L1 (QEMU TCG, host clock): init ran the command after {} s; L1 exited after {:.2} s with {}", secs(run.l1_ready_s), run.total_s, run.code);
+    println!(
+        "L1 (QEMU TCG, host clock): init ran the command after {} s; L1 exited after {:.2} s with {}",
+        secs(run.l1_ready_s),
+        run.total_s,
+        run.code
+    );
     Ok(run.code)
 }
 
@@ -263,7 +269,8 @@ fn exec_in_l2(argv: Vec<String>) -> Result<i32, String> {
     // The guest kernel is `quiet`, so its start shows only through init's stamp (L2's clock since
     // its kernel started) subtracted from when that line arrived.
     let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
-    let init_ms = openshell_vm::timeline::guest_steps(&console).into_iter().find(|(_, s)| s == "init started").map(|(ms, _)| ms);
+    let init_ms =
+        openshell_vm::timeline::guest_steps(&console).into_iter().find(|(_, s)| s == "init started").map(|(ms, _)| ms);
     let kernel = clock.at(INIT).zip(init_ms).map(|(t, ms)| t - ms as f64 / 1e3);
     println!(
         "L2 ({}, L1 clock): openshell-vmm started {vmm_started:.2} s, kernel started ~{} s, init {} s, command {} s, exit {exited:.2} s",

@@ -110,7 +110,8 @@ fn allow_unverified_boots_with_a_warning(a: &Artifacts, vmm: VmmChoice, dir: Tri
     };
     let code = vm.wait(None, Some(support::GUEST_TIMEOUT));
     drop(vm);
-    let warned = pre.warnings().any(|r| r.id == "rootfs" && r.status == Status::Warn && r.reason.contains(&found.hex()));
+    let warned =
+        pre.warnings().any(|r| r.id == "rootfs" && r.status == Status::Warn && r.reason.contains(&found.hex()));
     if !warned {
         return Err(dir.fail(format!("no rootfs warning in the preflight: {:?}", pre.matrix.rows)));
     }

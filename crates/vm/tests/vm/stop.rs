@@ -63,7 +63,8 @@ echo "zombies: $(grep -l '^State:[[:space:]]*Z' /proc/[0-9]*/status 2>/dev/null 
     let (code, console, dir) = support::run(&cfg, dir)?;
     let adopted = console.lines().any(|l| l.starts_with("orphan ") && l.ends_with(" ppid 1"));
     if code != 0 || !adopted || !console.contains("orphan reaped") || !console.contains("zombies: 0") {
-        let said: Vec<&str> = console.lines().filter(|l| l.starts_with("orphan") || l.starts_with("zombies:")).collect();
+        let said: Vec<&str> =
+            console.lines().filter(|l| l.starts_with("orphan") || l.starts_with("zombies:")).collect();
         return Err(dir.fail(format!(
             "expected an orphan adopted by PID 1 and reaped, no zombie left; the guest said {said:?} (exit {code})"
         )));
@@ -114,8 +115,10 @@ fn vmm_that_honours_sigterm_exits_on_it(a: &Artifacts, vmm: VmmChoice, dir: Tria
         Err(e) => return Err(dir.fail(e)),
     };
     if how != Stopped::OnSigterm || openshell_vm::procfs::process(pid).alive {
-        return Err(dir.fail(format!("stop() of a running VMM said {how:?} (want OnSigterm); pid {pid} alive afterwards: {}",
-            openshell_vm::procfs::process(pid).alive)));
+        return Err(dir.fail(format!(
+            "stop() of a running VMM said {how:?} (want OnSigterm); pid {pid} alive afterwards: {}",
+            openshell_vm::procfs::process(pid).alive
+        )));
     }
     println!("stop(): {how:?} after {} ms", took.as_millis());
     Ok(())
@@ -143,8 +146,10 @@ fn vmm_that_ignores_sigterm_is_sigkilled(a: &Artifacts, vmm: VmmChoice, dir: Tri
         Err(e) => return Err(dir.fail(e)),
     };
     if how != Stopped::Killed || openshell_vm::procfs::process(pid).alive {
-        return Err(dir.fail(format!("stop() of a VMM that ignores SIGTERM said {how:?} (want Killed); pid {pid} alive afterwards: {}",
-            openshell_vm::procfs::process(pid).alive)));
+        return Err(dir.fail(format!(
+            "stop() of a VMM that ignores SIGTERM said {how:?} (want Killed); pid {pid} alive afterwards: {}",
+            openshell_vm::procfs::process(pid).alive
+        )));
     }
     println!("stop(): {how:?} after {} ms", took.as_millis());
     Ok(())

@@ -121,8 +121,12 @@ impl TrialDir {
         // A panicking VMM prints a long backtrace after its message: keep the message.
         let vmm_log = std::fs::read_to_string(dir.join("state/vmm.log")).unwrap_or_default();
         let lines: Vec<&str> = vmm_log.lines().collect();
-        let panics: Vec<String> =
-            lines.iter().enumerate().filter(|(_, l)| l.contains("panicked at")).map(|(i, _)| lines[i..(i + 3).min(lines.len())].join("\n")).collect();
+        let panics: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("panicked at"))
+            .map(|(i, _)| lines[i..(i + 3).min(lines.len())].join("\n"))
+            .collect();
         format!(
             "{}\nstate kept at {}\n--- console (last 30 lines) ---\n{}\n--- vmm.log (last 15 lines) ---\n{}{}",
             msg.into(),
@@ -139,7 +143,9 @@ impl TrialDir {
     pub fn adopt_nested_records(&self, records: &std::path::Path) {
         adopt_ledgers(records);
         for entry in std::fs::read_dir(records).into_iter().flatten().flatten() {
-            let Some(o) = std::fs::read(entry.path()).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) else {
+            let Some(o) =
+                std::fs::read(entry.path()).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            else {
                 continue;
             };
             match o["expects"].as_str() {
@@ -169,9 +175,13 @@ pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16)
     // The records, not a re-hash: a tampered copy then boots as `vm run --allow-unverified`
     // boots it, and only `verify`'s re-hash can tell.
     let kernel_dir = a.kernel.parent().ok_or("the kernel path has no directory")?;
-    let kernel_sha =
-        openshell_artifacts::kernel::GuestKernel::open(kernel_dir).map_err(|e| e.to_string())?.provenance.vmlinux_sha256.hex();
-    let rootfs_sha = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
+    let kernel_sha = openshell_artifacts::kernel::GuestKernel::open(kernel_dir)
+        .map_err(|e| e.to_string())?
+        .provenance
+        .vmlinux_sha256
+        .hex();
+    let rootfs_sha =
+        openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
     let mut cfg = inst
         .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port, openshell_vm::NetMode::Passt)
         .map_err(|e| e.to_string())?;
@@ -190,7 +200,13 @@ impl GatewayTrial {
         &self,
         verification: openshell_vm::check::Verification,
     ) -> Result<openshell_vm::supervise::Supervised, openshell_vm::VmError> {
-        openshell_vm::supervise::boot(&self.inst, &self.cfg, (&self.digests.0, &self.digests.1), GUEST_TIMEOUT, verification)
+        openshell_vm::supervise::boot(
+            &self.inst,
+            &self.cfg,
+            (&self.digests.0, &self.digests.1),
+            GUEST_TIMEOUT,
+            verification,
+        )
     }
 }
 
@@ -356,7 +372,6 @@ impl Records {
         std::env::set_var(RECORDS_ENV, dir.path());
         Records { _own: Some(dir) }
     }
-
 }
 
 /// Where this run's trial records go (see [`Records`]).
@@ -374,7 +389,11 @@ fn adopt_ledgers(dir: &std::path::Path) {
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .collect();
     use std::io::Write;
-    let appended = std::fs::OpenOptions::new().create(true).append(true).open(&own).and_then(|mut f| f.write_all(lines.as_bytes()));
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&own)
+        .and_then(|mut f| f.write_all(lines.as_bytes()));
     if let Err(e) = appended {
         eprintln!("cannot add the nested ledgers to {}: {e}", PathBuf::from(own).display());
     }
@@ -412,7 +431,9 @@ pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<
         launched.filter(|l| l["backend"] == backend).count()
     });
     result = match (result, expects.get(), vmms) {
-        (Ok(()), Boots::Vm, 0) => Err("the trial passed without starting a VMM, so it proves nothing about a VM".into()),
+        (Ok(()), Boots::Vm, 0) => {
+            Err("the trial passed without starting a VMM, so it proves nothing about a VM".into())
+        }
         (Ok(()), Boots::RefusedBeforeBoot | Boots::NoVm, n) if n > 0 => {
             Err(format!("the trial expects no VM ({}), but {n} VMM(s) were started", expects.get().as_str()).into())
         }
@@ -446,7 +467,9 @@ pub fn tcp_listeners(port: u16) -> Vec<String> {
             if u16::from_str_radix(p, 16).ok() != Some(port) {
                 continue;
             }
-            out.push(if v6 { format!("[{addr}]") } else {
+            out.push(if v6 {
+                format!("[{addr}]")
+            } else {
                 let n = u32::from_str_radix(addr, 16).unwrap_or(0);
                 std::net::Ipv4Addr::from(n.swap_bytes()).to_string()
             });

@@ -71,7 +71,9 @@ pub fn all() -> Vec<Trial> {
                 _ => None,
             };
             let artifacts = artifacts.clone();
-            trials.push(trial(full, backend, cannot, must_run, move |dir| body(&artifacts.map_err(Failed::from)?, vmm, dir)));
+            trials.push(trial(full, backend, cannot, must_run, move |dir| {
+                body(&artifacts.map_err(Failed::from)?, vmm, dir)
+            }));
         }
     }
     // The VM suites did not run at all (plain `cargo nextest run`): say so with a failure, not a
@@ -79,7 +81,8 @@ pub fn all() -> Vec<Trial> {
     if let (Err(why), false) = (&artifacts, support::require()) {
         let why = why.clone();
         trials.push(Trial::test("setup::vm_suites_ran", move || {
-            Err(format!("every VM trial is ignored: {why}. `cargo xtask test` builds the artifacts and runs them").into())
+            Err(format!("every VM trial is ignored: {why}. `cargo xtask test` builds the artifacts and runs them")
+                .into())
         }));
     }
     trials.push(krun_smoke_trial(&artifacts));
@@ -96,12 +99,15 @@ fn krun_smoke_trial(artifacts: &Result<Artifacts, String>) -> Trial {
         (_, false, _) => Some("no usable /dev/kvm".to_owned()),
         (Ok(_), true, Some(_)) => None,
         (Err(why), _, _) => Some(why.clone()),
-        (Ok(_), true, None) => Some("OPENSHELL_VMM not set to the openshell-vmm binary; run `cargo xtask e2e --vm`".to_owned()),
+        (Ok(_), true, None) => {
+            Some("OPENSHELL_VMM not set to the openshell-vmm binary; run `cargo xtask e2e --vm`".to_owned())
+        }
     };
-    let must_run = support::required_backends().iter().any(|b| b == "krun")
-        || (support::require() && host.kvm_usable);
+    let must_run = support::required_backends().iter().any(|b| b == "krun") || (support::require() && host.kvm_usable);
     let a = artifacts.clone();
-    trial(smoke.to_owned(), "krun", cannot, must_run, move |dir| krun_smoke(&a.map_err(Failed::from)?, dir, host.kvm_pvm))
+    trial(smoke.to_owned(), "krun", cannot, must_run, move |dir| {
+        krun_smoke(&a.map_err(Failed::from)?, dir, host.kvm_pvm)
+    })
 }
 
 /// One trial of `backend`: run and observed (its VMMs counted, its record written); or, when it
@@ -166,7 +172,8 @@ fn guest_sees_configured_vcpus_and_memory(a: &Artifacts, vmm: VmmChoice, dir: Tr
 }
 
 fn env_and_workdir_reach_guest(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
-    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", "echo \"seen FOO=$FOO PWD=$(pwd) HOST=$(hostname)\""]);
+    let mut cfg =
+        support::config(a, &dir, vmm, &["/bin/sh", "-c", "echo \"seen FOO=$FOO PWD=$(pwd) HOST=$(hostname)\""]);
     cfg.exec.env = vec![("FOO".into(), "bar baz".into())];
     cfg.exec.workdir = Some("/etc".into());
     let (code, console, dir) = support::run(&cfg, dir)?;
@@ -229,10 +236,13 @@ fn sigterm_stops_guest(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(
         std::thread::sleep(Duration::from_millis(20));
     };
     let text = std::fs::read_to_string(&console).unwrap_or_default();
-    let guest_side = ["stop requested by the host: stopping the workload", "workload-got-term", "exit-code=7; powering off"];
+    let guest_side =
+        ["stop requested by the host: stopping the workload", "workload-got-term", "exit-code=7; powering off"];
     let missing: Vec<&str> = guest_side.iter().copied().filter(|l| !text.contains(l)).collect();
     if status.code() != Some(7) || !missing.is_empty() {
-        return Err(dir.fail(format!("supervisor exited with {status} (expected 7, the workload's own code); console lacks {missing:?}")));
+        return Err(dir.fail(format!(
+            "supervisor exited with {status} (expected 7, the workload's own code); console lacks {missing:?}"
+        )));
     }
     if support::process_exists(vmm_pid) {
         return Err(dir.fail(format!("VMM pid {vmm_pid} still exists after the supervisor exited")));
@@ -312,8 +322,13 @@ fn krun_smoke(a: &Artifacts, dir: TrialDir, pvm: bool) -> Result<(), Failed> {
 const SMOKE_WATCH: Duration = Duration::from_secs(20);
 
 /// A guest httpd behind a passt forward: boots with `--net passt -p HOST:8080`, answers over HTTP.
-fn boot_httpd(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<(openshell_vm::RunningVm, u16, VmConfig), String> {
-    let script = "mkdir -p /tmp/www && echo hello-from-guest-httpd > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
+fn boot_httpd(
+    a: &Artifacts,
+    vmm: VmmChoice,
+    dir: &TrialDir,
+) -> Result<(openshell_vm::RunningVm, u16, VmConfig), String> {
+    let script =
+        "mkdir -p /tmp/www && echo hello-from-guest-httpd > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
     support::with_free_port(|host| {
         let mut cfg = support::config(a, dir, vmm, &["/bin/sh", "-c", script]);
         cfg.net = openshell_vm::NetMode::Passt;
@@ -377,7 +392,8 @@ fn forward_listens_on_loopback_only(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     // Every listening socket on the forwarded port, from the kernel's own table.
     let listeners = support::tcp_listeners(port);
     // And from outside loopback, the same port must refuse.
-    let outside = primary_address().map(|ip| (ip, std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(1)).is_ok()));
+    let outside = primary_address()
+        .map(|ip| (ip, std::net::TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(1)).is_ok()));
     drop(vm);
     if listeners.is_empty() {
         return Err(dir.fail(format!("nothing listens on port {port}")));
@@ -451,10 +467,16 @@ fn served(endpoint: &str, good: &openshell_gateway::TlsProbe) -> Result<(), Stri
 
 /// `p` is refused by the server at `endpoint` with exactly `alert`, sent after the client's
 /// side of the handshake (TLS 1.3's client-certificate verdict).
-fn refused_with(endpoint: &str, p: &openshell_gateway::TlsProbe, alert: openshell_gateway::probe::AlertDescription) -> Result<(), String> {
+fn refused_with(
+    endpoint: &str,
+    p: &openshell_gateway::TlsProbe,
+    alert: openshell_gateway::probe::AlertDescription,
+) -> Result<(), String> {
     match openshell_gateway::probe(endpoint, p, PROBE_TIMEOUT).map_err(|e| e.to_string())? {
         openshell_gateway::TlsOutcome::Refused { alert: got, after_handshake: true } if got == alert => Ok(()),
-        other => Err(format!("expected {endpoint} to refuse with the alert {alert:?} after the handshake, got: {other}")),
+        other => {
+            Err(format!("expected {endpoint} to refuse with the alert {alert:?} after the handshake, got: {other}"))
+        }
     }
 }
 
@@ -496,7 +518,11 @@ fn gateway_boots_and_service_becomes_reachable(a: &Artifacts, vmm: VmmChoice, di
         let cwd = openshell_vm::procfs::cwd(vm.pid()).ok_or("cannot read the VMM's cwd")?;
         let booted = openshell_vm::backend::booted_artifacts(&argv, &cwd)?;
         if (booted.kernel.as_path(), booted.rootfs.as_path()) != (a.kernel.as_path(), a.rootfs.as_path()) {
-            return Err(format!("the VMM runs {booted:?}, not {} and {}; argv {argv:?}", a.kernel.display(), a.rootfs.display()));
+            return Err(format!(
+                "the VMM runs {booted:?}, not {} and {}; argv {argv:?}",
+                a.kernel.display(),
+                a.rootfs.display()
+            ));
         }
         Ok(())
     })
@@ -579,7 +605,8 @@ fn stop_leaves_no_process_behind(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -
     let (vmm_pid, passt_pid) = (vm.pid(), vm.passt_pid());
     vm.stop();
     drop(vm);
-    let left: Vec<u32> = [Some(vmm_pid), passt_pid].into_iter().flatten().filter(|&p| support::process_exists(p)).collect();
+    let left: Vec<u32> =
+        [Some(vmm_pid), passt_pid].into_iter().flatten().filter(|&p| support::process_exists(p)).collect();
     if !left.is_empty() {
         return Err(dir.fail(format!("processes left after stop: {left:?}")));
     }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use openshell_matrix::Status;
-use openshell_vm::gateway::{self, GatewayInstance};
 use openshell_vm::check::Verification;
+use openshell_vm::gateway::{self, GatewayInstance};
 use openshell_vm::VmmChoice;
 
 use crate::support::{self, Artifacts, TrialDir};
@@ -53,7 +53,12 @@ fn supervise(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<Supervised
     supervise_with(a, vmm, dir, Verification::Required)
 }
 
-fn supervise_with(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir, verification: Verification) -> Result<Supervised, String> {
+fn supervise_with(
+    a: &Artifacts,
+    vmm: VmmChoice,
+    dir: &TrialDir,
+    verification: Verification,
+) -> Result<Supervised, String> {
     support::with_free_port(|port| {
         let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
         // Where TrialDir::fail looks for the console; metadata.json records it for verify.
@@ -107,7 +112,9 @@ fn verify_fails_when_forward_is_closed(a: &Artifacts, vmm: VmmChoice, dir: Trial
         return Err(dir.fail(format!("verify failed before the forward was closed:\n{}", before.render())));
     }
     if after.exit_code() != openshell_matrix::EXIT_REQUIRED_FAILED {
-        return Err(dir.fail(format!("verify exit code {} with the forward closed, want 1:\n{table}", after.exit_code())));
+        return Err(
+            dir.fail(format!("verify exit code {} with the forward closed, want 1:\n{table}", after.exit_code()))
+        );
     }
     let blocking: Vec<&str> = after.blocking().iter().map(|r| r.id.as_str()).collect();
     for must in ["forward-loopback-only", "tcp"] {
@@ -145,7 +152,8 @@ fn close_forward_and_verify(
         std::thread::sleep(Duration::from_millis(20));
     }
     let t = Instant::now();
-    let after = openshell_vm::verify::verify(&gw.inst).map_err(|e| format!("verify could not run with the forward closed: {e}"))?;
+    let after = openshell_vm::verify::verify(&gw.inst)
+        .map_err(|e| format!("verify could not run with the forward closed: {e}"))?;
     Ok((before, after, t.elapsed()))
 }
 
@@ -170,9 +178,19 @@ fn tampered_kernel(a: &Artifacts, dir: &TrialDir) -> Result<(std::path::PathBuf,
 /// A copy of the rootfs (modes, symlinks and manifest.json kept) with `/etc/hostname` changed.
 fn tampered_rootfs(a: &Artifacts, dir: &TrialDir) -> Result<std::path::PathBuf, String> {
     let copy = dir.path().join("rootfs");
-    let out = std::process::Command::new("cp").arg("-a").arg(&a.rootfs).arg(&copy).output().map_err(|e| format!("cp: {e}"))?;
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&a.rootfs)
+        .arg(&copy)
+        .output()
+        .map_err(|e| format!("cp: {e}"))?;
     if !out.status.success() {
-        return Err(format!("cp -a {} {}: {}", a.rootfs.display(), copy.display(), String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "cp -a {} {}: {}",
+            a.rootfs.display(),
+            copy.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let hostname = copy.join("etc/hostname");
     let mut text = std::fs::read(&hostname).map_err(|e| format!("{}: {e}", hostname.display()))?;
@@ -183,7 +201,13 @@ fn tampered_rootfs(a: &Artifacts, dir: &TrialDir) -> Result<std::path::PathBuf, 
 
 /// Boots `a` unverified (a tampered artifact must still boot), verifies it, and expects exactly
 /// the row `id` to fail, with `evidence` in its reason; every other row passes.
-fn unverified_boot_fails_only(a: &Artifacts, vmm: VmmChoice, dir: TrialDir, id: &str, evidence: &[&str]) -> Result<(), Failed> {
+fn unverified_boot_fails_only(
+    a: &Artifacts,
+    vmm: VmmChoice,
+    dir: TrialDir,
+    id: &str,
+    evidence: &[&str],
+) -> Result<(), Failed> {
     let gw = match supervise_with(a, vmm, &dir, Verification::AllowUnverified) {
         Ok(gw) => gw,
         Err(e) => return Err(dir.fail(e)),
