@@ -228,8 +228,19 @@ impl E2eCmd {
 
 impl TestCmd {
     pub fn run(self) -> anyhow::Result<()> {
+        lint(&Shell::new()?)?;
         run_e2e(&["--workspace"], self.suite)
     }
+}
+
+/// The habits a reader relies on, part of the one test command: formatted as `rustfmt.toml`
+/// says, and no clippy warning.
+fn lint(sh: &Shell) -> anyhow::Result<()> {
+    cmd!(sh, "cargo fmt --all --check").run().context("the code is not formatted: run `cargo fmt --all`")?;
+    cmd!(sh, "cargo clippy --quiet --workspace --all-targets -- -D warnings")
+        .run()
+        .context("clippy found warnings (above): fix them, then run `cargo xtask test` again")?;
+    Ok(())
 }
 
 #[cfg(test)]
