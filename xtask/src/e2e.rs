@@ -236,6 +236,11 @@ impl TestCmd {
 /// The habits a reader relies on, part of the one test command: formatted as `rustfmt.toml`
 /// says, and no clippy warning.
 fn lint(sh: &Shell) -> anyhow::Result<()> {
+    for tool in ["fmt", "clippy"] {
+        cmd!(sh, "cargo {tool} --version").quiet().ignore_stdout().run().with_context(|| {
+            format!("cargo {tool} is missing; install it with: rustup component add rustfmt clippy")
+        })?;
+    }
     cmd!(sh, "cargo fmt --all --check").run().context("the code is not formatted: run `cargo fmt --all`")?;
     cmd!(sh, "cargo clippy --quiet --workspace --all-targets -- -D warnings")
         .run()
