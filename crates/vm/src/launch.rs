@@ -290,15 +290,13 @@ impl RunningVm {
     /// `RunningVm` is dropped).
     pub fn wait(&mut self, mut sink: Option<&mut dyn Write>, timeout: Option<Duration>) -> Result<VmExit, VmError> {
         let deadline = timeout.map(|t| (t, Instant::now() + t));
-        let got = Arc::new(AtomicUsize::new(0));
-        let ids = [libc::SIGINT, libc::SIGTERM]
-            .map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
+        let signals = StopSignals::register();
         let mut console = Tail::new(&self.console);
         // (signal, when the guest was asked to stop, whether the VMM was signalled)
         let mut stopping: Option<(i32, Instant, bool)> = None;
         let result = 'watch: loop {
             console.drain(&mut sink);
-            let sig = got.swap(0, Ordering::Relaxed) as i32;
+            let sig = signals.take().unwrap_or(0);
             match (&mut stopping, sig) {
                 (None, 0) => {}
                 (None, sig) => {
@@ -352,9 +350,6 @@ impl RunningVm {
                 Err(e) => break Err(io_err(&self.console)(e)),
             }
         };
-        for id in ids.into_iter().flatten() {
-            signal_hook::low_level::unregister(id);
-        }
         result
     }
 
@@ -424,6 +419,35 @@ impl Drop for RunningVm {
         // passt exits by itself once the VMM's end closes; dropping it makes sure (and stops
         // gvproxy, which does not notice).
         self.net.take();
+    }
+}
+
+/// SIGINT and SIGTERM to this process, caught while the value lives (then the handlers go):
+/// how a supervisor learns it should stop its VM instead of dying with it.
+pub(crate) struct StopSignals {
+    got: Arc<AtomicUsize>,
+    ids: [Option<signal_hook::SigId>; 2],
+}
+
+impl StopSignals {
+    pub(crate) fn register() -> StopSignals {
+        let got = Arc::new(AtomicUsize::new(0));
+        let ids = [libc::SIGINT, libc::SIGTERM]
+            .map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
+        StopSignals { got, ids }
+    }
+
+    /// The signal that came since the last call, if any.
+    pub(crate) fn take(&self) -> Option<i32> {
+        Some(self.got.swap(0, Ordering::Relaxed) as i32).filter(|&s| s != 0)
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        for id in self.ids.into_iter().flatten() {
+            signal_hook::low_level::unregister(id);
+        }
     }
 }
 

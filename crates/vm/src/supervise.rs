@@ -9,11 +9,10 @@
 //! left alone).
 
 use std::fs;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::gateway::{self, GatewayInstance, Metadata};
+use crate::launch::StopSignals;
 use crate::procfs;
 use crate::{RunningVm, VmConfig, VmError, VmExit};
 
@@ -140,27 +139,21 @@ impl Supervised {
     pub fn wait(&mut self, sink: Option<&mut dyn std::io::Write>, restart: Restart) -> Result<VmExit, VmError> {
         // Covers the backoff and the reboot too, where `RunningVm::wait` does not listen: a
         // `vm stop` then ends the supervisor once the pause or the boot is over.
-        let got = Arc::new(AtomicUsize::new(0));
-        let ids = [libc::SIGINT, libc::SIGTERM]
-            .map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
-        let result = self.wait_restarting(sink, restart, &got);
-        for id in ids.into_iter().flatten() {
-            signal_hook::low_level::unregister(id);
-        }
-        result
+        let signals = StopSignals::register();
+        self.wait_restarting(sink, restart, &signals)
     }
 
     fn wait_restarting(
         &mut self,
         mut sink: Option<&mut dyn std::io::Write>,
         restart: Restart,
-        got: &AtomicUsize,
+        signals: &StopSignals,
     ) -> Result<VmExit, VmError> {
         let mut restarts = 0;
         loop {
             let _span = tracing::warn_span!("gateway", name = %self.inst.name, boot = restarts + 1).entered();
             // A signal that came during a restart's boot, before `RunningVm::wait` listened.
-            if let Some(signal) = signalled(got) {
+            if let Some(signal) = signals.take() {
                 self.vm.stop();
                 return Ok(VmExit::Stopped { signal });
             }
@@ -187,7 +180,7 @@ impl Supervised {
             tracing::warn!("restart {restarts}/{max} after {failure}: booting again in {}s", pause.as_secs());
             let until = std::time::Instant::now() + pause;
             while std::time::Instant::now() < until {
-                if let Some(signal) = signalled(got) {
+                if let Some(signal) = signals.take() {
                     return Ok(VmExit::Stopped { signal });
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -214,10 +207,6 @@ impl Supervised {
         }
         self.inst.write_metadata(&meta)
     }
-}
-
-fn signalled(got: &AtomicUsize) -> Option<i32> {
-    Some(got.swap(0, Ordering::Relaxed) as i32).filter(|&s| s != 0)
 }
 
 /// When no supervisor holds the instance but its metadata still names pids, the supervisor died
