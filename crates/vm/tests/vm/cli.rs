@@ -190,8 +190,7 @@ impl Cli {
         for d in ["config", "tmp"] {
             std::fs::create_dir_all(dir.path().join(d)).map_err(|e| e.to_string())?;
         }
-        let vmm = if vmm == VmmChoice::Krun { "krun" } else { "qemu" };
-        Ok(Cli { bin, vmm, dir: dir.path(), cache: None })
+        Ok(Cli { bin, vmm: support::vmm_name(vmm), dir: dir.path(), cache: None })
     }
 
     fn root(&self) -> PathBuf {
@@ -254,17 +253,16 @@ impl Cli {
             for (what, path) in [("supervisor.log", inst.dir.join("supervisor.log")), ("console", inst.console_path())]
             {
                 if let Ok(text) = std::fs::read_to_string(&path) {
-                    msg.push_str(&format!("\n--- {} {what} (last 30 lines) ---\n{}", inst.name, tail(&text, 30)));
+                    msg.push_str(&format!(
+                        "\n--- {} {what} (last 30 lines) ---\n{}",
+                        inst.name,
+                        support::tail(&text, 30)
+                    ));
                 }
             }
         }
         dir.fail(msg)
     }
-}
-
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Stops the instance when dropped: a detached supervisor runs in its own session and would
@@ -733,7 +731,7 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
         if child == "vmm" { "the VMM was killed by signal 9" } else { "passt exited (signal 9)" }
     )) || !log.contains(&last)
     {
-        return Err(format!("supervisor.log does not end with the cause and {last}:\n{}", tail(&log, 20)));
+        return Err(format!("supervisor.log does not end with the cause and {last}:\n{}", support::tail(&log, 20)));
     }
     Ok(())
 }
@@ -801,13 +799,13 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     expect_fields(&doc, "status --json of a restarted instance", &[("failure", Value::Null)])?;
     let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
     if !log.contains("restart 1/5 after passt exited (signal 9)") || !log.contains("restart 1/5: SERVING again") {
-        return Err(format!("supervisor.log does not log the restart with its cause:\n{}", tail(&log, 20)));
+        return Err(format!("supervisor.log does not log the restart with its cause:\n{}", support::tail(&log, 20)));
     }
     // A file, not a terminal: no colour escapes; and each line says which instance and boot.
     if log.contains('\x1b') || !log.contains(&format!("gateway{{name={name} boot=1}}")) {
         return Err(format!(
             "supervisor.log has colour escapes or lines without the instance's span:\n{}",
-            tail(&log, 20)
+            support::tail(&log, 20)
         ));
     }
     // A second failure, and `vm stop` during the 2 s backoff of restart 2 (the time `vm stop`
@@ -817,7 +815,7 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     let log_path = inst.dir.join("supervisor.log");
     wait_until(NOTICE_LIMIT, "the supervisor logged restart 2", || {
         let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
-        Ok(if log.contains("restart 2/5 after passt exited (signal 9)") { Ok(()) } else { Err(tail(&log, 5)) })
+        Ok(if log.contains("restart 2/5 after passt exited (signal 9)") { Ok(()) } else { Err(support::tail(&log, 5)) })
     })?;
     let stop = cli.run(&["vm", "stop", "--name", name])?;
     if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
@@ -829,7 +827,7 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     }
     let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
     if log.contains("restart 2/5: SERVING again") {
-        return Err(format!("the gateway booted again after vm stop:\n{}", tail(&log, 20)));
+        return Err(format!("the gateway booted again after vm stop:\n{}", support::tail(&log, 20)));
     }
     drop(guard);
     Ok(())

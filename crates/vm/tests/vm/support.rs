@@ -111,11 +111,7 @@ impl TrialDir {
     /// Wraps a failure with the console's tail and keeps the directory for inspection.
     pub fn fail(mut self, msg: impl Into<String>) -> Failed {
         let dir = self.0.take().unwrap().keep();
-        let tail = |file: &str, n: usize| {
-            let text = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        };
+        let file_tail = |file: &str, n: usize| tail(&std::fs::read_to_string(dir.join(file)).unwrap_or_default(), n);
         // The VMM's own output says why a VMM died (an abort, a device error), which the guest's
         // console cannot; and a nested trial's directory vanishes with its L1, so both go here.
         // A panicking VMM prints a long backtrace after its message: keep the message.
@@ -131,8 +127,8 @@ impl TrialDir {
             "{}\nstate kept at {}\n--- console (last 30 lines) ---\n{}\n--- vmm.log (last 15 lines) ---\n{}{}",
             msg.into(),
             dir.display(),
-            tail("state/console.log", 30),
-            tail("state/vmm.log", 15),
+            file_tail("state/console.log", 30),
+            file_tail("state/vmm.log", 15),
             if panics.is_empty() { String::new() } else { format!("\n--- vmm.log panics ---\n{}", panics.join("\n")) }
         )
         .into()
@@ -158,6 +154,12 @@ impl TrialDir {
             }
         }
     }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// A gateway instance `trial` under `root` with its PKI, and the VM config the gateway preset
