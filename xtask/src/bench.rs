@@ -215,21 +215,12 @@ fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()>
         pb.set_message(format!("L1 boot {}/{n}", i + 1));
         let state = tempfile::Builder::new().prefix("openshell-bench-l1-").tempdir()?;
         let mut paths = openshell_vm::nested::L1Paths::default();
-        let (bin, kernel, vmm_in_l1) = (paths.share_file(&me)?, paths.share_file(&a.kernel)?, paths.share_file(&vmm)?);
-        let rootfs = paths.share_dir(&a.rootfs);
+        let bin = paths.share_file(&me)?;
+        let mut env = paths.share_guest(&a.kernel, &a.rootfs, &vmm)?;
+        env.push(("RUST_BACKTRACE".into(), "0".into()));
         let argv = [bin.as_str(), "bench", "boot", "--inside-l1", "--vmm", "krun", "-n", "1"];
-        let env = [
-            ("OPENSHELL_KERNEL", kernel),
-            ("OPENSHELL_ROOTFS", rootfs),
-            ("OPENSHELL_VMM", vmm_in_l1),
-            ("RUST_BACKTRACE", "0".into()),
-        ];
-        let cfg = host.l1_config(
-            state.path().join("state"),
-            argv.iter().map(|s| s.to_string()).collect(),
-            env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-            paths,
-        )?;
+        let cfg =
+            host.l1_config(state.path().join("state"), argv.iter().map(|s| s.to_string()).collect(), env, paths)?;
         let mut l1 = openshell_vm::launch(&cfg)?;
         let l1_ready = watch_for(&l1.console, "] exec /", l1.started);
         let exit = l1.wait(None, Some(Duration::from_secs(600)))?;

@@ -51,6 +51,17 @@ impl L1Paths {
         path
     }
 
+    /// Shares what libkrun inside L1 needs to boot our guest (its kernel and rootfs, and
+    /// `openshell-vmm`), and returns the environment that names them there: `OPENSHELL_KERNEL`,
+    /// `OPENSHELL_ROOTFS`, `OPENSHELL_VMM`, as the VM suites and the bench read them.
+    pub fn share_guest(&mut self, kernel: &Path, rootfs: &Path, vmm: &Path) -> Result<Vec<(String, String)>, VmError> {
+        Ok(vec![
+            ("OPENSHELL_KERNEL".into(), self.share_file(kernel)?),
+            ("OPENSHELL_ROOTFS".into(), self.share_dir(rootfs)),
+            ("OPENSHELL_VMM".into(), self.share_file(vmm)?),
+        ])
+    }
+
     /// Shares the directory holding `file` and returns the file's path inside L1.
     pub fn share_file(&mut self, file: &Path) -> Result<String, VmError> {
         let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
@@ -107,5 +118,11 @@ mod tests {
         assert_eq!(p.shares.len(), 2);
         assert!(p.shares.iter().all(|s| s.mount.read_only && s.mount.validate().is_ok()));
         assert!(p.share_file(Path::new("/")).is_err());
+        let env =
+            p.share_guest(Path::new("/s/k/vmlinux"), Path::new("/s/r"), Path::new("/t/debug/openshell-vmm")).unwrap();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("OPENSHELL_KERNEL"), Some("/run/nested/l1share2/vmlinux"));
+        assert_eq!(get("OPENSHELL_ROOTFS"), Some("/run/nested/l1share3"));
+        assert_eq!(get("OPENSHELL_VMM"), Some("/run/nested/l1share1/openshell-vmm"));
     }
 }

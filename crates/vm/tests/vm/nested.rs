@@ -122,17 +122,12 @@ pub fn run_in_l1(
 ) -> Result<L1Run, Failed> {
     let me = std::env::current_exe().map_err(|e| Failed::from(format!("cannot find this test binary: {e}")))?;
     let mut paths = L1Paths::default();
-    let shared = (|| -> Result<_, openshell_vm::VmError> {
-        Ok((paths.share_file(&me)?, paths.share_file(&a.kernel)?, paths.share_dir(&a.rootfs), paths.share_file(vmm)?))
-    })();
-    let (bin, kernel, rootfs, vmm) = match shared {
+    let shared = paths.share_file(&me).and_then(|bin| Ok((bin, paths.share_guest(&a.kernel, &a.rootfs, vmm)?)));
+    let (bin, guest_env) = match shared {
         Ok(s) => s,
         Err(e) => return Err(dir.fail(e.to_string())),
     };
     let env = [
-        ("OPENSHELL_KERNEL", kernel.as_str()),
-        ("OPENSHELL_ROOTFS", rootfs.as_str()),
-        ("OPENSHELL_VMM", vmm.as_str()),
         ("OPENSHELL_E2E_REQUIRE", "1"),
         // The inner run's trial records (its VMM ledger included) go to L1's own share; this
         // process adds its ledger lines to its own once L1 is done.
@@ -141,7 +136,8 @@ pub fn run_in_l1(
         // A panic's message, not its backtrace, must fit in the tail a failure report keeps.
         ("RUST_BACKTRACE", "0"),
     ];
-    let env = env.iter().chain(extra_env).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let env =
+        guest_env.into_iter().chain(env.iter().chain(extra_env).map(|(k, v)| (k.to_string(), v.to_string()))).collect();
     let argv: Vec<String> = std::iter::once(bin).chain(argv.iter().map(|s| s.to_string())).collect();
     let cfg = match host.l1_config(dir.path().join("state"), argv, env, paths) {
         Ok(c) => c,
