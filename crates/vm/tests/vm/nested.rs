@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use libtest_mimic::Failed;
 use openshell_vm::nested::{L1Paths, NestedHost};
-use openshell_vm::{HostFacts, KrunPlace};
+use openshell_vm::KrunPlace;
 
 use crate::support::{self, Artifacts, TrialDir};
 use openshell_guest::SHARE_MOUNT;
@@ -70,10 +70,7 @@ const NOT_NESTED: &[(&str, &str)] = &[(
 
 /// The hook: `krun::X` on a host where libkrun runs only nested becomes a trial that runs it in
 /// L1. `None` leaves the trial to the caller (other backends, krun running directly, inside L1).
-pub fn route(full: &str, artifacts: &Result<Artifacts, String>) -> Option<Route> {
-    // Probed once for all the trials.
-    static PLACE: std::sync::OnceLock<KrunPlace> = std::sync::OnceLock::new();
-    let place = PLACE.get_or_init(|| openshell_vm::backend::krun_place(&HostFacts::probe()));
+pub fn route(full: &str, place: &KrunPlace, artifacts: &Result<Artifacts, String>) -> Option<Route> {
     if !full.starts_with("krun::") || inside_l1() || *place != KrunPlace::NestedL1 {
         return None;
     }

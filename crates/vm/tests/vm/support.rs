@@ -40,8 +40,7 @@ pub fn required_backends() -> Vec<String> {
 }
 
 /// Which backends can boot a guest to userspace here, and which cannot (with the reason).
-pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
-    let host = HostFacts::probe();
+pub fn backends(host: &HostFacts) -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
     let krun = if host.hardware_kvm() {
         Ok(())
     } else if host.kvm_pvm {
@@ -49,7 +48,7 @@ pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
     } else {
         Err("krun: no hardware KVM on this host".into())
     };
-    let qemu = match openshell_vm::backend::choose(VmmChoice::Qemu, &host) {
+    let qemu = match openshell_vm::backend::choose(VmmChoice::Qemu, host) {
         Ok((Backend::Qemu { .. }, _)) => Ok(()),
         Ok(_) => unreachable!("qemu choice gives qemu"),
         Err(e) => Err(format!("qemu: {e}")),

@@ -49,12 +49,15 @@ pub fn all() -> Vec<Trial> {
     let artifacts = support::artifacts();
     let required = support::required_backends();
     let mut trials = Vec::new();
-    for (backend, vmm, usable) in support::backends() {
+    // The host's facts, probed once for every trial.
+    let host = openshell_vm::HostFacts::probe();
+    let krun_place = openshell_vm::backend::krun_place(&host);
+    for (backend, vmm, usable) in support::backends(&host) {
         let must_run = required.iter().any(|b| b == backend);
         for &(name, body) in GROUPS.iter().copied().flatten() {
             let full = format!("{backend}::{name}");
             // Where libkrun runs only nested, each krun trial runs inside its own L1.
-            let nested = match crate::nested::route(&full, &artifacts) {
+            let nested = match crate::nested::route(&full, &krun_place, &artifacts) {
                 Some(Route::Nested(run)) => Some(trial(full.clone(), backend, None, must_run, move |dir| run.run(dir))),
                 Some(Route::Cannot(why)) => Some(trial(full.clone(), backend, Some(why), must_run, |_| unreachable!())),
                 // Ignored whether or not krun is required: the reason is the trial's, not the host's.
@@ -85,16 +88,15 @@ pub fn all() -> Vec<Trial> {
                 .into())
         }));
     }
-    trials.push(krun_smoke_trial(&artifacts));
+    trials.push(krun_smoke_trial(&host, &artifacts));
     trials
 }
 
 /// On hosts where libkrun's guest cannot reach userspace, still prove the FFI wiring, kernel
 /// loading and console: this trial runs wherever /dev/kvm opens, PVM included, and records how far
 /// the guest got, so "never reaches userspace" stays a measurement.
-fn krun_smoke_trial(artifacts: &Result<Artifacts, String>) -> Trial {
+fn krun_smoke_trial(host: &openshell_vm::HostFacts, artifacts: &Result<Artifacts, String>) -> Trial {
     let smoke = "krun::smoke_kernel_prints_first_line";
-    let host = openshell_vm::HostFacts::probe();
     let cannot = match (artifacts, host.kvm_usable, std::env::var_os("OPENSHELL_VMM")) {
         (_, false, _) => Some("no usable /dev/kvm".to_owned()),
         (Ok(_), true, Some(_)) => None,
@@ -104,10 +106,8 @@ fn krun_smoke_trial(artifacts: &Result<Artifacts, String>) -> Trial {
         }
     };
     let must_run = support::required_backends().iter().any(|b| b == "krun") || (support::require() && host.kvm_usable);
-    let a = artifacts.clone();
-    trial(smoke.to_owned(), "krun", cannot, must_run, move |dir| {
-        krun_smoke(&a.map_err(Failed::from)?, dir, host.kvm_pvm)
-    })
+    let (a, pvm) = (artifacts.clone(), host.kvm_pvm);
+    trial(smoke.to_owned(), "krun", cannot, must_run, move |dir| krun_smoke(&a.map_err(Failed::from)?, dir, pvm))
 }
 
 /// One trial of `backend`: run and observed (its VMMs counted, its record written); or, when it
