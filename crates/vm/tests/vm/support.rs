@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use libtest_mimic::Failed;
-use openshell_vm::{Backend, HostFacts, VmConfig, VmmChoice};
+use openshell_vm::{Backend, HostFacts, KrunPlace, VmConfig, VmmChoice};
 
 /// Upper bound for one guest run under TCG; a trial that needs longer is broken, not slow.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -40,13 +40,13 @@ pub fn required_backends() -> Vec<String> {
 }
 
 /// Which backends can boot a guest to userspace here, and which cannot (with the reason).
-pub fn backends(host: &HostFacts) -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
-    let krun = if host.hardware_kvm() {
-        Ok(())
-    } else if host.kvm_pvm {
-        Err("krun: /dev/kvm is nested PVM KVM; libkrun's guest cannot reach userspace here (see README)".into())
-    } else {
-        Err("krun: no hardware KVM on this host".into())
+/// Where krun can run is the plan's answer (`backend::krun_place`), not a second reading of the
+/// facts; its nested case is routed by `nested::route` before this answer is asked.
+pub fn backends(host: &HostFacts, krun_place: &KrunPlace) -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
+    let krun = match krun_place {
+        KrunPlace::Direct => Ok(()),
+        KrunPlace::NestedL1 => Err("krun: libkrun runs only inside the nested host here (see README)".into()),
+        KrunPlace::Nowhere(why) => Err(format!("krun: {why}")),
     };
     let qemu = match openshell_vm::backend::choose(VmmChoice::Qemu, host) {
         Ok((Backend::Qemu { .. }, _)) => Ok(()),

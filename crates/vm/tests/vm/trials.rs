@@ -52,7 +52,7 @@ pub fn all() -> Vec<Trial> {
     // The host's facts, probed once for every trial.
     let host = openshell_vm::HostFacts::probe();
     let krun_place = openshell_vm::backend::krun_place(&host);
-    for (backend, vmm, usable) in support::backends(&host) {
+    for (backend, vmm, usable) in support::backends(&host, &krun_place) {
         let must_run = required.iter().any(|b| b == backend);
         for &(name, body) in GROUPS.iter().copied().flatten() {
             let full = format!("{backend}::{name}");
