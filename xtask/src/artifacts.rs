@@ -162,22 +162,34 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
     Ok((kernel, baked.context("nested root bake failed")?))
 }
 
-/// What `cfg` needs on the host to boot: passt for its network, QEMU where libkrun cannot run,
-/// and the `openshell-vmm` binary (built here) when libkrun is the backend.
-pub fn ensure_vmm(sh: &Shell, cfg: &mut openshell_vm::VmConfig) -> anyhow::Result<()> {
-    if cfg.net == openshell_vm::NetMode::Passt {
-        deps::ensure(sh, &[deps::PASST])?;
-    }
-    let host = openshell_vm::HostFacts::probe();
-    if cfg.vmm != openshell_vm::VmmChoice::Krun && !host.hardware_kvm() {
-        deps::ensure(sh, &[deps::QEMU])?;
-    }
-    if matches!(openshell_vm::backend::choose(cfg.vmm, &host), Ok((openshell_vm::Backend::Krun, _))) {
-        cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
-            .quiet()
-            .run()
-            .context("building openshell-vmm failed")?;
-        cfg.krun_vmm_binary = Some(crate::project_root().join("target/debug/openshell-vmm"));
+/// The build step of a boot: what the plan for `choice` and `net` says the boot needs, installed
+/// (QEMU, passt) or built (`openshell-vmm`). Decides nothing itself; the preflight then probes the
+/// host as this left it and refuses what is still missing.
+pub fn ensure_vmm(sh: &Shell, choice: openshell_vm::VmmChoice, net: &openshell_vm::NetMode) -> anyhow::Result<()> {
+    use openshell_vm::plan::{Need, Net};
+    let plan = openshell_vm::plan(&openshell_vm::HostFacts::probe(), choice, Net::of(net));
+    for need in &plan.needs {
+        match need {
+            Need::Qemu => deps::ensure(sh, &[deps::QEMU])?,
+            Need::Passt => deps::ensure(sh, &[deps::PASST])?,
+            // `NetMode::resolve` found it already, or said how to install it.
+            Need::Gvproxy => {}
+            Need::VmmBinary => {
+                build_vmm(sh)?;
+            }
+        }
     }
     Ok(())
+}
+
+/// Builds `openshell-vmm` where [`openshell_vm::host::vmm_binary`] finds it (beside xtask in
+/// `target/debug/`), and returns that path: the one place that builds it.
+pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
+    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
+        .quiet()
+        .run()
+        .context("building openshell-vmm failed")?;
+    let vmm = openshell_vm::host::vmm_binary();
+    anyhow::ensure!(vmm.is_file(), "openshell-vmm was built, but {} does not exist", vmm.display());
+    Ok(vmm)
 }

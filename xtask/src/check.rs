@@ -43,7 +43,6 @@ impl CheckCmd {
             rootfs: crate::artifacts::locate_rootfs(&store),
             ports: vec![self.port],
             store_root: Some(store.root().to_owned()),
-            vmm_binary: crate::project_root().join("target/debug/openshell-vmm"),
             gateways_root: gateway::gateways_root(),
         });
         let report = check::host_report(&facts, self.vmm);

@@ -239,7 +239,7 @@ impl RunArgs {
         cfg.console_log = self.console;
         cfg.vmm = self.vmm;
         cfg.dhcp = self.dhcp;
-        crate::artifacts::ensure_vmm(&sh, &mut cfg)?;
+        crate::artifacts::ensure_vmm(&sh, cfg.vmm, &cfg.net)?;
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         if self.detach {
             let (inst, ..) = gateway.as_ref().expect("detach is gateway-only");

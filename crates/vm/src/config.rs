@@ -63,8 +63,6 @@ pub struct VmConfig {
     pub vmm: VmmChoice,
     /// libkrun log level (0 off … 5 trace).
     pub log_level: u32,
-    /// Path of the `openshell-vmm` binary that hosts libkrun (krun backend only).
-    pub krun_vmm_binary: Option<PathBuf>,
     pub net: NetMode,
     /// TCP forwards from 127.0.0.1 on the host into the guest (needs a network backend).
     pub ports: Vec<PortMap>,
@@ -101,7 +99,6 @@ impl VmConfig {
             console_log: None,
             vmm: VmmChoice::Auto,
             log_level: 0,
-            krun_vmm_binary: None,
             net: NetMode::None,
             ports: Vec::new(),
             dhcp: false,

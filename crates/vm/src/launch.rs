@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use openshell_guest::{EXEC_FILE, EXIT_CODE_FILE, STOP_REQUEST_FILE};
 
 use crate::backend::{self, Backend};
-use crate::{HostFacts, VmConfig, VmError};
+use crate::plan::Plan;
+use crate::{VmConfig, VmError};
 
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long a guest asked to stop (through the share) gets to stop its workload and power off
@@ -157,10 +158,18 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { path, source }
 }
 
-/// Boots `cfg` and returns once the VMM process runs.
-pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
+/// Boots `cfg` with the backend `plan` chose for it ([`crate::plan`], made for `cfg.vmm`; the
+/// preflight's) and returns once the VMM process runs.
+pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
     cfg.validate()?;
-    let (backend, reason) = backend::choose(cfg.vmm, &HostFacts::probe())?;
+    if plan.choice != cfg.vmm {
+        return Err(VmError::Invalid(format!(
+            "the plan was made for --vmm {:?}, the config asks for {:?}; plan for the config",
+            plan.choice, cfg.vmm
+        )));
+    }
+    let (backend, reason) = plan.backend()?;
+    let reason = reason.to_owned();
     tracing::info!(%backend, %reason, "VMM chosen");
     if cfg.net != crate::NetMode::None {
         crate::net::check_ports_free(&cfg.ports)?;
@@ -168,11 +177,17 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
     let share = prepare_state(cfg)?;
     let mut cmd = match backend {
         Backend::Qemu { kvm } => {
-            let qemu = which::which("qemu-system-x86_64")
-                .map_err(|_| VmError::NoBackend("qemu-system-x86_64 disappeared from PATH".into()))?;
-            backend::qemu::command(&qemu, cfg, kvm)
+            let qemu = plan.qemu.as_ref().ok_or_else(|| VmError::NoBackend("the plan names no QEMU".into()))?;
+            backend::qemu::command(qemu, cfg, kvm)
         }
-        Backend::Krun => backend::krun::command(cfg)?,
+        Backend::Krun => {
+            let (vmm, built) =
+                plan.vmm_binary.clone().ok_or_else(|| VmError::NoBackend("the plan names no VMM".into()))?;
+            if !built || !vmm.is_file() {
+                return Err(VmError::VmmBinaryMissing(vmm));
+            }
+            backend::krun::command(&vmm, cfg)?
+        }
     };
     let vmm_log = cfg.state_dir.join("vmm.log");
     let log = File::create(&vmm_log).map_err(io_err(&vmm_log))?;

@@ -14,13 +14,15 @@ pub mod host;
 pub mod launch;
 pub mod nested;
 pub mod net;
+pub mod plan;
 pub mod procfs;
 pub mod supervise;
 pub mod timeline;
 pub mod verify;
 
-pub use backend::{Backend, KrunPlace, VmmChoice};
+pub use backend::{Backend, VmmChoice};
 pub use config::{DirShare, VmConfig, VmError};
 pub use host::HostFacts;
 pub use launch::{launch, Child, Ended, RunningVm, Stopped, VmExit, LEDGER_ENV};
 pub use net::{NetMode, PortMap};
+pub use plan::{plan, KrunPlace, Need, Plan};

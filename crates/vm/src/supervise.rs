@@ -81,7 +81,7 @@ pub fn boot(
     // After recovery: a leftover passt of a dead supervisor must not read as "port in use".
     let preflight = crate::check::preflight(cfg, verification)?;
     let digests = (digests.0.to_owned(), digests.1.to_owned());
-    let (vm, endpoint, ready) = start(inst, cfg, &digests, ready_timeout)?;
+    let (vm, endpoint, ready) = start(inst, cfg, &preflight.plan, &digests, ready_timeout)?;
     Ok(Supervised {
         vm,
         endpoint,
@@ -101,13 +101,14 @@ pub fn boot(
 fn start(
     inst: &GatewayInstance,
     cfg: &VmConfig,
+    plan: &crate::Plan,
     digests: &(String, String),
     ready_timeout: Duration,
 ) -> Result<(RunningVm, String, Duration), VmError> {
     let port =
         cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
     let endpoint = format!("127.0.0.1:{port}");
-    let mut vm = crate::launch(cfg)?;
+    let mut vm = crate::launch(cfg, plan)?;
     let bundle = inst.client_bundle()?;
     let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout)?;
     inst.write_metadata(&Metadata {
@@ -185,7 +186,8 @@ impl Supervised {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let (vm, endpoint, ready) = start(&self.inst, &self.cfg, &self.digests, self.ready_timeout)?;
+            let (vm, endpoint, ready) =
+                start(&self.inst, &self.cfg, &self.preflight.plan, &self.digests, self.ready_timeout)?;
             (self.vm, self.endpoint, self.ready) = (vm, endpoint, ready);
             tracing::warn!(
                 "restart {restarts}/{max}: SERVING again at {} after {:.2}s",

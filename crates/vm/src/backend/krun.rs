@@ -6,7 +6,6 @@
 //! same shape as the QEMU backend: libkrun's own `/dev/root` tag needs libkrunfw's kernel patches,
 //! which our kernel (built from Debian's source) does not carry.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
@@ -61,23 +60,8 @@ pub fn spec(cfg: &VmConfig) -> KrunSpec {
     }
 }
 
-/// Where `openshell-vmm` is: the config's explicit path, `$OPENSHELL_VMM`, or beside this binary.
-pub fn vmm_binary(cfg: &VmConfig) -> Result<PathBuf, VmError> {
-    let candidate = cfg
-        .krun_vmm_binary
-        .clone()
-        .or_else(|| std::env::var_os("OPENSHELL_VMM").map(PathBuf::from))
-        .or_else(|| std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("openshell-vmm"))))
-        .unwrap_or_else(|| PathBuf::from("openshell-vmm"));
-    if candidate.is_file() {
-        Ok(candidate)
-    } else {
-        Err(VmError::VmmBinaryMissing(candidate))
-    }
-}
-
-pub fn command(cfg: &VmConfig) -> Result<Command, VmError> {
-    let vmm = vmm_binary(cfg)?;
+/// `openshell-vmm` (`vmm`, located by [`crate::host::vmm_binary`]) with the spec it boots.
+pub fn command(vmm: &std::path::Path, cfg: &VmConfig) -> Result<Command, VmError> {
     let path = cfg.state_dir.join("krun-spec.json");
     let json = serde_json::to_vec_pretty(&spec(cfg)).expect("spec serializes");
     std::fs::write(&path, json).map_err(|source| VmError::Io { path: path.clone(), source })?;

@@ -38,6 +38,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::rootfs_check_detects_a_tampered_file", rootfs_check_detects_a_tampered_file),
     ("cli::kernel_json_is_the_provenance", kernel_json_is_the_provenance),
     ("cli::bench_boot_json", bench_boot_json),
+    ("cli::bench_boots_pass_the_preflight_like_vm_run", bench_boots_pass_the_preflight_like_vm_run),
 ];
 
 /// Bound on one xtask command, to fail a wedged one rather than hang: `vm run --detach` itself
@@ -1224,6 +1225,41 @@ fn bench_in(cli: &Cli) -> Result<(), String> {
     let left = support::processes_mentioning(&cli.dir.to_string_lossy());
     if !left.is_empty() {
         return Err(format!("the bench left processes running: {left:?}"));
+    }
+    Ok(())
+}
+
+fn bench_boots_pass_the_preflight_like_vm_run(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    // The bench boots the way `vm run` does (lock, recovery, preflight, launch, readiness), so a
+    // rootfs that no longer matches its record stops it before any VMM starts, as it stops `vm run`.
+    dir.expect_refusal_before_boot();
+    in_cli(dir, vmm, |cli| bench_preflight_in(a, cli))
+}
+
+fn bench_preflight_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
+    let cache = own_store(a, &cli.dir, true)?;
+    cli.cache = Some(cache.clone());
+    let own_rootfs = cache.join("rootfs").join(a.rootfs.file_name().unwrap());
+    let (file, recorded, found) = tamper(&own_rootfs)?;
+    let r = cli.run(&["bench", "boot", "-n", "1", "--vmm", cli.vmm, "--json"])?;
+    let names = [
+        "refusing to boot".to_owned(),
+        file.to_string_lossy().into_owned(),
+        recorded.hex(),
+        found.hex(),
+        "--allow-unverified".to_owned(),
+    ];
+    if r.code != Some(1) || !names.iter().all(|n| r.stderr.contains(n.as_str())) {
+        return Err(format!(
+            "bench boot on a tampered rootfs must be refused by the preflight (exit 1, naming {} and both \
+             digests) before any VMM starts:\n{}",
+            file.display(),
+            r.show()
+        ));
+    }
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("the refused bench left processes running: {left:?}"));
     }
     Ok(())
 }

@@ -171,7 +171,7 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
         Ok(g) => g,
         Err(e) => return Err(dir.fail(e)),
     };
-    let mut leftover = match openshell_vm::launch(&g.cfg) {
+    let mut leftover = match crate::support::launch(&g.cfg) {
         Ok(vm) => vm,
         Err(e) => return Err(dir.fail(format!("cannot boot the leftover VM: {e}"))),
     };

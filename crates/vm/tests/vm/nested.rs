@@ -145,7 +145,7 @@ pub fn run_in_l1(
         return Err(dir.fail(format!("cannot create {}: {e}", inner_records.display())));
     }
     let started = Instant::now();
-    let mut vm = match openshell_vm::launch(&cfg) {
+    let mut vm = match crate::support::launch(&cfg) {
         Ok(vm) => vm,
         Err(e) => return Err(dir.fail(format!("L1 launch failed: {e}"))),
     };
@@ -253,7 +253,7 @@ fn exec_in_l2(argv: Vec<String>) -> Result<i32, String> {
     let mut cfg = openshell_vm::VmConfig::exec(a.kernel, a.rootfs, dir.path().join("state"), argv);
     cfg.vmm = openshell_vm::VmmChoice::Krun;
     let started = Instant::now();
-    let mut vm = openshell_vm::launch(&cfg).map_err(|e| e.to_string())?;
+    let mut vm = crate::support::launch(&cfg).map_err(|e| e.to_string())?;
     let vmm_started = started.elapsed().as_secs_f64();
     const INIT: &str = "] init started";
     let mut clock = ConsoleClock::new(started, &[INIT, L1_EXEC], true);

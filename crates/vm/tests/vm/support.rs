@@ -4,11 +4,12 @@
 use std::cell::Cell;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use libtest_mimic::Failed;
-use openshell_vm::{Backend, HostFacts, KrunPlace, VmConfig, VmmChoice};
+use openshell_vm::plan::Net;
+use openshell_vm::{Backend, HostFacts, KrunPlace, Plan, VmConfig, VmmChoice};
 
 /// Upper bound for one guest run under TCG; a trial that needs longer is broken, not slow.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -39,16 +40,32 @@ pub fn required_backends() -> Vec<String> {
     list.split(',').map(str::trim).filter(|b| !b.is_empty()).map(str::to_owned).collect()
 }
 
-/// Which backends can boot a guest to userspace here, and which cannot (with the reason).
-/// Where krun can run is the plan's answer (`backend::krun_place`), not a second reading of the
-/// facts; its nested case is routed by `nested::route` before this answer is asked.
-pub fn backends(host: &HostFacts, krun_place: &KrunPlace) -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
-    let krun = match krun_place {
+/// The host's facts, probed once for every trial of this process.
+pub fn host() -> &'static HostFacts {
+    static HOST: OnceLock<HostFacts> = OnceLock::new();
+    HOST.get_or_init(HostFacts::probe)
+}
+
+/// The plan for booting `cfg` here, from the one probe.
+pub fn plan(cfg: &VmConfig) -> Plan {
+    openshell_vm::plan(host(), cfg.vmm, Net::of(&cfg.net))
+}
+
+/// Launches `cfg` as the plan says (the trials that test the runtime below the instance layer).
+pub fn launch(cfg: &VmConfig) -> Result<openshell_vm::RunningVm, openshell_vm::VmError> {
+    openshell_vm::launch(cfg, &plan(cfg))
+}
+
+/// Which backends can boot a guest to userspace here, and which cannot (with the reason): the
+/// plan's answers, not a second reading of the facts. krun's nested case is routed by
+/// `nested::route` before this answer is asked.
+pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
+    let krun = match openshell_vm::plan(host(), VmmChoice::Krun, Net::None).krun {
         KrunPlace::Direct => Ok(()),
         KrunPlace::NestedL1 => Err("krun: libkrun runs only inside the nested host here (see README)".into()),
         KrunPlace::Nowhere(why) => Err(format!("krun: {why}")),
     };
-    let qemu = match openshell_vm::backend::choose(VmmChoice::Qemu, host) {
+    let qemu = match openshell_vm::plan(host(), VmmChoice::Qemu, Net::None).backend {
         Ok((Backend::Qemu { .. }, _)) => Ok(()),
         Ok(_) => unreachable!("qemu choice gives qemu"),
         Err(e) => Err(format!("qemu: {e}")),
@@ -224,7 +241,7 @@ pub fn config(a: &Artifacts, dir: &TrialDir, vmm: VmmChoice, argv: &[&str]) -> V
 
 /// Boots `cfg`, waits for the guest, returns (exit code, console text).
 pub fn run(cfg: &VmConfig, dir: TrialDir) -> Result<(i32, String, TrialDir), Failed> {
-    let mut vm = match openshell_vm::launch(cfg) {
+    let mut vm = match launch(cfg) {
         Ok(vm) => vm,
         Err(e) => return Err(dir.fail(format!("launch failed: {e}"))),
     };
@@ -261,7 +278,7 @@ pub fn supervisor_mode() -> Option<i32> {
     let vmm: VmmChoice = std::env::var("OPENSHELL_E2E_VMM").unwrap().parse().unwrap();
     let mut cfg = VmConfig::exec(a.kernel, a.rootfs, PathBuf::from(state), argv);
     cfg.vmm = vmm;
-    let mut vm = openshell_vm::launch(&cfg).expect("supervisor launch");
+    let mut vm = launch(&cfg).expect("supervisor launch");
     println!("vmm-pid={}", vm.pid());
     use std::io::Write;
     std::io::stdout().flush().unwrap();
