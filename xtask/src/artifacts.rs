@@ -21,7 +21,7 @@ const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
 
 /// Removes from this process's environment what Cargo sets for the crate it runs or tests:
 /// `cargo xtask` runs xtask with xtask's `CARGO_MANIFEST_DIR` and `CARGO_PKG_*`, nextest runs a VM
-/// suite (which runs xtask) with openshell-vm's, and a shell has none. They describe that crate,
+/// suite (which runs xtask) with openshell-instance's, and a shell has none. They describe that crate,
 /// not what xtask builds, yet a build script that reads one is rerun, and everything above it
 /// rebuilt, whenever its value differs from the last build's: ring's reads `CARGO_MANIFEST_DIR`
 /// and `CARGO_PKG_*`, so each change of caller rebuilt the guest programs (and the host's ring)

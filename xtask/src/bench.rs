@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use openshell_artifacts::Store;
-use openshell_vm::check::Verification;
-use openshell_vm::gateway::GatewayInstance;
+use openshell_instance::check::Verification;
+use openshell_instance::gateway::GatewayInstance;
 use openshell_vm::plan::Net;
 use openshell_vm::{timeline, KrunPlace, VmExit, VmmChoice};
 use xshell::Shell;
@@ -155,7 +155,7 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
             let init_seen = watch_for(&cfg.console_path(), "] init started", before);
             // The one way a gateway boots (lock, recovery, preflight, launch, readiness), as
             // `vm run` boots it: a bench of anything else would measure what users never run.
-            let up = openshell_vm::supervise::boot(
+            let up = openshell_instance::supervise::boot(
                 &inst,
                 &cfg,
                 (&a.digests.0, &a.digests.1),

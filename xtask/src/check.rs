@@ -6,8 +6,8 @@
 //! It builds nothing: missing artifacts are reported with the command that builds them.
 
 use openshell_artifacts::Store;
-use openshell_vm::check::{self, ProbeRequest};
-use openshell_vm::gateway;
+use openshell_instance::check::{self, ProbeRequest};
+use openshell_instance::gateway;
 use openshell_vm::VmmChoice;
 
 #[derive(clap::Args)]

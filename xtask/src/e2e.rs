@@ -101,7 +101,7 @@ fn nextest_available(sh: &Shell) -> anyhow::Result<()> {
 /// The VM trials this host will not run, with the reason the suite gives (`[reason] name: test`
 /// in libtest's list format), so nothing that did not run can be mistaken for something that passed.
 fn ignored_trials(sh: &Shell) -> anyhow::Result<Vec<(String, String)>> {
-    let list = cmd!(sh, "cargo test --quiet -p openshell-vm --test vm -- --list --ignored").read()?;
+    let list = cmd!(sh, "cargo test --quiet -p openshell-instance --test vm -- --list --ignored").read()?;
     Ok(list.lines().filter_map(|l| l.strip_suffix(": test")).map(parse_listed).collect())
 }
 
@@ -222,7 +222,7 @@ fn run_e2e(scope: &[&str], suite: SuiteArgs) -> anyhow::Result<()> {
 
 impl E2eCmd {
     pub fn run(self) -> anyhow::Result<()> {
-        run_e2e(&["-p", "openshell-vm", "--test", "vm"], self.suite)
+        run_e2e(&["-p", "openshell-instance", "--test", "vm"], self.suite)
     }
 }
 

@@ -1,8 +1,8 @@
 //! `cargo xtask verify`: the verification matrix of a running gateway instance (rows, `--json`).
 //! Exit 0 when every required row passes, 1 when one fails, 2 when there was nothing to verify
-//! (no such instance, unreadable metadata). The checks live in `openshell_vm::verify`.
+//! (no such instance, unreadable metadata). The checks live in `openshell_instance::verify`.
 
-use openshell_vm::gateway::{self, GatewayInstance};
+use openshell_instance::gateway::{self, GatewayInstance};
 
 #[derive(clap::Args)]
 pub struct VerifyCmd {
@@ -28,7 +28,7 @@ impl VerifyCmd {
                 )
             })
             .and_then(|name| Ok(GatewayInstance::new(&root, &name)?))
-            .and_then(|inst| Ok(openshell_vm::verify::verify(&inst)?));
+            .and_then(|inst| Ok(openshell_instance::verify::verify(&inst)?));
         let matrix = match matrix {
             Ok(m) => m,
             Err(e) => {

@@ -6,8 +6,8 @@ use clap::builder::ArgPredicate;
 use openshell_artifacts::Store;
 use std::time::Duration;
 
-use openshell_vm::check::{self, Verification};
-use openshell_vm::gateway::{self, GatewayInstance};
+use openshell_instance::check::{self, Verification};
+use openshell_instance::gateway::{self, GatewayInstance};
 use openshell_vm::{VmConfig, VmmChoice};
 use xshell::Shell;
 
@@ -66,7 +66,7 @@ struct RunArgs {
     /// `vm status` says why) or on-failure (boot it again on the same port, at most 5 times, after
     /// 1, 2, 4, 8, 16 s; each restart is logged with its cause)
     #[arg(long, value_name = "no|on-failure", default_value = "no", conflicts_with = "exec")]
-    restart: openshell_vm::supervise::Restart,
+    restart: openshell_instance::supervise::Restart,
     /// Arguments of the command
     #[arg(last = true)]
     args: Vec<String>,
@@ -250,7 +250,7 @@ impl RunArgs {
         }
         let mut vm = match &gateway {
             Some((inst, _, cold, digests)) => {
-                let up = openshell_vm::supervise::boot(
+                let up = openshell_instance::supervise::boot(
                     inst,
                     &cfg,
                     (&digests.0, &digests.1),
@@ -294,7 +294,7 @@ impl RunArgs {
 /// The foreground VM: a supervised gateway (holding its instance lock) or a one-shot command.
 #[allow(clippy::large_enum_variant)] // one per process
 enum Running {
-    Gateway(openshell_vm::supervise::Supervised),
+    Gateway(openshell_instance::supervise::Supervised),
     Exec(openshell_vm::RunningVm),
 }
 

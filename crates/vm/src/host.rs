@@ -220,3 +220,58 @@ fn measure_tsc_khz(window: std::time::Duration) -> Option<u32> {
 fn measure_tsc_khz(_: std::time::Duration) -> Option<u32> {
     None
 }
+
+/// Fake facts for the host shapes the plan distinguishes, for unit tests here and in the crates
+/// above (the check's rows): facts in, decisions out, no host needed.
+#[doc(hidden)]
+pub mod fake {
+    use super::*;
+
+    /// A bare-metal Linux host with hardware KVM, QEMU and passt.
+    pub fn hardware_kvm() -> HostFacts {
+        HostFacts {
+            os: Os::Linux,
+            cpu_virt_flag: Some("vmx".into()),
+            cpu_hypervisor: false,
+            kvm: KvmDevice { exists: true, open_error: None, modules: vec!["kvm_intel".into()] },
+            macos: None,
+            krun: KrunFacts {
+                link_mode: "bundled".into(),
+                version: Some("1.19.7".into()),
+                vmm_binary: "/t/openshell-vmm".into(),
+                vmm_built: true,
+            },
+            qemu: Some(Tool { path: "/usr/bin/qemu-system-x86_64".into(), version: Some("7.2.22".into()) }),
+            passt: Some(Tool { path: "/usr/bin/passt".into(), version: Some("0.0~git20230309".into()) }),
+            gvproxy: None,
+        }
+    }
+
+    /// This project's CI host: /dev/kvm is nested PVM, no VMX.
+    pub fn pvm() -> HostFacts {
+        let mut h = hardware_kvm();
+        h.cpu_virt_flag = None;
+        h.cpu_hypervisor = true;
+        h.kvm.modules = vec!["kvm_pvm".into()];
+        h
+    }
+
+    pub fn no_kvm() -> HostFacts {
+        let mut h = hardware_kvm();
+        h.cpu_virt_flag = None;
+        h.kvm = KvmDevice::default();
+        h
+    }
+
+    pub fn macos(hvf: bool, vmm_entitled: Option<bool>) -> HostFacts {
+        let mut h = hardware_kvm();
+        h.os = Os::MacOs;
+        h.cpu_virt_flag = None;
+        h.kvm = KvmDevice::default();
+        h.qemu = None;
+        h.passt = None;
+        h.gvproxy = Some(Tool { path: "/opt/homebrew/bin/gvproxy".into(), version: None });
+        h.macos = Some(MacFacts { hvf, vmm_entitled });
+        h
+    }
+}

@@ -439,13 +439,13 @@ impl Drop for RunningVm {
 
 /// SIGINT and SIGTERM to this process, caught while the value lives (then the handlers go):
 /// how a supervisor learns it should stop its VM instead of dying with it.
-pub(crate) struct StopSignals {
+pub struct StopSignals {
     got: Arc<AtomicUsize>,
     ids: [Option<signal_hook::SigId>; 2],
 }
 
 impl StopSignals {
-    pub(crate) fn register() -> StopSignals {
+    pub fn register() -> StopSignals {
         let got = Arc::new(AtomicUsize::new(0));
         let ids = [libc::SIGINT, libc::SIGTERM]
             .map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
@@ -453,7 +453,7 @@ impl StopSignals {
     }
 
     /// The signal that came since the last call, if any.
-    pub(crate) fn take(&self) -> Option<i32> {
+    pub fn take(&self) -> Option<i32> {
         Some(self.got.swap(0, Ordering::Relaxed) as i32).filter(|&s| s != 0)
     }
 }

@@ -6,19 +6,14 @@
 //! A plain library: no printing, no `process::exit`. Progress goes to `tracing`.
 
 pub mod backend;
-pub mod check;
 pub mod config;
-pub mod gateway;
-pub mod guest_check;
 pub mod host;
 pub mod launch;
 pub mod nested;
 pub mod net;
 pub mod plan;
 pub mod procfs;
-pub mod supervise;
 pub mod timeline;
-pub mod verify;
 
 pub use backend::{Backend, VmmChoice};
 pub use config::{DirShare, VmConfig, VmError};

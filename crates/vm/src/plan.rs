@@ -215,57 +215,9 @@ fn krun_place(host: &HostFacts) -> KrunPlace {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::host::{KrunFacts, KvmDevice, MacFacts, Tool};
-
-    /// A bare-metal Linux host with hardware KVM, QEMU and passt.
-    pub(crate) fn hardware_kvm() -> HostFacts {
-        HostFacts {
-            os: Os::Linux,
-            cpu_virt_flag: Some("vmx".into()),
-            cpu_hypervisor: false,
-            kvm: KvmDevice { exists: true, open_error: None, modules: vec!["kvm_intel".into()] },
-            macos: None,
-            krun: KrunFacts {
-                link_mode: "bundled".into(),
-                version: Some("1.19.7".into()),
-                vmm_binary: "/t/openshell-vmm".into(),
-                vmm_built: true,
-            },
-            qemu: Some(Tool { path: "/usr/bin/qemu-system-x86_64".into(), version: Some("7.2.22".into()) }),
-            passt: Some(Tool { path: "/usr/bin/passt".into(), version: Some("0.0~git20230309".into()) }),
-            gvproxy: None,
-        }
-    }
-
-    /// This project's CI host: /dev/kvm is nested PVM, no VMX.
-    pub(crate) fn pvm() -> HostFacts {
-        let mut h = hardware_kvm();
-        h.cpu_virt_flag = None;
-        h.cpu_hypervisor = true;
-        h.kvm.modules = vec!["kvm_pvm".into()];
-        h
-    }
-
-    fn no_kvm() -> HostFacts {
-        let mut h = hardware_kvm();
-        h.cpu_virt_flag = None;
-        h.kvm = KvmDevice::default();
-        h
-    }
-
-    pub(crate) fn macos(hvf: bool, vmm_entitled: Option<bool>) -> HostFacts {
-        let mut h = hardware_kvm();
-        h.os = Os::MacOs;
-        h.cpu_virt_flag = None;
-        h.kvm = KvmDevice::default();
-        h.qemu = None;
-        h.passt = None;
-        h.gvproxy = Some(Tool { path: "/opt/homebrew/bin/gvproxy".into(), version: None });
-        h.macos = Some(MacFacts { hvf, vmm_entitled });
-        h
-    }
+    use crate::host::fake::{hardware_kvm, macos, no_kvm, pvm};
 
     #[test]
     fn hardware_kvm_boots_krun_directly_and_needs_the_vmm_binary_and_passt() {

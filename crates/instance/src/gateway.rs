@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::timeline;
-use crate::{NetMode, PortMap, RunningVm, VmConfig, VmError};
+use openshell_vm::timeline;
+use openshell_vm::{NetMode, PortMap, RunningVm, VmConfig, VmError};
 
 pub const GATEWAY_PORT: u16 = 30051;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -67,9 +67,9 @@ pub struct Metadata {
 /// `{"child": "passt", "signal": 9, "at_unix": …}` (`exit_code` instead of `signal` for an exit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
-    pub child: crate::Child,
+    pub child: openshell_vm::Child,
     #[serde(flatten)]
-    pub how: crate::Ended,
+    pub how: openshell_vm::Ended,
     pub at_unix: u64,
 }
 
@@ -384,7 +384,7 @@ pub fn wait_ready(
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no probe yet");
     let mut last_probe = Instant::now();
-    let mut console = crate::launch::Tail::new(&vm.console);
+    let mut console = openshell_vm::launch::Tail::new(&vm.console);
     let mut seen = Vec::new();
     let mut listening = false;
     loop {
@@ -461,15 +461,15 @@ mod tests {
     #[test]
     fn a_failure_names_the_child_and_how_it_ended_in_json_and_words() {
         let f = Failure {
-            child: crate::Child::Passt,
-            how: crate::Ended::Signal(9),
+            child: openshell_vm::Child::Passt,
+            how: openshell_vm::Ended::Signal(9),
             at_unix: 86_400 * 3 + 22 * 3600 + 41 * 60 + 58,
         };
         let json = serde_json::to_value(f).unwrap();
         assert_eq!(json, serde_json::json!({"child": "passt", "signal": 9, "at_unix": f.at_unix}));
         assert_eq!(serde_json::from_value::<Failure>(json).unwrap(), f);
         assert_eq!(f.to_string(), "passt exited (signal 9) at 22:41:58 UTC");
-        let vmm = Failure { child: crate::Child::Vmm, how: crate::Ended::ExitCode(1), at_unix: 0 };
+        let vmm = Failure { child: openshell_vm::Child::Vmm, how: openshell_vm::Ended::ExitCode(1), at_unix: 0 };
         assert_eq!(
             serde_json::to_value(vmm).unwrap(),
             serde_json::json!({"child": "vmm", "exit_code": 1, "at_unix": 0})

@@ -9,7 +9,7 @@ use openshell_artifacts::kernel::KernelProvenance;
 use openshell_artifacts::Digest;
 use serde::Serialize;
 
-pub use crate::host::{HostFacts, KrunFacts, KvmDevice, MacFacts, Os, Tool};
+pub use openshell_vm::host::{HostFacts, KrunFacts, KvmDevice, MacFacts, Os, Tool};
 
 #[derive(Debug, Clone)]
 pub struct Facts {

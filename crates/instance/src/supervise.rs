@@ -12,9 +12,9 @@ use std::fs;
 use std::time::Duration;
 
 use crate::gateway::{self, GatewayInstance, Metadata};
-use crate::launch::StopSignals;
-use crate::procfs;
-use crate::{RunningVm, VmConfig, VmError, VmExit};
+use openshell_vm::launch::StopSignals;
+use openshell_vm::procfs;
+use openshell_vm::{RunningVm, VmConfig, VmError, VmExit};
 
 /// A gateway VM that answered its mTLS health check. Dropping it stops the VM and passt and
 /// releases the instance lock.
@@ -101,14 +101,14 @@ pub fn boot(
 fn start(
     inst: &GatewayInstance,
     cfg: &VmConfig,
-    plan: &crate::Plan,
+    plan: &openshell_vm::Plan,
     digests: &(String, String),
     ready_timeout: Duration,
 ) -> Result<(RunningVm, String, Duration), VmError> {
     let port =
         cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
     let endpoint = format!("127.0.0.1:{port}");
-    let mut vm = crate::launch(cfg, plan)?;
+    let mut vm = openshell_vm::launch(cfg, plan)?;
     let bundle = inst.client_bundle()?;
     let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout)?;
     inst.write_metadata(&Metadata {
@@ -231,7 +231,7 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
     let recorded: [(&str, Option<u32>, &[&str]); 3] = [
         ("passt", meta.passt_pid, &["passt"]),
         ("gvproxy", meta.gvproxy_pid, &["gvproxy"]),
-        ("vm", meta.vm_pid, crate::backend::VMM_PROGRAMS),
+        ("vm", meta.vm_pid, openshell_vm::backend::VMM_PROGRAMS),
     ];
     for (role, pid, progs) in recorded {
         let Some(pid) = pid else { continue };

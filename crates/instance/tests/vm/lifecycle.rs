@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
-use openshell_vm::gateway::GatewayInstance;
+use openshell_instance::gateway::GatewayInstance;
 use openshell_vm::{NetMode, VmmChoice};
 
 use crate::support::{self, Artifacts, TrialDir};

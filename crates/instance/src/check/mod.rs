@@ -23,8 +23,8 @@ pub use facts::{Artifact, Facts, Os};
 pub use probe::{probe, ProbeRequest};
 pub use rows::Verification;
 
-use crate::plan::{Need, Net, Plan};
-use crate::{NetMode, RunningVm, VmConfig, VmError, VmmChoice};
+use openshell_vm::plan::{Need, Net, Plan};
+use openshell_vm::{NetMode, RunningVm, VmConfig, VmError, VmmChoice};
 
 /// What `cargo xtask check` prints: the matrix and where the artifacts came from.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ impl HostReport {
 /// Every row for this host, with the plan for `--vmm <choice>` (and the platform's network)
 /// deciding the `vmm` row.
 pub fn host_report(f: &Facts, choice: VmmChoice) -> HostReport {
-    let plan = crate::plan(&f.host, choice, Net::default_for(f.host.os));
+    let plan = openshell_vm::plan(&f.host, choice, Net::default_for(f.host.os));
     let mut m = Matrix::new("host");
     match f.host.os {
         Os::Linux => {
@@ -94,7 +94,7 @@ pub fn host_report(f: &Facts, choice: VmmChoice) -> HostReport {
 /// what the plan says the boot needs (passt or gvproxy; the VMM's entitlement on macOS), its
 /// ports and its artifacts.
 pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -> (Plan, Matrix) {
-    let plan = crate::plan(&f.host, cfg.vmm, Net::of(&cfg.net));
+    let plan = openshell_vm::plan(&f.host, cfg.vmm, Net::of(&cfg.net));
     let mut m = Matrix::new("preflight");
     m.push(rows::vmm(&plan));
     for need in &plan.needs {
@@ -120,7 +120,7 @@ pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -
 #[derive(Debug, Clone)]
 pub struct Preflight {
     pub matrix: Matrix,
-    /// What the boot that passed runs with: [`crate::launch`] reads it.
+    /// What the boot that passed runs with: [`openshell_vm::launch`] reads it.
     pub plan: Plan,
 }
 
@@ -152,11 +152,11 @@ pub fn preflight(cfg: &VmConfig, verification: Verification) -> Result<Preflight
     Ok(Preflight { matrix, plan })
 }
 
-/// [`preflight`], then [`crate::launch`]: the way `vm run` boots, so no VMM starts with an
+/// [`preflight`], then [`openshell_vm::launch`]: the way `vm run` boots, so no VMM starts with an
 /// unverified artifact or a missing requirement.
 pub fn launch_checked(cfg: &VmConfig, verification: Verification) -> Result<(RunningVm, Preflight), VmError> {
     let pre = preflight(cfg, verification)?;
-    Ok((crate::launch(cfg, &pre.plan)?, pre))
+    Ok((openshell_vm::launch(cfg, &pre.plan)?, pre))
 }
 
 /// Each artifact's provenance: JSON for `--json`, and indented lines for the table.
@@ -286,7 +286,7 @@ mod tests {
     #[test]
     fn macos_host_shows_its_own_rows_and_not_linux_ones() {
         let mut f = healthy();
-        f.host = crate::plan::tests::macos(true, Some(true));
+        f.host = openshell_vm::host::fake::macos(true, Some(true));
         let ids: Vec<String> = host_report(&f, VmmChoice::Auto).matrix.rows.into_iter().map(|r| r.id).collect();
         assert!(ids.contains(&"hvf".into()) && ids.contains(&"entitlement".into()) && ids.contains(&"gvproxy".into()));
         assert!(!ids.contains(&"kvm-device".into()) && !ids.contains(&"passt".into()));

@@ -182,13 +182,13 @@ pub fn tail(text: &str, n: usize) -> String {
 /// makes for it (passt, 127.0.0.1:`port` → 30051, the digests the artifacts' own records hold,
 /// as `vm run` writes them): what every gateway trial boots.
 pub struct GatewayTrial {
-    pub inst: openshell_vm::gateway::GatewayInstance,
+    pub inst: openshell_instance::gateway::GatewayInstance,
     pub cfg: VmConfig,
     pub digests: (String, String),
 }
 
 pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16) -> Result<GatewayTrial, String> {
-    let inst = openshell_vm::gateway::GatewayInstance::new(root, "trial").map_err(|e| e.to_string())?;
+    let inst = openshell_instance::gateway::GatewayInstance::new(root, "trial").map_err(|e| e.to_string())?;
     inst.ensure_pki().map_err(|e| e.to_string())?;
     // The records, not a re-hash: a tampered copy then boots as `vm run --allow-unverified`
     // boots it, and only `verify`'s re-hash can tell.
@@ -209,16 +209,16 @@ pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16)
 
 impl GatewayTrial {
     /// Boots it the way `cargo xtask vm run` does (`supervise::boot`).
-    pub fn boot(&self) -> Result<openshell_vm::supervise::Supervised, openshell_vm::VmError> {
-        self.boot_with(openshell_vm::check::Verification::Required)
+    pub fn boot(&self) -> Result<openshell_instance::supervise::Supervised, openshell_vm::VmError> {
+        self.boot_with(openshell_instance::check::Verification::Required)
     }
 
     /// [`Self::boot`], with `--allow-unverified` when `verification` says so.
     pub fn boot_with(
         &self,
-        verification: openshell_vm::check::Verification,
-    ) -> Result<openshell_vm::supervise::Supervised, openshell_vm::VmError> {
-        openshell_vm::supervise::boot(
+        verification: openshell_instance::check::Verification,
+    ) -> Result<openshell_instance::supervise::Supervised, openshell_vm::VmError> {
+        openshell_instance::supervise::boot(
             &self.inst,
             &self.cfg,
             (&self.digests.0, &self.digests.1),

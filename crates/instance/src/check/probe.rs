@@ -13,7 +13,7 @@ use openshell_artifacts::rootfs::{self, RootfsBundle, RootfsError, MANIFEST};
 
 use super::facts::{Artifact, Checked, DiskFacts, Facts, Mismatch, PortFacts, RootfsProvenance};
 use crate::gateway::GatewayInstance;
-use crate::HostFacts;
+use openshell_vm::HostFacts;
 
 /// What to look at beyond the host itself.
 #[derive(Debug, Clone)]

@@ -9,7 +9,7 @@ use openshell_vm::{VmConfig, VmmChoice};
 
 use crate::nested::Route;
 use crate::support::{self, Artifacts, TrialDir};
-use openshell_vm::gateway::{self, GatewayInstance};
+use openshell_instance::gateway::{self, GatewayInstance};
 
 pub type Body = fn(&Artifacts, VmmChoice, TrialDir) -> Result<(), Failed>;
 

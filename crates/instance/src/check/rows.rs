@@ -9,8 +9,8 @@
 use openshell_matrix::Row;
 
 use super::facts::{Artifact, Facts, Os, PortFacts, Tool};
-use crate::plan::{KrunPlace, Plan, CODESIGN};
-use crate::VmmChoice;
+use openshell_vm::plan::{KrunPlace, Plan, CODESIGN};
+use openshell_vm::VmmChoice;
 
 /// Whether artifacts that do not match their records may boot anyway (`--allow-unverified`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -20,7 +20,7 @@ pub enum Verification {
     AllowUnverified,
 }
 
-pub use crate::plan::{PASST_INSTALL, QEMU_INSTALL};
+pub use openshell_vm::plan::{PASST_INSTALL, QEMU_INSTALL};
 /// A kernel build unpacks and compiles the source beside the store: ~1.5 GiB, plus headroom.
 pub const KERNEL_BUILD_BYTES: u64 = 2 << 30;
 /// Baking a rootfs and the VMs' logs need little.
@@ -398,7 +398,7 @@ pub(crate) mod tests {
     /// A hardware-KVM Linux host with everything present and matching.
     pub(crate) fn healthy() -> Facts {
         Facts {
-            host: crate::plan::tests::hardware_kvm(),
+            host: openshell_vm::host::fake::hardware_kvm(),
             kernel: Artifact::Checked(Checked {
                 path: "/store/kernel/k/vmlinux".into(),
                 digest: Digest::of_bytes(b"vmlinux"),
@@ -425,12 +425,12 @@ pub(crate) mod tests {
 
     /// This project's CI host: /dev/kvm is nested PVM, no VMX.
     pub(crate) fn pvm() -> Facts {
-        Facts { host: crate::plan::tests::pvm(), ..healthy() }
+        Facts { host: openshell_vm::host::fake::pvm(), ..healthy() }
     }
 
     /// The plan the rows of `f` read for `--vmm choice` on the gateway's network.
     fn plan(f: &Facts, choice: VmmChoice) -> Plan {
-        crate::plan(&f.host, choice, crate::plan::Net::default_for(f.host.os))
+        openshell_vm::plan(&f.host, choice, openshell_vm::plan::Net::default_for(f.host.os))
     }
 
     fn vmm_row(f: &Facts, choice: VmmChoice) -> Row {
@@ -636,7 +636,7 @@ pub(crate) mod tests {
     #[test]
     fn macos_rows_decide_from_hvf_gvproxy_and_the_entitlement() {
         let mut f = healthy();
-        f.host = crate::plan::tests::macos(true, Some(true));
+        f.host = openshell_vm::host::fake::macos(true, Some(true));
         f.host.gvproxy = None;
         assert_eq!(hvf(&f).status, Status::Pass);
         assert_eq!(krun_row(&f).status, Status::Pass);
@@ -644,7 +644,7 @@ pub(crate) mod tests {
         assert_eq!(status(&gvproxy(&f)), (Status::Fail, true));
         assert_eq!(entitlement(&f).status, Status::Pass);
         // Unsigned: the entitlement row and the vmm row (the plan refuses it) both name the fix.
-        f.host = crate::plan::tests::macos(true, Some(false));
+        f.host = openshell_vm::host::fake::macos(true, Some(false));
         let e = entitlement(&f);
         assert_eq!(status(&e), (Status::Fail, true));
         assert!(e.fix.contains("cargo xtask codesign"), "{}", e.fix);
