@@ -6,6 +6,7 @@
 //! calling process in [`Context::start_enter`], so a VM normally gets its own
 //! process.
 
+pub mod child;
 #[macro_use]
 mod ffi;
 mod spec;

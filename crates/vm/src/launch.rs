@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use openshell_guest::{EXEC_FILE, EXIT_CODE_FILE, STOP_REQUEST_FILE};
 
 use crate::backend::{self, Backend};
+pub use crate::child::{Child, Ended};
 use crate::plan::Plan;
 use crate::{VmConfig, VmError};
 
@@ -45,54 +46,6 @@ pub enum VmExit {
     /// The network helper (passt or gvproxy) ended while the VM ran, so the guest could no longer
     /// be reached; the VMM was stopped.
     NetworkDied { helper: Child, how: Ended },
-}
-
-/// A process the supervisor owns for a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Child {
-    Vmm,
-    Passt,
-    Gvproxy,
-}
-
-impl std::fmt::Display for Child {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Child::Vmm => "the VMM",
-            Child::Passt => "passt",
-            Child::Gvproxy => "gvproxy",
-        })
-    }
-}
-
-/// How a process ended: its own exit code, or the signal that killed it. In JSON, one key:
-/// `{"exit_code": 1}` or `{"signal": 9}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Ended {
-    ExitCode(i32),
-    Signal(i32),
-}
-
-impl Ended {
-    pub fn of(status: std::process::ExitStatus) -> Ended {
-        match (status.code(), status.signal()) {
-            (Some(code), _) => Ended::ExitCode(code),
-            (None, Some(signal)) => Ended::Signal(signal),
-            // Neither code nor signal happens only for stopped/continued, which wait() never returns.
-            (None, None) => Ended::ExitCode(-1),
-        }
-    }
-}
-
-impl std::fmt::Display for Ended {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Ended::ExitCode(code) => write!(f, "exit code {code}"),
-            Ended::Signal(signal) => write!(f, "signal {signal}"),
-        }
-    }
 }
 
 impl VmExit {
@@ -175,10 +128,15 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
         crate::net::check_ports_free(&cfg.ports)?;
     }
     let share = prepare_state(cfg)?;
+    let attach = match backend {
+        Backend::Krun => crate::net::Attach::Krun,
+        Backend::Qemu { .. } => crate::net::Attach::Qemu,
+    };
+    let link = crate::net::Link::of(&cfg.net, attach, &cfg.state_dir);
     let mut cmd = match backend {
         Backend::Qemu { kvm } => {
             let qemu = plan.qemu.as_ref().ok_or_else(|| VmError::NoBackend("the plan names no QEMU".into()))?;
-            backend::qemu::command(qemu, cfg, kvm)
+            backend::qemu::command(qemu, cfg, kvm, &link)
         }
         Backend::Krun => {
             let (vmm, built) =
@@ -186,7 +144,7 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
             if !built || !vmm.is_file() {
                 return Err(VmError::VmmBinaryMissing(vmm));
             }
-            backend::krun::command(&vmm, cfg)?
+            backend::krun::command(&vmm, cfg, &link)?
         }
     };
     let vmm_log = cfg.state_dir.join("vmm.log");
@@ -199,19 +157,15 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            die_with_parent()
+            crate::child::die_with_parent()
         });
     }
-    let attach = match backend {
-        Backend::Krun => crate::net::Attach::Krun,
-        Backend::Qemu { .. } => crate::net::Attach::Qemu,
-    };
     let (net, vmm_net_end) = match crate::net::start(&cfg.net, &cfg.ports, attach, &cfg.state_dir)? {
         Some((net, end)) => (Some(net), end),
         None => (None, None),
     };
     if let Some(end) = &vmm_net_end {
-        crate::net::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(end));
+        crate::child::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(end));
     }
     let started = Instant::now();
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
@@ -501,17 +455,4 @@ impl Tail {
             let _ = sink.flush();
         }
     }
-}
-
-/// In a child between fork and exec: die when the process that started us dies, so a SIGKILLed
-/// supervisor leaves no VMM, passt or gvproxy behind. Linux only (`PR_SET_PDEATHSIG`); elsewhere
-/// `Drop` handles orderly exits and `supervise::recover` cleans up after a crash.
-/// Async-signal-safe.
-pub(crate) fn die_with_parent() -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl with constant arguments; async-signal-safe.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

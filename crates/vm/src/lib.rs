@@ -6,6 +6,7 @@
 //! A plain library: no printing, no `process::exit`. Progress goes to `tracing`.
 
 pub mod backend;
+pub mod child;
 pub mod config;
 pub mod host;
 pub mod launch;

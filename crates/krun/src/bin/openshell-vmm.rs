@@ -11,9 +11,8 @@ const EXIT_SETUP_FAILED: u8 = 70;
 
 fn main() -> ExitCode {
     // A VM whose supervisor died would be unreachable; die with it.
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        eprintln!("openshell-vmm: prctl(PR_SET_PDEATHSIG): {}", std::io::Error::last_os_error());
+    if let Err(e) = openshell_krun::child::die_with_parent() {
+        eprintln!("openshell-vmm: prctl(PR_SET_PDEATHSIG): {e}");
         return ExitCode::from(EXIT_SETUP_FAILED);
     }
     let mut args = std::env::args_os().skip(1);

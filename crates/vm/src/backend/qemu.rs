@@ -13,6 +13,8 @@ use std::process::Command;
 
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
 
+use crate::child::CHILD_FD;
+use crate::net::Link;
 use crate::VmConfig;
 
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
@@ -28,7 +30,7 @@ fn base_cmdline() -> String {
     )
 }
 
-pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
+pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool, link: &Link) -> Command {
     let mut c = Command::new(qemu);
     let (accel, cpu) = if kvm { ("kvm", "host") } else { ("tcg", "max") };
     let console = cfg.console_path();
@@ -55,21 +57,22 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
         c.arg("-fsdev").arg(format!("local,id=x{i},path={},security_model=none{ro}", share.host.display()));
         c.args(["-device", &format!("virtio-9p-device,fsdev=x{i},mount_tag={}", share.mount.tag)]);
     }
-    if cfg.net != crate::NetMode::None {
-        // A stream socket inherited as fd 3 (see `net::inherit_as_child_fd`): passt's socketpair
-        // end, or our connection to gvproxy's `-listen-qemu` socket (same framing: a 4-byte length
-        // per frame). gvproxy leases its guest address by MAC; give the guest that one.
-        c.args(["-netdev", &format!("stream,id=n0,server=off,addr.type=fd,addr.str={}", crate::net::CHILD_FD)]);
-        match cfg.net {
-            crate::NetMode::Gvproxy { .. } => {
-                let m = crate::net::gvproxy::GUEST_MAC;
-                let mac = format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
-                c.args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
-            }
-            _ => {
-                c.args(["-device", "virtio-net-device,netdev=n0"]);
-            }
+    match link {
+        Link::None => {}
+        // A stream socket inherited at CHILD_FD (see `child::inherit_as_child_fd`). gvproxy leases
+        // its guest address by MAC; give the guest that one.
+        Link::Stream { mac } => {
+            c.args(["-netdev", &format!("stream,id=n0,server=off,addr.type=fd,addr.str={CHILD_FD}")]);
+            let device = match mac {
+                Some(m) => format!(
+                    "virtio-net-device,netdev=n0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ),
+                None => "virtio-net-device,netdev=n0".to_owned(),
+            };
+            c.args(["-device", &device]);
         }
+        Link::Unixgram { .. } => unreachable!("QEMU attaches to a stream socket (net::Link::of with Attach::Qemu)"),
     }
     c
 }
@@ -146,7 +149,10 @@ mod tests {
         cfg.vcpus = 2;
         cfg.mem_mib = 256;
         let args: Vec<String> =
-            command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+            command(Path::new("qemu"), &cfg, false, &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
         let joined = args.join(" ");
         assert!(joined.contains("acpi=off"));
         assert!(joined.contains("rtc=on"));
@@ -168,11 +174,12 @@ mod tests {
             crate::config::DirShare { host: "/h/work".into(), mount: mount("work", false) },
         ];
         cfg.guest_tsc_khz = Some(2_596_148);
-        let joined = command(Path::new("qemu"), &cfg, false)
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined =
+            command(Path::new("qemu"), &cfg, false, &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
         assert!(joined.contains("-fsdev local,id=x0,path=/h/bin,security_model=none,readonly=on -device virtio-9p-device,fsdev=x0,mount_tag=bin"), "{joined}");
         assert!(
             joined.contains(
@@ -191,17 +198,21 @@ mod tests {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
         cfg.net = crate::NetMode::Gvproxy { binary: "/gv".into() };
         let args: Vec<String> =
-            command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+            command(Path::new("qemu"), &cfg, false, &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
         let joined = args.join(" ");
         assert!(joined.contains("-netdev stream,id=n0,server=off,addr.type=fd,addr.str=3"), "{joined}");
         assert!(joined.contains("virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee"), "{joined}");
         assert!(joined.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{joined}");
         cfg.net = crate::NetMode::Passt;
-        let joined = command(Path::new("qemu"), &cfg, false)
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined =
+            command(Path::new("qemu"), &cfg, false, &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir))
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ");
         assert!(joined.ends_with("-device virtio-net-device,netdev=n0"), "{joined}");
         assert!(joined.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{joined}");
     }
@@ -271,7 +282,14 @@ mod tests {
         cfg.net = crate::NetMode::Passt;
         let mut argv = vec!["qemu-system-x86_64".to_owned()];
         argv.extend(
-            command(Path::new("qemu-system-x86_64"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()),
+            command(
+                Path::new("qemu-system-x86_64"),
+                &cfg,
+                false,
+                &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
+            )
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned()),
         );
         let b = booted_artifacts(&argv).unwrap();
         assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/k/vm linux"), Path::new("/r/root fs")));
