@@ -127,23 +127,8 @@ impl VmCmd {
                 let st = GatewayInstance::new(&gateway::gateways_root(), &name)?.status();
                 if json {
                     println!("{}", serde_json::to_string_pretty(&st)?);
-                } else if let Some(failure) = &st.failure {
-                    println!(
-                        "gateway {:?}: failed: {failure}; nothing left running; start it again with cargo xtask vm run --name {}",
-                        st.name, st.name
-                    );
                 } else {
-                    let pid = |p: Option<u32>| p.map_or("-".to_owned(), |p| p.to_string());
-                    println!(
-                        "gateway {:?}: {} at {} (supervisor {}, vm {}); health: {}; client bundle: {}",
-                        st.name,
-                        if st.running { "running" } else { "stopped" },
-                        st.endpoint.as_deref().unwrap_or("-"),
-                        pid(st.supervisor_pid),
-                        pid(st.vm_pid),
-                        st.health,
-                        st.mtls_dir.display()
-                    );
+                    println!("{}", status_line(&st));
                 }
                 std::process::exit(if st.health == "SERVING" { 0 } else { 1 });
             }
@@ -362,4 +347,44 @@ fn detach(inst: &GatewayInstance, ready_timeout: u64, cold: bool) -> anyhow::Res
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `vm status` for a person: one line, no Rust `Debug` forms.
+fn status_line(st: &openshell_instance::status::Status) -> String {
+    let name = &st.name;
+    let pid = |p: Option<u32>| p.map_or("-".to_owned(), |p| p.to_string());
+    let endpoint = st.endpoint.as_deref().unwrap_or("-");
+    match (&st.restarting, &st.failure) {
+        (Some(r), Some(failure)) => {
+            return format!(
+                "gateway {name:?}: restarting in {} s after {failure} (restart {}/{}) at {endpoint}; supervisor {}; \
+                 `cargo xtask vm stop --name {name}` stops it",
+                st.restart_in().unwrap_or(0),
+                r.attempt,
+                r.max,
+                pid(st.supervisor_pid)
+            )
+        }
+        (None, Some(failure)) if !st.running => {
+            return format!(
+                "gateway {name:?}: failed: {failure}; nothing left running; start it again with cargo xtask vm run --name {name}"
+            )
+        }
+        _ => {}
+    }
+    if !st.stale.is_empty() {
+        return format!(
+            "gateway {name:?}: stopped, but a supervisor that died left records behind ({}); \
+             `cargo xtask vm stop --name {name}` clears them",
+            st.stale.join("; ")
+        );
+    }
+    format!(
+        "gateway {name:?}: {} at {endpoint} (supervisor {}, vm {}); health: {}; client bundle: {}",
+        if st.running { "running" } else { "stopped" },
+        pid(st.supervisor_pid),
+        pid(st.vm_pid),
+        st.health,
+        st.mtls_dir.display()
+    )
 }

@@ -61,6 +61,18 @@ pub struct Metadata {
     /// by the next boot.
     #[serde(default)]
     pub failure: Option<Failure>,
+    /// Set while the supervisor waits out a restart's backoff (`--restart on-failure`), so status
+    /// can say "restarting in N s" instead of "running" with no VM; cleared by the boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarting: Option<Restarting>,
+}
+
+/// A restart the supervisor has scheduled: the `attempt`th of `max`, booting at `boot_at_unix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restarting {
+    pub attempt: u32,
+    pub max: u32,
+    pub boot_at_unix: u64,
 }
 
 /// A child of the supervisor that ended while the instance ran, and so ended it. In JSON:
@@ -86,24 +98,6 @@ impl std::fmt::Display for Failure {
             secs % 60
         )
     }
-}
-
-/// What `vm status` reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub name: String,
-    pub endpoint: Option<String>,
-    pub running: bool,
-    pub supervisor_pid: Option<u32>,
-    pub vm_pid: Option<u32>,
-    /// `SERVING`, or why not.
-    pub health: String,
-    pub mtls_dir: PathBuf,
-    /// Why the instance is not running, when a child's death ended it (see [`Failure`]).
-    pub failure: Option<Failure>,
-    /// Stale state a dead supervisor left, cleaned up by this status call.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub recovered: Vec<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -270,81 +264,6 @@ impl GatewayInstance {
         let Ok(f) = fs::OpenOptions::new().write(true).open(self.lock_path()) else { return false };
         // SAFETY: flock on an fd we own; released when `f` closes.
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) != 0 }
-    }
-
-    /// Reports the instance, checking health over mTLS when it runs. State a dead supervisor left
-    /// behind is recovered first (see [`crate::supervise::recover`]) and reported.
-    pub fn status(&self) -> Status {
-        let recovered = crate::supervise::recover(self).unwrap_or_else(|e| vec![format!("recovery failed: {e}")]);
-        let meta = self.read_metadata();
-        let running = self.locked();
-        let endpoint = meta.as_ref().map(|m| m.endpoint.clone());
-        let health = match (&endpoint, running) {
-            (Some(ep), true) => match self.client_bundle() {
-                Ok(bundle) => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())
-                    .and_then(|rt| {
-                        rt.block_on(async {
-                            let ch = openshell_gateway::connect(ep, &bundle, "localhost")
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            openshell_gateway::health(&ch).await.map_err(|e| e.to_string())
-                        })
-                    })
-                    .map_or_else(
-                        |e| e,
-                        |s| {
-                            if s == openshell_gateway::ServingStatus::Serving {
-                                "SERVING".into()
-                            } else {
-                                format!("{s:?}")
-                            }
-                        },
-                    ),
-                Err(e) => e.to_string(),
-            },
-            (None, _) => "never started".into(),
-            (_, false) => "not running".into(),
-        };
-        Status {
-            name: self.name.clone(),
-            endpoint,
-            running,
-            supervisor_pid: meta.as_ref().and_then(|m| m.supervisor_pid).filter(|_| running),
-            vm_pid: meta.as_ref().and_then(|m| m.vm_pid).filter(|_| running),
-            failure: meta.as_ref().and_then(|m| m.failure).filter(|_| !running),
-            health,
-            mtls_dir: self.mtls_dir(),
-            recovered,
-        }
-    }
-
-    /// Stops a running instance through its supervisor (SIGTERM; it stops the VM and its network
-    /// process). After a supervisor was SIGKILLed, its VMM and passt/gvproxy died with it (`PR_SET_PDEATHSIG`);
-    /// the recorded pids are only signalled while they still run the program we started.
-    pub fn stop(&self, grace: Duration) -> Result<bool, VmError> {
-        let Some(meta) = self.read_metadata() else { return Ok(false) };
-        if !self.locked() {
-            crate::supervise::recover(self)?;
-            return Ok(false);
-        }
-        let Some(sup) = meta.supervisor_pid else { return Ok(false) };
-        // SAFETY: kill(2) on the pid of the process holding our instance lock.
-        unsafe { libc::kill(sup as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + grace;
-        while self.locked() {
-            if Instant::now() > deadline {
-                return Err(VmError::Instance(format!(
-                    "gateway {:?} (supervisor {sup}) did not stop within {}s",
-                    self.name,
-                    grace.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(true)
     }
 
     pub fn write_metadata(&self, m: &Metadata) -> Result<(), VmError> {

@@ -11,5 +11,6 @@
 pub mod check;
 pub mod gateway;
 pub mod guest_check;
+pub mod status;
 pub mod supervise;
 pub mod verify;

@@ -596,6 +596,7 @@ mod tests {
                 rootfs_dir: Some("/r".into()),
                 console_log: None,
                 failure: None,
+                restarting: None,
             },
             port: 30051,
             locked: true,

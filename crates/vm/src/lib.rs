@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod child;
 pub mod config;
+pub mod error;
 pub mod host;
 pub mod launch;
 pub mod nested;
@@ -16,8 +17,9 @@ pub mod plan;
 pub mod procfs;
 pub mod timeline;
 
-pub use backend::{Backend, VmmChoice};
-pub use config::{DirShare, VmConfig, VmError};
+pub use backend::Backend;
+pub use config::{DirShare, VmConfig, VmmChoice};
+pub use error::VmError;
 pub use host::HostFacts;
 pub use launch::{launch, Child, Ended, RunningVm, Stopped, VmExit, LEDGER_ENV};
 pub use net::{NetMode, PortMap};

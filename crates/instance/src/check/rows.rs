@@ -13,7 +13,7 @@ use openshell_vm::plan::{KrunPlace, Plan, CODESIGN};
 use openshell_vm::VmmChoice;
 
 /// Whether artifacts that do not match their records may boot anyway (`--allow-unverified`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Verification {
     #[default]
     Required,

@@ -365,6 +365,7 @@ mod tests {
             rootfs_dir: None,
             console_log: None,
             failure: None,
+            restarting: None,
         };
         inst.write_metadata(&meta).unwrap();
         fs::write(inst.dir.join(".metadata.json.tmp"), "{}").unwrap();

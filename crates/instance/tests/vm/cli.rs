@@ -340,8 +340,8 @@ fn check_status_serving(cli: &Cli, doc: &Value, name: &str, port: u16) -> Result
             ("mtls_dir", json!(inst.mtls_dir())),
         ],
     )?;
-    if doc.get("recovered").is_some() {
-        return Err(format!("status --json reports recovery on a healthy instance: {doc:#}"));
+    if doc.get("stale").is_some() || doc.get("restarting").is_some() {
+        return Err(format!("status --json reports stale state or a restart on a healthy instance: {doc:#}"));
     }
     let holders = procfs::flock_holders(&inst.lock_path());
     if holders != [sup] {
@@ -708,8 +708,8 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
     if at == 0 || at > now {
         return Err(format!("failure.at_unix {at} is not a time before now ({now})"));
     }
-    if doc.get("recovered").is_some() {
-        return Err(format!("the supervisor left stale pids for status to recover: {doc:#}"));
+    if doc.get("stale").is_some() {
+        return Err(format!("the supervisor left stale pids behind: {doc:#}"));
     }
 
     let text = cli.run(&["vm", "status", "--name", &name])?;
@@ -818,6 +818,12 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
         let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
         Ok(if log.contains("restart 2/5 after passt exited (signal 9)") { Ok(()) } else { Err(support::tail(&log, 5)) })
     })?;
+    // During the backoff, status says so rather than "running" with no VM.
+    let st = cli.run(&["vm", "status", "--name", name])?;
+    let said = ["restarting in ", "after passt exited (signal 9)", "(restart 2/5)"];
+    if st.code != Some(1) || !said.iter().all(|s| st.stdout.contains(s)) || st.stdout.contains("Some(") {
+        return Err(format!("vm status during restart 2's backoff must say {said:?} and exit 1:\n{}", st.show()));
+    }
     let stop = cli.run(&["vm", "stop", "--name", name])?;
     if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
         return Err(format!("vm stop of the restarting instance:\n{}", stop.show()));

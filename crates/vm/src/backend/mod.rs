@@ -15,27 +15,6 @@ pub enum Backend {
     Qemu { kvm: bool },
 }
 
-/// What the user asked for with `--vmm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VmmChoice {
-    #[default]
-    Auto,
-    Krun,
-    Qemu,
-}
-
-impl std::str::FromStr for VmmChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(VmmChoice::Auto),
-            "krun" => Ok(VmmChoice::Krun),
-            "qemu" => Ok(VmmChoice::Qemu),
-            _ => Err(format!("unknown VMM {s:?}: expected auto, krun or qemu")),
-        }
-    }
-}
-
 impl Backend {
     /// The backend's name without its accelerator: `krun` or `qemu`, as `--vmm` spells it.
     pub fn kind(self) -> &'static str {
@@ -106,6 +85,7 @@ pub const VMM_PROGRAMS: &[&str] = &["qemu-system", "openshell-vmm"];
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::VmmChoice;
 
     #[test]
     fn parses_choices() {

@@ -98,7 +98,8 @@ impl FromStr for NetChoice {
 }
 
 /// How the guest is networked.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum NetMode {
     #[default]
     None,
