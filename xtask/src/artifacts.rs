@@ -193,3 +193,15 @@ pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
     anyhow::ensure!(vmm.is_file(), "openshell-vmm was built, but {} does not exist", vmm.display());
     Ok(vmm)
 }
+
+/// Builds `openshell-supervisor` (the detached gateway's supervisor) where
+/// [`openshell_instance::supervise::supervisor_binary`] finds it, and returns that path.
+pub fn build_supervisor(sh: &Shell) -> anyhow::Result<PathBuf> {
+    cmd!(sh, "cargo build --quiet -p openshell-instance --bin openshell-supervisor")
+        .quiet()
+        .run()
+        .context("building openshell-supervisor failed")?;
+    let bin = openshell_instance::supervise::supervisor_binary();
+    anyhow::ensure!(bin.is_file(), "openshell-supervisor was built, but {} does not exist", bin.display());
+    Ok(bin)
+}

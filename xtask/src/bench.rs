@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use openshell_artifacts::Store;
-use openshell_instance::check::Verification;
 use openshell_instance::gateway::GatewayInstance;
+use openshell_instance::supervise;
 use openshell_vm::plan::Net;
 use openshell_vm::{timeline, KrunPlace, VmExit, VmmChoice};
 use xshell::Shell;
@@ -140,28 +140,26 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
             }
             inst.ensure_pki()?;
             let port = free_port()?;
-            let mut cfg = inst.vm_config(
+            let mut req = supervise::Request::new(
+                root.path(),
+                "bench",
                 a.kernel.clone(),
                 a.rootfs.clone(),
-                (&a.digests.0, &a.digests.1),
+                a.digests.clone(),
                 port,
                 openshell_vm::NetMode::Passt,
-            )?;
-            cfg.vmm = vmm;
+                vmm,
+            );
+            req.ready_timeout = Duration::from_secs(120);
             // Watched from before the boot: the boot returns once SERVING, long after init's line.
             // The file goes first, so a warm boot's watcher cannot read the last boot's console.
-            let _ = std::fs::remove_file(cfg.console_path());
+            let console = req.config()?.console_path();
+            let _ = std::fs::remove_file(&console);
             let before = Instant::now();
-            let init_seen = watch_for(&cfg.console_path(), "] init started", before);
+            let init_seen = watch_for(&console, "] init started", before);
             // The one way a gateway boots (lock, recovery, preflight, launch, readiness), as
             // `vm run` boots it: a bench of anything else would measure what users never run.
-            let up = openshell_instance::supervise::boot(
-                &inst,
-                &cfg,
-                (&a.digests.0, &a.digests.1),
-                Duration::from_secs(120),
-                Verification::Required,
-            )?;
+            let up = req.boot()?;
             let (vm, ready) = (&up.vm, up.ready);
             let vmm_started_ms = vm.started.duration_since(before).as_secs_f64() * 1e3;
             let init_seen = init_seen.join().ok().flatten().map(|ms| ms - vmm_started_ms);

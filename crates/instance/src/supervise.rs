@@ -84,6 +84,9 @@ pub struct Request {
     pub dhcp: bool,
     /// Also write the console here (`None`: the instance's own `vm/console.log`).
     pub console_log: Option<PathBuf>,
+    /// Extra environment and working directory for the gateway's process (`--env`, `--workdir`).
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
     pub ready_timeout: Duration,
     pub verification: crate::check::Verification,
     pub restart: Restart,
@@ -115,6 +118,8 @@ impl Request {
             mem_mib: 512,
             dhcp: false,
             console_log: None,
+            env: Vec::new(),
+            workdir: None,
             ready_timeout: Duration::from_secs(60),
             verification: crate::check::Verification::Required,
             restart: Restart::No,
@@ -139,6 +144,8 @@ impl Request {
         cfg.vmm = self.vmm;
         cfg.dhcp = self.dhcp;
         cfg.console_log = self.console_log.clone();
+        cfg.exec.env = self.env.clone();
+        cfg.exec.workdir = self.workdir.clone();
         Ok(cfg)
     }
 
@@ -236,6 +243,7 @@ pub fn run_supervisor(path: &Path) -> i32 {
             return 2;
         }
     };
+    let _span = tracing::warn_span!("supervisor", name = %req.name).entered();
     let mut up = match req.boot() {
         Ok(up) => up,
         Err(e) => {
@@ -243,10 +251,18 @@ pub fn run_supervisor(path: &Path) -> i32 {
             return 1;
         }
     };
-    tracing::warn!("SERVING at {} after {:.2}s", up.endpoint, up.ready.as_secs_f64());
+    // What a foreground `vm run` prints, for the log: the boot timeline and the SERVING line.
+    let console = fs::read_to_string(&up.vm.console).unwrap_or_default();
+    tracing::warn!(
+        "vm: {} ({})\n{}",
+        up.vm.backend,
+        up.vm.backend_reason,
+        openshell_vm::timeline::render(&console, up.ready)
+    );
+    tracing::warn!("gateway {:?} SERVING over mTLS at {} after {:.2}s", req.name, up.endpoint, up.ready.as_secs_f64());
     match up.wait(None, req.restart) {
         Ok(exit) => {
-            tracing::warn!("{exit}");
+            tracing::warn!("vm: {exit} after {:.2}s", up.vm.started.elapsed().as_secs_f64());
             exit.code()
         }
         Err(e) => {

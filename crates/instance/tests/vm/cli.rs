@@ -348,8 +348,13 @@ fn check_status_serving(cli: &Cli, doc: &Value, name: &str, port: u16) -> Result
         return Err(format!("the instance lock is held by {holders:?}, status says supervisor {sup}"));
     }
     let s = procfs::process(sup);
-    if !s.alive || !s.cmdline.starts_with(&cli.bin.to_string_lossy().into_owned()) || !s.cmdline.contains(" vm run ") {
-        return Err(format!("supervisor pid {sup} is not a live `xtask vm run`: {:?}", s.cmdline));
+    let request = inst.dir.join("supervise.json");
+    if !s.program_is_any(&["openshell-supervisor"]) || !s.cmdline.ends_with(&*request.to_string_lossy()) {
+        return Err(format!(
+            "supervisor pid {sup} is not a live `openshell-supervisor {}`: {:?}",
+            request.display(),
+            s.cmdline
+        ));
     }
     let v = procfs::process(vm);
     if !v.program_is_any(&[vmm_program(cli.vmm)]) || v.ppid != Some(sup) {
@@ -406,7 +411,7 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
     if !up.stderr.contains("new PKI") {
         return Err(format!("a first boot does not say it made a new PKI:\n{}", up.show()));
     }
-    // The background supervisor is a foreground `vm run` writing to supervisor.log.
+    // The detached supervisor (`openshell-supervisor`) logs what a foreground `vm run` prints.
     let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
     if !log.contains("boot timeline") || !log.contains(&format!("SERVING over mTLS at 127.0.0.1:{port}")) {
         return Err(format!("supervisor.log lacks the boot timeline or the SERVING line:\n{log}"));
@@ -456,7 +461,7 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
         ));
     }
 
-    let left = leftovers(cli, port, &[(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
     if !left.is_empty() {
         return Err(format!("left running after vm stop: {left:?}"));
     }
@@ -678,7 +683,7 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
         return Err(format!("recorded {victim} pid {pid} is not a live {prog}"));
     }
     kill9(pid)?;
-    let pids = [(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")];
+    let pids = [(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")];
     let took = wait_until(NOTICE_LIMIT, &format!("nothing of the instance left after kill -9 of {victim}"), || {
         let mut left = leftovers(cli, port, &pids);
         // A zombie is no leftover for `leftovers`, but one the supervisor never reaped is a bug.
@@ -828,7 +833,7 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
         return Err(format!("vm stop of the restarting instance:\n{}", stop.show()));
     }
-    let left = leftovers(cli, port, &[(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
     if !left.is_empty() || inst.locked() {
         return Err(format!("left running after vm stop: {left:?} (instance locked: {})", inst.locked()));
     }

@@ -1,8 +1,6 @@
 //! Init's lifecycle duties (stop on SIGTERM, stale share state, guest addressing and DNS) and
 //! the gateway supervisor's recovery after it was SIGKILLed.
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
@@ -111,20 +109,20 @@ fn dhcp_lease_from_backend(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Resu
 ///    without PDEATHSIG would leave them) are killed; a live process that is not ours is left alone.
 fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let root = dir.path().join("gateways");
+    // The supervisor `vm run --detach` starts, started the one way it is started.
     let up = support::with_free_port(|port| {
-        let mut sup = support::gateway_supervisor_command(&root, support::vmm_name(vmm), port)
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start the supervisor: {e}"))?;
-        let mut line = String::new();
-        BufReader::new(sup.stdout.take().unwrap()).read_line(&mut line).ok();
-        let pids: Vec<u32> = line.split_whitespace().filter_map(|w| w.split_once('=')?.1.parse().ok()).collect();
-        if !line.starts_with("ready ") || pids.len() != 2 {
-            let _ = sup.kill();
-            let _ = sup.wait();
-            return Err(format!("the supervisor did not come up: {line:?}"));
-        }
-        Ok((sup, pids, port))
+        let up = support::gateway(a, vmm, &root, port)?.detach().map_err(|e| e.to_string())?;
+        let meta = GatewayInstance::new(&root, "trial").unwrap().read_metadata();
+        let pids = match meta.map(|m| (m.vm_pid, m.passt_pid)) {
+            Some((Some(vm), Some(passt))) => vec![vm, passt],
+            other => {
+                let mut child = up.child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("the supervisor came up without recording VMM and passt pids: {other:?}"));
+            }
+        };
+        Ok((up.child, pids, port))
     });
     let (mut sup, pids, port) = match up {
         Ok(up) => up,
@@ -176,7 +174,7 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
         Ok(g) => g,
         Err(e) => return Err(dir.fail(e)),
     };
-    let mut leftover = match crate::support::launch(&g.cfg) {
+    let mut leftover = match crate::support::launch(&g.cfg()) {
         Ok(vm) => vm,
         Err(e) => return Err(dir.fail(format!("cannot boot the leftover VM: {e}"))),
     };

@@ -119,7 +119,13 @@ pub fn run_in_l1(
 ) -> Result<L1Run, Failed> {
     let me = std::env::current_exe().map_err(|e| Failed::from(format!("cannot find this test binary: {e}")))?;
     let mut paths = L1Paths::default();
-    let shared = paths.share_file(&me).and_then(|bin| Ok((bin, paths.share_guest(&a.kernel, &a.rootfs, vmm)?)));
+    // The supervisor binary too: the trials that detach a gateway start it inside L1.
+    let supervisor = std::path::Path::new(env!("CARGO_BIN_EXE_openshell-supervisor"));
+    let shared = paths.share_file(&me).and_then(|bin| {
+        let mut env = paths.share_guest(&a.kernel, &a.rootfs, vmm)?;
+        env.push(("OPENSHELL_SUPERVISOR".into(), paths.share_file(supervisor)?));
+        Ok((bin, env))
+    });
     let (bin, guest_env) = match shared {
         Ok(s) => s,
         Err(e) => return Err(dir.fail(e.to_string())),

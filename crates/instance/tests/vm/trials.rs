@@ -435,7 +435,7 @@ fn boot_gateway(
 ) -> Result<(openshell_vm::RunningVm, String, GatewayInstance, (String, String)), String> {
     let (support::GatewayTrial { inst, digests, .. }, mut vm, port) = support::with_free_port(|port| {
         let g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
-        let vm = crate::support::launch(&g.cfg).map_err(|e| format!("launch: {e}"))?;
+        let vm = crate::support::launch(&g.cfg()).map_err(|e| format!("launch: {e}"))?;
         Ok((g, vm, port))
     })?;
     let endpoint = format!("127.0.0.1:{port}");
