@@ -27,13 +27,13 @@ pub struct CheckCmd {
 }
 
 impl CheckCmd {
-    pub fn run(self) -> anyhow::Result<()> {
+    pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
         let result = if self.guest { crate::guest_check::run(self.json, self.vmm) } else { self.host() };
         let code = result.unwrap_or_else(|e| {
             eprintln!("check could not run: {e:#}");
             openshell_matrix::EXIT_CHECKER_FAILED
         });
-        std::process::exit(code);
+        Ok(crate::exit_code(code))
     }
 
     fn host(&self) -> anyhow::Result<i32> {

@@ -16,7 +16,7 @@ pub struct VerifyCmd {
 }
 
 impl VerifyCmd {
-    pub fn run(self) -> anyhow::Result<()> {
+    pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
         let root = gateway::gateways_root();
         let matrix = self
             .name
@@ -41,7 +41,7 @@ impl VerifyCmd {
                         serde_json::json!({"subject": "verify", "ok": false, "exit_code": code, "error": format!("{e:#}")})
                     );
                 }
-                std::process::exit(openshell_matrix::EXIT_CHECKER_FAILED);
+                return Ok(crate::exit_code(openshell_matrix::EXIT_CHECKER_FAILED));
             }
         };
         if self.json {
@@ -49,6 +49,6 @@ impl VerifyCmd {
         } else {
             print!("{}", matrix.render());
         }
-        std::process::exit(matrix.exit_code());
+        Ok(crate::exit_code(matrix.exit_code()))
     }
 }

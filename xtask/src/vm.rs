@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::builder::ArgPredicate;
 use openshell_artifacts::Store;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use openshell_instance::check::{self, Verification};
@@ -118,12 +119,9 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 impl VmCmd {
-    pub fn run(self) -> anyhow::Result<()> {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.cmd {
-            VmSub::Run(args) => {
-                let code = args.run()?;
-                std::process::exit(code);
-            }
+            VmSub::Run(args) => Ok(crate::exit_code(args.run()?)),
             VmSub::Status { name, json } => {
                 let st = GatewayInstance::new(&gateway::gateways_root(), &name)?.status();
                 if json {
@@ -131,13 +129,13 @@ impl VmCmd {
                 } else {
                     println!("{}", status_line(&st));
                 }
-                std::process::exit(if st.health == "SERVING" { 0 } else { 1 });
+                Ok(if st.health == "SERVING" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             }
             VmSub::Stop { name } => {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
                 let stopped = inst.stop(Duration::from_secs(15))?;
                 eprintln!("gateway {name:?}: {}", if stopped { "stopped" } else { "was not running" });
-                Ok(())
+                Ok(ExitCode::SUCCESS)
             }
             VmSub::Logs { name, follow } => {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
@@ -155,7 +153,7 @@ impl VmCmd {
                         if follow {
                             eprintln!("vm logs: gateway {name:?} is not running; nothing more will be written");
                         }
-                        return Ok(());
+                        return Ok(ExitCode::SUCCESS);
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
