@@ -173,11 +173,11 @@ pub fn ensure_vmm(sh: &Shell, cfg: &mut openshell_vm::VmConfig) -> anyhow::Resul
         deps::ensure(sh, &[deps::QEMU])?;
     }
     if matches!(openshell_vm::backend::choose(cfg.vmm, &host), Ok((openshell_vm::Backend::Krun, _))) {
-        cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
-            .quiet()
-            .run()
-            .context("building openshell-vmm failed")?;
-        cfg.krun_vmm_binary = Some(crate::project_root().join("target/debug/openshell-vmm"));
+        let vmm = crate::codesign::build_vmm(sh)?;
+        // A fresh link carries only the linker's ad hoc signature, without the entitlement.
+        #[cfg(target_os = "macos")]
+        openshell_krun::codesign::sign(&vmm).map_err(|e| anyhow::anyhow!("{e}; run `cargo xtask codesign`"))?;
+        cfg.krun_vmm_binary = Some(vmm);
     }
     Ok(())
 }

@@ -10,6 +10,8 @@
 mod ffi;
 mod spec;
 
+pub mod codesign;
+
 use std::convert::Infallible;
 use std::ffi::{CString, NulError};
 use std::io;
