@@ -48,6 +48,24 @@ pub fn kernel_spec(role: KernelRole) -> anyhow::Result<KernelSpec> {
     Ok(KernelSpec::from_project(&crate::project_root().join("kernel"), role)?)
 }
 
+/// Every host package group booting `cfg` needs: the kernel's and the rootfs' build tools, passt
+/// when it networks through passt, QEMU unless libkrun runs on hardware KVM. `vm run` installs
+/// them all in one round before it builds anything.
+pub fn boot_packages(
+    net: &openshell_vm::NetMode,
+    vmm: openshell_vm::VmmChoice,
+    host: &openshell_vm::HostFacts,
+) -> Vec<&'static [(&'static str, &'static str)]> {
+    let mut groups = vec![deps::KERNEL, deps::ROOTFS];
+    if *net == openshell_vm::NetMode::Passt {
+        groups.push(deps::PASST);
+    }
+    if vmm != openshell_vm::VmmChoice::Krun && !host.hardware_kvm() {
+        groups.push(deps::QEMU);
+    }
+    groups
+}
+
 /// The `role` kernel for the current fragments, built (minutes, with progress) if the store lacks it.
 pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole) -> anyhow::Result<GuestKernel> {
     deps::ensure(sh, &[deps::KERNEL])?;
@@ -165,19 +183,14 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
 /// What `cfg` needs on the host to boot: passt for its network, QEMU where libkrun cannot run,
 /// and the `openshell-vmm` binary (built here) when libkrun is the backend.
 pub fn ensure_vmm(sh: &Shell, cfg: &mut openshell_vm::VmConfig) -> anyhow::Result<()> {
-    if cfg.net == openshell_vm::NetMode::Passt {
-        deps::ensure(sh, &[deps::PASST])?;
-    }
     let host = openshell_vm::HostFacts::probe();
-    if cfg.vmm != openshell_vm::VmmChoice::Krun && !host.hardware_kvm() {
-        deps::ensure(sh, &[deps::QEMU])?;
-    }
+    deps::ensure(sh, &boot_packages(&cfg.net, cfg.vmm, &host))?;
     if matches!(openshell_vm::backend::choose(cfg.vmm, &host), Ok((openshell_vm::Backend::Krun, _))) {
-        cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
-            .quiet()
-            .run()
-            .context("building openshell-vmm failed")?;
-        cfg.krun_vmm_binary = Some(crate::project_root().join("target/debug/openshell-vmm"));
+        let vmm = crate::codesign::build_vmm(sh)?;
+        // A fresh link carries only the linker's ad hoc signature, without the entitlement.
+        #[cfg(target_os = "macos")]
+        openshell_krun::codesign::sign(&vmm).map_err(|e| anyhow::anyhow!("{e}; run `cargo xtask codesign`"))?;
+        cfg.krun_vmm_binary = Some(vmm);
     }
     Ok(())
 }

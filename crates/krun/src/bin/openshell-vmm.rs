@@ -10,7 +10,11 @@ use openshell_krun::KrunSpec;
 const EXIT_SETUP_FAILED: u8 = 70;
 
 fn main() -> ExitCode {
-    // A VM whose supervisor died would be unreachable; die with it.
+    // A VM whose supervisor died would be unreachable; die with it. The launcher already asks for
+    // this between fork and exec; asking again here covers a VMM started by hand. macOS has no
+    // parent-death signal: there the supervisor's Drop stops the VMM, and after a crash
+    // `supervise::recover` kills what the instance's metadata names.
+    #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
     if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
         eprintln!("openshell-vmm: prctl(PR_SET_PDEATHSIG): {}", std::io::Error::last_os_error());

@@ -89,7 +89,7 @@ fn probe_macos(vmm_binary: &Path) -> MacFacts {
     let vmm = vmm_binary.to_string_lossy().into_owned();
     MacFacts {
         hvf: first_line("sysctl", &["-n", "kern.hv_support"]).as_deref() == Some("1"),
-        gvproxy: tool("gvproxy", |out| Some(out.to_owned())),
+        gvproxy: crate::net::gvproxy::find().and_then(|p| tool(&p.to_string_lossy(), |out| Some(out.to_owned()))),
         vmm_entitled: vmm_binary.is_file().then(|| {
             Command::new("codesign")
                 .args(["-d", "--entitlements", "-", "--xml", &vmm])
