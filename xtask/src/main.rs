@@ -6,6 +6,7 @@
 mod artifacts;
 mod bench;
 mod check;
+mod codesign;
 mod deps;
 mod e2e;
 mod flags;
@@ -61,6 +62,7 @@ fn run() -> anyhow::Result<ExitCode> {
         flags::Cmd::Bench(cmd) => cmd.run().map(ok),
         flags::Cmd::Check(cmd) => cmd.run(),
         flags::Cmd::Verify(cmd) => cmd.run(),
+        flags::Cmd::Codesign(cmd) => cmd.run().map(ok),
     }
 }
 

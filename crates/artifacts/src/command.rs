@@ -16,6 +16,19 @@ pub(crate) fn run(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<()
     let shown = format!("{cmd:?}");
     let failed = |detail: String| CommandFailed { command: shown.clone(), detail };
     let (reader, writer) = std::io::pipe().map_err(|e| failed(e.to_string()))?;
+    // A builder killed mid-step (Ctrl-C sent to it alone, SIGKILL) must not leave `make` and its
+    // compilers running into a directory that is about to be swept: SIGTERM reaches the step when
+    // we die, and make passes SIGTERM on to its children.
+    // SAFETY: prctl is async-signal-safe and touches only this (forked) process.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(writer.try_clone().map_err(|e| failed(e.to_string()))?)

@@ -252,10 +252,13 @@ pub fn locate(store: &Store, spec: &KernelSpec) -> Result<GuestKernel, KernelErr
     }
 }
 
+/// Disk a build needs beside the store: the work tree is ~1.5 GiB once built.
+const BUILD_BYTES: u64 = 2 << 30;
+
 /// Builds the kernel for `spec` unless the store has it. `on_line` sees every line of build output.
 pub fn build(store: &Store, spec: &KernelSpec, on_line: &mut dyn FnMut(&str)) -> Result<GuestKernel, KernelError> {
     let key = spec.key();
-    let dir = store.get_or_build(STORE_KIND, &key, |out| build_into(store, spec, &key, out, on_line))?;
+    let dir = store.get_or_build(STORE_KIND, &key, BUILD_BYTES, |out| build_into(store, spec, &key, out, on_line))?;
     GuestKernel::open(&dir)
 }
 
@@ -272,7 +275,7 @@ fn build_into(
         move |source| KernelError::Io { path, source }
     };
     // The work tree lives beside the store, not in /tmp: it is ~1.5 GiB once built.
-    let work = tempfile::Builder::new().prefix(".kernel-work-").tempdir_in(store.root()).map_err(io(store.root()))?;
+    let work = store.scratch_dir("kernelwork").map_err(io(store.root()))?;
     on_line(&format!("extracting {}", spec.source_tarball.display()));
     run(Command::new("tar").arg("xf").arg(&spec.source_tarball).arg("-C").arg(work.path()), on_line)?;
     let src = work.path().join("linux-source-6.1");

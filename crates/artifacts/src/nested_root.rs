@@ -155,6 +155,9 @@ pub fn provenance(bundle: &RootfsBundle) -> Result<NestedRootProvenance, NestedR
         .map_err(|e| NestedRootError::Io { path, source: std::io::Error::new(std::io::ErrorKind::InvalidData, e) })
 }
 
+/// Disk a bake needs: a Debian minbase tree with passt is ~530 MiB in the store here.
+const BAKE_BYTES: u64 = 640 << 20;
+
 /// Bakes the nested root for `inputs` unless the store has it (about a minute: the packages come
 /// from the archive). `on_line` sees every line of `mmdebstrap`'s output.
 pub fn bake(
@@ -170,7 +173,7 @@ pub fn bake(
     if which_mmdebstrap().is_none() {
         return Err(NestedRootError::NoMmdebstrap);
     }
-    let dir = store.get_or_build(STORE_KIND, &key, |out| bake_into(inputs, &key, out, on_line))?;
+    let dir = store.get_or_build(STORE_KIND, &key, BAKE_BYTES, |out| bake_into(inputs, &key, out, on_line))?;
     Ok(RootfsBundle::open(&dir)?)
 }
 

@@ -25,7 +25,9 @@ pub const INSTALL_HINT: &str = "apt-get install -y busybox-static";
 pub enum RootfsError {
     #[error("{path} is missing: {hint}")]
     Missing { path: PathBuf, hint: String },
-    #[error("rootfs I/O at {path}: {source}")]
+    #[error("rootfs I/O at {path}: {source}{}", if source.raw_os_error() == Some(libc::ENOSPC) {
+        "; the disk holding the artifact store is full: free space there, or set OPENSHELL_CACHE_DIR to a directory on a disk with room"
+    } else { "" })]
     Io { path: PathBuf, source: std::io::Error },
     #[error("rootfs {dir} has no readable {MANIFEST}; rebuild it with `cargo xtask rootfs`")]
     NoManifest { dir: PathBuf },
@@ -114,6 +116,19 @@ impl RootfsInputs {
         Ok(b.finish())
     }
 
+    /// About what a bake writes: every input file once, and room for the manifest.
+    fn bytes(&self) -> Result<u64, RootfsError> {
+        let size = |p: &Path| fs::metadata(p).map(|m| m.len()).map_err(io(p));
+        let mut total = size(&self.busybox)? + (1 << 20);
+        for p in &self.programs {
+            total += size(&p.source)?;
+        }
+        for (_, path) in &walk_overlay(&self.overlay)?.files {
+            total += size(path)?;
+        }
+        Ok(total)
+    }
+
     fn check(&self) -> Result<(), RootfsError> {
         if !self.busybox.is_file() {
             return Err(RootfsError::Missing { path: self.busybox.clone(), hint: INSTALL_HINT.into() });
@@ -150,7 +165,7 @@ pub fn locate(store: &Store, inputs: &RootfsInputs) -> Result<RootfsBundle, Root
 pub fn bake(store: &Store, inputs: &RootfsInputs) -> Result<RootfsBundle, RootfsError> {
     inputs.check()?;
     let key = inputs.key()?;
-    let dir = store.get_or_build(STORE_KIND, &key, |out| bake_into(inputs, out))?;
+    let dir = store.get_or_build(STORE_KIND, &key, inputs.bytes()?, |out| bake_into(inputs, out))?;
     RootfsBundle::open(&dir)
 }
 

@@ -16,6 +16,30 @@ pub enum StoreError {
     Prepare { path: PathBuf, source: io::Error },
     #[error("cannot publish {path}: {source}")]
     Publish { path: PathBuf, source: io::Error },
+    #[error(
+        "not enough disk space for the {kind} at {dir}: it needs about {needed_mib} MiB and the filesystem holding it \
+         has {free_mib} MiB free; free space there, or set OPENSHELL_CACHE_DIR to a directory on a disk with room"
+    )]
+    DiskFull { kind: String, dir: PathBuf, needed_mib: u64, free_mib: u64 },
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs writes only into the struct we pass; `c` is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Whether a process with this pid exists: a temporary build directory of a live one is in use.
+fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid as i32, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +66,13 @@ impl Store {
         self.root.join(kind).join(key.short())
     }
 
+    /// A scratch directory for a build's work tree beside the store (`what`: its name, without
+    /// dashes), removed when dropped, and by the next build if this process is killed first.
+    pub fn scratch_dir(&self, what: &str) -> io::Result<tempfile::TempDir> {
+        fs::create_dir_all(&self.root)?;
+        tempfile::Builder::new().prefix(&format!("{TMP_PREFIX}{what}-{}-", std::process::id())).tempdir_in(&self.root)
+    }
+
     /// The published directory for `(kind, key)`, if it has been built.
     pub fn get(&self, kind: &str, key: &Digest) -> Option<PathBuf> {
         let p = self.path(kind, key);
@@ -49,12 +80,19 @@ impl Store {
     }
 
     /// Returns the directory for `(kind, key)`, running `build` into a fresh temporary directory
-    /// first when it does not exist. Only a `build` that returns `Ok` is published; on error the
-    /// temporary directory is removed, so a half-built artifact is never seen.
+    /// first when it does not exist. Only a `build` that returns `Ok` is published, by renaming the
+    /// temporary directory into place, so `get` never sees a half-built artifact; on error the
+    /// temporary directory is removed. A build needing about `needed` bytes is refused up front,
+    /// naming the disk, when the filesystem has less free.
+    ///
+    /// A process killed mid-build (Ctrl-C, SIGKILL, power loss) cannot remove its temporary
+    /// directory, so each one carries its builder's pid and the next build of the same kind
+    /// removes those whose builder is gone.
     pub fn get_or_build<E>(
         &self,
         kind: &str,
         key: &Digest,
+        needed: u64,
         build: impl FnOnce(&Path) -> Result<(), E>,
     ) -> Result<PathBuf, E>
     where
@@ -66,8 +104,21 @@ impl Store {
         }
         let parent = dest.parent().expect("store path has a parent");
         fs::create_dir_all(parent).map_err(|source| StoreError::Prepare { path: parent.to_owned(), source })?;
+        sweep_abandoned(parent);
+        sweep_abandoned(&self.root);
+        let free = free_bytes(parent).map_err(|source| StoreError::Prepare { path: parent.to_owned(), source })?;
+        if free < needed {
+            let mib = |b: u64| b.div_ceil(1 << 20);
+            return Err(StoreError::DiskFull {
+                kind: kind.to_owned(),
+                dir: parent.to_owned(),
+                needed_mib: mib(needed),
+                free_mib: free >> 20,
+            }
+            .into());
+        }
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".tmp-{}-", key.short()))
+            .prefix(&format!("{TMP_PREFIX}{}-{}-", key.short(), std::process::id()))
             .tempdir_in(parent)
             .map_err(|source| StoreError::Prepare { path: parent.to_owned(), source })?;
         build(tmp.path())?;
@@ -83,6 +134,23 @@ impl Store {
                 let _ = fs::remove_dir_all(&tmp_path);
                 Err(StoreError::Publish { path: dest, source }.into())
             }
+        }
+    }
+}
+
+/// Temporary build directories: `.tmp-<key>-<pid>-<random>`, never a store entry (`get` looks
+/// up `<key>` only).
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Removes the temporary build directories under `parent` whose builder process is gone.
+fn sweep_abandoned(parent: &Path) {
+    for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(TMP_PREFIX) else { continue };
+        let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !alive(p)) {
+            tracing::info!(dir = %entry.path().display(), "removing the temporary directory of an interrupted build");
+            let _ = fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -119,7 +187,7 @@ mod tests {
         let mut runs = 0;
         for _ in 0..2 {
             let dir = store
-                .get_or_build::<E>("thing", &key, |d| {
+                .get_or_build::<E>("thing", &key, 0, |d| {
                     runs += 1;
                     fs::write(d.join("out"), b"x").unwrap();
                     Ok(())
@@ -135,11 +203,57 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let store = Store::new(root.path());
         let key = Digest::of_bytes(b"k");
-        let r = store.get_or_build("thing", &key, |d| {
+        let r = store.get_or_build("thing", &key, 0, |d| {
             fs::write(d.join("partial"), b"x").unwrap();
             Err(E)
         });
         assert!(r.is_err());
+        assert!(store.get("thing", &key).is_none());
+        assert_eq!(fs::read_dir(root.path().join("thing")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_interrupted_builds_directory_is_never_an_entry_and_is_swept_by_the_next_build() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        let key = Digest::of_bytes(b"k");
+        // What a build killed mid-way leaves: its temporary directory, named with a pid that is
+        // gone (pid_max is at most 2^22 on Linux, so this one cannot exist).
+        let kind_dir = root.path().join("thing");
+        let dead = kind_dir.join(format!(".tmp-{}-{}-abc", key.short(), 1u32 << 23));
+        let live = kind_dir.join(format!(".tmp-{}-{}-abc", key.short(), std::process::id()));
+        for d in [&dead, &live] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join("partial"), b"x").unwrap();
+        }
+        assert!(store.get("thing", &key).is_none(), "a temporary directory is not an entry");
+        let dir = store
+            .get_or_build::<E>("thing", &key, 0, |d| {
+                fs::write(d.join("out"), b"y").unwrap();
+                Ok(())
+            })
+            .unwrap();
+        assert!(!dir.join("partial").exists(), "the entry is the new build, not the partial one");
+        assert!(!dead.exists(), "the dead builder's directory was swept");
+        assert!(live.exists(), "a live builder's directory is left alone");
+    }
+
+    #[test]
+    fn a_build_that_cannot_fit_is_refused_naming_the_disk_and_publishes_nothing() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        let key = Digest::of_bytes(b"k");
+        let mut ran = false;
+        let err = store
+            .get_or_build::<StoreError>("thing", &key, u64::MAX / 2, |_| {
+                ran = true;
+                Ok(())
+            })
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(!ran, "the build must not start");
+        assert!(msg.contains("not enough disk space") && msg.contains(&root.path().display().to_string()), "{msg}");
+        assert!(msg.contains("OPENSHELL_CACHE_DIR"), "{msg}");
         assert!(store.get("thing", &key).is_none());
         assert_eq!(fs::read_dir(root.path().join("thing")).unwrap().count(), 0);
     }

@@ -56,8 +56,8 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let material = ServerMaterial::load(&args.tls_dir)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    raise_open_files_limit();
+    let listener = openshell_gateway::tls::listen(args.listen)
         .map_err(|e| format!("binding {}: {e}; is another gateway already running?", args.listen))?;
     let addr = listener.local_addr()?;
     let config =
@@ -70,6 +70,22 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("openshell-gateway: [{:>6} ms] listening on {addr}", openshell_gateway::sysinfo::uptime_ms());
     serve(listener, &material, config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Each connection waiting for its handshake holds a descriptor, and init starts us with a soft
+/// limit of 1024 (hard 4096): a thousand idle peers would then make `accept` fail with EMFILE and
+/// stall the authenticated client behind them. Take the hard limit; failing that, keep going.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                eprintln!("openshell-gateway: raising the open-files limit: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

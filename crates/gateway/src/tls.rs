@@ -4,18 +4,21 @@
 //! cannot stall other connections, and only authenticated streams reach
 //! tonic. We use our own tokio-rustls acceptor rather than tonic's
 //! `ServerTlsConfig` because the latter cannot restrict protocol versions.
+//!
+//! It also owns the listener's shape under a flood of unauthenticated peers: the listen backlog
+//! ([`listen`]) and how refused handshakes are logged ([`RefusalLog`]).
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
@@ -28,6 +31,70 @@ pub const CLIENT_CA_FILE: &str = "ca.crt";
 
 /// A peer that has not finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The listen backlog. The guest kernel has no SYN cookies, so a SYN that finds the listener's
+/// request queue full is dropped, and passt sends the guest one SYN per host connection and never
+/// retransmits it: with tokio's default backlog (128, std's), 1000 idle host connections left 129
+/// half-open in the guest and 871 SYNs dropped (`TCPReqQFullDrop`), the host client's among them,
+/// until passt gave up on them 10 s later. The kernel caps this at `net.core.somaxconn` (4096).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as tokio's own `bind` sets it).
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// How many refused handshakes each [`REFUSAL_WINDOW`] logs one by one; the rest are counted.
+const REFUSALS_LOGGED_PER_WINDOW: u32 = 5;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// Logging of refused and timed-out handshakes, bounded: any local process can open connections to
+/// the forward, and one INFO line each let it grow the console log without limit. The first
+/// [`REFUSALS_LOGGED_PER_WINDOW`] of each window are logged with their peer and reason, the rest
+/// only counted, and the count is logged as one summary line when the window ends.
+#[derive(Debug)]
+pub struct RefusalLog {
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    pub fn new(now: Instant) -> RefusalLog {
+        RefusalLog { window_start: now, logged: 0, suppressed: 0 }
+    }
+
+    /// One refused handshake at `now`: whether to log it on its own line. A refusal after the
+    /// window ended starts a new one (its summary, if any, is [`RefusalLog::summary`]'s to take).
+    pub fn refused(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window_start) >= REFUSAL_WINDOW && self.suppressed == 0 {
+            self.window_start = now;
+            self.logged = 0;
+        }
+        if self.logged < REFUSALS_LOGGED_PER_WINDOW {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+
+    /// At `now`: once the window has ended, how many refusals it left unlogged (`None` when
+    /// none), and a new window starts.
+    pub fn summary(&mut self, now: Instant) -> Option<u64> {
+        if now.duration_since(self.window_start) < REFUSAL_WINDOW {
+            return None;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        self.window_start = now;
+        self.logged = 0;
+        (suppressed > 0).then_some(suppressed)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -130,9 +197,23 @@ impl tokio_stream::Stream for TlsIncoming {
 pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming {
     let (tx, rx) = mpsc::channel(16);
     let acceptor = TlsAcceptor::from(config);
+    let refusals = Arc::new(Mutex::new(RefusalLog::new(Instant::now())));
     let accept_loop = tokio::spawn(async move {
+        let mut summaries = tokio::time::interval(REFUSAL_WINDOW);
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = summaries.tick() => {
+                    if let Some(n) = refusals.lock().unwrap().summary(Instant::now()) {
+                        tracing::info!(
+                            "{n} more TLS handshakes were refused or timed out in the last {} s (not logged one by one)",
+                            REFUSAL_WINDOW.as_secs()
+                        );
+                    }
+                    continue;
+                }
+            };
+            let (tcp, peer) = match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Usually EMFILE or a connection reset before accept;
@@ -145,8 +226,9 @@ pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
-                if let Some(tls) = handshake(&acceptor, tcp, peer).await {
+                if let Some(tls) = handshake(&acceptor, tcp, peer, &refusals).await {
                     let _ = tx.send(Ok(tls)).await;
                 }
             });
@@ -155,16 +237,52 @@ pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming
     TlsIncoming { rx, accept_loop }
 }
 
-async fn handshake(acceptor: &TlsAcceptor, tcp: TcpStream, peer: SocketAddr) -> Option<TlsStream<TcpStream>> {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => Some(tls),
-        Ok(Err(e)) => {
-            tracing::info!("rejected TLS handshake from {peer}: {e}");
-            None
-        }
-        Err(_) => {
-            tracing::info!("TLS handshake from {peer} timed out");
-            None
-        }
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    refusals: &Mutex<RefusalLog>,
+) -> Option<TlsStream<TcpStream>> {
+    let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => return Some(tls),
+        Ok(Err(e)) => format!("rejected TLS handshake from {peer}: {e}"),
+        Err(_) => format!("TLS handshake from {peer} timed out after {} s", HANDSHAKE_TIMEOUT.as_secs()),
+    };
+    if refusals.lock().unwrap().refused(Instant::now()) {
+        tracing::info!("{why}");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_past_the_first_few_of_a_window_are_counted_then_summarised_once() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(t0);
+        let logged = (0..500).filter(|_| log.refused(t0)).count();
+        assert_eq!(logged, REFUSALS_LOGGED_PER_WINDOW as usize);
+        assert_eq!(log.summary(t0 + REFUSAL_WINDOW / 2), None, "no summary before the window ends");
+        assert_eq!(log.summary(t0 + REFUSAL_WINDOW), Some(500 - REFUSALS_LOGGED_PER_WINDOW as u64));
+        assert_eq!(log.summary(t0 + REFUSAL_WINDOW * 2), None, "a count is summarised once");
+    }
+
+    #[test]
+    fn a_new_window_logs_its_first_refusals_again() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(t0);
+        (0..10).for_each(|_| {
+            log.refused(t0);
+        });
+        // A refusal after the window ended, before the summary tick: still counted, not dropped.
+        assert!(!log.refused(t0 + REFUSAL_WINDOW));
+        assert_eq!(log.summary(t0 + REFUSAL_WINDOW), Some(6));
+        assert!(log.refused(t0 + REFUSAL_WINDOW), "the new window logs again");
+        // A quiet window with nothing suppressed starts over on the next refusal.
+        let later = t0 + REFUSAL_WINDOW * 5;
+        assert!((0..REFUSALS_LOGGED_PER_WINDOW).all(|_| log.refused(later)));
+        assert!(!log.refused(later));
     }
 }

@@ -12,6 +12,7 @@
 //! started none fails, and each outcome is recorded for `cargo xtask e2e`'s per-backend summary.
 
 mod cli;
+mod flood;
 mod guest_check;
 mod lifecycle;
 mod nested;

@@ -22,6 +22,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::guest_check::TRIALS,
     crate::stop::TRIALS,
     crate::cli::TRIALS,
+    crate::flood::TRIALS,
 ];
 
 /// The contract every backend honours.
@@ -452,13 +453,13 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The instance's own client (its CA, its certificate, TLS 1.3), as a probe to alter.
-fn own_client(inst: &GatewayInstance) -> Result<openshell_gateway::TlsProbe, String> {
+pub(crate) fn own_client(inst: &GatewayInstance) -> Result<openshell_gateway::TlsProbe, String> {
     Ok(openshell_gateway::TlsProbe::with_bundle(&inst.client_bundle().map_err(|e| e.to_string())?, "localhost"))
 }
 
 /// `good` is served by `endpoint` over TLS 1.3: shown first in every refusal trial, so that a
 /// refusal that follows is the server's verdict on that client, not a dead endpoint.
-fn served(endpoint: &str, good: &openshell_gateway::TlsProbe) -> Result<(), String> {
+pub(crate) fn served(endpoint: &str, good: &openshell_gateway::TlsProbe) -> Result<(), String> {
     match openshell_gateway::probe(endpoint, good, PROBE_TIMEOUT).map_err(|e| e.to_string())? {
         openshell_gateway::TlsOutcome::Served { version: openshell_gateway::probe::ProtocolVersion::TLSv1_3 } => Ok(()),
         other => Err(format!("the instance's own client was not served by {endpoint}: {other}")),
@@ -481,7 +482,7 @@ fn refused_with(
 }
 
 /// Runs `check` against a booted gateway, then stops the VM; a failure keeps the trial dir.
-fn with_gateway(
+pub(crate) fn with_gateway(
     a: &Artifacts,
     vmm: VmmChoice,
     dir: TrialDir,

@@ -1,0 +1,108 @@
+//! Floods of unauthenticated peers at the gateway's forward: they must neither starve the host's
+//! own client nor grow the guest console without bound.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::Failed;
+use openshell_vm::VmmChoice;
+
+use crate::support::{self, Artifacts, TrialDir};
+use crate::trials::{own_client, served, with_gateway, Body};
+
+pub const TRIALS: &[(&str, Body)] = &[
+    ("gateway::flood::idle_connections_do_not_starve_an_authenticated_client", idle_connections_do_not_starve),
+    ("gateway::flood::refused_handshakes_are_summarised_not_logged_one_by_one", refused_handshakes_are_summarised),
+];
+
+/// Idle peers held open while the host's client asks: the figure of the issue (800 kept the client
+/// out for ~10 s before the fix), with margin.
+const IDLE: usize = 1000;
+/// The client's own deadline for each TLS step. A healthy gateway under TCG answers in tens of
+/// milliseconds; before the fix the client's SYN was dropped and nothing answered for ~10 s.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
+
+fn idle_connections_do_not_starve(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    with_gateway(a, vmm, dir, |_, endpoint, inst, _| {
+        let good = own_client(inst)?;
+        served(endpoint, &good)?;
+        let t = Instant::now();
+        let idle = (0..IDLE)
+            .map(|_| TcpStream::connect(endpoint))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("opening {IDLE} idle connections to {endpoint}: {e}"))?;
+        support::note(format!("{IDLE} idle connections to the forward opened in {:.2} s", t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let outcome = openshell_gateway::probe(endpoint, &good, CLIENT_DEADLINE).map_err(|e| e.to_string())?;
+        support::note(format!(
+            "with {IDLE} idle held, the authenticated probe ended after {} ms: {outcome}",
+            t.elapsed().as_millis()
+        ));
+        drop(idle);
+        match outcome {
+            openshell_gateway::TlsOutcome::Served { .. } => Ok(()),
+            other => Err(format!(
+                "with {IDLE} idle connections held, the instance's own client was not served within its {} s \
+                 deadline per step: {other}",
+                CLIENT_DEADLINE.as_secs()
+            )),
+        }
+    })
+}
+
+/// Bad peers, each sending bytes that are not TLS and closing: every one is refused by the gateway.
+const BAD: u64 = 500;
+/// The gateway's bound (`openshell_gateway::tls::RefusalLog`): this many one by one per window.
+const LOGGED_PER_WINDOW: u64 = 5;
+const WINDOW: Duration = Duration::from_secs(10);
+
+fn refused_handshakes_are_summarised(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    with_gateway(a, vmm, dir, |vm, endpoint, inst, _| {
+        served(endpoint, &own_client(inst)?)?;
+        let console = || std::fs::read_to_string(&vm.console).unwrap_or_default();
+        let before = console().len();
+        let t = Instant::now();
+        for i in 0..BAD {
+            let mut s = TcpStream::connect(endpoint).map_err(|e| format!("bad connection {i}: {e}"))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("bad connection {i}: {e}"))?;
+        }
+        // Every refusal is either on its own line or in a summary's count; wait (bounded) until
+        // all of them are accounted for, as summaries come at the end of each window.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let (lines, summarised, grown) = loop {
+            let text = console();
+            let new = &text[before.min(text.len())..];
+            let lines =
+                new.lines().filter(|l| l.contains("rejected TLS handshake") || l.contains("timed out after")).count()
+                    as u64;
+            let summarised: u64 = new
+                .lines()
+                .filter_map(|l| {
+                    l.split(" more TLS handshakes were refused").next().filter(|_| l.contains(" more TLS handshakes"))
+                })
+                .filter_map(|head| head.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()))
+                .sum();
+            if lines + summarised >= BAD || Instant::now() > deadline {
+                break (lines, summarised, new.len());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let windows = t.elapsed().as_secs() / WINDOW.as_secs() + 2;
+        support::note(format!(
+            "{BAD} refused handshakes: {lines} logged one by one, {summarised} in summaries; the console grew by {grown} bytes in {:.1} s",
+            t.elapsed().as_secs_f64()
+        ));
+        if lines + summarised != BAD {
+            return Err(format!("the console accounts for {lines} + {summarised} refusals, not the {BAD} made"));
+        }
+        if summarised == 0 || lines > LOGGED_PER_WINDOW * windows {
+            return Err(format!(
+                "{lines} refusals were logged one by one (at most {LOGGED_PER_WINDOW} per {} s window, {windows} windows \
+                 elapsed) and {summarised} summarised: the log is not bounded",
+                WINDOW.as_secs()
+            ));
+        }
+        Ok(())
+    })
+}
