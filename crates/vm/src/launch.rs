@@ -133,10 +133,19 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
         Backend::Qemu { .. } => crate::net::Attach::Qemu,
     };
     let link = crate::net::Link::of(&cfg.net, attach, &cfg.state_dir);
+    // QEMU gets its files open and runs unprivileged (see `sandbox`); both outlive the spawn below.
+    let mut qemu_sandbox = None;
     let mut cmd = match backend {
         Backend::Qemu { kvm } => {
             let qemu = plan.qemu.as_ref().ok_or_else(|| VmError::NoBackend("the plan names no QEMU".into()))?;
-            backend::qemu::command(qemu, cfg, kvm, &link)
+            let user = crate::sandbox::VmmUser::for_qemu(kvm)?;
+            if let Some(user) = &user {
+                user.own_share(&share)?;
+            }
+            let files = crate::sandbox::Handover::open(cfg)?;
+            let cmd = backend::qemu::command(qemu, cfg, kvm, &link, &files.fds());
+            qemu_sandbox = Some((files, user));
+            cmd
         }
         Backend::Krun => {
             let (vmm, built) =
@@ -167,10 +176,19 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
     if let Some(end) = &vmm_net_end {
         crate::child::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(end));
     }
+    // After the network's dup2 (it places its fd at CHILD_FD, below the handed ones), and the
+    // drop last: nothing before it needs root, and it re-arms the parent-death signal.
+    if let Some((files, user)) = &qemu_sandbox {
+        files.give_to(&mut cmd);
+        if let Some(user) = user {
+            user.drop_to(&mut cmd);
+        }
+    }
     let started = Instant::now();
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
     // The VMM holds its own copy now; ours must close so passt sees EOF when the VMM exits.
     drop(vmm_net_end);
+    drop(qemu_sandbox);
     tracing::debug!(pid = child.id(), ?cmd, "VMM started");
     record_in_ledger(child.id(), backend, &cfg.state_dir);
     Ok(RunningVm {

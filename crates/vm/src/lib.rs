@@ -15,6 +15,7 @@ pub mod nested;
 pub mod net;
 pub mod plan;
 pub mod procfs;
+pub mod sandbox;
 pub mod timeline;
 
 pub use backend::Backend;

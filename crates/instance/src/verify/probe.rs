@@ -239,8 +239,10 @@ fn rehash_booted(vm: Option<&procfs::ProcessFact>) -> (Attempt<Rehashed>, Attemp
             Err(Attempt::NotTried(format!("pid {} is not a VMM", p.pid)))
         }
         Some(p) => match (procfs::argv(p.pid), procfs::cwd(p.pid)) {
-            (Some(argv), Some(cwd)) => openshell_vm::backend::booted_artifacts(&argv, &cwd)
-                .map_err(|e| Attempt::Failed(format!("VMM pid {}: {e}", p.pid))),
+            (Some(argv), Some(cwd)) => {
+                openshell_vm::backend::booted_artifacts(&argv, &cwd, &|fd| procfs::fd_target(p.pid, fd))
+                    .map_err(|e| Attempt::Failed(format!("VMM pid {}: {e}", p.pid)))
+            }
             _ => Err(Attempt::Failed(format!(
                 "cannot read /proc/{}/cmdline and cwd; run verify as the user that started the gateway",
                 p.pid

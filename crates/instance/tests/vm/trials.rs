@@ -23,6 +23,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::stop::TRIALS,
     crate::cli::TRIALS,
     crate::flood::TRIALS,
+    crate::sandbox::TRIALS,
 ];
 
 /// The contract every backend honours.
@@ -517,7 +518,8 @@ fn gateway_boots_and_service_becomes_reachable(a: &Artifacts, vmm: VmmChoice, di
         }
         let argv = openshell_vm::procfs::argv(vm.pid()).ok_or("cannot read the VMM's command line")?;
         let cwd = openshell_vm::procfs::cwd(vm.pid()).ok_or("cannot read the VMM's cwd")?;
-        let booted = openshell_vm::backend::booted_artifacts(&argv, &cwd)?;
+        let booted =
+            openshell_vm::backend::booted_artifacts(&argv, &cwd, &|fd| openshell_vm::procfs::fd_target(vm.pid(), fd))?;
         if (booted.kernel.as_path(), booted.rootfs.as_path()) != (a.kernel.as_path(), a.rootfs.as_path()) {
             return Err(format!(
                 "the VMM runs {booted:?}, not {} and {}; argv {argv:?}",

@@ -65,9 +65,15 @@ pub struct BootedArtifacts {
 
 /// What a running VMM of ours was started with, read back from its argv (`/proc/<pid>/cmdline`):
 /// QEMU names both on its command line, `openshell-vmm` names the spec file that does. Relative
-/// paths resolve against the VMM's working directory `cwd`. This is the VMM's word, not the
-/// instance's records: what `verify` re-hashes.
-pub fn booted_artifacts(argv: &[String], cwd: &Path) -> Result<BootedArtifacts, String> {
+/// paths resolve against the VMM's working directory `cwd`, and a `/proc/self/fd/N` (QEMU gets its
+/// files open, see [`crate::sandbox`]) as what the VMM's fd N is, which `open_fd` reads
+/// ([`crate::procfs::fd_target`]). This is the VMM's word, not the instance's records: what
+/// `verify` re-hashes.
+pub fn booted_artifacts(
+    argv: &[String],
+    cwd: &Path,
+    open_fd: &dyn Fn(i32) -> Option<PathBuf>,
+) -> Result<BootedArtifacts, String> {
     let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a)).unwrap_or_default();
     let found = if program.starts_with("qemu-system") {
         qemu::booted_artifacts(argv)?
@@ -76,7 +82,19 @@ pub fn booted_artifacts(argv: &[String], cwd: &Path) -> Result<BootedArtifacts, 
     } else {
         return Err(format!("{program:?} is not a VMM this project starts ({})", VMM_PROGRAMS.join(", ")));
     };
-    Ok(BootedArtifacts { kernel: cwd.join(found.kernel), rootfs: cwd.join(found.rootfs) })
+    let resolve = |p: PathBuf| -> Result<PathBuf, String> {
+        let fd = p.strip_prefix(crate::sandbox::FD_DIR).ok().and_then(|n| n.to_str()?.parse::<i32>().ok());
+        match fd {
+            Some(fd) => open_fd(fd).ok_or_else(|| {
+                format!(
+                    "it names {}, and that fd of the VMM cannot be read (run as the user that started it)",
+                    p.display()
+                )
+            }),
+            None => Ok(cwd.join(p)),
+        }
+    };
+    Ok(BootedArtifacts { kernel: resolve(found.kernel)?, rootfs: resolve(found.rootfs)? })
 }
 
 /// What a VMM process of ours runs: a recorded VMM pid that runs neither is not ours any more.
@@ -107,9 +125,38 @@ mod tests {
         .iter()
         .map(|a| a.to_string())
         .collect();
-        let b = booted_artifacts(&argv, Path::new("/cwd")).unwrap();
+        let b = booted_artifacts(&argv, Path::new("/cwd"), &|_| None).unwrap();
         assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/cwd/k/vmlinux"), Path::new("/cwd/rootfs")));
-        let e = booted_artifacts(&["/usr/bin/sleep".to_owned(), "9".to_owned()], Path::new("/")).unwrap_err();
+        let e =
+            booted_artifacts(&["/usr/bin/sleep".to_owned(), "9".to_owned()], Path::new("/"), &|_| None).unwrap_err();
         assert!(e.contains("\"sleep\" is not a VMM"), "{e}");
+    }
+
+    #[test]
+    fn booted_artifacts_handed_over_as_fds_are_what_those_fds_are() {
+        let argv: Vec<String> = [
+            "qemu-system-x86_64",
+            "-kernel",
+            "/proc/self/fd/10",
+            "-fsdev",
+            "local,id=root,path=/proc/self/fd/11,readonly=on",
+            "-device",
+            "virtio-9p-device,fsdev=root,mount_tag=rootfs",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let fds = |fd| match fd {
+            10 => Some(PathBuf::from("/store/kernel/vmlinux")),
+            11 => Some(PathBuf::from("/store/rootfs/abc")),
+            _ => None,
+        };
+        let b = booted_artifacts(&argv, Path::new("/cwd"), &fds).unwrap();
+        assert_eq!(
+            (b.kernel.as_path(), b.rootfs.as_path()),
+            (Path::new("/store/kernel/vmlinux"), Path::new("/store/rootfs/abc"))
+        );
+        let e = booted_artifacts(&argv, Path::new("/cwd"), &|_| None).unwrap_err();
+        assert!(e.contains("/proc/self/fd/10") && e.contains("cannot be read"), "{e}");
     }
 }
