@@ -7,6 +7,8 @@
 //! process.
 
 pub mod child;
+#[cfg(target_os = "linux")]
+pub mod confine;
 #[macro_use]
 mod ffi;
 mod spec;
