@@ -21,7 +21,7 @@ const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
 
 /// Removes from this process's environment what Cargo sets for the crate it runs or tests:
 /// `cargo xtask` runs xtask with xtask's `CARGO_MANIFEST_DIR` and `CARGO_PKG_*`, nextest runs a VM
-/// suite (which runs xtask) with openshell-vm's, and a shell has none. They describe that crate,
+/// suite (which runs xtask) with openshell-instance's, and a shell has none. They describe that crate,
 /// not what xtask builds, yet a build script that reads one is rerun, and everything above it
 /// rebuilt, whenever its value differs from the last build's: ring's reads `CARGO_MANIFEST_DIR`
 /// and `CARGO_PKG_*`, so each change of caller rebuilt the guest programs (and the host's ring)
@@ -53,15 +53,18 @@ pub fn kernel_spec(role: KernelRole) -> anyhow::Result<KernelSpec> {
 /// them all in one round before it builds anything.
 pub fn boot_packages(
     net: &openshell_vm::NetMode,
-    vmm: openshell_vm::VmmChoice,
+    choice: openshell_vm::VmmChoice,
     host: &openshell_vm::HostFacts,
 ) -> Vec<&'static [(&'static str, &'static str)]> {
+    use openshell_vm::plan::{Need, Net};
     let mut groups = vec![deps::KERNEL, deps::ROOTFS];
-    if *net == openshell_vm::NetMode::Passt {
-        groups.push(deps::PASST);
-    }
-    if vmm != openshell_vm::VmmChoice::Krun && !host.hardware_kvm() {
-        groups.push(deps::QEMU);
+    for need in openshell_vm::plan(host, choice, Net::of(net)).needs {
+        match need {
+            Need::Qemu => groups.push(deps::QEMU),
+            Need::Passt => groups.push(deps::PASST),
+            // `NetMode::resolve` found it already, or said how to install it; the VMM is built.
+            Need::Gvproxy | Need::VmmBinary => {}
+        }
     }
     groups
 }
@@ -180,17 +183,42 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
     Ok((kernel, baked.context("nested root bake failed")?))
 }
 
-/// What `cfg` needs on the host to boot: passt for its network, QEMU where libkrun cannot run,
-/// and the `openshell-vmm` binary (built here) when libkrun is the backend.
-pub fn ensure_vmm(sh: &Shell, cfg: &mut openshell_vm::VmConfig) -> anyhow::Result<()> {
+/// The build step of a boot: what the plan for `choice` and `net` says the boot needs, installed
+/// (QEMU, passt, in the one apt round of [`boot_packages`]) or built (`openshell-vmm`). Decides
+/// nothing itself; the preflight then probes the host as this left it and refuses what is still missing.
+pub fn ensure_vmm(sh: &Shell, choice: openshell_vm::VmmChoice, net: &openshell_vm::NetMode) -> anyhow::Result<()> {
     let host = openshell_vm::HostFacts::probe();
-    deps::ensure(sh, &boot_packages(&cfg.net, cfg.vmm, &host))?;
-    if matches!(openshell_vm::backend::choose(cfg.vmm, &host), Ok((openshell_vm::Backend::Krun, _))) {
-        let vmm = crate::codesign::build_vmm(sh)?;
-        // A fresh link carries only the linker's ad hoc signature, without the entitlement.
-        #[cfg(target_os = "macos")]
-        openshell_krun::codesign::sign(&vmm).map_err(|e| anyhow::anyhow!("{e}; run `cargo xtask codesign`"))?;
-        cfg.krun_vmm_binary = Some(vmm);
+    deps::ensure(sh, &boot_packages(net, choice, &host))?;
+    let plan = openshell_vm::plan(&host, choice, openshell_vm::plan::Net::of(net));
+    if plan.needs.contains(&openshell_vm::plan::Need::VmmBinary) {
+        build_vmm(sh)?;
     }
     Ok(())
+}
+
+/// Builds `openshell-vmm` where [`openshell_vm::host::vmm_binary`] finds it (beside xtask in
+/// `target/debug/`), and returns that path: the one place that builds it.
+pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
+    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
+        .quiet()
+        .run()
+        .context("building openshell-vmm failed")?;
+    let vmm = openshell_vm::host::vmm_binary();
+    anyhow::ensure!(vmm.is_file(), "openshell-vmm was built, but {} does not exist", vmm.display());
+    // A fresh link carries only the linker's ad hoc signature, without the entitlement.
+    #[cfg(target_os = "macos")]
+    openshell_krun::codesign::sign(&vmm).map_err(|e| anyhow::anyhow!("{e}; run `cargo xtask codesign`"))?;
+    Ok(vmm)
+}
+
+/// Builds `openshell-supervisor` (the detached gateway's supervisor) where
+/// [`openshell_instance::supervise::supervisor_binary`] finds it, and returns that path.
+pub fn build_supervisor(sh: &Shell) -> anyhow::Result<PathBuf> {
+    cmd!(sh, "cargo build --quiet -p openshell-instance --bin openshell-supervisor")
+        .quiet()
+        .run()
+        .context("building openshell-supervisor failed")?;
+    let bin = openshell_instance::supervise::supervisor_binary();
+    anyhow::ensure!(bin.is_file(), "openshell-supervisor was built, but {} does not exist", bin.display());
+    Ok(bin)
 }

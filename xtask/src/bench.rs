@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use openshell_artifacts::Store;
-use openshell_vm::gateway::{self, GatewayInstance};
+use openshell_instance::gateway::GatewayInstance;
+use openshell_instance::supervise;
+use openshell_vm::plan::Net;
 use openshell_vm::{timeline, KrunPlace, VmExit, VmmChoice};
 use xshell::Shell;
 
@@ -61,10 +63,11 @@ impl BenchCmd {
         }
         let sh = Shell::new()?;
         let a = Artifacts::build(&sh)?;
-        let place = openshell_vm::backend::krun_place(&openshell_vm::HostFacts::probe());
-        if vmm == VmmChoice::Krun && place == KrunPlace::NestedL1 {
+        let plan = openshell_vm::plan(&openshell_vm::HostFacts::probe(), vmm, Net::Passt);
+        if vmm == VmmChoice::Krun && plan.krun == KrunPlace::NestedL1 {
             return nested(&sh, n, &a, json);
         }
+        crate::artifacts::ensure_vmm(&sh, vmm, &openshell_vm::NetMode::Passt)?;
         let report = boots(n, vmm, &a, true)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&summarize_all(&report))?);
@@ -105,7 +108,6 @@ impl Artifacts {
         let store = Store::default_location();
         let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
         let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
-        crate::deps::ensure(sh, &[crate::deps::PASST])?;
         let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
         Ok(Artifacts { kernel: kernel.vmlinux, rootfs: rootfs.dir, digests })
     }
@@ -138,27 +140,34 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
             }
             inst.ensure_pki()?;
             let port = free_port()?;
-            let mut cfg = inst.vm_config(
+            let mut req = supervise::Request::new(
+                root.path(),
+                "bench",
                 a.kernel.clone(),
                 a.rootfs.clone(),
-                (&a.digests.0, &a.digests.1),
+                a.digests.clone(),
                 port,
                 openshell_vm::NetMode::Passt,
-            )?;
-            cfg.vmm = vmm;
-            let mut vm = openshell_vm::launch(&cfg)?;
-            let init_seen = watch_for(&vm.console, "] init started", vm.started);
-            let ready = gateway::wait_ready(
-                &mut vm,
-                &format!("127.0.0.1:{port}"),
-                &inst.client_bundle()?,
-                Duration::from_secs(120),
-            )?;
+                vmm,
+            );
+            req.ready_timeout = Duration::from_secs(120);
+            // Watched from before the boot: the boot returns once SERVING, long after init's line.
+            // The file goes first, so a warm boot's watcher cannot read the last boot's console.
+            let console = req.config()?.console_path();
+            let _ = std::fs::remove_file(&console);
+            let before = Instant::now();
+            let init_seen = watch_for(&console, "] init started", before);
+            // The one way a gateway boots (lock, recovery, preflight, launch, readiness), as
+            // `vm run` boots it: a bench of anything else would measure what users never run.
+            let up = req.boot()?;
+            let (vm, ready) = (&up.vm, up.ready);
+            let vmm_started_ms = vm.started.duration_since(before).as_secs_f64() * 1e3;
+            let init_seen = init_seen.join().ok().flatten().map(|ms| ms - vmm_started_ms);
             let steps = timeline::guest_steps(&std::fs::read_to_string(&vm.console).unwrap_or_default());
             // The guest's clock starts with its kernel: where init's line arrived on the host's
             // clock, less init's own stamp, is when the kernel started (±5 ms of polling).
             let init_ms = steps.iter().find(|(_, s)| s == "init started").map(|(ms, _)| *ms as f64);
-            if let (Some(seen), Some(init_ms)) = (init_seen.join().ok().flatten(), init_ms) {
+            if let (Some(seen), Some(init_ms)) = (init_seen, init_ms) {
                 add(&mut samples, "host: VMM start → guest kernel start", seen - init_ms);
             }
             for (ms, step) in steps {
@@ -171,7 +180,7 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
             if let Some(k) = vm.passt_pid().and_then(timeline::peak_rss_kib) {
                 add(&mut samples, "peak RSS passt (MiB)", k as f64 / 1024.0);
             }
-            drop(vm);
+            drop(up);
         }
         pb.finish_and_clear();
         report.push((mode.to_owned(), samples));
@@ -202,11 +211,7 @@ fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()>
     let store = Store::default_location();
     let (l1_kernel, l1_root) = crate::artifacts::ensure_nested_host(sh, &store)?;
     let host = openshell_vm::nested::NestedHost { kernel: l1_kernel.vmlinux, root: l1_root.dir };
-    let mut probe =
-        openshell_vm::VmConfig::exec(a.kernel.clone(), a.rootfs.clone(), PathBuf::new(), vec!["/bin/true".into()]);
-    probe.vmm = VmmChoice::Krun;
-    crate::artifacts::ensure_vmm(sh, &mut probe)?;
-    let vmm = probe.krun_vmm_binary.context("openshell-vmm was not built")?;
+    let vmm = crate::artifacts::build_vmm(sh)?;
     let me = std::env::current_exe().context("cannot tell where the xtask binary is")?;
 
     let mut krun = Report::new();
@@ -221,7 +226,9 @@ fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()>
         let argv = [bin.as_str(), "bench", "boot", "--inside-l1", "--vmm", "krun", "-n", "1"];
         let cfg =
             host.l1_config(state.path().join("state"), argv.iter().map(|s| s.to_string()).collect(), env, paths)?;
-        let mut l1 = openshell_vm::launch(&cfg)?;
+        // L1 is a plain QEMU VM of the nested host's own artifacts; the plan says how it runs.
+        let plan = openshell_vm::plan(&openshell_vm::HostFacts::probe(), cfg.vmm, Net::of(&cfg.net));
+        let mut l1 = openshell_vm::launch(&cfg, &plan)?;
         let l1_ready = watch_for(&l1.console, "] exec /", l1.started);
         let exit = l1.wait(None, Some(Duration::from_secs(600)))?;
         let console = std::fs::read_to_string(&l1.console).unwrap_or_default();

@@ -6,8 +6,8 @@
 //! It builds nothing: missing artifacts are reported with the command that builds them.
 
 use openshell_artifacts::Store;
-use openshell_vm::check::{self, ProbeRequest};
-use openshell_vm::gateway;
+use openshell_instance::check::{self, ProbeRequest};
+use openshell_instance::gateway;
 use openshell_vm::VmmChoice;
 
 #[derive(clap::Args)]
@@ -27,13 +27,13 @@ pub struct CheckCmd {
 }
 
 impl CheckCmd {
-    pub fn run(self) -> anyhow::Result<()> {
+    pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
         let result = if self.guest { crate::guest_check::run(self.json, self.vmm) } else { self.host() };
         let code = result.unwrap_or_else(|e| {
             eprintln!("check could not run: {e:#}");
             openshell_matrix::EXIT_CHECKER_FAILED
         });
-        std::process::exit(code);
+        Ok(crate::exit_code(code))
     }
 
     fn host(&self) -> anyhow::Result<i32> {
@@ -43,7 +43,6 @@ impl CheckCmd {
             rootfs: crate::artifacts::locate_rootfs(&store),
             ports: vec![self.port],
             store_root: Some(store.root().to_owned()),
-            vmm_binary: crate::project_root().join("target/debug/openshell-vmm"),
             gateways_root: gateway::gateways_root(),
         });
         let report = check::host_report(&facts, self.vmm);

@@ -33,7 +33,7 @@ impl CodesignCmd {
             return Ok(());
         }
         let sh = Shell::new()?;
-        let mut bins = vec![build_vmm(&sh)?];
+        let mut bins = vec![crate::artifacts::build_vmm(&sh)?];
         bins.extend(vm_test_binaries(&sh)?);
         for bin in &bins {
             codesign::sign(bin).map_err(|e| anyhow::anyhow!("{e}; see `cargo xtask check`"))?;
@@ -43,18 +43,9 @@ impl CodesignCmd {
     }
 }
 
-/// Builds `openshell-vmm` (debug, where `vm run` and the VM suites look for it) and returns it.
-pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
-    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
-        .quiet()
-        .run()
-        .context("building openshell-vmm failed")?;
-    Ok(crate::project_root().join("target/debug/openshell-vmm"))
-}
-
-/// The VM suites' test binaries (`crates/vm/tests/vm`), built without running, as cargo names them.
+/// The VM suites' test binaries (`crates/instance/tests/vm`), built without running, as cargo names them.
 fn vm_test_binaries(sh: &Shell) -> anyhow::Result<Vec<PathBuf>> {
-    let out = cmd!(sh, "cargo test --quiet --no-run --message-format=json -p openshell-vm --test vm")
+    let out = cmd!(sh, "cargo test --quiet --no-run --message-format=json -p openshell-instance --test vm")
         .read()
         .context("building the VM suites failed")?;
     Ok(out

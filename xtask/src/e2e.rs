@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use openshell_artifacts::Store;
+use openshell_vm::plan::Net;
+use openshell_vm::VmmChoice;
 use xshell::{cmd, Shell};
 
 #[derive(clap::Args)]
@@ -67,17 +69,15 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     crate::deps::ensure(sh, &[KERNEL, ROOTFS, QEMU, PASST])?;
     let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
     let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
-    cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
-        .quiet()
-        .run()
-        .context("building openshell-vmm failed")?;
+    let vmm = crate::artifacts::build_vmm(sh)?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
-    sh.set_var("OPENSHELL_VMM", crate::project_root().join("target/debug/openshell-vmm"));
+    sh.set_var("OPENSHELL_VMM", &vmm);
     // The CLI trials run this very binary, as a user runs `cargo xtask`.
     sh.set_var("OPENSHELL_XTASK", std::env::current_exe().context("cannot tell where the xtask binary is")?);
     // Where libkrun runs only nested, the krun trials run inside the nested host (L1).
-    if openshell_vm::backend::krun_place(&openshell_vm::HostFacts::probe()) == openshell_vm::KrunPlace::NestedL1 {
+    let plan = openshell_vm::plan(&openshell_vm::HostFacts::probe(), VmmChoice::Krun, Net::None);
+    if plan.krun == openshell_vm::KrunPlace::NestedL1 {
         let (l1_kernel, l1_root) = crate::artifacts::ensure_nested_host(sh, &store)?;
         sh.set_var("OPENSHELL_NESTED_KERNEL", &l1_kernel.vmlinux);
         sh.set_var("OPENSHELL_NESTED_ROOT", &l1_root.dir);
@@ -104,7 +104,7 @@ fn nextest_available(sh: &Shell) -> anyhow::Result<()> {
 /// The VM trials this host will not run, with the reason the suite gives (`[reason] name: test`
 /// in libtest's list format), so nothing that did not run can be mistaken for something that passed.
 fn ignored_trials(sh: &Shell) -> anyhow::Result<Vec<(String, String)>> {
-    let list = cmd!(sh, "cargo test --quiet -p openshell-vm --test vm -- --list --ignored").read()?;
+    let list = cmd!(sh, "cargo test --quiet -p openshell-instance --test vm -- --list --ignored").read()?;
     Ok(list.lines().filter_map(|l| l.strip_suffix(": test")).map(parse_listed).collect())
 }
 
@@ -225,7 +225,7 @@ fn run_e2e(scope: &[&str], suite: SuiteArgs) -> anyhow::Result<()> {
 
 impl E2eCmd {
     pub fn run(self) -> anyhow::Result<()> {
-        run_e2e(&["-p", "openshell-vm", "--test", "vm"], self.suite)
+        run_e2e(&["-p", "openshell-instance", "--test", "vm"], self.suite)
     }
 }
 

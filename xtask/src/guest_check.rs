@@ -15,12 +15,12 @@ pub fn run(json: bool, vmm: VmmChoice) -> anyhow::Result<i32> {
     let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
     let state = tempfile::Builder::new().prefix("openshell-guest-check-").tempdir()?;
     let mut cfg =
-        openshell_vm::guest_check::config(kernel.vmlinux.clone(), rootfs.dir.clone(), state.path().join("state"));
+        openshell_instance::guest_check::config(kernel.vmlinux.clone(), rootfs.dir.clone(), state.path().join("state"));
     cfg.vmm = vmm;
-    crate::artifacts::ensure_vmm(&sh, &mut cfg)?;
+    crate::artifacts::ensure_vmm(&sh, cfg.vmm, &cfg.net)?;
     eprintln!("guest check: booting kernel {} with rootfs {}", kernel.provenance.kernel_release, rootfs.digest().hex());
     let started = std::time::Instant::now();
-    match openshell_vm::guest_check::run(&cfg, openshell_vm::check::Verification::Required) {
+    match openshell_instance::guest_check::run(&cfg, openshell_instance::check::Verification::Required) {
         Ok(matrix) => {
             eprintln!("guest check: done in {:.1}s", started.elapsed().as_secs_f64());
             if json {

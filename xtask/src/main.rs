@@ -19,10 +19,22 @@ mod verify;
 mod vm;
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(code) => code,
+        Err(e) => {
+            // As `main` returning the error would print it: the message and its causes.
+            eprintln!("Error: {e:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<ExitCode> {
     artifacts::scrub_crate_env();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -39,18 +51,25 @@ fn main() -> anyhow::Result<()> {
     if !matches!(&cli.cmd, flags::Cmd::Bench(b) if !b.needs_project()) {
         std::env::set_current_dir(project_root())?;
     }
+    let ok = |()| ExitCode::SUCCESS;
     match cli.cmd {
-        flags::Cmd::Kernel(cmd) => cmd.run(),
-        flags::Cmd::NestedHost(cmd) => cmd.run(),
-        flags::Cmd::Rootfs(cmd) => cmd.run(),
+        flags::Cmd::Kernel(cmd) => cmd.run().map(ok),
+        flags::Cmd::NestedHost(cmd) => cmd.run().map(ok),
+        flags::Cmd::Rootfs(cmd) => cmd.run().map(ok),
         flags::Cmd::Vm(cmd) => cmd.run(),
-        flags::Cmd::E2e(cmd) => cmd.run(),
-        flags::Cmd::Test(cmd) => cmd.run(),
-        flags::Cmd::Bench(cmd) => cmd.run(),
+        flags::Cmd::E2e(cmd) => cmd.run().map(ok),
+        flags::Cmd::Test(cmd) => cmd.run().map(ok),
+        flags::Cmd::Bench(cmd) => cmd.run().map(ok),
         flags::Cmd::Check(cmd) => cmd.run(),
         flags::Cmd::Verify(cmd) => cmd.run(),
-        flags::Cmd::Codesign(cmd) => cmd.run(),
+        flags::Cmd::Codesign(cmd) => cmd.run().map(ok),
     }
+}
+
+/// A subcommand's exit code as the process's: 0-255 as is, anything else (a negative code from
+/// a guest, say) as 1, so a failure never reads as success.
+pub fn exit_code(code: i32) -> ExitCode {
+    u8::try_from(code).map_or(ExitCode::FAILURE, ExitCode::from)
 }
 
 /// The workspace root: xtask lives one level below it.

@@ -38,7 +38,9 @@ impl NestedHostCmd {
             root.digest().short(),
             root.dir.display()
         );
-        match openshell_vm::backend::krun_place(&HostFacts::probe()) {
+        let plan =
+            openshell_vm::plan(&HostFacts::probe(), openshell_vm::VmmChoice::Krun, openshell_vm::plan::Net::None);
+        match plan.krun {
             KrunPlace::NestedL1 => {
                 println!("  libkrun runs only nested on this host: the krun trials use this nested host")
             }

@@ -1,8 +1,8 @@
 //! `cargo xtask verify`: the verification matrix of a running gateway instance (rows, `--json`).
 //! Exit 0 when every required row passes, 1 when one fails, 2 when there was nothing to verify
-//! (no such instance, unreadable metadata). The checks live in `openshell_vm::verify`.
+//! (no such instance, unreadable metadata). The checks live in `openshell_instance::verify`.
 
-use openshell_vm::gateway::{self, GatewayInstance};
+use openshell_instance::gateway::{self, GatewayInstance};
 
 #[derive(clap::Args)]
 pub struct VerifyCmd {
@@ -16,7 +16,7 @@ pub struct VerifyCmd {
 }
 
 impl VerifyCmd {
-    pub fn run(self) -> anyhow::Result<()> {
+    pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
         let root = gateway::gateways_root();
         let matrix = self
             .name
@@ -28,7 +28,7 @@ impl VerifyCmd {
                 )
             })
             .and_then(|name| Ok(GatewayInstance::new(&root, &name)?))
-            .and_then(|inst| Ok(openshell_vm::verify::verify(&inst)?));
+            .and_then(|inst| Ok(openshell_instance::verify::verify(&inst)?));
         let matrix = match matrix {
             Ok(m) => m,
             Err(e) => {
@@ -41,7 +41,7 @@ impl VerifyCmd {
                         serde_json::json!({"subject": "verify", "ok": false, "exit_code": code, "error": format!("{e:#}")})
                     );
                 }
-                std::process::exit(openshell_matrix::EXIT_CHECKER_FAILED);
+                return Ok(crate::exit_code(openshell_matrix::EXIT_CHECKER_FAILED));
             }
         };
         if self.json {
@@ -49,6 +49,6 @@ impl VerifyCmd {
         } else {
             print!("{}", matrix.render());
         }
-        std::process::exit(matrix.exit_code());
+        Ok(crate::exit_code(matrix.exit_code()))
     }
 }

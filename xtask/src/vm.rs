@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use clap::builder::ArgPredicate;
 use openshell_artifacts::Store;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use openshell_vm::check::{self, Verification};
-use openshell_vm::gateway::{self, GatewayInstance};
+use openshell_instance::check::{self, Verification};
+use openshell_instance::gateway::{self, GatewayInstance};
+use openshell_instance::supervise;
 use openshell_vm::{VmConfig, VmmChoice};
 use xshell::Shell;
 
@@ -66,7 +68,7 @@ struct RunArgs {
     /// `vm status` says why) or on-failure (boot it again on the same port, at most 5 times, after
     /// 1, 2, 4, 8, 16 s; each restart is logged with its cause)
     #[arg(long, value_name = "no|on-failure", default_value = "no", conflicts_with = "exec")]
-    restart: openshell_vm::supervise::Restart,
+    restart: supervise::Restart,
     /// Arguments of the command
     #[arg(last = true)]
     args: Vec<String>,
@@ -117,41 +119,23 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 impl VmCmd {
-    pub fn run(self) -> anyhow::Result<()> {
+    pub fn run(self) -> anyhow::Result<ExitCode> {
         match self.cmd {
-            VmSub::Run(args) => {
-                let code = args.run()?;
-                std::process::exit(code);
-            }
+            VmSub::Run(args) => Ok(crate::exit_code(args.run()?)),
             VmSub::Status { name, json } => {
                 let st = GatewayInstance::new(&gateway::gateways_root(), &name)?.status();
                 if json {
                     println!("{}", serde_json::to_string_pretty(&st)?);
-                } else if let Some(failure) = &st.failure {
-                    println!(
-                        "gateway {:?}: failed: {failure}; nothing left running; start it again with cargo xtask vm run --name {}",
-                        st.name, st.name
-                    );
                 } else {
-                    let pid = |p: Option<u32>| p.map_or("-".to_owned(), |p| p.to_string());
-                    println!(
-                        "gateway {:?}: {} at {} (supervisor {}, vm {}); health: {}; client bundle: {}",
-                        st.name,
-                        if st.running { "running" } else { "stopped" },
-                        st.endpoint.as_deref().unwrap_or("-"),
-                        pid(st.supervisor_pid),
-                        pid(st.vm_pid),
-                        st.health,
-                        st.mtls_dir.display()
-                    );
+                    println!("{}", status_line(&st));
                 }
-                std::process::exit(if st.health == "SERVING" { 0 } else { 1 });
+                Ok(if st.health == "SERVING" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             }
             VmSub::Stop { name } => {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
                 let stopped = inst.stop(Duration::from_secs(15))?;
                 eprintln!("gateway {name:?}: {}", if stopped { "stopped" } else { "was not running" });
-                Ok(())
+                Ok(ExitCode::SUCCESS)
             }
             VmSub::Logs { name, follow } => {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
@@ -169,7 +153,7 @@ impl VmCmd {
                         if follow {
                             eprintln!("vm logs: gateway {name:?} is not running; nothing more will be written");
                         }
-                        return Ok(());
+                        return Ok(ExitCode::SUCCESS);
                     }
                     std::thread::sleep(Duration::from_millis(200));
                 }
@@ -183,7 +167,7 @@ impl RunArgs {
         // Before any build: a missing gvproxy should not cost a kernel build to find out.
         let net = openshell_vm::NetMode::resolve(self.net, self.gvproxy.clone())?;
         // A running instance is refused before anything is built, reset or written into its
-        // share; `supervise::boot` takes the lock for real.
+        // share; the boot takes the lock for real.
         let instance = match &self.exec {
             Some(_) => None,
             None => {
@@ -199,42 +183,91 @@ impl RunArgs {
         crate::deps::ensure(&sh, &crate::artifacts::boot_packages(&net, self.vmm, &host))?;
         let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
+        crate::artifacts::ensure_vmm(&sh, self.vmm, &net)?;
+        let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
+        let Some(inst) = instance else {
+            return self.run_exec(kernel.vmlinux, rootfs.dir, net, verification);
+        };
+        if self.reset {
+            inst.reset()?;
+        }
+        let cold = inst.ensure_pki()?;
+        let port = self.ports.first().map_or(gateway::GATEWAY_PORT, |p| p.host);
+        let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
+        let mut req = supervise::Request::new(
+            &gateway::gateways_root(),
+            &self.name,
+            kernel.vmlinux,
+            rootfs.dir,
+            digests,
+            port,
+            net,
+            self.vmm,
+        );
+        req.vcpus = self.vcpus;
+        req.mem_mib = self.mem;
+        req.dhcp = self.dhcp;
+        req.console_log = self.console;
+        req.env = self.env;
+        req.workdir = self.workdir;
+        req.ready_timeout = Duration::from_secs(self.ready_timeout);
+        req.verification = verification;
+        req.restart = self.restart;
+        let pki = if cold { "new PKI" } else { "reused PKI" };
+        if self.detach {
+            // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
+            show_warnings(&check::preflight(&req.config()?, verification)?);
+            let supervisor = crate::artifacts::build_supervisor(&sh)?;
+            let up = supervise::detach(&supervisor, &req)?;
+            eprintln!(
+                "gateway {:?} SERVING over mTLS at {} ({pki}; supervisor pid {}); `cargo xtask vm status --name {}`",
+                inst.name,
+                up.endpoint,
+                up.child.id(),
+                inst.name
+            );
+            return Ok(0);
+        }
+        let mut up = req.boot()?;
+        show_warnings(&up.preflight);
+        for line in &up.recovered {
+            eprintln!("gateway {:?}: recovered stale state: {line}", inst.name);
+        }
+        eprintln!("vm: {} ({})", up.vm.backend, up.vm.backend_reason);
+        let console = std::fs::read_to_string(&up.vm.console).unwrap_or_default();
+        eprintln!("{}", openshell_vm::timeline::render(&console, up.ready));
+        eprintln!(
+            "gateway {:?} SERVING over mTLS at {} after {:.2}s ({pki}); client bundle: {}",
+            inst.name,
+            up.endpoint,
+            up.ready.as_secs_f64(),
+            inst.mtls_dir().display()
+        );
+        eprintln!("Ctrl-C stops it.");
+        let exit = up.wait(Some(&mut std::io::stdout()), self.restart)?;
+        eprintln!("vm: {exit} after {:.2}s", up.vm.started.elapsed().as_secs_f64());
+        Ok(exit.code())
+    }
+
+    /// `vm run --exec`: one command in a VM of its own (no instance), preflight first.
+    fn run_exec(
+        self,
+        kernel: PathBuf,
+        rootfs: PathBuf,
+        net: openshell_vm::NetMode,
+        verification: Verification,
+    ) -> anyhow::Result<i32> {
+        let mut argv = vec![self.exec.clone().expect("exec mode")];
+        argv.extend(self.args.clone());
         // Lives as long as the VM: a one-shot --exec VM without --state-dir runs in a temp dir.
         let mut tmp = None;
-        let gateway = match instance {
-            None => None,
-            Some(inst) => {
-                if self.reset {
-                    inst.reset()?;
-                }
-                let cold = inst.ensure_pki()?;
-                let port = self.ports.first().map_or(gateway::GATEWAY_PORT, |p| p.host);
-                let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
-                let cfg = inst.vm_config(
-                    kernel.vmlinux.clone(),
-                    rootfs.dir.clone(),
-                    (&digests.0, &digests.1),
-                    port,
-                    net.clone(),
-                )?;
-                Some((inst, cfg, cold, digests))
-            }
+        let state_dir = match &self.state_dir {
+            Some(d) => d.clone(),
+            None => tmp.insert(tempfile::Builder::new().prefix("openshell-vm-").tempdir()?).path().to_owned(),
         };
-        let mut cfg = match &gateway {
-            Some((_, cfg, _, _)) => cfg.clone(),
-            None => {
-                let mut argv = vec![self.exec.clone().expect("exec mode")];
-                argv.extend(self.args.clone());
-                let state_dir = match &self.state_dir {
-                    Some(d) => d.clone(),
-                    None => tmp.insert(tempfile::Builder::new().prefix("openshell-vm-").tempdir()?).path().to_owned(),
-                };
-                let mut cfg = VmConfig::exec(kernel.vmlinux.clone(), rootfs.dir.clone(), state_dir, argv);
-                cfg.net = net;
-                cfg.ports = self.ports.clone();
-                cfg
-            }
-        };
+        let mut cfg = VmConfig::exec(kernel, rootfs, state_dir, argv);
+        cfg.net = net;
+        cfg.ports = self.ports;
         cfg.vcpus = self.vcpus;
         cfg.mem_mib = self.mem;
         cfg.exec.env = self.env;
@@ -242,63 +275,13 @@ impl RunArgs {
         cfg.console_log = self.console;
         cfg.vmm = self.vmm;
         cfg.dhcp = self.dhcp;
-        crate::artifacts::ensure_vmm(&sh, &mut cfg)?;
-        let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
-        if self.detach {
-            let (inst, ..) = gateway.as_ref().expect("detach is gateway-only");
-            // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
-            show_warnings(&check::preflight(&cfg, verification)?);
-            let (_, _, cold, _) = gateway.as_ref().expect("detach is gateway-only");
-            return detach(inst, self.ready_timeout, *cold);
-        }
-        let mut vm = match &gateway {
-            Some((inst, _, cold, digests)) => {
-                let up = openshell_vm::supervise::boot(
-                    inst,
-                    &cfg,
-                    (&digests.0, &digests.1),
-                    Duration::from_secs(self.ready_timeout),
-                    verification,
-                )?;
-                show_warnings(&up.preflight);
-                for line in &up.recovered {
-                    eprintln!("gateway {:?}: recovered stale state: {line}", inst.name);
-                }
-                eprintln!("vm: {} ({})", up.vm.backend, up.vm.backend_reason);
-                print_timeline(&up.vm.console, up.ready);
-                eprintln!(
-                    "gateway {:?} SERVING over mTLS at {} after {:.2}s ({} PKI); client bundle: {}",
-                    inst.name,
-                    up.endpoint,
-                    up.ready.as_secs_f64(),
-                    if *cold { "new" } else { "reused" },
-                    inst.mtls_dir().display()
-                );
-                eprintln!("Ctrl-C stops it.");
-                Running::Gateway(up)
-            }
-            None => {
-                let (vm, preflight) = check::launch_checked(&cfg, verification)?;
-                show_warnings(&preflight);
-                eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
-                Running::Exec(vm)
-            }
-        };
-        let mut out = std::io::stdout();
-        let (exit, started) = match &mut vm {
-            Running::Gateway(up) => (up.wait(Some(&mut out), self.restart)?, up.vm.started),
-            Running::Exec(vm) => (vm.wait(Some(&mut out), None)?, vm.started),
-        };
-        eprintln!("vm: {exit} after {:.2}s", started.elapsed().as_secs_f64());
+        let (mut vm, preflight) = check::launch_checked(&cfg, verification)?;
+        show_warnings(&preflight);
+        eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
+        let exit = vm.wait(Some(&mut std::io::stdout()), None)?;
+        eprintln!("vm: {exit} after {:.2}s", vm.started.elapsed().as_secs_f64());
         Ok(exit.code())
     }
-}
-
-/// The foreground VM: a supervised gateway (holding its instance lock) or a one-shot command.
-#[allow(clippy::large_enum_variant)] // one per process
-enum Running {
-    Gateway(openshell_vm::supervise::Supervised),
-    Exec(openshell_vm::RunningVm),
 }
 
 /// The preflight's WARN rows (an unverified artifact booted with --allow-unverified, a slow
@@ -309,60 +292,42 @@ fn show_warnings(p: &check::Preflight) {
     }
 }
 
-/// The boot timeline: init's millisecond stamps (guest clock since boot) and host-side readiness.
-fn print_timeline(console: &std::path::Path, ready: Duration) {
-    // Two clocks: the host's from VMM start, the guest's from its kernel's start (the VMM's own
-    // startup, ~0.1-0.3 s under TCG, sits between them and is not observable from either).
-    let text = std::fs::read_to_string(console).unwrap_or_default();
-    eprintln!("boot timeline (host: ms since VMM start; guest: ms since its kernel started):");
-    eprintln!("  host  {:>6} ms  VMM started", 0);
-    eprintln!("  guest {:>6} ms  kernel started", 0);
-    for (ms, what) in openshell_vm::timeline::guest_steps(&text) {
-        eprintln!("  guest {ms:>6} ms  {what}");
-    }
-    eprintln!("  host  {:>6} ms  mTLS health SERVING", ready.as_millis());
-}
-
-/// Re-runs this `vm run` without `--detach` as a background supervisor (its own session, output to
-/// `supervisor.log`), and returns when it reports ready, or fails with its log when it exits.
-fn detach(inst: &GatewayInstance, ready_timeout: u64, cold: bool) -> anyhow::Result<i32> {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--detach" && a != "--reset").collect();
-    let log_path = inst.dir.join("supervisor.log");
-    let log = std::fs::File::create(&log_path)?;
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(&args).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from our terminal.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(ready_timeout + 30);
-    loop {
-        if let Some(m) = inst.read_metadata().filter(|m| m.supervisor_pid == Some(child.id())) {
-            // The supervisor finds the PKI this process generated, so only we know it was new.
-            let pki = if cold { "new PKI" } else { "reused PKI" };
-            eprintln!(
-                "gateway {:?} SERVING over mTLS at {} ({pki}; supervisor pid {}); `cargo xtask vm status --name {}`",
-                inst.name,
-                m.endpoint,
-                child.id(),
-                inst.name
-            );
-            return Ok(0);
+/// `vm status` for a person: one line, no Rust `Debug` forms.
+fn status_line(st: &openshell_instance::status::Status) -> String {
+    let name = &st.name;
+    let pid = |p: Option<u32>| p.map_or("-".to_owned(), |p| p.to_string());
+    let endpoint = st.endpoint.as_deref().unwrap_or("-");
+    match (&st.restarting, &st.failure) {
+        (Some(r), Some(failure)) => {
+            return format!(
+                "gateway {name:?}: restarting in {} s after {failure} (restart {}/{}) at {endpoint}; supervisor {}; \
+                 `cargo xtask vm stop --name {name}` stops it",
+                st.restart_in().unwrap_or(0),
+                r.attempt,
+                r.max,
+                pid(st.supervisor_pid)
+            )
         }
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            anyhow::bail!("the gateway supervisor exited ({status}) before it was ready:\n{log}");
+        (None, Some(failure)) if !st.running => {
+            return format!(
+                "gateway {name:?}: failed: {failure}; nothing left running; start it again with cargo xtask vm run --name {name}"
+            )
         }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!("the gateway was not ready within {}s; see {}", ready_timeout + 30, log_path.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        _ => {}
     }
+    if !st.stale.is_empty() {
+        return format!(
+            "gateway {name:?}: stopped, but a supervisor that died left records behind ({}); \
+             `cargo xtask vm stop --name {name}` clears them",
+            st.stale.join("; ")
+        );
+    }
+    format!(
+        "gateway {name:?}: {} at {endpoint} (supervisor {}, vm {}); health: {}; client bundle: {}",
+        if st.running { "running" } else { "stopped" },
+        pid(st.supervisor_pid),
+        pid(st.vm_pid),
+        st.health,
+        st.mtls_dir.display()
+    )
 }

@@ -6,6 +6,9 @@
 //! calling process in [`Context::start_enter`], so a VM normally gets its own
 //! process.
 
+pub mod child;
+#[cfg(target_os = "linux")]
+pub mod confine;
 #[macro_use]
 mod ffi;
 mod spec;

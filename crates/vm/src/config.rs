@@ -4,49 +4,9 @@ use std::path::PathBuf;
 
 use openshell_guest::{ExecRequest, GuestMount};
 
-use crate::{NetMode, PortMap, VmmChoice};
+use crate::{NetMode, PortMap};
 
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error("guest kernel not found at {0}; build it with `cargo xtask kernel`")]
-    KernelMissing(PathBuf),
-    #[error("rootfs not usable at {0} (no /sbin/openshell-init); bake it with `cargo xtask rootfs`")]
-    RootfsMissing(PathBuf),
-    #[error("invalid VM config: {0}")]
-    Invalid(String),
-    #[error("no VMM can run here: {0}")]
-    NoBackend(String),
-    #[error("no network backend: {0}")]
-    NoNetwork(String),
-    #[error("the krun VMM binary {0} is missing; build it with `cargo build -p openshell-krun --bin openshell-vmm`")]
-    VmmBinaryMissing(PathBuf),
-    #[error("cannot start {what}: {source}")]
-    Spawn { what: String, source: std::io::Error },
-    #[error("VM state I/O at {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error(
-        "host port {0} is already in use on 127.0.0.1; stop what listens there or map another port with -p HOST:GUEST"
-    )]
-    PortInUse(u16),
-    #[error("passt exited before the VM could use it ({0}); see passt.log in the VM's state directory")]
-    PasstDied(String),
-    /// gvproxy failed to start, or refused a forward; the message carries its words.
-    #[error("{0}")]
-    Gvproxy(String),
-    #[error("{0}")]
-    Instance(String),
-    /// The preflight's table: the same rows `cargo xtask check` shows, with their fixes.
-    #[error("refusing to boot: a required check failed (the same rows as `cargo xtask check`)\n{0}")]
-    Refused(String),
-    #[error("the gateway did not become ready: {0}")]
-    NotReady(String),
-    #[error("the guest was still running after {secs}s; console log: {console}")]
-    Timeout { secs: u64, console: PathBuf },
-    #[error("the guest capability checker did not report: {0}")]
-    GuestCheck(String),
-    #[error("the guest ended without reporting an exit code (VMM {status}); console log: {console}")]
-    NoExitCode { status: String, console: PathBuf },
-}
+pub use crate::error::VmError;
 
 /// One VM.
 #[derive(Debug, Clone)]
@@ -63,8 +23,6 @@ pub struct VmConfig {
     pub vmm: VmmChoice,
     /// libkrun log level (0 off … 5 trace).
     pub log_level: u32,
-    /// Path of the `openshell-vmm` binary that hosts libkrun (krun backend only).
-    pub krun_vmm_binary: Option<PathBuf>,
     pub net: NetMode,
     /// TCP forwards from 127.0.0.1 on the host into the guest (needs a network backend).
     pub ports: Vec<PortMap>,
@@ -101,7 +59,6 @@ impl VmConfig {
             console_log: None,
             vmm: VmmChoice::Auto,
             log_level: 0,
-            krun_vmm_binary: None,
             net: NetMode::None,
             ports: Vec::new(),
             dhcp: false,
@@ -155,6 +112,28 @@ impl VmConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// What the user asked for with `--vmm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmChoice {
+    #[default]
+    Auto,
+    Krun,
+    Qemu,
+}
+
+impl std::str::FromStr for VmmChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(VmmChoice::Auto),
+            "krun" => Ok(VmmChoice::Krun),
+            "qemu" => Ok(VmmChoice::Qemu),
+            _ => Err(format!("unknown VMM {s:?}: expected auto, krun or qemu")),
+        }
     }
 }
 

@@ -1,38 +1,178 @@
-//! Facts about the host that decide which VMM can run here. Read once, passed around as data, so
-//! the decisions that use them are testable with fake facts.
+//! Facts about the host that decide how a VM can run here, probed once by [`HostFacts::probe`]
+//! and passed around as data: virtualization (Linux `/dev/kvm` and its kind, macOS HVF), the VMM
+//! binaries and helper programs with their paths and versions. Nothing here decides; the plan
+//! ([`crate::plan`]) does, from these facts alone, so every decision is testable with fake facts.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Os {
+    Linux,
+    MacOs,
+}
+
+#[derive(Debug, Clone)]
 pub struct HostFacts {
-    /// `/dev/kvm` exists and this user can open it read-write.
-    pub kvm_usable: bool,
-    /// The CPU advertises VMX or SVM (hardware virtualization visible to this kernel).
-    pub cpu_virt: bool,
+    pub os: Os,
+    /// `vmx` or `svm` when `/proc/cpuinfo` shows it.
+    pub cpu_virt_flag: Option<String>,
+    /// The CPU flag `hypervisor`: this host is itself a VM, so any KVM here is nested.
+    pub cpu_hypervisor: bool,
+    pub kvm: KvmDevice,
+    /// Only on macOS.
+    pub macos: Option<MacFacts>,
+    pub krun: KrunFacts,
+    pub qemu: Option<Tool>,
+    pub passt: Option<Tool>,
+    /// Found on PATH or where podman's packages put it ([`crate::net::gvproxy::find`]).
+    pub gvproxy: Option<Tool>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct KvmDevice {
+    pub exists: bool,
+    /// Why opening `/dev/kvm` read-write failed, if it did.
+    pub open_error: Option<String>,
+    /// Loaded KVM modules among `kvm_intel`, `kvm_amd`, `kvm_pvm`.
+    pub modules: Vec<String>,
+}
+
+impl KvmDevice {
+    pub fn usable(&self) -> bool {
+        self.exists && self.open_error.is_none()
+    }
+
     /// The KVM module is `kvm_pvm`: nested KVM without VMX, where every guest kernel instruction
     /// is emulated (see the README's PVM note).
-    pub kvm_pvm: bool,
-    /// `qemu-system-x86_64` on PATH.
-    pub qemu: Option<PathBuf>,
+    pub fn pvm(&self) -> bool {
+        self.modules.iter().any(|m| m == "kvm_pvm")
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MacFacts {
+    /// `sysctl kern.hv_support` is 1.
+    pub hvf: bool,
+    /// Whether `openshell-vmm` carries `com.apple.security.hypervisor`; `None` when not built.
+    pub vmm_entitled: Option<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KrunFacts {
+    /// `bundled` or `system` (the `openshell-krun` feature this build links).
+    pub link_mode: String,
+    pub version: Option<String>,
+    /// The `openshell-vmm` binary that hosts a libkrun VM ([`vmm_binary`]).
+    pub vmm_binary: PathBuf,
+    pub vmm_built: bool,
+}
+
+/// A helper program found on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tool {
+    pub path: PathBuf,
+    pub version: Option<String>,
+}
+
+/// Where `openshell-vmm` is, or will be once built: `$OPENSHELL_VMM` (the VM suites, and a nested
+/// host's share), else beside the running program (`target/debug/`, where `cargo xtask` builds it).
+/// The one place that locates it.
+pub fn vmm_binary() -> PathBuf {
+    std::env::var_os("OPENSHELL_VMM")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("openshell-vmm"))))
+        .unwrap_or_else(|| PathBuf::from("openshell-vmm"))
 }
 
 impl HostFacts {
+    /// The one probe of the host. Records what it cannot find out as a fact rather than failing.
     pub fn probe() -> HostFacts {
         let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+        let flags: Vec<&str> = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .map(|l| l.split_whitespace().collect())
+            .unwrap_or_default();
+        let macos = cfg!(target_os = "macos");
+        let vmm = vmm_binary();
         HostFacts {
-            kvm_usable: fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok(),
-            cpu_virt: flags.split_whitespace().any(|f| f == "vmx" || f == "svm"),
-            kvm_pvm: Path::new("/sys/module/kvm_pvm").exists(),
-            qemu: which::which("qemu-system-x86_64").ok(),
+            os: if macos { Os::MacOs } else { Os::Linux },
+            cpu_virt_flag: flags.iter().find(|f| **f == "vmx" || **f == "svm").map(|f| f.to_string()),
+            cpu_hypervisor: flags.contains(&"hypervisor"),
+            kvm: probe_kvm(),
+            macos: macos.then(|| probe_macos(&vmm)),
+            krun: KrunFacts {
+                link_mode: openshell_krun::LINK_MODE.to_owned(),
+                version: if openshell_krun::LINK_MODE == "bundled" {
+                    Some(openshell_krun::BUNDLED_LIBKRUN_VERSION.to_owned())
+                } else {
+                    first_line("pkg-config", &["--modversion", "libkrun"])
+                },
+                vmm_built: vmm.is_file(),
+                vmm_binary: vmm,
+            },
+            qemu: tool("qemu-system-x86_64", |out| out.strip_prefix("QEMU emulator version ").map(str::to_owned)),
+            passt: tool("passt", |out| {
+                // Debian's passt says "passt unknown version"; its package version is the useful one.
+                let own = out.strip_prefix("passt ").filter(|v| !v.contains("unknown")).map(str::to_owned);
+                own.or_else(|| {
+                    first_line("dpkg-query", &["-W", "-f=${Version}", "passt"]).map(|v| format!("{v} (Debian package)"))
+                })
+            }),
+            gvproxy: crate::net::gvproxy::find().map(|path| {
+                let version = first_line(&path.to_string_lossy(), &["--version"]);
+                Tool { path, version }
+            }),
         }
     }
 
     /// Hardware-accelerated KVM that runs an unmodified guest at native speed.
     pub fn hardware_kvm(&self) -> bool {
-        self.kvm_usable && self.cpu_virt && !self.kvm_pvm
+        self.kvm.usable() && self.cpu_virt_flag.is_some() && !self.kvm.pvm()
     }
+}
+
+fn probe_kvm() -> KvmDevice {
+    let dev = Path::new("/dev/kvm");
+    KvmDevice {
+        exists: dev.exists(),
+        open_error: fs::OpenOptions::new().read(true).write(true).open(dev).err().map(|e| e.to_string()),
+        modules: ["kvm_intel", "kvm_amd", "kvm_pvm"]
+            .into_iter()
+            .filter(|m| Path::new("/sys/module").join(m).exists())
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
+/// Compiled everywhere so Linux builds type-check it; only called on macOS.
+fn probe_macos(vmm_binary: &Path) -> MacFacts {
+    let vmm = vmm_binary.to_string_lossy().into_owned();
+    MacFacts {
+        hvf: first_line("sysctl", &["-n", "kern.hv_support"]).as_deref() == Some("1"),
+        vmm_entitled: vmm_binary.is_file().then(|| {
+            Command::new("codesign")
+                .args(["-d", "--entitlements", "-", "--xml", &vmm])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("com.apple.security.hypervisor"))
+        }),
+    }
+}
+
+/// The first line a program prints (stdout, else stderr), if it runs and succeeds.
+pub(crate) fn first_line(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok().filter(|o| o.status.success())?;
+    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
+    String::from_utf8_lossy(&text).lines().next().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty())
+}
+
+/// A program on PATH and its version, read from its `--version` line by `parse`.
+fn tool(name: &str, parse: impl Fn(&str) -> Option<String>) -> Option<Tool> {
+    let path = which::which(name).ok()?;
+    let version = first_line(&path.to_string_lossy(), &["--version"]).and_then(|l| parse(&l));
+    Some(Tool { path, version })
 }
 
 /// The host's TSC rate in kHz, or `None` when the TSC is not invariant (no `constant_tsc`) or this
@@ -79,4 +219,59 @@ fn measure_tsc_khz(window: std::time::Duration) -> Option<u32> {
 #[cfg(not(target_arch = "x86_64"))]
 fn measure_tsc_khz(_: std::time::Duration) -> Option<u32> {
     None
+}
+
+/// Fake facts for the host shapes the plan distinguishes, for unit tests here and in the crates
+/// above (the check's rows): facts in, decisions out, no host needed.
+#[doc(hidden)]
+pub mod fake {
+    use super::*;
+
+    /// A bare-metal Linux host with hardware KVM, QEMU and passt.
+    pub fn hardware_kvm() -> HostFacts {
+        HostFacts {
+            os: Os::Linux,
+            cpu_virt_flag: Some("vmx".into()),
+            cpu_hypervisor: false,
+            kvm: KvmDevice { exists: true, open_error: None, modules: vec!["kvm_intel".into()] },
+            macos: None,
+            krun: KrunFacts {
+                link_mode: "bundled".into(),
+                version: Some("1.19.7".into()),
+                vmm_binary: "/t/openshell-vmm".into(),
+                vmm_built: true,
+            },
+            qemu: Some(Tool { path: "/usr/bin/qemu-system-x86_64".into(), version: Some("7.2.22".into()) }),
+            passt: Some(Tool { path: "/usr/bin/passt".into(), version: Some("0.0~git20230309".into()) }),
+            gvproxy: None,
+        }
+    }
+
+    /// This project's CI host: /dev/kvm is nested PVM, no VMX.
+    pub fn pvm() -> HostFacts {
+        let mut h = hardware_kvm();
+        h.cpu_virt_flag = None;
+        h.cpu_hypervisor = true;
+        h.kvm.modules = vec!["kvm_pvm".into()];
+        h
+    }
+
+    pub fn no_kvm() -> HostFacts {
+        let mut h = hardware_kvm();
+        h.cpu_virt_flag = None;
+        h.kvm = KvmDevice::default();
+        h
+    }
+
+    pub fn macos(hvf: bool, vmm_entitled: Option<bool>) -> HostFacts {
+        let mut h = hardware_kvm();
+        h.os = Os::MacOs;
+        h.cpu_virt_flag = None;
+        h.kvm = KvmDevice::default();
+        h.qemu = None;
+        h.passt = None;
+        h.gvproxy = Some(Tool { path: "/opt/homebrew/bin/gvproxy".into(), version: None });
+        h.macos = Some(MacFacts { hvf, vmm_entitled });
+        h
+    }
 }

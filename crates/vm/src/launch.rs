@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use openshell_guest::{EXEC_FILE, EXIT_CODE_FILE, STOP_REQUEST_FILE};
 
 use crate::backend::{self, Backend};
-use crate::{HostFacts, VmConfig, VmError};
+pub use crate::child::{Child, Ended};
+use crate::plan::Plan;
+use crate::{VmConfig, VmError};
 
 const STOP_GRACE: Duration = Duration::from_secs(3);
 /// How long a guest asked to stop (through the share) gets to stop its workload and power off
@@ -44,54 +46,6 @@ pub enum VmExit {
     /// The network helper (passt or gvproxy) ended while the VM ran, so the guest could no longer
     /// be reached; the VMM was stopped.
     NetworkDied { helper: Child, how: Ended },
-}
-
-/// A process the supervisor owns for a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Child {
-    Vmm,
-    Passt,
-    Gvproxy,
-}
-
-impl std::fmt::Display for Child {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Child::Vmm => "the VMM",
-            Child::Passt => "passt",
-            Child::Gvproxy => "gvproxy",
-        })
-    }
-}
-
-/// How a process ended: its own exit code, or the signal that killed it. In JSON, one key:
-/// `{"exit_code": 1}` or `{"signal": 9}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Ended {
-    ExitCode(i32),
-    Signal(i32),
-}
-
-impl Ended {
-    pub fn of(status: std::process::ExitStatus) -> Ended {
-        match (status.code(), status.signal()) {
-            (Some(code), _) => Ended::ExitCode(code),
-            (None, Some(signal)) => Ended::Signal(signal),
-            // Neither code nor signal happens only for stopped/continued, which wait() never returns.
-            (None, None) => Ended::ExitCode(-1),
-        }
-    }
-}
-
-impl std::fmt::Display for Ended {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Ended::ExitCode(code) => write!(f, "exit code {code}"),
-            Ended::Signal(signal) => write!(f, "signal {signal}"),
-        }
-    }
 }
 
 impl VmExit {
@@ -157,22 +111,50 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { path, source }
 }
 
-/// Boots `cfg` and returns once the VMM process runs.
-pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
+/// Boots `cfg` with the backend `plan` chose for it ([`crate::plan`], made for `cfg.vmm`; the
+/// preflight's) and returns once the VMM process runs.
+pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
     cfg.validate()?;
-    let (backend, reason) = backend::choose(cfg.vmm, &HostFacts::probe())?;
+    if plan.choice != cfg.vmm {
+        return Err(VmError::Invalid(format!(
+            "the plan was made for --vmm {:?}, the config asks for {:?}; plan for the config",
+            plan.choice, cfg.vmm
+        )));
+    }
+    let (backend, reason) = plan.backend()?;
+    let reason = reason.to_owned();
     tracing::info!(%backend, %reason, "VMM chosen");
     if cfg.net != crate::NetMode::None {
         crate::net::check_ports_free(&cfg.ports)?;
     }
     let share = prepare_state(cfg)?;
+    let attach = match backend {
+        Backend::Krun => crate::net::Attach::Krun,
+        Backend::Qemu { .. } => crate::net::Attach::Qemu,
+    };
+    let link = crate::net::Link::of(&cfg.net, attach, &cfg.state_dir);
+    // QEMU gets its files open and runs unprivileged (see `sandbox`); both outlive the spawn below.
+    let mut qemu_sandbox = None;
     let mut cmd = match backend {
         Backend::Qemu { kvm } => {
-            let qemu = which::which("qemu-system-x86_64")
-                .map_err(|_| VmError::NoBackend("qemu-system-x86_64 disappeared from PATH".into()))?;
-            backend::qemu::command(&qemu, cfg, kvm)
+            let qemu = plan.qemu.as_ref().ok_or_else(|| VmError::NoBackend("the plan names no QEMU".into()))?;
+            let user = crate::sandbox::VmmUser::for_qemu(kvm)?;
+            if let Some(user) = &user {
+                user.own_share(&share)?;
+            }
+            let files = crate::sandbox::Handover::open(cfg)?;
+            let cmd = backend::qemu::command(qemu, cfg, kvm, &link, &files.fds());
+            qemu_sandbox = Some((files, user));
+            cmd
         }
-        Backend::Krun => backend::krun::command(cfg)?,
+        Backend::Krun => {
+            let (vmm, built) =
+                plan.vmm_binary.clone().ok_or_else(|| VmError::NoBackend("the plan names no VMM".into()))?;
+            if !built || !vmm.is_file() {
+                return Err(VmError::VmmBinaryMissing(vmm));
+            }
+            backend::krun::command(&vmm, cfg, &link)?
+        }
     };
     let vmm_log = cfg.state_dir.join("vmm.log");
     let log = File::create(&vmm_log).map_err(io_err(&vmm_log))?;
@@ -184,24 +166,29 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            die_with_parent()
+            crate::child::die_with_parent()
         });
     }
-    let attach = match backend {
-        Backend::Krun => crate::net::Attach::Krun,
-        Backend::Qemu { .. } => crate::net::Attach::Qemu,
-    };
     let (net, vmm_net_end) = match crate::net::start(&cfg.net, &cfg.ports, attach, &cfg.state_dir)? {
         Some((net, end)) => (Some(net), end),
         None => (None, None),
     };
     if let Some(end) = &vmm_net_end {
-        crate::net::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(end));
+        crate::child::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(end));
+    }
+    // After the network's dup2 (it places its fd at CHILD_FD, below the handed ones), and the
+    // drop last: nothing before it needs root, and it re-arms the parent-death signal.
+    if let Some((files, user)) = &qemu_sandbox {
+        files.give_to(&mut cmd);
+        if let Some(user) = user {
+            user.drop_to(&mut cmd);
+        }
     }
     let started = Instant::now();
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
     // The VMM holds its own copy now; ours must close so passt sees EOF when the VMM exits.
     drop(vmm_net_end);
+    drop(qemu_sandbox);
     tracing::debug!(pid = child.id(), ?cmd, "VMM started");
     record_in_ledger(child.id(), backend, &cfg.state_dir);
     Ok(RunningVm {
@@ -424,13 +411,13 @@ impl Drop for RunningVm {
 
 /// SIGINT and SIGTERM to this process, caught while the value lives (then the handlers go):
 /// how a supervisor learns it should stop its VM instead of dying with it.
-pub(crate) struct StopSignals {
+pub struct StopSignals {
     got: Arc<AtomicUsize>,
     ids: [Option<signal_hook::SigId>; 2],
 }
 
 impl StopSignals {
-    pub(crate) fn register() -> StopSignals {
+    pub fn register() -> StopSignals {
         let got = Arc::new(AtomicUsize::new(0));
         let ids = [libc::SIGINT, libc::SIGTERM]
             .map(|s| signal_hook::flag::register_usize(s, Arc::clone(&got), s as usize).ok());
@@ -438,7 +425,7 @@ impl StopSignals {
     }
 
     /// The signal that came since the last call, if any.
-    pub(crate) fn take(&self) -> Option<i32> {
+    pub fn take(&self) -> Option<i32> {
         Some(self.got.swap(0, Ordering::Relaxed) as i32).filter(|&s| s != 0)
     }
 }
@@ -486,17 +473,4 @@ impl Tail {
             let _ = sink.flush();
         }
     }
-}
-
-/// In a child between fork and exec: die when the process that started us dies, so a SIGKILLed
-/// supervisor leaves no VMM, passt or gvproxy behind. Linux only (`PR_SET_PDEATHSIG`); elsewhere
-/// `Drop` handles orderly exits and `supervise::recover` cleans up after a crash.
-/// Async-signal-safe.
-pub(crate) fn die_with_parent() -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl with constant arguments; async-signal-safe.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

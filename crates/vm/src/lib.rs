@@ -6,21 +6,22 @@
 //! A plain library: no printing, no `process::exit`. Progress goes to `tracing`.
 
 pub mod backend;
-pub mod check;
+pub mod child;
 pub mod config;
-pub mod gateway;
-pub mod guest_check;
+pub mod error;
 pub mod host;
 pub mod launch;
 pub mod nested;
 pub mod net;
+pub mod plan;
 pub mod procfs;
-pub mod supervise;
+pub mod sandbox;
 pub mod timeline;
-pub mod verify;
 
-pub use backend::{Backend, KrunPlace, VmmChoice};
-pub use config::{DirShare, VmConfig, VmError};
+pub use backend::Backend;
+pub use config::{DirShare, VmConfig, VmmChoice};
+pub use error::VmError;
 pub use host::HostFacts;
 pub use launch::{launch, Child, Ended, RunningVm, Stopped, VmExit, LEDGER_ENV};
 pub use net::{NetMode, PortMap};
+pub use plan::{plan, KrunPlace, Need, Plan};

@@ -62,6 +62,11 @@ pub fn cwd(pid: u32) -> Option<std::path::PathBuf> {
     fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }
 
+/// What the process's fd `fd` is open on (`/proc/<pid>/fd/<fd>`), e.g. a file handed to the VMM.
+pub fn fd_target(pid: u32, fd: i32) -> Option<std::path::PathBuf> {
+    fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()
+}
+
 /// `(state, ppid)` from `/proc/<pid>/stat`. The command name is in parentheses and may itself
 /// contain spaces or parentheses, so the fields are counted from the last `)`.
 fn parse_stat(stat: &str) -> Option<(char, u32)> {

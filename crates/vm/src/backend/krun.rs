@@ -12,6 +12,8 @@ use std::process::Command;
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
 use openshell_krun::{KrunSpec, UnixgramNet};
 
+use crate::child::CHILD_FD;
+use crate::net::Link;
 use crate::{VmConfig, VmError};
 
 /// libkrun's default prolog (which a cmdline passed to `krun_set_kernel` replaces) with our init
@@ -31,7 +33,7 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
 /// newline in a script aborts the VMM (libkrun's cmdline builder: `InvalidAscii`).
 const KRUN_EXEC: &str = "/sbin/openshell-init";
 
-pub fn spec(cfg: &VmConfig) -> KrunSpec {
+pub fn spec(cfg: &VmConfig, link: &Link) -> KrunSpec {
     KrunSpec {
         vcpus: cfg.vcpus,
         mem_mib: cfg.mem_mib,
@@ -49,37 +51,18 @@ pub fn spec(cfg: &VmConfig) -> KrunSpec {
             .chain(cfg.shares.iter().map(|s| (s.mount.tag.clone(), s.host.clone())))
             .collect(),
         log_level: cfg.log_level,
-        passt_fd: (cfg.net == crate::NetMode::Passt).then_some(crate::net::CHILD_FD),
-        net_unixgram: match cfg.net {
-            crate::NetMode::Gvproxy { .. } => Some(UnixgramNet {
-                path: crate::net::gvproxy::vfkit_socket(&cfg.state_dir),
-                mac: crate::net::gvproxy::GUEST_MAC,
-                vfkit_magic: true,
-            }),
+        passt_fd: matches!(link, Link::Stream { .. }).then_some(CHILD_FD),
+        net_unixgram: match link {
+            Link::Unixgram { path, mac } => Some(UnixgramNet { path: path.clone(), mac: *mac, vfkit_magic: true }),
             _ => None,
         },
     }
 }
 
-/// Where `openshell-vmm` is: the config's explicit path, `$OPENSHELL_VMM`, or beside this binary.
-pub fn vmm_binary(cfg: &VmConfig) -> Result<PathBuf, VmError> {
-    let candidate = cfg
-        .krun_vmm_binary
-        .clone()
-        .or_else(|| std::env::var_os("OPENSHELL_VMM").map(PathBuf::from))
-        .or_else(|| std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("openshell-vmm"))))
-        .unwrap_or_else(|| PathBuf::from("openshell-vmm"));
-    if candidate.is_file() {
-        Ok(candidate)
-    } else {
-        Err(VmError::VmmBinaryMissing(candidate))
-    }
-}
-
-pub fn command(cfg: &VmConfig) -> Result<Command, VmError> {
-    let vmm = vmm_binary(cfg)?;
+/// `openshell-vmm` (`vmm`, located by [`crate::host::vmm_binary`]) with the spec it boots.
+pub fn command(vmm: &std::path::Path, cfg: &VmConfig, link: &Link) -> Result<Command, VmError> {
     let path = cfg.state_dir.join("krun-spec.json");
-    let json = serde_json::to_vec_pretty(&spec(cfg)).expect("spec serializes");
+    let json = serde_json::to_vec_pretty(&spec(cfg, link)).expect("spec serializes");
     std::fs::write(&path, json).map_err(|source| VmError::Io { path: path.clone(), source })?;
     let mut c = Command::new(vmm);
     c.arg(path);
@@ -138,23 +121,27 @@ mod tests {
         c
     }
 
+    fn spec_of(c: &VmConfig) -> KrunSpec {
+        spec(c, &Link::of(&c.net, crate::net::Attach::Krun, &c.state_dir))
+    }
+
     #[test]
     fn the_command_travels_only_in_the_share() {
         let mut c = cfg(crate::NetMode::None);
         c.exec.argv = vec!["/bin/sh".into(), "-c".into(), "echo one\necho two".into()];
         c.exec.env = vec![("SECRET".into(), "value".into())];
-        let s = spec(&c);
+        let s = spec_of(&c);
         assert_eq!((s.exec_path.as_str(), s.args.len(), s.env.len(), s.workdir), (KRUN_EXEC, 0, 0, None));
         assert!(!s.cmdline.contains("SECRET") && !s.cmdline.contains("echo"), "{}", s.cmdline);
     }
 
     #[test]
     fn passt_is_an_inherited_fd_and_gvproxy_a_vfkit_socket() {
-        let s = spec(&cfg(crate::NetMode::Passt));
+        let s = spec_of(&cfg(crate::NetMode::Passt));
         assert_eq!((s.passt_fd, s.net_unixgram), (Some(3), None));
         assert!(s.cmdline.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{}", s.cmdline);
 
-        let s = spec(&cfg(crate::NetMode::Gvproxy { binary: "/gv".into() }));
+        let s = spec_of(&cfg(crate::NetMode::Gvproxy { binary: "/gv".into() }));
         assert_eq!(s.passt_fd, None);
         let net = s.net_unixgram.expect("gvproxy link");
         assert_eq!(net.path, std::path::Path::new("/st/gvproxy-link.sock"));
@@ -162,7 +149,7 @@ mod tests {
         assert!(net.vfkit_magic, "gvproxy's vfkit mode learns libkrun's address from the VFKT magic");
         assert!(s.cmdline.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{}", s.cmdline);
 
-        let s = spec(&cfg(crate::NetMode::None));
+        let s = spec_of(&cfg(crate::NetMode::None));
         assert_eq!((s.passt_fd, s.net_unixgram), (None, None));
         assert!(!s.cmdline.contains("openshell.net"));
     }
@@ -174,7 +161,7 @@ mod tests {
         c.kernel = "/store/kernel/vmlinux".into();
         c.rootfs = "/store/rootfs/abc".into();
         // The spec file `command` writes, named relative to the VMM's working directory.
-        std::fs::write(dir.path().join("krun-spec.json"), serde_json::to_vec(&spec(&c)).unwrap()).unwrap();
+        std::fs::write(dir.path().join("krun-spec.json"), serde_json::to_vec(&spec_of(&c)).unwrap()).unwrap();
         let argv = ["/x/openshell-vmm".to_owned(), "krun-spec.json".to_owned()];
         let b = booted_artifacts(&argv, dir.path()).unwrap();
         assert_eq!(b.kernel, std::path::Path::new("/store/kernel/vmlinux"));

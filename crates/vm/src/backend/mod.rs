@@ -7,35 +7,12 @@ pub mod qemu;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::{HostFacts, VmError};
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// libkrun: hardware KVM (Linux) or HVF (macOS), root over virtio-fs.
     Krun,
     /// QEMU microvm: KVM where hardware KVM exists, TCG otherwise; root over virtio-9p.
     Qemu { kvm: bool },
-}
-
-/// What the user asked for with `--vmm`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VmmChoice {
-    #[default]
-    Auto,
-    Krun,
-    Qemu,
-}
-
-impl std::str::FromStr for VmmChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(VmmChoice::Auto),
-            "krun" => Ok(VmmChoice::Krun),
-            "qemu" => Ok(VmmChoice::Qemu),
-            _ => Err(format!("unknown VMM {s:?}: expected auto, krun or qemu")),
-        }
-    }
 }
 
 impl Backend {
@@ -88,9 +65,15 @@ pub struct BootedArtifacts {
 
 /// What a running VMM of ours was started with, read back from its argv (`/proc/<pid>/cmdline`):
 /// QEMU names both on its command line, `openshell-vmm` names the spec file that does. Relative
-/// paths resolve against the VMM's working directory `cwd`. This is the VMM's word, not the
-/// instance's records: what `verify` re-hashes.
-pub fn booted_artifacts(argv: &[String], cwd: &Path) -> Result<BootedArtifacts, String> {
+/// paths resolve against the VMM's working directory `cwd`, and a `/proc/self/fd/N` (QEMU gets its
+/// files open, see [`crate::sandbox`]) as what the VMM's fd N is, which `open_fd` reads
+/// ([`crate::procfs::fd_target`]). This is the VMM's word, not the instance's records: what
+/// `verify` re-hashes.
+pub fn booted_artifacts(
+    argv: &[String],
+    cwd: &Path,
+    open_fd: &dyn Fn(i32) -> Option<PathBuf>,
+) -> Result<BootedArtifacts, String> {
     let program = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a)).unwrap_or_default();
     let found = if program.starts_with("qemu-system") {
         qemu::booted_artifacts(argv)?
@@ -99,116 +82,28 @@ pub fn booted_artifacts(argv: &[String], cwd: &Path) -> Result<BootedArtifacts, 
     } else {
         return Err(format!("{program:?} is not a VMM this project starts ({})", VMM_PROGRAMS.join(", ")));
     };
-    Ok(BootedArtifacts { kernel: cwd.join(found.kernel), rootfs: cwd.join(found.rootfs) })
+    let resolve = |p: PathBuf| -> Result<PathBuf, String> {
+        let fd = p.strip_prefix(crate::sandbox::FD_DIR).ok().and_then(|n| n.to_str()?.parse::<i32>().ok());
+        match fd {
+            Some(fd) => open_fd(fd).ok_or_else(|| {
+                format!(
+                    "it names {}, and that fd of the VMM cannot be read (run as the user that started it)",
+                    p.display()
+                )
+            }),
+            None => Ok(cwd.join(p)),
+        }
+    };
+    Ok(BootedArtifacts { kernel: resolve(found.kernel)?, rootfs: resolve(found.rootfs)? })
 }
 
 /// What a VMM process of ours runs: a recorded VMM pid that runs neither is not ours any more.
 pub const VMM_PROGRAMS: &[&str] = &["qemu-system", "openshell-vmm"];
 
-const QEMU_HINT: &str = "install QEMU with: apt-get install -y qemu-system-x86";
-
-/// Picks the backend and says why, in one line.
-pub fn choose(choice: VmmChoice, host: &HostFacts) -> Result<(Backend, String), VmError> {
-    let qemu = |why: String| -> Result<(Backend, String), VmError> {
-        if host.qemu.is_none() {
-            return Err(VmError::NoBackend(format!("{why}, and qemu-system-x86_64 is not installed; {QEMU_HINT}")));
-        }
-        let kvm = host.hardware_kvm();
-        Ok((Backend::Qemu { kvm }, why))
-    };
-    match choice {
-        VmmChoice::Krun if !host.kvm_usable => Err(VmError::NoBackend(
-            "krun needs /dev/kvm, which is missing or not openable by this user; use --vmm qemu".into(),
-        )),
-        VmmChoice::Krun => Ok((Backend::Krun, "krun requested with --vmm".into())),
-        VmmChoice::Qemu => qemu("qemu requested with --vmm".into()),
-        VmmChoice::Auto if host.hardware_kvm() => {
-            Ok((Backend::Krun, "hardware KVM is available, so libkrun runs the guest".into()))
-        }
-        VmmChoice::Auto if host.kvm_pvm => qemu(
-            "/dev/kvm is nested PVM KVM (no VMX/SVM), where libkrun's guest cannot reach userspace; using QEMU with TCG".into(),
-        ),
-        VmmChoice::Auto if host.kvm_usable => qemu("/dev/kvm exists but the CPU shows no VMX/SVM; using QEMU with TCG".into()),
-        VmmChoice::Auto => qemu("no usable /dev/kvm; using QEMU with TCG".into()),
-    }
-}
-
-/// Where libkrun's guest can run on this host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KrunPlace {
-    /// Here: hardware KVM (or HVF on macOS).
-    Direct,
-    /// Only inside a nested host: an L1 QEMU TCG VM whose emulated AMD CPU (`-cpu max`) offers SVM
-    /// with nested paging, so L1's own KVM runs libkrun's guest as L2. Slow (everything below L1
-    /// is emulated), so it serves the krun trials, not `vm run`.
-    NestedL1,
-    /// Nowhere on this host, and why.
-    Nowhere(String),
-}
-
-/// Decides [`KrunPlace`] from the host's facts: the one answer the check, the test suites and the
-/// e2e build step read. The nested host needs QEMU for x86_64 on an x86_64 Linux host (it runs
-/// `openshell-vmm` built here inside L1); TCG needs no `/dev/kvm`, so PVM or none both qualify.
-pub fn krun_place(host: &HostFacts) -> KrunPlace {
-    if host.hardware_kvm() {
-        return KrunPlace::Direct;
-    }
-    let why = if host.kvm_pvm {
-        "/dev/kvm is nested PVM KVM, where libkrun's guest never reaches userspace"
-    } else if host.kvm_usable {
-        "/dev/kvm works but the CPU shows no VMX/SVM"
-    } else {
-        "there is no usable /dev/kvm"
-    };
-    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
-        return KrunPlace::Nowhere(format!("{why}, and a nested host needs an x86_64 Linux host"));
-    }
-    match host.qemu {
-        Some(_) => KrunPlace::NestedL1,
-        None => KrunPlace::Nowhere(format!("{why}, and a nested host needs qemu-system-x86_64; {QEMU_HINT}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn facts(kvm_usable: bool, cpu_virt: bool, kvm_pvm: bool, qemu: bool) -> HostFacts {
-        HostFacts { kvm_usable, cpu_virt, kvm_pvm, qemu: qemu.then(|| "/usr/bin/qemu-system-x86_64".into()) }
-    }
-
-    #[test]
-    fn auto_prefers_krun_on_hardware_kvm() {
-        assert_eq!(choose(VmmChoice::Auto, &facts(true, true, false, true)).unwrap().0, Backend::Krun);
-    }
-
-    #[test]
-    fn auto_uses_qemu_tcg_on_pvm_and_says_why() {
-        let (b, why) = choose(VmmChoice::Auto, &facts(true, false, true, true)).unwrap();
-        assert_eq!(b, Backend::Qemu { kvm: false });
-        assert!(why.contains("PVM"), "{why}");
-    }
-
-    #[test]
-    fn no_backend_is_a_clear_error() {
-        let err = choose(VmmChoice::Auto, &facts(false, false, false, false)).unwrap_err().to_string();
-        assert!(err.contains("apt-get install -y qemu-system-x86"), "{err}");
-        let err = choose(VmmChoice::Krun, &facts(false, false, false, true)).unwrap_err().to_string();
-        assert!(err.contains("/dev/kvm"), "{err}");
-    }
-
-    #[test]
-    fn krun_runs_directly_on_hardware_kvm_nested_under_pvm_with_qemu_and_nowhere_without_it() {
-        assert_eq!(krun_place(&facts(true, true, false, true)), KrunPlace::Direct);
-        assert_eq!(krun_place(&facts(true, false, true, true)), KrunPlace::NestedL1);
-        assert_eq!(krun_place(&facts(false, false, false, true)), KrunPlace::NestedL1);
-        match krun_place(&facts(true, false, true, false)) {
-            KrunPlace::Nowhere(why) => {
-                assert!(why.contains("PVM") && why.contains("apt-get install -y qemu-system-x86"), "{why}")
-            }
-            other => panic!("{other:?}"),
-        }
-    }
+    use crate::VmmChoice;
 
     #[test]
     fn parses_choices() {
@@ -230,9 +125,38 @@ mod tests {
         .iter()
         .map(|a| a.to_string())
         .collect();
-        let b = booted_artifacts(&argv, Path::new("/cwd")).unwrap();
+        let b = booted_artifacts(&argv, Path::new("/cwd"), &|_| None).unwrap();
         assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/cwd/k/vmlinux"), Path::new("/cwd/rootfs")));
-        let e = booted_artifacts(&["/usr/bin/sleep".to_owned(), "9".to_owned()], Path::new("/")).unwrap_err();
+        let e =
+            booted_artifacts(&["/usr/bin/sleep".to_owned(), "9".to_owned()], Path::new("/"), &|_| None).unwrap_err();
         assert!(e.contains("\"sleep\" is not a VMM"), "{e}");
+    }
+
+    #[test]
+    fn booted_artifacts_handed_over_as_fds_are_what_those_fds_are() {
+        let argv: Vec<String> = [
+            "qemu-system-x86_64",
+            "-kernel",
+            "/proc/self/fd/10",
+            "-fsdev",
+            "local,id=root,path=/proc/self/fd/11,readonly=on",
+            "-device",
+            "virtio-9p-device,fsdev=root,mount_tag=rootfs",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let fds = |fd| match fd {
+            10 => Some(PathBuf::from("/store/kernel/vmlinux")),
+            11 => Some(PathBuf::from("/store/rootfs/abc")),
+            _ => None,
+        };
+        let b = booted_artifacts(&argv, Path::new("/cwd"), &fds).unwrap();
+        assert_eq!(
+            (b.kernel.as_path(), b.rootfs.as_path()),
+            (Path::new("/store/kernel/vmlinux"), Path::new("/store/rootfs/abc"))
+        );
+        let e = booted_artifacts(&argv, Path::new("/cwd"), &|_| None).unwrap_err();
+        assert!(e.contains("/proc/self/fd/10") && e.contains("cannot be read"), "{e}");
     }
 }

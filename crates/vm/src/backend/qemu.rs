@@ -13,6 +13,9 @@ use std::process::Command;
 
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
 
+use crate::child::CHILD_FD;
+use crate::net::Link;
+use crate::sandbox::{fd_path, HandedFds, QEMU_SECCOMP};
 use crate::VmConfig;
 
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
@@ -28,48 +31,54 @@ fn base_cmdline() -> String {
     )
 }
 
-pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
+/// QEMU for `cfg`, its files named by the fds it inherits (`files`, see [`crate::sandbox`]) and
+/// its syscalls filtered: the kernel loader and the 9p exports open `/proc/self/fd/N`, the console
+/// chardev takes its fd through an fdset.
+pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool, link: &Link, files: &HandedFds) -> Command {
     let mut c = Command::new(qemu);
     let (accel, cpu) = if kvm { ("kvm", "host") } else { ("tcg", "max") };
-    let console = cfg.console_path();
     c.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off"])
         .args(["-accel", accel, "-cpu", cpu])
         .args(["-m", &cfg.mem_mib.to_string(), "-smp", &cfg.vcpus.to_string()])
         .args(["-no-reboot", "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
+        .args(["-sandbox", QEMU_SECCOMP])
+        .arg("-add-fd")
+        .arg(format!("fd={0},set={0}", files.console))
         .arg("-chardev")
-        .arg(format!("file,id=con,path={}", console.display()))
+        .arg(format!("file,id=con,path=/dev/fdset/{}", files.console))
         .args(["-serial", "chardev:con"])
         .arg("-kernel")
-        .arg(&cfg.kernel)
+        .arg(fd_path(files.kernel))
         .arg("-append")
         .arg(kernel_cmdline(cfg))
         .arg("-fsdev")
-        .arg(format!("local,id=root,path={},security_model=none,readonly=on", cfg.rootfs.display()))
+        .arg(format!("local,id=root,path={},security_model=none,readonly=on", fd_path(files.rootfs)))
         .args(["-device", &format!("virtio-9p-device,fsdev=root,mount_tag={}", super::ROOT_TAG)])
         .arg("-fsdev")
-        .arg(format!("local,id=share,path={},security_model=none", cfg.share_dir().display()))
+        .arg(format!("local,id=share,path={},security_model=none", fd_path(files.share)))
         .args(["-device", &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}")])
         .args(["-device", "virtio-rng-device"]);
-    for (i, share) in cfg.shares.iter().enumerate() {
+    for (i, (share, fd)) in cfg.shares.iter().zip(&files.shares).enumerate() {
         let ro = if share.mount.read_only { ",readonly=on" } else { "" };
-        c.arg("-fsdev").arg(format!("local,id=x{i},path={},security_model=none{ro}", share.host.display()));
+        c.arg("-fsdev").arg(format!("local,id=x{i},path={},security_model=none{ro}", fd_path(*fd)));
         c.args(["-device", &format!("virtio-9p-device,fsdev=x{i},mount_tag={}", share.mount.tag)]);
     }
-    if cfg.net != crate::NetMode::None {
-        // A stream socket inherited as fd 3 (see `net::inherit_as_child_fd`): passt's socketpair
-        // end, or our connection to gvproxy's `-listen-qemu` socket (same framing: a 4-byte length
-        // per frame). gvproxy leases its guest address by MAC; give the guest that one.
-        c.args(["-netdev", &format!("stream,id=n0,server=off,addr.type=fd,addr.str={}", crate::net::CHILD_FD)]);
-        match cfg.net {
-            crate::NetMode::Gvproxy { .. } => {
-                let m = crate::net::gvproxy::GUEST_MAC;
-                let mac = format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
-                c.args(["-device", &format!("virtio-net-device,netdev=n0,mac={mac}")]);
-            }
-            _ => {
-                c.args(["-device", "virtio-net-device,netdev=n0"]);
-            }
+    match link {
+        Link::None => {}
+        // A stream socket inherited at CHILD_FD (see `child::inherit_as_child_fd`). gvproxy leases
+        // its guest address by MAC; give the guest that one.
+        Link::Stream { mac } => {
+            c.args(["-netdev", &format!("stream,id=n0,server=off,addr.type=fd,addr.str={CHILD_FD}")]);
+            let device = match mac {
+                Some(m) => format!(
+                    "virtio-net-device,netdev=n0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ),
+                None => "virtio-net-device,netdev=n0".to_owned(),
+            };
+            c.args(["-device", &device]);
         }
+        Link::Unixgram { .. } => unreachable!("QEMU attaches to a stream socket (net::Link::of with Attach::Qemu)"),
     }
     c
 }
@@ -139,22 +148,42 @@ fn opt<'a>(opts: &'a [(Option<String>, String)], key: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
 
+    /// Fd numbers as a [`crate::sandbox::Handover`] would hand them over: 10, 11, … in order.
+    fn files(cfg: &VmConfig) -> HandedFds {
+        HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: (14..).take(cfg.shares.len()).collect() }
+    }
+
     #[test]
     fn command_carries_size_shares_and_acpi_off() {
         let cfg = VmConfig::exec("/k/vmlinux".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
         let mut cfg = cfg;
         cfg.vcpus = 2;
         cfg.mem_mib = 256;
-        let args: Vec<String> =
-            command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<String> = command(
+            Path::new("qemu"),
+            &cfg,
+            false,
+            &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
+            &files(&cfg),
+        )
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
         let joined = args.join(" ");
         assert!(joined.contains("acpi=off"));
         assert!(joined.contains("rtc=on"));
         assert!(joined.contains("-m 256 -smp 2"));
         assert!(joined.contains("-accel tcg"));
-        assert!(joined.contains("path=/r,security_model=none,readonly=on"));
-        assert!(joined.contains("path=/s/share,security_model=none"));
-        assert!(joined.contains("path=/s/console.log"));
+        // Every file by the fd it inherits, none by path: started as nobody, QEMU reaches no path.
+        assert!(joined.contains("-kernel /proc/self/fd/10 "), "{joined}");
+        assert!(joined.contains("path=/proc/self/fd/11,security_model=none,readonly=on"), "{joined}");
+        assert!(joined.contains("path=/proc/self/fd/12,security_model=none "), "{joined}");
+        assert!(joined.contains("-add-fd fd=13,set=13 -chardev file,id=con,path=/dev/fdset/13"), "{joined}");
+        assert!(!joined.contains("/k/vmlinux") && !joined.contains("/s/"), "{joined}");
+        assert!(
+            joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
+            "{joined}"
+        );
         assert!(!joined.contains("-netdev"), "no NIC without a network");
     }
 
@@ -168,15 +197,21 @@ mod tests {
             crate::config::DirShare { host: "/h/work".into(), mount: mount("work", false) },
         ];
         cfg.guest_tsc_khz = Some(2_596_148);
-        let joined = command(Path::new("qemu"), &cfg, false)
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
-        assert!(joined.contains("-fsdev local,id=x0,path=/h/bin,security_model=none,readonly=on -device virtio-9p-device,fsdev=x0,mount_tag=bin"), "{joined}");
+        let joined = command(
+            Path::new("qemu"),
+            &cfg,
+            false,
+            &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
+            &files(&cfg),
+        )
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+        assert!(joined.contains("-fsdev local,id=x0,path=/proc/self/fd/14,security_model=none,readonly=on -device virtio-9p-device,fsdev=x0,mount_tag=bin"), "{joined}");
         assert!(
             joined.contains(
-                "-fsdev local,id=x1,path=/h/work,security_model=none -device virtio-9p-device,fsdev=x1,mount_tag=work"
+                "-fsdev local,id=x1,path=/proc/self/fd/15,security_model=none -device virtio-9p-device,fsdev=x1,mount_tag=work"
             ),
             "{joined}"
         );
@@ -190,18 +225,32 @@ mod tests {
     fn gvproxy_nic_is_a_stream_on_fd_3_with_gvproxys_guest_mac() {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
         cfg.net = crate::NetMode::Gvproxy { binary: "/gv".into() };
-        let args: Vec<String> =
-            command(Path::new("qemu"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<String> = command(
+            Path::new("qemu"),
+            &cfg,
+            false,
+            &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
+            &files(&cfg),
+        )
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
         let joined = args.join(" ");
         assert!(joined.contains("-netdev stream,id=n0,server=off,addr.type=fd,addr.str=3"), "{joined}");
         assert!(joined.contains("virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee"), "{joined}");
         assert!(joined.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{joined}");
         cfg.net = crate::NetMode::Passt;
-        let joined = command(Path::new("qemu"), &cfg, false)
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let joined = command(
+            Path::new("qemu"),
+            &cfg,
+            false,
+            &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
+            &files(&cfg),
+        )
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
         assert!(joined.ends_with("-device virtio-net-device,netdev=n0"), "{joined}");
         assert!(joined.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{joined}");
     }
@@ -271,10 +320,22 @@ mod tests {
         cfg.net = crate::NetMode::Passt;
         let mut argv = vec!["qemu-system-x86_64".to_owned()];
         argv.extend(
-            command(Path::new("qemu-system-x86_64"), &cfg, false).get_args().map(|a| a.to_string_lossy().into_owned()),
+            command(
+                Path::new("qemu-system-x86_64"),
+                &cfg,
+                false,
+                &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
+                &files(&cfg),
+            )
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned()),
         );
+        // The VMM's own names for them; `backend::booted_artifacts` resolves the fds.
         let b = booted_artifacts(&argv).unwrap();
-        assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new("/k/vm linux"), Path::new("/r/root fs")));
+        assert_eq!(
+            (b.kernel.as_path(), b.rootfs.as_path()),
+            (Path::new("/proc/self/fd/10"), Path::new("/proc/self/fd/11"))
+        );
     }
 
     #[test]

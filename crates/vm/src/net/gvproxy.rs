@@ -336,7 +336,7 @@ pub fn start(
             if libc::setpgid(0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            crate::launch::die_with_parent()
+            crate::child::die_with_parent()
         });
     }
     let child =
@@ -384,8 +384,8 @@ impl Gvproxy {
     }
 
     /// How gvproxy ended, once it has; reaps it.
-    pub fn ended(&mut self) -> Option<crate::launch::Ended> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(crate::launch::Ended::of)
+    pub fn ended(&mut self) -> Option<crate::child::Ended> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(crate::child::Ended::of)
     }
 
     pub fn sockets(&self) -> &Sockets {

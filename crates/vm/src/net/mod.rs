@@ -18,9 +18,7 @@ pub mod passt;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::str::FromStr;
 
 pub use gvproxy::Gvproxy;
@@ -100,7 +98,8 @@ impl FromStr for NetChoice {
 }
 
 /// How the guest is networked.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum NetMode {
     #[default]
     None,
@@ -178,31 +177,40 @@ pub fn check_ports_free(ports: &[PortMap]) -> Result<(), VmError> {
     Ok(())
 }
 
-/// The fd number at which the VMM (and passt) find their end of a stream socket.
-pub const CHILD_FD: i32 = 3;
-
-/// Makes `fd` appear as [`CHILD_FD`] in the child (dup2 clears close-on-exec), and ties the
-/// child's life to ours.
-pub fn inherit_as_child_fd(cmd: &mut Command, fd: i32) {
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself would keep close-on-exec, so clear the flag explicitly then.
-            let placed = if fd == CHILD_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, CHILD_FD) };
-            if placed < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            crate::launch::die_with_parent()
-        });
-    }
-}
-
 /// Which VMM will attach to the link: gvproxy serves libkrun on a unixgram socket (vfkit
 /// protocol) and QEMU on a stream socket (QEMU protocol); passt serves both on its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attach {
     Krun,
     Qemu,
+}
+
+/// How the VMM reaches the network backend, as the backends put it on the VMM's command line:
+/// the one thing they need from here, so they never reach into passt's or gvproxy's modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Link {
+    /// No NIC.
+    None,
+    /// A stream socket the VMM inherits at [`crate::child::CHILD_FD`]: passt's socketpair end, or
+    /// a connection to gvproxy's `-listen-qemu` socket (same framing: a 4-byte length per frame).
+    /// `mac`: the address the backend leases the guest's address by, when it does.
+    Stream { mac: Option<[u8; 6]> },
+    /// A unixgram socket speaking the vfkit protocol (gvproxy's `-listen-vfkit`, for libkrun).
+    Unixgram { path: PathBuf, mac: [u8; 6] },
+}
+
+impl Link {
+    /// What `mode` gives a VMM attaching as `attach`, with its sockets in `state_dir`.
+    pub fn of(mode: &NetMode, attach: Attach, state_dir: &Path) -> Link {
+        match (mode, attach) {
+            (NetMode::None, _) => Link::None,
+            (NetMode::Passt, _) => Link::Stream { mac: None },
+            (NetMode::Gvproxy { .. }, Attach::Qemu) => Link::Stream { mac: Some(gvproxy::GUEST_MAC) },
+            (NetMode::Gvproxy { .. }, Attach::Krun) => {
+                Link::Unixgram { path: gvproxy::vfkit_socket(state_dir), mac: gvproxy::GUEST_MAC }
+            }
+        }
+    }
 }
 
 /// A running network backend; dropping it stops the process.
@@ -221,17 +229,17 @@ impl HostNet {
     }
 
     /// Which helper this is, and how it ended once it has.
-    pub fn ended(&mut self) -> Option<(crate::launch::Child, crate::launch::Ended)> {
+    pub fn ended(&mut self) -> Option<(crate::child::Child, crate::child::Ended)> {
         match self {
-            HostNet::Passt(p) => p.ended().map(|how| (crate::launch::Child::Passt, how)),
-            HostNet::Gvproxy(g) => g.ended().map(|how| (crate::launch::Child::Gvproxy, how)),
+            HostNet::Passt(p) => p.ended().map(|how| (crate::child::Child::Passt, how)),
+            HostNet::Gvproxy(g) => g.ended().map(|how| (crate::child::Child::Gvproxy, how)),
         }
     }
 }
 
 /// Starts the network backend of `mode` with `ports` forwarded. Returns the running process and,
 /// when the VMM reaches it through an inherited stream socket, that socket's VMM end (to be
-/// placed at [`CHILD_FD`]); libkrun connects to gvproxy's unixgram socket by path instead.
+/// placed at [`crate::child::CHILD_FD`]); libkrun connects to gvproxy's unixgram socket by path instead.
 /// `passt.log` / `gvproxy.log` and gvproxy's sockets go in `state_dir`.
 pub fn start(
     mode: &NetMode,

@@ -9,7 +9,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{inherit_as_child_fd, GuestNet, PortMap, CHILD_FD};
+use super::{GuestNet, PortMap};
+use crate::child::{inherit_as_child_fd, CHILD_FD};
 use crate::VmError;
 
 /// The address passt assigns the guest (`-a`), its gateway (the host, through passt) and prefix.
@@ -83,8 +84,8 @@ impl Passt {
 
     /// How passt ended, once it has (it does by itself when the VM closes its end); reaps it, so
     /// it does not linger as a zombie.
-    pub fn ended(&mut self) -> Option<crate::launch::Ended> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(crate::launch::Ended::of)
+    pub fn ended(&mut self) -> Option<crate::child::Ended> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(crate::child::Ended::of)
     }
 }
 

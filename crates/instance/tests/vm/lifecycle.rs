@@ -1,12 +1,11 @@
 //! Init's lifecycle duties (stop on SIGTERM, stale share state, guest addressing and DNS) and
 //! the gateway supervisor's recovery after it was SIGKILLed.
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
-use openshell_vm::gateway::GatewayInstance;
+use openshell_instance::gateway::GatewayInstance;
+use openshell_instance::supervise;
 use openshell_vm::{NetMode, VmmChoice};
 
 use crate::support::{self, Artifacts, TrialDir};
@@ -110,20 +109,20 @@ fn dhcp_lease_from_backend(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Resu
 ///    without PDEATHSIG would leave them) are killed; a live process that is not ours is left alone.
 fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let root = dir.path().join("gateways");
+    // The supervisor `vm run --detach` starts, started the one way it is started.
     let up = support::with_free_port(|port| {
-        let mut sup = support::gateway_supervisor_command(&root, support::vmm_name(vmm), port)
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start the supervisor: {e}"))?;
-        let mut line = String::new();
-        BufReader::new(sup.stdout.take().unwrap()).read_line(&mut line).ok();
-        let pids: Vec<u32> = line.split_whitespace().filter_map(|w| w.split_once('=')?.1.parse().ok()).collect();
-        if !line.starts_with("ready ") || pids.len() != 2 {
-            let _ = sup.kill();
-            let _ = sup.wait();
-            return Err(format!("the supervisor did not come up: {line:?}"));
-        }
-        Ok((sup, pids, port))
+        let up = support::gateway(a, vmm, &root, port)?.detach().map_err(|e| e.to_string())?;
+        let meta = GatewayInstance::new(&root, "trial").unwrap().read_metadata();
+        let pids = match meta.map(|m| (m.vm_pid, m.passt_pid)) {
+            Some((Some(vm), Some(passt))) => vec![vm, passt],
+            other => {
+                let mut child = up.child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("the supervisor came up without recording VMM and passt pids: {other:?}"));
+            }
+        };
+        Ok((up.child, pids, port))
     });
     let (mut sup, pids, port) = match up {
         Ok(up) => up,
@@ -142,19 +141,23 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     while pids.iter().any(|&p| support::process_exists(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The next command (status) recovers by the recorded pids and reports it.
+    // Status only reads: it names the stale records and leaves them.
     let st = inst.status();
-    let meta = inst.read_metadata().unwrap();
-    let gone = |role: &str, pid: u32| st.recovered.iter().any(|l| l == &format!("{role} pid {pid} already gone"));
-    if st.running
-        || !gone("vm", pids[0])
-        || !gone("passt", pids[1])
-        || meta.vm_pid.is_some()
-        || meta.passt_pid.is_some()
+    let names = |pid: u32| st.stale.iter().any(|l| l.contains(&format!("pid {pid} recorded")));
+    if st.running || !names(pids[0]) || !names(pids[1]) || inst.read_metadata().map(|m| m.vm_pid) != Some(Some(pids[0]))
     {
+        return Err(
+            dir.fail(format!("after SIGKILL, status must report the stale pids {pids:?} and change nothing: {st:?}"))
+        );
+    }
+    // Recovery (what `vm stop` and the next `vm run` do) clears them by the recorded pids.
+    let recovered = supervise::recover(&inst).unwrap_or_else(|e| vec![format!("recovery failed: {e}")]);
+    let meta = inst.read_metadata().unwrap();
+    let gone = |role: &str, pid: u32| recovered.iter().any(|l| l == &format!("{role} pid {pid} already gone"));
+    if !gone("vm", pids[0]) || !gone("passt", pids[1]) || meta.vm_pid.is_some() || meta.passt_pid.is_some() {
         return Err(dir.fail(format!(
-            "after SIGKILL: status running={} recovered={:?}, metadata pids {:?}/{:?}",
-            st.running, st.recovered, meta.vm_pid, meta.passt_pid
+            "after SIGKILL: recovered={recovered:?}, metadata pids {:?}/{:?}",
+            meta.vm_pid, meta.passt_pid
         )));
     }
     if !support::tcp_listeners(port).is_empty() {
@@ -171,7 +174,7 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
         Ok(g) => g,
         Err(e) => return Err(dir.fail(e)),
     };
-    let mut leftover = match openshell_vm::launch(&g.cfg) {
+    let mut leftover = match crate::support::launch(&g.cfg()) {
         Ok(vm) => vm,
         Err(e) => return Err(dir.fail(format!("cannot boot the leftover VM: {e}"))),
     };
@@ -183,20 +186,27 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     meta.gvproxy_pid = Some(stranger.id());
     meta.supervisor_pid = Some(u32::MAX - 1);
     inst.write_metadata(&meta).unwrap();
-    let st = inst.status();
     let alive = |p: u32| openshell_vm::procfs::process(p).alive;
+    // Status reads: the live leftovers survive it.
+    let _ = inst.status();
+    if !alive(vm_pid) || !alive(passt_pid) {
+        leftover.stop();
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+        return Err(dir.fail("vm status killed a leftover process; status must only read"));
+    }
+    let recovered = supervise::recover(&inst).unwrap_or_else(|e| vec![format!("recovery failed: {e}")]);
     let (vm_left, passt_left, stranger_alive) =
         (alive(vm_pid), alive(passt_pid), stranger.try_wait().unwrap().is_none());
     leftover.stop();
     let _ = stranger.kill();
     let _ = stranger.wait();
-    let killed = |role: &str, pid: u32| st.recovered.iter().any(|l| l == &format!("killed leftover {role} pid {pid}"));
+    let killed = |role: &str, pid: u32| recovered.iter().any(|l| l == &format!("killed leftover {role} pid {pid}"));
     let spared =
-        st.recovered.iter().any(|l| l.starts_with(&format!("gvproxy pid {} now runs something else", stranger.id())));
+        recovered.iter().any(|l| l.starts_with(&format!("gvproxy pid {} now runs something else", stranger.id())));
     if !killed("vm", vm_pid) || !killed("passt", passt_pid) || vm_left || passt_left || !spared || !stranger_alive {
         return Err(dir.fail(format!(
-            "recovery of live leftovers: recovered={:?}; VMM alive {vm_left}, passt alive {passt_left}, stranger alive {stranger_alive}",
-            st.recovered
+            "recovery of live leftovers: recovered={recovered:?}; VMM alive {vm_left}, passt alive {passt_left}, stranger alive {stranger_alive}"
         )));
     }
     Ok(())

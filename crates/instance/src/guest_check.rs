@@ -12,7 +12,7 @@ use openshell_guest::{GUEST_CHECK_BIN, GUEST_CHECK_FILE, SHARE_MOUNT};
 use openshell_matrix::Matrix;
 
 use crate::check::Verification;
-use crate::{VmConfig, VmError};
+use openshell_vm::{VmConfig, VmError};
 
 /// Boot plus every check under QEMU TCG takes well under a minute; past this the guest is stuck.
 pub const TIMEOUT: Duration = Duration::from_secs(180);
@@ -44,7 +44,7 @@ pub fn run(cfg: &VmConfig, verification: Verification) -> Result<Matrix, VmError
     let (mut vm, _) = crate::check::launch_checked(cfg, verification)?;
     let exit = vm.wait(None, Some(TIMEOUT))?;
     drop(vm);
-    let crate::VmExit::Guest(code) = exit else {
+    let openshell_vm::VmExit::Guest(code) = exit else {
         return Err(VmError::GuestCheck(format!(
             "it did not finish: {exit}; console log: {}",
             cfg.console_path().display()

@@ -2,9 +2,10 @@
 //! kernel, and the checker really can fail (run unprivileged, it cannot make namespaces).
 
 use libtest_mimic::Failed;
+use openshell_instance::check::Verification;
+use openshell_instance::guest_check;
 use openshell_matrix::{Matrix, Status};
-use openshell_vm::check::Verification;
-use openshell_vm::{guest_check, VmmChoice};
+use openshell_vm::VmmChoice;
 
 use crate::support::{self, Artifacts, TrialDir};
 use crate::trials::Body;

@@ -9,12 +9,13 @@
 //! left alone).
 
 use std::fs;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::gateway::{self, GatewayInstance, Metadata};
-use crate::launch::StopSignals;
-use crate::procfs;
-use crate::{RunningVm, VmConfig, VmError, VmExit};
+use openshell_vm::launch::StopSignals;
+use openshell_vm::procfs;
+use openshell_vm::{NetMode, RunningVm, VmConfig, VmError, VmExit, VmmChoice};
 
 /// A gateway VM that answered its mTLS health check. Dropping it stops the VM and passt and
 /// releases the instance lock.
@@ -36,7 +37,7 @@ pub struct Supervised {
 
 /// `vm run --restart`: what the supervisor does when a child's death (passt, gvproxy, the VMM)
 /// ends the instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Restart {
     /// The first failure ends the instance.
     #[default]
@@ -62,6 +63,215 @@ impl std::str::FromStr for Restart {
     }
 }
 
+/// Everything needed to boot and keep one gateway instance: what `vm run` (foreground or
+/// `--detach`), the bench and the VM suites fill in, and what the supervisor binary reads from the
+/// file [`detach`] writes. [`Request::boot`] is the one way a gateway boots.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Request {
+    /// Where instances live (`$XDG_CONFIG_HOME/openshell/gateways`) and this one's name.
+    pub root: PathBuf,
+    pub name: String,
+    pub kernel: PathBuf,
+    pub rootfs: PathBuf,
+    /// The kernel's and the rootfs's recorded digests, as `metadata.json` records them.
+    pub digests: (String, String),
+    /// The host port forwarded to the gateway's 30051.
+    pub port: u16,
+    pub net: NetMode,
+    pub vmm: VmmChoice,
+    pub vcpus: u8,
+    pub mem_mib: u32,
+    pub dhcp: bool,
+    /// Also write the console here (`None`: the instance's own `vm/console.log`).
+    pub console_log: Option<PathBuf>,
+    /// Extra environment and working directory for the gateway's process (`--env`, `--workdir`).
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    pub ready_timeout: Duration,
+    pub verification: crate::check::Verification,
+    pub restart: Restart,
+}
+
+impl Request {
+    /// A request with `vm run`'s defaults for everything the caller does not say.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        root: &Path,
+        name: &str,
+        kernel: PathBuf,
+        rootfs: PathBuf,
+        digests: (String, String),
+        port: u16,
+        net: NetMode,
+        vmm: VmmChoice,
+    ) -> Request {
+        Request {
+            root: root.to_owned(),
+            name: name.to_owned(),
+            kernel,
+            rootfs,
+            digests,
+            port,
+            net,
+            vmm,
+            vcpus: 1,
+            mem_mib: 512,
+            dhcp: false,
+            console_log: None,
+            env: Vec::new(),
+            workdir: None,
+            ready_timeout: Duration::from_secs(60),
+            verification: crate::check::Verification::Required,
+            restart: Restart::No,
+        }
+    }
+
+    pub fn instance(&self) -> Result<GatewayInstance, VmError> {
+        GatewayInstance::new(&self.root, &self.name)
+    }
+
+    /// The VM config of this gateway: the preset, with the request's size, backend and console.
+    pub fn config(&self) -> Result<VmConfig, VmError> {
+        let mut cfg = self.instance()?.vm_config(
+            self.kernel.clone(),
+            self.rootfs.clone(),
+            (&self.digests.0, &self.digests.1),
+            self.port,
+            self.net.clone(),
+        )?;
+        cfg.vcpus = self.vcpus;
+        cfg.mem_mib = self.mem_mib;
+        cfg.vmm = self.vmm;
+        cfg.dhcp = self.dhcp;
+        cfg.console_log = self.console_log.clone();
+        cfg.exec.env = self.env.clone();
+        cfg.exec.workdir = self.workdir.clone();
+        Ok(cfg)
+    }
+
+    /// Boots the instance (lock → recovery → preflight → launch → readiness) and returns it
+    /// SERVING; [`Supervised::wait`] then supervises it under [`Self::restart`].
+    pub fn boot(&self) -> Result<Supervised, VmError> {
+        let inst = self.instance()?;
+        let cfg = self.config()?;
+        boot(&inst, &cfg, (&self.digests.0, &self.digests.1), self.ready_timeout, self.verification)
+    }
+}
+
+/// The supervisor program, `openshell-supervisor` (this crate's binary): `$OPENSHELL_SUPERVISOR`,
+/// else beside the running program (`target/debug/`, where `cargo xtask` builds it).
+pub fn supervisor_binary() -> PathBuf {
+    std::env::var_os("OPENSHELL_SUPERVISOR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_exe().ok().and_then(|e| Some(e.parent()?.join("openshell-supervisor"))))
+        .unwrap_or_else(|| PathBuf::from("openshell-supervisor"))
+}
+
+/// A supervisor started by [`detach`] that reported its gateway SERVING.
+#[derive(Debug)]
+pub struct Detached {
+    /// The supervisor process (in its own session; it outlives the caller).
+    pub child: std::process::Child,
+    pub endpoint: String,
+}
+
+/// Starts `supervisor` (the `openshell-supervisor` binary) for `req` in a session of its own, its
+/// output to `<instance>/supervisor.log`, and returns once the instance's metadata names it
+/// (SERVING), or fails with its log when it exits first or does not get there within the ready
+/// timeout + 30 s (then it is killed). The one way a supervisor is started.
+pub fn detach(supervisor: &Path, req: &Request) -> Result<Detached, VmError> {
+    let inst = req.instance()?;
+    fs::create_dir_all(&inst.dir).map_err(|source| VmError::Io { path: inst.dir.clone(), source })?;
+    let req_path = inst.dir.join("supervise.json");
+    let json = serde_json::to_vec_pretty(req).expect("the request serializes");
+    fs::write(&req_path, json).map_err(|source| VmError::Io { path: req_path.clone(), source })?;
+    let log_path = inst.dir.join("supervisor.log");
+    let log = fs::File::create(&log_path).map_err(|source| VmError::Io { path: log_path.clone(), source })?;
+    let log2 = log.try_clone().map_err(|source| VmError::Io { path: log_path.clone(), source })?;
+    let mut cmd = std::process::Command::new(supervisor);
+    cmd.arg(&req_path).stdin(std::process::Stdio::null()).stdout(log).stderr(log2);
+    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the caller's terminal.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| VmError::Spawn {
+        what: format!("the supervisor {} (`cargo xtask vm run --detach` builds it)", supervisor.display()),
+        source,
+    })?;
+    let deadline = std::time::Instant::now() + req.ready_timeout + Duration::from_secs(30);
+    loop {
+        if let Some(m) = inst.read_metadata().filter(|m| m.supervisor_pid == Some(child.id()) && m.vm_pid.is_some()) {
+            return Ok(Detached { child, endpoint: m.endpoint });
+        }
+        let log = || fs::read_to_string(&log_path).unwrap_or_default();
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(VmError::Instance(format!(
+                "the gateway supervisor exited ({status}) before it was ready; its log ({}):\n{}",
+                log_path.display(),
+                log()
+            )));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(VmError::Instance(format!(
+                "the gateway was not ready within {}s; its log ({}):\n{}",
+                (req.ready_timeout + Duration::from_secs(30)).as_secs(),
+                log_path.display(),
+                log()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The supervisor binary's body: reads the request at `path`, boots, supervises until the
+/// instance ends, and returns the process exit code (the last run's, 128 + signal on a child's
+/// death, 1 when it could not boot).
+pub fn run_supervisor(path: &Path) -> i32 {
+    let req: Request = match fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot read the supervise request {}: {e}", path.display());
+            return 2;
+        }
+    };
+    let _span = tracing::warn_span!("supervisor", name = %req.name).entered();
+    let mut up = match req.boot() {
+        Ok(up) => up,
+        Err(e) => {
+            tracing::error!("the gateway did not come up: {e}");
+            return 1;
+        }
+    };
+    // What a foreground `vm run` prints, for the log: the boot timeline and the SERVING line.
+    let console = fs::read_to_string(&up.vm.console).unwrap_or_default();
+    tracing::warn!(
+        "vm: {} ({})\n{}",
+        up.vm.backend,
+        up.vm.backend_reason,
+        openshell_vm::timeline::render(&console, up.ready)
+    );
+    tracing::warn!("gateway {:?} SERVING over mTLS at {} after {:.2}s", req.name, up.endpoint, up.ready.as_secs_f64());
+    match up.wait(None, req.restart) {
+        Ok(exit) => {
+            tracing::warn!("vm: {exit} after {:.2}s", up.vm.started.elapsed().as_secs_f64());
+            exit.code()
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            1
+        }
+    }
+}
+
 /// Boots `cfg` (from [`GatewayInstance::vm_config`]) as instance `inst` after the host checks
 /// `vm run` makes (artifacts against their records, backend, ports), and returns once it is
 /// SERVING. Fails if another supervisor holds the instance, or with the console's tail if the
@@ -81,7 +291,7 @@ pub fn boot(
     // After recovery: a leftover passt of a dead supervisor must not read as "port in use".
     let preflight = crate::check::preflight(cfg, verification)?;
     let digests = (digests.0.to_owned(), digests.1.to_owned());
-    let (vm, endpoint, ready) = start(inst, cfg, &digests, ready_timeout)?;
+    let (vm, endpoint, ready) = start(inst, cfg, &preflight.plan, &digests, ready_timeout)?;
     Ok(Supervised {
         vm,
         endpoint,
@@ -101,13 +311,14 @@ pub fn boot(
 fn start(
     inst: &GatewayInstance,
     cfg: &VmConfig,
+    plan: &openshell_vm::Plan,
     digests: &(String, String),
     ready_timeout: Duration,
 ) -> Result<(RunningVm, String, Duration), VmError> {
     let port =
         cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
     let endpoint = format!("127.0.0.1:{port}");
-    let mut vm = crate::launch(cfg)?;
+    let mut vm = openshell_vm::launch(cfg, plan)?;
     let bundle = inst.client_bundle()?;
     let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout)?;
     inst.write_metadata(&Metadata {
@@ -125,6 +336,7 @@ fn start(
         rootfs_dir: Some(cfg.rootfs.clone()),
         console_log: Some(vm.console.clone()),
         failure: None,
+        restarting: None,
     })?;
     Ok((vm, endpoint, ready))
 }
@@ -166,17 +378,18 @@ impl Supervised {
                 Restart::OnFailure { max, backoff } if restarts < max => (max, backoff),
                 Restart::OnFailure { max, .. } => {
                     tracing::warn!("{failure}; gave up after {max} restarts");
-                    self.record(failure, false)?;
+                    self.record(failure, None)?;
                     return Ok(exit);
                 }
                 Restart::No => {
-                    self.record(failure, false)?;
+                    self.record(failure, None)?;
                     return Ok(exit);
                 }
             };
-            self.record(failure, true)?;
             restarts += 1;
             let pause = backoff * 2u32.saturating_pow(restarts - 1);
+            let boot_at_unix = gateway::now_unix() + pause.as_secs();
+            self.record(failure, Some(gateway::Restarting { attempt: restarts, max, boot_at_unix }))?;
             tracing::warn!("restart {restarts}/{max} after {failure}: booting again in {}s", pause.as_secs());
             let until = std::time::Instant::now() + pause;
             while std::time::Instant::now() < until {
@@ -185,7 +398,8 @@ impl Supervised {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let (vm, endpoint, ready) = start(&self.inst, &self.cfg, &self.digests, self.ready_timeout)?;
+            let (vm, endpoint, ready) =
+                start(&self.inst, &self.cfg, &self.preflight.plan, &self.digests, self.ready_timeout)?;
             (self.vm, self.endpoint, self.ready) = (vm, endpoint, ready);
             tracing::warn!(
                 "restart {restarts}/{max}: SERVING again at {} after {:.2}s",
@@ -196,13 +410,15 @@ impl Supervised {
     }
 
     /// Writes `failure` into the instance's metadata and clears the pids of its children (the
-    /// supervisor stopped them all before calling this), and its own unless it `stays` to restart
-    /// them (a `vm stop` during the backoff finds it there).
-    fn record(&self, failure: gateway::Failure, stays: bool) -> Result<(), VmError> {
+    /// supervisor stopped them all before calling this), and its own unless it stays for the
+    /// `restarting` it schedules (a `vm stop` during the backoff finds it there; `vm status` says
+    /// when it boots again).
+    fn record(&self, failure: gateway::Failure, restarting: Option<gateway::Restarting>) -> Result<(), VmError> {
         let Some(mut meta) = self.inst.read_metadata() else { return Ok(()) };
         meta.failure = Some(failure);
+        meta.restarting = restarting;
         (meta.vm_pid, meta.passt_pid, meta.gvproxy_pid) = (None, None, None);
-        if !stays {
+        if restarting.is_none() {
             meta.supervisor_pid = None;
         }
         self.inst.write_metadata(&meta)
@@ -229,7 +445,7 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
     let recorded: [(&str, Option<u32>, &[&str]); 3] = [
         ("passt", meta.passt_pid, &["passt"]),
         ("gvproxy", meta.gvproxy_pid, &["gvproxy"]),
-        ("vm", meta.vm_pid, crate::backend::VMM_PROGRAMS),
+        ("vm", meta.vm_pid, openshell_vm::backend::VMM_PROGRAMS),
     ];
     for (role, pid, progs) in recorded {
         let Some(pid) = pid else { continue };
@@ -295,6 +511,7 @@ mod tests {
             rootfs_dir: None,
             console_log: None,
             failure: None,
+            restarting: None,
         }
     }
 

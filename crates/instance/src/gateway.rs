@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::timeline;
-use crate::{NetMode, PortMap, RunningVm, VmConfig, VmError};
+use openshell_vm::timeline;
+use openshell_vm::{NetMode, PortMap, RunningVm, VmConfig, VmError};
 
 pub const GATEWAY_PORT: u16 = 30051;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -61,15 +61,27 @@ pub struct Metadata {
     /// by the next boot.
     #[serde(default)]
     pub failure: Option<Failure>,
+    /// Set while the supervisor waits out a restart's backoff (`--restart on-failure`), so status
+    /// can say "restarting in N s" instead of "running" with no VM; cleared by the boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarting: Option<Restarting>,
+}
+
+/// A restart the supervisor has scheduled: the `attempt`th of `max`, booting at `boot_at_unix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restarting {
+    pub attempt: u32,
+    pub max: u32,
+    pub boot_at_unix: u64,
 }
 
 /// A child of the supervisor that ended while the instance ran, and so ended it. In JSON:
 /// `{"child": "passt", "signal": 9, "at_unix": …}` (`exit_code` instead of `signal` for an exit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
-    pub child: crate::Child,
+    pub child: openshell_vm::Child,
     #[serde(flatten)]
-    pub how: crate::Ended,
+    pub how: openshell_vm::Ended,
     pub at_unix: u64,
 }
 
@@ -86,24 +98,6 @@ impl std::fmt::Display for Failure {
             secs % 60
         )
     }
-}
-
-/// What `vm status` reports.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    pub name: String,
-    pub endpoint: Option<String>,
-    pub running: bool,
-    pub supervisor_pid: Option<u32>,
-    pub vm_pid: Option<u32>,
-    /// `SERVING`, or why not.
-    pub health: String,
-    pub mtls_dir: PathBuf,
-    /// Why the instance is not running, when a child's death ended it (see [`Failure`]).
-    pub failure: Option<Failure>,
-    /// Stale state a dead supervisor left, cleaned up by this status call.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub recovered: Vec<String>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -272,81 +266,6 @@ impl GatewayInstance {
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) != 0 }
     }
 
-    /// Reports the instance, checking health over mTLS when it runs. State a dead supervisor left
-    /// behind is recovered first (see [`crate::supervise::recover`]) and reported.
-    pub fn status(&self) -> Status {
-        let recovered = crate::supervise::recover(self).unwrap_or_else(|e| vec![format!("recovery failed: {e}")]);
-        let meta = self.read_metadata();
-        let running = self.locked();
-        let endpoint = meta.as_ref().map(|m| m.endpoint.clone());
-        let health = match (&endpoint, running) {
-            (Some(ep), true) => match self.client_bundle() {
-                Ok(bundle) => tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())
-                    .and_then(|rt| {
-                        rt.block_on(async {
-                            let ch = openshell_gateway::connect(ep, &bundle, "localhost")
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            openshell_gateway::health(&ch).await.map_err(|e| e.to_string())
-                        })
-                    })
-                    .map_or_else(
-                        |e| e,
-                        |s| {
-                            if s == openshell_gateway::ServingStatus::Serving {
-                                "SERVING".into()
-                            } else {
-                                format!("{s:?}")
-                            }
-                        },
-                    ),
-                Err(e) => e.to_string(),
-            },
-            (None, _) => "never started".into(),
-            (_, false) => "not running".into(),
-        };
-        Status {
-            name: self.name.clone(),
-            endpoint,
-            running,
-            supervisor_pid: meta.as_ref().and_then(|m| m.supervisor_pid).filter(|_| running),
-            vm_pid: meta.as_ref().and_then(|m| m.vm_pid).filter(|_| running),
-            failure: meta.as_ref().and_then(|m| m.failure).filter(|_| !running),
-            health,
-            mtls_dir: self.mtls_dir(),
-            recovered,
-        }
-    }
-
-    /// Stops a running instance through its supervisor (SIGTERM; it stops the VM and its network
-    /// process). After a supervisor was SIGKILLed, its VMM and passt/gvproxy died with it (`PR_SET_PDEATHSIG`);
-    /// the recorded pids are only signalled while they still run the program we started.
-    pub fn stop(&self, grace: Duration) -> Result<bool, VmError> {
-        let Some(meta) = self.read_metadata() else { return Ok(false) };
-        if !self.locked() {
-            crate::supervise::recover(self)?;
-            return Ok(false);
-        }
-        let Some(sup) = meta.supervisor_pid else { return Ok(false) };
-        // SAFETY: kill(2) on the pid of the process holding our instance lock.
-        unsafe { libc::kill(sup as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + grace;
-        while self.locked() {
-            if Instant::now() > deadline {
-                return Err(VmError::Instance(format!(
-                    "gateway {:?} (supervisor {sup}) did not stop within {}s",
-                    self.name,
-                    grace.as_secs()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(true)
-    }
-
     pub fn write_metadata(&self, m: &Metadata) -> Result<(), VmError> {
         let path = self.metadata_path();
         let tmp = self.dir.join(".metadata.json.tmp");
@@ -384,7 +303,7 @@ pub fn wait_ready(
     let deadline = Instant::now() + timeout;
     let mut last = String::from("no probe yet");
     let mut last_probe = Instant::now();
-    let mut console = crate::launch::Tail::new(&vm.console);
+    let mut console = openshell_vm::launch::Tail::new(&vm.console);
     let mut seen = Vec::new();
     let mut listening = false;
     loop {
@@ -461,15 +380,15 @@ mod tests {
     #[test]
     fn a_failure_names_the_child_and_how_it_ended_in_json_and_words() {
         let f = Failure {
-            child: crate::Child::Passt,
-            how: crate::Ended::Signal(9),
+            child: openshell_vm::Child::Passt,
+            how: openshell_vm::Ended::Signal(9),
             at_unix: 86_400 * 3 + 22 * 3600 + 41 * 60 + 58,
         };
         let json = serde_json::to_value(f).unwrap();
         assert_eq!(json, serde_json::json!({"child": "passt", "signal": 9, "at_unix": f.at_unix}));
         assert_eq!(serde_json::from_value::<Failure>(json).unwrap(), f);
         assert_eq!(f.to_string(), "passt exited (signal 9) at 22:41:58 UTC");
-        let vmm = Failure { child: crate::Child::Vmm, how: crate::Ended::ExitCode(1), at_unix: 0 };
+        let vmm = Failure { child: openshell_vm::Child::Vmm, how: openshell_vm::Ended::ExitCode(1), at_unix: 0 };
         assert_eq!(
             serde_json::to_value(vmm).unwrap(),
             serde_json::json!({"child": "vmm", "exit_code": 1, "at_unix": 0})

@@ -8,9 +8,9 @@
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
+use openshell_instance::check::Verification;
+use openshell_instance::gateway::{self, GatewayInstance};
 use openshell_matrix::Status;
-use openshell_vm::check::Verification;
-use openshell_vm::gateway::{self, GatewayInstance};
 use openshell_vm::VmmChoice;
 
 use crate::support::{self, Artifacts, TrialDir};
@@ -44,7 +44,7 @@ pub const ROWS: &[&str] = &[
 /// (`supervise::boot`: lock, recovery, preflight, launch, readiness, metadata). Dropping it stops
 /// the VM and passt and releases the lock.
 struct Supervised {
-    up: openshell_vm::supervise::Supervised,
+    up: openshell_instance::supervise::Supervised,
     inst: GatewayInstance,
     port: u16,
 }
@@ -63,7 +63,7 @@ fn supervise_with(
         let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
         // Where TrialDir::fail looks for the console; metadata.json records it for verify.
         std::fs::create_dir_all(dir.path().join("state")).map_err(|e| e.to_string())?;
-        g.cfg.console_log = Some(dir.path().join("state/console.log"));
+        g.req.console_log = Some(dir.path().join("state/console.log"));
         let up = g.boot_with(verification).map_err(|e| format!("boot: {e}"))?;
         Ok(Supervised { up, inst: g.inst, port })
     })
@@ -77,7 +77,7 @@ fn verify_passes_on_running_gateway(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     // The instance that became ready last is the one `cargo xtask verify` picks by default.
     let active = gateway::active(gw.inst.dir.parent().unwrap());
     let t = Instant::now();
-    let matrix = openshell_vm::verify::verify(&gw.inst);
+    let matrix = openshell_instance::verify::verify(&gw.inst);
     let took = t.elapsed();
     drop(gw);
     let matrix = matrix.map_err(|e| format!("verify could not run: {e}"))?;
@@ -140,7 +140,7 @@ fn verify_fails_when_forward_is_closed(a: &Artifacts, vmm: VmmChoice, dir: Trial
 fn close_forward_and_verify(
     gw: &Supervised,
 ) -> Result<(openshell_matrix::Matrix, openshell_matrix::Matrix, Duration), String> {
-    let before = openshell_vm::verify::verify(&gw.inst).map_err(|e| format!("verify could not run: {e}"))?;
+    let before = openshell_instance::verify::verify(&gw.inst).map_err(|e| format!("verify could not run: {e}"))?;
     let passt = gw.up.vm.passt_pid().ok_or("the gateway VM has no passt")?;
     // SAFETY: kill(2) on the passt child our RunningVm started and has not reaped.
     unsafe { libc::kill(passt as i32, libc::SIGKILL) };
@@ -152,7 +152,7 @@ fn close_forward_and_verify(
         std::thread::sleep(Duration::from_millis(20));
     }
     let t = Instant::now();
-    let after = openshell_vm::verify::verify(&gw.inst)
+    let after = openshell_instance::verify::verify(&gw.inst)
         .map_err(|e| format!("verify could not run with the forward closed: {e}"))?;
     Ok((before, after, t.elapsed()))
 }
@@ -212,7 +212,7 @@ fn unverified_boot_fails_only(
         Ok(gw) => gw,
         Err(e) => return Err(dir.fail(e)),
     };
-    let matrix = openshell_vm::verify::verify(&gw.inst);
+    let matrix = openshell_instance::verify::verify(&gw.inst);
     drop(gw);
     let matrix = matrix.map_err(|e| format!("verify could not run: {e}"))?;
     let table = matrix.render();

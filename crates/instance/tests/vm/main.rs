@@ -17,6 +17,7 @@ mod guest_check;
 mod lifecycle;
 mod nested;
 mod provenance;
+mod sandbox;
 mod stop;
 mod support;
 mod trials;

@@ -119,7 +119,13 @@ pub fn run_in_l1(
 ) -> Result<L1Run, Failed> {
     let me = std::env::current_exe().map_err(|e| Failed::from(format!("cannot find this test binary: {e}")))?;
     let mut paths = L1Paths::default();
-    let shared = paths.share_file(&me).and_then(|bin| Ok((bin, paths.share_guest(&a.kernel, &a.rootfs, vmm)?)));
+    // The supervisor binary too: the trials that detach a gateway start it inside L1.
+    let supervisor = std::path::Path::new(env!("CARGO_BIN_EXE_openshell-supervisor"));
+    let shared = paths.share_file(&me).and_then(|bin| {
+        let mut env = paths.share_guest(&a.kernel, &a.rootfs, vmm)?;
+        env.push(("OPENSHELL_SUPERVISOR".into(), paths.share_file(supervisor)?));
+        Ok((bin, env))
+    });
     let (bin, guest_env) = match shared {
         Ok(s) => s,
         Err(e) => return Err(dir.fail(e.to_string())),
@@ -145,7 +151,7 @@ pub fn run_in_l1(
         return Err(dir.fail(format!("cannot create {}: {e}", inner_records.display())));
     }
     let started = Instant::now();
-    let mut vm = match openshell_vm::launch(&cfg) {
+    let mut vm = match crate::support::launch(&cfg) {
         Ok(vm) => vm,
         Err(e) => return Err(dir.fail(format!("L1 launch failed: {e}"))),
     };
@@ -253,7 +259,7 @@ fn exec_in_l2(argv: Vec<String>) -> Result<i32, String> {
     let mut cfg = openshell_vm::VmConfig::exec(a.kernel, a.rootfs, dir.path().join("state"), argv);
     cfg.vmm = openshell_vm::VmmChoice::Krun;
     let started = Instant::now();
-    let mut vm = openshell_vm::launch(&cfg).map_err(|e| e.to_string())?;
+    let mut vm = crate::support::launch(&cfg).map_err(|e| e.to_string())?;
     let vmm_started = started.elapsed().as_secs_f64();
     const INIT: &str = "] init started";
     let mut clock = ConsoleClock::new(started, &[INIT, L1_EXEC], true);

@@ -23,7 +23,8 @@ pub use facts::{Artifact, Facts, Os};
 pub use probe::{probe, ProbeRequest};
 pub use rows::Verification;
 
-use crate::{NetMode, RunningVm, VmConfig, VmError, VmmChoice};
+use openshell_vm::plan::{Need, Net, Plan};
+use openshell_vm::{NetMode, RunningVm, VmConfig, VmError, VmmChoice};
 
 /// What `cargo xtask check` prints: the matrix and where the artifacts came from.
 #[derive(Debug, Clone)]
@@ -50,10 +51,12 @@ impl HostReport {
     }
 }
 
-/// Every row for this host, with `--vmm <choice>` deciding the `vmm` row.
+/// Every row for this host, with the plan for `--vmm <choice>` (and the platform's network)
+/// deciding the `vmm` row.
 pub fn host_report(f: &Facts, choice: VmmChoice) -> HostReport {
+    let plan = openshell_vm::plan(&f.host, choice, Net::default_for(f.host.os));
     let mut m = Matrix::new("host");
-    match f.os {
+    match f.host.os {
         Os::Linux => {
             m.push(rows::hardware_virt(f));
             m.push(rows::kvm_device(f));
@@ -63,12 +66,12 @@ pub fn host_report(f: &Facts, choice: VmmChoice) -> HostReport {
         }
         Os::MacOs => m.push(rows::hvf(f)),
     }
-    m.push(rows::backend_krun(f));
-    if f.os == Os::Linux {
+    m.push(rows::backend_krun(f, &plan));
+    if f.host.os == Os::Linux {
         m.push(rows::backend_qemu(f));
     }
-    m.push(rows::vmm(f, choice));
-    match f.os {
+    m.push(rows::vmm(&plan));
+    match f.host.os {
         Os::Linux => m.push(rows::passt(f)),
         Os::MacOs => {
             m.push(rows::gvproxy(f));
@@ -87,17 +90,22 @@ pub fn host_report(f: &Facts, choice: VmmChoice) -> HostReport {
     HostReport { matrix: m, provenance, provenance_text }
 }
 
-/// The rows a boot of `cfg` needs, from facts probed for it.
-pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -> Matrix {
+/// The plan for booting `cfg` on this host, and the rows that boot needs: the VMM the plan picks,
+/// what the plan says the boot needs (passt or gvproxy; the VMM's entitlement on macOS), its
+/// ports and its artifacts.
+pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -> (Plan, Matrix) {
+    let plan = openshell_vm::plan(&f.host, cfg.vmm, Net::of(&cfg.net));
     let mut m = Matrix::new("preflight");
-    m.push(rows::vmm(f, cfg.vmm));
-    match cfg.net {
-        NetMode::Passt => m.push(rows::passt(f)),
-        NetMode::Gvproxy { .. } => m.push(rows::gvproxy(f)),
-        NetMode::None => {}
-    }
-    if f.os == Os::MacOs && matches!(crate::backend::choose(cfg.vmm, &f.host()), Ok((crate::Backend::Krun, _))) {
-        m.push(rows::entitlement(f));
+    m.push(rows::vmm(&plan));
+    for need in &plan.needs {
+        match need {
+            // The vmm row above already fails when QEMU is missing.
+            Need::Qemu => {}
+            Need::Passt => m.push(rows::passt(f)),
+            Need::Gvproxy => m.push(rows::gvproxy(f)),
+            Need::VmmBinary if f.host.os == Os::MacOs => m.push(rows::entitlement(f)),
+            Need::VmmBinary => {}
+        }
     }
     for p in &f.ports {
         let id = if f.ports.len() == 1 { "host-port".to_owned() } else { format!("host-port-{}", p.port) };
@@ -105,13 +113,15 @@ pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -
     }
     m.push(rows::kernel(f, verification));
     m.push(rows::rootfs(f, verification));
-    m
+    (plan, m)
 }
 
 /// The preflight that passed: its rows, WARNs included, for the caller to show.
 #[derive(Debug, Clone)]
 pub struct Preflight {
     pub matrix: Matrix,
+    /// What the boot that passed runs with: [`openshell_vm::launch`] reads it.
+    pub plan: Plan,
 }
 
 impl Preflight {
@@ -129,28 +139,24 @@ pub fn preflight(cfg: &VmConfig, verification: Verification) -> Result<Preflight
         rootfs: Ok(cfg.rootfs.clone()),
         ports: if cfg.net == NetMode::None { Vec::new() } else { cfg.ports.iter().map(|p| p.host).collect() },
         store_root: None,
-        vmm_binary: match crate::backend::krun::vmm_binary(cfg) {
-            Ok(p) | Err(VmError::VmmBinaryMissing(p)) => p,
-            Err(_) => "openshell-vmm".into(),
-        },
         gateways_root: crate::gateway::gateways_root(),
     };
     let facts = probe(&req);
-    let matrix = preflight_matrix(&facts, cfg, verification);
+    let (plan, matrix) = preflight_matrix(&facts, cfg, verification);
     for r in matrix.rows.iter().filter(|r| r.status == Status::Warn) {
         tracing::warn!(row = %r.id, reason = %r.reason, "preflight warning");
     }
     if matrix.exit_code() != openshell_matrix::EXIT_OK {
         return Err(VmError::Refused(matrix.render()));
     }
-    Ok(Preflight { matrix })
+    Ok(Preflight { matrix, plan })
 }
 
-/// [`preflight`], then [`crate::launch`]: the way `vm run` boots, so no VMM starts with an
+/// [`preflight`], then [`openshell_vm::launch`]: the way `vm run` boots, so no VMM starts with an
 /// unverified artifact or a missing requirement.
 pub fn launch_checked(cfg: &VmConfig, verification: Verification) -> Result<(RunningVm, Preflight), VmError> {
     let pre = preflight(cfg, verification)?;
-    Ok((crate::launch(cfg)?, pre))
+    Ok((openshell_vm::launch(cfg, &pre.plan)?, pre))
 }
 
 /// Each artifact's provenance: JSON for `--json`, and indented lines for the table.
@@ -256,7 +262,7 @@ mod tests {
     #[test]
     fn a_required_failure_makes_the_host_report_exit_1() {
         let mut f = healthy();
-        f.passt = None;
+        f.host.passt = None;
         let r = host_report(&f, VmmChoice::Auto);
         assert_eq!(r.exit_code(), 1);
         assert!(r.render().contains("required failing: passt"));
@@ -265,23 +271,22 @@ mod tests {
     #[test]
     fn preflight_checks_only_what_the_boot_needs() {
         let mut f = healthy();
-        f.passt = None;
+        f.host.passt = None;
         f.disk = None;
         f.ports.clear();
         let cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
-        let m = preflight_matrix(&f, &cfg, Verification::Required);
+        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
         assert_eq!(m.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["vmm", "kernel", "rootfs"]);
         let mut cfg = cfg;
         cfg.net = NetMode::Passt;
-        let m = preflight_matrix(&f, &cfg, Verification::Required);
+        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
         assert_eq!(m.exit_code(), 1, "networked boot without passt must be refused");
     }
 
     #[test]
     fn macos_host_shows_its_own_rows_and_not_linux_ones() {
         let mut f = healthy();
-        f.os = Os::MacOs;
-        f.macos = Some(facts::MacFacts { hvf: true, gvproxy: None, vmm_entitled: Some(true) });
+        f.host = openshell_vm::host::fake::macos(true, Some(true));
         let ids: Vec<String> = host_report(&f, VmmChoice::Auto).matrix.rows.into_iter().map(|r| r.id).collect();
         assert!(ids.contains(&"hvf".into()) && ids.contains(&"entitlement".into()) && ids.contains(&"gvproxy".into()));
         assert!(!ids.contains(&"kvm-device".into()) && !ids.contains(&"passt".into()));

@@ -12,8 +12,8 @@ use openshell_matrix::Matrix;
 
 use super::{decide, Attempt, InfoFacts, Leftover, NoCertificate, Observations, Rehashed};
 use crate::gateway::{GatewayInstance, Metadata};
-use crate::procfs;
-use crate::VmError;
+use openshell_vm::procfs;
+use openshell_vm::VmError;
 
 /// A refused or unrouted TCP connect answers at once; this bounds a black hole.
 const TCP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -235,12 +235,14 @@ fn rehash_booted(vm: Option<&procfs::ProcessFact>) -> (Attempt<Rehashed>, Attemp
     let booted = match vm {
         None => Err(Attempt::NotTried("metadata.json records no VMM pid".to_owned())),
         Some(p) if !p.alive => Err(Attempt::NotTried(format!("the VMM pid {} is dead", p.pid))),
-        Some(p) if !p.program_is_any(crate::backend::VMM_PROGRAMS) => {
+        Some(p) if !p.program_is_any(openshell_vm::backend::VMM_PROGRAMS) => {
             Err(Attempt::NotTried(format!("pid {} is not a VMM", p.pid)))
         }
         Some(p) => match (procfs::argv(p.pid), procfs::cwd(p.pid)) {
-            (Some(argv), Some(cwd)) => crate::backend::booted_artifacts(&argv, &cwd)
-                .map_err(|e| Attempt::Failed(format!("VMM pid {}: {e}", p.pid))),
+            (Some(argv), Some(cwd)) => {
+                openshell_vm::backend::booted_artifacts(&argv, &cwd, &|fd| procfs::fd_target(p.pid, fd))
+                    .map_err(|e| Attempt::Failed(format!("VMM pid {}: {e}", p.pid)))
+            }
             _ => Err(Attempt::Failed(format!(
                 "cannot read /proc/{}/cmdline and cwd; run verify as the user that started the gateway",
                 p.pid
@@ -365,6 +367,7 @@ mod tests {
             rootfs_dir: None,
             console_log: None,
             failure: None,
+            restarting: None,
         };
         inst.write_metadata(&meta).unwrap();
         fs::write(inst.dir.join(".metadata.json.tmp"), "{}").unwrap();

@@ -9,7 +9,7 @@ use openshell_vm::{VmConfig, VmmChoice};
 
 use crate::nested::Route;
 use crate::support::{self, Artifacts, TrialDir};
-use openshell_vm::gateway::{self, GatewayInstance};
+use openshell_instance::gateway::{self, GatewayInstance};
 
 pub type Body = fn(&Artifacts, VmmChoice, TrialDir) -> Result<(), Failed>;
 
@@ -23,6 +23,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::stop::TRIALS,
     crate::cli::TRIALS,
     crate::flood::TRIALS,
+    crate::sandbox::TRIALS,
 ];
 
 /// The contract every backend honours.
@@ -50,10 +51,10 @@ pub fn all() -> Vec<Trial> {
     let artifacts = support::artifacts();
     let required = support::required_backends();
     let mut trials = Vec::new();
-    // The host's facts, probed once for every trial.
-    let host = openshell_vm::HostFacts::probe();
-    let krun_place = openshell_vm::backend::krun_place(&host);
-    for (backend, vmm, usable) in support::backends(&host, &krun_place) {
+    // The host's facts are probed once for every trial (`support::host`), and the plan decides.
+    let host = support::host();
+    let krun_place = openshell_vm::plan(host, VmmChoice::Krun, openshell_vm::plan::Net::None).krun;
+    for (backend, vmm, usable) in support::backends() {
         let must_run = required.iter().any(|b| b == backend);
         for &(name, body) in GROUPS.iter().copied().flatten() {
             let full = format!("{backend}::{name}");
@@ -89,7 +90,7 @@ pub fn all() -> Vec<Trial> {
                 .into())
         }));
     }
-    trials.push(krun_smoke_trial(&host, &artifacts));
+    trials.push(krun_smoke_trial(host, &artifacts));
     trials
 }
 
@@ -98,7 +99,8 @@ pub fn all() -> Vec<Trial> {
 /// the guest got, so "never reaches userspace" stays a measurement.
 fn krun_smoke_trial(host: &openshell_vm::HostFacts, artifacts: &Result<Artifacts, String>) -> Trial {
     let smoke = "krun::smoke_kernel_prints_first_line";
-    let cannot = match (artifacts, host.kvm_usable, std::env::var_os("OPENSHELL_VMM")) {
+    let kvm_usable = host.kvm.usable();
+    let cannot = match (artifacts, kvm_usable, std::env::var_os("OPENSHELL_VMM")) {
         (_, false, _) => Some("no usable /dev/kvm".to_owned()),
         (Ok(_), true, Some(_)) => None,
         (Err(why), _, _) => Some(why.clone()),
@@ -106,8 +108,8 @@ fn krun_smoke_trial(host: &openshell_vm::HostFacts, artifacts: &Result<Artifacts
             Some("OPENSHELL_VMM not set to the openshell-vmm binary; run `cargo xtask e2e --vm`".to_owned())
         }
     };
-    let must_run = support::required_backends().iter().any(|b| b == "krun") || (support::require() && host.kvm_usable);
-    let (a, pvm) = (artifacts.clone(), host.kvm_pvm);
+    let must_run = support::required_backends().iter().any(|b| b == "krun") || (support::require() && kvm_usable);
+    let (a, pvm) = (artifacts.clone(), host.kvm.pvm());
     trial(smoke.to_owned(), "krun", cannot, must_run, move |dir| krun_smoke(&a.map_err(Failed::from)?, dir, pvm))
 }
 
@@ -259,7 +261,7 @@ fn missing_kernel_gives_clear_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     dir.expect_refusal_before_boot();
     let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
     cfg.kernel = dir.path().join("no-such-vmlinux");
-    match openshell_vm::launch(&cfg) {
+    match crate::support::launch(&cfg) {
         Ok(_) => Err(dir.fail("launch with a missing kernel succeeded")),
         Err(e) => {
             let msg = e.to_string();
@@ -276,9 +278,8 @@ fn missing_kernel_gives_clear_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
 /// (up to [`SMOKE_WATCH`]) and the trial records how far it got: on nested PVM it must not reach
 /// userspace (if it does, the krun trials are ignored here for a reason that is no longer true).
 fn krun_smoke(a: &Artifacts, dir: TrialDir, pvm: bool) -> Result<(), Failed> {
-    let mut cfg = support::config(a, &dir, VmmChoice::Krun, &["/bin/true"]);
-    cfg.krun_vmm_binary = std::env::var_os("OPENSHELL_VMM").map(Into::into);
-    let mut vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+    let cfg = support::config(a, &dir, VmmChoice::Krun, &["/bin/true"]);
+    let mut vm = crate::support::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
     let log = cfg.state_dir.join("vmm.log");
     let deadline = Instant::now() + SMOKE_WATCH;
     let mut first_line = None;
@@ -334,7 +335,7 @@ fn boot_httpd(
         let mut cfg = support::config(a, dir, vmm, &["/bin/sh", "-c", script]);
         cfg.net = openshell_vm::NetMode::Passt;
         cfg.ports = vec![openshell_vm::PortMap { host, guest: 8080 }];
-        let vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+        let vm = crate::support::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
         Ok((vm, host, cfg))
     })
 }
@@ -415,7 +416,7 @@ fn port_in_use_is_reported_before_boot(a: &Artifacts, vmm: VmmChoice, dir: Trial
     let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
     cfg.net = openshell_vm::NetMode::Passt;
     cfg.ports = vec![openshell_vm::PortMap { host: port, guest: 8080 }];
-    match openshell_vm::launch(&cfg) {
+    match crate::support::launch(&cfg) {
         Ok(_) => Err(dir.fail("launch succeeded although the host port was taken")),
         Err(e) if e.to_string().contains(&port.to_string()) && e.to_string().contains("in use") => {
             // Refused before boot: no console was even created.
@@ -436,7 +437,7 @@ fn boot_gateway(
 ) -> Result<(openshell_vm::RunningVm, String, GatewayInstance, (String, String)), String> {
     let (support::GatewayTrial { inst, digests, .. }, mut vm, port) = support::with_free_port(|port| {
         let g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
-        let vm = openshell_vm::launch(&g.cfg).map_err(|e| format!("launch: {e}"))?;
+        let vm = crate::support::launch(&g.cfg()).map_err(|e| format!("launch: {e}"))?;
         Ok((g, vm, port))
     })?;
     let endpoint = format!("127.0.0.1:{port}");
@@ -517,7 +518,8 @@ fn gateway_boots_and_service_becomes_reachable(a: &Artifacts, vmm: VmmChoice, di
         }
         let argv = openshell_vm::procfs::argv(vm.pid()).ok_or("cannot read the VMM's command line")?;
         let cwd = openshell_vm::procfs::cwd(vm.pid()).ok_or("cannot read the VMM's cwd")?;
-        let booted = openshell_vm::backend::booted_artifacts(&argv, &cwd)?;
+        let booted =
+            openshell_vm::backend::booted_artifacts(&argv, &cwd, &|fd| openshell_vm::procfs::fd_target(vm.pid(), fd))?;
         if (booted.kernel.as_path(), booted.rootfs.as_path()) != (a.kernel.as_path(), a.rootfs.as_path()) {
             return Err(format!(
                 "the VMM runs {booted:?}, not {} and {}; argv {argv:?}",

@@ -4,11 +4,12 @@
 use std::cell::Cell;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use libtest_mimic::Failed;
-use openshell_vm::{Backend, HostFacts, KrunPlace, VmConfig, VmmChoice};
+use openshell_vm::plan::Net;
+use openshell_vm::{Backend, HostFacts, KrunPlace, Plan, VmConfig, VmmChoice};
 
 /// Upper bound for one guest run under TCG; a trial that needs longer is broken, not slow.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -39,16 +40,32 @@ pub fn required_backends() -> Vec<String> {
     list.split(',').map(str::trim).filter(|b| !b.is_empty()).map(str::to_owned).collect()
 }
 
-/// Which backends can boot a guest to userspace here, and which cannot (with the reason).
-/// Where krun can run is the plan's answer (`backend::krun_place`), not a second reading of the
-/// facts; its nested case is routed by `nested::route` before this answer is asked.
-pub fn backends(host: &HostFacts, krun_place: &KrunPlace) -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
-    let krun = match krun_place {
+/// The host's facts, probed once for every trial of this process.
+pub fn host() -> &'static HostFacts {
+    static HOST: OnceLock<HostFacts> = OnceLock::new();
+    HOST.get_or_init(HostFacts::probe)
+}
+
+/// The plan for booting `cfg` here, from the one probe.
+pub fn plan(cfg: &VmConfig) -> Plan {
+    openshell_vm::plan(host(), cfg.vmm, Net::of(&cfg.net))
+}
+
+/// Launches `cfg` as the plan says (the trials that test the runtime below the instance layer).
+pub fn launch(cfg: &VmConfig) -> Result<openshell_vm::RunningVm, openshell_vm::VmError> {
+    openshell_vm::launch(cfg, &plan(cfg))
+}
+
+/// Which backends can boot a guest to userspace here, and which cannot (with the reason): the
+/// plan's answers, not a second reading of the facts. krun's nested case is routed by
+/// `nested::route` before this answer is asked.
+pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
+    let krun = match openshell_vm::plan(host(), VmmChoice::Krun, Net::None).krun {
         KrunPlace::Direct => Ok(()),
         KrunPlace::NestedL1 => Err("krun: libkrun runs only inside the nested host here (see README)".into()),
         KrunPlace::Nowhere(why) => Err(format!("krun: {why}")),
     };
-    let qemu = match openshell_vm::backend::choose(VmmChoice::Qemu, host) {
+    let qemu = match openshell_vm::plan(host(), VmmChoice::Qemu, Net::None).backend {
         Ok((Backend::Qemu { .. }, _)) => Ok(()),
         Ok(_) => unreachable!("qemu choice gives qemu"),
         Err(e) => Err(format!("qemu: {e}")),
@@ -161,17 +178,17 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A gateway instance `trial` under `root` with its PKI, and the VM config the gateway preset
-/// makes for it (passt, 127.0.0.1:`port` → 30051, the digests the artifacts' own records hold,
-/// as `vm run` writes them): what every gateway trial boots.
+/// A gateway instance `trial` under `root` with its PKI, and the request that boots it the way
+/// `vm run` does (passt, 127.0.0.1:`port` → 30051, the digests the artifacts' own records hold, as
+/// `vm run` writes them): what every gateway trial boots.
 pub struct GatewayTrial {
-    pub inst: openshell_vm::gateway::GatewayInstance,
-    pub cfg: VmConfig,
+    pub inst: openshell_instance::gateway::GatewayInstance,
+    pub req: openshell_instance::supervise::Request,
     pub digests: (String, String),
 }
 
 pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16) -> Result<GatewayTrial, String> {
-    let inst = openshell_vm::gateway::GatewayInstance::new(root, "trial").map_err(|e| e.to_string())?;
+    let inst = openshell_instance::gateway::GatewayInstance::new(root, "trial").map_err(|e| e.to_string())?;
     inst.ensure_pki().map_err(|e| e.to_string())?;
     // The records, not a re-hash: a tampered copy then boots as `vm run --allow-unverified`
     // boots it, and only `verify`'s re-hash can tell.
@@ -183,31 +200,50 @@ pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16)
         .hex();
     let rootfs_sha =
         openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
-    let mut cfg = inst
-        .vm_config(a.kernel.clone(), a.rootfs.clone(), (&kernel_sha, &rootfs_sha), port, openshell_vm::NetMode::Passt)
-        .map_err(|e| e.to_string())?;
-    cfg.vmm = vmm;
-    Ok(GatewayTrial { inst, cfg, digests: (kernel_sha, rootfs_sha) })
+    let digests = (kernel_sha, rootfs_sha);
+    let mut req = openshell_instance::supervise::Request::new(
+        root,
+        "trial",
+        a.kernel.clone(),
+        a.rootfs.clone(),
+        digests.clone(),
+        port,
+        openshell_vm::NetMode::Passt,
+        vmm,
+    );
+    req.ready_timeout = GUEST_TIMEOUT;
+    Ok(GatewayTrial { inst, req, digests })
 }
 
 impl GatewayTrial {
-    /// Boots it the way `cargo xtask vm run` does (`supervise::boot`).
-    pub fn boot(&self) -> Result<openshell_vm::supervise::Supervised, openshell_vm::VmError> {
-        self.boot_with(openshell_vm::check::Verification::Required)
+    /// The gateway's VM config (for the trials that launch it below the instance layer).
+    pub fn cfg(&self) -> VmConfig {
+        self.req.config().expect("the trial's request makes a config")
+    }
+
+    /// Boots it the way `cargo xtask vm run` does (`supervise::Request::boot`).
+    pub fn boot(&self) -> Result<openshell_instance::supervise::Supervised, openshell_vm::VmError> {
+        self.req.boot()
     }
 
     /// [`Self::boot`], with `--allow-unverified` when `verification` says so.
     pub fn boot_with(
         &self,
-        verification: openshell_vm::check::Verification,
-    ) -> Result<openshell_vm::supervise::Supervised, openshell_vm::VmError> {
-        openshell_vm::supervise::boot(
-            &self.inst,
-            &self.cfg,
-            (&self.digests.0, &self.digests.1),
-            GUEST_TIMEOUT,
-            verification,
-        )
+        verification: openshell_instance::check::Verification,
+    ) -> Result<openshell_instance::supervise::Supervised, openshell_vm::VmError> {
+        let mut req = self.req.clone();
+        req.verification = verification;
+        req.boot()
+    }
+
+    /// Starts it under the `openshell-supervisor` binary, as `vm run --detach` does: cargo's
+    /// build of it, or `$OPENSHELL_SUPERVISOR` (inside a nested host, its copy in L1's share).
+    pub fn detach(&self) -> Result<openshell_instance::supervise::Detached, openshell_vm::VmError> {
+        let supervisor = match std::env::var_os("OPENSHELL_SUPERVISOR") {
+            Some(_) => openshell_instance::supervise::supervisor_binary(),
+            None => PathBuf::from(env!("CARGO_BIN_EXE_openshell-supervisor")),
+        };
+        openshell_instance::supervise::detach(&supervisor, &self.req)
     }
 }
 
@@ -224,7 +260,7 @@ pub fn config(a: &Artifacts, dir: &TrialDir, vmm: VmmChoice, argv: &[&str]) -> V
 
 /// Boots `cfg`, waits for the guest, returns (exit code, console text).
 pub fn run(cfg: &VmConfig, dir: TrialDir) -> Result<(i32, String, TrialDir), Failed> {
-    let mut vm = match openshell_vm::launch(cfg) {
+    let mut vm = match launch(cfg) {
         Ok(vm) => vm,
         Err(e) => return Err(dir.fail(format!("launch failed: {e}"))),
     };
@@ -252,16 +288,13 @@ const SUPERVISE_ENV: &str = "OPENSHELL_E2E_SUPERVISE";
 /// `OPENSHELL_E2E_SUPERVISE=<state dir>` it boots the VM described by its arguments, prints
 /// `vmm-pid=N` and returns the VM's exit code.
 pub fn supervisor_mode() -> Option<i32> {
-    if let Some(root) = std::env::var_os(SUPERVISE_GATEWAY_ENV) {
-        return Some(gateway_supervisor(PathBuf::from(root)));
-    }
     let state = std::env::var_os(SUPERVISE_ENV)?;
     let a = artifacts().expect("artifacts are set for the supervisor");
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let vmm: VmmChoice = std::env::var("OPENSHELL_E2E_VMM").unwrap().parse().unwrap();
     let mut cfg = VmConfig::exec(a.kernel, a.rootfs, PathBuf::from(state), argv);
     cfg.vmm = vmm;
-    let mut vm = openshell_vm::launch(&cfg).expect("supervisor launch");
+    let mut vm = launch(&cfg).expect("supervisor launch");
     println!("vmm-pid={}", vm.pid());
     use std::io::Write;
     std::io::stdout().flush().unwrap();
@@ -277,35 +310,6 @@ pub fn supervisor_mode() -> Option<i32> {
             255
         }
     })
-}
-
-const SUPERVISE_GATEWAY_ENV: &str = "OPENSHELL_E2E_SUPERVISE_GATEWAY";
-
-/// With `OPENSHELL_E2E_SUPERVISE_GATEWAY=<gateways root>` and the host port as the argument: the
-/// same library path as `cargo xtask vm run` (instance `trial`), printing
-/// `ready vmm-pid=N passt-pid=M` once SERVING, then supervising until killed.
-fn gateway_supervisor(root: PathBuf) -> i32 {
-    let a = artifacts().expect("artifacts are set for the supervisor");
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).expect("port argument");
-    let vmm: VmmChoice = std::env::var("OPENSHELL_E2E_VMM").unwrap().parse().unwrap();
-    let mut up = match gateway(&a, vmm, &root, port).and_then(|g| g.boot().map_err(|e| e.to_string())) {
-        Ok(up) => up,
-        Err(e) => {
-            println!("failed {e}");
-            return 1;
-        }
-    };
-    println!("ready vmm-pid={} passt-pid={}", up.vm.pid(), up.vm.passt_pid().unwrap_or(0));
-    use std::io::Write;
-    std::io::stdout().flush().unwrap();
-    up.vm.wait(None, None).map_or(255, openshell_vm::VmExit::code)
-}
-
-/// Starts this test binary as a gateway supervisor (see [`gateway_supervisor`]).
-pub fn gateway_supervisor_command(root: &std::path::Path, vmm: &str, port: u16) -> std::process::Command {
-    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
-    c.env(SUPERVISE_GATEWAY_ENV, root).env("OPENSHELL_E2E_VMM", vmm).arg(port.to_string());
-    c
 }
 
 pub fn supervisor_command(state: &std::path::Path, vmm: &str, argv: &[&str]) -> std::process::Command {

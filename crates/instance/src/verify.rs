@@ -54,9 +54,9 @@ use std::time::Duration;
 
 use openshell_matrix::{Matrix, Row};
 
-pub use crate::backend::BootedArtifacts;
 use crate::gateway::Metadata;
-pub use crate::procfs::{ProcessFact, TcpListenerFact};
+pub use openshell_vm::backend::BootedArtifacts;
+pub use openshell_vm::procfs::{ProcessFact, TcpListenerFact};
 pub use probe::{probe, verify};
 
 /// The outcome of one probe.
@@ -208,7 +208,7 @@ pub fn stale_findings(o: &Observations) -> Vec<String> {
             }
         }
     }
-    for (what, p, progs) in [("VMM", &o.vm, crate::backend::VMM_PROGRAMS), ("passt", &o.passt, &["passt"][..])] {
+    for (what, p, progs) in [("VMM", &o.vm, openshell_vm::backend::VMM_PROGRAMS), ("passt", &o.passt, &["passt"][..])] {
         let Some(p) = p.as_ref().filter(|p| p.runs_any(progs)) else { continue };
         if !o.locked {
             out.push(format!("{what} pid {} still runs without a supervisor (orphan)", p.pid));
@@ -251,7 +251,13 @@ pub fn decide(o: &Observations) -> Matrix {
         }
     });
 
-    mx.push(process_row("vm-process", "VMM", &o.vm, crate::backend::VMM_PROGRAMS, &format!("{logs}; {restart}")));
+    mx.push(process_row(
+        "vm-process",
+        "VMM",
+        &o.vm,
+        openshell_vm::backend::VMM_PROGRAMS,
+        &format!("{logs}; {restart}"),
+    ));
     mx.push(process_row("passt-process", "passt", &o.passt, &["passt"], &restart));
     mx.push(forward_row(o, &restart));
 
@@ -590,6 +596,7 @@ mod tests {
                 rootfs_dir: Some("/r".into()),
                 console_log: None,
                 failure: None,
+                restarting: None,
             },
             port: 30051,
             locked: true,

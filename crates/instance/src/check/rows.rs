@@ -9,19 +9,18 @@
 use openshell_matrix::Row;
 
 use super::facts::{Artifact, Facts, Os, PortFacts, Tool};
-use crate::backend::{self, Backend};
-use crate::VmmChoice;
+use openshell_vm::plan::{KrunPlace, Plan, CODESIGN};
+use openshell_vm::VmmChoice;
 
 /// Whether artifacts that do not match their records may boot anyway (`--allow-unverified`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Verification {
     #[default]
     Required,
     AllowUnverified,
 }
 
-pub const QEMU_INSTALL: &str = "apt-get install -y qemu-system-x86";
-pub const PASST_INSTALL: &str = "apt-get install -y passt";
+pub use openshell_vm::plan::{PASST_INSTALL, QEMU_INSTALL};
 /// A kernel build unpacks and compiles the source beside the store: ~1.5 GiB, plus headroom.
 pub const KERNEL_BUILD_BYTES: u64 = 2 << 30;
 /// Baking a rootfs and the VMs' logs need little.
@@ -32,7 +31,7 @@ const FASTER_HOST: &str =
 
 /// Hardware virtualization: VMX/SVM on Linux. Optional: QEMU's TCG boots without it.
 pub fn hardware_virt(f: &Facts) -> Row {
-    match &f.cpu_virt_flag {
+    match &f.host.cpu_virt_flag {
         Some(flag) => Row::pass("hardware-virt", format!("the CPU advertises {}", flag.to_uppercase())),
         None => Row::warn(
             "hardware-virt",
@@ -45,7 +44,7 @@ pub fn hardware_virt(f: &Facts) -> Row {
 
 /// HVF on macOS: what libkrun runs on there.
 pub fn hvf(f: &Facts) -> Row {
-    match &f.macos {
+    match &f.host.macos {
         Some(m) if m.hvf => Row::pass("hvf", "Hypervisor.framework is available (kern.hv_support=1)"),
         _ => Row::fail(
             "hvf",
@@ -58,7 +57,7 @@ pub fn hvf(f: &Facts) -> Row {
 
 /// `/dev/kvm` present and openable read-write by this user. Optional: TCG needs neither.
 pub fn kvm_device(f: &Facts) -> Row {
-    if !f.kvm.exists {
+    if !f.host.kvm.exists {
         return Row::warn(
             "kvm-device",
             "/dev/kvm does not exist (no KVM module loaded): only QEMU's software emulation can run",
@@ -66,7 +65,7 @@ pub fn kvm_device(f: &Facts) -> Row {
         )
         .optional();
     }
-    match &f.kvm.open_error {
+    match &f.host.kvm.open_error {
         Some(e) => Row::warn(
             "kvm-device",
             format!("/dev/kvm exists but this user cannot open it read-write ({e})"),
@@ -80,25 +79,25 @@ pub fn kvm_device(f: &Facts) -> Row {
 /// What kind of KVM `/dev/kvm` is: hardware, nested hardware, or nested PVM (and what that costs).
 /// `None` when there is no `/dev/kvm` (the `kvm-device` row says so).
 pub fn kvm_kind(f: &Facts) -> Option<Row> {
-    if !f.kvm.exists {
+    if !f.host.kvm.exists {
         return None;
     }
-    let module = f.kvm.modules.join(", ");
-    Some(if f.kvm.pvm() {
+    let module = f.host.kvm.modules.join(", ");
+    Some(if f.host.kvm.pvm() {
         Row::warn(
             "kvm-kind",
             "nested PVM KVM (kvm_pvm, no VMX/SVM): guest-kernel code is emulated (~70x slower) and libkrun guests never reach userspace, so QEMU with TCG runs them (~2.5 s to guest userspace)",
             FASTER_HOST,
         )
         .optional()
-    } else if f.cpu_virt_flag.is_some() && f.cpu_hypervisor {
+    } else if f.host.cpu_virt_flag.is_some() && f.host.cpu_hypervisor {
         Row::pass(
             "kvm-kind",
             format!(
                 "nested hardware KVM ({module}) inside a VM: near-native guests; VM exits cost more than on bare metal"
             ),
         )
-    } else if f.cpu_virt_flag.is_some() {
+    } else if f.host.cpu_virt_flag.is_some() {
         Row::pass("kvm-kind", format!("hardware KVM ({module})"))
     } else {
         Row::warn(
@@ -113,45 +112,44 @@ pub fn kvm_kind(f: &Facts) -> Option<Row> {
     })
 }
 
-/// libkrun: its link mode and version, and whether it can boot a guest to userspace here.
-/// Optional: QEMU may be the backend that runs.
-pub fn backend_krun(f: &Facts) -> Row {
-    let k = &f.krun;
+/// libkrun: its link mode and version, and where the plan says it can run here. Optional: QEMU
+/// may be the backend that runs.
+pub fn backend_krun(f: &Facts, plan: &Plan) -> Row {
+    let k = &f.host.krun;
     let what = format!("libkrun {} ({})", k.version.as_deref().unwrap_or("of unknown version"), k.link_mode);
     let vmm = if k.vmm_built {
         String::new()
     } else {
         format!("; {} not built yet (`vm run` builds it)", k.vmm_binary.display())
     };
-    let host = f.host();
-    if f.os == Os::MacOs {
-        return if host.kvm_usable {
-            Row::pass("backend-krun", format!("{what} on HVF{vmm}"))
-        } else {
-            Row::fail("backend-krun", format!("{what}: needs Hypervisor.framework"), "see the hvf row").optional()
-        };
-    }
-    if host.hardware_kvm() {
-        return Row::pass("backend-krun", format!("{what} on hardware KVM{vmm}"));
-    }
-    let (why, fix) = if host.kvm_usable && host.kvm_pvm {
-        (
-            "under nested PVM the guest kernel starts but never reaches userspace",
-            format!("use QEMU (what --vmm auto does here); {FASTER_HOST}"),
-        )
-    } else if host.kvm_usable {
-        ("/dev/kvm works but the CPU shows no VMX/SVM", FASTER_HOST.to_owned())
-    } else {
-        ("needs a usable /dev/kvm", "see the kvm-device row; --vmm auto uses QEMU meanwhile".to_owned())
-    };
-    let nested = match crate::backend::krun_place(&host) {
-        crate::KrunPlace::NestedL1 => {
-            "; it runs only nested here, as L2 inside a QEMU TCG VM with emulated SVM (the nested host), which is where \
-             the krun trials run (`cargo xtask e2e --vm`), not `vm run`"
+    let host = &f.host;
+    match &plan.krun {
+        KrunPlace::Direct if f.host.os == Os::MacOs => Row::pass("backend-krun", format!("{what} on HVF{vmm}")),
+        KrunPlace::Direct => Row::pass("backend-krun", format!("{what} on hardware KVM{vmm}")),
+        KrunPlace::Nowhere(why) if f.host.os == Os::MacOs => {
+            Row::fail("backend-krun", format!("{what}: {why}"), "see the hvf and entitlement rows").optional()
         }
-        _ => "",
-    };
-    Row::fail("backend-krun", format!("{what}: {why}{nested}"), fix).optional()
+        place => {
+            let (why, fix) = if host.kvm.usable() && host.kvm.pvm() {
+                (
+                    "under nested PVM the guest kernel starts but never reaches userspace",
+                    format!("use QEMU (what --vmm auto does here); {FASTER_HOST}"),
+                )
+            } else if host.kvm.usable() {
+                ("/dev/kvm works but the CPU shows no VMX/SVM", FASTER_HOST.to_owned())
+            } else {
+                ("needs a usable /dev/kvm", "see the kvm-device row; --vmm auto uses QEMU meanwhile".to_owned())
+            };
+            let nested = match place {
+                KrunPlace::NestedL1 => {
+                    "; it runs only nested here, as L2 inside a QEMU TCG VM with emulated SVM (the nested host), which \
+                     is where the krun trials run (`cargo xtask e2e --vm`), not `vm run`"
+                }
+                _ => "",
+            };
+            Row::fail("backend-krun", format!("{what}: {why}{nested}"), fix).optional()
+        }
+    }
 }
 
 /// `major.minor` of a `QEMU emulator version X.Y.Z …` line.
@@ -164,10 +162,10 @@ fn qemu_version(v: &str) -> Option<(u32, u32)> {
 /// QEMU: present, its version, and the accelerator it would use. Optional on its own; the `vmm`
 /// row requires that some backend works.
 pub fn backend_qemu(f: &Facts) -> Row {
-    let Some(Tool { path, version }) = &f.qemu else {
+    let Some(Tool { path, version }) = &f.host.qemu else {
         return Row::fail("backend-qemu", "qemu-system-x86_64 is not on PATH", QEMU_INSTALL).optional();
     };
-    let accel = if f.host().hardware_kvm() { "kvm" } else { "tcg (software emulation: no hardware KVM)" };
+    let accel = if f.host.hardware_kvm() { "kvm" } else { "tcg (software emulation: no hardware KVM)" };
     let shown = version.as_deref().unwrap_or("of unknown version");
     match version.as_deref().and_then(qemu_version) {
         Some(v) if v < (7, 2) => Row::warn(
@@ -190,22 +188,21 @@ fn choice_name(c: VmmChoice) -> &'static str {
     }
 }
 
-/// The backend `--vmm <choice>` boots with, and why. Required: without it nothing boots.
-pub fn vmm(f: &Facts, choice: VmmChoice) -> Row {
-    let host = f.host();
-    let name = choice_name(choice);
-    match backend::choose(choice, &host) {
-        Ok((Backend::Krun, why)) if f.os == Os::Linux && !host.hardware_kvm() => Row::warn(
+/// The backend the plan boots with for `--vmm <choice>`, and why. Required: without it nothing
+/// boots.
+pub fn vmm(plan: &Plan) -> Row {
+    let name = choice_name(plan.choice);
+    match (&plan.backend, &plan.caveat) {
+        (Ok((b, why)), Some(caveat)) => {
+            Row::warn("vmm", format!("--vmm {name} boots with {b} ({why}), but {caveat}"), "use --vmm auto (QEMU here)")
+        }
+        (Ok((b, why)), None) => Row::pass("vmm", format!("--vmm {name} boots with {b}: {why}")),
+        (Err(why), _) => Row::fail(
             "vmm",
-            format!("--vmm {name} boots with krun ({why}), but without hardware KVM its guest does not reach userspace here"),
-            "use --vmm auto (QEMU here)",
-        ),
-        Ok((b, why)) => Row::pass("vmm", format!("--vmm {name} boots with {b}: {why}")),
-        Err(e) => Row::fail(
-            "vmm",
-            e.to_string(),
-            match choice {
+            why.clone(),
+            match plan.choice {
                 VmmChoice::Krun => "use --vmm auto or --vmm qemu".to_owned(),
+                _ if why.contains(CODESIGN) => CODESIGN.to_owned(),
                 _ => format!("install QEMU ({QEMU_INSTALL}) or make hardware KVM available"),
             },
         ),
@@ -214,7 +211,7 @@ pub fn vmm(f: &Facts, choice: VmmChoice) -> Row {
 
 /// passt, the user-mode network of the gateway (and `--net passt`). Required on Linux.
 pub fn passt(f: &Facts) -> Row {
-    match &f.passt {
+    match &f.host.passt {
         Some(t) => Row::pass(
             "passt",
             format!("passt {} at {}", t.version.as_deref().unwrap_or("of unknown version"), t.path.display()),
@@ -227,7 +224,7 @@ pub fn passt(f: &Facts) -> Row {
 
 /// gvproxy, the network helper on macOS. Required there.
 pub fn gvproxy(f: &Facts) -> Row {
-    match f.macos.as_ref().and_then(|m| m.gvproxy.as_ref()) {
+    match &f.host.gvproxy {
         Some(t) => Row::pass(
             "gvproxy",
             format!("gvproxy {} at {}", t.version.as_deref().unwrap_or("of unknown version"), t.path.display()),
@@ -242,9 +239,9 @@ pub fn gvproxy(f: &Facts) -> Row {
 
 /// The hypervisor entitlement of `openshell-vmm` on macOS. Required there once the binary exists.
 pub fn entitlement(f: &Facts) -> Row {
-    let path = f.krun.vmm_binary.display();
-    let sign = format!("codesign --force --sign - --entitlements crates/krun/entitlements.plist {path}");
-    match f.macos.as_ref().and_then(|m| m.vmm_entitled) {
+    let path = f.host.krun.vmm_binary.display();
+    let sign = CODESIGN.to_owned();
+    match f.host.macos.as_ref().and_then(|m| m.vmm_entitled) {
         Some(true) => Row::pass("entitlement", format!("{path} carries com.apple.security.hypervisor")),
         Some(false) => {
             Row::fail("entitlement", format!("{path} lacks com.apple.security.hypervisor, so HVF refuses it"), sign)
@@ -252,7 +249,7 @@ pub fn entitlement(f: &Facts) -> Row {
         None => Row::warn(
             "entitlement",
             format!("{path} is not built yet, so its entitlement cannot be checked"),
-            format!("build it, then {sign}"),
+            format!("build it (`vm run` does), then {sign}"),
         ),
     }
 }
@@ -382,7 +379,7 @@ pub(crate) mod tests {
     use openshell_matrix::Status;
 
     use super::*;
-    use crate::check::facts::{Checked, DiskFacts, KrunFacts, KvmDevice, MacFacts, Mismatch, RootfsProvenance};
+    use crate::check::facts::{Checked, DiskFacts, KvmDevice, Mismatch, RootfsProvenance};
 
     fn kernel_provenance() -> KernelProvenance {
         KernelProvenance {
@@ -401,19 +398,7 @@ pub(crate) mod tests {
     /// A hardware-KVM Linux host with everything present and matching.
     pub(crate) fn healthy() -> Facts {
         Facts {
-            os: Os::Linux,
-            cpu_virt_flag: Some("vmx".into()),
-            cpu_hypervisor: false,
-            kvm: KvmDevice { exists: true, open_error: None, modules: vec!["kvm_intel".into()] },
-            macos: None,
-            krun: KrunFacts {
-                link_mode: "bundled".into(),
-                version: Some("1.19.7".into()),
-                vmm_binary: "/t/openshell-vmm".into(),
-                vmm_built: true,
-            },
-            qemu: Some(Tool { path: "/usr/bin/qemu-system-x86_64".into(), version: Some("7.2.22".into()) }),
-            passt: Some(Tool { path: "/usr/bin/passt".into(), version: Some("0.0~git20230309".into()) }),
+            host: openshell_vm::host::fake::hardware_kvm(),
             kernel: Artifact::Checked(Checked {
                 path: "/store/kernel/k/vmlinux".into(),
                 digest: Digest::of_bytes(b"vmlinux"),
@@ -440,11 +425,20 @@ pub(crate) mod tests {
 
     /// This project's CI host: /dev/kvm is nested PVM, no VMX.
     pub(crate) fn pvm() -> Facts {
-        let mut f = healthy();
-        f.cpu_virt_flag = None;
-        f.cpu_hypervisor = true;
-        f.kvm.modules = vec!["kvm_pvm".into()];
-        f
+        Facts { host: openshell_vm::host::fake::pvm(), ..healthy() }
+    }
+
+    /// The plan the rows of `f` read for `--vmm choice` on the gateway's network.
+    fn plan(f: &Facts, choice: VmmChoice) -> Plan {
+        openshell_vm::plan(&f.host, choice, openshell_vm::plan::Net::default_for(f.host.os))
+    }
+
+    fn vmm_row(f: &Facts, choice: VmmChoice) -> Row {
+        vmm(&plan(f, choice))
+    }
+
+    fn krun_row(f: &Facts) -> Row {
+        backend_krun(f, &plan(f, VmmChoice::Auto))
     }
 
     fn status(r: &Row) -> (Status, bool) {
@@ -458,9 +452,9 @@ pub(crate) mod tests {
             hardware_virt(&f),
             kvm_device(&f),
             kvm_kind(&f).unwrap(),
-            backend_krun(&f),
+            krun_row(&f),
             backend_qemu(&f),
-            vmm(&f, VmmChoice::Auto),
+            vmm_row(&f, VmmChoice::Auto),
             passt(&f),
             kernel(&f, Verification::Required),
             rootfs(&f, Verification::Required),
@@ -469,34 +463,34 @@ pub(crate) mod tests {
         ] {
             assert_eq!(r.status, Status::Pass, "{r:?}");
         }
-        assert!(vmm(&f, VmmChoice::Auto).reason.contains("krun"));
+        assert!(vmm_row(&f, VmmChoice::Auto).reason.contains("krun"));
         assert!(backend_qemu(&f).reason.contains("accelerator kvm"));
     }
 
     #[test]
     fn no_dev_kvm_warns_and_qemu_tcg_still_boots() {
         let mut f = healthy();
-        f.cpu_virt_flag = None;
-        f.kvm = KvmDevice::default();
+        f.host.cpu_virt_flag = None;
+        f.host.kvm = KvmDevice::default();
         assert_eq!(status(&kvm_device(&f)), (Status::Warn, false));
         assert!(kvm_device(&f).fix.contains("modprobe"));
         assert!(kvm_kind(&f).is_none());
-        assert_eq!(status(&backend_krun(&f)), (Status::Fail, false));
+        assert_eq!(status(&krun_row(&f)), (Status::Fail, false));
         assert!(backend_qemu(&f).reason.contains("tcg"));
-        let v = vmm(&f, VmmChoice::Auto);
+        let v = vmm_row(&f, VmmChoice::Auto);
         assert_eq!(v.status, Status::Pass);
         assert!(v.reason.contains("qemu (tcg)"), "{}", v.reason);
-        assert_eq!(vmm(&f, VmmChoice::Krun).status, Status::Fail);
+        assert_eq!(vmm_row(&f, VmmChoice::Krun).status, Status::Fail);
     }
 
     #[test]
     fn kvm_not_openable_names_the_group_fix() {
         let mut f = healthy();
-        f.kvm.open_error = Some("Permission denied (os error 13)".into());
+        f.host.kvm.open_error = Some("Permission denied (os error 13)".into());
         let r = kvm_device(&f);
         assert_eq!(status(&r), (Status::Warn, false));
         assert!(r.reason.contains("Permission denied") && r.fix.contains("usermod -aG kvm"), "{r:?}");
-        assert!(vmm(&f, VmmChoice::Auto).reason.contains("qemu"));
+        assert!(vmm_row(&f, VmmChoice::Auto).reason.contains("qemu"));
     }
 
     #[test]
@@ -505,24 +499,24 @@ pub(crate) mod tests {
         let kind = kvm_kind(&f).unwrap();
         assert_eq!(status(&kind), (Status::Warn, false));
         assert!(kind.reason.contains("PVM") && kind.reason.contains("70x"), "{}", kind.reason);
-        let krun = backend_krun(&f);
+        let krun = krun_row(&f);
         assert_eq!(status(&krun), (Status::Fail, false));
         assert!(
             krun.reason.contains("1.19.7 (bundled)") && krun.reason.contains("never reaches userspace"),
             "{}",
             krun.reason
         );
-        let v = vmm(&f, VmmChoice::Auto);
+        let v = vmm_row(&f, VmmChoice::Auto);
         assert_eq!(v.status, Status::Pass);
         assert!(v.reason.contains("qemu (tcg)") && v.reason.contains("PVM"), "{}", v.reason);
-        assert_eq!(vmm(&f, VmmChoice::Krun).status, Status::Warn);
+        assert_eq!(vmm_row(&f, VmmChoice::Krun).status, Status::Warn);
         assert_eq!(status(&hardware_virt(&f)), (Status::Warn, false));
     }
 
     #[test]
     fn krun_row_says_it_runs_only_nested_when_qemu_can_host_it() {
         let f = pvm();
-        let krun = backend_krun(&f);
+        let krun = krun_row(&f);
         assert_eq!(status(&krun), (Status::Fail, false));
         assert!(
             krun.reason.contains("runs only nested here") && krun.reason.contains("cargo xtask e2e --vm"),
@@ -530,14 +524,14 @@ pub(crate) mod tests {
             krun.reason
         );
         let mut f = pvm();
-        f.qemu = None;
-        assert!(!backend_krun(&f).reason.contains("nested here"), "{}", backend_krun(&f).reason);
+        f.host.qemu = None;
+        assert!(!krun_row(&f).reason.contains("nested here"), "{}", krun_row(&f).reason);
     }
 
     #[test]
     fn nested_hardware_kvm_passes_and_says_nested() {
         let mut f = healthy();
-        f.cpu_hypervisor = true;
+        f.host.cpu_hypervisor = true;
         let r = kvm_kind(&f).unwrap();
         assert_eq!(r.status, Status::Pass);
         assert!(r.reason.contains("nested hardware KVM"), "{}", r.reason);
@@ -546,9 +540,9 @@ pub(crate) mod tests {
     #[test]
     fn no_backend_at_all_fails_the_required_vmm_row() {
         let mut f = pvm();
-        f.kvm = KvmDevice::default();
-        f.qemu = None;
-        let r = vmm(&f, VmmChoice::Auto);
+        f.host.kvm = KvmDevice::default();
+        f.host.qemu = None;
+        let r = vmm_row(&f, VmmChoice::Auto);
         assert_eq!(status(&r), (Status::Fail, true));
         assert!(r.fix.contains(QEMU_INSTALL), "{r:?}");
         assert_eq!(status(&backend_qemu(&f)), (Status::Fail, false));
@@ -557,7 +551,7 @@ pub(crate) mod tests {
     #[test]
     fn old_qemu_warns_about_netdev_stream() {
         let mut f = pvm();
-        f.qemu.as_mut().unwrap().version = Some("QEMU emulator version 6.2.0 (Debian 1:6.2)".into());
+        f.host.qemu.as_mut().unwrap().version = Some("QEMU emulator version 6.2.0 (Debian 1:6.2)".into());
         let r = backend_qemu(&f);
         assert_eq!(r.status, Status::Warn);
         assert!(r.reason.contains("netdev stream"), "{}", r.reason);
@@ -567,7 +561,7 @@ pub(crate) mod tests {
     #[test]
     fn missing_passt_is_a_required_fail() {
         let mut f = healthy();
-        f.passt = None;
+        f.host.passt = None;
         let r = passt(&f);
         assert_eq!(status(&r), (Status::Fail, true));
         assert_eq!(r.fix, PASST_INSTALL);
@@ -642,16 +636,23 @@ pub(crate) mod tests {
     #[test]
     fn macos_rows_decide_from_hvf_gvproxy_and_the_entitlement() {
         let mut f = healthy();
-        f.os = Os::MacOs;
-        f.macos = Some(MacFacts { hvf: true, gvproxy: None, vmm_entitled: Some(false) });
+        f.host = openshell_vm::host::fake::macos(true, Some(true));
+        f.host.gvproxy = None;
         assert_eq!(hvf(&f).status, Status::Pass);
-        assert_eq!(backend_krun(&f).status, Status::Pass);
-        assert!(vmm(&f, VmmChoice::Auto).reason.contains("krun"));
+        assert_eq!(krun_row(&f).status, Status::Pass);
+        assert!(vmm_row(&f, VmmChoice::Auto).reason.contains("krun"));
         assert_eq!(status(&gvproxy(&f)), (Status::Fail, true));
+        assert_eq!(entitlement(&f).status, Status::Pass);
+        // Unsigned: the entitlement row and the vmm row (the plan refuses it) both name the fix.
+        f.host = openshell_vm::host::fake::macos(true, Some(false));
         let e = entitlement(&f);
         assert_eq!(status(&e), (Status::Fail, true));
-        assert!(e.fix.contains("codesign"), "{}", e.fix);
-        f.macos.as_mut().unwrap().vmm_entitled = None;
+        assert!(e.fix.contains("cargo xtask codesign"), "{}", e.fix);
+        let v = vmm_row(&f, VmmChoice::Auto);
+        assert_eq!(status(&v), (Status::Fail, true));
+        assert_eq!(v.fix, CODESIGN);
+        assert_eq!(krun_row(&f).status, Status::Fail);
+        f.host.macos.as_mut().unwrap().vmm_entitled = None;
         assert_eq!(entitlement(&f).status, Status::Warn);
     }
 }

@@ -75,7 +75,7 @@ echo "zombies: $(grep -l '^State:[[:space:]]*Z' /proc/[0-9]*/status 2>/dev/null 
 /// Boots a guest that sleeps, and returns its VM once the guest runs the sleep.
 fn boot_sleeper(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<RunningVm, String> {
     let cfg = support::config(a, dir, vmm, &["/bin/sleep", "600"]);
-    let vm = openshell_vm::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+    let vm = crate::support::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
     let deadline = Instant::now() + support::GUEST_TIMEOUT;
     while !std::fs::read_to_string(cfg.console_path()).unwrap_or_default().contains("exec /bin/sleep") {
         if Instant::now() > deadline {

@@ -1,22 +1,19 @@
-//! Gathering [`Facts`] from the running host: `/proc/cpuinfo`, `/dev/kvm`, `/sys/module`, the
-//! helper programs on PATH and their versions, the artifacts re-hashed against their records,
-//! the ports and the free disk. The only part of the checks that touches the system; it decides
-//! nothing, and a probe that cannot find out records that as a fact rather than failing.
+//! Gathering [`Facts`] from the running host: the host's own facts (one [`HostFacts::probe`]), the
+//! artifacts re-hashed against their records, the ports and the free disk. The only part of the
+//! checks that touches the system; it decides nothing, and a probe that cannot find out records
+//! that as a fact rather than failing.
 
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Instant, UNIX_EPOCH};
 
 use openshell_artifacts::kernel::{self, GuestKernel, KernelError, KernelProvenance};
 use openshell_artifacts::rootfs::{self, RootfsBundle, RootfsError, MANIFEST};
 
-use super::facts::{
-    Artifact, Checked, DiskFacts, Facts, KrunFacts, KvmDevice, MacFacts, Mismatch, Os, PortFacts, RootfsProvenance,
-    Tool,
-};
+use super::facts::{Artifact, Checked, DiskFacts, Facts, Mismatch, PortFacts, RootfsProvenance};
 use crate::gateway::GatewayInstance;
+use openshell_vm::HostFacts;
 
 /// What to look at beyond the host itself.
 #[derive(Debug, Clone)]
@@ -29,88 +26,19 @@ pub struct ProbeRequest {
     pub ports: Vec<u16>,
     /// The artifact store, for the free-disk fact; `None` leaves it out.
     pub store_root: Option<PathBuf>,
-    /// Where `openshell-vmm` is (or will be built).
-    pub vmm_binary: PathBuf,
     /// Where gateway instances live, to say which of ours holds a taken port.
     pub gateways_root: PathBuf,
 }
 
+/// Probes the host once ([`HostFacts::probe`]) and the artifacts, ports and disk `req` names.
 pub fn probe(req: &ProbeRequest) -> Facts {
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let flags: Vec<&str> =
-        cpuinfo.lines().find(|l| l.starts_with("flags")).map(|l| l.split_whitespace().collect()).unwrap_or_default();
-    let macos = cfg!(target_os = "macos");
     Facts {
-        os: if macos { Os::MacOs } else { Os::Linux },
-        cpu_virt_flag: flags.iter().find(|f| **f == "vmx" || **f == "svm").map(|f| f.to_string()),
-        cpu_hypervisor: flags.contains(&"hypervisor"),
-        kvm: probe_kvm(),
-        macos: macos.then(|| probe_macos(&req.vmm_binary)),
-        krun: KrunFacts {
-            link_mode: openshell_krun::LINK_MODE.to_owned(),
-            version: if openshell_krun::LINK_MODE == "bundled" {
-                Some(openshell_krun::BUNDLED_LIBKRUN_VERSION.to_owned())
-            } else {
-                first_line("pkg-config", &["--modversion", "libkrun"])
-            },
-            vmm_binary: req.vmm_binary.clone(),
-            vmm_built: req.vmm_binary.is_file(),
-        },
-        qemu: tool("qemu-system-x86_64", |out| out.strip_prefix("QEMU emulator version ").map(str::to_owned)),
-        passt: tool("passt", |out| {
-            // Debian's passt says "passt unknown version"; its package version is the useful one.
-            let own = out.strip_prefix("passt ").filter(|v| !v.contains("unknown")).map(str::to_owned);
-            own.or_else(|| {
-                first_line("dpkg-query", &["-W", "-f=${Version}", "passt"]).map(|v| format!("{v} (Debian package)"))
-            })
-        }),
+        host: HostFacts::probe(),
         kernel: probe_kernel(&req.kernel),
         rootfs: probe_rootfs(&req.rootfs),
         ports: req.ports.iter().map(|&p| probe_port(p, &req.gateways_root)).collect(),
         disk: req.store_root.as_ref().map(|p| probe_disk(p)),
     }
-}
-
-fn probe_kvm() -> KvmDevice {
-    let dev = Path::new("/dev/kvm");
-    KvmDevice {
-        exists: dev.exists(),
-        open_error: fs::OpenOptions::new().read(true).write(true).open(dev).err().map(|e| e.to_string()),
-        modules: ["kvm_intel", "kvm_amd", "kvm_pvm"]
-            .into_iter()
-            .filter(|m| Path::new("/sys/module").join(m).exists())
-            .map(str::to_owned)
-            .collect(),
-    }
-}
-
-/// Compiled everywhere so Linux builds type-check it; only called on macOS.
-fn probe_macos(vmm_binary: &Path) -> MacFacts {
-    let vmm = vmm_binary.to_string_lossy().into_owned();
-    MacFacts {
-        hvf: first_line("sysctl", &["-n", "kern.hv_support"]).as_deref() == Some("1"),
-        gvproxy: crate::net::gvproxy::find().and_then(|p| tool(&p.to_string_lossy(), |out| Some(out.to_owned()))),
-        vmm_entitled: vmm_binary.is_file().then(|| {
-            Command::new("codesign")
-                .args(["-d", "--entitlements", "-", "--xml", &vmm])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("com.apple.security.hypervisor"))
-        }),
-    }
-}
-
-/// The first line a program prints (stdout, else stderr), if it runs and succeeds.
-fn first_line(program: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(program).args(args).output().ok().filter(|o| o.status.success())?;
-    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-    String::from_utf8_lossy(&text).lines().next().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty())
-}
-
-/// A program on PATH and its version, read from its `--version` line by `parse`.
-fn tool(name: &str, parse: impl Fn(&str) -> Option<String>) -> Option<Tool> {
-    let path = which::which(name).ok()?;
-    let version = first_line(&path.to_string_lossy(), &["--version"]).and_then(|l| parse(&l));
-    Some(Tool { path, version })
 }
 
 fn probe_kernel(located: &Result<PathBuf, String>) -> Artifact<KernelProvenance> {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use openshell_artifacts::{sha256_file, Digest};
-use openshell_vm::gateway::{GatewayInstance, Metadata};
+use openshell_instance::gateway::{GatewayInstance, Metadata};
 use openshell_vm::{procfs, VmmChoice};
 use serde_json::{json, Value};
 
@@ -38,6 +38,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::rootfs_check_detects_a_tampered_file", rootfs_check_detects_a_tampered_file),
     ("cli::kernel_json_is_the_provenance", kernel_json_is_the_provenance),
     ("cli::bench_boot_json", bench_boot_json),
+    ("cli::bench_boots_pass_the_preflight_like_vm_run", bench_boots_pass_the_preflight_like_vm_run),
 ];
 
 /// Bound on one xtask command, to fail a wedged one rather than hang: `vm run --detach` itself
@@ -339,16 +340,21 @@ fn check_status_serving(cli: &Cli, doc: &Value, name: &str, port: u16) -> Result
             ("mtls_dir", json!(inst.mtls_dir())),
         ],
     )?;
-    if doc.get("recovered").is_some() {
-        return Err(format!("status --json reports recovery on a healthy instance: {doc:#}"));
+    if doc.get("stale").is_some() || doc.get("restarting").is_some() {
+        return Err(format!("status --json reports stale state or a restart on a healthy instance: {doc:#}"));
     }
     let holders = procfs::flock_holders(&inst.lock_path());
     if holders != [sup] {
         return Err(format!("the instance lock is held by {holders:?}, status says supervisor {sup}"));
     }
     let s = procfs::process(sup);
-    if !s.alive || !s.cmdline.starts_with(&cli.bin.to_string_lossy().into_owned()) || !s.cmdline.contains(" vm run ") {
-        return Err(format!("supervisor pid {sup} is not a live `xtask vm run`: {:?}", s.cmdline));
+    let request = inst.dir.join("supervise.json");
+    if !s.program_is_any(&["openshell-supervisor"]) || !s.cmdline.ends_with(&*request.to_string_lossy()) {
+        return Err(format!(
+            "supervisor pid {sup} is not a live `openshell-supervisor {}`: {:?}",
+            request.display(),
+            s.cmdline
+        ));
     }
     let v = procfs::process(vm);
     if !v.program_is_any(&[vmm_program(cli.vmm)]) || v.ppid != Some(sup) {
@@ -405,7 +411,7 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
     if !up.stderr.contains("new PKI") {
         return Err(format!("a first boot does not say it made a new PKI:\n{}", up.show()));
     }
-    // The background supervisor is a foreground `vm run` writing to supervisor.log.
+    // The detached supervisor (`openshell-supervisor`) logs what a foreground `vm run` prints.
     let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
     if !log.contains("boot timeline") || !log.contains(&format!("SERVING over mTLS at 127.0.0.1:{port}")) {
         return Err(format!("supervisor.log lacks the boot timeline or the SERVING line:\n{log}"));
@@ -455,7 +461,7 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
         ));
     }
 
-    let left = leftovers(cli, port, &[(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
     if !left.is_empty() {
         return Err(format!("left running after vm stop: {left:?}"));
     }
@@ -677,7 +683,7 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
         return Err(format!("recorded {victim} pid {pid} is not a live {prog}"));
     }
     kill9(pid)?;
-    let pids = [(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")];
+    let pids = [(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")];
     let took = wait_until(NOTICE_LIMIT, &format!("nothing of the instance left after kill -9 of {victim}"), || {
         let mut left = leftovers(cli, port, &pids);
         // A zombie is no leftover for `leftovers`, but one the supervisor never reaped is a bug.
@@ -703,12 +709,12 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
     expect_fields(failure, "status --json failure", &[("child", json!(child)), ("signal", json!(9))])?;
     let at =
         field(failure, "at_unix")?.as_u64().ok_or_else(|| format!("failure.at_unix is not a number: {failure}"))?;
-    let now = openshell_vm::gateway::now_unix();
+    let now = openshell_instance::gateway::now_unix();
     if at == 0 || at > now {
         return Err(format!("failure.at_unix {at} is not a time before now ({now})"));
     }
-    if doc.get("recovered").is_some() {
-        return Err(format!("the supervisor left stale pids for status to recover: {doc:#}"));
+    if doc.get("stale").is_some() {
+        return Err(format!("the supervisor left stale pids behind: {doc:#}"));
     }
 
     let text = cli.run(&["vm", "status", "--name", &name])?;
@@ -817,11 +823,17 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
         let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
         Ok(if log.contains("restart 2/5 after passt exited (signal 9)") { Ok(()) } else { Err(support::tail(&log, 5)) })
     })?;
+    // During the backoff, status says so rather than "running" with no VM.
+    let st = cli.run(&["vm", "status", "--name", name])?;
+    let said = ["restarting in ", "after passt exited (signal 9)", "(restart 2/5)"];
+    if st.code != Some(1) || !said.iter().all(|s| st.stdout.contains(s)) || st.stdout.contains("Some(") {
+        return Err(format!("vm status during restart 2's backoff must say {said:?} and exit 1:\n{}", st.show()));
+    }
     let stop = cli.run(&["vm", "stop", "--name", name])?;
     if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
         return Err(format!("vm stop of the restarting instance:\n{}", stop.show()));
     }
-    let left = leftovers(cli, port, &[(sup, "xtask"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
     if !left.is_empty() || inst.locked() {
         return Err(format!("left running after vm stop: {left:?} (instance locked: {})", inst.locked()));
     }
@@ -1224,6 +1236,41 @@ fn bench_in(cli: &Cli) -> Result<(), String> {
     let left = support::processes_mentioning(&cli.dir.to_string_lossy());
     if !left.is_empty() {
         return Err(format!("the bench left processes running: {left:?}"));
+    }
+    Ok(())
+}
+
+fn bench_boots_pass_the_preflight_like_vm_run(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    // The bench boots the way `vm run` does (lock, recovery, preflight, launch, readiness), so a
+    // rootfs that no longer matches its record stops it before any VMM starts, as it stops `vm run`.
+    dir.expect_refusal_before_boot();
+    in_cli(dir, vmm, |cli| bench_preflight_in(a, cli))
+}
+
+fn bench_preflight_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
+    let cache = own_store(a, &cli.dir, true)?;
+    cli.cache = Some(cache.clone());
+    let own_rootfs = cache.join("rootfs").join(a.rootfs.file_name().unwrap());
+    let (file, recorded, found) = tamper(&own_rootfs)?;
+    let r = cli.run(&["bench", "boot", "-n", "1", "--vmm", cli.vmm, "--json"])?;
+    let names = [
+        "refusing to boot".to_owned(),
+        file.to_string_lossy().into_owned(),
+        recorded.hex(),
+        found.hex(),
+        "--allow-unverified".to_owned(),
+    ];
+    if r.code != Some(1) || !names.iter().all(|n| r.stderr.contains(n.as_str())) {
+        return Err(format!(
+            "bench boot on a tampered rootfs must be refused by the preflight (exit 1, naming {} and both \
+             digests) before any VMM starts:\n{}",
+            file.display(),
+            r.show()
+        ));
+    }
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("the refused bench left processes running: {left:?}"));
     }
     Ok(())
 }

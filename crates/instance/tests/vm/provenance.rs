@@ -9,9 +9,9 @@ use std::path::PathBuf;
 
 use libtest_mimic::Failed;
 use openshell_artifacts::{sha256_file, Digest};
+use openshell_instance::check::{self, Verification};
+use openshell_instance::gateway::GatewayInstance;
 use openshell_matrix::Status;
-use openshell_vm::check::{self, Verification};
-use openshell_vm::gateway::GatewayInstance;
 use openshell_vm::{VmConfig, VmError, VmmChoice};
 
 use crate::support::{self, copy, processes_mentioning, Artifacts, TrialDir};

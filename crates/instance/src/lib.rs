@@ -1,0 +1,16 @@
+//! Named gateway instances on top of the VM runtime (`openshell-vm`): an instance's directory,
+//! metadata and lock, its PKI placement ([`gateway`]), the supervisor that boots it and watches its
+//! children ([`supervise`]), stale-state recovery, readiness and status, the verification matrix
+//! of a running instance ([`verify`]), and the host check with the preflight every boot passes
+//! ([`check`]; here rather than in the runtime because its rows name the instance that holds a
+//! port and it reports through `openshell-matrix`), plus the guest checker's host side
+//! ([`guest_check`]).
+//!
+//! A plain library: no printing, no `process::exit`. Progress goes to `tracing`.
+
+pub mod check;
+pub mod gateway;
+pub mod guest_check;
+pub mod status;
+pub mod supervise;
+pub mod verify;

@@ -1,0 +1,108 @@
+//! Landlock for `openshell-vmm`: once the spec is read, the VMM confines itself to the files that
+//! spec names, so that libkrun's device emulation (which parses guest-controlled traffic) cannot
+//! open anything else on the host. Linux only: landlock is a Linux LSM (on macOS the VMM runs
+//! under the hypervisor entitlement and nothing here applies).
+//!
+//! What libkrun needs, and so what is allowed:
+//! - read: the kernel's directory (libkrun opens the vmlinux at `krun_start_enter`; the directory,
+//!   not the file, because on a 9p mount each lookup makes a new inode and a rule on the file's
+//!   old inode would never match again: the nested host's shares are 9p), the root directory, and
+//!   `/proc` (virtio-fs reopens its files through `/proc/self/fd`);
+//! - read and write: `/dev/kvm` (ioctls themselves are not governed by the ABI versions handled
+//!   here), the console log;
+//! - everything: the other virtio-fs shares (the instance share, which the guest writes).
+//!
+//! Shared libraries are mapped before this runs; libkrunfw, which libkrun would `dlopen` only to
+//! supply a kernel, is not needed (we pass our own) and stays out of reach.
+
+use std::path::{Path, PathBuf};
+
+use landlock::{path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
+
+use crate::KrunSpec;
+
+/// The newest ABI whose rights we name; older kernels enforce what they know (best effort), and a
+/// kernel without landlock leaves the VMM unconfined, which [`confine`] reports.
+const ABI_HANDLED: ABI = ABI::V3;
+
+/// How far the confinement took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confined {
+    Fully,
+    Partially,
+    /// The kernel has no landlock (not built, or not in the active LSM list).
+    NotEnforced,
+}
+
+impl std::fmt::Display for Confined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Confined::Fully => "confined by landlock (fully enforced)",
+            Confined::Partially => "confined by landlock (partially enforced: this kernel's landlock lacks some rights named, e.g. truncate before Linux 6.2)",
+            Confined::NotEnforced => {
+                "NOT confined: this kernel has no landlock (CONFIG_SECURITY_LANDLOCK, lsm=landlock)"
+            }
+        })
+    }
+}
+
+/// The paths `spec` needs, by kind of access.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowance {
+    pub read: Vec<PathBuf>,
+    pub read_write: Vec<PathBuf>,
+    pub full: Vec<PathBuf>,
+}
+
+impl Allowance {
+    pub fn of(spec: &KrunSpec) -> Allowance {
+        let kernel_dir = spec.kernel.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let read = vec![kernel_dir.to_owned(), spec.root.clone(), PathBuf::from("/proc")];
+        let mut full = Vec::new();
+        // The root is shared again under its tag (the guest mounts it read-only): read already.
+        for (_, dir) in spec.shares.iter().filter(|(_, dir)| *dir != spec.root) {
+            full.push(dir.clone());
+        }
+        let read_write = [PathBuf::from("/dev/kvm")].into_iter().chain(spec.console_output.clone()).collect();
+        Allowance { read, read_write, full }
+    }
+}
+
+/// Restricts this process (and what it starts) to `spec`'s [`Allowance`]. Irreversible.
+pub fn confine(spec: &KrunSpec) -> Result<Confined, String> {
+    let a = Allowance::of(spec);
+    let rw = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(ABI_HANDLED))
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rules(path_beneath_rules(&a.read, AccessFs::from_read(ABI_HANDLED))))
+        .and_then(|r| r.add_rules(path_beneath_rules(&a.read_write, rw)))
+        .and_then(|r| r.add_rules(path_beneath_rules(&a.full, AccessFs::from_all(ABI_HANDLED))))
+        .and_then(|r| r.restrict_self())
+        .map_err(|e| format!("landlock: {e}"))?;
+    Ok(match status.ruleset {
+        RulesetStatus::FullyEnforced => Confined::Fully,
+        RulesetStatus::PartiallyEnforced => Confined::Partially,
+        RulesetStatus::NotEnforced => Confined::NotEnforced,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowance_reads_artifacts_and_writes_only_the_share_and_console() {
+        let spec: KrunSpec = serde_json::from_value(serde_json::json!({
+            "vcpus": 1, "mem_mib": 512, "root": "/store/rootfs/abc", "kernel": "/store/kernel/k1/vmlinux",
+            "cmdline": "", "exec_path": "/sbin/openshell-init", "console_output": "/inst/vm/console.log",
+            "shares": [["rootfs", "/store/rootfs/abc"], ["openshell", "/inst/vm/share"]],
+        }))
+        .unwrap();
+        let a = Allowance::of(&spec);
+        let paths = |v: &[PathBuf]| v.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        assert_eq!(paths(&a.read), ["/store/kernel/k1", "/store/rootfs/abc", "/proc"]);
+        assert_eq!(paths(&a.read_write), ["/dev/kvm", "/inst/vm/console.log"]);
+        assert_eq!(paths(&a.full), ["/inst/vm/share"]);
+    }
+}

@@ -1,0 +1,268 @@
+//! Least privilege for QEMU, which parses guest-controlled device traffic and so should be able to
+//! do little else. Owns three things: QEMU's seccomp filter ([`QEMU_SECCOMP`]), the user it runs as
+//! when we are root ([`VmmUser`], dropped to between fork and exec), and the files it gets open
+//! rather than by path ([`Handover`]). It does not own `openshell-vmm`'s confinement: that process
+//! confines itself with landlock once it has read its spec (`openshell_krun::confine`).
+//!
+//! Why the drop happens before exec and not through QEMU's own `-runas`: QEMU 7.2 installs its
+//! seccomp filter while it parses options and calls `setgid`/`setuid` for `-runas` later, so with
+//! `elevateprivileges=deny` it kills itself with SIGSYS (measured here). Starting it unprivileged
+//! keeps the filter whole.
+//!
+//! Why files are handed over open: started as `nobody`, QEMU could not reach the kernel, the rootfs
+//! or the instance's share by path (they live under root's 0700 home and 0700 instance
+//! directories). We open each one and QEMU finds it as `/proc/self/fd/N` (the kernel loader and the
+//! 9p export open plain paths) or as `/dev/fdset/N` (the console chardev, which then needs no write
+//! permission on the log). So the VMM's uid needs no path to anything: what it can touch is what it
+//! was given, plus what any `nobody` can. The guest reads and writes the share with the VMM's uid
+//! (9p `security_model=none`), so the share alone is handed to that uid ([`VmmUser::own_share`]).
+//!
+//! Why `nobody` rather than a dedicated user: it exists on every Linux host, so neither a fresh
+//! machine nor a library caller needs a privileged setup step; passt already drops to it; and with
+//! the files handed over, the uid owns nothing reachable by path (the share it owns sits below a
+//! root-only directory). A dedicated user would not separate one instance's VMM from another's
+//! either: only a uid per instance would.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{VmConfig, VmError};
+
+/// QEMU's seccomp filter: no obsolete syscalls, no set*id, no fork/exec, no scheduler or
+/// resource-limit changes. Set on every QEMU we start, root or not.
+pub const QEMU_SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// The user QEMU runs as when we are root (see the module's note on why this one).
+pub const VMM_USER: &str = "nobody";
+
+/// Handed-over fds are moved at or above this number, so the network's `dup2` onto
+/// [`crate::child::CHILD_FD`] can never land on one of them.
+const FIRST_HANDED_FD: RawFd = 10;
+const _: () = assert!(FIRST_HANDED_FD > crate::child::CHILD_FD);
+
+/// Who the VMM runs as when started by root: [`VMM_USER`]'s uid and group, plus `/dev/kvm`'s
+/// group when QEMU uses KVM (QEMU opens the device by path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl VmmUser {
+    /// `None` when we are not root: the VMM then runs as the caller, who has nothing to drop.
+    pub fn for_qemu(kvm: bool) -> Result<Option<VmmUser>, VmError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(None);
+        }
+        let (uid, gid) = lookup_user(VMM_USER).ok_or_else(|| {
+            VmError::Invalid(format!(
+                "the VMM runs as {VMM_USER:?} when started as root, and this host has no such user; create it \
+                 (`useradd --system --no-create-home --shell /usr/sbin/nologin {VMM_USER}`)"
+            ))
+        })?;
+        let mut groups = vec![gid];
+        if kvm {
+            groups.push(kvm_group(Path::new("/dev/kvm"))?);
+        }
+        Ok(Some(VmmUser { uid, gid, groups }))
+    }
+
+    /// Gives the instance share (what the guest reads and writes through 9p with the VMM's uid) to
+    /// this user, contents included; symlinks are not followed. Secrets in it (the gateway's server
+    /// key) keep their 0600: the VMM reads them on the guest's behalf and nobody else needs to.
+    pub fn own_share(&self, share: &Path) -> Result<(), VmError> {
+        chown_tree(share, self.uid, self.gid).map_err(|(path, source)| VmError::Io { path, source })
+    }
+
+    /// Makes `cmd` start as this user: supplementary groups, gid, then uid (the order that keeps
+    /// the right to change the next), all between fork and exec so QEMU never holds root.
+    pub fn drop_to(&self, cmd: &mut Command) {
+        let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
+        // SAFETY: only async-signal-safe syscalls between fork and exec (the Vec is built before).
+        unsafe {
+            cmd.pre_exec(move || {
+                // As root, setgid and setuid set the real, effective and saved ids alike.
+                if libc::setgroups(groups.len() as _, groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A change of credentials clears the parent-death signal asked for earlier.
+                crate::child::die_with_parent()
+            });
+        }
+    }
+}
+
+/// `name`'s uid and primary gid from the user database.
+pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
+    let name = CString::new(name).ok()?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; 4096];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes only into `pwd` and `buf`, whose sizes it is given.
+    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
+    (rc == 0 && !found.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+}
+
+/// The group through which an unprivileged QEMU may open `/dev/kvm`.
+fn kvm_group(dev: &Path) -> Result<u32, VmError> {
+    let meta = std::fs::metadata(dev).map_err(|source| VmError::Io { path: dev.to_owned(), source })?;
+    if meta.mode() & 0o006 == 0o006 || meta.mode() & 0o060 == 0o060 && meta.gid() != 0 {
+        return Ok(meta.gid());
+    }
+    Err(VmError::NoBackend(format!(
+        "{} is mode {:o} group {}, so QEMU cannot use it once it drops root to {VMM_USER:?}; give it a group \
+         (Debian's udev rule: `chgrp kvm /dev/kvm && chmod 0660 /dev/kvm`) or use --vmm krun",
+        dev.display(),
+        meta.mode() & 0o777,
+        meta.gid()
+    )))
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<(), (PathBuf, std::io::Error)> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| (path.to_owned(), e))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| (path.to_owned(), e))?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(|e| (path.to_owned(), e))? {
+            chown_tree(&entry.map_err(|e| (path.to_owned(), e))?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// The fd numbers a VMM finds its files at: the same numbers as in this process (the child
+/// inherits them). What the command line names; plain numbers, so building it touches no file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandedFds {
+    pub kernel: RawFd,
+    pub rootfs: RawFd,
+    pub share: RawFd,
+    /// Opened write-only: QEMU's `/dev/fdset` accepts an fd whose access mode matches its own open.
+    pub console: RawFd,
+    /// One per [`VmConfig::shares`] entry, in order.
+    pub shares: Vec<RawFd>,
+}
+
+/// How a process names a file it holds open as `fd`: the kernel resolves it to that very file,
+/// checking the file's own permissions and none of its path's.
+pub fn fd_path(fd: RawFd) -> String {
+    format!("{FD_DIR}/{fd}")
+}
+
+#[cfg(target_os = "linux")]
+pub const FD_DIR: &str = "/proc/self/fd";
+/// macOS has no `/proc`; opening `/dev/fd/N` there duplicates fd N.
+#[cfg(not(target_os = "linux"))]
+pub const FD_DIR: &str = "/dev/fd";
+
+/// The files of a VM, opened by us, for the VMM to inherit.
+#[derive(Debug)]
+pub struct Handover {
+    kernel: OwnedFd,
+    rootfs: OwnedFd,
+    share: OwnedFd,
+    console: OwnedFd,
+    shares: Vec<OwnedFd>,
+}
+
+impl Handover {
+    /// Opens what `cfg` boots: the kernel and directories read-only, the console log write-only.
+    pub fn open(cfg: &VmConfig) -> Result<Handover, VmError> {
+        let read = |p: &Path| open_high(p, false);
+        Ok(Handover {
+            kernel: read(&cfg.kernel)?,
+            rootfs: read(&cfg.rootfs)?,
+            share: read(&cfg.share_dir())?,
+            console: open_high(&cfg.console_path(), true)?,
+            shares: cfg.shares.iter().map(|s| read(&s.host)).collect::<Result<_, _>>()?,
+        })
+    }
+
+    pub fn fds(&self) -> HandedFds {
+        HandedFds {
+            kernel: self.kernel.as_raw_fd(),
+            rootfs: self.rootfs.as_raw_fd(),
+            share: self.share.as_raw_fd(),
+            console: self.console.as_raw_fd(),
+            shares: self.shares.iter().map(AsRawFd::as_raw_fd).collect(),
+        }
+    }
+
+    /// Lets `cmd`'s child inherit the files (ours stay close-on-exec for every other child).
+    pub fn give_to(&self, cmd: &mut Command) {
+        let fds = self.fds();
+        let all: Vec<RawFd> = [fds.kernel, fds.rootfs, fds.share, fds.console].into_iter().chain(fds.shares).collect();
+        // SAFETY: only fcntl between fork and exec, on fds this value keeps open until after spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &all {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// Opens `path` close-on-exec at fd [`FIRST_HANDED_FD`] or above.
+fn open_high(path: &Path, write: bool) -> Result<OwnedFd, VmError> {
+    let io = |source| VmError::Io { path: path.to_owned(), source };
+    let file = std::fs::OpenOptions::new().read(!write).write(write).open(path).map_err(io)?;
+    // SAFETY: F_DUPFD_CLOEXEC on an fd we own returns a new fd (or -1), which we then own.
+    let high = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FIRST_HANDED_FD) };
+    if high < 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `high` is a fresh fd nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(high) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handed_files_sit_above_the_network_fd_and_reopen_by_fd_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = VmConfig::exec(dir.path().join("k"), dir.path().into(), dir.path().join("s"), vec!["/x".into()]);
+        std::fs::write(&cfg.kernel, b"kernel").unwrap();
+        std::fs::create_dir_all(cfg.share_dir()).unwrap();
+        std::fs::write(cfg.console_path(), b"").unwrap();
+        cfg.shares = vec![crate::config::DirShare {
+            host: dir.path().into(),
+            mount: openshell_guest::GuestMount { tag: "x".into(), path: "/x".into(), read_only: true },
+        }];
+        let h = Handover::open(&cfg).unwrap();
+        let fds = h.fds();
+        for fd in [fds.kernel, fds.rootfs, fds.share, fds.console, fds.shares[0]] {
+            assert!(fd >= FIRST_HANDED_FD, "{fd}");
+        }
+        assert_eq!(std::fs::read(fd_path(fds.kernel)).unwrap(), b"kernel");
+        assert!(Path::new(&fd_path(fds.share)).is_dir());
+        let missing = VmConfig::exec(dir.path().join("nope"), dir.path().into(), dir.path().join("s"), vec![]);
+        assert!(matches!(Handover::open(&missing), Err(VmError::Io { path, .. }) if path.ends_with("nope")));
+    }
+
+    #[test]
+    fn kvm_group_needs_group_or_world_access() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = dir.path().join("kvm");
+        std::fs::write(&dev, b"").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let err = kvm_group(&dev).unwrap_err().to_string();
+        assert!(err.contains("mode 600") && err.contains("chmod 0660"), "{err}");
+        std::fs::set_permissions(&dev, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(kvm_group(&dev).unwrap(), std::fs::metadata(&dev).unwrap().gid());
+    }
+}
