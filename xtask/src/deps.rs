@@ -58,8 +58,7 @@ pub fn ensure(sh: &Shell, sets: &[&[(&str, &str)]]) -> anyhow::Result<()> {
         return Ok(());
     }
     let shown = plan.iter().map(|c| c.join(" ")).collect::<Vec<_>>().join(" && ");
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     if !root || which::which("apt-get").is_err() {
         bail!("missing host packages: {}; install them with: sudo sh -c '{shown}'", missing.join(", "));
     }

@@ -19,15 +19,13 @@ pub(crate) fn run(cmd: &mut Command, on_line: &mut dyn FnMut(&str)) -> Result<()
     // A builder killed mid-step (Ctrl-C sent to it alone, SIGKILL) must not leave `make` and its
     // compilers running into a directory that is about to be swept: SIGTERM reaches the step when
     // we die, and make passes SIGTERM on to its children.
-    // SAFETY: prctl is async-signal-safe and touches only this (forked) process.
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+    // async-signal-safe and touches no memory of the parent.
+    #[allow(unsafe_code)]
     unsafe {
         use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(Into::into));
     }
     let mut child = cmd
         .stdin(Stdio::null())

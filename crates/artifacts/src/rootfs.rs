@@ -25,7 +25,7 @@ pub const INSTALL_HINT: &str = "apt-get install -y busybox-static";
 pub enum RootfsError {
     #[error("{path} is missing: {hint}")]
     Missing { path: PathBuf, hint: String },
-    #[error("rootfs I/O at {path}: {source}{}", if source.raw_os_error() == Some(libc::ENOSPC) {
+    #[error("rootfs I/O at {path}: {source}{}", if source.kind() == std::io::ErrorKind::StorageFull {
         "; the disk holding the artifact store is full: free space there, or set OPENSHELL_CACHE_DIR to a directory on a disk with room"
     } else { "" })]
     Io { path: PathBuf, source: std::io::Error },

@@ -25,21 +25,17 @@ pub enum StoreError {
 
 /// Bytes free for an unprivileged writer on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    // SAFETY: statvfs writes only into the struct we pass; `c` is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    // The field types differ by OS (fsblkcnt_t is 32 bits on macOS), hence the conversions.
+    #[allow(clippy::useless_conversion)]
+    Ok(u64::from(st.blocks_available()) * u64::from(st.fragment_size()))
 }
 
 /// Whether a process with this pid exists: a temporary build directory of a live one is in use.
 fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence.
-    unsafe { libc::kill(pid as i32, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    // Signal 0 only checks for existence; EPERM means it exists under another user.
+    matches!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None), Ok(()) | Err(nix::errno::Errno::EPERM))
 }
 
 #[derive(Debug, Clone)]

@@ -76,14 +76,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// limit of 1024 (hard 4096): a thousand idle peers would then make `accept` fail with EMFILE and
 /// stall the authenticated client behind them. Take the hard limit; failing that, keep going.
 fn raise_open_files_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                eprintln!("openshell-gateway: raising the open-files limit: {}", std::io::Error::last_os_error());
-            }
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            eprintln!("openshell-gateway: raising the open-files limit: {e}");
         }
     }
 }

@@ -21,13 +21,7 @@ fn parse_uptime_ms(text: &str) -> Option<u64> {
 }
 
 pub fn kernel_release() -> String {
-    // SAFETY: uname fills a caller-owned struct; zeroed is a valid initial state.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut uts) } != 0 {
-        return String::new();
-    }
-    // SAFETY: on success the kernel NUL-terminates every field.
-    unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned()
+    nix::sys::utsname::uname().map_or(String::new(), |u| u.release().to_string_lossy().into_owned())
 }
 
 pub fn vcpus() -> u32 {
@@ -81,9 +75,7 @@ mod tests {
         let nproc = std::process::Command::new("nproc").output().unwrap();
         assert_eq!(vcpus().to_string(), String::from_utf8_lossy(&nproc.stdout).trim());
         // sysinfo(2) is where the kernel's MemTotal comes from.
-        // SAFETY: sysinfo fills a caller-owned struct; zeroed is a valid initial state.
-        let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::sysinfo(&mut si) }, 0);
-        assert_eq!(memory_kib(), si.totalram as u64 * si.mem_unit as u64 / 1024);
+        let si = nix::sys::sysinfo::sysinfo().unwrap();
+        assert_eq!(memory_kib(), si.ram_total() / 1024);
     }
 }

@@ -3,6 +3,8 @@
 //! must make fork(2) fail with EAGAIN, `memory.current` must count this process.
 //!
 //! init mounts cgroup2 at /sys/fs/cgroup. The child cgroup is removed again afterwards.
+// `unsafe` is allowed in this module only: the checker probes the kernel with raw syscalls, which is what it exists to test; each block carries its `SAFETY:`.
+#![allow(unsafe_code)]
 
 use std::path::Path;
 

@@ -9,6 +9,8 @@
 //! Landlock needs both `CONFIG_SECURITY_LANDLOCK` and `landlock` in the active LSM list
 //! (`CONFIG_LSM` or `lsm=` on the kernel command line); the errno of the ABI probe tells which
 //! is missing.
+// `unsafe` is allowed in this module only: the checker probes the kernel with raw syscalls, which is what it exists to test; each block carries its `SAFETY:`.
+#![allow(unsafe_code)]
 
 use landlock::{path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
 use openshell_matrix::Row;

@@ -13,6 +13,8 @@
 //! masquerades. A UDP datagram from the client must reach the server from 198.18.2.1 (NAT), and
 //! the server's reply must find its way back to 198.18.1.2 (conntrack un-NATs it). Addresses are
 //! from 198.18.0.0/15, the benchmarking range, and never leave these namespaces.
+// `unsafe` is allowed in this module only: the checker probes the kernel with raw syscalls, which is what it exists to test; each block carries its `SAFETY:`.
+#![allow(unsafe_code)]
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};

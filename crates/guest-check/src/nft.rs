@@ -5,6 +5,8 @@
 //! srcnat; }; nft add rule ip t post masquerade` sends. The kernel validates each piece against
 //! what it was built with: the `nat` chain type needs CONFIG_NFT_NAT, the `masq` expression
 //! CONFIG_NFT_MASQ, the table itself CONFIG_NF_TABLES(_IPV4).
+// `unsafe` is allowed in this module only: the checker probes the kernel with raw syscalls, which is what it exists to test; each block carries its `SAFETY:`.
+#![allow(unsafe_code)]
 
 use std::os::fd::AsRawFd;
 

@@ -1,6 +1,8 @@
 //! The seccomp row: install a BPF filter (as a container runtime does for every container) that
 //! makes getppid(2) fail with a chosen errno, then watch getppid fail that way while getpid still
 //! works. Runs in its own forked child: a filter cannot be removed once installed.
+// `unsafe` is allowed in this module only: the checker probes the kernel with raw syscalls, which is what it exists to test; each block carries its `SAFETY:`.
+#![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,8 @@
 //! Legacy iptables (x_tables): asks the kernel for a table's description with
 //! `getsockopt(IPT_SO_GET_INFO)`, as `iptables-legacy -t nat -L` does first. The kernel creates the
 //! table in the namespace on that request, so an answer means the table really exists there.
+// `unsafe` is allowed in this module only: the checker probes the kernel with raw syscalls, which is what it exists to test; each block carries its `SAFETY:`.
+#![allow(unsafe_code)]
 
 /// `IPT_BASE_CTL` + 0 in `linux/netfilter_ipv4/ip_tables.h`.
 const IPT_SO_GET_INFO: libc::c_int = 64;

@@ -3,6 +3,8 @@
 //! this; each exec of the static busybox costs ~80 ms under TCG, which sat on the boot path.
 //!
 //! Linux only; the one place in the guest crate that builds `ifreq`/`rtentry` by hand.
+// `unsafe` is allowed in this module only: interface addresses are set with ioctls on a socket, which have no safe wrapper here; each block carries its `SAFETY:`.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::net::Ipv4Addr;

@@ -225,8 +225,8 @@ impl GatewayInstance {
         self.dir.join("lock")
     }
 
-    /// Takes the instance lock for as long as the returned file lives, or names who holds it.
-    pub fn lock(&self) -> Result<fs::File, VmError> {
+    /// Takes the instance lock for as long as the returned value lives, or names who holds it.
+    pub fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, VmError> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io_err(&self.dir))?;
         let f = fs::OpenOptions::new()
             .create(true)
@@ -234,11 +234,7 @@ impl GatewayInstance {
             .write(true)
             .open(self.lock_path())
             .map_err(io_err(&self.lock_path()))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(self.already_running());
-        }
-        Ok(f)
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| self.already_running())
     }
 
     /// Fails, naming the supervisor, when the instance runs. For a caller about to touch the
@@ -262,8 +258,8 @@ impl GatewayInstance {
     /// Whether some process holds the instance lock (a live supervisor).
     pub fn locked(&self) -> bool {
         let Ok(f) = fs::OpenOptions::new().write(true).open(self.lock_path()) else { return false };
-        // SAFETY: flock on an fd we own; released when `f` closes.
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+        // Taken and released at once when free (dropping the `Flock` unlocks).
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
     }
 
     pub fn write_metadata(&self, m: &Metadata) -> Result<(), VmError> {

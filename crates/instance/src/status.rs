@@ -92,8 +92,8 @@ impl GatewayInstance {
             return Ok(false);
         }
         let Some(sup) = meta.supervisor_pid else { return Ok(false) };
-        // SAFETY: kill(2) on the pid of the process holding our instance lock.
-        unsafe { libc::kill(sup as i32, libc::SIGTERM) };
+        // The pid of the process holding our instance lock.
+        let _ = openshell_vm::child::signal(sup, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + grace;
         while self.locked() {
             if Instant::now() > deadline {

@@ -32,7 +32,7 @@ pub struct Supervised {
     cfg: VmConfig,
     digests: (String, String),
     ready_timeout: Duration,
-    _lock: fs::File,
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 /// `vm run --restart`: what the supervisor does when a child's death (passt, gvproxy, the VMM)
@@ -191,10 +191,11 @@ pub fn detach(supervisor: &Path, req: &Request) -> Result<Detached, VmError> {
     let mut cmd = std::process::Command::new(supervisor);
     cmd.arg(&req_path).stdin(std::process::Stdio::null()).stdout(log).stderr(log2);
     // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the caller's terminal.
+    #[allow(unsafe_code)]
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
-            libc::setsid();
+            nix::unistd::setsid()?;
             Ok(())
         });
     }
@@ -451,8 +452,8 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
         let Some(pid) = pid else { continue };
         let process = procfs::process(pid);
         if process.program_is_any(progs) {
-            // SAFETY: kill(2) on a pid this instance recorded, verified to run our program.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // A pid this instance recorded, verified just now to run our program.
+            let _ = openshell_vm::child::signal(pid, nix::sys::signal::Signal::SIGKILL);
             wait_gone(pid);
             done.push(format!("killed leftover {role} pid {pid}"));
         } else if process.alive {
@@ -484,8 +485,11 @@ fn wait_gone(pid: u32) {
             return;
         }
         // Our own child would stay a zombie until reaped; reap it if so.
-        // SAFETY: waitpid on a specific pid with WNOHANG; harmless if it is not our child.
-        unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), libc::WNOHANG) };
+        // WNOHANG on that one pid: harmless (ECHILD) when it is not our child.
+        if let Ok(pid) = i32::try_from(pid) {
+            let _ =
+                nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -62,7 +62,8 @@ pub const CHILD_FD: i32 = 3;
 /// Makes `fd` appear as [`CHILD_FD`] in the child (dup2 clears close-on-exec), and ties the
 /// child's life to ours.
 pub fn inherit_as_child_fd(cmd: &mut Command, fd: i32) {
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // SAFETY: only async-signal-safe calls (fcntl, dup2, prctl) between fork and exec.
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
             // dup2 onto itself would keep close-on-exec, so clear the flag explicitly then.
@@ -73,4 +74,11 @@ pub fn inherit_as_child_fd(cmd: &mut Command, fd: i32) {
             die_with_parent()
         });
     }
+}
+
+/// Sends `signal` to `pid` (`None`: only asks whether it exists and may be signalled). For pids
+/// this process owns or has verified: callers say why the pid is still theirs.
+pub fn signal(pid: u32, signal: impl Into<Option<nix::sys::signal::Signal>>) -> std::io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(std::io::Error::from)
 }

@@ -197,6 +197,7 @@ fn measure_tsc_khz(window: std::time::Duration) -> Option<u32> {
     fn reading() -> (u128, u128) {
         let sample = || {
             // SAFETY: rdtsc has no preconditions; clock_gettime writes into the timespec we own.
+            #[allow(unsafe_code)]
             unsafe {
                 let before = core::arch::x86_64::_rdtsc();
                 let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

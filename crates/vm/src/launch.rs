@@ -160,12 +160,11 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
     let log = File::create(&vmm_log).map_err(io_err(&vmm_log))?;
     let log2 = log.try_clone().map_err(io_err(&vmm_log))?;
     cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // SAFETY: only async-signal-safe calls (setpgid, prctl) between fork and exec.
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
             crate::child::die_with_parent()
         });
     }
@@ -295,7 +294,7 @@ impl RunningVm {
                     if !*vmm_signalled && (again != 0 || asked.elapsed() > GUEST_STOP_GRACE) =>
                 {
                     tracing::info!("the guest did not stop in time (or a second signal came): stopping the VMM");
-                    self.signal(libc::SIGTERM);
+                    self.signal(nix::sys::signal::Signal::SIGTERM);
                     *vmm_signalled = true;
                 }
                 _ => {}
@@ -358,13 +357,13 @@ impl RunningVm {
         let path = self.share.join(STOP_REQUEST_FILE);
         if let Err(e) = fs::write(&path, b"stop\n") {
             tracing::warn!(path = %path.display(), error = %e, "cannot ask the guest to stop; stopping the VMM");
-            self.signal(libc::SIGTERM);
+            self.signal(nix::sys::signal::Signal::SIGTERM);
         }
     }
 
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on the pid of a child we have not reaped, so the pid is still ours.
-        unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        // A child we have not reaped, so the pid is still ours.
+        let _ = crate::child::signal(self.pid, sig);
     }
 
     /// Stops the VMM: SIGTERM, then SIGKILL after a grace period. Idempotent. Says how it ended,
@@ -375,7 +374,7 @@ impl RunningVm {
         if matches!(child.try_wait(), Ok(Some(_))) {
             return Stopped::AlreadyExited;
         }
-        self.signal(libc::SIGTERM);
+        self.signal(nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + STOP_GRACE;
         while Instant::now() < deadline {
             if matches!(child.try_wait(), Ok(Some(_))) {

@@ -261,12 +261,11 @@ mod tests {
 
     #[test]
     fn real_flock_holder_is_found() {
-        use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lock");
-        let f = fs::File::create(&path).unwrap();
-        // SAFETY: flock on an fd we own.
-        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+        let f = nix::fcntl::Flock::lock(fs::File::create(&path).unwrap(), nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| e)
+            .unwrap();
         assert_eq!(flock_holders(&path), [std::process::id()]);
         drop(f);
         assert!(flock_holders(&path).is_empty());

@@ -23,7 +23,6 @@
 //! root-only directory). A dedicated user would not separate one instance's VMM from another's
 //! either: only a uid per instance would.
 
-use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -56,8 +55,7 @@ pub struct VmmUser {
 impl VmmUser {
     /// `None` when we are not root: the VMM then runs as the caller, who has nothing to drop.
     pub fn for_qemu(kvm: bool) -> Result<Option<VmmUser>, VmError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             return Ok(None);
         }
         let (uid, gid) = lookup_user(VMM_USER).ok_or_else(|| {
@@ -85,6 +83,7 @@ impl VmmUser {
     pub fn drop_to(&self, cmd: &mut Command) {
         let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
         // SAFETY: only async-signal-safe syscalls between fork and exec (the Vec is built before).
+        #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
                 // As root, setgid and setuid set the real, effective and saved ids alike.
@@ -103,13 +102,8 @@ impl VmmUser {
 
 /// `name`'s uid and primary gid from the user database.
 pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
-    let name = CString::new(name).ok()?;
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0u8; 4096];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwnam_r writes only into `pwd` and `buf`, whose sizes it is given.
-    let rc = unsafe { libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut found) };
-    (rc == 0 && !found.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+    let user = nix::unistd::User::from_name(name).ok()??;
+    Some((user.uid.as_raw(), user.gid.as_raw()))
 }
 
 /// The group through which an unprivileged QEMU may open `/dev/kvm`.
@@ -201,6 +195,7 @@ impl Handover {
         let fds = self.fds();
         let all: Vec<RawFd> = [fds.kernel, fds.rootfs, fds.share, fds.console].into_iter().chain(fds.shares).collect();
         // SAFETY: only fcntl between fork and exec, on fds this value keeps open until after spawn.
+        #[allow(unsafe_code)]
         unsafe {
             cmd.pre_exec(move || {
                 for &fd in &all {
@@ -215,6 +210,7 @@ impl Handover {
 }
 
 /// Opens `path` close-on-exec at fd [`FIRST_HANDED_FD`] or above.
+#[allow(unsafe_code)]
 fn open_high(path: &Path, write: bool) -> Result<OwnedFd, VmError> {
     let io = |source| VmError::Io { path: path.to_owned(), source };
     let file = std::fs::OpenOptions::new().read(!write).write(write).open(path).map_err(io)?;

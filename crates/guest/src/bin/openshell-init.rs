@@ -8,6 +8,8 @@
 //!
 //! The same binary is busybox `udhcpc`'s lease script (`udhcpc -s /sbin/openshell-init`): run
 //! with a udhcpc event as its first argument and not as PID 1, it applies the lease and exits.
+// `unsafe` is allowed in this module only: PID 1's work is raw syscalls (mount, reboot, setsid, waitpid, signal masks) in the guest; each block carries its `SAFETY:`.
+#![allow(unsafe_code)]
 
 use std::fs;
 use std::io::Write;

@@ -133,15 +133,10 @@ fn our_gateway_on(port: u16, root: &Path) -> Option<String> {
 /// existing ancestor: the store may not exist yet).
 fn probe_disk(path: &Path) -> DiskFacts {
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let free_bytes = (|| {
-        let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-        // SAFETY: statvfs writes into the zeroed struct we own; `c` is a valid C string.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        Ok(st.f_bavail as u64 * st.f_frsize as u64)
-    })();
+    // The block counts are u64 on Linux but u32 on macOS, hence the conversions.
+    #[allow(clippy::useless_conversion)]
+    let bytes = |st: nix::sys::statvfs::Statvfs| u64::from(st.blocks_available()) * u64::from(st.fragment_size());
+    let free_bytes = nix::sys::statvfs::statvfs(existing).map(bytes).map_err(|e| std::io::Error::from(e).to_string());
     DiskFacts { path: path.to_owned(), free_bytes }
 }
 

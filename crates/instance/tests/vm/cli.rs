@@ -661,9 +661,9 @@ fn wait_until(
 }
 
 fn kill9(pid: u32) -> Result<(), String> {
-    // SAFETY: kill(2) on a pid this trial read from the instance's metadata and just checked.
-    if unsafe { libc::kill(pid as i32, libc::SIGKILL) } != 0 {
-        return Err(format!("kill -9 {pid}: {}", std::io::Error::last_os_error()));
+    // A pid this trial read from the instance's metadata and just checked.
+    if let Err(e) = openshell_vm::child::signal(pid, nix::sys::signal::Signal::SIGKILL) {
+        return Err(format!("kill -9 {pid}: {e}"));
     }
     Ok(())
 }
@@ -863,8 +863,9 @@ fn sigint_in(cli: &Cli) -> Result<(), String> {
     if sup != run.child.0.id() {
         return Err(format!("metadata names supervisor {sup}, but the foreground run is pid {}", run.child.0.id()));
     }
-    // SAFETY: kill(2) on the process group of the child this trial started.
-    unsafe { libc::kill(-(run.child.0.id() as i32), libc::SIGINT) };
+    // The process group of the child this trial started.
+    let group = nix::unistd::Pid::from_raw(run.child.0.id() as i32);
+    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT);
     let ran = run.wait(Duration::from_secs(60))?;
     // Ctrl-C asks the guest to stop: the gateway shuts down cleanly on SIGTERM, init reports its
     // exit 0 and powers off, and `vm run` exits with what the guest reported (not a made-up 130).

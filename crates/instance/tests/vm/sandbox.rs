@@ -66,8 +66,7 @@ fn status(pid: u32, key: &str) -> Result<Vec<String>, String> {
 }
 
 fn root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// The uid and gid a helper that drops root runs as: [`VMM_USER`]'s when we are root, ours otherwise.
@@ -75,8 +74,7 @@ fn expected_ids() -> Result<(u32, u32), String> {
     if root() {
         return openshell_vm::sandbox::lookup_user(VMM_USER).ok_or_else(|| format!("no user {VMM_USER:?} here"));
     }
-    // SAFETY: getuid/getgid have no preconditions.
-    Ok(unsafe { (libc::getuid(), libc::getgid()) })
+    Ok((nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw()))
 }
 
 fn ids_are(pid: u32, what: &str, uid: u32, gid: u32) -> Result<(), String> {

@@ -38,7 +38,8 @@ fn init_sigkills_a_workload_that_ignores_sigterm(a: &Artifacts, vmm: VmmChoice, 
     let (code, console, dir) = support::run(&cfg, dir)?;
     let (term, kill) = (init_stamp(&console, STOPPING), init_stamp(&console, KILLING));
     let ordered = matches!((term, kill), (Some(t), Some(k)) if t <= k);
-    if code != 128 + libc::SIGKILL || !console.contains("workload-ignores-term") || !ordered {
+    if code != 128 + nix::sys::signal::Signal::SIGKILL as i32 || !console.contains("workload-ignores-term") || !ordered
+    {
         return Err(dir.fail(format!(
             "expected init to SIGTERM, then SIGKILL the workload (exit 137); got exit {code}, \
              {STOPPING:?} at {term:?} ms, {KILLING:?} at {kill:?} ms"
@@ -98,8 +99,8 @@ fn stop_bounded(mut vm: RunningVm) -> Result<(Stopped, Duration), String> {
         drop(vm);
     });
     rx.recv_timeout(Duration::from_secs(60)).map_err(|_| {
-        // SAFETY: kill(2) on the VMM this trial launched; stop() never reaped it.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        // The VMM this trial launched; stop() never reaped it.
+        let _ = openshell_vm::child::signal(pid, nix::sys::signal::Signal::SIGKILL);
         format!("RunningVm::stop() did not return within 60 s (VMM pid {pid})")
     })
 }
@@ -131,8 +132,8 @@ fn vmm_that_ignores_sigterm_is_sigkilled(a: &Artifacts, vmm: VmmChoice, dir: Tri
     };
     let pid = vm.pid();
     // A stopped process leaves SIGTERM pending: to stop() it is a VMM that ignores SIGTERM.
-    // SAFETY: kill(2) on the VMM this trial launched and has not reaped.
-    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    // The VMM this trial launched and has not reaped.
+    let _ = openshell_vm::child::signal(pid, nix::sys::signal::Signal::SIGSTOP);
     let deadline = Instant::now() + Duration::from_secs(10);
     while stat_state(pid) != Some('T') {
         if Instant::now() > deadline {

@@ -278,8 +278,8 @@ pub fn run(cfg: &VmConfig, dir: TrialDir) -> Result<(i32, String, TrialDir), Fai
 
 /// Whether a process with this pid exists (zombies included).
 pub fn process_exists(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    // Signal 0 only checks for existence and permission.
+    openshell_vm::child::signal(pid, None).is_ok()
 }
 
 const SUPERVISE_ENV: &str = "OPENSHELL_E2E_SUPERVISE";

@@ -225,8 +225,8 @@ fn sigterm_stops_guest(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(sup.id() as i32, libc::SIGTERM) };
+    // Our own child.
+    let _ = openshell_vm::child::signal(sup.id(), nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = sup.try_wait().unwrap() {

@@ -142,8 +142,8 @@ fn close_forward_and_verify(
 ) -> Result<(openshell_matrix::Matrix, openshell_matrix::Matrix, Duration), String> {
     let before = openshell_instance::verify::verify(&gw.inst).map_err(|e| format!("verify could not run: {e}"))?;
     let passt = gw.up.vm.passt_pid().ok_or("the gateway VM has no passt")?;
-    // SAFETY: kill(2) on the passt child our RunningVm started and has not reaped.
-    unsafe { libc::kill(passt as i32, libc::SIGKILL) };
+    // The passt child our RunningVm started and has not reaped.
+    let _ = openshell_vm::child::signal(passt, nix::sys::signal::Signal::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !support::tcp_listeners(gw.port).is_empty() {
         if Instant::now() > deadline {

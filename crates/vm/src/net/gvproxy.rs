@@ -289,9 +289,11 @@ pub fn wait_for_paths(
 
 /// The longest unix socket path this OS takes (`sun_path` less its NUL: 107 on Linux, 103 on macOS).
 fn max_socket_path() -> usize {
-    // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
-    let addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_path.len() - 1
+    if cfg!(target_os = "linux") {
+        107
+    } else {
+        103
+    }
 }
 
 /// A running gvproxy; stopped on drop (SIGTERM, a grace period, then SIGKILL).
@@ -328,14 +330,13 @@ pub fn start(
     let err = log.try_clone().map_err(|source| VmError::Spawn { what: "gvproxy".into(), source })?;
     let mut cmd = Command::new(binary);
     cmd.args(argv(&sockets, attach)).stdin(Stdio::null()).stdout(log).stderr(err);
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // SAFETY: only async-signal-safe calls (setpgid, prctl) between fork and exec.
+    #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(|| {
             // Its own process group, so a terminal's Ctrl-C reaches the supervisor, which stops
             // the VMM before the network; and on Linux it dies with the supervisor.
-            if libc::setpgid(0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
             crate::child::die_with_parent()
         });
     }
@@ -402,8 +403,8 @@ impl Drop for Gvproxy {
     fn drop(&mut self) {
         let Some(mut child) = self.child.take() else { return };
         if matches!(child.try_wait(), Ok(None)) {
-            // SAFETY: kill(2) on our unreaped child, so the pid is still ours.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            // Our unreaped child, so the pid is still ours.
+            let _ = crate::child::signal(child.id(), nix::sys::signal::Signal::SIGTERM);
             let deadline = Instant::now() + STOP_GRACE;
             while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(10));
@@ -624,10 +625,10 @@ mod tests {
         assert_eq!(req, render_post(EXPOSE_PATH, &expose_body(GATEWAY)));
         let recorded = std::fs::read_to_string(dir.path().join("argv.txt")).unwrap();
         assert_eq!(recorded.lines().collect::<Vec<_>>(), argv(&sockets, Attach::Krun));
-        let pid = gv.pid().unwrap() as libc::pid_t;
+        let pid = gv.pid().unwrap();
         drop(gv);
-        // SAFETY: signal 0 only checks that the (reaped) pid no longer exists.
-        assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "gvproxy still running after drop");
+        // Signal 0 only checks that the (reaped) pid no longer exists.
+        assert!(crate::child::signal(pid, None).is_err(), "gvproxy still running after drop");
         assert!(!sockets.api.exists() && !sockets.link.exists());
     }
 
