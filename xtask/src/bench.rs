@@ -103,8 +103,13 @@ struct Artifacts {
 impl Artifacts {
     fn build(sh: &Shell) -> anyhow::Result<Artifacts> {
         let store = Store::default_location();
-        let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
-        let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
+        let kernel = crate::artifacts::ensure_kernel(
+            sh,
+            &store,
+            openshell_artifacts::kernel::KernelRole::Guest,
+            openshell_artifacts::Arch::host(),
+        )?;
+        let rootfs = crate::artifacts::ensure_rootfs(sh, &store, openshell_artifacts::Arch::host())?;
         crate::deps::ensure(sh, &[crate::deps::PASST])?;
         let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
         Ok(Artifacts { kernel: kernel.vmlinux, rootfs: rootfs.dir, digests })

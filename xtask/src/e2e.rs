@@ -61,8 +61,13 @@ const RECORDS: &str = "target/e2e-records";
 /// Builds kernel, rootfs and `openshell-vmm`, and exports where they are.
 fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     let store = Store::default_location();
-    let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
-    let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
+    let kernel = crate::artifacts::ensure_kernel(
+        sh,
+        &store,
+        openshell_artifacts::kernel::KernelRole::Guest,
+        openshell_artifacts::Arch::host(),
+    )?;
+    let rootfs = crate::artifacts::ensure_rootfs(sh, &store, openshell_artifacts::Arch::host())?;
     crate::deps::ensure(sh, &[crate::deps::QEMU])?;
     cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
         .quiet()
@@ -70,6 +75,15 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
         .context("building openshell-vmm failed")?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
+    // The arm64 guest (cross-built on x86_64; ~5-6 min for its kernel once, then cached) for the
+    // qemu::aarch64 trial, under qemu-system-aarch64.
+    let arm64 = openshell_artifacts::Arch::Aarch64;
+    let arm_kernel =
+        crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arm64)?;
+    let arm_rootfs = crate::artifacts::ensure_rootfs(sh, &store, arm64)?;
+    crate::deps::ensure(sh, &[crate::deps::qemu(arm64)])?;
+    sh.set_var("OPENSHELL_KERNEL_AARCH64", &arm_kernel.vmlinux);
+    sh.set_var("OPENSHELL_ROOTFS_AARCH64", &arm_rootfs.dir);
     sh.set_var("OPENSHELL_VMM", crate::project_root().join("target/debug/openshell-vmm"));
     // The CLI trials run this very binary, as a user runs `cargo xtask`.
     sh.set_var("OPENSHELL_XTASK", std::env::current_exe().context("cannot tell where the xtask binary is")?);

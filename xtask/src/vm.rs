@@ -109,6 +109,10 @@ struct RunArgs {
     /// Boot even if the kernel or rootfs does not match its recorded sha256 (warns instead of refusing)
     #[arg(long)]
     allow_unverified: bool,
+    /// The guest's architecture (default: the host's). A foreign one (aarch64 on x86_64) boots under
+    /// QEMU's emulation with a root of busybox and init only, so it runs --exec commands only
+    #[arg(long, requires = "exec")]
+    arch: Option<openshell_artifacts::Arch>,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -180,6 +184,7 @@ impl VmCmd {
 
 impl RunArgs {
     fn run(self) -> anyhow::Result<i32> {
+        let arch = self.arch.unwrap_or_else(openshell_artifacts::Arch::host);
         // Before any build: a missing gvproxy should not cost a kernel build to find out.
         let net = openshell_vm::NetMode::resolve(self.net, self.gvproxy.clone())?;
         // A running instance is refused before anything is built, reset or written into its
@@ -194,8 +199,9 @@ impl RunArgs {
         };
         let sh = Shell::new()?;
         let store = Store::default_location();
-        let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
-        let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
+        let kernel =
+            crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
+        let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
         // Lives as long as the VM: a one-shot --exec VM without --state-dir runs in a temp dir.
         let mut tmp = None;
         let gateway = match instance {
@@ -232,6 +238,7 @@ impl RunArgs {
                 cfg
             }
         };
+        cfg.arch = arch;
         cfg.vcpus = self.vcpus;
         cfg.mem_mib = self.mem;
         cfg.exec.env = self.env;

@@ -160,7 +160,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
 /// Boots `cfg` and returns once the VMM process runs.
 pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
     cfg.validate()?;
-    let (backend, reason) = backend::choose(cfg.vmm, &HostFacts::probe())?;
+    let (backend, reason) = backend::choose_for(cfg.vmm, cfg.arch, &HostFacts::probe())?;
     tracing::info!(%backend, %reason, "VMM chosen");
     if cfg.net != crate::NetMode::None {
         crate::net::check_ports_free(&cfg.ports)?;
@@ -168,8 +168,10 @@ pub fn launch(cfg: &VmConfig) -> Result<RunningVm, VmError> {
     let share = prepare_state(cfg)?;
     let mut cmd = match backend {
         Backend::Qemu { kvm } => {
-            let qemu = which::which("qemu-system-x86_64")
-                .map_err(|_| VmError::NoBackend("qemu-system-x86_64 disappeared from PATH".into()))?;
+            let m = backend::qemu::Machine::of(cfg.arch);
+            let qemu = which::which(m.binary).map_err(|_| {
+                VmError::NoBackend(format!("{} is not installed; apt-get install -y {}", m.binary, m.package))
+            })?;
             backend::qemu::command(&qemu, cfg, kvm)
         }
         Backend::Krun => backend::krun::command(cfg)?,

@@ -133,6 +133,29 @@ pub fn choose(choice: VmmChoice, host: &HostFacts) -> Result<(Backend, String), 
     }
 }
 
+/// [`choose`] for a guest of `arch`: a guest of the host's arch gets what `choose` says; a foreign
+/// one (an arm64 kernel on x86_64) can only be emulated, so QEMU with TCG, and `--vmm krun` is
+/// refused (libkrun runs guests of the host's arch only).
+pub fn choose_for(
+    choice: VmmChoice,
+    arch: openshell_artifacts::Arch,
+    host: &HostFacts,
+) -> Result<(Backend, String), VmError> {
+    let host_arch = openshell_artifacts::Arch::host();
+    if arch == host_arch {
+        return choose(choice, host);
+    }
+    match choice {
+        VmmChoice::Krun => Err(VmError::NoBackend(format!(
+            "libkrun runs only {host_arch} guests on this {host_arch} host, not {arch}; use --vmm qemu"
+        ))),
+        VmmChoice::Auto | VmmChoice::Qemu => Ok((
+            Backend::Qemu { kvm: false },
+            format!("an {arch} guest on an {host_arch} host runs under QEMU's emulation (TCG)"),
+        )),
+    }
+}
+
 /// Where libkrun's guest can run on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KrunPlace {
@@ -208,6 +231,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_foreign_arch_guest_is_emulated_by_qemu_and_krun_refused() {
+        use openshell_artifacts::Arch;
+        let foreign = Arch::ALL.into_iter().find(|a| *a != Arch::host()).unwrap();
+        let hw = facts(true, true, false, true);
+        assert_eq!(choose_for(VmmChoice::Auto, Arch::host(), &hw).unwrap().0, Backend::Krun);
+        let (b, why) = choose_for(VmmChoice::Auto, foreign, &hw).unwrap();
+        assert_eq!(b, Backend::Qemu { kvm: false });
+        assert!(why.contains("TCG"), "{why}");
+        let err = choose_for(VmmChoice::Krun, foreign, &hw).unwrap_err().to_string();
+        assert!(err.contains("--vmm qemu"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! command line and our ACPI-less kernel would see none. `reboot=t` plus `-no-reboot` makes the
 //! guest's restart request end QEMU at once (microvm without ACPI cannot power off).
 //!
+//! The guest's arch ([`VmConfig::arch`]) picks everything arch-specific here, and only here: the
+//! binary, the machine, the CPU and the console ([`Machine::of`]). aarch64 boots on `-M virt`, whose
+//! PL011 UART is `ttyAMA0` and whose virtio-mmio transports carry the same `virtio-*-device`s as
+//! microvm's (they are announced in the device tree, so the kernel needs no command-line devices).
+//!
 //! `rtc=on` matters too: without a CMOS RTC the kernel's wall-clock read at boot polls the absent
 //! chip's update-in-progress bit for up to a second ("Unable to read current time from RTC"),
 //! and under TCG that stall hit about half the boots. With KVM, kvmclock answers instead.
@@ -13,17 +18,55 @@ use std::process::Command;
 
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
 
+use openshell_artifacts::Arch;
+
 use crate::VmConfig;
+
+/// What QEMU emulates for a guest of one arch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Machine {
+    /// The QEMU binary, looked up on PATH.
+    pub binary: &'static str,
+    /// `-M`.
+    pub machine: &'static str,
+    /// The serial console's device name in the guest (`console=`).
+    pub console: &'static str,
+    /// The Debian package that provides `binary`.
+    pub package: &'static str,
+}
+
+impl Machine {
+    pub fn of(arch: Arch) -> Machine {
+        match arch {
+            Arch::X86_64 => Machine {
+                binary: "qemu-system-x86_64",
+                machine: "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off",
+                console: "ttyS0",
+                package: "qemu-system-x86",
+            },
+            Arch::Aarch64 => Machine {
+                binary: "qemu-system-aarch64",
+                machine: "virt",
+                console: "ttyAMA0",
+                package: "qemu-system-arm",
+            },
+        }
+    }
+}
 
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
     let tsc = cfg.guest_tsc_khz.map(|khz| format!(" tsc_early_khz={khz}")).unwrap_or_default();
-    format!("{}{tsc} {}", base_cmdline(), super::init_params(cfg))
+    format!("{}{tsc} {}", base_cmdline(cfg.arch), super::init_params(cfg))
 }
 
-fn base_cmdline() -> String {
+fn base_cmdline(arch: Arch) -> String {
+    // reboot=t: x86's triple fault, so the guest's restart request ends QEMU at once; arm64 resets
+    // through PSCI, which -no-reboot turns into QEMU's exit by itself.
+    let reboot = if arch == Arch::X86_64 { " reboot=t" } else { "" };
     format!(
-        "console=ttyS0 root={} rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro \
-         init=/sbin/openshell-init panic=-1 reboot=t quiet {SHARE_TRANSPORT_PARAM}=9p",
+        "console={} root={} rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144 ro \
+         init=/sbin/openshell-init panic=-1{reboot} quiet {SHARE_TRANSPORT_PARAM}=9p",
+        Machine::of(arch).console,
         super::ROOT_TAG
     )
 }
@@ -32,7 +75,7 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool) -> Command {
     let mut c = Command::new(qemu);
     let (accel, cpu) = if kvm { ("kvm", "host") } else { ("tcg", "max") };
     let console = cfg.console_path();
-    c.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off"])
+    c.args(["-M", Machine::of(cfg.arch).machine])
         .args(["-accel", accel, "-cpu", cpu])
         .args(["-m", &cfg.mem_mib.to_string(), "-smp", &cfg.vcpus.to_string()])
         .args(["-no-reboot", "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
