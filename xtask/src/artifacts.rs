@@ -25,8 +25,8 @@ fn guest_programs(arch: Arch) -> impl Iterator<Item = &'static (&'static str, &'
     GUEST_PROGRAMS.iter().filter(move |(_, bin, _)| arch == Arch::host() || *bin == "openshell-init")
 }
 
-/// What building the guest programs for `arch` needs beyond the host's toolchain: the Rust target's
-/// std (through rustup) and, for a foreign arch, the cross linker (apt).
+/// The Rust std for `arch`'s target, added through rustup when missing (the cross linker is a host
+/// package: `deps::cross`).
 fn ensure_rust_target(sh: &Shell, arch: Arch) -> anyhow::Result<()> {
     let target = arch.rust_target();
     let installed = cmd!(sh, "rustup target list --installed").quiet().read().unwrap_or_default();
@@ -150,14 +150,14 @@ fn busybox_for(sh: &Shell, arch: Arch) -> anyhow::Result<(PathBuf, PathBuf)> {
     // The same version as the host's busybox, so the host's applet list is this one's.
     let pkg = format!("busybox-static:{deb_arch}={host_version}");
     let download = tempfile::tempdir()?;
-    sh.change_dir(download.path());
-    let fetched = cmd!(sh, "apt-get download -qq {pkg}").run();
-    sh.change_dir(crate::project_root());
-    fetched.with_context(|| {
-        format!(
-            "`apt-get download {pkg}` failed; the arm64 busybox must match the host's busybox-static {host_version}"
-        )
-    })?;
+    {
+        let _in_download = sh.push_dir(download.path());
+        cmd!(sh, "apt-get download -qq {pkg}").run().with_context(|| {
+            format!(
+                "`apt-get download {pkg}` failed: the {deb_arch} busybox must be the host's version ({host_version})"
+            )
+        })?;
+    }
     let deb = std::fs::read_dir(download.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
