@@ -160,15 +160,17 @@ fn provenance(f: &Facts) -> (serde_json::Value, String) {
         Artifact::Checked(c) => {
             let p = &c.provenance;
             text.push_str(&format!(
-                "  kernel  {} from {} {}, built {} in {:.0} s on {}\n",
+                "  kernel  {} for {} from {} {}, built {} in {:.0} s on {}\n",
                 p.kernel_release,
+                p.arch,
                 p.source_package,
                 p.source_version,
                 utc(p.built_at_unix),
                 p.build_seconds,
                 p.host
             ));
-            text.push_str(&format!("          vmlinux sha256 {}, build key {}\n", p.vmlinux_sha256, p.key.short()));
+            let image = p.arch.kernel_image().file_name;
+            text.push_str(&format!("          {image} sha256 {}, build key {}\n", p.vmlinux_sha256, p.key.short()));
             let frags: Vec<String> =
                 p.fragments.iter().map(|fr| format!("{} {}", fr.name, fr.sha256.short())).collect();
             text.push_str(&format!("          fragments: {}\n", frags.join(", ")));
