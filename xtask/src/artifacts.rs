@@ -6,18 +6,38 @@ use anyhow::Context;
 use openshell_artifacts::kernel::{self, GuestKernel, KernelRole, KernelSpec};
 use openshell_artifacts::nested_root::{self, NestedRootInputs};
 use openshell_artifacts::rootfs::{self, GuestFile, RootfsBundle, RootfsInputs};
-use openshell_artifacts::Store;
+use openshell_artifacts::{Arch, Store};
 use xshell::{cmd, Shell};
 
 use crate::{deps, progress};
 
-pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// Guest programs: (cargo package, binary name, path inside the guest).
 const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
     ("openshell-guest", "openshell-init", "/sbin/openshell-init"),
     ("openshell-gateway", "openshell-gateway", "/usr/bin/openshell-gateway"),
     ("openshell-guest-check", "openshell-guest-check", openshell_guest::GUEST_CHECK_BIN),
 ];
+
+/// The guest programs a root of `arch` carries. A foreign arch's root serves `--exec` only: its
+/// init, cross-built; the gateway and the capability checker come for the host's arch (a cross
+/// build of the gateway's TLS stack would add minutes to every CI run for no trial that needs it).
+fn guest_programs(arch: Arch) -> impl Iterator<Item = &'static (&'static str, &'static str, &'static str)> {
+    GUEST_PROGRAMS.iter().filter(move |(_, bin, _)| arch == Arch::host() || *bin == "openshell-init")
+}
+
+/// The Rust std for `arch`'s target, added through rustup when missing (the cross linker is a host
+/// package: `deps::cross`).
+fn ensure_rust_target(sh: &Shell, arch: Arch) -> anyhow::Result<()> {
+    let target = arch.rust_target();
+    let installed = cmd!(sh, "rustup target list --installed").quiet().read().unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    eprintln!("adding the Rust target {target} (rustup)");
+    cmd!(sh, "rustup target add {target}")
+        .run()
+        .with_context(|| format!("the Rust std for {target} is missing; install it with: rustup target add {target}"))
+}
 
 /// Removes from this process's environment what Cargo sets for the crate it runs or tests:
 /// `cargo xtask` runs xtask with xtask's `CARGO_MANIFEST_DIR` and `CARGO_PKG_*`, nextest runs a VM
@@ -44,23 +64,25 @@ pub fn scrub_crate_env() {
     }
 }
 
-pub fn kernel_spec(role: KernelRole) -> anyhow::Result<KernelSpec> {
-    Ok(KernelSpec::from_project(&crate::project_root().join("kernel"), role)?)
+pub fn kernel_spec(role: KernelRole, arch: Arch) -> anyhow::Result<KernelSpec> {
+    Ok(KernelSpec::from_project(&crate::project_root().join("kernel"), role, arch)?)
 }
 
-/// Every host package group booting `cfg` needs: the kernel's and the rootfs' build tools, passt
-/// when it networks through passt, QEMU unless libkrun runs on hardware KVM. `vm run` installs
-/// them all in one round before it builds anything.
+/// Every host package group booting a guest of `arch` with `choice` and `net` needs: the kernel's
+/// and the rootfs' build tools (cross tools for a foreign arch), passt when it networks through
+/// passt, QEMU unless libkrun runs on hardware KVM. `vm run` installs them all in one round before
+/// it builds anything.
 pub fn boot_packages(
     net: &openshell_vm::NetMode,
     choice: openshell_vm::VmmChoice,
     host: &openshell_vm::HostFacts,
+    arch: Arch,
 ) -> Vec<&'static [(&'static str, &'static str)]> {
     use openshell_vm::plan::{Need, Net};
-    let mut groups = vec![deps::KERNEL, deps::ROOTFS];
-    for need in openshell_vm::plan(host, choice, Net::of(net)).needs {
+    let mut groups = vec![deps::KERNEL, deps::ROOTFS, deps::cross(arch)];
+    for need in openshell_vm::plan_for(host, choice, Net::of(net), arch).needs {
         match need {
-            Need::Qemu => groups.push(deps::QEMU),
+            Need::Qemu => groups.push(deps::qemu(arch)),
             Need::Passt => groups.push(deps::PASST),
             // `NetMode::resolve` found it already, or said how to install it; the VMM is built.
             Need::Gvproxy | Need::VmmBinary => {}
@@ -69,16 +91,17 @@ pub fn boot_packages(
     groups
 }
 
-/// The `role` kernel for the current fragments, built (minutes, with progress) if the store lacks it.
-pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole) -> anyhow::Result<GuestKernel> {
-    deps::ensure(sh, &[deps::KERNEL])?;
-    let spec = kernel_spec(role)?;
+/// The `role` kernel of `arch` for the current fragments, built (minutes, with progress) if the
+/// store lacks it.
+pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole, arch: Arch) -> anyhow::Result<GuestKernel> {
+    deps::ensure(sh, &[deps::KERNEL, deps::cross(arch)])?;
+    let spec = kernel_spec(role, arch)?;
     if let Ok(k) = kernel::locate(store, &spec) {
         return Ok(k);
     }
     let mut progress = progress::BuildLines::new(
-        format!("building the {role} kernel (about 5-10 min on 2 cores)"),
-        format!("{role} kernel build"),
+        format!("building the {role} kernel for {arch} (about 5-10 min on 2 cores)"),
+        format!("{role} {arch} kernel build"),
         200,
     );
     let built = kernel::build(store, &spec, &mut |line| progress.line(line));
@@ -86,35 +109,91 @@ pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole) -> anyhow::Res
     built.context("kernel build failed")
 }
 
-/// Builds the guest programs statically for the guest, in their own target dir so the host
+/// Builds the guest programs statically for a guest of `arch`, in their own target dir so the host
 /// build's flags and artifacts are left alone.
-pub fn build_guest_programs(sh: &Shell) -> anyhow::Result<Vec<GuestFile>> {
+pub fn build_guest_programs(sh: &Shell, arch: Arch) -> anyhow::Result<Vec<GuestFile>> {
     let target_dir = crate::project_root().join("target/guest");
+    let target = arch.rust_target();
     let mut sel: Vec<String> = Vec::new();
-    for (pkg, bin, _) in GUEST_PROGRAMS {
+    for (pkg, bin, _) in guest_programs(arch) {
         sel.extend(["-p".to_owned(), pkg.to_string(), "--bin".to_owned(), bin.to_string()]);
     }
-    cmd!(sh, "cargo build --quiet --release --target {GUEST_TARGET} --target-dir {target_dir} {sel...}")
+    let mut build = cmd!(sh, "cargo build --quiet --release --target {target} --target-dir {target_dir} {sel...}")
         .quiet()
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .run()
-        .context("building the guest programs failed")?;
-    Ok(guest_program_files())
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    if let Some(prefix) = arch.cross_compile() {
+        ensure_rust_target(sh, arch)?;
+        // Per target and only for this build, never a global cargo config: the host build and the
+        // host-arch guest build keep their own linker (and with it their cache).
+        let var = format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_"));
+        build = build.env(var, format!("{prefix}gcc"));
+    }
+    build.run().with_context(|| format!("building the guest programs for {target} failed"))?;
+    Ok(guest_program_files(arch))
 }
 
-/// Where the guest programs are once built (whether or not they are yet).
-fn guest_program_files() -> Vec<GuestFile> {
-    let release = crate::project_root().join("target/guest").join(GUEST_TARGET).join("release");
-    GUEST_PROGRAMS
-        .iter()
+/// Where the guest programs of `arch` are once built (whether or not they are yet).
+fn guest_program_files(arch: Arch) -> Vec<GuestFile> {
+    let release = crate::project_root().join("target/guest").join(arch.rust_target()).join("release");
+    guest_programs(arch)
         .map(|(_, bin, dest)| GuestFile { source: release.join(bin), dest: dest.to_string(), mode: 0o755 })
         .collect()
+}
+
+/// busybox-static for a guest of `arch`: the host's `/bin/busybox` for the host's arch; for a
+/// foreign arch, Debian's `busybox-static:<arch>` unpacked under `target/guest/` (installing it
+/// would replace the host's own busybox: the package is not co-installable). Returns (the binary
+/// for the guest, a busybox of the same version that runs here to list the applets).
+fn busybox_for(sh: &Shell, arch: Arch) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let host = PathBuf::from(rootfs::BUSYBOX);
+    if arch == Arch::host() {
+        return Ok((host.clone(), host));
+    }
+    let deb_arch = arch.debian();
+    let dir = crate::project_root().join("target/guest").join(format!("busybox-{deb_arch}"));
+    let binary = dir.join("bin/busybox");
+    let format = "-f=${Version}";
+    let host_version = cmd!(sh, "dpkg-query -W {format} busybox-static").quiet().read().unwrap_or_default();
+    let unpacked_version = std::fs::read_to_string(dir.join("version")).unwrap_or_default();
+    if binary.is_file() && unpacked_version == host_version {
+        return Ok((binary, host));
+    }
+    let foreign = cmd!(sh, "dpkg --print-foreign-architectures").quiet().read().unwrap_or_default();
+    if !foreign.lines().any(|a| a.trim() == deb_arch) {
+        if !nix::unistd::geteuid().is_root() {
+            anyhow::bail!(
+                "Debian's {deb_arch} packages are not enabled; enable them with: sudo dpkg --add-architecture {deb_arch} && sudo apt-get update"
+            );
+        }
+        eprintln!("enabling Debian's {deb_arch} packages (dpkg --add-architecture {deb_arch})");
+        cmd!(sh, "dpkg --add-architecture {deb_arch}").run()?;
+        cmd!(sh, "apt-get update -qq").run().context("apt-get update failed")?;
+    }
+    // The same version as the host's busybox, so the host's applet list is this one's.
+    let pkg = format!("busybox-static:{deb_arch}={host_version}");
+    let download = tempfile::tempdir()?;
+    {
+        let _in_download = sh.push_dir(download.path());
+        cmd!(sh, "apt-get download -qq {pkg}").run().with_context(|| {
+            format!(
+                "`apt-get download {pkg}` failed: the {deb_arch} busybox must be the host's version ({host_version})"
+            )
+        })?;
+    }
+    let deb = std::fs::read_dir(download.path())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    cmd!(sh, "dpkg-deb -x {deb} {dir}").run()?;
+    std::fs::write(dir.join("version"), &host_version)?;
+    Ok((binary, host))
 }
 
 /// The kernel `vm run` would boot, without building or installing anything: its `vmlinux`, or
 /// what was looked for.
 pub fn locate_kernel(store: &Store) -> Result<PathBuf, String> {
-    let spec = kernel_spec(KernelRole::Guest)
+    let spec = kernel_spec(KernelRole::Guest, Arch::host())
         .map_err(|e| format!("cannot tell which kernel the current fragments need: {e:#}"))?;
     match kernel::locate(store, &spec) {
         Ok(k) => Ok(k.vmlinux),
@@ -131,8 +210,9 @@ pub fn locate_kernel(store: &Store) -> Result<PathBuf, String> {
 pub fn locate_rootfs(store: &Store) -> Result<PathBuf, String> {
     let inputs = RootfsInputs {
         busybox: PathBuf::from(rootfs::BUSYBOX),
+        applet_lister: PathBuf::from(rootfs::BUSYBOX),
         overlay: crate::project_root().join("rootfs"),
-        programs: guest_program_files(),
+        programs: guest_program_files(Arch::host()),
     };
     if !inputs.busybox.is_file() {
         return Err(format!("{} is missing ({})", rootfs::BUSYBOX, rootfs::INSTALL_HINT));
@@ -149,17 +229,19 @@ pub fn locate_rootfs(store: &Store) -> Result<PathBuf, String> {
     })
 }
 
-pub fn rootfs_inputs(sh: &Shell) -> anyhow::Result<RootfsInputs> {
-    deps::ensure(sh, &[deps::ROOTFS])?;
+pub fn rootfs_inputs(sh: &Shell, arch: Arch) -> anyhow::Result<RootfsInputs> {
+    deps::ensure(sh, &[deps::ROOTFS, deps::cross(arch)])?;
+    let (busybox, applet_lister) = busybox_for(sh, arch)?;
     Ok(RootfsInputs {
-        busybox: PathBuf::from(rootfs::BUSYBOX),
+        busybox,
+        applet_lister,
         overlay: crate::project_root().join("rootfs"),
-        programs: build_guest_programs(sh)?,
+        programs: build_guest_programs(sh, arch)?,
     })
 }
 
-pub fn ensure_rootfs(sh: &Shell, store: &Store) -> anyhow::Result<RootfsBundle> {
-    let inputs = rootfs_inputs(sh)?;
+pub fn ensure_rootfs(sh: &Shell, store: &Store, arch: Arch) -> anyhow::Result<RootfsBundle> {
+    let inputs = rootfs_inputs(sh, arch)?;
     rootfs::bake(store, &inputs).context("rootfs bake failed")
 }
 
@@ -167,8 +249,8 @@ pub fn ensure_rootfs(sh: &Shell, store: &Store) -> anyhow::Result<RootfsBundle> 
 /// (the kernel takes minutes; the root about a minute, from Debian's archive).
 pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKernel, RootfsBundle)> {
     deps::ensure(sh, &[deps::NESTED])?;
-    let kernel = ensure_kernel(sh, store, KernelRole::NestedHost)?;
-    let init = build_guest_programs(sh)?
+    let kernel = ensure_kernel(sh, store, KernelRole::NestedHost, Arch::X86_64)?;
+    let init = build_guest_programs(sh, Arch::X86_64)?
         .into_iter()
         .find(|p| p.dest == "/sbin/openshell-init")
         .expect("openshell-init is a guest program");
@@ -186,10 +268,15 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
 /// The build step of a boot: what the plan for `choice` and `net` says the boot needs, installed
 /// (QEMU, passt, in the one apt round of [`boot_packages`]) or built (`openshell-vmm`). Decides
 /// nothing itself; the preflight then probes the host as this left it and refuses what is still missing.
-pub fn ensure_vmm(sh: &Shell, choice: openshell_vm::VmmChoice, net: &openshell_vm::NetMode) -> anyhow::Result<()> {
+pub fn ensure_vmm(
+    sh: &Shell,
+    choice: openshell_vm::VmmChoice,
+    net: &openshell_vm::NetMode,
+    arch: Arch,
+) -> anyhow::Result<()> {
     let host = openshell_vm::HostFacts::probe();
-    deps::ensure(sh, &boot_packages(net, choice, &host))?;
-    let plan = openshell_vm::plan(&host, choice, openshell_vm::plan::Net::of(net));
+    deps::ensure(sh, &boot_packages(net, choice, &host, arch))?;
+    let plan = openshell_vm::plan_for(&host, choice, openshell_vm::plan::Net::of(net), arch);
     if plan.needs.contains(&openshell_vm::plan::Need::VmmBinary) {
         build_vmm(sh)?;
     }

@@ -67,7 +67,7 @@ impl BenchCmd {
         if vmm == VmmChoice::Krun && plan.krun == KrunPlace::NestedL1 {
             return nested(&sh, n, &a, json);
         }
-        crate::artifacts::ensure_vmm(&sh, vmm, &openshell_vm::NetMode::Passt)?;
+        crate::artifacts::ensure_vmm(&sh, vmm, &openshell_vm::NetMode::Passt, openshell_artifacts::Arch::host())?;
         let report = boots(n, vmm, &a, true)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&summarize_all(&report))?);
@@ -106,8 +106,9 @@ struct Artifacts {
 impl Artifacts {
     fn build(sh: &Shell) -> anyhow::Result<Artifacts> {
         let store = Store::default_location();
-        let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
-        let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
+        let host = openshell_artifacts::Arch::host();
+        let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest, host)?;
+        let rootfs = crate::artifacts::ensure_rootfs(sh, &store, host)?;
         let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
         Ok(Artifacts { kernel: kernel.vmlinux, rootfs: rootfs.dir, digests })
     }

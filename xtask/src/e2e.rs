@@ -64,15 +64,23 @@ const RECORDS: &str = "target/e2e-records";
 fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     let store = Store::default_location();
     // One install round for everything the suites build and boot (QEMU and passt for the qemu
-    // trials, whatever the host's KVM).
+    // trials, whatever the host's KVM; the cross tools and QEMU of the arm64 guest).
     use crate::deps::{KERNEL, PASST, QEMU, ROOTFS};
-    crate::deps::ensure(sh, &[KERNEL, ROOTFS, QEMU, PASST])?;
-    let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
-    let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
+    let (host, arm64) = (openshell_artifacts::Arch::host(), openshell_artifacts::Arch::Aarch64);
+    crate::deps::ensure(sh, &[KERNEL, ROOTFS, QEMU, PASST, crate::deps::cross(arm64), crate::deps::qemu(arm64)])?;
+    let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest, host)?;
+    let rootfs = crate::artifacts::ensure_rootfs(sh, &store, host)?;
     let vmm = crate::artifacts::build_vmm(sh)?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
     sh.set_var("OPENSHELL_VMM", &vmm);
+    // The arm64 guest (cross-built on x86_64; ~5-6 min for its kernel once, then cached) for the
+    // qemu::aarch64 trial, under qemu-system-aarch64.
+    let arm_kernel =
+        crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arm64)?;
+    let arm_rootfs = crate::artifacts::ensure_rootfs(sh, &store, arm64)?;
+    sh.set_var("OPENSHELL_KERNEL_AARCH64", &arm_kernel.vmlinux);
+    sh.set_var("OPENSHELL_ROOTFS_AARCH64", &arm_rootfs.dir);
     // The CLI trials run this very binary, as a user runs `cargo xtask`.
     sh.set_var("OPENSHELL_XTASK", std::env::current_exe().context("cannot tell where the xtask binary is")?);
     // Where libkrun runs only nested, the krun trials run inside the nested host (L1).

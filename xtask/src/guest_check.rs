@@ -11,13 +11,18 @@ use xshell::Shell;
 pub fn run(json: bool, vmm: VmmChoice) -> anyhow::Result<i32> {
     let sh = Shell::new()?;
     let store = Store::default_location();
-    let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
-    let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
+    let kernel = crate::artifacts::ensure_kernel(
+        &sh,
+        &store,
+        openshell_artifacts::kernel::KernelRole::Guest,
+        openshell_artifacts::Arch::host(),
+    )?;
+    let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, openshell_artifacts::Arch::host())?;
     let state = tempfile::Builder::new().prefix("openshell-guest-check-").tempdir()?;
     let mut cfg =
         openshell_instance::guest_check::config(kernel.vmlinux.clone(), rootfs.dir.clone(), state.path().join("state"));
     cfg.vmm = vmm;
-    crate::artifacts::ensure_vmm(&sh, cfg.vmm, &cfg.net)?;
+    crate::artifacts::ensure_vmm(&sh, cfg.vmm, &cfg.net, cfg.arch)?;
     eprintln!("guest check: booting kernel {} with rootfs {}", kernel.provenance.kernel_release, rootfs.digest().hex());
     let started = std::time::Instant::now();
     match openshell_instance::guest_check::run(&cfg, openshell_instance::check::Verification::Required) {

@@ -1,7 +1,7 @@
 //! `cargo xtask kernel`: build a kernel (or find it cached) and print where it is.
 
 use openshell_artifacts::kernel::KernelRole;
-use openshell_artifacts::Store;
+use openshell_artifacts::{Arch, Store};
 use xshell::Shell;
 
 #[derive(clap::Args)]
@@ -9,6 +9,10 @@ pub struct KernelCmd {
     /// Which kernel: the guest's, or the nested host's (L1 with KVM, that runs libkrun's guest as L2)
     #[arg(long, value_enum, default_value_t = Role::Guest)]
     role: Role,
+    /// The guest's architecture: x86_64 (QEMU microvm, libkrun on x86_64) or aarch64 (an arm64
+    /// `Image` for QEMU's virt machine and libkrun on Apple silicon; cross-built on x86_64)
+    #[arg(long, default_value_t = Arch::host())]
+    arch: Arch,
     /// Print the artifact's provenance as JSON
     #[arg(long)]
     json: bool,
@@ -34,13 +38,14 @@ impl KernelCmd {
         let sh = Shell::new()?;
         let started = std::time::Instant::now();
         let role = KernelRole::from(self.role);
-        let k = crate::artifacts::ensure_kernel(&sh, &Store::default_location(), role)?;
+        let k = crate::artifacts::ensure_kernel(&sh, &Store::default_location(), role, self.arch)?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&k.provenance)?);
         } else {
             println!(
-                "{role} kernel {} ({}) ready in {:.1}s",
+                "{role} kernel {} for {} ({}) ready in {:.1}s",
                 k.provenance.kernel_release,
+                k.provenance.arch,
                 k.provenance.vmlinux_sha256,
                 started.elapsed().as_secs_f64()
             );

@@ -111,6 +111,10 @@ struct RunArgs {
     /// Boot even if the kernel or rootfs does not match its recorded sha256 (warns instead of refusing)
     #[arg(long)]
     allow_unverified: bool,
+    /// The guest's architecture (default: the host's). A foreign one (aarch64 on x86_64) boots under
+    /// QEMU's emulation with a root of busybox and init only, so it runs --exec commands only
+    #[arg(long, requires = "exec")]
+    arch: Option<openshell_artifacts::Arch>,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -164,6 +168,7 @@ impl VmCmd {
 
 impl RunArgs {
     fn run(self) -> anyhow::Result<i32> {
+        let arch = self.arch.unwrap_or_else(openshell_artifacts::Arch::host);
         // Before any build: a missing gvproxy should not cost a kernel build to find out.
         let net = openshell_vm::NetMode::resolve(self.net, self.gvproxy.clone())?;
         // A running instance is refused before anything is built, reset or written into its
@@ -180,13 +185,14 @@ impl RunArgs {
         let store = Store::default_location();
         // One install round for all of it, before the kernel build asks for its share.
         let host = openshell_vm::HostFacts::probe();
-        crate::deps::ensure(&sh, &crate::artifacts::boot_packages(&net, self.vmm, &host))?;
-        let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
-        let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
-        crate::artifacts::ensure_vmm(&sh, self.vmm, &net)?;
+        crate::deps::ensure(&sh, &crate::artifacts::boot_packages(&net, self.vmm, &host, arch))?;
+        let kernel =
+            crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
+        let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
+        crate::artifacts::ensure_vmm(&sh, self.vmm, &net, arch)?;
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         let Some(inst) = instance else {
-            return self.run_exec(kernel.vmlinux, rootfs.dir, net, verification);
+            return self.run_exec(kernel.vmlinux, rootfs.dir, arch, net, verification);
         };
         if self.reset {
             inst.reset()?;
@@ -254,6 +260,7 @@ impl RunArgs {
         self,
         kernel: PathBuf,
         rootfs: PathBuf,
+        arch: openshell_artifacts::Arch,
         net: openshell_vm::NetMode,
         verification: Verification,
     ) -> anyhow::Result<i32> {
@@ -268,6 +275,7 @@ impl RunArgs {
         let mut cfg = VmConfig::exec(kernel, rootfs, state_dir, argv);
         cfg.net = net;
         cfg.ports = self.ports;
+        cfg.arch = arch;
         cfg.vcpus = self.vcpus;
         cfg.mem_mib = self.mem;
         cfg.exec.env = self.env;

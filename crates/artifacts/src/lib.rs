@@ -7,6 +7,7 @@
 //! artifacts; it does not boot them (that is `openshell-vm`) and prints nothing (callers get
 //! progress through callbacks and `tracing`).
 
+pub mod arch;
 mod command;
 pub mod digest;
 pub mod kernel;
@@ -14,5 +15,6 @@ pub mod nested_root;
 pub mod rootfs;
 pub mod store;
 
+pub use arch::Arch;
 pub use digest::{sha256_file, Digest, DigestBuilder};
 pub use store::Store;

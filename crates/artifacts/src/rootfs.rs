@@ -50,7 +50,11 @@ pub struct GuestFile {
 /// The inputs of a rootfs.
 #[derive(Debug, Clone)]
 pub struct RootfsInputs {
+    /// The busybox the guest runs.
     pub busybox: PathBuf,
+    /// A busybox of the same version that runs on this host, asked for the applet list
+    /// (`--list-full`): `busybox` itself unless the guest's arch is foreign.
+    pub applet_lister: PathBuf,
     /// The project's `rootfs/` directory, copied as-is.
     pub overlay: PathBuf,
     /// Guest programs built for the guest (statically linked).
@@ -102,6 +106,10 @@ impl RootfsInputs {
     pub fn key(&self) -> Result<Digest, RootfsError> {
         let mut b = DigestBuilder::new("openshell-rootfs/v1");
         b.digest("busybox", &hash(&self.busybox)?);
+        // Only a foreign guest has a lister of its own; the host arch's key stays what it was.
+        if self.applet_lister != self.busybox {
+            b.digest("applet-lister", &hash(&self.applet_lister)?);
+        }
         let overlay = walk_overlay(&self.overlay)?;
         for (rel, path) in &overlay.files {
             let mode = fs::symlink_metadata(path).map_err(io(path))?.permissions().mode();
@@ -175,7 +183,7 @@ fn bake_into(inputs: &RootfsInputs, out: &Path) -> Result<(), RootfsError> {
         fs::create_dir_all(out.join(d)).map_err(io(&out.join(d)))?;
     }
     place(&inputs.busybox, out, BUSYBOX, 0o755)?;
-    let list = Command::new(&inputs.busybox).arg("--list-full").output().map_err(io(&inputs.busybox))?;
+    let list = Command::new(&inputs.applet_lister).arg("--list-full").output().map_err(io(&inputs.applet_lister))?;
     for applet in String::from_utf8_lossy(&list.stdout).lines().filter(|l| !l.is_empty()) {
         let link = out.join(applet);
         if applet == "bin/busybox" || link.exists() {
@@ -335,7 +343,8 @@ mod tests {
         fs::write(&bb, "#!/bin/sh\necho bin/sh; echo usr/bin/env\n").unwrap();
         fs::set_permissions(&bb, fs::Permissions::from_mode(0o755)).unwrap();
         RootfsInputs {
-            busybox: bb,
+            busybox: bb.clone(),
+            applet_lister: bb,
             overlay,
             programs: vec![GuestFile { source: prog, dest: "/sbin/openshell-init".into(), mode: 0o755 }],
         }

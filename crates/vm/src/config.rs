@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use openshell_artifacts::Arch;
 use openshell_guest::{ExecRequest, GuestMount};
 
 use crate::{NetMode, PortMap};
@@ -11,6 +12,9 @@ pub use crate::error::VmError;
 /// One VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// The guest's architecture: the kernel and rootfs must be built for it. The QEMU backend
+    /// derives its binary, machine and console from it; a foreign arch runs only under TCG.
+    pub arch: Arch,
     pub kernel: PathBuf,
     pub rootfs: PathBuf,
     pub vcpus: u8,
@@ -50,6 +54,7 @@ impl VmConfig {
     /// Preset: run one command in a small VM (1 vCPU, 512 MiB).
     pub fn exec(kernel: PathBuf, rootfs: PathBuf, state_dir: PathBuf, argv: Vec<String>) -> VmConfig {
         VmConfig {
+            arch: Arch::host(),
             kernel,
             rootfs,
             vcpus: 1,

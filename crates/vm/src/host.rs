@@ -7,6 +7,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use openshell_artifacts::Arch;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Os {
     Linux,
@@ -25,6 +27,9 @@ pub struct HostFacts {
     pub macos: Option<MacFacts>,
     pub krun: KrunFacts,
     pub qemu: Option<Tool>,
+    /// QEMU for guests of the other arch (`qemu-system-aarch64` on an x86_64 host and back): what
+    /// boots an arm64 kernel here, under emulation.
+    pub qemu_foreign: Option<Tool>,
     pub passt: Option<Tool>,
     /// Found on PATH or where podman's packages put it ([`crate::net::gvproxy::find`]).
     pub gvproxy: Option<Tool>,
@@ -113,7 +118,8 @@ impl HostFacts {
                 vmm_built: vmm.is_file(),
                 vmm_binary: vmm,
             },
-            qemu: tool("qemu-system-x86_64", |out| out.strip_prefix("QEMU emulator version ").map(str::to_owned)),
+            qemu: qemu_for(Arch::host()),
+            qemu_foreign: Arch::ALL.into_iter().find(|a| *a != Arch::host()).and_then(qemu_for),
             passt: tool("passt", |out| {
                 // Debian's passt says "passt unknown version"; its package version is the useful one.
                 let own = out.strip_prefix("passt ").filter(|v| !v.contains("unknown")).map(str::to_owned);
@@ -132,6 +138,11 @@ impl HostFacts {
     pub fn hardware_kvm(&self) -> bool {
         self.kvm.usable() && self.cpu_virt_flag.is_some() && !self.kvm.pvm()
     }
+}
+
+/// QEMU's system emulator for guests of `arch` (QEMU names it `qemu-system-<arch>`).
+fn qemu_for(arch: Arch) -> Option<Tool> {
+    tool(&format!("qemu-system-{}", arch.name()), |out| out.strip_prefix("QEMU emulator version ").map(str::to_owned))
 }
 
 fn probe_kvm() -> KvmDevice {
@@ -243,6 +254,7 @@ pub mod fake {
                 vmm_built: true,
             },
             qemu: Some(Tool { path: "/usr/bin/qemu-system-x86_64".into(), version: Some("7.2.22".into()) }),
+            qemu_foreign: Some(Tool { path: "/usr/bin/qemu-system-aarch64".into(), version: Some("7.2.22".into()) }),
             passt: Some(Tool { path: "/usr/bin/passt".into(), version: Some("0.0~git20230309".into()) }),
             gvproxy: None,
         }

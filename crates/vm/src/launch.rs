@@ -115,10 +115,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
 /// preflight's) and returns once the VMM process runs.
 pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
     cfg.validate()?;
-    if plan.choice != cfg.vmm {
+    if plan.choice != cfg.vmm || plan.arch != cfg.arch {
         return Err(VmError::Invalid(format!(
-            "the plan was made for --vmm {:?}, the config asks for {:?}; plan for the config",
-            plan.choice, cfg.vmm
+            "the plan was made for --vmm {:?} and an {} guest, the config asks for {:?} and {}; plan for the config",
+            plan.choice, plan.arch, cfg.vmm, cfg.arch
         )));
     }
     let (backend, reason) = plan.backend()?;

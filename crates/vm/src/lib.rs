@@ -24,4 +24,4 @@ pub use error::VmError;
 pub use host::HostFacts;
 pub use launch::{launch, Child, Ended, RunningVm, Stopped, VmExit, LEDGER_ENV};
 pub use net::{NetMode, PortMap};
-pub use plan::{plan, KrunPlace, Need, Plan};
+pub use plan::{plan, plan_for, KrunPlace, Need, Plan};

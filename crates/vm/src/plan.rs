@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+use openshell_artifacts::Arch;
+
 use crate::backend::Backend;
 use crate::host::{HostFacts, Os};
 use crate::{NetMode, VmmChoice};
@@ -69,6 +71,8 @@ pub enum Need {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub choice: VmmChoice,
+    /// The guest's arch: the host's, or another one that only QEMU's emulation boots.
+    pub arch: Arch,
     /// The backend `choice` boots with and why (one line), or why nothing boots and what to do.
     pub backend: Result<(Backend, String), String>,
     /// Set when the backend starts but its guest will not get far here (krun asked for on a Linux
@@ -97,10 +101,17 @@ impl Plan {
     }
 }
 
-/// The plan for booting with `choice` and network `net` on a host with these facts.
+/// The plan for booting a guest of the host's arch with `choice` and network `net` on a host
+/// with these facts.
 pub fn plan(host: &HostFacts, choice: VmmChoice, net: Net) -> Plan {
+    plan_for(host, choice, net, Arch::host())
+}
+
+/// [`plan`] for a guest of `arch`: a foreign arch (an arm64 kernel on an x86_64 host) boots only
+/// under QEMU's emulation.
+pub fn plan_for(host: &HostFacts, choice: VmmChoice, net: Net, arch: Arch) -> Plan {
     let krun = krun_place(host);
-    let backend = choose(host, choice);
+    let backend = if arch == Arch::host() { choose(host, choice) } else { choose_foreign(host, choice, arch) };
     let caveat = match &backend {
         Ok((Backend::Krun, _)) if host.os == Os::Linux && !host.hardware_kvm() => {
             Some("without hardware KVM its guest does not reach userspace here".to_owned())
@@ -122,10 +133,31 @@ pub fn plan(host: &HostFacts, choice: VmmChoice, net: Net) -> Plan {
     }
     let vmm_binary = needs.contains(&Need::VmmBinary).then(|| (host.krun.vmm_binary.clone(), host.krun.vmm_built));
     let qemu = match &backend {
-        Ok((Backend::Qemu { .. }, _)) => host.qemu.as_ref().map(|t| t.path.clone()),
+        Ok((Backend::Qemu { .. }, _)) if arch == Arch::host() => host.qemu.as_ref().map(|t| t.path.clone()),
+        Ok((Backend::Qemu { .. }, _)) => host.qemu_foreign.as_ref().map(|t| t.path.clone()),
         _ => None,
     };
-    Plan { choice, backend, caveat, krun, vmm_binary, qemu, needs }
+    Plan { choice, arch, backend, caveat, krun, vmm_binary, qemu, needs }
+}
+
+/// A guest of another arch than the host's: QEMU emulates it (TCG), on Linux; libkrun runs only
+/// guests of the host's arch.
+fn choose_foreign(host: &HostFacts, choice: VmmChoice, arch: Arch) -> Result<(Backend, String), String> {
+    let host_arch = Arch::host();
+    let m = crate::backend::qemu::Machine::of(arch);
+    if host.os == Os::MacOs || choice == VmmChoice::Krun {
+        return Err(format!(
+            "libkrun runs only {host_arch} guests on this {host_arch} host, not {arch}; {}",
+            if host.os == Os::MacOs { "boot an arm64 kernel on a Mac" } else { "use --vmm qemu (emulated)" }
+        ));
+    }
+    match &host.qemu_foreign {
+        Some(_) => Ok((Backend::Qemu { kvm: false }, format!("an {arch} guest on an {host_arch} host runs under QEMU's emulation (TCG)"))),
+        None => Err(format!(
+            "an {arch} guest runs under QEMU's emulation, and {} is not installed; install it with: apt-get install -y {}",
+            m.binary, m.package
+        )),
+    }
 }
 
 /// The backend and why, in one line, or why none and what to do.
@@ -218,6 +250,23 @@ fn krun_place(host: &HostFacts) -> KrunPlace {
 mod tests {
     use super::*;
     use crate::host::fake::{hardware_kvm, macos, no_kvm, pvm};
+
+    #[test]
+    fn a_foreign_arch_boots_only_under_qemu_emulation() {
+        let foreign = Arch::ALL.into_iter().find(|a| *a != Arch::host()).unwrap();
+        let p = plan_for(&hardware_kvm(), VmmChoice::Auto, Net::None, foreign);
+        assert_eq!(p.backend.as_ref().unwrap().0, Backend::Qemu { kvm: false });
+        assert_eq!(
+            (p.needs.as_slice(), p.qemu.as_deref()),
+            ([Need::Qemu].as_slice(), Some("/usr/bin/qemu-system-aarch64".as_ref()))
+        );
+        let k = plan_for(&hardware_kvm(), VmmChoice::Krun, Net::None, foreign).backend.unwrap_err();
+        assert!(k.contains("--vmm qemu"), "{k}");
+        let mut without = pvm();
+        without.qemu_foreign = None;
+        let e = plan_for(&without, VmmChoice::Auto, Net::None, foreign).backend.unwrap_err();
+        assert!(e.contains("apt-get install -y qemu-system-"), "{e}");
+    }
 
     #[test]
     fn hardware_kvm_boots_krun_directly_and_needs_the_vmm_binary_and_passt() {

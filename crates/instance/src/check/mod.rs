@@ -94,7 +94,7 @@ pub fn host_report(f: &Facts, choice: VmmChoice) -> HostReport {
 /// what the plan says the boot needs (passt or gvproxy; the VMM's entitlement on macOS), its
 /// ports and its artifacts.
 pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -> (Plan, Matrix) {
-    let plan = openshell_vm::plan(&f.host, cfg.vmm, Net::of(&cfg.net));
+    let plan = openshell_vm::plan_for(&f.host, cfg.vmm, Net::of(&cfg.net), cfg.arch);
     let mut m = Matrix::new("preflight");
     m.push(rows::vmm(&plan));
     for need in &plan.needs {
@@ -166,15 +166,17 @@ fn provenance(f: &Facts) -> (serde_json::Value, String) {
         Artifact::Checked(c) => {
             let p = &c.provenance;
             text.push_str(&format!(
-                "  kernel  {} from {} {}, built {} in {:.0} s on {}\n",
+                "  kernel  {} for {} from {} {}, built {} in {:.0} s on {}\n",
                 p.kernel_release,
+                p.arch,
                 p.source_package,
                 p.source_version,
                 utc(p.built_at_unix),
                 p.build_seconds,
                 p.host
             ));
-            text.push_str(&format!("          vmlinux sha256 {}, build key {}\n", p.vmlinux_sha256, p.key.short()));
+            let image = p.arch.kernel_image().file_name;
+            text.push_str(&format!("          {image} sha256 {}, build key {}\n", p.vmlinux_sha256, p.key.short()));
             let frags: Vec<String> =
                 p.fragments.iter().map(|fr| format!("{} {}", fr.name, fr.sha256.short())).collect();
             text.push_str(&format!("          fragments: {}\n", frags.join(", ")));

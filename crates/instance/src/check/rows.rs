@@ -386,6 +386,8 @@ pub(crate) mod tests {
             kernel_release: "6.1.192".into(),
             source_package: "linux-source-6.1".into(),
             source_version: "6.1.192-2".into(),
+            arch: openshell_artifacts::Arch::X86_64,
+            cross_compile: None,
             fragments: vec![],
             key: Digest::of_bytes(b"key"),
             vmlinux_sha256: Digest::of_bytes(b"vmlinux"),

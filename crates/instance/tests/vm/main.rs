@@ -11,6 +11,7 @@
 //! Every trial's VMMs are counted (see [`support::observe`]): a trial that expects a VM and
 //! started none fails, and each outcome is recorded for `cargo xtask e2e`'s per-backend summary.
 
+mod arch;
 mod cli;
 mod flood;
 mod guest_check;

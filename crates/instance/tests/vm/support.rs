@@ -48,7 +48,7 @@ pub fn host() -> &'static HostFacts {
 
 /// The plan for booting `cfg` here, from the one probe.
 pub fn plan(cfg: &VmConfig) -> Plan {
-    openshell_vm::plan(host(), cfg.vmm, Net::of(&cfg.net))
+    openshell_vm::plan_for(host(), cfg.vmm, Net::of(&cfg.net), cfg.arch)
 }
 
 /// Launches `cfg` as the plan says (the trials that test the runtime below the instance layer).

@@ -91,6 +91,7 @@ pub fn all() -> Vec<Trial> {
         }));
     }
     trials.push(krun_smoke_trial(host, &artifacts));
+    trials.extend(crate::arch::trials(&required));
     trials
 }
 
@@ -116,7 +117,7 @@ fn krun_smoke_trial(host: &openshell_vm::HostFacts, artifacts: &Result<Artifacts
 /// One trial of `backend`: run and observed (its VMMs counted, its record written); or, when it
 /// `cannot` run here, a failure if the backend `must_run`, else ignored with the reason (and a
 /// failure with that reason if forced to run with `--run-ignored`).
-fn trial(
+pub fn trial(
     name: String,
     backend: &'static str,
     cannot: Option<String>,
