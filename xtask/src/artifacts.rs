@@ -48,6 +48,27 @@ pub fn kernel_spec(role: KernelRole) -> anyhow::Result<KernelSpec> {
     Ok(KernelSpec::from_project(&crate::project_root().join("kernel"), role)?)
 }
 
+/// Every host package group a boot needs: the kernel's and the rootfs' build tools, and the
+/// helpers the plan for `choice` and `net` names (QEMU, passt). `vm run` installs them all in one
+/// round before it builds anything.
+pub fn boot_packages(
+    net: &openshell_vm::NetMode,
+    choice: openshell_vm::VmmChoice,
+    host: &openshell_vm::HostFacts,
+) -> Vec<&'static [(&'static str, &'static str)]> {
+    use openshell_vm::plan::{Need, Net};
+    let mut groups = vec![deps::KERNEL, deps::ROOTFS];
+    for need in openshell_vm::plan(host, choice, Net::of(net)).needs {
+        match need {
+            Need::Qemu => groups.push(deps::QEMU),
+            Need::Passt => groups.push(deps::PASST),
+            // `NetMode::resolve` found it already, or said how to install it; the VMM is built.
+            Need::Gvproxy | Need::VmmBinary => {}
+        }
+    }
+    groups
+}
+
 /// The `role` kernel for the current fragments, built (minutes, with progress) if the store lacks it.
 pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole) -> anyhow::Result<GuestKernel> {
     deps::ensure(sh, &[deps::KERNEL])?;
@@ -163,27 +184,21 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
 }
 
 /// The build step of a boot: what the plan for `choice` and `net` says the boot needs, installed
-/// (QEMU, passt) or built (`openshell-vmm`). Decides nothing itself; the preflight then probes the
-/// host as this left it and refuses what is still missing.
+/// (QEMU, passt, in the one apt round of [`boot_packages`]) or built (`openshell-vmm`). Decides
+/// nothing itself; the preflight then probes the host as this left it and refuses what is still missing.
 pub fn ensure_vmm(sh: &Shell, choice: openshell_vm::VmmChoice, net: &openshell_vm::NetMode) -> anyhow::Result<()> {
-    use openshell_vm::plan::{Need, Net};
-    let plan = openshell_vm::plan(&openshell_vm::HostFacts::probe(), choice, Net::of(net));
-    for need in &plan.needs {
-        match need {
-            Need::Qemu => deps::ensure(sh, &[deps::QEMU])?,
-            Need::Passt => deps::ensure(sh, &[deps::PASST])?,
-            // `NetMode::resolve` found it already, or said how to install it.
-            Need::Gvproxy => {}
-            Need::VmmBinary => {
-                build_vmm(sh)?;
-            }
-        }
+    let host = openshell_vm::HostFacts::probe();
+    deps::ensure(sh, &boot_packages(net, choice, &host))?;
+    let plan = openshell_vm::plan(&host, choice, openshell_vm::plan::Net::of(net));
+    if plan.needs.contains(&openshell_vm::plan::Need::VmmBinary) {
+        build_vmm(sh)?;
     }
     Ok(())
 }
 
 /// Builds `openshell-vmm` where [`openshell_vm::host::vmm_binary`] finds it (beside xtask in
-/// `target/debug/`), and returns that path: the one place that builds it.
+/// `target/debug/`), signed with the hypervisor entitlement on macOS, and returns that path: the
+/// one place that builds it.
 pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
     cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
         .quiet()
@@ -191,5 +206,8 @@ pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
         .context("building openshell-vmm failed")?;
     let vmm = openshell_vm::host::vmm_binary();
     anyhow::ensure!(vmm.is_file(), "openshell-vmm was built, but {} does not exist", vmm.display());
+    // A fresh link carries only the linker's ad hoc signature, without the entitlement.
+    #[cfg(target_os = "macos")]
+    openshell_krun::codesign::sign(&vmm).map_err(|e| anyhow::anyhow!("{e}; run `cargo xtask codesign`"))?;
     Ok(vmm)
 }

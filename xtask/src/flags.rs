@@ -32,4 +32,7 @@ pub enum Cmd {
     Bench(crate::bench::BenchCmd),
     /// Verify a running gateway: processes, 127.0.0.1-only forward, mTLS, health, digests, console
     Verify(crate::verify::VerifyCmd),
+    /// macOS: sign the binaries that create VMs with the hypervisor entitlement and verify it
+    /// (on Linux nothing needs signing)
+    Codesign(crate::codesign::CodesignCmd),
 }

@@ -6,6 +6,7 @@
 mod artifacts;
 mod bench;
 mod check;
+mod codesign;
 mod deps;
 mod e2e;
 mod flags;
@@ -48,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         flags::Cmd::Bench(cmd) => cmd.run(),
         flags::Cmd::Check(cmd) => cmd.run(),
         flags::Cmd::Verify(cmd) => cmd.run(),
+        flags::Cmd::Codesign(cmd) => cmd.run(),
     }
 }
 

@@ -179,6 +179,9 @@ impl RunArgs {
         };
         let sh = Shell::new()?;
         let store = Store::default_location();
+        // One install round for all of it, before the kernel build asks for its share.
+        let host = openshell_vm::HostFacts::probe();
+        crate::deps::ensure(&sh, &crate::artifacts::boot_packages(&net, self.vmm, &host))?;
         let kernel = crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store)?;
         // Lives as long as the VM: a one-shot --exec VM without --state-dir runs in a temp dir.

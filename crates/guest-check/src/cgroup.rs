@@ -10,10 +10,7 @@ use openshell_matrix::Row;
 
 use crate::{fix_for, kernel_fix};
 
-pub const CPU: &str = "cgroup2-cpu";
-pub const MEMORY: &str = "cgroup2-memory";
-pub const PIDS: &str = "cgroup2-pids";
-pub const IDS: &[&str] = &[CPU, MEMORY, PIDS];
+pub use crate::ids::cgroup::*;
 
 const ROOT: &str = "/sys/fs/cgroup";
 /// `CGROUP2_SUPER_MAGIC` from linux/magic.h.

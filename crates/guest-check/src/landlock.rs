@@ -15,7 +15,7 @@ use openshell_matrix::Row;
 
 use crate::kernel_fix;
 
-pub const ID: &str = "landlock";
+pub use crate::ids::LANDLOCK as ID;
 /// A directory on tmpfs with `allowed/file` and `denied/file`.
 const SCRATCH: &str = "/tmp/openshell-guest-check-landlock";
 

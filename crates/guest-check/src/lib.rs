@@ -8,16 +8,27 @@
 //! from what the kernel did, never from reading its config; the unit tests cover the decisions,
 //! the VM trial `guest::guest_capability_matrix_all_required_pass` covers the doing.
 
+// The checks run only inside the Linux guest; the row ids compile everywhere (see `ids`).
+#[cfg(target_os = "linux")]
 pub mod cgroup;
+pub mod ids;
+#[cfg(target_os = "linux")]
 pub mod isolate;
+#[cfg(target_os = "linux")]
 pub mod landlock;
+#[cfg(target_os = "linux")]
 pub mod net;
+#[cfg(target_os = "linux")]
 pub mod nft;
+#[cfg(target_os = "linux")]
 pub mod seccomp;
+#[cfg(target_os = "linux")]
 pub mod xtables;
 
+#[cfg(target_os = "linux")]
 use std::time::Duration;
 
+#[cfg(target_os = "linux")]
 use openshell_matrix::Matrix;
 
 /// The fix for a missing kernel feature: the option(s) and where they go.
@@ -36,15 +47,14 @@ pub fn fix_for(e: &std::io::Error, options: &str) -> String {
     }
 }
 
-/// Every row the checker reports, in table order: a matrix missing one of these is incomplete.
-pub fn row_ids() -> Vec<&'static str> {
-    [net::IDS, cgroup::IDS, &[seccomp::ID, landlock::ID]].concat()
-}
+pub use ids::row_ids;
 
 /// One group of checks: runs in a forked child and returns its rows.
+#[cfg(target_os = "linux")]
 type Check = fn() -> Vec<openshell_matrix::Row>;
 
 /// Runs every group, each in its own child process. Call from a single-threaded process.
+#[cfg(target_os = "linux")]
 pub fn run() -> Matrix {
     let mut m = Matrix::new("guest");
     // Generous: the guest may run under full software emulation (QEMU TCG).

@@ -7,6 +7,13 @@ use std::io::Write;
 
 use openshell_matrix::EXIT_CHECKER_FAILED;
 
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!("openshell-guest-check runs inside the Linux guest (`cargo xtask check --guest` boots one)");
+    std::process::exit(EXIT_CHECKER_FAILED);
+}
+
+#[cfg(target_os = "linux")]
 fn main() {
     let mut json = false;
     let mut out = None;

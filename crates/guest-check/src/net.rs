@@ -26,20 +26,7 @@ use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::{fix_for, kernel_fix, nft, xtables};
 
-pub const NETNS: &str = "netns";
-pub const VETH: &str = "veth";
-pub const BRIDGE: &str = "bridge";
-pub const BRIDGE_NF: &str = "bridge-nf-call-iptables";
-pub const IP_FORWARD: &str = "ip-forward";
-pub const NFT_MASQ: &str = "nftables-masquerade";
-pub const POLICY_ROUTE: &str = "policy-route";
-pub const NAT: &str = "nat";
-pub const CONNTRACK: &str = "conntrack";
-pub const IPTABLES_LEGACY: &str = "iptables-legacy";
-
-/// Every row this group reports, in table order.
-pub const IDS: &[&str] =
-    &[NETNS, VETH, BRIDGE, BRIDGE_NF, IP_FORWARD, NFT_MASQ, POLICY_ROUTE, NAT, CONNTRACK, IPTABLES_LEGACY];
+pub use crate::ids::net::*;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const ROUTER_DOWN: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);

@@ -9,7 +9,7 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
 
 use crate::kernel_fix;
 
-pub const ID: &str = "seccomp";
+pub use crate::ids::SECCOMP as ID;
 /// Not an errno any kernel path returns, so seeing it proves the filter answered.
 const MARK: u32 = 1234;
 

@@ -1,18 +1,15 @@
-//! The single switch between libkrun sources. `bundled` links the libkrun crate
-//! built from source; `system` links an installed libkrun found via pkg-config
-//! (e.g. Homebrew on macOS) through krun-sys' bindgen output. The `system` path
-//! cannot be built on hosts without libkrun headers, so it is only checked where
-//! libkrun is installed; its bindgen signatures are all `unsafe extern "C"` with
-//! the same C types, which is why callers go through the `call!` macro.
+//! The single switch between libkrun sources, chosen by the target (see `Cargo.toml`): on Linux the
+//! libkrun crate compiled in from the registry, on macOS Homebrew's libkrun through krun-sys'
+//! bindgen output (pkg-config finds it). krun-sys is only built where libkrun is installed, so the
+//! macOS path is compiled by the macOS CI job. Its bindgen signatures are all `unsafe extern "C"`
+//! with the same C types, which is why callers go through the `call!` macro.
 
-#[cfg(all(feature = "bundled", feature = "system"))]
-compile_error!("features `bundled` and `system` both provide the krun_* symbols; enable exactly one");
-#[cfg(not(any(feature = "bundled", feature = "system")))]
-compile_error!("enable one of the features `bundled` or `system`");
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
+compile_error!("libkrun runs on Linux (KVM) and macOS (Hypervisor.framework) only");
 
-#[cfg(feature = "bundled")]
+#[cfg(target_os = "linux")]
 pub(crate) use krun::*;
-#[cfg(all(feature = "system", not(feature = "bundled")))]
+#[cfg(target_os = "macos")]
 pub(crate) use krun_sys::*;
 
 // Some bundled functions are safe `extern "C" fn`s while their bindgen

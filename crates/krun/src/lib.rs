@@ -11,6 +11,8 @@ pub mod child;
 mod ffi;
 mod spec;
 
+pub mod codesign;
+
 use std::convert::Infallible;
 use std::ffi::{CString, NulError};
 use std::io;
@@ -22,17 +24,19 @@ use std::ptr;
 
 pub use spec::{run, KrunSpec, UnixgramNet};
 
-/// How libkrun is linked into this build: `bundled` (the registry crate compiled in) or `system`
-/// (an installed libkrun found by pkg-config). `cargo xtask check` reports it.
-pub const LINK_MODE: &str = if cfg!(feature = "bundled") { "bundled" } else { "system" };
+/// How libkrun is linked into this build, which the target decides (`Cargo.toml`): `bundled` on
+/// Linux (the registry crate compiled in), `system` on macOS (Homebrew's libkrun found by
+/// pkg-config). `cargo xtask check` reports it.
+pub const LINK_MODE: &str = if cfg!(target_os = "linux") { "bundled" } else { "system" };
 
-/// The libkrun version the `bundled` feature compiles in: the workspace pins `libkrun = "=…"`, and
-/// a unit test keeps this in step with that pin. With `system` the version is whatever pkg-config
-/// finds, known only at run time.
+/// The libkrun version the `bundled` link mode compiles in: the workspace pins `libkrun = "=…"`,
+/// and a unit test keeps this in step with that pin. With `system` the version is whatever
+/// pkg-config found, known only at run time.
 pub const BUNDLED_LIBKRUN_VERSION: &str = "1.19.7";
 
-/// Kernel image format for `krun_set_kernel`: a raw ELF `vmlinux`.
-const KERNEL_FORMAT_ELF: u32 = 1;
+/// Kernel image format for `krun_set_kernel` (libkrun's `KRUN_KERNEL_FORMAT_*`): an ELF `vmlinux`
+/// on x86_64, the raw arm64 `Image` on aarch64 (arm64 has no bootable ELF; libkrun loads `Image`).
+const KERNEL_FORMAT: u32 = if cfg!(target_arch = "aarch64") { 0 } else { 1 };
 
 /// `krun_add_net_unixgram` flag: send the 4-byte `VFKT` magic after connecting, which gvproxy in
 /// vfkit mode waits for (libkrun 1.19.7 `src/lib.rs` `NET_FLAG_VFKIT`; the bundled crate keeps its
@@ -139,7 +143,7 @@ impl Context {
     pub fn kernel(&mut self, vmlinux: &Path, cmdline: &str) -> Result<&mut Self, KrunError> {
         let vmlinux = cpath("kernel path", vmlinux)?;
         let cmdline = cstr("kernel cmdline", cmdline)?;
-        call!(krun_set_kernel(self.id, vmlinux.as_ptr(), KERNEL_FORMAT_ELF, ptr::null(), cmdline.as_ptr(),))?;
+        call!(krun_set_kernel(self.id, vmlinux.as_ptr(), KERNEL_FORMAT, ptr::null(), cmdline.as_ptr(),))?;
         Ok(self)
     }
 

@@ -142,7 +142,7 @@ pub fn socket_owner(inode: u64) -> Option<u32> {
 /// The pids holding a granted `flock` on `path`, from `/proc/locks` (matched by device and inode).
 pub fn flock_holders(path: &Path) -> Vec<u32> {
     let Ok(meta) = fs::metadata(path) else { return Vec::new() };
-    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let (major, minor) = (rustix::fs::major(meta.dev()), rustix::fs::minor(meta.dev()));
     let text = fs::read_to_string("/proc/locks").unwrap_or_default();
     parse_proc_locks(&text, major, minor, meta.ino())
 }

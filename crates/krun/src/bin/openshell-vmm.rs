@@ -10,7 +10,10 @@ use openshell_krun::KrunSpec;
 const EXIT_SETUP_FAILED: u8 = 70;
 
 fn main() -> ExitCode {
-    // A VM whose supervisor died would be unreachable; die with it.
+    // A VM whose supervisor died would be unreachable; die with it. The launcher already asks for
+    // this between fork and exec; asking again here covers a VMM started by hand. macOS has no
+    // parent-death signal: there the supervisor's Drop stops the VMM, and after a crash
+    // `supervise::recover` kills what the instance's metadata names.
     if let Err(e) = openshell_krun::child::die_with_parent() {
         eprintln!("openshell-vmm: prctl(PR_SET_PDEATHSIG): {e}");
         return ExitCode::from(EXIT_SETUP_FAILED);

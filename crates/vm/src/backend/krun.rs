@@ -6,6 +6,7 @@
 //! same shape as the QEMU backend: libkrun's own `/dev/root` tag needs libkrunfw's kernel patches,
 //! which our kernel (built from Debian's source) does not carry.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
@@ -65,7 +66,30 @@ pub fn command(vmm: &std::path::Path, cfg: &VmConfig, link: &Link) -> Result<Com
     std::fs::write(&path, json).map_err(|source| VmError::Io { path: path.clone(), source })?;
     let mut c = Command::new(vmm);
     c.arg(path);
+    // macOS: openshell-vmm links Homebrew's libkrun, which Apple silicon's Homebrew keeps off the
+    // loader's default search path. The VMM is signed without the hardened runtime, so DYLD_*
+    // reaches its loader and `vm run` works without the user exporting anything.
+    #[cfg(target_os = "macos")]
+    c.env("DYLD_FALLBACK_LIBRARY_PATH", dyld_fallback_path(std::env::var_os("DYLD_FALLBACK_LIBRARY_PATH")));
     Ok(c)
+}
+
+/// Where Homebrew installs libkrun: Apple silicon, then Intel. What the VMM's loader searches on
+/// macOS (and what `cargo xtask check` can name as where it looked).
+pub const LIBKRUN_DIRS: &[&str] = &["/opt/homebrew/lib", "/usr/local/lib"];
+
+/// `DYLD_FALLBACK_LIBRARY_PATH` for the VMM: the caller's own entries first, then
+/// [`LIBKRUN_DIRS`], then the rest of dyld's default fallback (`~/lib`, `/usr/lib`), which setting
+/// the variable would otherwise replace.
+pub fn dyld_fallback_path(existing: Option<std::ffi::OsString>) -> std::ffi::OsString {
+    let mut dirs: Vec<PathBuf> = existing.map(|v| std::env::split_paths(&v).collect()).unwrap_or_default();
+    let home_lib = std::env::var_os("HOME").map(|h| PathBuf::from(h).join("lib"));
+    for d in LIBKRUN_DIRS.iter().map(PathBuf::from).chain(home_lib).chain([PathBuf::from("/usr/lib")]) {
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    std::env::join_paths(dirs).expect("no ':' in these directories")
 }
 
 /// The kernel and root directory a running `openshell-vmm` was started with: its argv names
@@ -147,5 +171,15 @@ mod tests {
         assert!(e.contains("expected `openshell-vmm SPEC.json`"), "{e}");
         let e = booted_artifacts(&["openshell-vmm".into(), "gone.json".into()], dir.path()).unwrap_err();
         assert!(e.contains("gone.json"), "{e}");
+    }
+
+    #[test]
+    fn dyld_fallback_keeps_the_callers_entries_and_adds_homebrew() {
+        let got = super::dyld_fallback_path(None).into_string().unwrap();
+        assert!(got.starts_with("/opt/homebrew/lib:/usr/local/lib:"), "{got}");
+        assert!(got.ends_with(":/usr/lib"), "{got}");
+        let got = super::dyld_fallback_path(Some("/my/lib:/usr/local/lib".into())).into_string().unwrap();
+        assert!(got.starts_with("/my/lib:/usr/local/lib:/opt/homebrew/lib:"), "{got}");
+        assert_eq!(got.matches("/usr/local/lib").count(), 1, "{got}");
     }
 }

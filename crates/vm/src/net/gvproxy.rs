@@ -47,9 +47,14 @@ pub const GUEST: GuestNet =
 /// The MAC gvproxy's static lease table gives [`GUEST`]'s address to.
 pub const GUEST_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
 pub const INSTALL_HINT: &str = "install it with `brew install podman` (which ships gvproxy), or pass --gvproxy PATH";
-/// Where podman's packages put gvproxy, which is not on `PATH` (containers/common's helper
-/// binary directories: Homebrew on Apple silicon and Intel, then Linux distributions).
+/// Where gvproxy is installed off `PATH`, searched in this order: Homebrew's `bin` (Apple silicon,
+/// Intel), Podman Desktop's installer (`/opt/podman/bin`), then podman's helper-binary directories
+/// (containers/common's `helper_binaries_dir`: Homebrew's podman on both Macs, then Linux
+/// distributions), where podman's packages put it.
 pub const SEARCH_DIRS: &[&str] = &[
+    "/opt/homebrew/bin",
+    "/usr/local/bin",
+    "/opt/podman/bin",
     "/opt/homebrew/opt/podman/libexec/podman",
     "/usr/local/opt/podman/libexec/podman",
     "/usr/libexec/podman",
@@ -62,11 +67,16 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const EXPOSE_PATH: &str = "/services/forwarder/expose";
 const UNEXPOSE_PATH: &str = "/services/forwarder/unexpose";
 
-/// gvproxy on `PATH`, else in [`SEARCH_DIRS`].
+/// The one gvproxy search, for `vm run` ([`super::NetMode::resolve`]) and `cargo xtask check`
+/// alike: gvproxy on `PATH`, else in [`SEARCH_DIRS`]. (`--gvproxy PATH` replaces the search.)
 pub fn find() -> Option<PathBuf> {
-    which::which("gvproxy")
-        .ok()
-        .or_else(|| SEARCH_DIRS.iter().map(|d| Path::new(d).join("gvproxy")).find(|p| p.is_file()))
+    find_in(std::env::var_os("PATH"), SEARCH_DIRS, |p| which::which(p).is_ok())
+}
+
+/// [`find`] with the search path, the fixed directories and "is an executable file" passed in.
+fn find_in(path_var: Option<std::ffi::OsString>, dirs: &[&str], executable: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    let on_path = path_var.map(|v| std::env::split_paths(&v).collect::<Vec<_>>()).unwrap_or_default();
+    on_path.into_iter().chain(dirs.iter().map(PathBuf::from)).map(|d| d.join("gvproxy")).find(|p| executable(p))
 }
 
 /// gvproxy's files for one VM, all in its state directory.

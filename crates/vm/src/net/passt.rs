@@ -5,7 +5,7 @@
 //! as root cannot break it.
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,13 +28,11 @@ pub struct Passt {
 pub fn start_passt(ports: &[PortMap], log: std::fs::File) -> Result<(Passt, OwnedFd), VmError> {
     let passt =
         which::which("passt").map_err(|_| VmError::NoBackend(format!("passt is not installed; {INSTALL_HINT}")))?;
-    let mut fds = [0; 2];
-    // SAFETY: socketpair writes two fds into the array we own.
-    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) } != 0 {
-        return Err(VmError::Spawn { what: "passt socketpair".into(), source: std::io::Error::last_os_error() });
-    }
-    // SAFETY: both fds were just created and are owned by nothing else.
-    let (ours, vmm_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // std creates the pair close-on-exec on every OS (SOCK_CLOEXEC where it exists, FD_CLOEXEC on
+    // macOS), so neither end leaks into another child; passt's end is dup'ed onto CHILD_FD below.
+    let (ours, vmm_end) = std::os::unix::net::UnixStream::pair()
+        .map(|(a, b)| (OwnedFd::from(a), OwnedFd::from(b)))
+        .map_err(|source| VmError::Spawn { what: "passt socketpair".into(), source })?;
     let mut cmd = Command::new(passt);
     cmd.args(["-f", "-q", "--fd", &CHILD_FD.to_string()])
         .args(["-a", &GUEST.addr.to_string(), "-n", &GUEST.prefix.to_string(), "-g", &GUEST.gateway.to_string()])
