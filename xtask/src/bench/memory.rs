@@ -25,6 +25,8 @@ struct Row {
     /// Why the gateway did not serve at this size, if it did not.
     failed: Option<String>,
     load_errors: Option<usize>,
+    /// VMM start → mTLS SERVING at this size (one boot: a hint, not a median).
+    ready_ms: Option<f64>,
     vmm_rss_mib: Option<f64>,
     vmm_peak_rss_mib: Option<f64>,
     guest_touched_mib: Option<f64>,
@@ -46,6 +48,7 @@ impl MemoryArgs {
                 mem_mib: mem,
                 failed: None,
                 load_errors: None,
+                ready_ms: None,
                 vmm_rss_mib: None,
                 vmm_peak_rss_mib: None,
                 guest_touched_mib: None,
@@ -55,6 +58,7 @@ impl MemoryArgs {
                 Err(e) => row.failed = Some(first_line(&format!("{e:#}"))),
                 Ok((inst, up)) => {
                     let bundle = inst.client_bundle()?;
+                    row.ready_ms = Some(up.ready.as_secs_f64() * 1e3);
                     row.load_errors = Some(rt.block_on(super::load::round(&up.endpoint, &bundle, 64, 20)).errors);
                     std::thread::sleep(Duration::from_millis(500));
                     let pid = up.vm.pid();
@@ -82,13 +86,14 @@ impl MemoryArgs {
         );
         for r in &rows {
             println!(
-                "  {:>8} {:>9} {:>9} {:>13} {:>13} {:>7}",
+                "  {:>8} {:>9} {:>9} {:>13} {:>13} {:>7} {:>11}",
                 r.mem_mib,
                 cell(r.vmm_rss_mib),
                 cell(r.vmm_peak_rss_mib),
                 cell(r.guest_touched_mib),
                 cell(r.vmm_overhead_mib),
-                r.load_errors.map_or("-".into(), |e| e.to_string())
+                r.load_errors.map_or("-".into(), |e| e.to_string()),
+                cell(r.ready_ms)
             );
             if let Some(f) = &r.failed {
                 println!("    did not serve: {f}");

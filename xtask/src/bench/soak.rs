@@ -98,6 +98,12 @@ impl SoakArgs {
         }
         pb.finish_and_clear();
         let after = leftovers(&config, &tmp, &instance, port);
+        // Counted first, then cleared: a leak is reported, not left running on the host.
+        let cleanup = match cli(&["vm", "stop", "--name", "soak"]) {
+            Ok(_) if leftovers(&config, &tmp, &instance, port).processes.is_empty() => "nothing left".to_owned(),
+            Ok(_) => "`vm stop` left processes running: look for them by the soak's config root".to_owned(),
+            Err(e) => format!("`vm stop` at the end failed: {e:#}"),
+        };
         let first = after_first.expect("n >= 1");
         let growth = after.instance_dir_bytes as i64 - first.instance_dir_bytes as i64;
         let (dm, sm, cm) =
@@ -111,6 +117,7 @@ impl SoakArgs {
                 "cycles_with_leftovers": leaky_cycles,
                 "before": before, "after": after,
                 "instance_dir_growth_bytes_after_first_cycle": growth,
+                "cleanup": cleanup,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
@@ -131,6 +138,7 @@ impl SoakArgs {
                 "  instance dir                    {} bytes after cycle 1, {} after cycle {} ({growth:+} bytes)",
                 first.instance_dir_bytes, after.instance_dir_bytes, self.n
             );
+            println!("  after a final `vm stop`         {cleanup}");
         }
         Ok(())
     }
