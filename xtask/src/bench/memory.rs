@@ -81,8 +81,8 @@ impl MemoryArgs {
         let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
         println!("bench memory: gateway after 64×20 health RPCs, VMM /proc/PID/smaps (MiB):");
         println!(
-            "  {:>8} {:>9} {:>9} {:>13} {:>13} {:>7}",
-            "--mem", "VMM RSS", "peak RSS", "guest touched", "VMM overhead", "errors"
+            "  {:>8} {:>9} {:>9} {:>13} {:>13} {:>7} {:>11}",
+            "--mem", "VMM RSS", "peak RSS", "guest touched", "VMM overhead", "errors", "SERVING ms"
         );
         for r in &rows {
             println!(
