@@ -284,7 +284,8 @@ pub fn ensure_vmm(
 }
 
 /// Builds `openshell-vmm` where [`openshell_vm::host::vmm_binary`] finds it (beside xtask in
-/// `target/debug/`), and returns that path: the one place that builds it.
+/// `target/debug/`), signed with the hypervisor entitlement on macOS, and returns that path: the
+/// one place that builds it.
 pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
     cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
         .quiet()

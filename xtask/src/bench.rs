@@ -6,6 +6,16 @@
 //! N times; in each, this same binary (`--inside-l1`) benchmarks one cold and one warm gateway on
 //! libkrun (L2), and the host adds L1's own boot. In the same run the host benchmarks the same
 //! gateway under QEMU directly, and prints the two side by side with their ratio.
+//!
+//! The other benchmarks live in their own modules: `exec`, `load`, `forward`, `soak`, `compare`
+//! (our boot beside a container and a naive QEMU) and `memory` (the VMM's own overhead).
+
+mod compare;
+mod exec;
+mod forward;
+mod load;
+mod memory;
+mod soak;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,17 +51,37 @@ enum BenchWhat {
         #[arg(long, hide = true)]
         inside_l1: bool,
     },
+    /// `vm run --exec /bin/true` end to end through the built xtask binary: wall median/min/max
+    Exec(exec::ExecArgs),
+    /// Concurrent mTLS clients × health RPCs through the forward of one booted gateway
+    Load(load::LoadArgs),
+    /// Bytes/s and round-trip latency through a forwarded port to an in-guest sink and echo
+    Forward(forward::ForwardArgs),
+    /// Detach/stop cycles through the CLI: failures, wall per cycle, leaks counted
+    Soak(soak::SoakArgs),
+    /// Side by side in one run: our boot → SERVING vs the same gateway in a podman container,
+    /// and our kernel → init vs a naive QEMU (`-M q35`, default devices, distribution cmdline)
+    Compare(compare::CompareArgs),
+    /// The VMM's own memory apart from guest memory the guest touched, at several --mem sizes
+    Memory(memory::MemoryArgs),
 }
 
 impl BenchCmd {
     /// Whether this run needs the project tree (the inner run inside L1 has none).
     pub fn needs_project(&self) -> bool {
-        let BenchWhat::Boot { inside_l1, .. } = &self.what;
-        !inside_l1
+        !matches!(&self.what, BenchWhat::Boot { inside_l1: true, .. })
     }
 
     pub fn run(self) -> anyhow::Result<()> {
-        let BenchWhat::Boot { n, vmm, json, inside_l1 } = self.what;
+        let (n, vmm, json, inside_l1) = match self.what {
+            BenchWhat::Boot { n, vmm, json, inside_l1 } => (n, vmm, json, inside_l1),
+            BenchWhat::Exec(a) => return a.run(),
+            BenchWhat::Load(a) => return a.run(),
+            BenchWhat::Forward(a) => return a.run(),
+            BenchWhat::Soak(a) => return a.run(),
+            BenchWhat::Compare(a) => return a.run(),
+            BenchWhat::Memory(a) => return a.run(),
+        };
         anyhow::ensure!(n > 0, "-n must be at least 1");
         if inside_l1 {
             let a = Artifacts::from_env()?;
@@ -79,6 +109,10 @@ impl BenchCmd {
         Ok(())
     }
 }
+
+/// VMM start → init's first console line, on the host's clock (what `compare` sets beside a naive
+/// QEMU's start → the same line).
+const INIT_SEEN: &str = "host: VMM start → init started (console)";
 
 /// What the inner run prints before its report, so the host finds it among L1's console lines.
 const INNER_PREFIX: &str = "openshell-bench-report: ";
@@ -168,6 +202,9 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
             // The guest's clock starts with its kernel: where init's line arrived on the host's
             // clock, less init's own stamp, is when the kernel started (±5 ms of polling).
             let init_ms = steps.iter().find(|(_, s)| s == "init started").map(|(ms, _)| *ms as f64);
+            if let Some(seen) = init_seen {
+                add(&mut samples, INIT_SEEN, seen);
+            }
             if let (Some(seen), Some(init_ms)) = (init_seen, init_ms) {
                 add(&mut samples, "host: VMM start → guest kernel start", seen - init_ms);
             }
@@ -187,6 +224,36 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
         report.push((mode.to_owned(), samples));
     }
     Ok(report)
+}
+
+/// One gateway booted the one way a gateway boots (`supervise::Request::boot`, as `vm run` and [`boots`]
+/// do), in instance `name` under `root`, with `mem_mib` of guest memory: for the benchmarks that
+/// need a running gateway rather than a boot's figures.
+fn gateway(
+    a: &Artifacts,
+    vmm: VmmChoice,
+    root: &std::path::Path,
+    name: &str,
+    mem_mib: Option<u32>,
+) -> anyhow::Result<(GatewayInstance, openshell_instance::supervise::Supervised)> {
+    let inst = GatewayInstance::new(root, name)?;
+    inst.ensure_pki()?;
+    let mut req = supervise::Request::new(
+        root,
+        name,
+        a.kernel.clone(),
+        a.rootfs.clone(),
+        a.digests.clone(),
+        free_port()?,
+        openshell_vm::NetMode::Passt,
+        vmm,
+    );
+    req.ready_timeout = Duration::from_secs(120);
+    if let Some(m) = mem_mib {
+        req.mem_mib = m;
+    }
+    let up = req.boot()?;
+    Ok((inst, up))
 }
 
 /// A thread that polls `console` every 5 ms and returns when `marker` first appeared (ms since
@@ -333,4 +400,34 @@ fn print_table(title: &str, columns: &[(&str, &Samples)]) {
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The last `n` lines of `text`, for failure reports.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The `p`-quantile (0..=1) of `v`, nearest rank; NaN when empty.
+fn quantile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// `--vmm`'s spelling of `choice` (its serde name), to pass it on to a child xtask.
+fn vmm_name(choice: VmmChoice) -> String {
+    serde_json::to_value(choice).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| "auto".into())
+}
+
+/// [`summary`], or NaNs for no samples (every run failed).
+fn summary_or_nan(v: &[f64]) -> (f64, f64, f64) {
+    if v.is_empty() {
+        (f64::NAN, f64::NAN, f64::NAN)
+    } else {
+        summary(v)
+    }
 }

@@ -36,6 +36,9 @@ pub const CROSS_AARCH64: &[(&str, &str)] = &[
 ];
 pub const CROSS_X86_64: &[(&str, &str)] = &[("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu")];
 pub const QEMU_AARCH64: &[(&str, &str)] = &[("qemu-system-aarch64", "qemu-system-arm")];
+/// `bench compare`: the gateway in a container (podman with runc: crun cannot run on this kind of
+/// host's hybrid cgroups) and the naive QEMU's initramfs (cpio).
+pub const COMPARE: &[(&str, &str)] = &[("podman", "podman"), ("runc", "runc"), ("cpio", "cpio")];
 /// The nested host: QEMU runs L1, mmdebstrap bakes its root.
 pub const NESTED: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("mmdebstrap", "mmdebstrap")];
 
@@ -144,7 +147,7 @@ mod tests {
 
     #[test]
     fn every_group_names_its_packages_once() {
-        for group in [KERNEL, ROOTFS, PASST, QEMU, NESTED, ACTIONLINT] {
+        for group in [KERNEL, ROOTFS, PASST, QEMU, NESTED, ACTIONLINT, COMPARE] {
             for (what, pkg) in group {
                 assert!(!what.is_empty() && !pkg.is_empty());
                 assert_eq!(group.iter().filter(|(w, _)| w == what).count(), 1, "{what}");

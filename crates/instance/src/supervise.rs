@@ -277,7 +277,7 @@ pub fn run_supervisor(path: &Path) -> i32 {
 /// `vm run` makes (artifacts against their records, backend, ports), and returns once it is
 /// SERVING. Fails if another supervisor holds the instance, or with the console's tail if the
 /// gateway is not ready within `ready_timeout`; nothing is left running on failure.
-pub fn boot(
+fn boot(
     inst: &GatewayInstance,
     cfg: &VmConfig,
     digests: (&str, &str),

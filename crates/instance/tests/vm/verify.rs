@@ -41,7 +41,7 @@ pub const ROWS: &[&str] = &[
 ];
 
 /// A gateway instance this trial supervises through the same library path as `vm run`
-/// (`supervise::boot`: lock, recovery, preflight, launch, readiness, metadata). Dropping it stops
+/// (`supervise::Request::boot`: lock, recovery, preflight, launch, readiness, metadata). Dropping it stops
 /// the VM and passt and releases the lock.
 struct Supervised {
     up: openshell_instance::supervise::Supervised,
