@@ -209,7 +209,7 @@ pub fn stale_findings(o: &Observations) -> Vec<String> {
         }
     }
     for (what, p, progs) in [("VMM", &o.vm, openshell_vm::backend::VMM_PROGRAMS), ("passt", &o.passt, &["passt"][..])] {
-        let Some(p) = p.as_ref().filter(|p| p.runs_any(progs)) else { continue };
+        let Some(p) = p.as_ref().filter(|p| p.program_is_any(progs)) else { continue };
         if !o.locked {
             out.push(format!("{what} pid {} still runs without a supervisor (orphan)", p.pid));
         } else if m.supervisor_pid.is_some() && p.ppid != m.supervisor_pid {
@@ -373,7 +373,9 @@ pub fn decide(o: &Observations) -> Matrix {
 fn process_row(id: &str, what: &str, p: &Option<ProcessFact>, programs: &[&str], fix: &str) -> Row {
     match p {
         None => Row::fail(id, format!("metadata.json records no {what} pid"), fix.to_owned()),
-        Some(p) if p.runs_any(programs) => Row::pass(id, format!("pid {} runs {}", p.pid, program_name(&p.cmdline))),
+        Some(p) if p.program_is_any(programs) => {
+            Row::pass(id, format!("pid {} runs {}", p.pid, program_name(&p.cmdline)))
+        }
         Some(p) if p.alive => Row::fail(
             id,
             format!("pid {} runs {:?}, not {what} (the pid was reused)", p.pid, program_name(&p.cmdline)),

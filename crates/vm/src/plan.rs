@@ -13,7 +13,8 @@ use crate::host::{HostFacts, Os};
 use crate::{NetMode, VmmChoice};
 
 pub const QEMU_INSTALL: &str = "apt-get install -y qemu-system-x86";
-pub const PASST_INSTALL: &str = "apt-get install -y passt";
+/// Defined beside the code that starts passt (which names it when passt is missing).
+pub use crate::net::INSTALL_HINT as PASST_INSTALL;
 /// How an unsigned `openshell-vmm` gets the hypervisor entitlement on macOS.
 pub const CODESIGN: &str = "run `cargo xtask codesign`";
 
