@@ -75,9 +75,9 @@ struct RunArgs {
     /// Virtual CPUs
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Guest memory in MiB
-    #[arg(long, default_value_t = 512)]
-    mem: u32,
+    /// Guest memory in MiB (default: 256 for the gateway, 512 for --exec)
+    #[arg(long)]
+    mem: Option<u32>,
     /// Environment for the command, K=V (repeatable)
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -211,7 +211,9 @@ impl RunArgs {
             self.vmm,
         );
         req.vcpus = self.vcpus;
-        req.mem_mib = self.mem;
+        if let Some(mem) = self.mem {
+            req.mem_mib = mem;
+        }
         req.dhcp = self.dhcp;
         req.console_log = self.console;
         req.env = self.env;
@@ -277,7 +279,9 @@ impl RunArgs {
         cfg.ports = self.ports;
         cfg.arch = arch;
         cfg.vcpus = self.vcpus;
-        cfg.mem_mib = self.mem;
+        if let Some(mem) = self.mem {
+            cfg.mem_mib = mem;
+        }
         cfg.exec.env = self.env;
         cfg.exec.workdir = self.workdir;
         cfg.console_log = self.console;
