@@ -149,7 +149,7 @@ pub fn build_guest_programs(sh: &Shell, arch: Arch) -> anyhow::Result<Vec<GuestF
 }
 
 /// A digest of what a cargo build of the guest programs reads: the flags, the workspace's
-/// manifests, lock file and toolchain pin, every file under `crates/` (path, size, mtime) and the
+/// manifests, lock file, toolchain pin and cargo config, every file under `crates/` (path, size, mtime) and the
 /// binaries it produced. Equal to the one stamped after the last build, cargo has nothing to do,
 /// and asking it anyway costs 0.2-0.4 s of every `vm run` (its fingerprint walk over ~300 crates).
 /// Errs when a file cannot be read (a binary not built yet), which means: build.
@@ -171,8 +171,10 @@ fn build_inputs(args: &[&[String]], outputs: &[PathBuf]) -> std::io::Result<Stri
         Ok(())
     }
     let root = crate::project_root();
-    let mut files: Vec<PathBuf> =
-        ["Cargo.lock", "Cargo.toml", "rust-toolchain.toml"].iter().map(|f| root.join(f)).collect();
+    let mut files: Vec<PathBuf> = ["Cargo.lock", "Cargo.toml", "rust-toolchain.toml", ".cargo/config.toml"]
+        .iter()
+        .map(|f| root.join(f))
+        .collect();
     walk(&root.join("crates"), &mut files)?;
     files.sort();
     files.extend(outputs.iter().cloned());
