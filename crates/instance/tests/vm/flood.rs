@@ -144,7 +144,7 @@ fn concurrent_mtls_clients_are_all_served(a: &Artifacts, vmm: VmmChoice, dir: Tr
                     )
                     .await
                     .map_err(|_| format!("not connected within {} s", CONNECT_DEADLINE.as_secs()))
-                    .and_then(|r| r.map_err(|e| format!("{e} after {} ms", t.elapsed().as_millis())));
+                    .and_then(|r| r.map_err(|e| format!("after {} ms: {e}", t.elapsed().as_millis())));
                     // Held until every client has its connection (or its error): the RPCs below run
                     // over CONCURRENT open connections, not one after another.
                     all_connected.wait().await;
