@@ -34,10 +34,11 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("connecting to the gateway at {endpoint}: {source}; the guest may still be booting (retry), or the port forward / TLS material is wrong")]
+    #[error("connecting to the gateway at {endpoint}: {}; the guest may still be booting (retry), or the port forward / TLS material is wrong", causes(source))]
     Connect {
         endpoint: String,
-        #[source]
+        // Not `#[source]`: the message already carries the whole chain, which a reporter walking
+        // sources would print twice.
         source: tonic::transport::Error,
     },
     #[error("gateway call {call} failed: {status}; if the status mentions certificates, the client bundle does not match the gateway's CA")]
@@ -48,6 +49,23 @@ pub enum ClientError {
     },
     #[error("gateway health answered an unknown status {0}; the gateway is newer than this client")]
     UnknownStatus(i32),
+}
+
+/// `e` and its causes on one line: tonic's own message is only "transport error", while what a
+/// user acts on (timed out, connection refused, reset by peer, a certificate verdict) is below it.
+fn causes(e: &tonic::transport::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        let line = cause.to_string();
+        // hyper and io errors repeat their inner message; say each once.
+        if !text.ends_with(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// Opens a TLS channel to `endpoint` (`host:port`, or a full `https://` URI),

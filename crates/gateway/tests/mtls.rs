@@ -266,3 +266,18 @@ async fn binary_announces_and_serves() {
     assert_eq!(status, ServingStatus::Serving);
     assert_eq!(reply.unwrap().into_inner().rootfs_sha256, "cd".repeat(32));
 }
+
+/// A failed connect says why: tonic's own message is only "transport error", and a user told
+/// that cannot tell a closed port from a reset or a timeout.
+#[tokio::test]
+async fn a_connect_error_names_its_cause() {
+    let pki = Pki::generate("test").unwrap();
+    let b = pki.client_bundle();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let err = connect(&closed.to_string(), &bundle(&b.ca_pem, &b.cert_pem, &b.key_pem), "localhost")
+        .await
+        .expect_err("nothing listens on a port just released");
+    let text = err.to_string();
+    assert!(text.contains("Connection refused"), "the cause is missing: {text}");
+    assert_eq!(text.matches("Connection refused").count(), 1, "the cause is said more than once: {text}");
+}
