@@ -68,34 +68,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // In init's timeline format (guest ms since boot), so the host's boot timeline shows it and
     // readiness knows when probing can succeed.
     eprintln!("openshell-gateway: [{:>6} ms] listening on {addr}", openshell_gateway::sysinfo::uptime_ms());
-    // Graceful shutdown waits for open connections to end; a client that keeps one open (idle,
-    // or mid-handshake behind passt) must not hold a stop request hostage until init's SIGKILL.
-    // So the signal starts a bounded grace, after which the gateway exits anyway.
-    let (stopping, stopped) = tokio::sync::oneshot::channel();
-    let signal = async move {
-        shutdown_signal().await;
-        let _ = stopping.send(());
-    };
-    let server = serve(listener, &material, config, signal);
-    tokio::pin!(server);
-    tokio::select! {
-        served = &mut server => served?,
-        Ok(()) = stopped => {
-            eprintln!("openshell-gateway: [{:>6} ms] stopping", openshell_gateway::sysinfo::uptime_ms());
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(served) => served?,
-                Err(_) => eprintln!(
-                    "openshell-gateway: connections still open {} s after the stop request; exiting",
-                    SHUTDOWN_GRACE.as_secs()
-                ),
-            }
-        }
-    }
+    serve(listener, &material, config, shutdown_signal()).await?;
     Ok(())
 }
-
-/// How long open connections may take to close once a stop is requested.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Each connection waiting for its handshake holds a descriptor, and init starts us with a soft
 /// limit of 1024 (hard 4096): a thousand idle peers would then make `accept` fail with EMFILE and

@@ -73,10 +73,34 @@ pub async fn serve(
     reporter.set_service_status("", ServingStatus::Serving).await;
     reporter.set_serving::<GatewayServer<GatewayService>>().await;
 
-    tonic::transport::Server::builder()
+    // Graceful shutdown waits for every open connection to end; a client that keeps one open
+    // (idle after its handshake, or stalled behind passt) must not hold a stop request hostage
+    // until init's SIGKILL. So `shutdown` starts a bounded grace, after which serving ends anyway.
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    let signal = async move {
+        shutdown.await;
+        let _ = stopping.send(());
+    };
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(GatewayServer::new(GatewayService::new(config)))
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls_config), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(tls::incoming(listener, tls_config), signal);
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served?,
+        Ok(()) = stopped => {
+            eprintln!("openshell-gateway: [{:>6} ms] stopping", sysinfo::uptime_ms());
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(served) => served?,
+                Err(_) => eprintln!(
+                    "openshell-gateway: connections still open {} s after the stop request; exiting",
+                    SHUTDOWN_GRACE.as_secs()
+                ),
+            }
+        }
+    }
     Ok(())
 }
+
+/// How long open connections may take to close once a stop is requested.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);

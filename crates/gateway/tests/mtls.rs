@@ -281,3 +281,47 @@ async fn a_connect_error_names_its_cause() {
     assert!(text.contains("Connection refused"), "the cause is missing: {text}");
     assert_eq!(text.matches("Connection refused").count(), 1, "the cause is said more than once: {text}");
 }
+
+/// A client that completed its mutual-TLS handshake and then says nothing (no HTTP/2 preface)
+/// holds one of the server's connections open. A stop request must still end the server: graceful
+/// shutdown waits for open connections, so without a bounded grace this client would keep the
+/// gateway up until init's SIGKILL (a foreground `vm run` stopped by Ctrl-C then exits 137).
+#[tokio::test]
+async fn a_silent_authenticated_connection_does_not_hold_a_stop_request_hostage() {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let pki = Pki::generate("localhost").unwrap();
+    let server = start(&pki, GatewayConfig::default()).await;
+    served(&server, &pki).await;
+    let b = pki.client_bundle();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(b.ca_pem.as_bytes()).unwrap()).unwrap();
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(b.cert_pem.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(b.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+    let addr = server.addr;
+    let held = tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        let mut conn =
+            rustls::ClientConnection::new(std::sync::Arc::new(config), ServerName::try_from("localhost").unwrap())
+                .unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut tcp).unwrap();
+        }
+        // Let the server read the client's Finished and hand the stream to the HTTP/2 layer.
+        conn.complete_io(&mut tcp).ok();
+        (tcp, conn)
+    })
+    .await
+    .unwrap();
+    // Running::stop fails unless the server ends within 5 s of the request (the grace is 2 s).
+    server.stop().await;
+    drop(held);
+}
