@@ -286,7 +286,14 @@ impl RunArgs {
         let (mut vm, preflight) = check::launch_checked(&cfg, verification)?;
         show_warnings(&preflight);
         eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
-        let exit = vm.wait(Some(&mut std::io::stdout()), None)?;
+        let exit = match vm.wait(Some(&mut std::io::stdout()), None) {
+            Ok(exit) => exit,
+            // The error names the console in the temporary state directory: keep it to be read.
+            Err(e) => match tmp.map(tempfile::TempDir::keep) {
+                Some(kept) => anyhow::bail!("{e}\n(state directory kept for inspection: {})", kept.display()),
+                None => return Err(e.into()),
+            },
+        };
         eprintln!("vm: {exit} after {:.2}s", vm.started.elapsed().as_secs_f64());
         Ok(exit.code())
     }

@@ -287,7 +287,8 @@ pub fn now_unix() -> u64 {
 }
 
 /// Polls the gateway's mTLS health check through the forwarded port until it says SERVING.
-/// Fails with the console's last 50 lines if the VM dies or `timeout` passes; the caller's
+/// Fails at once, with the kernel's cause, when the guest panics; with the console's last lines
+/// if the VM dies or `timeout` passes; the caller's
 /// `RunningVm` then stops the VM when dropped, so nothing is left running.
 pub fn wait_ready(
     vm: &mut RunningVm,
@@ -302,8 +303,18 @@ pub fn wait_ready(
     let mut console = openshell_vm::launch::Tail::new(&vm.console);
     let mut seen = Vec::new();
     let mut listening = false;
+    let mut crash = timeline::CrashWatch::default();
     loop {
+        // A guest that panicked is done whether or not its VMM has exited yet: say why at once.
+        let new = console.read_new();
+        if let Some(cause) = crash.feed(&new) {
+            return Err(vm.crashed(cause));
+        }
         if let Some(status) = vm.exited() {
+            let text = fs::read_to_string(&vm.console).unwrap_or_default();
+            if let Some(cause) = timeline::guest_crash(&text) {
+                return Err(vm.crashed(cause));
+            }
             return Err(not_ready(vm, &format!("the VM exited ({status}) before the gateway was ready")));
         }
         if let Some((helper, how)) = vm.net_ended() {
@@ -313,7 +324,6 @@ pub fn wait_ready(
         // that, passt accepts on the host but the connection goes nowhere, and each such probe
         // would burn a whole attempt timeout. A slow fallback probe covers a gateway that never
         // prints the line.
-        let new = console.read_new();
         if !listening && !new.is_empty() {
             seen.extend(new);
             listening = timeline::gateway_listening(&String::from_utf8_lossy(&seen));
@@ -355,10 +365,12 @@ pub fn wait_ready(
 }
 
 fn not_ready(vm: &RunningVm, why: &str) -> VmError {
-    let console = fs::read_to_string(&vm.console).unwrap_or_default();
-    let lines: Vec<&str> = console.lines().collect();
-    let tail = lines[lines.len().saturating_sub(50)..].join("\n");
-    VmError::NotReady(format!("{why}\n--- console (last 50 lines) ---\n{tail}"))
+    let tail = openshell_vm::launch::console_tail(&vm.console);
+    VmError::NotReady(format!(
+        "{why}\n--- console {} (last {} lines) ---\n{tail}",
+        vm.console.display(),
+        openshell_vm::launch::CONSOLE_TAIL_LINES
+    ))
 }
 
 #[cfg(test)]

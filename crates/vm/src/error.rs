@@ -41,6 +41,16 @@ pub enum VmError {
     Timeout { secs: u64, console: PathBuf },
     #[error("the guest capability checker did not report: {0}")]
     GuestCheck(String),
-    #[error("the guest ended without reporting an exit code (VMM {status}); console log: {console}")]
-    NoExitCode { status: String, console: PathBuf },
+    #[error(
+        "the guest ended without reporting an exit code (VMM {status}); console log {}, its last lines:\n{tail}",
+        console.display()
+    )]
+    NoExitCode { status: String, console: PathBuf, tail: String },
+    /// The guest kernel panicked (init missing, not executable, crashed or exited): the VMM was
+    /// stopped at once rather than left to a timeout.
+    #[error(
+        "the guest crashed: {cause}; the VMM was stopped. Console log {}, its last lines:\n{tail}",
+        console.display()
+    )]
+    GuestCrashed { cause: String, console: PathBuf, tail: String },
 }

@@ -278,10 +278,13 @@ impl RunningVm {
         let deadline = timeout.map(|t| (t, Instant::now() + t));
         let signals = StopSignals::register();
         let mut console = Tail::new(&self.console);
+        let mut crash = crate::timeline::CrashWatch::default();
         // (signal, when the guest was asked to stop, whether the VMM was signalled)
         let mut stopping: Option<(i32, Instant, bool)> = None;
         let result = 'watch: loop {
-            console.drain(&mut sink);
+            if let Some(cause) = crash.feed(&console.drain(&mut sink)) {
+                break Err(self.crashed(cause));
+            }
             let sig = signals.take().unwrap_or(0);
             match (&mut stopping, sig) {
                 (None, 0) => {}
@@ -340,7 +343,7 @@ impl RunningVm {
     }
 
     /// The guest's own report wins; without one, the code says who ended the run.
-    fn exit_code(&self, status: std::process::ExitStatus, stop_signal: Option<i32>) -> Result<VmExit, VmError> {
+    fn exit_code(&mut self, status: std::process::ExitStatus, stop_signal: Option<i32>) -> Result<VmExit, VmError> {
         let path = self.share.join(EXIT_CODE_FILE);
         if let Some(code) = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()) {
             return Ok(VmExit::Guest(code));
@@ -348,8 +351,27 @@ impl RunningVm {
         match (stop_signal, status.signal()) {
             (Some(signal), _) => Ok(VmExit::Stopped { signal }),
             (None, Some(signal)) => Ok(VmExit::VmmKilled { signal }),
-            (None, None) => Err(VmError::NoExitCode { status: status.to_string(), console: self.console.clone() }),
+            (None, None) => {
+                let console = fs::read_to_string(&self.console).unwrap_or_default();
+                match crate::timeline::guest_crash(&console) {
+                    Some(cause) => Err(self.crashed(cause)),
+                    None => Err(VmError::NoExitCode {
+                        status: status.to_string(),
+                        console: self.console.clone(),
+                        tail: console_tail(&self.console),
+                    }),
+                }
+            }
         }
+    }
+
+    /// The guest panicked (`cause`, its kernel's words): stops the VMM and its network now, and
+    /// says why with the console's last lines.
+    pub fn crashed(&mut self, cause: String) -> VmError {
+        tracing::warn!(%cause, "the guest crashed; stopping the VMM");
+        self.stop();
+        self.net.take();
+        VmError::GuestCrashed { cause, console: self.console.clone(), tail: console_tail(&self.console) }
     }
 
     /// Asks the guest's init to stop its workload (see [`STOP_REQUEST_FILE`]).
@@ -464,12 +486,24 @@ impl Tail {
         buf
     }
 
-    fn drain(&mut self, sink: &mut Option<&mut dyn Write>) {
-        let Some(sink) = sink.as_mut() else { return };
+    /// Reads what was appended, copies it to `sink` if there is one, and returns it.
+    fn drain(&mut self, sink: &mut Option<&mut dyn Write>) -> Vec<u8> {
         let buf = self.read_new();
-        if !buf.is_empty() {
+        if let (Some(sink), false) = (sink.as_mut(), buf.is_empty()) {
             let _ = sink.write_all(&buf);
             let _ = sink.flush();
         }
+        buf
     }
+}
+
+/// How many console lines an error quotes.
+pub const CONSOLE_TAIL_LINES: usize = 30;
+
+/// The last [`CONSOLE_TAIL_LINES`] lines of the console at `path`, for an error to quote: the
+/// file may be gone (a temporary state directory) by the time the message is read.
+pub fn console_tail(path: &Path) -> String {
+    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
 }

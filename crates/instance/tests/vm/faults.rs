@@ -1,0 +1,117 @@
+//! Faults and bad input: a guest that crashes while it boots, artifacts that cannot boot, a
+//! forward's port taken by someone else, racing supervisors, a damaged instance directory, a
+//! guest that floods its console. Each trial ends with nothing of it running and no half-written
+//! state, and asserts both.
+//!
+//! Each trial breaks its own copy of the artifacts; the shared artifacts are never touched.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use libtest_mimic::Failed;
+use openshell_instance::check::{self, Verification};
+use openshell_vm::{VmError, VmmChoice};
+
+use crate::support::{self, copy, processes_mentioning, Artifacts, TrialDir};
+use crate::trials::Body;
+
+pub const TRIALS: &[(&str, Body)] = &[
+    ("faults::init_that_exits_fails_fast_with_the_cause", init_that_exits_fails_fast_with_the_cause),
+    ("faults::gateway_whose_init_cannot_run_fails_fast", gateway_whose_init_cannot_run_fails_fast),
+];
+
+/// A copy of the rootfs whose `/sbin/openshell-init` is `init` (mode 0755): the guest kernel runs
+/// it as PID 1. The file is replaced, not written through (it could be a link into the store).
+fn rootfs_with_init(a: &Artifacts, dir: &TrialDir, init: &[u8]) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = dir.path().join("rootfs");
+    copy(&a.rootfs, &root)?;
+    let path = root.join("sbin/openshell-init");
+    std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(&path, init).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    Ok(root)
+}
+
+/// Nothing started on the trial's paths still runs (a VMM, passt, a supervisor).
+fn nothing_left(dir: &Path) -> Result<(), String> {
+    let left = processes_mentioning(&dir.to_string_lossy());
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("processes left running: {left:?}"))
+    }
+}
+
+/// A guest whose init exits at once: the kernel panics ("Attempted to kill init!"), and the run
+/// ends with that cause and the console's last lines, not a wait for a report that never comes.
+/// The console's tail is in the error itself, so a temporary state directory gone by the time it
+/// is read costs nothing.
+fn init_that_exits_fails_fast_with_the_cause(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let root = rootfs_with_init(a, &dir, b"#!/bin/sh\necho fault-trial-init-exits\nexit 3\n")?;
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
+    cfg.rootfs = root;
+    let (mut vm, _) = match check::launch_checked(&cfg, Verification::AllowUnverified) {
+        Ok(v) => v,
+        Err(e) => return Err(dir.fail(format!("launch with --allow-unverified failed: {e}"))),
+    };
+    let vmm_pid = vm.pid();
+    let result = vm.wait(None, Some(support::GUEST_TIMEOUT));
+    let took = vm.started.elapsed();
+    drop(vm);
+    support::note(format!("init that exits: the run ended {:.2} s after the VMM started", took.as_secs_f64()));
+    let msg = match result {
+        Err(e @ VmError::GuestCrashed { .. }) => e.to_string(),
+        Err(e) => return Err(dir.fail(format!("the run failed, but not as a crash: {e}"))),
+        Ok(exit) => return Err(dir.fail(format!("the run ended as if the guest were fine: {exit}"))),
+    };
+    // The kernel's own cause, and the console's tail showing what the guest printed before it.
+    for part in ["Attempted to kill init", "fault-trial-init-exits", &cfg.console_path().display().to_string()] {
+        if !msg.contains(part) {
+            return Err(dir.fail(format!("the error does not carry {part:?}:\n{msg}")));
+        }
+    }
+    if support::process_exists(vmm_pid) {
+        return Err(dir.fail(format!("the VMM (pid {vmm_pid}) still runs after the crash was reported")));
+    }
+    nothing_left(&dir.path()).map_err(|e| dir.fail(e))
+}
+
+/// A gateway instance (`vm run` with `--allow-unverified`) whose init is not a program the kernel
+/// can run: the kernel panics ("Requested init … failed"), and the boot fails with that cause at
+/// once rather than after the ready timeout. Nothing runs after, the instance lock is free and
+/// its metadata names no process.
+fn gateway_whose_init_cannot_run_fails_fast(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let root = rootfs_with_init(a, &dir, b"\x00\x01 not a program \x02\x03\n")?;
+    let started = Instant::now();
+    let result = support::with_free_port(|port| {
+        let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
+        g.req.rootfs = root.clone();
+        match g.boot_with(Verification::AllowUnverified) {
+            Ok(up) => Ok(Err(format!("the gateway came up on a rootfs whose init cannot run ({})", up.endpoint))),
+            Err(e) => Ok(Ok((g, e))),
+        }
+    });
+    let took = started.elapsed();
+    let (g, err) = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) | Err(e) => return Err(dir.fail(e)),
+    };
+    support::note(format!(
+        "gateway whose init cannot run: boot failed after {:.2} s (ready timeout {} s)",
+        took.as_secs_f64(),
+        g.req.ready_timeout.as_secs()
+    ));
+    let msg = err.to_string();
+    if !matches!(err, VmError::GuestCrashed { .. }) || !msg.contains("Requested init /sbin/openshell-init failed") {
+        return Err(dir.fail(format!("expected the guest's crash as the cause, got: {msg}")));
+    }
+    if let Err(e) = nothing_left(&dir.path()) {
+        return Err(dir.fail(e));
+    }
+    let status = g.inst.status();
+    if status.running || !status.stale.is_empty() || status.vm_pid.is_some() {
+        return Err(dir.fail(format!("the instance is left half-started: {status:?}")));
+    }
+    Ok(())
+}
