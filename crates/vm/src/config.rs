@@ -85,6 +85,7 @@ impl VmConfig {
         if !self.kernel.is_file() {
             return Err(VmError::KernelMissing(self.kernel.clone()));
         }
+        crate::kernel_image::check(&self.kernel, self.arch)?;
         if !self.rootfs.join("sbin/openshell-init").is_file() {
             return Err(VmError::RootfsMissing(self.rootfs.clone()));
         }
@@ -149,7 +150,7 @@ mod tests {
     fn cfg(dir: &std::path::Path) -> VmConfig {
         std::fs::create_dir_all(dir.join("root/sbin")).unwrap();
         std::fs::write(dir.join("root/sbin/openshell-init"), "").unwrap();
-        std::fs::write(dir.join("vmlinux"), "").unwrap();
+        std::fs::write(dir.join("vmlinux"), crate::kernel_image::minimal_image(Arch::host())).unwrap();
         VmConfig::exec(dir.join("vmlinux"), dir.join("root"), dir.join("state"), vec!["/bin/true".into()])
     }
 

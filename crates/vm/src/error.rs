@@ -7,6 +7,10 @@ use std::path::PathBuf;
 pub enum VmError {
     #[error("guest kernel not found at {0}; build it with `cargo xtask kernel`")]
     KernelMissing(PathBuf),
+    #[error(
+        "the guest kernel {path} cannot boot: {why}; rebuild it with `cargo xtask kernel` (or point at a good one)"
+    )]
+    BadKernel { path: PathBuf, why: String },
     #[error("rootfs not usable at {0} (no /sbin/openshell-init); bake it with `cargo xtask rootfs`")]
     RootfsMissing(PathBuf),
     #[error("invalid VM config: {0}")]

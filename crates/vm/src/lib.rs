@@ -10,6 +10,7 @@ pub mod child;
 pub mod config;
 pub mod error;
 pub mod host;
+pub mod kernel_image;
 pub mod launch;
 pub mod nested;
 pub mod net;

@@ -18,6 +18,7 @@ use crate::trials::Body;
 pub const TRIALS: &[(&str, Body)] = &[
     ("faults::init_that_exits_fails_fast_with_the_cause", init_that_exits_fails_fast_with_the_cause),
     ("faults::gateway_whose_init_cannot_run_fails_fast", gateway_whose_init_cannot_run_fails_fast),
+    ("faults::bad_boot_artifacts_are_refused_before_boot", bad_boot_artifacts_are_refused_before_boot),
 ];
 
 /// A copy of the rootfs whose `/sbin/openshell-init` is `init` (mode 0755): the guest kernel runs
@@ -114,4 +115,61 @@ fn gateway_whose_init_cannot_run_fails_fast(a: &Artifacts, vmm: VmmChoice, dir: 
         return Err(dir.fail(format!("the instance is left half-started: {status:?}")));
     }
     Ok(())
+}
+
+/// `vm run --exec … --allow-unverified` on a kernel cut in half, on a kernel that is not a kernel,
+/// and on a rootfs without `/sbin/openshell-init`: each refused before any VMM starts, with an
+/// error naming the file and what is wrong, and no VMM log, console or process left.
+fn bad_boot_artifacts_are_refused_before_boot(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_refusal_before_boot();
+    let kernel_copy = |name: &str, bytes: &[u8]| -> Result<PathBuf, String> {
+        // With its provenance record beside it, so the preflight's digest check (a warning under
+        // --allow-unverified) is what it would be for a damaged store entry.
+        let kdir = dir.path().join(name);
+        std::fs::create_dir_all(&kdir).map_err(|e| e.to_string())?;
+        copy(&a.kernel.parent().ok_or("the kernel path has no directory")?.join("provenance.json"), &kdir)?;
+        let path = kdir.join(a.kernel.file_name().ok_or("the kernel path has no file name")?);
+        std::fs::write(&path, bytes).map_err(|e| e.to_string())?;
+        Ok(path)
+    };
+    let whole = std::fs::read(&a.kernel).map_err(|e| e.to_string())?;
+    let truncated = kernel_copy("truncated", &whole[..whole.len() / 2])?;
+    let not_elf = kernel_copy("not-elf", b"this is not a kernel\n")?;
+    let no_init = dir.path().join("rootfs-without-init");
+    copy(&a.rootfs, &no_init)?;
+    std::fs::remove_file(no_init.join("sbin/openshell-init")).map_err(|e| e.to_string())?;
+    // (case, kernel, rootfs, what the error must say besides the broken file's path)
+    type Case<'a> = (&'a str, Option<&'a Path>, Option<&'a Path>, &'a [&'a str]);
+    let cases: [Case; 3] = [
+        ("truncated kernel", Some(&truncated), None, &["truncated", "cargo xtask kernel"]),
+        ("non-ELF kernel", Some(&not_elf), None, &["not an ELF file", "cargo xtask kernel"]),
+        ("rootfs without init", None, Some(&no_init), &["/sbin/openshell-init", "cargo xtask rootfs"]),
+    ];
+    for (case, kernel, rootfs, words) in cases {
+        let state = dir.path().join(format!("state-{}", case.replace(' ', "-")));
+        let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
+        cfg.state_dir = state.clone();
+        if let Some(k) = kernel {
+            cfg.kernel = k.to_owned();
+        }
+        if let Some(r) = rootfs {
+            cfg.rootfs = r.to_owned();
+        }
+        let named = kernel.or(rootfs).expect("each case breaks one artifact").display().to_string();
+        let msg = match check::launch_checked(&cfg, Verification::AllowUnverified) {
+            Ok((vm, _)) => {
+                drop(vm);
+                return Err(dir.fail(format!("{case}: the VM was started")));
+            }
+            Err(e) => e.to_string(),
+        };
+        println!("{case}: {msg}");
+        if let Some(w) = [named.as_str()].iter().chain(words).find(|w| !msg.contains(**w)) {
+            return Err(dir.fail(format!("{case}: the error does not say {w:?}:\n{msg}")));
+        }
+        if let Some(f) = ["vmm.log", "console.log"].iter().find(|f| state.join(f).exists()) {
+            return Err(dir.fail(format!("{case}: {f} exists: a VMM was started before the refusal")));
+        }
+    }
+    nothing_left(&dir.path()).map_err(|e| e.into())
 }
