@@ -19,6 +19,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("faults::init_that_exits_fails_fast_with_the_cause", init_that_exits_fails_fast_with_the_cause),
     ("faults::gateway_whose_init_cannot_run_fails_fast", gateway_whose_init_cannot_run_fails_fast),
     ("faults::bad_boot_artifacts_are_refused_before_boot", bad_boot_artifacts_are_refused_before_boot),
+    ("faults::port_taken_before_the_forward_binds_is_detected", port_taken_before_the_forward_binds_is_detected),
 ];
 
 /// A copy of the rootfs whose `/sbin/openshell-init` is `init` (mode 0755): the guest kernel runs
@@ -172,4 +173,53 @@ fn bad_boot_artifacts_are_refused_before_boot(a: &Artifacts, vmm: VmmChoice, dir
         }
     }
     nothing_left(&dir.path()).map_err(|e| e.into())
+}
+
+/// The forward's port taken by another process after the preflight found it free, before passt
+/// binds it. No hook can hold a real launch between its port check and passt's bind, so this
+/// takes the port first and starts the network the way `launch` does after its check
+/// (`net::start`): passt cannot bind and exits, and the start must say the port is taken, not
+/// report the other process's listener as the forward. passt is gone after, and the other
+/// process still has its port.
+fn port_taken_before_the_forward_binds_is_detected(a: &Artifacts, _: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let _ = a;
+    dir.expect_refusal_before_boot();
+    let theirs = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = theirs.local_addr().map_err(|e| e.to_string())?.port();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+    let ports = [openshell_vm::PortMap { host: port, guest: 8080 }];
+    let started = Instant::now();
+    let result =
+        openshell_vm::net::start(&openshell_vm::NetMode::Passt, &ports, openshell_vm::net::Attach::Qemu, &state);
+    let took = started.elapsed();
+    let passt_log = std::fs::read_to_string(state.join("passt.log")).unwrap_or_default();
+    support::note(format!(
+        "port taken before passt's bind: the start ended after {:.2} s; passt said: {}",
+        took.as_secs_f64(),
+        passt_log.lines().last().unwrap_or("(nothing)")
+    ));
+    match result {
+        Err(e @ VmError::PortInUse(p)) if p == port => println!("refused: {e}"),
+        Err(e) => return Err(dir.fail(format!("the start failed, but not naming port {port} as taken: {e}"))),
+        Ok(_) => {
+            return Err(dir.fail(format!("the forward was reported up on port {port}, which another process holds")))
+        }
+    }
+    let passt = processes_mentioning(&format!("127.0.0.1/{port}:8080"));
+    if !passt.is_empty() {
+        return Err(dir.fail(format!("passt is left running: {passt:?}")));
+    }
+    // The port is still the other process's: a connection reaches its listener.
+    let client = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    theirs.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let accepted = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        theirs.accept().is_ok()
+    });
+    drop(client);
+    if !accepted {
+        return Err(dir.fail(format!("the other process's listener on {port} no longer gets its connections")));
+    }
+    Ok(())
 }
