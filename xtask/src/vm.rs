@@ -222,7 +222,11 @@ impl RunArgs {
         let pki = if cold { "new PKI" } else { "reused PKI" };
         if self.detach {
             // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
-            show_warnings(&check::preflight(&req.config()?, verification)?);
+            let preflight = check::preflight(&req.config()?, verification);
+            // A twin `vm run --name` started since the first check holds the port by now: say
+            // that the instance runs, not that its port is in use.
+            inst.ensure_stopped()?;
+            show_warnings(&preflight?);
             let supervisor = crate::artifacts::build_supervisor(&sh)?;
             let up = supervise::detach(&supervisor, &req)?;
             eprintln!(

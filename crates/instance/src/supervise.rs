@@ -182,11 +182,19 @@ pub struct Detached {
 pub fn detach(supervisor: &Path, req: &Request) -> Result<Detached, VmError> {
     let inst = req.instance()?;
     fs::create_dir_all(&inst.dir).map_err(|source| VmError::Io { path: inst.dir.clone(), source })?;
+    // Until its supervisor holds the lock, a twin `vm run --detach` of the same name may be here
+    // too: the request is renamed into place whole (a supervisor never reads half of one), and
+    // the log is appended to, so the refused twin's words do not overwrite the winner's.
     let req_path = inst.dir.join("supervise.json");
+    let tmp = inst.dir.join(format!(".supervise.json.{}.tmp", std::process::id()));
     let json = serde_json::to_vec_pretty(req).expect("the request serializes");
-    fs::write(&req_path, json).map_err(|source| VmError::Io { path: req_path.clone(), source })?;
+    fs::write(&tmp, json)
+        .and_then(|()| fs::rename(&tmp, &req_path))
+        .map_err(|source| VmError::Io { path: req_path.clone(), source })?;
     let log_path = inst.dir.join("supervisor.log");
-    let log = fs::File::create(&log_path).map_err(|source| VmError::Io { path: log_path.clone(), source })?;
+    let log = fs::File::create(&log_path)
+        .and_then(|_| fs::OpenOptions::new().append(true).open(&log_path))
+        .map_err(|source| VmError::Io { path: log_path.clone(), source })?;
     let log2 = log.try_clone().map_err(|source| VmError::Io { path: log_path.clone(), source })?;
     let mut cmd = std::process::Command::new(supervisor);
     cmd.arg(&req_path).stdin(std::process::Stdio::null()).stdout(log).stderr(log2);
@@ -210,6 +218,8 @@ pub fn detach(supervisor: &Path, req: &Request) -> Result<Detached, VmError> {
         }
         let log = || fs::read_to_string(&log_path).unwrap_or_default();
         if let Ok(Some(status)) = child.try_wait() {
+            // Refused because a twin took the instance first: that, naming it, is the answer.
+            inst.ensure_stopped()?;
             return Err(VmError::Instance(format!(
                 "the gateway supervisor exited ({status}) before it was ready; its log ({}):\n{}",
                 log_path.display(),

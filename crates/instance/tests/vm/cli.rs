@@ -27,6 +27,7 @@ use crate::trials::Body;
 pub const TRIALS: &[(&str, Body)] = &[
     ("cli::detach_status_logs_and_stop", detach_status_logs_and_stop),
     ("cli::second_run_of_a_running_name_is_refused", second_run_of_a_running_name_is_refused),
+    ("cli::two_runs_of_one_name_at_once_boot_exactly_one", two_runs_of_one_name_at_once_boot_exactly_one),
     ("cli::reset_replaces_the_pki", reset_replaces_the_pki),
     ("cli::ready_timeout_expiry_leaves_nothing_running", ready_timeout_expiry_leaves_nothing_running),
     ("cli::sigint_stops_a_foreground_run", sigint_stops_a_foreground_run),
@@ -518,6 +519,85 @@ fn second_run_refused_in(cli: &Cli) -> Result<(), String> {
     }
     let doc = st.json()?;
     expect_fields(&doc, "status --json after refused runs", &[("supervisor_pid", json!(sup)), ("vm_pid", json!(vm))])
+}
+
+fn two_runs_of_one_name_at_once_boot_exactly_one(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| twin_runs_in(cli))
+}
+
+/// Two `vm run --detach --name twins` started together, on a new name (so they also race to make
+/// its PKI), while a third party keeps testing the instance lock as `vm status` does: exactly one
+/// boots, the other is refused naming the first's supervisor, and the one that runs is whole (its
+/// PKI serves it, it alone holds the lock, one VMM runs). The tester's probes take the lock for an
+/// instant each; a supervisor starting in such an instant must not take it for a twin.
+fn twin_runs_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("twins", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    let publish = format!("{port}:30051");
+    let args = ["vm", "run", "--detach", "--name", name, "-p", &publish, "--vmm", cli.vmm];
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (inst, done) = (inst.clone(), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut probes = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = inst.locked();
+                probes += 1;
+            }
+            probes
+        })
+    };
+    let started = Instant::now();
+    let (a, b) = (cli.spawn(&args), cli.spawn(&args));
+    let ran = a.and_then(|a| b.map(|b| (a, b))).and_then(|(a, b)| Ok((a.wait(COMMAND_LIMIT)?, b.wait(COMMAND_LIMIT)?)));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let probes = prober.join().map_err(|_| "the lock prober panicked".to_owned())?;
+    let (a, b) = ran?;
+    support::note(format!(
+        "twin runs: both ended after {:.2} s; {probes} lock probes meanwhile",
+        started.elapsed().as_secs_f64()
+    ));
+    let (up, refused) = match (a.code, b.code) {
+        (Some(0), Some(1)) => (a, b),
+        (Some(1), Some(0)) => (b, a),
+        _ => return Err(format!("expected one run to exit 0 and the other 1:\n{}\n{}", a.show(), b.show())),
+    };
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+    let names = format!("already running (supervisor pid {sup}); stop it with `cargo xtask vm stop --name {name}`");
+    if !up.stderr.contains(&format!("SERVING over mTLS at 127.0.0.1:{port}")) || !refused.stderr.contains(&names) {
+        return Err(format!(
+            "the run that exited 0 must say SERVING, the other must name supervisor {sup}:\n{}\n{}",
+            up.show(),
+            refused.show()
+        ));
+    }
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    if st.code != Some(0) {
+        return Err(format!("the instance that won is not SERVING:\n{}", st.show()));
+    }
+    check_status_serving(cli, &st.json()?, name, port)?;
+    // The VMM's command line names its files by fd, so its supervisor says whose it is.
+    let vmms: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let p = procfs::process(pid);
+            p.program_is_any(&[vmm_program(cli.vmm)])
+                && p.ppid.is_some_and(|sup| procfs::process(sup).cmdline.contains(&*cli.dir.to_string_lossy()))
+        })
+        .collect();
+    if vmms != [vm] {
+        return Err(format!("expected the one VMM {vm} of the instance, found {vmms:?}"));
+    }
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    if stop.code != Some(0) || !left.is_empty() {
+        return Err(format!("after vm stop: {left:?} left\n{}", stop.show()));
+    }
+    Ok(())
 }
 
 fn reset_replaces_the_pki(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
