@@ -137,6 +137,9 @@ impl VmCmd {
             }
             VmSub::Stop { name } => {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
+                for p in inst.problems() {
+                    eprintln!("gateway {name:?}: {p}");
+                }
                 let stopped = inst.stop(Duration::from_secs(15))?;
                 eprintln!("gateway {name:?}: {}", if stopped { "stopped" } else { "was not running" });
                 Ok(ExitCode::SUCCESS)
@@ -145,6 +148,12 @@ impl VmCmd {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
                 let path = inst.console_path();
                 if !path.exists() {
+                    if inst.read_metadata().is_some() {
+                        anyhow::bail!(
+                            "{}: the console log of gateway {name:?} is gone (deleted?); the next boot starts a new one",
+                            path.display()
+                        );
+                    }
                     anyhow::bail!("{}: no console yet; has gateway {name:?} ever run?", path.display());
                 }
                 let mut console = openshell_vm::launch::Tail::new(&path);
@@ -221,6 +230,10 @@ impl RunArgs {
         req.restart = self.restart;
         let pki = if cold { "new PKI" } else { "reused PKI" };
         if self.detach {
+            // What the supervisor's recovery will repair (its log says it did), said here too.
+            for p in inst.problems() {
+                eprintln!("gateway {:?}: {p}", inst.name);
+            }
             // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
             let preflight = check::preflight(&req.config()?, verification);
             // A twin `vm run --name` started since the first check holds the port by now: say
@@ -311,8 +324,14 @@ fn show_warnings(p: &check::Preflight) {
     }
 }
 
-/// `vm status` for a person: one line, no Rust `Debug` forms.
+/// `vm status` for a person: one line, then one per problem with its files; no Rust `Debug` forms.
 fn status_line(st: &openshell_instance::status::Status) -> String {
+    let problems: String = st.problems.iter().map(|p| format!("\n  problem: {p}")).collect();
+    format!("{}{problems}", status_summary(st))
+}
+
+/// [`status_line`] without the instance's file problems.
+fn status_summary(st: &openshell_instance::status::Status) -> String {
     let name = &st.name;
     let pid = |p: Option<u32>| p.map_or("-".to_owned(), |p| p.to_string());
     let endpoint = st.endpoint.as_deref().unwrap_or("-");

@@ -244,8 +244,63 @@ impl GatewayInstance {
         Ok(cfg)
     }
 
+    /// The metadata, when there is a readable one.
     pub fn read_metadata(&self) -> Option<Metadata> {
-        serde_json::from_slice(&fs::read(self.metadata_path()).ok()?).ok()
+        self.load_metadata().ok().flatten()
+    }
+
+    /// The metadata (`None`: never written), or what is wrong with the file, in words a user
+    /// can act on: unreadable, truncated, not valid JSON.
+    pub fn load_metadata(&self) -> Result<Option<Metadata>, String> {
+        let path = self.metadata_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{} cannot be read: {e}", path.display())),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            let how = if e.is_eof() { "truncated" } else { "corrupt" };
+            format!("{} is {how} ({e}); the next `vm run` writes a new one", path.display())
+        })
+    }
+
+    /// What is wrong with the instance's files, one line each, for `vm status`: unreadable
+    /// metadata, a console log gone after a boot, a directory others can read (the client key is
+    /// in it).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let meta = match self.load_metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(e);
+                None
+            }
+        };
+        if let Some(m) = &meta {
+            let console = m.console_log.clone().unwrap_or_else(|| self.vm_dir().join("console.log"));
+            if !console.exists() {
+                out.push(format!(
+                    "the console log {} is gone (deleted?); the next boot starts a new one",
+                    console.display()
+                ));
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(mode) = fs::metadata(&self.dir).ok().map(|m| m.permissions().mode() & 0o777) {
+            if mode != 0o700 {
+                out.push(format!(
+                    "{} is mode {mode:o}, not 700: other users may read the client key in it; the next `vm run` sets it back",
+                    self.dir.display()
+                ));
+            }
+        }
+        out
+    }
+
+    /// The pid holding the instance lock, as it wrote it into the lock file (see [`Self::lock`]);
+    /// meaningful only while [`Self::locked`].
+    pub fn lock_holder(&self) -> Option<u32> {
+        fs::read_to_string(self.lock_path()).ok().and_then(|t| t.trim().parse().ok())
     }
 
     pub fn lock_path(&self) -> PathBuf {
@@ -283,8 +338,8 @@ impl GatewayInstance {
     }
 
     fn already_running(&self) -> VmError {
-        let from_lock = fs::read_to_string(self.lock_path()).ok().and_then(|t| t.trim().parse::<u32>().ok());
-        let holder = from_lock
+        let holder = self
+            .lock_holder()
             .or_else(|| self.read_metadata().and_then(|m| m.supervisor_pid))
             .map_or("unknown".into(), |p| p.to_string());
         VmError::Instance(format!(

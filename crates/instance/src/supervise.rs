@@ -449,8 +449,29 @@ pub fn recover(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
 
 /// [`recover`] for a caller that holds the instance lock itself.
 fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
-    let Some(mut meta) = inst.read_metadata() else { return Ok(Vec::new()) };
     let mut done = Vec::new();
+    // A directory others can read holds the client key: put it back to 0700.
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(mode) = fs::metadata(&inst.dir).ok().map(|m| m.permissions().mode() & 0o777).filter(|&m| m != 0o700) {
+        fs::set_permissions(&inst.dir, fs::Permissions::from_mode(0o700))
+            .map_err(|source| VmError::Io { path: inst.dir.clone(), source })?;
+        done.push(format!("{} was mode {mode:o}; set back to 700", inst.dir.display()));
+    }
+    let mut meta = match inst.load_metadata() {
+        Ok(Some(meta)) => meta,
+        Ok(None) => return Ok(done),
+        // Its pids are lost with it (the processes died with their supervisor, PR_SET_DEATHSIG):
+        // keep the bytes for inspection and start afresh.
+        Err(why) => {
+            let aside = inst.dir.join("metadata.json.unreadable");
+            fs::rename(inst.metadata_path(), &aside).map_err(|source| VmError::Io { path: aside.clone(), source })?;
+            done.push(format!("{why}; moved it to {}", aside.display()));
+            for line in &done {
+                tracing::warn!(gateway = %inst.name, "recovered stale state: {line}");
+            }
+            return Ok(done);
+        }
+    };
     // The network helpers first: passt exits by itself once its VMM is gone, so killing the VMM
     // first would race it and report a helper that was alive as "already gone".
     let recorded: [(&str, Option<u32>, &[&str]); 3] = [
@@ -482,9 +503,9 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
         meta.gvproxy_pid = None;
         meta.supervisor_pid = None;
         inst.write_metadata(&meta)?;
-        for line in &done {
-            tracing::warn!(gateway = %inst.name, "recovered stale state: {line}");
-        }
+    }
+    for line in &done {
+        tracing::warn!(gateway = %inst.name, "recovered stale state: {line}");
     }
     Ok(done)
 }
