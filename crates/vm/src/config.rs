@@ -9,6 +9,10 @@ use crate::{NetMode, PortMap};
 
 pub use crate::error::VmError;
 
+/// [`VmConfig::console_cap`] unless set: a boot's console is some KiB, and a gateway's log of
+/// refused connections is summarised; this is far above both, and far below a disk.
+pub const DEFAULT_CONSOLE_CAP: u64 = 16 * 1024 * 1024;
+
 /// One VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -24,6 +28,8 @@ pub struct VmConfig {
     pub state_dir: PathBuf,
     /// Where the guest console is recorded (default: `<state_dir>/console.log`).
     pub console_log: Option<PathBuf>,
+    /// The console log's bound in bytes, per boot (QEMU; see [`crate::console`]).
+    pub console_cap: u64,
     pub vmm: VmmChoice,
     /// libkrun log level (0 off … 5 trace).
     pub log_level: u32,
@@ -62,6 +68,7 @@ impl VmConfig {
             exec: ExecRequest { argv, env: Vec::new(), workdir: None },
             state_dir,
             console_log: None,
+            console_cap: DEFAULT_CONSOLE_CAP,
             vmm: VmmChoice::Auto,
             log_level: 0,
             net: NetMode::None,

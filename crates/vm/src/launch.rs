@@ -104,6 +104,9 @@ pub struct RunningVm {
     pub started: Instant,
     /// passt or gvproxy, stopped after the VMM.
     net: Option<crate::net::HostNet>,
+    /// The thread writing QEMU's console into its log (see [`crate::console`]); joined once the
+    /// VMM has exited, so the log is complete when it is read.
+    console_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -187,7 +190,16 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
     // The VMM holds its own copy now; ours must close so passt sees EOF when the VMM exits.
     drop(vmm_net_end);
+    let console_log = qemu_sandbox.as_mut().and_then(|(files, _)| files.take_console());
+    // Closes our write end of the console pipe too: the writer sees EOF when the VMM exits.
     drop(qemu_sandbox);
+    let console_writer = match console_log {
+        Some((pipe, file)) => Some(
+            crate::console::spawn_writer(pipe, file, cfg.console_cap)
+                .map_err(|source| VmError::Spawn { what: "the console log writer".into(), source })?,
+        ),
+        None => None,
+    };
     tracing::debug!(pid = child.id(), ?cmd, "VMM started");
     record_in_ledger(child.id(), backend, &cfg.state_dir);
     Ok(RunningVm {
@@ -199,6 +211,7 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
         share,
         started,
         net,
+        console_writer,
     })
 }
 
@@ -243,9 +256,22 @@ impl RunningVm {
         self.pid
     }
 
-    /// The VMM's exit status, if it has exited (without reaping it twice).
+    /// The VMM's exit status, if it has exited (without reaping it twice); the console log is
+    /// then complete.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        if status.is_some() {
+            self.console_complete();
+        }
+        status
+    }
+
+    /// Waits for the console writer to copy the last of the VMM's output (it ends at the pipe's
+    /// EOF, once the VMM has exited). Call only when the VMM is gone.
+    fn console_complete(&mut self) {
+        if let Some(writer) = self.console_writer.take() {
+            let _ = writer.join();
+        }
     }
 
     /// Which network helper has ended, and how, once one has (reaping it).
@@ -310,6 +336,7 @@ impl RunningVm {
             match child.try_wait() {
                 Ok(Some(status)) => {
                     self.child = None;
+                    self.console_complete();
                     console.drain(&mut sink);
                     break self.exit_code(status, stopping.map(|(sig, _, _)| sig));
                 }
@@ -320,6 +347,7 @@ impl RunningVm {
                     while Instant::now() < until {
                         if let Ok(Some(status)) = child.try_wait() {
                             self.child = None;
+                            self.console_complete();
                             console.drain(&mut sink);
                             break 'watch self.exit_code(status, None);
                         }
@@ -392,6 +420,12 @@ impl RunningVm {
     /// so a caller (and the VM suites) can tell a VMM that honoured SIGTERM from one that had to
     /// be killed without timing it.
     pub fn stop(&mut self) -> Stopped {
+        let how = self.stop_vmm();
+        self.console_complete();
+        how
+    }
+
+    fn stop_vmm(&mut self) -> Stopped {
         let Some(mut child) = self.child.take() else { return Stopped::AlreadyExited };
         if matches!(child.try_wait(), Ok(Some(_))) {
             return Stopped::AlreadyExited;

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod child;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod host;
 pub mod kernel_image;

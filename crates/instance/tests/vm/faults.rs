@@ -20,6 +20,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("faults::gateway_whose_init_cannot_run_fails_fast", gateway_whose_init_cannot_run_fails_fast),
     ("faults::bad_boot_artifacts_are_refused_before_boot", bad_boot_artifacts_are_refused_before_boot),
     ("faults::port_taken_before_the_forward_binds_is_detected", port_taken_before_the_forward_binds_is_detected),
+    ("faults::console_flood_is_bounded", console_flood_is_bounded),
 ];
 
 /// A copy of the rootfs whose `/sbin/openshell-init` is `init` (mode 0755): the guest kernel runs
@@ -222,4 +223,42 @@ fn port_taken_before_the_forward_binds_is_detected(a: &Artifacts, _: VmmChoice, 
         return Err(dir.fail(format!("the other process's listener on {port} no longer gets its connections")));
     }
     Ok(())
+}
+
+/// What the flooding guest prints. The emulated UART under TCG moves some hundred KiB/s, so 50 MiB
+/// would take minutes: the trial lowers the cap instead, and prints six times it.
+const FLOOD_CAP: u64 = 1024 * 1024;
+const FLOOD_BYTES: u64 = 6 * FLOOD_CAP;
+
+/// A guest that prints six times its console cap: the log stays under the cap plus the kept end,
+/// says it was truncated and how much it dropped, and still holds both the boot (init's lines)
+/// and the guest's last line; the run's exit code is the guest's.
+fn console_flood_is_bounded(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let script = format!("yes console-flood-0123456789abcdef | head -c {FLOOD_BYTES}; echo; echo flood-finished");
+    let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", &script]);
+    cfg.console_cap = FLOOD_CAP;
+    let cap = cfg.console_cap;
+    let started = Instant::now();
+    let (code, console, dir) = support::run(&cfg, dir)?;
+    let took = started.elapsed().as_secs_f64();
+    let size = std::fs::metadata(cfg.console_path()).map_err(|e| e.to_string())?.len();
+    support::note(format!(
+        "console flood: {} MiB printed in {took:.1} s ({:.0} KiB/s through the UART); log {size} bytes (cap {cap})",
+        FLOOD_BYTES >> 20,
+        FLOOD_BYTES as f64 / 1024.0 / took
+    ));
+    let bound = cap + openshell_vm::console::KEEP_LAST as u64 + 1024;
+    let checks = [
+        (code == 0, format!("the guest's exit code is {code}, not 0")),
+        (size <= bound, format!("the log is {size} bytes, over its bound {bound}")),
+        (console.contains(&format!("{} {cap} bytes", openshell_vm::console::CAP_MARKER)), "no cap marker".into()),
+        (console.contains("bytes of console output were dropped"), "no count of dropped bytes".into()),
+        (console.contains("openshell-init: ["), "the boot's lines are gone".into()),
+        // The workload's last line, then init's power-off lines.
+        (support::tail(&console, 4).contains("flood-finished"), "the guest's last line is not at the end".into()),
+    ];
+    match checks.iter().find(|(ok, _)| !ok) {
+        Some((_, why)) => Err(dir.fail(why.clone())),
+        None => Ok(()),
+    }
 }
