@@ -487,12 +487,10 @@ pub fn wait_ready(
 }
 
 fn not_ready(vm: &RunningVm, why: &str) -> VmError {
-    let tail = openshell_vm::launch::console_tail(&vm.console);
-    VmError::NotReady(format!(
-        "{why}\n--- console {} (last {} lines) ---\n{tail}",
-        vm.console.display(),
-        openshell_vm::launch::CONSOLE_TAIL_LINES
-    ))
+    let console = fs::read_to_string(&vm.console).unwrap_or_default();
+    let lines: Vec<&str> = console.lines().collect();
+    let tail = lines[lines.len().saturating_sub(50)..].join("\n");
+    VmError::NotReady(format!("{why}\n--- console (last 50 lines) ---\n{tail}"))
 }
 
 #[cfg(test)]
