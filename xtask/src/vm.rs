@@ -137,6 +137,9 @@ impl VmCmd {
             }
             VmSub::Stop { name } => {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
+                for p in inst.problems() {
+                    eprintln!("gateway {name:?}: {p}");
+                }
                 let stopped = inst.stop(Duration::from_secs(15))?;
                 eprintln!("gateway {name:?}: {}", if stopped { "stopped" } else { "was not running" });
                 Ok(ExitCode::SUCCESS)
@@ -145,6 +148,12 @@ impl VmCmd {
                 let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
                 let path = inst.console_path();
                 if !path.exists() {
+                    if inst.read_metadata().is_some() {
+                        anyhow::bail!(
+                            "{}: the console log of gateway {name:?} is gone (deleted?); the next boot starts a new one",
+                            path.display()
+                        );
+                    }
                     anyhow::bail!("{}: no console yet; has gateway {name:?} ever run?", path.display());
                 }
                 let mut console = openshell_vm::launch::Tail::new(&path);
@@ -223,8 +232,16 @@ impl RunArgs {
         req.restart = self.restart;
         let pki = if cold { "new PKI" } else { "reused PKI" };
         if self.detach {
+            // What the supervisor's recovery will repair (its log says it did), said here too.
+            for p in inst.problems() {
+                eprintln!("gateway {:?}: {p}", inst.name);
+            }
             // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
-            show_warnings(&check::preflight(&req.config()?, verification)?);
+            let preflight = check::preflight(&req.config()?, verification);
+            // A twin `vm run --name` started since the first check holds the port by now: say
+            // that the instance runs, not that its port is in use.
+            inst.ensure_stopped()?;
+            show_warnings(&preflight?);
             let supervisor = crate::artifacts::build_supervisor(&sh)?;
             let up = supervise::detach(&supervisor, &req)?;
             eprintln!(
@@ -290,7 +307,14 @@ impl RunArgs {
         let (mut vm, preflight) = check::launch_checked(&cfg, verification)?;
         show_warnings(&preflight);
         eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
-        let exit = vm.wait(Some(&mut std::io::stdout()), None)?;
+        let exit = match vm.wait(Some(&mut std::io::stdout()), None) {
+            Ok(exit) => exit,
+            // The error names the console in the temporary state directory: keep it to be read.
+            Err(e) => match tmp.map(tempfile::TempDir::keep) {
+                Some(kept) => anyhow::bail!("{e}\n(state directory kept for inspection: {})", kept.display()),
+                None => return Err(e.into()),
+            },
+        };
         eprintln!("vm: {exit} after {:.2}s", vm.started.elapsed().as_secs_f64());
         Ok(exit.code())
     }
@@ -304,8 +328,14 @@ fn show_warnings(p: &check::Preflight) {
     }
 }
 
-/// `vm status` for a person: one line, no Rust `Debug` forms.
+/// `vm status` for a person: one line, then one per problem with its files; no Rust `Debug` forms.
 fn status_line(st: &openshell_instance::status::Status) -> String {
+    let problems: String = st.problems.iter().map(|p| format!("\n  problem: {p}")).collect();
+    format!("{}{problems}", status_summary(st))
+}
+
+/// [`status_line`] without the instance's file problems.
+fn status_summary(st: &openshell_instance::status::Status) -> String {
     let name = &st.name;
     let pid = |p: Option<u32>| p.map_or("-".to_owned(), |p| p.to_string());
     let endpoint = st.endpoint.as_deref().unwrap_or("-");

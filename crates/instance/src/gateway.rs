@@ -105,6 +105,23 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { path, source }
 }
 
+/// Copies `from` to `to` (mode included) unless `to` already holds the same bytes.
+fn copy_if_changed(from: &Path, to: &Path) -> Result<(), VmError> {
+    let bytes = fs::read(from).map_err(io_err(from))?;
+    if fs::read(to).is_ok_and(|have| have == bytes) {
+        return Ok(());
+    }
+    fs::copy(from, to).map(drop).map_err(io_err(to))
+}
+
+/// Writes `bytes` to `path` unless it already holds them.
+fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<(), VmError> {
+    if fs::read(path).is_ok_and(|have| have == bytes) {
+        return Ok(());
+    }
+    fs::write(path, bytes).map_err(io_err(path))
+}
+
 fn pki_err(e: openshell_pki::PkiError) -> VmError {
     VmError::Invalid(format!("gateway PKI: {e}"))
 }
@@ -159,6 +176,13 @@ impl GatewayInstance {
     /// Reuses the stored PKI, or generates it on a cold boot. Returns whether it was generated.
     pub fn ensure_pki(&self) -> Result<bool, VmError> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io_err(&self.dir))?;
+        // Two `vm run`s of a new name at once must not each write half of a PKI: the second waits
+        // for the first and then finds it. A lock of its own, held for milliseconds, so it never
+        // reads as a running instance.
+        let path = self.dir.join("pki.lock");
+        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        let _pki_lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| VmError::Io { path: path.clone(), source: e.into() })?;
         let have = openshell_pki::load_client_bundle(&self.mtls_dir()).is_ok()
             && openshell_pki::load_server_material(&self.server_dir()).is_ok();
         if have {
@@ -209,16 +233,74 @@ impl GatewayInstance {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&tls).map_err(io_err(&tls))?;
         // The gateway reads the same file names the pki crate writes.
         let pki_dir = self.server_dir();
+        // Unchanged files are left alone: a second `vm run` of a running name gets here before
+        // its lock is refused, and the running guest must never read a file while it is being
+        // rewritten with the same bytes.
         for f in [openshell_pki::SERVER_CA_FILE, openshell_pki::SERVER_CERT_FILE, openshell_pki::SERVER_KEY_FILE] {
-            fs::copy(pki_dir.join(f), tls.join(f)).map_err(io_err(&tls.join(f)))?;
+            copy_if_changed(&pki_dir.join(f), &tls.join(f))?;
         }
-        fs::write(share.join("kernel.sha256"), digests.0).map_err(io_err(&share))?;
-        fs::write(share.join("rootfs.sha256"), digests.1).map_err(io_err(&share))?;
+        write_if_changed(&share.join("kernel.sha256"), digests.0.as_bytes())?;
+        write_if_changed(&share.join("rootfs.sha256"), digests.1.as_bytes())?;
         Ok(cfg)
     }
 
+    /// The metadata, when there is a readable one.
     pub fn read_metadata(&self) -> Option<Metadata> {
-        serde_json::from_slice(&fs::read(self.metadata_path()).ok()?).ok()
+        self.load_metadata().ok().flatten()
+    }
+
+    /// The metadata (`None`: never written), or what is wrong with the file, in words a user
+    /// can act on: unreadable, truncated, not valid JSON.
+    pub fn load_metadata(&self) -> Result<Option<Metadata>, String> {
+        let path = self.metadata_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{} cannot be read: {e}", path.display())),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            let how = if e.is_eof() { "truncated" } else { "corrupt" };
+            format!("{} is {how} ({e}); the next `vm run` writes a new one", path.display())
+        })
+    }
+
+    /// What is wrong with the instance's files, one line each, for `vm status`: unreadable
+    /// metadata, a console log gone after a boot, a directory others can read (the client key is
+    /// in it).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let meta = match self.load_metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                out.push(e);
+                None
+            }
+        };
+        if let Some(m) = &meta {
+            let console = m.console_log.clone().unwrap_or_else(|| self.vm_dir().join("console.log"));
+            if !console.exists() {
+                out.push(format!(
+                    "the console log {} is gone (deleted?); the next boot starts a new one",
+                    console.display()
+                ));
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        if let Some(mode) = fs::metadata(&self.dir).ok().map(|m| m.permissions().mode() & 0o777) {
+            if mode != 0o700 {
+                out.push(format!(
+                    "{} is mode {mode:o}, not 700: other users may read the client key in it; the next `vm run` sets it back",
+                    self.dir.display()
+                ));
+            }
+        }
+        out
+    }
+
+    /// The pid holding the instance lock, as it wrote it into the lock file (see [`Self::lock`]);
+    /// meaningful only while [`Self::locked`].
+    pub fn lock_holder(&self) -> Option<u32> {
+        fs::read_to_string(self.lock_path()).ok().and_then(|t| t.trim().parse().ok())
     }
 
     pub fn lock_path(&self) -> PathBuf {
@@ -226,6 +308,8 @@ impl GatewayInstance {
     }
 
     /// Takes the instance lock for as long as the returned value lives, or names who holds it.
+    /// The holder writes its pid into the lock file, so a refused twin can name it before the
+    /// holder's metadata exists (it is written once the gateway is SERVING).
     pub fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, VmError> {
         fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(io_err(&self.dir))?;
         let f = fs::OpenOptions::new()
@@ -234,7 +318,13 @@ impl GatewayInstance {
             .write(true)
             .open(self.lock_path())
             .map_err(io_err(&self.lock_path()))?;
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| self.already_running())
+        let lock = try_lock(f).map_err(|_| self.already_running())?;
+        use std::io::Write;
+        let mut file: &fs::File = &lock;
+        file.set_len(0)
+            .and_then(|()| file.write_all(std::process::id().to_string().as_bytes()))
+            .map_err(io_err(&self.lock_path()))?;
+        Ok(lock)
     }
 
     /// Fails, naming the supervisor, when the instance runs. For a caller about to touch the
@@ -248,18 +338,31 @@ impl GatewayInstance {
     }
 
     fn already_running(&self) -> VmError {
-        let holder = self.read_metadata().and_then(|m| m.supervisor_pid).map_or("unknown".into(), |p| p.to_string());
+        let holder = self
+            .lock_holder()
+            .or_else(|| self.read_metadata().and_then(|m| m.supervisor_pid))
+            .map_or("unknown".into(), |p| p.to_string());
         VmError::Instance(format!(
             "gateway {:?} is already running (supervisor pid {holder}); stop it with `cargo xtask vm stop --name {}`",
             self.name, self.name
         ))
     }
 
-    /// Whether some process holds the instance lock (a live supervisor).
+    /// Whether some process holds the instance lock (a live supervisor). On Linux this reads the
+    /// kernel's table of locks (`/proc/locks`) and never takes the lock: a test that took it, even
+    /// for an instant, would make a supervisor starting in that instant refuse to boot, as if a
+    /// twin ran. Elsewhere the lock is taken and released at once, and `try_lock`'s retry keeps
+    /// that instant from refusing a supervisor.
     pub fn locked(&self) -> bool {
-        let Ok(f) = fs::OpenOptions::new().write(true).open(self.lock_path()) else { return false };
-        // Taken and released at once when free (dropping the `Flock` unlocks).
-        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+        #[cfg(target_os = "linux")]
+        {
+            !openshell_vm::procfs::flock_holders(&self.lock_path()).is_empty()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let Ok(f) = fs::OpenOptions::new().write(true).open(self.lock_path()) else { return false };
+            try_lock(f).is_err()
+        }
     }
 
     pub fn write_metadata(&self, m: &Metadata) -> Result<(), VmError> {
@@ -276,6 +379,25 @@ impl GatewayInstance {
     }
 }
 
+/// How long a refused attempt at the instance lock is retried before the lock counts as held.
+/// Where `locked()` tests the lock by taking and releasing it (not Linux), a probe holds it for
+/// microseconds: a supervisor starting at that instant, or a second probe, must not read the
+/// probe as a running twin. A real holder keeps it for the instance's life.
+const LOCK_PROBE_GRACE: Duration = Duration::from_millis(200);
+
+/// The instance lock on `f`, retried for [`LOCK_PROBE_GRACE`] while another probe may hold it.
+fn try_lock(mut f: fs::File) -> Result<nix::fcntl::Flock<fs::File>, nix::errno::Errno> {
+    let until = Instant::now() + LOCK_PROBE_GRACE;
+    loop {
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < until => f = back,
+            Err((_, e)) => return Err(e),
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// The instance a CLI talks to by default: the last one that became ready under `root`.
 pub fn active(root: &Path) -> Option<String> {
     let name = fs::read_to_string(root.join("active")).ok()?;
@@ -287,7 +409,8 @@ pub fn now_unix() -> u64 {
 }
 
 /// Polls the gateway's mTLS health check through the forwarded port until it says SERVING.
-/// Fails with the console's last 50 lines if the VM dies or `timeout` passes; the caller's
+/// Fails at once, with the kernel's cause, when the guest panics; with the console's last lines
+/// if the VM dies or `timeout` passes; the caller's
 /// `RunningVm` then stops the VM when dropped, so nothing is left running.
 pub fn wait_ready(
     vm: &mut RunningVm,
@@ -302,8 +425,18 @@ pub fn wait_ready(
     let mut console = openshell_vm::launch::Tail::new(&vm.console);
     let mut seen = Vec::new();
     let mut listening = false;
+    let mut crash = timeline::CrashWatch::default();
     loop {
+        // A guest that panicked is done whether or not its VMM has exited yet: say why at once.
+        let new = console.read_new();
+        if let Some(cause) = crash.feed(&new) {
+            return Err(vm.crashed(cause));
+        }
         if let Some(status) = vm.exited() {
+            let text = fs::read_to_string(&vm.console).unwrap_or_default();
+            if let Some(cause) = timeline::guest_crash(&text) {
+                return Err(vm.crashed(cause));
+            }
             return Err(not_ready(vm, &format!("the VM exited ({status}) before the gateway was ready")));
         }
         if let Some((helper, how)) = vm.net_ended() {
@@ -313,7 +446,6 @@ pub fn wait_ready(
         // that, passt accepts on the host but the connection goes nowhere, and each such probe
         // would burn a whole attempt timeout. A slow fallback probe covers a gateway that never
         // prints the line.
-        let new = console.read_new();
         if !listening && !new.is_empty() {
             seen.extend(new);
             listening = timeline::gateway_listening(&String::from_utf8_lossy(&seen));
@@ -400,6 +532,43 @@ mod tests {
         let old = r#"{"name":"t","endpoint":"127.0.0.1:1","created_unix":0,"vm_pid":null,"kernel_sha256":"","rootfs_sha256":"","backend":"qemu"}"#;
         fs::write(inst.metadata_path(), old).unwrap();
         assert_eq!(inst.read_metadata().expect("old metadata reads").failure, None);
+    }
+
+    /// `vm status` (or `logs -f`, `stop`) testing the lock over and over while supervisors start
+    /// and stop: no start may be refused because a test of the lock held it at that instant.
+    #[test]
+    fn testing_the_lock_never_refuses_a_starting_supervisor() {
+        let t = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        drop(inst.lock().unwrap());
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let prober = {
+            let (inst, done) = (inst.clone(), std::sync::Arc::clone(&done));
+            std::thread::spawn(move || {
+                let mut probes = 0u32;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = inst.locked();
+                    probes += 1;
+                }
+                probes
+            })
+        };
+        let refused = (0..2000).filter(|_| inst.lock().is_err()).count();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let probes = prober.join().unwrap();
+        assert!(probes > 0);
+        assert_eq!(refused, 0, "{refused} of 2000 starts were refused while the lock was tested {probes} times");
+    }
+
+    #[test]
+    fn a_refused_twin_names_the_holder_before_its_metadata_exists() {
+        let t = tempfile::tempdir().unwrap();
+        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let _held = inst.lock().unwrap();
+        assert!(inst.read_metadata().is_none());
+        let err = inst.lock().unwrap_err().to_string();
+        assert!(err.contains(&format!("supervisor pid {}", std::process::id())), "{err}");
+        assert!(inst.locked());
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct Status {
     /// Records a dead supervisor left (pids of processes it no longer owns); `vm stop` clears them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stale: Vec<String>,
+    /// What is wrong with the instance's files (see [`GatewayInstance::problems`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 impl Status {
@@ -59,39 +62,56 @@ impl GatewayInstance {
             }
             _ => Vec::new(),
         };
+        let problems = self.problems();
+        let unreadable = self.load_metadata().is_err();
         let health = match (&endpoint, running, restarting) {
             (Some(_), true, Some(_)) => "restarting".into(),
             (Some(ep), true, None) => match self.client_bundle() {
                 Ok(bundle) => health(ep, &bundle),
                 Err(e) => e.to_string(),
             },
+            // Running, but the endpoint was in the metadata: say so rather than guess a port.
+            (None, true, _) if unreadable => {
+                "unknown: metadata.json is unreadable, so the endpoint is not known".into()
+            }
+            (None, false, _) if unreadable => "not running".into(),
             (None, _, _) => "never started".into(),
             (_, false, _) => "not running".into(),
         };
+        // The lock's holder wrote its pid into the lock file: the supervisor, metadata or not.
+        let supervisor_pid = meta.as_ref().and_then(|m| m.supervisor_pid).or_else(|| self.lock_holder());
         Status {
             name: self.name.clone(),
             endpoint,
             running,
-            supervisor_pid: meta.as_ref().and_then(|m| m.supervisor_pid).filter(|_| running),
+            supervisor_pid: supervisor_pid.filter(|_| running),
             vm_pid: meta.as_ref().and_then(|m| m.vm_pid).filter(|_| running),
             failure: meta.as_ref().and_then(|m| m.failure).filter(|_| !running || restarting.is_some()),
             restarting,
             health,
             mtls_dir: self.mtls_dir(),
             stale,
+            problems,
         }
     }
 
     /// Stops a running instance through its supervisor (SIGTERM; it stops the VM and its network
     /// process). After a supervisor was SIGKILLed, its VMM and passt/gvproxy died with it (`PR_SET_PDEATHSIG`);
     /// the recorded pids are only signalled while they still run the program we started.
+    /// Works without readable metadata: the lock's holder is the supervisor.
     pub fn stop(&self, grace: Duration) -> Result<bool, VmError> {
-        let Some(meta) = self.read_metadata() else { return Ok(false) };
         if !self.locked() {
             crate::supervise::recover(self)?;
             return Ok(false);
         }
-        let Some(sup) = meta.supervisor_pid else { return Ok(false) };
+        let sup = self.read_metadata().and_then(|m| m.supervisor_pid).or_else(|| self.lock_holder());
+        let Some(sup) = sup else {
+            return Err(VmError::Instance(format!(
+                "gateway {:?} is locked, but neither metadata.json nor {} names its supervisor",
+                self.name,
+                self.lock_path().display()
+            )));
+        };
         // The pid of the process holding our instance lock.
         let _ = openshell_vm::child::signal(sup, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + grace;

@@ -187,11 +187,19 @@ pub struct Detached {
 pub fn detach(supervisor: &Path, req: &Request) -> Result<Detached, VmError> {
     let inst = req.instance()?;
     fs::create_dir_all(&inst.dir).map_err(|source| VmError::Io { path: inst.dir.clone(), source })?;
+    // Until its supervisor holds the lock, a twin `vm run --detach` of the same name may be here
+    // too: the request is renamed into place whole (a supervisor never reads half of one), and
+    // the log is appended to, so the refused twin's words do not overwrite the winner's.
     let req_path = inst.dir.join("supervise.json");
+    let tmp = inst.dir.join(format!(".supervise.json.{}.tmp", std::process::id()));
     let json = serde_json::to_vec_pretty(req).expect("the request serializes");
-    fs::write(&req_path, json).map_err(|source| VmError::Io { path: req_path.clone(), source })?;
+    fs::write(&tmp, json)
+        .and_then(|()| fs::rename(&tmp, &req_path))
+        .map_err(|source| VmError::Io { path: req_path.clone(), source })?;
     let log_path = inst.dir.join("supervisor.log");
-    let log = fs::File::create(&log_path).map_err(|source| VmError::Io { path: log_path.clone(), source })?;
+    let log = fs::File::create(&log_path)
+        .and_then(|_| fs::OpenOptions::new().append(true).open(&log_path))
+        .map_err(|source| VmError::Io { path: log_path.clone(), source })?;
     let log2 = log.try_clone().map_err(|source| VmError::Io { path: log_path.clone(), source })?;
     let mut cmd = std::process::Command::new(supervisor);
     cmd.arg(&req_path).stdin(std::process::Stdio::null()).stdout(log).stderr(log2);
@@ -215,6 +223,8 @@ pub fn detach(supervisor: &Path, req: &Request) -> Result<Detached, VmError> {
         }
         let log = || fs::read_to_string(&log_path).unwrap_or_default();
         if let Ok(Some(status)) = child.try_wait() {
+            // Refused because a twin took the instance first: that, naming it, is the answer.
+            inst.ensure_stopped()?;
             return Err(VmError::Instance(format!(
                 "the gateway supervisor exited ({status}) before it was ready; its log ({}):\n{}",
                 log_path.display(),
@@ -444,8 +454,29 @@ pub fn recover(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
 
 /// [`recover`] for a caller that holds the instance lock itself.
 fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
-    let Some(mut meta) = inst.read_metadata() else { return Ok(Vec::new()) };
     let mut done = Vec::new();
+    // A directory others can read holds the client key: put it back to 0700.
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(mode) = fs::metadata(&inst.dir).ok().map(|m| m.permissions().mode() & 0o777).filter(|&m| m != 0o700) {
+        fs::set_permissions(&inst.dir, fs::Permissions::from_mode(0o700))
+            .map_err(|source| VmError::Io { path: inst.dir.clone(), source })?;
+        done.push(format!("{} was mode {mode:o}; set back to 700", inst.dir.display()));
+    }
+    let mut meta = match inst.load_metadata() {
+        Ok(Some(meta)) => meta,
+        Ok(None) => return Ok(done),
+        // Its pids are lost with it (the processes died with their supervisor, PR_SET_DEATHSIG):
+        // keep the bytes for inspection and start afresh.
+        Err(why) => {
+            let aside = inst.dir.join("metadata.json.unreadable");
+            fs::rename(inst.metadata_path(), &aside).map_err(|source| VmError::Io { path: aside.clone(), source })?;
+            done.push(format!("{why}; moved it to {}", aside.display()));
+            for line in &done {
+                tracing::warn!(gateway = %inst.name, "recovered stale state: {line}");
+            }
+            return Ok(done);
+        }
+    };
     // The network helpers first: passt exits by itself once its VMM is gone, so killing the VMM
     // first would race it and report a helper that was alive as "already gone".
     let recorded: [(&str, Option<u32>, &[&str]); 3] = [
@@ -477,9 +508,9 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
         meta.gvproxy_pid = None;
         meta.supervisor_pid = None;
         inst.write_metadata(&meta)?;
-        for line in &done {
-            tracing::warn!(gateway = %inst.name, "recovered stale state: {line}");
-        }
+    }
+    for line in &done {
+        tracing::warn!(gateway = %inst.name, "recovered stale state: {line}");
     }
     Ok(done)
 }

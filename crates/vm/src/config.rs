@@ -9,6 +9,10 @@ use crate::{NetMode, PortMap};
 
 pub use crate::error::VmError;
 
+/// [`VmConfig::console_cap`] unless set: a boot's console is some KiB, and a gateway's log of
+/// refused connections is summarised; this is far above both, and far below a disk.
+pub const DEFAULT_CONSOLE_CAP: u64 = 16 * 1024 * 1024;
+
 /// One VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -24,6 +28,8 @@ pub struct VmConfig {
     pub state_dir: PathBuf,
     /// Where the guest console is recorded (default: `<state_dir>/console.log`).
     pub console_log: Option<PathBuf>,
+    /// The console log's bound in bytes, per boot (QEMU; see [`crate::console`]).
+    pub console_cap: u64,
     pub vmm: VmmChoice,
     /// libkrun log level (0 off … 5 trace).
     pub log_level: u32,
@@ -62,6 +68,7 @@ impl VmConfig {
             exec: ExecRequest { argv, env: Vec::new(), workdir: None },
             state_dir,
             console_log: None,
+            console_cap: DEFAULT_CONSOLE_CAP,
             vmm: VmmChoice::Auto,
             log_level: 0,
             net: NetMode::None,
@@ -85,6 +92,7 @@ impl VmConfig {
         if !self.kernel.is_file() {
             return Err(VmError::KernelMissing(self.kernel.clone()));
         }
+        crate::kernel_image::check(&self.kernel, self.arch)?;
         if !self.rootfs.join("sbin/openshell-init").is_file() {
             return Err(VmError::RootfsMissing(self.rootfs.clone()));
         }
@@ -149,7 +157,7 @@ mod tests {
     fn cfg(dir: &std::path::Path) -> VmConfig {
         std::fs::create_dir_all(dir.join("root/sbin")).unwrap();
         std::fs::write(dir.join("root/sbin/openshell-init"), "").unwrap();
-        std::fs::write(dir.join("vmlinux"), "").unwrap();
+        std::fs::write(dir.join("vmlinux"), crate::kernel_image::minimal_image(Arch::host())).unwrap();
         VmConfig::exec(dir.join("vmlinux"), dir.join("root"), dir.join("state"), vec!["/bin/true".into()])
     }
 

@@ -7,6 +7,10 @@ use std::path::PathBuf;
 pub enum VmError {
     #[error("guest kernel not found at {0}; build it with `cargo xtask kernel`")]
     KernelMissing(PathBuf),
+    #[error(
+        "the guest kernel {path} cannot boot: {why}; rebuild it with `cargo xtask kernel` (or point at a good one)"
+    )]
+    BadKernel { path: PathBuf, why: String },
     #[error("rootfs not usable at {0} (no /sbin/openshell-init); bake it with `cargo xtask rootfs`")]
     RootfsMissing(PathBuf),
     #[error("invalid VM config: {0}")]
@@ -41,6 +45,16 @@ pub enum VmError {
     Timeout { secs: u64, console: PathBuf },
     #[error("the guest capability checker did not report: {0}")]
     GuestCheck(String),
-    #[error("the guest ended without reporting an exit code (VMM {status}); console log: {console}")]
-    NoExitCode { status: String, console: PathBuf },
+    #[error(
+        "the guest ended without reporting an exit code (VMM {status}); console log {}, its last lines:\n{tail}",
+        console.display()
+    )]
+    NoExitCode { status: String, console: PathBuf, tail: String },
+    /// The guest kernel panicked (init missing, not executable, crashed or exited): the VMM was
+    /// stopped at once rather than left to a timeout.
+    #[error(
+        "the guest crashed: {cause}; the VMM was stopped. Console log {}, its last lines:\n{tail}",
+        console.display()
+    )]
+    GuestCrashed { cause: String, console: PathBuf, tail: String },
 }

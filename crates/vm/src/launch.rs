@@ -104,6 +104,9 @@ pub struct RunningVm {
     pub started: Instant,
     /// passt or gvproxy, stopped after the VMM.
     net: Option<crate::net::HostNet>,
+    /// The thread writing QEMU's console into its log (see [`crate::console`]); joined once the
+    /// VMM has exited, so the log is complete when it is read.
+    console_writer: Option<std::thread::JoinHandle<()>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -187,7 +190,16 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
     // The VMM holds its own copy now; ours must close so passt sees EOF when the VMM exits.
     drop(vmm_net_end);
+    let console_log = qemu_sandbox.as_mut().and_then(|(files, _)| files.take_console());
+    // Closes our write end of the console pipe too: the writer sees EOF when the VMM exits.
     drop(qemu_sandbox);
+    let console_writer = match console_log {
+        Some((pipe, file)) => Some(
+            crate::console::spawn_writer(pipe, file, cfg.console_cap)
+                .map_err(|source| VmError::Spawn { what: "the console log writer".into(), source })?,
+        ),
+        None => None,
+    };
     tracing::debug!(pid = child.id(), ?cmd, "VMM started");
     record_in_ledger(child.id(), backend, &cfg.state_dir);
     Ok(RunningVm {
@@ -199,6 +211,7 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
         share,
         started,
         net,
+        console_writer,
     })
 }
 
@@ -243,9 +256,22 @@ impl RunningVm {
         self.pid
     }
 
-    /// The VMM's exit status, if it has exited (without reaping it twice).
+    /// The VMM's exit status, if it has exited (without reaping it twice); the console log is
+    /// then complete.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+        if status.is_some() {
+            self.console_complete();
+        }
+        status
+    }
+
+    /// Waits for the console writer to copy the last of the VMM's output (it ends at the pipe's
+    /// EOF, once the VMM has exited). Call only when the VMM is gone.
+    fn console_complete(&mut self) {
+        if let Some(writer) = self.console_writer.take() {
+            let _ = writer.join();
+        }
     }
 
     /// Which network helper has ended, and how, once one has (reaping it).
@@ -278,10 +304,13 @@ impl RunningVm {
         let deadline = timeout.map(|t| (t, Instant::now() + t));
         let signals = StopSignals::register();
         let mut console = Tail::new(&self.console);
+        let mut crash = crate::timeline::CrashWatch::default();
         // (signal, when the guest was asked to stop, whether the VMM was signalled)
         let mut stopping: Option<(i32, Instant, bool)> = None;
         let result = 'watch: loop {
-            console.drain(&mut sink);
+            if let Some(cause) = crash.feed(&console.drain(&mut sink)) {
+                break Err(self.crashed(cause));
+            }
             let sig = signals.take().unwrap_or(0);
             match (&mut stopping, sig) {
                 (None, 0) => {}
@@ -307,6 +336,7 @@ impl RunningVm {
             match child.try_wait() {
                 Ok(Some(status)) => {
                     self.child = None;
+                    self.console_complete();
                     console.drain(&mut sink);
                     break self.exit_code(status, stopping.map(|(sig, _, _)| sig));
                 }
@@ -317,6 +347,7 @@ impl RunningVm {
                     while Instant::now() < until {
                         if let Ok(Some(status)) = child.try_wait() {
                             self.child = None;
+                            self.console_complete();
                             console.drain(&mut sink);
                             break 'watch self.exit_code(status, None);
                         }
@@ -340,7 +371,7 @@ impl RunningVm {
     }
 
     /// The guest's own report wins; without one, the code says who ended the run.
-    fn exit_code(&self, status: std::process::ExitStatus, stop_signal: Option<i32>) -> Result<VmExit, VmError> {
+    fn exit_code(&mut self, status: std::process::ExitStatus, stop_signal: Option<i32>) -> Result<VmExit, VmError> {
         let path = self.share.join(EXIT_CODE_FILE);
         if let Some(code) = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()) {
             return Ok(VmExit::Guest(code));
@@ -348,8 +379,27 @@ impl RunningVm {
         match (stop_signal, status.signal()) {
             (Some(signal), _) => Ok(VmExit::Stopped { signal }),
             (None, Some(signal)) => Ok(VmExit::VmmKilled { signal }),
-            (None, None) => Err(VmError::NoExitCode { status: status.to_string(), console: self.console.clone() }),
+            (None, None) => {
+                let console = fs::read_to_string(&self.console).unwrap_or_default();
+                match crate::timeline::guest_crash(&console) {
+                    Some(cause) => Err(self.crashed(cause)),
+                    None => Err(VmError::NoExitCode {
+                        status: status.to_string(),
+                        console: self.console.clone(),
+                        tail: console_tail(&self.console),
+                    }),
+                }
+            }
         }
+    }
+
+    /// The guest panicked (`cause`, its kernel's words): stops the VMM and its network now, and
+    /// says why with the console's last lines.
+    pub fn crashed(&mut self, cause: String) -> VmError {
+        tracing::warn!(%cause, "the guest crashed; stopping the VMM");
+        self.stop();
+        self.net.take();
+        VmError::GuestCrashed { cause, console: self.console.clone(), tail: console_tail(&self.console) }
     }
 
     /// Asks the guest's init to stop its workload (see [`STOP_REQUEST_FILE`]).
@@ -370,6 +420,12 @@ impl RunningVm {
     /// so a caller (and the VM suites) can tell a VMM that honoured SIGTERM from one that had to
     /// be killed without timing it.
     pub fn stop(&mut self) -> Stopped {
+        let how = self.stop_vmm();
+        self.console_complete();
+        how
+    }
+
+    fn stop_vmm(&mut self) -> Stopped {
         let Some(mut child) = self.child.take() else { return Stopped::AlreadyExited };
         if matches!(child.try_wait(), Ok(Some(_))) {
             return Stopped::AlreadyExited;
@@ -464,12 +520,24 @@ impl Tail {
         buf
     }
 
-    fn drain(&mut self, sink: &mut Option<&mut dyn Write>) {
-        let Some(sink) = sink.as_mut() else { return };
+    /// Reads what was appended, copies it to `sink` if there is one, and returns it.
+    fn drain(&mut self, sink: &mut Option<&mut dyn Write>) -> Vec<u8> {
         let buf = self.read_new();
-        if !buf.is_empty() {
+        if let (Some(sink), false) = (sink.as_mut(), buf.is_empty()) {
             let _ = sink.write_all(&buf);
             let _ = sink.flush();
         }
+        buf
     }
+}
+
+/// How many console lines an error quotes.
+pub const CONSOLE_TAIL_LINES: usize = 30;
+
+/// The last [`CONSOLE_TAIL_LINES`] lines of the console at `path`, for an error to quote: the
+/// file may be gone (a temporary state directory) by the time the message is read.
+pub fn console_tail(path: &Path) -> String {
+    let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
 }

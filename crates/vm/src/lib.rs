@@ -8,8 +8,10 @@
 pub mod backend;
 pub mod child;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod host;
+pub mod kernel_image;
 pub mod launch;
 pub mod nested;
 pub mod net;

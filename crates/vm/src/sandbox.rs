@@ -139,7 +139,8 @@ pub struct HandedFds {
     pub kernel: RawFd,
     pub rootfs: RawFd,
     pub share: RawFd,
-    /// Opened write-only: QEMU's `/dev/fdset` accepts an fd whose access mode matches its own open.
+    /// The console pipe's write end: QEMU's `/dev/fdset` accepts an fd whose access mode matches
+    /// its own open (write-only).
     pub console: RawFd,
     /// One per [`VmConfig::shares`] entry, in order.
     pub shares: Vec<RawFd>,
@@ -163,21 +164,38 @@ pub struct Handover {
     kernel: OwnedFd,
     rootfs: OwnedFd,
     share: OwnedFd,
+    /// The write end of the console pipe (see [`crate::console`]).
     console: OwnedFd,
+    /// The pipe's read end and the console log it goes to, until [`Self::take_console`].
+    console_log: Option<(OwnedFd, std::fs::File)>,
     shares: Vec<OwnedFd>,
 }
 
 impl Handover {
-    /// Opens what `cfg` boots: the kernel and directories read-only, the console log write-only.
+    /// Opens what `cfg` boots: the kernel and directories read-only; the console is a pipe whose
+    /// read end [`crate::console`] copies into the console log, bounded.
     pub fn open(cfg: &VmConfig) -> Result<Handover, VmError> {
         let read = |p: &Path| open_high(p, false);
+        let path = cfg.console_path();
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|source| VmError::Io { path: path.clone(), source })?;
+        let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| VmError::Io { path: path.clone(), source: e.into() })?;
         Ok(Handover {
             kernel: read(&cfg.kernel)?,
             rootfs: read(&cfg.rootfs)?,
             share: read(&cfg.share_dir())?,
-            console: open_high(&cfg.console_path(), true)?,
+            console: dup_high(pipe_w, &path)?,
+            console_log: Some((pipe_r, log)),
             shares: cfg.shares.iter().map(|s| read(&s.host)).collect::<Result<_, _>>()?,
         })
+    }
+
+    /// The console pipe's read end and the log file, for the writer thread (once).
+    pub fn take_console(&mut self) -> Option<(OwnedFd, std::fs::File)> {
+        self.console_log.take()
     }
 
     pub fn fds(&self) -> HandedFds {
@@ -210,12 +228,18 @@ impl Handover {
 }
 
 /// Opens `path` close-on-exec at fd [`FIRST_HANDED_FD`] or above.
-#[allow(unsafe_code)]
 fn open_high(path: &Path, write: bool) -> Result<OwnedFd, VmError> {
     let io = |source| VmError::Io { path: path.to_owned(), source };
     let file = std::fs::OpenOptions::new().read(!write).write(write).open(path).map_err(io)?;
+    dup_high(file.into(), path)
+}
+
+/// `fd` moved to a close-on-exec fd at [`FIRST_HANDED_FD`] or above (`path` names it in errors).
+#[allow(unsafe_code)]
+fn dup_high(fd: OwnedFd, path: &Path) -> Result<OwnedFd, VmError> {
+    let io = |source| VmError::Io { path: path.to_owned(), source };
     // SAFETY: F_DUPFD_CLOEXEC on an fd we own returns a new fd (or -1), which we then own.
-    let high = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FIRST_HANDED_FD) };
+    let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FIRST_HANDED_FD) };
     if high < 0 {
         return Err(io(std::io::Error::last_os_error()));
     }

@@ -51,6 +51,42 @@ pub fn gateway_listening(console: &str) -> bool {
     guest_steps(console).iter().any(|(_, s)| s.starts_with(GATEWAY_LISTENING))
 }
 
+/// What the guest kernel prints when it gives up on the boot: init missing or not executable
+/// (`Requested init … failed`), init exiting or crashing (`Attempted to kill init!`), a fault.
+const KERNEL_PANIC: &str = "Kernel panic - not syncing: ";
+
+/// The cause of a guest crash, when the `console` text holds the kernel's panic line: that line
+/// from "Kernel panic" on (the console may prefix it with a timestamp).
+pub fn guest_crash(console: &str) -> Option<String> {
+    console.lines().find_map(|l| l.find(KERNEL_PANIC).map(|at| l[at..].trim_end().to_owned()))
+}
+
+/// Watches a console read in chunks for [`guest_crash`], across chunks that split a line, so a
+/// run can end the moment the guest panics instead of waiting for a timeout.
+#[derive(Debug, Default)]
+pub struct CrashWatch {
+    partial: Vec<u8>,
+}
+
+impl CrashWatch {
+    /// A guest that prints without newlines must not grow the carried line without bound; the
+    /// panic line is far shorter.
+    const MAX_PARTIAL: usize = 4096;
+
+    /// Feeds the console bytes read since the last call; the crash's cause once a complete line
+    /// names one.
+    pub fn feed(&mut self, new: &[u8]) -> Option<String> {
+        self.partial.extend_from_slice(new);
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            let excess = self.partial.len().saturating_sub(Self::MAX_PARTIAL);
+            self.partial.drain(..excess);
+            return None;
+        };
+        let complete: Vec<u8> = self.partial.drain(..=end).collect();
+        guest_crash(&String::from_utf8_lossy(&complete))
+    }
+}
+
 /// Peak resident set (VmHWM) of a live process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -77,6 +113,23 @@ mod tests {
         assert_eq!(phase("gateway: listening on 0.0.0.0:30051"), "gateway listening");
         assert_eq!(phase("exec /usr/bin/openshell-gateway"), "exec workload");
         assert_eq!(phase("init started"), "init started");
+    }
+
+    #[test]
+    fn a_panic_line_is_the_cause_even_when_split_across_reads() {
+        let panic = "[    0.61] Kernel panic - not syncing: Requested init /sbin/openshell-init failed (error -8).\n";
+        assert_eq!(guest_crash("Linux version 6.1\nok\n"), None);
+        let cause = "Kernel panic - not syncing: Requested init /sbin/openshell-init failed (error -8).";
+        assert_eq!(guest_crash(panic).as_deref(), Some(cause));
+        let mut w = CrashWatch::default();
+        let (a, b) = panic.split_at(30);
+        assert_eq!(w.feed(b"Linux version 6.1\n"), None);
+        assert_eq!(w.feed(a.as_bytes()), None);
+        assert_eq!(w.feed(b.as_bytes()).as_deref(), Some(cause));
+        // A line without end keeps only its tail.
+        let mut w = CrashWatch::default();
+        assert_eq!(w.feed(&vec![b'x'; 100_000]), None);
+        assert!(w.partial.len() <= CrashWatch::MAX_PARTIAL);
     }
 
     #[test]

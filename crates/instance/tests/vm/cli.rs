@@ -27,6 +27,8 @@ use crate::trials::Body;
 pub const TRIALS: &[(&str, Body)] = &[
     ("cli::detach_status_logs_and_stop", detach_status_logs_and_stop),
     ("cli::second_run_of_a_running_name_is_refused", second_run_of_a_running_name_is_refused),
+    ("cli::two_runs_of_one_name_at_once_boot_exactly_one", two_runs_of_one_name_at_once_boot_exactly_one),
+    ("cli::damaged_instance_files_are_named_and_recovered", damaged_instance_files_are_named_and_recovered),
     ("cli::reset_replaces_the_pki", reset_replaces_the_pki),
     ("cli::ready_timeout_expiry_leaves_nothing_running", ready_timeout_expiry_leaves_nothing_running),
     ("cli::sigint_stops_a_foreground_run", sigint_stops_a_foreground_run),
@@ -518,6 +520,195 @@ fn second_run_refused_in(cli: &Cli) -> Result<(), String> {
     }
     let doc = st.json()?;
     expect_fields(&doc, "status --json after refused runs", &[("supervisor_pid", json!(sup)), ("vm_pid", json!(vm))])
+}
+
+fn two_runs_of_one_name_at_once_boot_exactly_one(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| twin_runs_in(cli))
+}
+
+/// Two `vm run --detach --name twins` started together, on a new name (so they also race to make
+/// its PKI), while a third party keeps testing the instance lock as `vm status` does: exactly one
+/// boots, the other is refused naming the first's supervisor, and the one that runs is whole (its
+/// PKI serves it, it alone holds the lock, one VMM runs). The tester's probes take the lock for an
+/// instant each; a supervisor starting in such an instant must not take it for a twin.
+fn twin_runs_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("twins", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    let publish = format!("{port}:30051");
+    let args = ["vm", "run", "--detach", "--name", name, "-p", &publish, "--vmm", cli.vmm];
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let (inst, done) = (inst.clone(), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let mut probes = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = inst.locked();
+                probes += 1;
+            }
+            probes
+        })
+    };
+    let started = Instant::now();
+    let (a, b) = (cli.spawn(&args), cli.spawn(&args));
+    let ran = a.and_then(|a| b.map(|b| (a, b))).and_then(|(a, b)| Ok((a.wait(COMMAND_LIMIT)?, b.wait(COMMAND_LIMIT)?)));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let probes = prober.join().map_err(|_| "the lock prober panicked".to_owned())?;
+    let (a, b) = ran?;
+    support::note(format!(
+        "twin runs: both ended after {:.2} s; {probes} lock probes meanwhile",
+        started.elapsed().as_secs_f64()
+    ));
+    let (up, refused) = match (a.code, b.code) {
+        (Some(0), Some(1)) => (a, b),
+        (Some(1), Some(0)) => (b, a),
+        _ => return Err(format!("expected one run to exit 0 and the other 1:\n{}\n{}", a.show(), b.show())),
+    };
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+    let names = format!("already running (supervisor pid {sup}); stop it with `cargo xtask vm stop --name {name}`");
+    if !up.stderr.contains(&format!("SERVING over mTLS at 127.0.0.1:{port}")) || !refused.stderr.contains(&names) {
+        return Err(format!(
+            "the run that exited 0 must say SERVING, the other must name supervisor {sup}:\n{}\n{}",
+            up.show(),
+            refused.show()
+        ));
+    }
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    if st.code != Some(0) {
+        return Err(format!("the instance that won is not SERVING:\n{}", st.show()));
+    }
+    check_status_serving(cli, &st.json()?, name, port)?;
+    // The VMM's command line names its files by fd, so its supervisor says whose it is.
+    let vmms: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let p = procfs::process(pid);
+            p.program_is_any(&[vmm_program(cli.vmm)])
+                && p.ppid.is_some_and(|sup| procfs::process(sup).cmdline.contains(&*cli.dir.to_string_lossy()))
+        })
+        .collect();
+    if vmms != [vm] {
+        return Err(format!("expected the one VMM {vm} of the instance, found {vmms:?}"));
+    }
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    if stop.code != Some(0) || !left.is_empty() {
+        return Err(format!("after vm stop: {left:?} left\n{}", stop.show()));
+    }
+    Ok(())
+}
+
+fn damaged_instance_files_are_named_and_recovered(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| damaged_files_in(cli))
+}
+
+/// The instance's files damaged under a running gateway, as a crash, a full disk or a careless
+/// hand leaves them: `status`, `verify`, `logs`, `stop` and the next `vm run` each name what is
+/// wrong and carry on (stop still stops, run repairs) instead of guessing or doing nothing.
+/// Round 1: `metadata.json` truncated. Round 2: the console log deleted and the instance
+/// directory opened to mode 755.
+fn damaged_files_in(cli: &Cli) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let (name, port) = ("damaged", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &[])?;
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+
+    // Round 1: metadata.json cut in half while the instance runs.
+    let meta = std::fs::read(inst.metadata_path()).map_err(|e| e.to_string())?;
+    std::fs::write(inst.metadata_path(), &meta[..meta.len() / 2]).map_err(|e| e.to_string())?;
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    let doc = st.json()?;
+    expect_fields(
+        &doc,
+        "status --json with truncated metadata",
+        &[("running", json!(true)), ("supervisor_pid", json!(sup))],
+    )?;
+    let problems = field(&doc, "problems")?.to_string();
+    if st.code != Some(1) || !problems.contains("metadata.json is truncated") {
+        return Err(format!("status must name the truncated metadata.json (and exit 1, not SERVING):\n{}", st.show()));
+    }
+    let text = cli.run(&["vm", "status", "--name", name])?;
+    if !text.stdout.contains("problem: ") || !text.stdout.contains("metadata.json is truncated") {
+        return Err(format!("plain status does not name the problem:\n{}", text.show()));
+    }
+    let verify = cli.run(&["verify", "--json", "--name", name])?;
+    let error = verify.json()?.get("error").and_then(Value::as_str).unwrap_or_default().to_owned();
+    if verify.code != Some(2) || !error.contains("is not valid metadata") {
+        return Err(format!("verify with truncated metadata must exit 2 naming it:\n{}", verify.show()));
+    }
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
+        return Err(format!("vm stop must stop a running instance whose metadata is truncated:\n{}", stop.show()));
+    }
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    if !left.is_empty() || inst.locked() {
+        return Err(format!("left running after vm stop: {left:?} (locked: {})", inst.locked()));
+    }
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    let doc = st.json()?;
+    expect_fields(
+        &doc,
+        "status --json of the stopped instance",
+        &[("running", json!(false)), ("health", json!("not running"))],
+    )?;
+    let up = cli.detach(name, port, &[])?;
+    let aside = inst.dir.join("metadata.json.unreadable");
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).unwrap_or_default();
+    if !up.stderr.contains("metadata.json is truncated") || !log.contains("moved it to") || !aside.is_file() {
+        return Err(format!(
+            "the next vm run must say it replaced the truncated metadata (kept at {}):\n{}\n{log}",
+            aside.display(),
+            up.show()
+        ));
+    }
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+
+    // Round 2: the console log deleted and the directory opened to others.
+    std::fs::remove_file(inst.console_path()).map_err(|e| e.to_string())?;
+    std::fs::set_permissions(&inst.dir, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    let doc = st.json()?;
+    let problems = field(&doc, "problems")?.to_string();
+    if st.code != Some(0) || !problems.contains("is gone (deleted?)") || !problems.contains("is mode 755, not 700") {
+        return Err(format!("status must stay SERVING and name the deleted console and the mode:\n{}", st.show()));
+    }
+    let logs = cli.run(&["vm", "logs", "--name", name])?;
+    if logs.code != Some(1) || !logs.stderr.contains("is gone (deleted?)") {
+        return Err(format!("vm logs must say the console log is gone:\n{}", logs.show()));
+    }
+    let verify = cli.run(&["verify", "--json", "--name", name])?;
+    let doc = verify.json()?;
+    let rows = matrix_doc(&doc, &format!("verify gateway {name}"), verify.code)?;
+    if verify.code != Some(1) || row(rows, "console-clean")?["status"] != "FAIL" {
+        return Err(format!("verify must fail its console row when the console is gone:\n{}", verify.show()));
+    }
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    if stop.code != Some(0) || !left.is_empty() {
+        return Err(format!("after vm stop: {left:?} left\n{}", stop.show()));
+    }
+    cli.detach(name, port, &[])?;
+    let mode = std::fs::metadata(&inst.dir).map_err(|e| e.to_string())?.permissions().mode() & 0o777;
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).unwrap_or_default();
+    if mode != 0o700 || !log.contains("was mode 755; set back to 700") || !inst.console_path().is_file() {
+        return Err(format!("the next vm run must restore mode 700 (is {mode:o}) and a console log:\n{log}"));
+    }
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    if st.code != Some(0) || st.json()?.get("problems").is_some() {
+        return Err(format!("after the repairing run, status must be SERVING with no problems:\n{}", st.show()));
+    }
+    let (_, sup, vm, passt) = recorded_pids(&inst)?;
+    cli.run(&["vm", "stop", "--name", name])?;
+    let left = leftovers(cli, port, &[(sup, "openshell-supervisor"), (vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    if !left.is_empty() {
+        return Err(format!("left running at the end: {left:?}"));
+    }
+    Ok(())
 }
 
 fn reset_replaces_the_pki(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {

@@ -13,6 +13,7 @@
 
 mod arch;
 mod cli;
+mod faults;
 mod flood;
 mod guest_check;
 mod lifecycle;

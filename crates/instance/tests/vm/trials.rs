@@ -23,6 +23,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::stop::TRIALS,
     crate::cli::TRIALS,
     crate::flood::TRIALS,
+    crate::faults::TRIALS,
     crate::sandbox::TRIALS,
 ];
 

@@ -108,7 +108,8 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool, link: &Link, files: &Hand
         .arg("-add-fd")
         .arg(format!("fd={0},set={0}", files.console))
         .arg("-chardev")
-        .arg(format!("file,id=con,path=/dev/fdset/{}", files.console))
+        // append=on: without it QEMU truncates what it opens, and a pipe cannot be truncated.
+        .arg(format!("file,id=con,path=/dev/fdset/{},append=on", files.console))
         .args(["-serial", "chardev:con"])
         .arg("-kernel")
         .arg(fd_path(files.kernel))
@@ -241,7 +242,7 @@ mod tests {
         assert!(joined.contains("-kernel /proc/self/fd/10 "), "{joined}");
         assert!(joined.contains("path=/proc/self/fd/11,security_model=none,readonly=on"), "{joined}");
         assert!(joined.contains("path=/proc/self/fd/12,security_model=none "), "{joined}");
-        assert!(joined.contains("-add-fd fd=13,set=13 -chardev file,id=con,path=/dev/fdset/13"), "{joined}");
+        assert!(joined.contains("-add-fd fd=13,set=13 -chardev file,id=con,path=/dev/fdset/13,append=on"), "{joined}");
         assert!(!joined.contains("/k/vmlinux") && !joined.contains("/s/"), "{joined}");
         assert!(
             joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),

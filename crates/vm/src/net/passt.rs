@@ -61,22 +61,34 @@ impl Passt {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Waits until every forward listens (passt binds them after start), or passt dies.
+    /// Waits until passt itself listens on every forward (it binds them after start), or passt
+    /// dies. The port was free at the preflight, but another process can bind it before passt
+    /// does: then passt exits ("Failed to bind any port"), and a listener on the port is not
+    /// passt's, so "something listens" is not enough: the listening socket must be one of passt's
+    /// own fds. Where passt's fds cannot be read (passt of another user), a listener is taken as
+    /// passt's, as before.
     fn wait_listening(&mut self, ports: &[PortMap]) -> Result<(), VmError> {
         let deadline = Instant::now() + Duration::from_secs(5);
+        let pid = self.pid().expect("passt running");
         loop {
+            let listening: Vec<Listening> = ports.iter().map(|p| listening(pid, p.host)).collect();
             let child = self.child.as_mut().expect("passt running");
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
-                return Err(VmError::PasstDied(status.to_string()));
+                return Err(match ports.iter().zip(&listening).find(|(_, l)| **l == Listening::Other) {
+                    Some((p, _)) => VmError::PortInUse(p.host),
+                    None => VmError::PasstDied(status.to_string()),
+                });
             }
-            let bound =
-                ports.iter().all(|p| TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.host)).is_err());
-            if bound {
+            if listening.iter().all(|l| *l == Listening::Passt) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(VmError::PasstDied("its forwards did not listen within 5 s".into()));
+                // Dropping `self` stops passt: nothing of this launch is left.
+                return Err(match ports.iter().zip(&listening).find(|(_, l)| **l == Listening::Other) {
+                    Some((p, _)) => VmError::PortInUse(p.host),
+                    None => VmError::PasstDied("its forwards did not listen within 5 s".into()),
+                });
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -86,6 +98,34 @@ impl Passt {
     /// it does not linger as a zombie.
     pub fn ended(&mut self) -> Option<crate::child::Ended> {
         self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(crate::child::Ended::of)
+    }
+}
+
+/// Who listens on 127.0.0.1:`port` (see [`Passt::wait_listening`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listening {
+    Nobody,
+    Passt,
+    Other,
+}
+
+fn listening(passt: u32, port: u16) -> Listening {
+    if !std::path::Path::new("/proc/net/tcp").exists() {
+        // No socket table to read: a port that cannot be bound is the only evidence (and the test
+        // bind itself could, for an instant, be what makes passt's bind fail).
+        let taken = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).is_err();
+        return if taken { Listening::Passt } else { Listening::Nobody };
+    }
+    let listeners = crate::procfs::tcp_listeners(port);
+    if listeners.is_empty() {
+        return Listening::Nobody;
+    }
+    let held: Vec<Option<bool>> = listeners.iter().map(|l| crate::procfs::holds_socket(passt, l.inode)).collect();
+    match (held.contains(&Some(true)), held.contains(&None)) {
+        (true, _) => Listening::Passt,
+        // passt's fds are not readable here: a listener is the best evidence there is.
+        (false, true) => Listening::Passt,
+        (false, false) => Listening::Other,
     }
 }
 
