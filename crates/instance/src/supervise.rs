@@ -441,6 +441,24 @@ impl Supervised {
     }
 }
 
+/// A supervisor that ends its instance (Ctrl-C, `vm stop`, the end of a bench boot) stops the VMM
+/// and its network helper, then clears their pids from the metadata while it still holds the lock:
+/// the next boot then finds nothing stale to recover, and recovery's reports stay for the
+/// supervisors that died without this (SIGKILL, a crash).
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.vm.stop();
+        self.vm.stop_network();
+        let Some(mut meta) = self.inst.read_metadata() else { return };
+        if (meta.vm_pid, meta.passt_pid, meta.gvproxy_pid, meta.supervisor_pid) != (None, None, None, None) {
+            (meta.vm_pid, meta.passt_pid, meta.gvproxy_pid, meta.supervisor_pid) = (None, None, None, None);
+            if let Err(e) = self.inst.write_metadata(&meta) {
+                tracing::warn!("clearing the stopped instance's pids from its metadata: {e}");
+            }
+        }
+    }
+}
+
 /// When no supervisor holds the instance but its metadata still names pids, the supervisor died
 /// without cleaning up (SIGKILL, crash, power loss). Kills the recorded VMM and passt if they
 /// still run our programs, and clears the pids so the instance reads as stopped. Returns what it
