@@ -217,22 +217,22 @@ mod tests {
         HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: (14..).take(cfg.shares.len()).collect() }
     }
 
+    /// `command`'s arguments for `cfg` under TCG, with its own network link and the fds above.
+    fn argv(qemu: &str, cfg: &VmConfig) -> Vec<String> {
+        let link = Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir);
+        command(Path::new(qemu), cfg, false, &link, &files(cfg))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn command_carries_size_shares_and_acpi_off() {
         let cfg = VmConfig::exec("/k/vmlinux".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
         let mut cfg = cfg;
         cfg.vcpus = 2;
         cfg.mem_mib = 256;
-        let args: Vec<String> = command(
-            Path::new("qemu"),
-            &cfg,
-            false,
-            &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
-            &files(&cfg),
-        )
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
+        let args = argv("qemu", &cfg);
         let joined = args.join(" ");
         assert!(joined.contains("acpi=off"));
         assert!(joined.contains("rtc=on"));
@@ -261,17 +261,7 @@ mod tests {
             crate::config::DirShare { host: "/h/work".into(), mount: mount("work", false) },
         ];
         cfg.guest_tsc_khz = Some(2_596_148);
-        let joined = command(
-            Path::new("qemu"),
-            &cfg,
-            false,
-            &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
-            &files(&cfg),
-        )
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
+        let joined = argv("qemu", &cfg).join(" ");
         assert!(joined.contains("-fsdev local,id=x0,path=/proc/self/fd/14,security_model=none,readonly=on -device virtio-9p-device,fsdev=x0,mount_tag=bin"), "{joined}");
         assert!(
             joined.contains(
@@ -307,32 +297,13 @@ mod tests {
     fn gvproxy_nic_is_a_stream_on_fd_3_with_gvproxys_guest_mac() {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
         cfg.net = crate::NetMode::Gvproxy { binary: "/gv".into() };
-        let args: Vec<String> = command(
-            Path::new("qemu"),
-            &cfg,
-            false,
-            &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
-            &files(&cfg),
-        )
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
+        let args = argv("qemu", &cfg);
         let joined = args.join(" ");
         assert!(joined.contains("-netdev stream,id=n0,server=off,addr.type=fd,addr.str=3"), "{joined}");
         assert!(joined.contains("virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee"), "{joined}");
         assert!(joined.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{joined}");
         cfg.net = crate::NetMode::Passt;
-        let joined = command(
-            Path::new("qemu"),
-            &cfg,
-            false,
-            &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
-            &files(&cfg),
-        )
-        .get_args()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ");
+        let joined = argv("qemu", &cfg).join(" ");
         assert!(joined.ends_with("-device virtio-net-device,netdev=n0"), "{joined}");
         assert!(joined.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{joined}");
     }
@@ -401,17 +372,7 @@ mod tests {
         let mut cfg = VmConfig::exec("/k/vm linux".into(), "/r/root fs".into(), "/s".into(), vec!["/bin/true".into()]);
         cfg.net = crate::NetMode::Passt;
         let mut argv = vec!["qemu-system-x86_64".to_owned()];
-        argv.extend(
-            command(
-                Path::new("qemu-system-x86_64"),
-                &cfg,
-                false,
-                &Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir),
-                &files(&cfg),
-            )
-            .get_args()
-            .map(|a| a.to_string_lossy().into_owned()),
-        );
+        argv.extend(self::argv("qemu-system-x86_64", &cfg));
         // The VMM's own names for them; `backend::booted_artifacts` resolves the fds.
         let b = booted_artifacts(&argv).unwrap();
         assert_eq!(
