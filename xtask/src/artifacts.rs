@@ -72,7 +72,7 @@ pub fn kernel_spec(role: KernelRole, arch: Arch) -> anyhow::Result<KernelSpec> {
 /// and the rootfs' build tools (cross tools for a foreign arch), passt when it networks through
 /// passt, QEMU unless libkrun runs on hardware KVM. `vm run` installs them all in one round before
 /// it builds anything.
-pub fn boot_packages(
+fn boot_packages(
     net: &openshell_vm::NetMode,
     choice: openshell_vm::VmmChoice,
     host: &openshell_vm::HostFacts,
@@ -327,7 +327,8 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
 }
 
 /// The build step of a boot: what the plan for `choice` and `net` says the boot needs, installed
-/// (QEMU, passt, in the one apt round of [`boot_packages`]) or built (`openshell-vmm`). Decides
+/// (the kernel's and rootfs' tools, QEMU, passt, in the one apt round of [`boot_packages`]) or
+/// built (`openshell-vmm`). Decides
 /// nothing itself; the preflight then probes the host as this left it and refuses what is still missing.
 pub fn ensure_vmm(
     sh: &Shell,

@@ -192,13 +192,12 @@ impl RunArgs {
         };
         let sh = Shell::new()?;
         let store = Store::default_location();
-        // One install round for all of it, before the kernel build asks for its share.
-        let host = openshell_vm::HostFacts::probe();
-        crate::deps::ensure(&sh, &crate::artifacts::boot_packages(&net, self.vmm, &host, arch))?;
+        // One install round for all of it (and openshell-vmm built when the plan needs it), before
+        // the kernel build asks for its share.
+        crate::artifacts::ensure_vmm(&sh, self.vmm, &net, arch)?;
         let kernel =
             crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
-        crate::artifacts::ensure_vmm(&sh, self.vmm, &net, arch)?;
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         let Some(inst) = instance else {
             return self.run_exec(kernel.vmlinux, rootfs.dir, arch, net, verification);
