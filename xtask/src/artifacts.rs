@@ -120,7 +120,6 @@ pub fn build_guest_programs(sh: &Shell, arch: Arch) -> anyhow::Result<Vec<GuestF
     }
     let mut env = vec![("RUSTFLAGS".to_owned(), "-C target-feature=+crt-static".to_owned())];
     if let Some(prefix) = arch.cross_compile() {
-        ensure_rust_target(sh, arch)?;
         // Per target and only for this build, never a global cargo config: the host build and the
         // host-arch guest build keep their own linker (and with it their cache).
         env.push((format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_")), format!("{prefix}gcc")));
@@ -133,6 +132,10 @@ pub fn build_guest_programs(sh: &Shell, arch: Arch) -> anyhow::Result<Vec<GuestF
     };
     if inputs(&outputs).ok().is_some_and(|key| std::fs::read_to_string(&stamp).is_ok_and(|s| s == key)) {
         return Ok(files);
+    }
+    if arch.cross_compile().is_some() {
+        // Only when cargo has work to do: rustup's listing costs more than the stamp saves.
+        ensure_rust_target(sh, arch)?;
     }
     let args = &sel;
     let mut build =

@@ -93,9 +93,10 @@ impl BenchCmd {
         }
         let sh = Shell::new()?;
         let a = Artifacts::build(&sh)?;
-        let plan = openshell_vm::plan(&openshell_vm::HostFacts::probe(), vmm, Net::Passt);
+        let facts = openshell_vm::HostFacts::probe();
+        let plan = openshell_vm::plan(&facts, vmm, Net::Passt);
         if vmm == VmmChoice::Krun && plan.krun == KrunPlace::NestedL1 {
-            return nested(&sh, n, &a, json);
+            return nested(&sh, &facts, n, &a, json);
         }
         crate::artifacts::ensure_vmm(&sh, vmm, &openshell_vm::NetMode::Passt, openshell_artifacts::Arch::host())?;
         let report = boots(n, vmm, &a, true)?;
@@ -275,7 +276,7 @@ fn watch_for(console: &std::path::Path, marker: &'static str, since: Instant) ->
 
 /// `--vmm krun` where libkrun runs only nested: N L1 boots, each running one cold and one warm
 /// libkrun gateway inside; then the same gateway under QEMU directly, N times each; side by side.
-fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()> {
+fn nested(sh: &Shell, facts: &openshell_vm::HostFacts, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()> {
     let store = Store::default_location();
     let (l1_kernel, l1_root) = crate::artifacts::ensure_nested_host(sh, &store)?;
     let host = openshell_vm::nested::NestedHost { kernel: l1_kernel.vmlinux, root: l1_root.dir };
@@ -295,7 +296,7 @@ fn nested(sh: &Shell, n: usize, a: &Artifacts, json: bool) -> anyhow::Result<()>
         let cfg =
             host.l1_config(state.path().join("state"), argv.iter().map(|s| s.to_string()).collect(), env, paths)?;
         // L1 is a plain QEMU VM of the nested host's own artifacts; the plan says how it runs.
-        let plan = openshell_vm::plan(&openshell_vm::HostFacts::probe(), cfg.vmm, Net::of(&cfg.net));
+        let plan = openshell_vm::plan(facts, cfg.vmm, Net::of(&cfg.net));
         let mut l1 = openshell_vm::launch(&cfg, &plan)?;
         let l1_ready = watch_for(&l1.console, "] exec /", l1.started);
         let exit = l1.wait(None, Some(Duration::from_secs(600)))?;
