@@ -175,18 +175,7 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
                 inst.reset()?;
             }
             inst.ensure_pki()?;
-            let port = free_port()?;
-            let mut req = supervise::Request::new(
-                root.path(),
-                "bench",
-                a.kernel.clone(),
-                a.rootfs.clone(),
-                a.digests.clone(),
-                port,
-                openshell_vm::NetMode::Passt,
-                vmm,
-            );
-            req.ready_timeout = Duration::from_secs(120);
+            let req = request(a, vmm, root.path(), "bench")?;
             // Watched from before the boot: the boot returns once SERVING, long after init's line.
             // The file goes first, so a warm boot's watcher cannot read the last boot's console.
             let console = req.config()?.console_path();
@@ -239,6 +228,17 @@ fn gateway(
 ) -> anyhow::Result<(GatewayInstance, openshell_instance::supervise::Supervised)> {
     let inst = GatewayInstance::new(root, name)?;
     inst.ensure_pki()?;
+    let mut req = request(a, vmm, root, name)?;
+    if let Some(m) = mem_mib {
+        req.mem_mib = m;
+    }
+    let up = req.boot()?;
+    Ok((inst, up))
+}
+
+/// The boot request of a benchmarked gateway: instance `name` under `root`, passt on a free port,
+/// and a ready timeout that covers a host loaded by the benchmark itself.
+fn request(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, name: &str) -> anyhow::Result<supervise::Request> {
     let mut req = supervise::Request::new(
         root,
         name,
@@ -250,11 +250,7 @@ fn gateway(
         vmm,
     );
     req.ready_timeout = Duration::from_secs(120);
-    if let Some(m) = mem_mib {
-        req.mem_mib = m;
-    }
-    let up = req.boot()?;
-    Ok((inst, up))
+    Ok(req)
 }
 
 /// A thread that polls `console` every 5 ms and returns when `marker` first appeared (ms since
