@@ -72,23 +72,22 @@ impl Passt {
         let pid = self.pid().expect("passt running");
         loop {
             let listening: Vec<Listening> = ports.iter().map(|p| listening(pid, p.host)).collect();
+            // A port someone else holds is the cause, whichever way passt's wait ends.
+            let failed = |why: String| match ports.iter().zip(&listening).find(|(_, l)| **l == Listening::Other) {
+                Some((p, _)) => VmError::PortInUse(p.host),
+                None => VmError::PasstDied(why),
+            };
             let child = self.child.as_mut().expect("passt running");
             if let Ok(Some(status)) = child.try_wait() {
                 self.child = None;
-                return Err(match ports.iter().zip(&listening).find(|(_, l)| **l == Listening::Other) {
-                    Some((p, _)) => VmError::PortInUse(p.host),
-                    None => VmError::PasstDied(status.to_string()),
-                });
+                return Err(failed(status.to_string()));
             }
             if listening.iter().all(|l| *l == Listening::Passt) {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 // Dropping `self` stops passt: nothing of this launch is left.
-                return Err(match ports.iter().zip(&listening).find(|(_, l)| **l == Listening::Other) {
-                    Some((p, _)) => VmError::PortInUse(p.host),
-                    None => VmError::PasstDied("its forwards did not listen within 5 s".into()),
-                });
+                return Err(failed("its forwards did not listen within 5 s".into()));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
