@@ -3,8 +3,6 @@
 //! also written to FILE (temp file + rename), which is how the host reads it back from the share.
 //! Exit code: 0 every required row passed, 1 one failed, 2 the checker itself could not run.
 
-use std::io::Write;
-
 use openshell_matrix::EXIT_CHECKER_FAILED;
 
 #[cfg(not(target_os = "linux"))]
@@ -15,6 +13,8 @@ fn main() {
 
 #[cfg(target_os = "linux")]
 fn main() {
+    use std::io::Write;
+
     let mut json = false;
     let mut out = None;
     let mut args = std::env::args().skip(1);

@@ -4,7 +4,6 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// A process as `/proc/<pid>` shows it.
@@ -141,10 +140,12 @@ pub fn socket_owner(inode: u64) -> Option<u32> {
 
 /// The pids holding a granted `flock` on `path`, from `/proc/locks` (matched by device and inode).
 pub fn flock_holders(path: &Path) -> Vec<u32> {
-    let Ok(meta) = fs::metadata(path) else { return Vec::new() };
-    let (major, minor) = (rustix::fs::major(meta.dev()), rustix::fs::minor(meta.dev()));
+    // rustix's stat keeps the dev_t in the type its major/minor take on each target (std's
+    // `MetadataExt::dev` widens it to u64, while Apple's dev_t is an i32).
+    let Ok(st) = rustix::fs::stat(path) else { return Vec::new() };
+    let (major, minor) = (rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev));
     let text = fs::read_to_string("/proc/locks").unwrap_or_default();
-    parse_proc_locks(&text, major, minor, meta.ino())
+    parse_proc_locks(&text, major, minor, st.st_ino)
 }
 
 fn parse_proc_locks(text: &str, major: u32, minor: u32, inode: u64) -> Vec<u32> {

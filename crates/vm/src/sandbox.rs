@@ -181,14 +181,14 @@ impl Handover {
             .append(true)
             .open(&path)
             .map_err(|source| VmError::Io { path: path.clone(), source })?;
-        let (pipe_r, pipe_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-            .map_err(|e| VmError::Io { path: path.clone(), source: e.into() })?;
+        // std's pipe is close-on-exec on every Unix (pipe2 where there is one; macOS has none).
+        let (pipe_r, pipe_w) = std::io::pipe().map_err(|source| VmError::Io { path: path.clone(), source })?;
         Ok(Handover {
             kernel: read(&cfg.kernel)?,
             rootfs: read(&cfg.rootfs)?,
             share: read(&cfg.share_dir())?,
-            console: dup_high(pipe_w, &path)?,
-            console_log: Some((pipe_r, log)),
+            console: dup_high(pipe_w.into(), &path)?,
+            console_log: Some((pipe_r.into(), log)),
             shares: cfg.shares.iter().map(|s| read(&s.host)).collect::<Result<_, _>>()?,
         })
     }
