@@ -160,16 +160,22 @@ fn probe_kvm() -> KvmDevice {
 
 /// Compiled everywhere so Linux builds type-check it; only called on macOS.
 fn probe_macos(vmm_binary: &Path) -> MacFacts {
-    let vmm = vmm_binary.to_string_lossy().into_owned();
+    use openshell_krun::codesign;
     MacFacts {
         hvf: first_line("sysctl", &["-n", "kern.hv_support"]).as_deref() == Some("1"),
         vmm_entitled: vmm_binary.is_file().then(|| {
-            Command::new("codesign")
-                .args(["-d", "--entitlements", "-", "--xml", &vmm])
+            codesign::display_command(vmm_binary)
                 .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("com.apple.security.hypervisor"))
+                .is_ok_and(|o| signature_entitled(o.status.success(), &o.stdout, &String::from_utf8_lossy(&o.stderr)))
         }),
     }
+}
+
+/// Whether what `codesign -d --entitlements - --xml` printed entitles a VMM, read by the parser
+/// `cargo xtask codesign` verifies its signature with: every key set to `true`. A key set to
+/// `false`, another key only, no signature, or output codesign could not make count as not.
+fn signature_entitled(success: bool, stdout: &[u8], stderr: &str) -> bool {
+    openshell_krun::codesign::parse_display(success, stdout, stderr) == Ok(openshell_krun::codesign::Entitled::Yes)
 }
 
 /// The first line a program prints (stdout, else stderr), if it runs and succeeds.
@@ -286,5 +292,27 @@ pub mod fake {
         h.gvproxy = Some(Tool { path: "/opt/homebrew/bin/gvproxy".into(), version: None });
         h.macos = Some(MacFacts { hvf, vmm_entitled });
         h
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `codesign -d --entitlements - --xml` output, as `openshell_krun::codesign`'s tests have it.
+    fn plist(dict: &str) -> String {
+        format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><plist version=\"1.0\"><dict>{dict}</dict></plist>")
+    }
+
+    #[test]
+    fn the_vmm_is_entitled_only_with_the_key_set_to_true() {
+        let stderr = "Executable=/t/openshell-vmm\n";
+        let key = "<key>com.apple.security.hypervisor</key>";
+        assert!(signature_entitled(true, plist(&format!("{key}<true/>")).as_bytes(), stderr));
+        assert!(!signature_entitled(true, plist(&format!("{key}<false/>")).as_bytes(), stderr), "a key set to false");
+        assert!(!signature_entitled(true, plist(&format!("{key}<string>yes</string>")).as_bytes(), stderr));
+        // The arm64 linker's own ad hoc signature: no entitlements, empty stdout.
+        assert!(!signature_entitled(true, b"", stderr));
+        assert!(!signature_entitled(false, b"", "/t/openshell-vmm: code object is not signed at all\n"));
     }
 }
