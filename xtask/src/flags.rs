@@ -26,6 +26,9 @@ pub enum Cmd {
     E2e(crate::e2e::E2eCmd),
     /// Everything CI runs: build the artifacts, then all unit tests and the VM suites
     Test(crate::e2e::TestCmd),
+    /// Type-check and lint the workspace for aarch64-apple-darwin from Linux (clippy -D warnings;
+    /// installs the target, zig and libclang it needs; links nothing)
+    CheckMacos(crate::check_macos::CheckMacosCmd),
     /// Can this host boot the VM? One PASS/WARN/FAIL row per capability, the artifacts' provenance
     Check(crate::check::CheckCmd),
     /// Benchmarks that print figures (boot phases, time to mTLS SERVING, peak RSS)

@@ -6,6 +6,7 @@
 mod artifacts;
 mod bench;
 mod check;
+mod check_macos;
 mod codesign;
 mod deps;
 mod e2e;
@@ -61,6 +62,7 @@ fn run() -> anyhow::Result<ExitCode> {
         flags::Cmd::Test(cmd) => cmd.run().map(ok),
         flags::Cmd::Bench(cmd) => cmd.run().map(ok),
         flags::Cmd::Check(cmd) => cmd.run(),
+        flags::Cmd::CheckMacos(cmd) => cmd.run().map(ok),
         flags::Cmd::Verify(cmd) => cmd.run(),
         flags::Cmd::Codesign(cmd) => cmd.run().map(ok),
     }
