@@ -217,6 +217,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(target_os = "linux"),
+        ignore = "reads /proc, which macOS lacks (procfs has no macOS implementation yet; README, macOS)"
+    )]
     fn this_process_is_alive_and_has_a_parent() {
         let me = process(std::process::id());
         assert!(me.alive && me.ppid.is_some() && !me.cmdline.is_empty(), "{me:?}");
@@ -226,6 +230,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(target_os = "linux"),
+        ignore = "reads /proc, which macOS lacks (procfs has no macOS implementation yet; README, macOS)"
+    )]
     fn argv_keeps_spaces_inside_an_argument() {
         use std::os::unix::process::CommandExt;
         let mut child = std::process::Command::new("sleep").arg0("a sleep").arg("60").spawn().unwrap();
@@ -245,6 +253,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(target_os = "linux"),
+        ignore = "reads /proc, which macOS lacks (procfs has no macOS implementation yet; README, macOS)"
+    )]
     fn real_listener_is_found_with_its_owner() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
@@ -255,6 +267,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(target_os = "linux"),
+        ignore = "reads /proc, which macOS lacks (procfs has no macOS implementation yet; README, macOS)"
+    )]
     fn real_flock_holder_is_found() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lock");

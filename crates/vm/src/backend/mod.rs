@@ -134,18 +134,16 @@ mod tests {
 
     #[test]
     fn booted_artifacts_handed_over_as_fds_are_what_those_fds_are() {
-        let argv: Vec<String> = [
-            "qemu-system-x86_64",
-            "-kernel",
-            "/proc/self/fd/10",
-            "-fsdev",
-            "local,id=root,path=/proc/self/fd/11,readonly=on",
-            "-device",
-            "virtio-9p-device,fsdev=root,mount_tag=rootfs",
-        ]
-        .iter()
-        .map(|a| a.to_string())
-        .collect();
+        use crate::sandbox::fd_path;
+        let argv: Vec<String> = vec![
+            "qemu-system-x86_64".into(),
+            "-kernel".into(),
+            fd_path(10),
+            "-fsdev".into(),
+            format!("local,id=root,path={},readonly=on", fd_path(11)),
+            "-device".into(),
+            "virtio-9p-device,fsdev=root,mount_tag=rootfs".into(),
+        ];
         let fds = |fd| match fd {
             10 => Some(PathBuf::from("/store/kernel/vmlinux")),
             11 => Some(PathBuf::from("/store/rootfs/abc")),
@@ -157,6 +155,6 @@ mod tests {
             (Path::new("/store/kernel/vmlinux"), Path::new("/store/rootfs/abc"))
         );
         let e = booted_artifacts(&argv, Path::new("/cwd"), &|_| None).unwrap_err();
-        assert!(e.contains("/proc/self/fd/10") && e.contains("cannot be read"), "{e}");
+        assert!(e.contains(&fd_path(10)) && e.contains("cannot be read"), "{e}");
     }
 }

@@ -211,6 +211,7 @@ fn opt<'a>(opts: &'a [(Option<String>, String)], key: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::FD_DIR;
 
     /// Fd numbers as a [`crate::sandbox::Handover`] would hand them over: 10, 11, … in order.
     fn files(cfg: &VmConfig) -> HandedFds {
@@ -239,9 +240,9 @@ mod tests {
         assert!(joined.contains("-m 256 -smp 2"));
         assert!(joined.contains("-accel tcg"));
         // Every file by the fd it inherits, none by path: started as nobody, QEMU reaches no path.
-        assert!(joined.contains("-kernel /proc/self/fd/10 "), "{joined}");
-        assert!(joined.contains("path=/proc/self/fd/11,security_model=none,readonly=on"), "{joined}");
-        assert!(joined.contains("path=/proc/self/fd/12,security_model=none "), "{joined}");
+        assert!(joined.contains(&format!("-kernel {FD_DIR}/10 ")), "{joined}");
+        assert!(joined.contains(&format!("path={FD_DIR}/11,security_model=none,readonly=on")), "{joined}");
+        assert!(joined.contains(&format!("path={FD_DIR}/12,security_model=none ")), "{joined}");
         assert!(joined.contains("-add-fd fd=13,set=13 -chardev file,id=con,path=/dev/fdset/13,append=on"), "{joined}");
         assert!(!joined.contains("/k/vmlinux") && !joined.contains("/s/"), "{joined}");
         assert!(
@@ -262,11 +263,9 @@ mod tests {
         ];
         cfg.guest_tsc_khz = Some(2_596_148);
         let joined = argv("qemu", &cfg).join(" ");
-        assert!(joined.contains("-fsdev local,id=x0,path=/proc/self/fd/14,security_model=none,readonly=on -device virtio-9p-device,fsdev=x0,mount_tag=bin"), "{joined}");
+        assert!(joined.contains(&format!("-fsdev local,id=x0,path={FD_DIR}/14,security_model=none,readonly=on -device virtio-9p-device,fsdev=x0,mount_tag=bin")), "{joined}");
         assert!(
-            joined.contains(
-                "-fsdev local,id=x1,path=/proc/self/fd/15,security_model=none -device virtio-9p-device,fsdev=x1,mount_tag=work"
-            ),
+            joined.contains(&format!("-fsdev local,id=x1,path={FD_DIR}/15,security_model=none -device virtio-9p-device,fsdev=x1,mount_tag=work")),
             "{joined}"
         );
         assert!(joined.contains(" tsc_early_khz=2596148 "), "{joined}");
@@ -360,6 +359,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(target_os = "linux"),
+        ignore = "a Linux QEMU's captured command line: its /proc/self/fd paths are /dev/fd on macOS"
+    )]
     fn booted_artifacts_of_a_real_gateway_qemu() {
         let b = booted_artifacts(&strings(REAL_GATEWAY_ARGV)).unwrap();
         assert_eq!(b.kernel, Path::new("/root/.cache/openshell-vm/kernel/646f113c0432205b/vmlinux"));
@@ -375,10 +378,7 @@ mod tests {
         argv.extend(self::argv("qemu-system-x86_64", &cfg));
         // The VMM's own names for them; `backend::booted_artifacts` resolves the fds.
         let b = booted_artifacts(&argv).unwrap();
-        assert_eq!(
-            (b.kernel.as_path(), b.rootfs.as_path()),
-            (Path::new("/proc/self/fd/10"), Path::new("/proc/self/fd/11"))
-        );
+        assert_eq!((b.kernel.as_path(), b.rootfs.as_path()), (Path::new(&fd_path(10)), Path::new(&fd_path(11))));
     }
 
     #[test]
