@@ -43,16 +43,18 @@ pub fn run(sh: &Shell) -> anyhow::Result<()> {
     let target_dir = root.join(TARGET_DIR);
     add_target(sh)?;
     let zig = ensure_zig(sh, &target_dir)?;
+    // cargo's and the build crates' spelling of the target in variable names.
+    let var = TARGET.replace('-', "_");
     let env = [
         // The C compiler for the target only: host build scripts keep the host's cc.
-        (format!("CC_{}", TARGET.replace('-', "_")), root.join("ci/zig-cc-macos").into_os_string()),
+        (format!("CC_{var}"), root.join("ci/zig-cc-macos").into_os_string()),
         ("OPENSHELL_ZIG".to_owned(), zig.into_os_string()),
         // zig's caches under the check's target dir, not in the user's home.
         ("ZIG_GLOBAL_CACHE_DIR".to_owned(), target_dir.join("zig-cache").into_os_string()),
         ("ZIG_LOCAL_CACHE_DIR".to_owned(), target_dir.join("zig-cache").into_os_string()),
         // krun-sys' `pkg_config::probe_library("libkrun")` for the target: the check-only .pc.
-        (format!("PKG_CONFIG_PATH_{}", TARGET.replace('-', "_")), root.join("crates/krun/check-macos").into()),
-        (format!("PKG_CONFIG_ALLOW_CROSS_{}", TARGET.replace('-', "_")), "1".into()),
+        (format!("PKG_CONFIG_PATH_{var}"), root.join("crates/krun/check-macos").into()),
+        (format!("PKG_CONFIG_ALLOW_CROSS_{var}"), "1".into()),
     ];
     cmd!(
         sh,
