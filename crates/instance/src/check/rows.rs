@@ -222,17 +222,22 @@ pub fn passt(f: &Facts) -> Row {
     }
 }
 
-/// gvproxy, the network helper on macOS. Required there.
+/// gvproxy, the network helper on macOS and of `--net gvproxy` on Linux. Required where it is used.
 pub fn gvproxy(f: &Facts) -> Row {
-    match &f.host.gvproxy {
-        Some(t) => Row::pass(
+    match (&f.host.gvproxy, f.host.os) {
+        (Some(t), _) => Row::pass(
             "gvproxy",
             format!("gvproxy {} at {}", t.version.as_deref().unwrap_or("of unknown version"), t.path.display()),
         ),
-        None => Row::fail(
+        (None, Os::MacOs) => Row::fail(
             "gvproxy",
             "gvproxy is not on PATH: the guest network on macOS needs it",
             "brew install podman (it ships gvproxy), or put gvproxy on PATH",
+        ),
+        (None, Os::Linux) => Row::fail(
+            "gvproxy",
+            "gvproxy is not on PATH nor in the artifact store: --net gvproxy needs it",
+            "`cargo xtask vm run --net gvproxy` fetches Debian's gvproxy into the artifact store; or put gvproxy on PATH",
         ),
     }
 }
