@@ -124,6 +124,10 @@ pub fn run_in_l1(
     let shared = paths.share_file(&me).and_then(|bin| {
         let mut env = paths.share_guest(&a.kernel, &a.rootfs, vmm)?;
         env.push(("OPENSHELL_SUPERVISOR".into(), paths.share_file(supervisor)?));
+        // gvproxy for the `gvproxy::` trials, run inside L1 beside libkrun (read-only, like the VMM).
+        if let Some(gvproxy) = std::env::var_os("OPENSHELL_GVPROXY").map(PathBuf::from).filter(|p| p.is_file()) {
+            env.push(("OPENSHELL_GVPROXY".into(), paths.share_file(&gvproxy)?));
+        }
         Ok((bin, env))
     });
     let (bin, guest_env) = match shared {
