@@ -39,7 +39,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -268,9 +268,22 @@ pub fn parse_response(raw: &[u8], at_eof: bool) -> Result<Option<Response>, Stri
     Ok(Some(Response { status, body: String::from_utf8_lossy(body).into_owned() }))
 }
 
+/// Connects to the unix socket at `path`, however long: on Linux a path past `sun_path`'s 107
+/// bytes (a deep state directory) is reached through its directory, held open for the call, as
+/// `/proc/self/fd/N/NAME`.
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    const SUN_PATH: usize = 107;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return UnixStream::connect(path) };
+    if !cfg!(target_os = "linux") || path.as_os_str().len() <= SUN_PATH {
+        return UnixStream::connect(path);
+    }
+    let dir = File::open(dir)?;
+    UnixStream::connect(Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name))
+}
+
 /// Sends one request to the API socket and reads the whole response.
 fn post(api: &Path, path: &str, body: &str) -> std::io::Result<Response> {
-    let mut stream = UnixStream::connect(api)?;
+    let mut stream = connect(api)?;
     stream.set_read_timeout(Some(API_TIMEOUT))?;
     stream.set_write_timeout(Some(API_TIMEOUT))?;
     stream.write_all(&render_post(path, body))?;
@@ -460,7 +473,7 @@ pub fn start(
     let link = match protocol {
         Protocol::Vfkit => None,
         Protocol::Qemu => {
-            let s = UnixStream::connect(&gv.sockets.link).map_err(|e| {
+            let s = connect(&gv.sockets.link).map_err(|e| {
                 VmError::Gvproxy(format!("cannot connect to gvproxy's stream socket {}: {e}", gv.sockets.link.display()))
             })?;
             Some(OwnedFd::from(s))
@@ -664,6 +677,21 @@ mod tests {
         let req = server.join().unwrap();
         assert_eq!(req, render_post(UNEXPOSE_PATH, &unexpose_body(GATEWAY)));
         assert!(err.contains("close") && err.contains("proxy not found"), "{err}");
+    }
+
+    #[test]
+    fn a_socket_past_sun_path_is_reached_through_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        // Bound the same way (through the directory), since bind has the same limit.
+        let held = File::open(&deep).unwrap();
+        let short = Path::new(&format!("/proc/self/fd/{}", held.as_raw_fd())).join("api.sock");
+        let api = deep.join("api.sock");
+        assert!(api.as_os_str().len() > 107);
+        let server = serve_once(UnixListener::bind(&short).unwrap(), "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        expose(&api, GATEWAY).unwrap();
+        assert_eq!(server.join().unwrap(), render_post(EXPOSE_PATH, &expose_body(GATEWAY)));
     }
 
     #[test]
