@@ -106,7 +106,10 @@ pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -
             // The vmm row above already fails when QEMU is missing.
             Need::Qemu => {}
             Need::Passt => m.push(rows::passt(f)),
-            Need::Gvproxy => m.push(rows::gvproxy(f)),
+            Need::Gvproxy => m.push(match &cfg.net {
+                NetMode::Gvproxy { binary } => rows::gvproxy_for_boot(f, binary, binary.is_file()),
+                _ => rows::gvproxy(f),
+            }),
             Need::VmmBinary if f.host.os == Os::MacOs => m.push(rows::entitlement(f)),
             Need::VmmBinary => {}
         }
@@ -287,6 +290,22 @@ mod tests {
         cfg.net = NetMode::Passt;
         let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
         assert_eq!(m.exit_code(), 1, "networked boot without passt must be refused");
+    }
+
+    #[test]
+    fn the_preflight_checks_the_gvproxy_the_boot_runs_not_the_search() {
+        let mut f = healthy();
+        f.host.gvproxy = None;
+        let bin = tempfile::NamedTempFile::new().unwrap();
+        let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
+        cfg.net = NetMode::Gvproxy { binary: bin.path().into() };
+        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
+        let row = m.row("gvproxy").expect("a gvproxy row");
+        assert_eq!(row.status, Status::Pass, "{}", m.render());
+        assert!(row.reason.contains(&bin.path().display().to_string()), "{}", m.render());
+        cfg.net = NetMode::Gvproxy { binary: "/no/such/gvproxy".into() };
+        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
+        assert_eq!(m.row("gvproxy").map(|r| r.status), Some(Status::Fail), "{}", m.render());
     }
 
     #[test]

@@ -242,6 +242,21 @@ pub fn gvproxy(f: &Facts) -> Row {
     }
 }
 
+/// The gvproxy a boot runs (`NetMode::Gvproxy`'s binary: `--gvproxy PATH` or what the search
+/// found), which need not be the one this host's search finds (inside a nested host, the one
+/// shared in): `exists` is whether that path is a file.
+pub fn gvproxy_for_boot(f: &Facts, binary: &std::path::Path, exists: bool) -> Row {
+    if !exists {
+        return Row::fail(
+            "gvproxy",
+            format!("gvproxy {} does not exist", binary.display()),
+            openshell_vm::net::gvproxy::install_hint(f.host.os == Os::MacOs),
+        );
+    }
+    let version = f.host.gvproxy.as_ref().filter(|t| t.path == binary).and_then(|t| t.version.clone());
+    Row::pass("gvproxy", format!("gvproxy {} at {}", version.as_deref().unwrap_or("of unknown version"), binary.display()))
+}
+
 /// The hypervisor entitlement of `openshell-vmm` on macOS. Required there once the binary exists.
 pub fn entitlement(f: &Facts) -> Row {
     let path = f.host.krun.vmm_binary.display();
