@@ -41,7 +41,9 @@ pub struct L1Paths {
 impl L1Paths {
     /// Shares the directory `dir` (read-only) and returns where it appears inside L1. A directory
     /// inside one already shared is reached through that share: QEMU's microvm has 8 virtio-mmio
-    /// transports, and L1's root, its share, its RNG and its NIC take four of them.
+    /// transports, and L1's root, its share, its RNG and its NIC take four of them. (A directory
+    /// landlock confines to must be a share's own root: on 9p each lookup below it makes a new
+    /// inode, which a landlock rule on the old one never matches; `openshell_krun::confine`.)
     pub fn share_dir(&mut self, dir: &Path) -> String {
         if let Some((s, rest)) = self.shares.iter().find_map(|s| Some((s, dir.strip_prefix(&s.host).ok()?))) {
             return if rest.as_os_str().is_empty() {

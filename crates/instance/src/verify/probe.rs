@@ -73,7 +73,11 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         Ok(bytes) => Attempt::Done(String::from_utf8_lossy(&bytes).into_owned()),
         Err(e) => Attempt::Failed(e.to_string()),
     };
-    let leftovers = leftovers(inst, locked);
+    // gvproxy alive and running gvproxy: the record's pid is still the instance's helper.
+    let live_gvproxy = locked
+        && metadata.gvproxy_pid.is_some()
+        && net.as_ref().is_some_and(|p| p.program_is_any(&["gvproxy"]));
+    let leftovers = leftovers(inst, locked, live_gvproxy);
     Ok(Observations {
         name: name.clone(),
         metadata,
@@ -288,7 +292,7 @@ fn rehash_rootfs(dir: &Path) -> Attempt<Rehashed> {
 }
 
 /// Files that should not exist in the instance's state (see [`super::stale_findings`], item 5).
-fn leftovers(inst: &GatewayInstance, running: bool) -> Vec<Leftover> {
+fn leftovers(inst: &GatewayInstance, running: bool, live_gvproxy: bool) -> Vec<Leftover> {
     let share = inst.vm_dir().join("share");
     let mut out = Vec::new();
     let mut add = |path: PathBuf, what: &'static str| {
@@ -303,6 +307,9 @@ fn leftovers(inst: &GatewayInstance, running: bool) -> Vec<Leftover> {
     }
     let mut sockets = Vec::new();
     find_sockets(&inst.dir, 4, &mut sockets);
+    // A running gvproxy's own sockets (its API and the VMM's link) are its, not left over.
+    let gvproxy = openshell_vm::net::gvproxy::Sockets::in_dir(&inst.vm_dir()).dir;
+    sockets.retain(|p| !(live_gvproxy && p.starts_with(&gvproxy)));
     out.extend(sockets.into_iter().map(|path| Leftover { path, what: "leftover unix socket" }));
     out
 }
