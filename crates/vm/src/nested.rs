@@ -118,7 +118,10 @@ mod tests {
     fn a_directory_inside_a_shared_one_takes_no_share_of_its_own() {
         let mut p = L1Paths::default();
         assert_eq!(p.share_dir(Path::new("/store")), "/run/nested/l1share0");
-        assert_eq!(p.share_file(Path::new("/store/gvproxy/ab/bin/gvproxy")).unwrap(), "/run/nested/l1share0/gvproxy/ab/bin/gvproxy");
+        assert_eq!(
+            p.share_file(Path::new("/store/gvproxy/ab/bin/gvproxy")).unwrap(),
+            "/run/nested/l1share0/gvproxy/ab/bin/gvproxy"
+        );
         assert_eq!(p.share_dir(Path::new("/store/rootfs/cd")), "/run/nested/l1share0/rootfs/cd");
         // A sibling with a common prefix is not inside it.
         assert_eq!(p.share_dir(Path::new("/store2")), "/run/nested/l1share1");

@@ -325,7 +325,10 @@ mod tests {
         assert!(ids(&r).contains(&"gvproxy".into()) && !ids(&r).contains(&"passt".into()), "{:?}", ids(&r));
         assert_eq!(r.exit_code(), 1, "no gvproxy found: {}", r.render());
         assert!(r.render().contains("fetches Debian's gvproxy"), "{}", r.render());
-        f.host.gvproxy = Some(openshell_vm::host::Tool { path: "/store/gvproxy/x/bin/gvproxy".into(), version: Some("v0.8.1".into()) });
+        f.host.gvproxy = Some(openshell_vm::host::Tool {
+            path: "/store/gvproxy/x/bin/gvproxy".into(),
+            version: Some("v0.8.1".into()),
+        });
         let r = host_report(&f, VmmChoice::Auto, Some(Net::Gvproxy));
         assert_eq!(r.exit_code(), 0, "{}", r.render());
         assert!(r.render().contains("gvproxy v0.8.1 at /store/gvproxy/x/bin/gvproxy"), "{}", r.render());

@@ -254,7 +254,10 @@ pub fn gvproxy_for_boot(f: &Facts, binary: &std::path::Path, exists: bool) -> Ro
         );
     }
     let version = f.host.gvproxy.as_ref().filter(|t| t.path == binary).and_then(|t| t.version.clone());
-    Row::pass("gvproxy", format!("gvproxy {} at {}", version.as_deref().unwrap_or("of unknown version"), binary.display()))
+    Row::pass(
+        "gvproxy",
+        format!("gvproxy {} at {}", version.as_deref().unwrap_or("of unknown version"), binary.display()),
+    )
 }
 
 /// The hypervisor entitlement of `openshell-vmm` on macOS. Required there once the binary exists.

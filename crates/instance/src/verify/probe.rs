@@ -74,9 +74,8 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         Err(e) => Attempt::Failed(e.to_string()),
     };
     // gvproxy alive and running gvproxy: the record's pid is still the instance's helper.
-    let live_gvproxy = locked
-        && metadata.gvproxy_pid.is_some()
-        && net.as_ref().is_some_and(|p| p.program_is_any(&["gvproxy"]));
+    let live_gvproxy =
+        locked && metadata.gvproxy_pid.is_some() && net.as_ref().is_some_and(|p| p.program_is_any(&["gvproxy"]));
     let leftovers = leftovers(inst, locked, live_gvproxy);
     Ok(Observations {
         name: name.clone(),

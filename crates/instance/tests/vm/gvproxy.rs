@@ -17,8 +17,14 @@ use crate::trials::Body;
 
 pub const TRIALS: &[(&str, Body)] = &[
     ("gvproxy::exec_gets_its_lease_from_gvproxys_dhcp", exec_gets_its_lease_from_gvproxys_dhcp),
-    ("gvproxy::gateway_serves_mtls_through_the_forward_and_verifies", gateway_serves_mtls_through_the_forward_and_verifies),
-    ("gvproxy::gvproxy_killed_fails_the_instance_and_status_says_so", gvproxy_killed_fails_the_instance_and_status_says_so),
+    (
+        "gvproxy::gateway_serves_mtls_through_the_forward_and_verifies",
+        gateway_serves_mtls_through_the_forward_and_verifies,
+    ),
+    (
+        "gvproxy::gvproxy_killed_fails_the_instance_and_status_says_so",
+        gvproxy_killed_fails_the_instance_and_status_says_so,
+    ),
 ];
 
 /// gvproxy's network (`net::gvproxy::GUEST`), as the guest must see it.
@@ -110,7 +116,12 @@ fn gateway_serves_mtls_through_the_forward_and_verifies(
                 return Err(format!("verify has no {row} row:\n{table}"));
             }
         }
-        Ok(format!("{table}gvproxy pid {pid} as uid {:?}; SERVING at {} after {:.1} s", uid_of(pid), up.endpoint, up.ready.as_secs_f64()))
+        Ok(format!(
+            "{table}gvproxy pid {pid} as uid {:?}; SERVING at {} after {:.1} s",
+            uid_of(pid),
+            up.endpoint,
+            up.ready.as_secs_f64()
+        ))
     })();
     drop(up);
     match result {
@@ -122,7 +133,10 @@ fn gateway_serves_mtls_through_the_forward_and_verifies(
     }
 }
 
-fn health(endpoint: &str, bundle: &openshell_gateway::ClientBundle) -> Result<openshell_gateway::ServingStatus, String> {
+fn health(
+    endpoint: &str,
+    bundle: &openshell_gateway::ClientBundle,
+) -> Result<openshell_gateway::ServingStatus, String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
         let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await.map_err(|e| e.to_string())?;
@@ -178,14 +192,24 @@ fn gvproxy_killed_fails_the_instance_and_status_says_so(
         let status = inst.status();
         let failure = status.failure.ok_or_else(|| format!("status records no failure: {status:?}"))?;
         let said = failure.to_string();
-        if status.running || failure.child != openshell_vm::Child::Gvproxy || !said.contains("gvproxy exited (signal 9)") {
-            return Err(format!("status does not say gvproxy was killed: running {}, failure {said:?}", status.running));
+        if status.running
+            || failure.child != openshell_vm::Child::Gvproxy
+            || !said.contains("gvproxy exited (signal 9)")
+        {
+            return Err(format!(
+                "status does not say gvproxy was killed: running {}, failure {said:?}",
+                status.running
+            ));
         }
-        let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
+        let log =
+            std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
         if !log.contains("gvproxy exited (signal 9)") {
             return Err(format!("supervisor.log does not name gvproxy:\n{}", support::tail(&log, 20)));
         }
-        Ok(format!("kill -9 gvproxy → supervisor exited ({exit}) after {:.2} s; status: failed: {said}", took.as_secs_f64()))
+        Ok(format!(
+            "kill -9 gvproxy → supervisor exited ({exit}) after {:.2} s; status: failed: {said}",
+            took.as_secs_f64()
+        ))
     })();
     // On every path out: nothing of the instance keeps running.
     let _ = inst.stop(Duration::from_secs(10));

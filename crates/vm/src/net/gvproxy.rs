@@ -474,7 +474,10 @@ pub fn start(
         Protocol::Vfkit => None,
         Protocol::Qemu => {
             let s = connect(&gv.sockets.link).map_err(|e| {
-                VmError::Gvproxy(format!("cannot connect to gvproxy's stream socket {}: {e}", gv.sockets.link.display()))
+                VmError::Gvproxy(format!(
+                    "cannot connect to gvproxy's stream socket {}: {e}",
+                    gv.sockets.link.display()
+                ))
             })?;
             Some(OwnedFd::from(s))
         }
@@ -728,11 +731,7 @@ mod tests {
     /// and answers the API the way gvproxy does. This tests our process owner and client, not gvproxy.
     fn fake_gvproxy(dir: &Path) -> PathBuf {
         let path = dir.join("fake-gvproxy");
-        std::fs::write(
-            &path,
-            "#!/bin/sh\nprintf '%s\\n' \"$@\" > argv.txt\nid -u > uid.txt\nexec sleep 30\n",
-        )
-        .unwrap();
+        std::fs::write(&path, "#!/bin/sh\nprintf '%s\\n' \"$@\" > argv.txt\nid -u > uid.txt\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         path
     }

@@ -145,7 +145,9 @@ fn resolve_for(
     let gvproxy = |why: &str| -> Result<NetMode, String> {
         match gvproxy_flag.clone().or_else(|| found.clone()) {
             Some(binary) if binary.is_file() => Ok(NetMode::Gvproxy { binary }),
-            Some(binary) => Err(format!("gvproxy {} does not exist; {}", binary.display(), gvproxy::install_hint(macos))),
+            Some(binary) => {
+                Err(format!("gvproxy {} does not exist; {}", binary.display(), gvproxy::install_hint(macos)))
+            }
             None => Err(format!(
                 "{why}, but gvproxy was not found on PATH or in {}{}; {}",
                 gvproxy::SEARCH_DIRS.join(", "),
