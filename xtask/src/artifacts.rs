@@ -84,7 +84,7 @@ fn boot_packages(
         match need {
             Need::Qemu => groups.push(deps::qemu(arch)),
             Need::Passt => groups.push(deps::PASST),
-            // `NetMode::resolve` found it already, or said how to install it; the VMM is built.
+            // `resolve_net` found or fetched it already, or said how to get it; the VMM is built.
             Need::Gvproxy | Need::VmmBinary => {}
         }
     }
@@ -252,6 +252,48 @@ fn busybox_for(sh: &Shell, arch: Arch) -> anyhow::Result<(PathBuf, PathBuf)> {
     cmd!(sh, "dpkg-deb -x {deb} {dir}").run()?;
     std::fs::write(dir.join("version"), &host_version)?;
     Ok((binary, host))
+}
+
+/// gvproxy from Debian's archive in the store (`openshell_artifacts::gvproxy`), fetched (a few
+/// seconds, about 4 MB) if the store has none for this host's arch; returns the binary.
+pub fn ensure_gvproxy(store: &Store) -> anyhow::Result<PathBuf> {
+    use openshell_artifacts::gvproxy;
+    if let Some(g) = gvproxy::locate(store, Arch::host()) {
+        return Ok(g.binary);
+    }
+    let mut progress = progress::BuildLines::new(
+        format!("fetching gvproxy from Debian {} (apt-get download, about 4 MB)", gvproxy::SUITE),
+        "gvproxy fetch",
+        10,
+    );
+    let fetched = gvproxy::fetch(store, Arch::host(), &mut |line| progress.line(line));
+    progress.finish();
+    let g = fetched.context("fetching gvproxy failed")?;
+    eprintln!(
+        "gvproxy {} ({} {}, .deb sha256 {}) at {}",
+        g.provenance.version,
+        g.provenance.package,
+        g.provenance.arch,
+        g.provenance.deb_sha256,
+        g.binary.display()
+    );
+    Ok(g.binary)
+}
+
+/// `--net` and `--gvproxy` resolved on this host ([`openshell_vm::NetMode::resolve`]); on Linux a
+/// `--net gvproxy` that finds no gvproxy fetches Debian's into the store first.
+pub fn resolve_net(
+    choice: Option<openshell_vm::net::NetChoice>,
+    gvproxy_flag: Option<PathBuf>,
+) -> anyhow::Result<openshell_vm::NetMode> {
+    let wants_fetch = cfg!(target_os = "linux")
+        && choice == Some(openshell_vm::net::NetChoice::Gvproxy)
+        && gvproxy_flag.is_none()
+        && openshell_vm::net::gvproxy::find().is_none();
+    if wants_fetch {
+        ensure_gvproxy(&Store::default_location())?;
+    }
+    Ok(openshell_vm::NetMode::resolve(choice, gvproxy_flag)?)
 }
 
 /// The kernel `vm run` would boot, without building or installing anything: its `vmlinux`, or

@@ -21,6 +21,9 @@ pub struct CheckCmd {
     /// The VMM the `vmm` row (and --guest) is about: auto, krun or qemu
     #[arg(long, default_value = "auto")]
     vmm: VmmChoice,
+    /// The network the helper's row is about: passt, gvproxy or none (default: the platform's)
+    #[arg(long, value_name = "passt|gvproxy|none", conflicts_with = "guest")]
+    net: Option<openshell_vm::net::NetChoice>,
     /// The host port the gateway-port row checks: the HOST of a `vm run -p HOST:30051`
     #[arg(long, default_value_t = gateway::GATEWAY_PORT, conflicts_with = "guest")]
     port: u16,
@@ -45,7 +48,8 @@ impl CheckCmd {
             store_root: Some(store.root().to_owned()),
             gateways_root: gateway::gateways_root(),
         });
-        let report = check::host_report(&facts, self.vmm);
+        let net = self.net.map(openshell_vm::plan::Net::of_choice);
+        let report = check::host_report(&facts, self.vmm, net);
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report.to_json())?);
         } else {

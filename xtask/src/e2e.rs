@@ -81,6 +81,15 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     let arm_rootfs = crate::artifacts::ensure_rootfs(sh, &store, arm64)?;
     sh.set_var("OPENSHELL_KERNEL_AARCH64", &arm_kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS_AARCH64", &arm_rootfs.dir);
+    // gvproxy for the `gvproxy::` trials: the host's, else (Linux) Debian's fetched into the store.
+    let gvproxy = match openshell_vm::net::gvproxy::find() {
+        Some(found) => Some(found),
+        None if cfg!(target_os = "linux") => Some(crate::artifacts::ensure_gvproxy(&store)?),
+        None => None,
+    };
+    if let Some(gvproxy) = gvproxy {
+        sh.set_var("OPENSHELL_GVPROXY", gvproxy);
+    }
     // The CLI trials run this very binary, as a user runs `cargo xtask`.
     sh.set_var("OPENSHELL_XTASK", std::env::current_exe().context("cannot tell where the xtask binary is")?);
     // Where libkrun runs only nested, the krun trials run inside the nested host (L1).

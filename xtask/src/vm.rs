@@ -179,7 +179,7 @@ impl RunArgs {
     fn run(self) -> anyhow::Result<i32> {
         let arch = self.arch.unwrap_or_else(openshell_artifacts::Arch::host);
         // Before any build: a missing gvproxy should not cost a kernel build to find out.
-        let net = openshell_vm::NetMode::resolve(self.net, self.gvproxy.clone())?;
+        let net = crate::artifacts::resolve_net(self.net, self.gvproxy.clone())?;
         // A running instance is refused before anything is built, reset or written into its
         // share; the boot takes the lock for real.
         let instance = match &self.exec {

@@ -1,4 +1,5 @@
-//! Guest artifacts the VM boots: the kernel (`kernel`) and the root directory (`rootfs`), and the
+//! Guest artifacts the VM boots: the kernel (`kernel`) and the root directory (`rootfs`), the
+//! network helper gvproxy fetched from Debian (`gvproxy`, for Linux hosts without one), and the
 //! nested host's root (`nested_root`, L1 of a nested boot; its kernel is a [`kernel::KernelRole`]).
 //!
 //! Both are content-addressed: a build is keyed by the sha256 of its inputs, lives in its own
@@ -10,6 +11,7 @@
 pub mod arch;
 mod command;
 pub mod digest;
+pub mod gvproxy;
 pub mod kernel;
 pub mod nested_root;
 pub mod rootfs;

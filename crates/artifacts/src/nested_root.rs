@@ -31,6 +31,10 @@ const INIT_DEST: &str = "usr/sbin/openshell-init";
 /// L1's root is read-only, and init writes the nameserver it learns to `/run/resolv.conf` (as in
 /// the guest's rootfs): without this link L1 keeps the build host's resolver, which it cannot reach.
 const LINKS: &[(&str, &str)] = &[("etc/resolv.conf", "../run/resolv.conf")];
+/// Files minbase leaves out that a program run in L1 reads: gvproxy (the `gvproxy::` trials run it
+/// beside libkrun) refuses to start without `/etc/hosts` ("cannot add network services: open
+/// /etc/hosts: no such file or directory").
+const FILES: &[(&str, &str)] = &[("etc/hosts", "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n")];
 
 /// Debian's suite: the host's (bookworm), so `openshell-vmm` and the test binary built on the host
 /// find the same glibc in L1.
@@ -114,6 +118,9 @@ impl NestedRootInputs {
         }
         for (link, target) in LINKS {
             b.str("link", &format!("{link} -> {target}"));
+        }
+        for (file, text) in FILES {
+            b.str("file", &format!("{file}: {text}"));
         }
         b.digest("init", &sha256_file(&self.init).map_err(|_| NestedRootError::NoInit { path: self.init.clone() })?);
         Ok(b.finish())
@@ -208,6 +215,10 @@ fn bake_into(
         let path = out.join(link);
         let _ = fs::remove_file(&path);
         std::os::unix::fs::symlink(target, &path).map_err(io(&path))?;
+    }
+    for (file, text) in FILES {
+        let path = out.join(file);
+        fs::write(&path, text).map_err(io(&path))?;
     }
     let init = out.join(INIT_DEST);
     fs::copy(&inputs.init, &init).map_err(io(&init))?;

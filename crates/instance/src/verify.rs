@@ -10,11 +10,11 @@
 //!
 //! The rows, by id (all required):
 //! - `supervisor`: a live process holds the instance lock (the instance runs).
-//! - `vm-process` / `passt-process`: the recorded VMM and passt pids are alive and run qemu or
-//!   openshell-vmm / passt.
+//! - `vm-process` / `passt-process` (`gvproxy-process` for an instance on `--net gvproxy`): the
+//!   recorded VMM and network helper pids are alive and run qemu or openshell-vmm / passt or gvproxy.
 //! - `forward-loopback-only`: every LISTEN socket on the endpoint's port (from `/proc/net/tcp`
 //!   and `/proc/net/tcp6`) is bound to 127.0.0.1, there is at least one, and each belongs to the
-//!   recorded passt (socket inode found among `/proc/<passt>/fd`).
+//!   recorded passt or gvproxy (socket inode found among `/proc/<pid>/fd`).
 //! - `tcp`: a TCP connection to the endpoint opens.
 //! - `mtls-handshake`: a TLS 1.3 channel opens with the stored client bundle (`mtls/`).
 //! - `client-cert-required`: a client that trusts the CA but presents no certificate is refused
@@ -134,9 +134,10 @@ pub struct Observations {
     pub lock_holders: Vec<u32>,
     pub supervisor: Option<ProcessFact>,
     pub vm: Option<ProcessFact>,
-    pub passt: Option<ProcessFact>,
-    /// LISTEN sockets on `port`, each with whether the recorded passt holds it (`None`: passt's
-    /// fds could not be read or no passt was recorded) and otherwise who does.
+    /// The network helper: the recorded passt, or gvproxy ([`Observations::net_helper`]).
+    pub net: Option<ProcessFact>,
+    /// LISTEN sockets on `port`, each with whether the recorded network helper holds it (`None`:
+    /// its fds could not be read or none was recorded) and otherwise who does.
     pub listeners: Vec<(TcpListenerFact, Option<bool>, Option<ProcessFact>)>,
     pub tcp: Attempt<Duration>,
     pub mtls: Attempt<Duration>,
@@ -152,6 +153,18 @@ pub struct Observations {
     pub console: Attempt<String>,
     pub console_path: PathBuf,
     pub leftovers: Vec<Leftover>,
+}
+
+impl Observations {
+    /// Which network helper carries the instance's forward: gvproxy when metadata.json records
+    /// one, else passt (the Linux default, and what a record without either is checked for).
+    pub fn net_helper(&self) -> &'static str {
+        if self.metadata.gvproxy_pid.is_some() {
+            "gvproxy"
+        } else {
+            "passt"
+        }
+    }
 }
 
 /// Console markers of a kernel in trouble. Each is printed by the kernel itself, at a log level
@@ -202,13 +215,14 @@ pub fn stale_findings(o: &Observations) -> Vec<String> {
                 out.push(format!("lock held by pid {:?} but metadata.json names supervisor {sup}", o.lock_holders));
             }
         }
-        for (what, p) in [("supervisor", &o.supervisor), ("VMM", &o.vm), ("passt", &o.passt)] {
+        for (what, p) in [("supervisor", &o.supervisor), ("VMM", &o.vm), (o.net_helper(), &o.net)] {
             if let Some(p) = p.as_ref().filter(|p| !p.alive) {
                 out.push(format!("recorded {what} pid {} is dead while the instance holds its lock", p.pid));
             }
         }
     }
-    for (what, p, progs) in [("VMM", &o.vm, openshell_vm::backend::VMM_PROGRAMS), ("passt", &o.passt, &["passt"][..])] {
+    let helper = [o.net_helper()];
+    for (what, p, progs) in [("VMM", &o.vm, openshell_vm::backend::VMM_PROGRAMS), (helper[0], &o.net, &helper[..])] {
         let Some(p) = p.as_ref().filter(|p| p.program_is_any(progs)) else { continue };
         if !o.locked {
             out.push(format!("{what} pid {} still runs without a supervisor (orphan)", p.pid));
@@ -258,7 +272,8 @@ pub fn decide(o: &Observations) -> Matrix {
         openshell_vm::backend::VMM_PROGRAMS,
         &format!("{logs}; {restart}"),
     ));
-    mx.push(process_row("passt-process", "passt", &o.passt, &["passt"], &restart));
+    let helper = o.net_helper();
+    mx.push(process_row(&format!("{helper}-process"), helper, &o.net, &[helper], &restart));
     mx.push(forward_row(o, &restart));
 
     mx.push(match &o.tcp {
@@ -400,7 +415,7 @@ fn forward_row(o: &Observations, restart: &str) -> Row {
         .iter()
         .filter(|(l, ..)| !loopback(&l.addr))
         .map(|(l, ours, owner)| match (ours, owner) {
-            (Some(true), _) => format!("{} (passt itself)", l.addr),
+            (Some(true), _) => format!("{} ({} itself)", l.addr, o.net_helper()),
             (_, Some(p)) => format!("{} (pid {} {})", l.addr, p.pid, program_name(&p.cmdline)),
             _ => l.addr.to_string(),
         })
@@ -409,7 +424,10 @@ fn forward_row(o: &Observations, restart: &str) -> Row {
         return Row::fail(
             ID,
             format!("port {port} also listens on {}", exposed.join(", ")),
-            format!("the forward must be passt `-t 127.0.0.1/{port}:…` only; stop whatever else binds the port, then {restart}"),
+            format!(
+                "the forward must be {}'s on 127.0.0.1:{port} only; stop whatever else binds the port, then {restart}",
+                o.net_helper()
+            ),
         );
     }
     let foreign: Vec<String> = o
@@ -424,7 +442,7 @@ fn forward_row(o: &Observations, restart: &str) -> Row {
     if !foreign.is_empty() {
         return Row::fail(
             ID,
-            format!("127.0.0.1:{port} is held by {}, not by the instance's passt", foreign.join(", ")),
+            format!("127.0.0.1:{port} is held by {}, not by the instance's {}", foreign.join(", "), o.net_helper()),
             format!("stop that process, then {restart}"),
         );
     }
@@ -435,8 +453,8 @@ fn forward_row(o: &Observations, restart: &str) -> Row {
             "run verify as the user that started the gateway (or root) to check the owner",
         );
     }
-    let passt = o.passt.as_ref().map_or(0, |p| p.pid);
-    Row::pass(ID, format!("127.0.0.1:{port} only, held by passt pid {passt}"))
+    let pid = o.net.as_ref().map_or(0, |p| p.pid);
+    Row::pass(ID, format!("127.0.0.1:{port} only, held by {} pid {pid}", o.net_helper()))
 }
 
 /// The alert rustls' `WebPkiClientVerifier` sends a TLS 1.3 client that presents no certificate.
@@ -605,7 +623,7 @@ mod tests {
             lock_holders: vec![10],
             supervisor: proc(10, 1, "/x/xtask vm run --name default"),
             vm: proc(11, 10, "/usr/bin/qemu-system-x86_64 -M microvm"),
-            passt: proc(12, 10, "/usr/bin/passt -f -q --fd 3"),
+            net: proc(12, 10, "/usr/bin/passt -f -q --fd 3"),
             listeners: vec![listener("127.0.0.1", Some(true))],
             tcp: Attempt::Done(Duration::from_millis(1)),
             mtls: Attempt::Done(Duration::from_millis(20)),
@@ -636,6 +654,24 @@ mod tests {
         assert_eq!(failing, rows, "{}", m.render());
         assert_eq!(m.exit_code(), openshell_matrix::EXIT_REQUIRED_FAILED);
         m
+    }
+
+    #[test]
+    fn a_gvproxy_instance_is_checked_for_its_gvproxy() {
+        let mut o = healthy();
+        (o.metadata.passt_pid, o.metadata.gvproxy_pid) = (None, Some(12));
+        o.net = proc(12, 10, "/root/.cache/openshell-vm/gvproxy/ab/bin/gvproxy -listen unix:///proc/self/cwd/api.sock");
+        let m = decide(&o);
+        assert_eq!(m.exit_code(), 0, "{}", m.render());
+        let row = m.row("gvproxy-process").expect("a gvproxy-process row");
+        assert!(row.reason.contains("pid 12 runs gvproxy"), "{}", m.render());
+        assert!(m.row("passt-process").is_none() && m.render().contains("held by gvproxy pid 12"), "{}", m.render());
+        // A gvproxy pid reused by another program, or dead, fails that row.
+        o.net = proc(12, 10, "/usr/bin/passt -f");
+        fails_with(&o, &["gvproxy-process"]);
+        o.net = dead(12);
+        let m = fails_with(&o, &["gvproxy-process", "no-stale-state"]);
+        assert!(m.render().contains("recorded gvproxy pid 12 is dead"), "{}", m.render());
     }
 
     #[test]
@@ -688,7 +724,7 @@ mod tests {
         o.lock_holders.clear();
         o.supervisor = dead(10);
         vmm_dead(&mut o);
-        o.passt = dead(12);
+        o.net = dead(12);
         o.listeners.clear();
         tcp_failed(&mut o, "connection refused", "TCP failed");
         let m = fails_with(
@@ -746,7 +782,7 @@ mod tests {
     #[test]
     fn closed_forward_fails_forward_and_tcp() {
         let mut o = healthy();
-        o.passt = dead(12);
+        o.net = dead(12);
         o.listeners.clear();
         tcp_failed(&mut o, "Connection refused (os error 111)", "TCP to 127.0.0.1:30051 failed");
         let m = fails_with(

@@ -31,7 +31,8 @@ pub struct HostFacts {
     /// boots an arm64 kernel here, under emulation.
     pub qemu_foreign: Option<Tool>,
     pub passt: Option<Tool>,
-    /// Found on PATH or where podman's packages put it ([`crate::net::gvproxy::find`]).
+    /// Found on PATH, where podman's packages put it, or (Linux) fetched from Debian into the
+    /// artifact store ([`crate::net::gvproxy::find`]).
     pub gvproxy: Option<Tool>,
 }
 
@@ -128,7 +129,9 @@ impl HostFacts {
                 })
             }),
             gvproxy: crate::net::gvproxy::find().map(|path| {
-                let version = first_line(&path.to_string_lossy(), &["--version"]);
+                // "gvproxy version v0.8.1"
+                let version = first_line(&path.to_string_lossy(), &["-version"])
+                    .map(|l| l.strip_prefix("gvproxy version ").map(str::to_owned).unwrap_or(l));
                 Tool { path, version }
             }),
         }

@@ -39,10 +39,18 @@ pub struct L1Paths {
 }
 
 impl L1Paths {
-    /// Shares the directory `dir` (read-only) and returns where it appears inside L1.
+    /// Shares the directory `dir` (read-only) and returns where it appears inside L1. A directory
+    /// inside one already shared is reached through that share: QEMU's microvm has 8 virtio-mmio
+    /// transports, and L1's root, its share, its RNG and its NIC take four of them. (A directory
+    /// landlock confines to must be a share's own root: on 9p each lookup below it makes a new
+    /// inode, which a landlock rule on the old one never matches; `openshell_krun::confine`.)
     pub fn share_dir(&mut self, dir: &Path) -> String {
-        if let Some(s) = self.shares.iter().find(|s| s.host == dir) {
-            return s.mount.path.clone();
+        if let Some((s, rest)) = self.shares.iter().find_map(|s| Some((s, dir.strip_prefix(&s.host).ok()?))) {
+            return if rest.as_os_str().is_empty() {
+                s.mount.path.clone()
+            } else {
+                format!("{}/{}", s.mount.path, rest.display())
+            };
         }
         let tag = format!("l1share{}", self.shares.len());
         let path = format!("{L1_SHARES}/{tag}");
@@ -105,6 +113,20 @@ impl NestedHost {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_inside_a_shared_one_takes_no_share_of_its_own() {
+        let mut p = L1Paths::default();
+        assert_eq!(p.share_dir(Path::new("/store")), "/run/nested/l1share0");
+        assert_eq!(
+            p.share_file(Path::new("/store/gvproxy/ab/bin/gvproxy")).unwrap(),
+            "/run/nested/l1share0/gvproxy/ab/bin/gvproxy"
+        );
+        assert_eq!(p.share_dir(Path::new("/store/rootfs/cd")), "/run/nested/l1share0/rootfs/cd");
+        // A sibling with a common prefix is not inside it.
+        assert_eq!(p.share_dir(Path::new("/store2")), "/run/nested/l1share1");
+        assert_eq!(p.shares.len(), 2);
+    }
 
     #[test]
     fn a_directory_is_shared_once_and_files_keep_their_names() {

@@ -35,6 +35,15 @@ impl Net {
         }
     }
 
+    /// What `--net` names.
+    pub fn of_choice(choice: crate::net::NetChoice) -> Net {
+        match choice {
+            crate::net::NetChoice::None => Net::None,
+            crate::net::NetChoice::Passt => Net::Passt,
+            crate::net::NetChoice::Gvproxy => Net::Gvproxy,
+        }
+    }
+
     /// The gateway's network when none is named: passt on Linux, gvproxy on macOS.
     pub fn default_for(os: Os) -> Net {
         match os {

@@ -51,10 +51,10 @@ impl HostReport {
     }
 }
 
-/// Every row for this host, with the plan for `--vmm <choice>` (and the platform's network)
-/// deciding the `vmm` row.
-pub fn host_report(f: &Facts, choice: VmmChoice) -> HostReport {
-    let plan = openshell_vm::plan(&f.host, choice, Net::default_for(f.host.os));
+/// Every row for this host, with the plan for `--vmm <choice>` and `--net <net>` (`None`: the
+/// platform's network) deciding the `vmm` row and the network helper's row.
+pub fn host_report(f: &Facts, choice: VmmChoice, net: Option<Net>) -> HostReport {
+    let plan = openshell_vm::plan(&f.host, choice, net.unwrap_or(Net::default_for(f.host.os)));
     let mut m = Matrix::new("host");
     match f.host.os {
         Os::Linux => {
@@ -71,12 +71,16 @@ pub fn host_report(f: &Facts, choice: VmmChoice) -> HostReport {
         m.push(rows::backend_qemu(f));
     }
     m.push(rows::vmm(&plan));
-    match f.host.os {
-        Os::Linux => m.push(rows::passt(f)),
-        Os::MacOs => {
-            m.push(rows::gvproxy(f));
-            m.push(rows::entitlement(f));
+    // The network helper the plan needs (passt or gvproxy, none for --net none).
+    for need in &plan.needs {
+        match need {
+            Need::Passt => m.push(rows::passt(f)),
+            Need::Gvproxy => m.push(rows::gvproxy(f)),
+            Need::Qemu | Need::VmmBinary => {}
         }
+    }
+    if f.host.os == Os::MacOs {
+        m.push(rows::entitlement(f));
     }
     m.push(rows::kernel(f, Verification::Required));
     m.push(rows::rootfs(f, Verification::Required));
@@ -102,7 +106,10 @@ pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -
             // The vmm row above already fails when QEMU is missing.
             Need::Qemu => {}
             Need::Passt => m.push(rows::passt(f)),
-            Need::Gvproxy => m.push(rows::gvproxy(f)),
+            Need::Gvproxy => m.push(match &cfg.net {
+                NetMode::Gvproxy { binary } => rows::gvproxy_for_boot(f, binary, binary.is_file()),
+                _ => rows::gvproxy(f),
+            }),
             Need::VmmBinary if f.host.os == Os::MacOs => m.push(rows::entitlement(f)),
             Need::VmmBinary => {}
         }
@@ -237,7 +244,7 @@ mod tests {
 
     #[test]
     fn pvm_host_passes_with_warnings_and_shows_provenance() {
-        let r = host_report(&pvm(), VmmChoice::Auto);
+        let r = host_report(&pvm(), VmmChoice::Auto, None);
         assert_eq!(r.exit_code(), 0, "{}", r.render());
         let ids: Vec<&str> = r.matrix.rows.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
@@ -265,7 +272,7 @@ mod tests {
     fn a_required_failure_makes_the_host_report_exit_1() {
         let mut f = healthy();
         f.host.passt = None;
-        let r = host_report(&f, VmmChoice::Auto);
+        let r = host_report(&f, VmmChoice::Auto, None);
         assert_eq!(r.exit_code(), 1);
         assert!(r.render().contains("required failing: passt"));
     }
@@ -286,11 +293,48 @@ mod tests {
     }
 
     #[test]
+    fn the_preflight_checks_the_gvproxy_the_boot_runs_not_the_search() {
+        let mut f = healthy();
+        f.host.gvproxy = None;
+        let bin = tempfile::NamedTempFile::new().unwrap();
+        let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
+        cfg.net = NetMode::Gvproxy { binary: bin.path().into() };
+        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
+        let row = m.row("gvproxy").expect("a gvproxy row");
+        assert_eq!(row.status, Status::Pass, "{}", m.render());
+        assert!(row.reason.contains(&bin.path().display().to_string()), "{}", m.render());
+        cfg.net = NetMode::Gvproxy { binary: "/no/such/gvproxy".into() };
+        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
+        assert_eq!(m.row("gvproxy").map(|r| r.status), Some(Status::Fail), "{}", m.render());
+    }
+
+    #[test]
     fn macos_host_shows_its_own_rows_and_not_linux_ones() {
         let mut f = healthy();
         f.host = openshell_vm::host::fake::macos(true, Some(true));
-        let ids: Vec<String> = host_report(&f, VmmChoice::Auto).matrix.rows.into_iter().map(|r| r.id).collect();
+        let ids: Vec<String> = host_report(&f, VmmChoice::Auto, None).matrix.rows.into_iter().map(|r| r.id).collect();
         assert!(ids.contains(&"hvf".into()) && ids.contains(&"entitlement".into()) && ids.contains(&"gvproxy".into()));
         assert!(!ids.contains(&"kvm-device".into()) && !ids.contains(&"passt".into()));
+    }
+
+    #[test]
+    fn linux_with_net_gvproxy_shows_and_requires_the_gvproxy_row_instead_of_passt() {
+        let mut f = healthy();
+        let ids = |r: &HostReport| r.matrix.rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        let r = host_report(&f, VmmChoice::Auto, Some(Net::Gvproxy));
+        assert!(ids(&r).contains(&"gvproxy".into()) && !ids(&r).contains(&"passt".into()), "{:?}", ids(&r));
+        assert_eq!(r.exit_code(), 1, "no gvproxy found: {}", r.render());
+        assert!(r.render().contains("fetches Debian's gvproxy"), "{}", r.render());
+        f.host.gvproxy = Some(openshell_vm::host::Tool {
+            path: "/store/gvproxy/x/bin/gvproxy".into(),
+            version: Some("v0.8.1".into()),
+        });
+        let r = host_report(&f, VmmChoice::Auto, Some(Net::Gvproxy));
+        assert_eq!(r.exit_code(), 0, "{}", r.render());
+        assert!(r.render().contains("gvproxy v0.8.1 at /store/gvproxy/x/bin/gvproxy"), "{}", r.render());
+        // The default network on Linux stays passt, and --net none needs neither.
+        assert!(!ids(&host_report(&f, VmmChoice::Auto, None)).contains(&"gvproxy".into()));
+        let none = ids(&host_report(&f, VmmChoice::Auto, Some(Net::None)));
+        assert!(!none.contains(&"gvproxy".into()) && !none.contains(&"passt".into()), "{none:?}");
     }
 }

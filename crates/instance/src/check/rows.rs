@@ -222,19 +222,42 @@ pub fn passt(f: &Facts) -> Row {
     }
 }
 
-/// gvproxy, the network helper on macOS. Required there.
+/// gvproxy, the network helper on macOS and of `--net gvproxy` on Linux. Required where it is used.
 pub fn gvproxy(f: &Facts) -> Row {
-    match &f.host.gvproxy {
-        Some(t) => Row::pass(
+    match (&f.host.gvproxy, f.host.os) {
+        (Some(t), _) => Row::pass(
             "gvproxy",
             format!("gvproxy {} at {}", t.version.as_deref().unwrap_or("of unknown version"), t.path.display()),
         ),
-        None => Row::fail(
+        (None, Os::MacOs) => Row::fail(
             "gvproxy",
             "gvproxy is not on PATH: the guest network on macOS needs it",
             "brew install podman (it ships gvproxy), or put gvproxy on PATH",
         ),
+        (None, Os::Linux) => Row::fail(
+            "gvproxy",
+            "gvproxy is not on PATH nor in the artifact store: --net gvproxy needs it",
+            "`cargo xtask vm run --net gvproxy` fetches Debian's gvproxy into the artifact store; or put gvproxy on PATH",
+        ),
     }
+}
+
+/// The gvproxy a boot runs (`NetMode::Gvproxy`'s binary: `--gvproxy PATH` or what the search
+/// found), which need not be the one this host's search finds (inside a nested host, the one
+/// shared in): `exists` is whether that path is a file.
+pub fn gvproxy_for_boot(f: &Facts, binary: &std::path::Path, exists: bool) -> Row {
+    if !exists {
+        return Row::fail(
+            "gvproxy",
+            format!("gvproxy {} does not exist", binary.display()),
+            openshell_vm::net::gvproxy::install_hint(f.host.os == Os::MacOs),
+        );
+    }
+    let version = f.host.gvproxy.as_ref().filter(|t| t.path == binary).and_then(|t| t.version.clone());
+    Row::pass(
+        "gvproxy",
+        format!("gvproxy {} at {}", version.as_deref().unwrap_or("of unknown version"), binary.display()),
+    )
 }
 
 /// The hypervisor entitlement of `openshell-vmm` on macOS. Required there once the binary exists.

@@ -49,8 +49,9 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
     let lock_holders = procfs::flock_holders(&inst.lock_path());
     let supervisor = metadata.supervisor_pid.map(procfs::process);
     let vm = metadata.vm_pid.map(procfs::process);
-    let passt = metadata.passt_pid.map(procfs::process);
-    let listeners = listeners(port, passt.as_ref());
+    // The network helper holding the forward: passt or gvproxy, whichever the record names.
+    let net = metadata.passt_pid.or(metadata.gvproxy_pid).map(procfs::process);
+    let listeners = listeners(port, net.as_ref());
 
     let tcp = tcp_connect(&metadata.endpoint);
     let (mtls, without_cert, health, info) = match &tcp {
@@ -72,7 +73,10 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         Ok(bytes) => Attempt::Done(String::from_utf8_lossy(&bytes).into_owned()),
         Err(e) => Attempt::Failed(e.to_string()),
     };
-    let leftovers = leftovers(inst, locked);
+    // gvproxy alive and running gvproxy: the record's pid is still the instance's helper.
+    let live_gvproxy =
+        locked && metadata.gvproxy_pid.is_some() && net.as_ref().is_some_and(|p| p.program_is_any(&["gvproxy"]));
+    let leftovers = leftovers(inst, locked, live_gvproxy);
     Ok(Observations {
         name: name.clone(),
         metadata,
@@ -81,7 +85,7 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         lock_holders,
         supervisor,
         vm,
-        passt,
+        net,
         listeners,
         tcp,
         mtls,
@@ -117,22 +121,22 @@ fn endpoint_port(endpoint: &str) -> Option<u16> {
     endpoint.rsplit_once(':')?.1.parse().ok().filter(|&p| p != 0)
 }
 
-/// The LISTEN sockets on `port`, each with whether the recorded passt holds it, and if it does
+/// The LISTEN sockets on `port`, each with whether the recorded network helper (passt or gvproxy) holds it, and if it does
 /// not, who does (searched only then, since it walks every process).
 fn listeners(
     port: u16,
-    passt: Option<&procfs::ProcessFact>,
+    helper: Option<&procfs::ProcessFact>,
 ) -> Vec<(procfs::TcpListenerFact, Option<bool>, Option<procfs::ProcessFact>)> {
     procfs::tcp_listeners(port)
         .into_iter()
         .map(|l| {
-            let by_passt = passt.filter(|p| p.alive).and_then(|p| procfs::holds_socket(p.pid, l.inode));
-            if by_passt == Some(true) {
+            let by_helper = helper.filter(|p| p.alive).and_then(|p| procfs::holds_socket(p.pid, l.inode));
+            if by_helper == Some(true) {
                 return (l, Some(true), None);
             }
             match procfs::socket_owner(l.inode).map(procfs::process) {
                 Some(owner) => {
-                    let ours = passt.is_some_and(|p| p.pid == owner.pid);
+                    let ours = helper.is_some_and(|p| p.pid == owner.pid);
                     (l, Some(ours), Some(owner))
                 }
                 None => (l, None, None),
@@ -287,7 +291,7 @@ fn rehash_rootfs(dir: &Path) -> Attempt<Rehashed> {
 }
 
 /// Files that should not exist in the instance's state (see [`super::stale_findings`], item 5).
-fn leftovers(inst: &GatewayInstance, running: bool) -> Vec<Leftover> {
+fn leftovers(inst: &GatewayInstance, running: bool, live_gvproxy: bool) -> Vec<Leftover> {
     let share = inst.vm_dir().join("share");
     let mut out = Vec::new();
     let mut add = |path: PathBuf, what: &'static str| {
@@ -302,6 +306,9 @@ fn leftovers(inst: &GatewayInstance, running: bool) -> Vec<Leftover> {
     }
     let mut sockets = Vec::new();
     find_sockets(&inst.dir, 4, &mut sockets);
+    // A running gvproxy's own sockets (its API and the VMM's link) are its, not left over.
+    let gvproxy = openshell_vm::net::gvproxy::Sockets::in_dir(&inst.vm_dir()).dir;
+    sockets.retain(|p| !(live_gvproxy && p.starts_with(&gvproxy)));
     out.extend(sockets.into_iter().map(|path| Leftover { path, what: "leftover unix socket" }));
     out
 }

@@ -16,6 +16,7 @@ mod cli;
 mod faults;
 mod flood;
 mod guest_check;
+mod gvproxy;
 mod lifecycle;
 mod nested;
 mod provenance;

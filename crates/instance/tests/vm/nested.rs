@@ -121,9 +121,20 @@ pub fn run_in_l1(
     let mut paths = L1Paths::default();
     // The supervisor binary too: the trials that detach a gateway start it inside L1.
     let supervisor = std::path::Path::new(env!("CARGO_BIN_EXE_openshell-supervisor"));
+    // gvproxy for the `gvproxy::` trials, run inside L1 beside libkrun, read-only in a share of
+    // its own. QEMU's microvm has 8 virtio-mmio transports: the VMM's directory (cargo's
+    // `target/debug`) is shared first, so this binary (in its `deps/`) takes no share of its own.
+    // The kernel's directory must stay a share's root (see `openshell_krun::confine`).
+    let gvproxy = std::env::var_os("OPENSHELL_GVPROXY").map(PathBuf::from).filter(|p| p.is_file());
+    if let Some(dir) = vmm.parent() {
+        paths.share_dir(dir);
+    }
     let shared = paths.share_file(&me).and_then(|bin| {
         let mut env = paths.share_guest(&a.kernel, &a.rootfs, vmm)?;
         env.push(("OPENSHELL_SUPERVISOR".into(), paths.share_file(supervisor)?));
+        if let Some(gvproxy) = &gvproxy {
+            env.push(("OPENSHELL_GVPROXY".into(), paths.share_file(gvproxy)?));
+        }
         Ok((bin, env))
     });
     let (bin, guest_env) = match shared {

@@ -25,6 +25,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::flood::TRIALS,
     crate::faults::TRIALS,
     crate::sandbox::TRIALS,
+    crate::gvproxy::TRIALS,
 ];
 
 /// The contract every backend honours.

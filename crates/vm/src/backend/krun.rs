@@ -51,6 +51,9 @@ pub fn spec(cfg: &VmConfig, link: &Link) -> KrunSpec {
             .chain(cfg.shares.iter().map(|s| (s.mount.tag.clone(), s.host.clone())))
             .collect(),
         log_level: cfg.log_level,
+        // passt's socketpair, or gvproxy's stream link (Linux). libkrun's legacy call takes no
+        // MAC and gives the guest 5a:94:ef:e4:0c:ee (libkrun 1.19.7 `krun_start_enter`), which
+        // is gvproxy's static lease (`net::gvproxy::GUEST_MAC`) and which passt ignores.
         passt_fd: matches!(link, Link::Stream { .. }).then_some(CHILD_FD),
         net_unixgram: match link {
             Link::Unixgram { path, mac } => Some(UnixgramNet { path: path.clone(), mac: *mac, vfkit_magic: true }),
@@ -136,17 +139,22 @@ mod tests {
     }
 
     #[test]
-    fn passt_is_an_inherited_fd_and_gvproxy_a_vfkit_socket() {
+    fn passt_is_an_inherited_fd_and_gvproxy_its_stream_on_linux_and_a_vfkit_socket_on_macos() {
         let s = spec_of(&cfg(crate::NetMode::Passt));
         assert_eq!((s.passt_fd, s.net_unixgram), (Some(3), None));
         assert!(s.cmdline.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{}", s.cmdline);
 
         let s = spec_of(&cfg(crate::NetMode::Gvproxy { binary: "/gv".into() }));
-        assert_eq!(s.passt_fd, None);
-        let net = s.net_unixgram.expect("gvproxy link");
-        assert_eq!(net.path, std::path::Path::new("/st/gvproxy-link.sock"));
-        assert_eq!(net.mac, [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]);
-        assert!(net.vfkit_magic, "gvproxy's vfkit mode learns libkrun's address from the VFKT magic");
+        if cfg!(target_os = "macos") {
+            assert_eq!(s.passt_fd, None);
+            let net = s.net_unixgram.expect("gvproxy link");
+            assert_eq!(net.path, std::path::Path::new("/st/gvproxy/link.sock"));
+            assert_eq!(net.mac, [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee]);
+            assert!(net.vfkit_magic, "gvproxy's vfkit mode learns libkrun's address from the VFKT magic");
+        } else {
+            // gvproxy's released Linux builds have no vfkit link: its stream, at the inherited fd.
+            assert_eq!((s.passt_fd, s.net_unixgram), (Some(3), None));
+        }
         assert!(s.cmdline.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{}", s.cmdline);
 
         let s = spec_of(&cfg(crate::NetMode::None));

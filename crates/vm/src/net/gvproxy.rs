@@ -1,27 +1,37 @@
-//! gvproxy (containers/gvisor-tap-vsock): the macOS network backend.
+//! gvproxy (containers/gvisor-tap-vsock): the macOS network backend, and `--net gvproxy` on Linux.
 //!
-//! **Implemented from gvproxy's sources and unit-tested; never run on this project's Linux CI
-//! host**, which has neither a gvproxy binary nor macOS. What it relies on, as read in
-//! `containers/gvisor-tap-vsock`:
-//! - flags (`cmd/gvproxy/config.go`, `GvproxyArgParse`): `-listen unix://API` serves the HTTP API;
-//!   `-listen-vfkit unixgram://PATH` is the vfkit datagram link, `-listen-qemu unix://PATH` the
-//!   QEMU stream link (4-byte length per frame; README "Run with QEMU": QEMU ≥ 7.2 `-netdev
-//!   stream` works without a wrapper); only one link per process (the last protocol set wins in
-//!   `GvproxyConfigure`), so the argv depends on the VMM. gvproxy refuses to start if the link's
-//!   socket path already exists. `-ssh-port -1` drops the default `127.0.0.1:2222 → guest:22`
-//!   forward (`getForwardsMap`; containers/gvisor-tap-vsock#403, Oct 2024 — older releases reject
-//!   -1). `-pid-file PATH` writes its pid and removes the file on exit.
-//! - network (`config.go` defaults, `pkg/services/dhcp/dhcp.go`): subnet 192.168.127.0/24, gateway
+//! Run here against Debian's gvproxy 0.8.1 (trixie's package, fetched into the artifact store by
+//! `openshell_artifacts::gvproxy` when the host has none) with both VMMs. What it relies on, as
+//! read in `containers/gvisor-tap-vsock` at v0.8.1:
+//! - flags (`cmd/gvproxy/main.go`): `-listen unix://API` serves the HTTP API; `-listen-qemu
+//!   unix://PATH` is the stream link (`pkg/tap/protocols.go`: a 4-byte big-endian length before
+//!   each frame, what QEMU ≥ 7.2's `-netdev stream` and libkrun's unixstream backend speak);
+//!   `-listen-vfkit unixgram://PATH` the vfkit datagram link, built for macOS only
+//!   (`pkg/transport/unixgram_nondarwin.go` answers "unsupported 'unixgram' scheme"; the Linux
+//!   build came in aca08de8, April 2026, in no release through v0.8.9). So libkrun uses the vfkit
+//!   link on macOS and the stream link on Linux ([`protocol`]). gvproxy accepts one connection
+//!   on the stream link, and refuses to start if a link's socket path exists. `-ssh-port -1`
+//!   drops the default `127.0.0.1:2222 → guest:22` forward (`getForwardsMap`). `-pid-file PATH`
+//!   writes its pid and removes the file on exit.
+//! - network (`main.go`'s configuration, `pkg/services/dhcp`): subnet 192.168.127.0/24, gateway
 //!   and DNS 192.168.127.1, static lease 192.168.127.2 for MAC 5a:94:ef:e4:0c:ee.
-//! - vfkit link (`pkg/transport/unixgram_unix.go`, `AcceptVfkit`): gvproxy learns the VMM's
+//! - vfkit link (`pkg/transport/unixgram_darwin.go`, `AcceptVfkit`): gvproxy learns the VMM's
 //!   address from its first datagram and consumes it if it is the `VFKT` magic, which libkrun
 //!   sends when given `NET_FLAG_VFKIT` (libkrun 1.19.7 `krun_add_net_unixgram`).
-//! - forwards (`pkg/services/forwarder/ports.go`, `pkg/virtualnetwork/services.go`):
-//!   `POST /services/forwarder/expose` with `{"local","remote","protocol"}` and
-//!   `POST /services/forwarder/unexpose` with `{"local","protocol"}` (`pkg/types`
-//!   `ExposeRequest`/`UnexposeRequest`); success is an empty 200, failure a `http.Error` text body
-//!   with 400 (bad request) or 500 (e.g. the local address is taken). A TCP expose binds `local`
-//!   before it answers, so a 200 means the forward listens.
+//! - forwards (`pkg/services/forwarder/ports.go`, `pkg/virtualnetwork/mux.go`: the API socket's
+//!   handler serves `/services/`): `POST /services/forwarder/expose` with
+//!   `{"local","remote","protocol"}` and `POST /services/forwarder/unexpose` with
+//!   `{"local","protocol"}` (`pkg/types` `ExposeRequest`/`UnexposeRequest`); success is an empty
+//!   200, failure a `http.Error` text body with 400 (bad request) or 500 (e.g. the local address
+//!   is taken). A TCP expose binds `local` before it answers, so a 200 means the forward listens.
+//!
+//! Least privilege: started by root, gvproxy runs as `nobody` with no supplementary groups. It
+//! accepts no inherited sockets (v0.8.1's `transport.Listen` takes `unix`, `tcp`, `vsock`,
+//! `unixpacket` URLs only), so it creates its sockets itself, in a directory of its own inside
+//! the VM's state directory, owned by it and mode 0700. The state directory's parents need not
+//! be searchable by `nobody`: on Linux gvproxy starts in that directory and names its sockets
+//! through `/proc/self/cwd/`, which reaches the directory without walking its parents (and keeps
+//! the socket paths far below `sun_path`'s 108 bytes whatever the state directory's length).
 //!
 //! The HTTP requests are rendered and parsed by pure functions here; sending them is a thin layer
 //! over a `UnixStream`.
@@ -29,7 +39,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -46,7 +56,14 @@ pub const GUEST: GuestNet =
     GuestNet { addr: Ipv4Addr::new(192, 168, 127, 2), prefix: 24, gateway: Ipv4Addr::new(192, 168, 127, 1) };
 /// The MAC gvproxy's static lease table gives [`GUEST`]'s address to.
 pub const GUEST_MAC: [u8; 6] = [0x5a, 0x94, 0xef, 0xe4, 0x0c, 0xee];
-pub const INSTALL_HINT: &str = "install it with `brew install podman` (which ships gvproxy), or pass --gvproxy PATH";
+/// How to get gvproxy, on macOS or on Linux.
+pub fn install_hint(macos: bool) -> &'static str {
+    if macos {
+        "install it with `brew install podman` (which ships gvproxy), or pass --gvproxy PATH"
+    } else {
+        "`cargo xtask vm run --net gvproxy` fetches Debian's gvproxy into the artifact store; or pass --gvproxy PATH"
+    }
+}
 /// Where gvproxy is installed off `PATH`, searched in this order: Homebrew's `bin` (Apple silicon,
 /// Intel), Podman Desktop's installer (`/opt/podman/bin`), then podman's helper-binary directories
 /// (containers/common's `helper_binaries_dir`: Homebrew's podman on both Macs, then Linux
@@ -68,9 +85,18 @@ const EXPOSE_PATH: &str = "/services/forwarder/expose";
 const UNEXPOSE_PATH: &str = "/services/forwarder/unexpose";
 
 /// The one gvproxy search, for `vm run` ([`super::NetMode::resolve`]) and `cargo xtask check`
-/// alike: gvproxy on `PATH`, else in [`SEARCH_DIRS`]. (`--gvproxy PATH` replaces the search.)
+/// alike: gvproxy on `PATH`, else in [`SEARCH_DIRS`], else (Linux, where distributions before
+/// Debian 13 ship none) the copy fetched from Debian into the artifact store, re-hashed against
+/// its record. (`--gvproxy PATH` replaces the search.)
 pub fn find() -> Option<PathBuf> {
-    find_in(std::env::var_os("PATH"), SEARCH_DIRS, |p| which::which(p).is_ok())
+    find_in(std::env::var_os("PATH"), SEARCH_DIRS, |p| which::which(p).is_ok()).or_else(|| {
+        if cfg!(target_os = "linux") {
+            let store = openshell_artifacts::Store::default_location();
+            openshell_artifacts::gvproxy::locate(&store, openshell_artifacts::Arch::host()).map(|g| g.binary)
+        } else {
+            None
+        }
+    })
 }
 
 /// [`find`] with the search path, the fixed directories and "is an executable file" passed in.
@@ -79,9 +105,11 @@ fn find_in(path_var: Option<std::ffi::OsString>, dirs: &[&str], executable: impl
     on_path.into_iter().chain(dirs.iter().map(PathBuf::from)).map(|d| d.join("gvproxy")).find(|p| executable(p))
 }
 
-/// gvproxy's files for one VM, all in its state directory.
+/// gvproxy's files for one VM, all in its own directory inside the VM's state directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sockets {
+    /// gvproxy's directory: its working directory, owned by it.
+    pub dir: PathBuf,
     /// The HTTP API (`-listen`).
     pub api: PathBuf,
     /// The VMM's link (`-listen-vfkit` or `-listen-qemu`).
@@ -89,13 +117,42 @@ pub struct Sockets {
     pub pid_file: PathBuf,
 }
 
+const API: &str = "api.sock";
+const LINK: &str = "link.sock";
+const PID_FILE: &str = "gvproxy.pid";
+
 impl Sockets {
     pub fn in_dir(state_dir: &Path) -> Sockets {
-        Sockets {
-            api: state_dir.join("gvproxy-api.sock"),
-            link: state_dir.join("gvproxy-link.sock"),
-            pid_file: state_dir.join("gvproxy.pid"),
+        let dir = state_dir.join("gvproxy");
+        Sockets { api: dir.join(API), link: dir.join(LINK), pid_file: dir.join(PID_FILE), dir }
+    }
+
+    /// A file of gvproxy's as gvproxy names it: through its working directory on Linux (see the
+    /// module docs), absolute elsewhere.
+    fn seen_by_gvproxy(&self, name: &str) -> PathBuf {
+        if cfg!(target_os = "linux") {
+            Path::new("/proc/self/cwd").join(name)
+        } else {
+            self.dir.join(name)
         }
+    }
+}
+
+/// Which of gvproxy's links the VMM attaches to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `-listen-vfkit`: unixgram, libkrun by path with the `VFKT` magic.
+    Vfkit,
+    /// `-listen-qemu`: a stream the VMM inherits, one length-prefixed frame at a time.
+    Qemu,
+}
+
+/// The link for `attach`, decided here once: libkrun takes the vfkit link on macOS; everywhere
+/// else both VMMs take the stream link, the only one a released gvproxy builds for Linux.
+pub fn protocol(attach: Attach) -> Protocol {
+    match attach {
+        Attach::Krun if cfg!(target_os = "macos") => Protocol::Vfkit,
+        _ => Protocol::Qemu,
     }
 }
 
@@ -105,14 +162,16 @@ pub fn vfkit_socket(state_dir: &Path) -> PathBuf {
 }
 
 /// gvproxy's arguments: the API socket, the one link the VMM uses, no SSH forward, a pid file.
-pub fn argv(s: &Sockets, attach: Attach) -> Vec<String> {
-    let link = match attach {
-        Attach::Krun => ["-listen-vfkit".to_owned(), socket_url("unixgram", &s.link)],
-        Attach::Qemu => ["-listen-qemu".to_owned(), socket_url("unix", &s.link)],
+pub fn argv(s: &Sockets, protocol: Protocol) -> Vec<String> {
+    let link = s.seen_by_gvproxy(LINK);
+    let link = match protocol {
+        Protocol::Vfkit => ["-listen-vfkit".to_owned(), socket_url("unixgram", &link)],
+        Protocol::Qemu => ["-listen-qemu".to_owned(), socket_url("unix", &link)],
     };
-    let mut a = vec!["-listen".to_owned(), socket_url("unix", &s.api)];
+    let mut a = vec!["-listen".to_owned(), socket_url("unix", &s.seen_by_gvproxy(API))];
     a.extend(link);
-    a.extend(["-ssh-port".to_owned(), "-1".to_owned(), "-pid-file".to_owned(), s.pid_file.display().to_string()]);
+    let pid_file = s.seen_by_gvproxy(PID_FILE).display().to_string();
+    a.extend(["-ssh-port".to_owned(), "-1".to_owned(), "-pid-file".to_owned(), pid_file]);
     a
 }
 
@@ -209,9 +268,22 @@ pub fn parse_response(raw: &[u8], at_eof: bool) -> Result<Option<Response>, Stri
     Ok(Some(Response { status, body: String::from_utf8_lossy(body).into_owned() }))
 }
 
+/// Connects to the unix socket at `path`, however long: on Linux a path past `sun_path`'s 107
+/// bytes (a deep state directory) is reached through its directory, held open for the call, as
+/// `/proc/self/fd/N/NAME`.
+fn connect(path: &Path) -> std::io::Result<UnixStream> {
+    const SUN_PATH: usize = 107;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return UnixStream::connect(path) };
+    if !cfg!(target_os = "linux") || path.as_os_str().len() <= SUN_PATH {
+        return UnixStream::connect(path);
+    }
+    let dir = File::open(dir)?;
+    UnixStream::connect(Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name))
+}
+
 /// Sends one request to the API socket and reads the whole response.
 fn post(api: &Path, path: &str, body: &str) -> std::io::Result<Response> {
-    let mut stream = UnixStream::connect(api)?;
+    let mut stream = connect(api)?;
     stream.set_read_timeout(Some(API_TIMEOUT))?;
     stream.set_write_timeout(Some(API_TIMEOUT))?;
     stream.write_all(&render_post(path, body))?;
@@ -287,13 +359,22 @@ pub fn wait_for_paths(
     }
 }
 
-/// The longest unix socket path this OS takes (`sun_path` less its NUL: 107 on Linux, 103 on macOS).
-fn max_socket_path() -> usize {
-    if cfg!(target_os = "linux") {
-        107
-    } else {
-        103
+/// The longest unix socket path macOS takes (`sun_path` less its NUL). On Linux gvproxy names
+/// its sockets through `/proc/self/cwd/`, whatever the state directory's length.
+const MAX_SOCKET_PATH: usize = 103;
+/// The descriptor gvproxy's binary is executed through when it runs as `nobody` (after stdio).
+const EXEC_FD: i32 = 3;
+const EXEC_FD_PATH: &str = "/proc/self/fd/3";
+
+/// The uid and gid gvproxy runs as when we are root: `nobody`'s (65534 when the passwd database
+/// has no such user). `None` when we are not root: it runs as us.
+/// Linux only: the drop executes through `/proc/self/fd`.
+fn unprivileged() -> Option<(nix::unistd::Uid, nix::unistd::Gid)> {
+    if !cfg!(target_os = "linux") || !nix::unistd::geteuid().is_root() {
+        return None;
     }
+    let nobody = nix::unistd::User::from_name("nobody").ok().flatten();
+    Some(nobody.map_or((nix::unistd::Uid::from_raw(65534), nix::unistd::Gid::from_raw(65534)), |u| (u.uid, u.gid)))
 }
 
 /// A running gvproxy; stopped on drop (SIGTERM, a grace period, then SIGKILL).
@@ -303,9 +384,9 @@ pub struct Gvproxy {
     sockets: Sockets,
 }
 
-/// Starts gvproxy for one VM: waits for its API and link sockets, opens every forward, and for
-/// QEMU connects to the link and returns that stream for the VMM to inherit (libkrun connects to
-/// the vfkit socket by path itself). On any failure gvproxy is stopped again.
+/// Starts gvproxy for one VM: waits for its API and link sockets, opens every forward, and on the
+/// stream link connects and returns that stream for the VMM to inherit (libkrun connects to the
+/// vfkit socket by path itself). On any failure gvproxy is stopped again.
 pub fn start(
     binary: &Path,
     ports: &[PortMap],
@@ -314,35 +395,70 @@ pub fn start(
     log: File,
 ) -> Result<(Gvproxy, Option<OwnedFd>), VmError> {
     let sockets = Sockets::in_dir(state_dir);
-    for path in [&sockets.api, &sockets.link] {
-        if path.as_os_str().len() > max_socket_path() {
-            return Err(VmError::Invalid(format!(
-                "gvproxy's socket path {} is longer than the {} bytes a unix socket takes; use a shorter --state-dir",
-                path.display(),
-                max_socket_path()
-            )));
+    let protocol = protocol(attach);
+    if !cfg!(target_os = "linux") {
+        for path in [&sockets.api, &sockets.link] {
+            if path.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(VmError::Invalid(format!(
+                    "gvproxy's socket path {} is longer than the {MAX_SOCKET_PATH} bytes a unix socket takes; use a shorter --state-dir",
+                    path.display(),
+                )));
+            }
         }
     }
     // Left by an earlier run in our own state directory; gvproxy refuses to start over them.
-    for path in [&sockets.api, &sockets.link, &sockets.pid_file] {
-        let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_dir_all(&sockets.dir);
+    let io = |source| VmError::Io { path: sockets.dir.clone(), source };
+    std::fs::create_dir_all(&sockets.dir).map_err(io)?;
+    std::fs::set_permissions(&sockets.dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
+    let drop_to = unprivileged();
+    if let Some((uid, gid)) = drop_to {
+        nix::unistd::chown(&sockets.dir, Some(uid), Some(gid)).map_err(|e| io(e.into()))?;
     }
     let err = log.try_clone().map_err(|source| VmError::Spawn { what: "gvproxy".into(), source })?;
-    let mut cmd = Command::new(binary);
-    cmd.args(argv(&sockets, attach)).stdin(Stdio::null()).stdout(log).stderr(err);
-    // SAFETY: only async-signal-safe calls (setpgid, prctl) between fork and exec.
+    let cstr = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| VmError::Invalid(format!("{} has a NUL byte", p.display())))
+    };
+    let (dir, program) = (cstr(&sockets.dir)?, cstr(binary)?);
+    // Dropping to `nobody`, the binary is opened as root and executed through that descriptor:
+    // `nobody` may not be able to walk to it either (the store lives under root's home).
+    let mut cmd = Command::new(if drop_to.is_some() { Path::new(EXEC_FD_PATH) } else { binary });
+    cmd.arg0(binary).args(argv(&sockets, protocol)).stdin(Stdio::null()).stdout(log).stderr(err);
+    // SAFETY: only async-signal-safe calls (open, dup2, close, chdir, setgroups, setgid, setuid,
+    // setpgid, prctl) between fork and exec, on memory allocated before the fork.
     #[allow(unsafe_code)]
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
+            // Here, not through Command::current_dir/uid/gid: std changes the ids before the
+            // directory, and `nobody` may not be able to walk to it.
+            if libc::chdir(dir.as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid)) = drop_to {
+                // Without close-on-exec, so a script (the unit tests' stand-in) can be read back
+                // by its interpreter; gvproxy keeps a read-only descriptor of its own binary.
+                let fd = libc::open(program.as_ptr(), libc::O_RDONLY);
+                if fd < 0 || (fd != EXEC_FD && (libc::dup2(fd, EXEC_FD) < 0 || libc::close(fd) != 0)) {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid.as_raw()) != 0
+                    || libc::setuid(uid.as_raw()) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             // Its own process group, so a terminal's Ctrl-C reaches the supervisor, which stops
-            // the VMM before the network; and on Linux it dies with the supervisor.
+            // the VMM before the network; and on Linux it dies with the supervisor (set after
+            // the uid change, which clears the parent-death signal).
             nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0))?;
             crate::child::die_with_parent()
         });
     }
     let child =
         cmd.spawn().map_err(|source| VmError::Spawn { what: format!("gvproxy ({})", binary.display()), source })?;
-    tracing::debug!(pid = child.id(), ?cmd, "gvproxy started");
+    tracing::debug!(pid = child.id(), ?cmd, as_uid = ?drop_to.map(|(u, _)| u), "gvproxy started");
     let mut gv = Gvproxy { child: Some(child), sockets };
     let log_path = state_dir.join("gvproxy.log");
     let child = gv.child.as_mut().expect("just started");
@@ -354,11 +470,14 @@ pub fn start(
     for &p in ports {
         expose(&gv.sockets.api, p)?;
     }
-    let link = match attach {
-        Attach::Krun => None,
-        Attach::Qemu => {
-            let s = UnixStream::connect(&gv.sockets.link).map_err(|e| {
-                VmError::Gvproxy(format!("cannot connect to gvproxy's QEMU socket {}: {e}", gv.sockets.link.display()))
+    let link = match protocol {
+        Protocol::Vfkit => None,
+        Protocol::Qemu => {
+            let s = connect(&gv.sockets.link).map_err(|e| {
+                VmError::Gvproxy(format!(
+                    "cannot connect to gvproxy's stream socket {}: {e}",
+                    gv.sockets.link.display()
+                ))
             })?;
             Some(OwnedFd::from(s))
         }
@@ -412,10 +531,9 @@ impl Drop for Gvproxy {
             let _ = child.kill();
         }
         let _ = child.wait();
-        // gvproxy removes them on a clean exit, not after SIGKILL.
-        for path in [&self.sockets.api, &self.sockets.link, &self.sockets.pid_file] {
-            let _ = std::fs::remove_file(path);
-        }
+        // gvproxy removes its pid file on a clean exit, never its sockets (it removes the
+        // link by its URL, not its path), and nothing after SIGKILL.
+        let _ = std::fs::remove_dir_all(&self.sockets.dir);
     }
 }
 
@@ -476,24 +594,29 @@ mod tests {
     }
 
     #[test]
-    fn argv_per_vmm() {
+    fn argv_per_protocol() {
         let s = Sockets::in_dir(Path::new("/st"));
+        assert_eq!((s.api.to_str(), s.link.to_str()), (Some("/st/gvproxy/api.sock"), Some("/st/gvproxy/link.sock")));
+        let at = if cfg!(target_os = "linux") { "/proc/self/cwd" } else { "/st/gvproxy" };
         assert_eq!(
-            argv(&s, Attach::Krun),
+            argv(&s, Protocol::Vfkit),
             [
-                "-listen",
-                "unix:///st/gvproxy-api.sock",
-                "-listen-vfkit",
-                "unixgram:///st/gvproxy-link.sock",
-                "-ssh-port",
-                "-1",
-                "-pid-file",
-                "/st/gvproxy.pid"
+                "-listen".to_owned(),
+                format!("unix://{at}/api.sock"),
+                "-listen-vfkit".to_owned(),
+                format!("unixgram://{at}/link.sock"),
+                "-ssh-port".to_owned(),
+                "-1".to_owned(),
+                "-pid-file".to_owned(),
+                format!("{at}/gvproxy.pid"),
             ]
         );
-        let q = argv(&s, Attach::Qemu);
-        assert_eq!(&q[2..4], ["-listen-qemu", "unix:///st/gvproxy-link.sock"]);
+        let q = argv(&s, Protocol::Qemu);
+        assert_eq!(&q[2..4], ["-listen-qemu".to_owned(), format!("unix://{at}/link.sock")]);
         assert_eq!(vfkit_socket(Path::new("/st")), s.link);
+        // QEMU always takes the stream; libkrun the vfkit link only where gvproxy builds it.
+        assert_eq!(protocol(Attach::Qemu), Protocol::Qemu);
+        assert_eq!(protocol(Attach::Krun), if cfg!(target_os = "macos") { Protocol::Vfkit } else { Protocol::Qemu });
     }
 
     #[test]
@@ -560,6 +683,21 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_past_sun_path_is_reached_through_its_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        // Bound the same way (through the directory), since bind has the same limit.
+        let held = File::open(&deep).unwrap();
+        let short = Path::new(&format!("/proc/self/fd/{}", held.as_raw_fd())).join("api.sock");
+        let api = deep.join("api.sock");
+        assert!(api.as_os_str().len() > 107);
+        let server = serve_once(UnixListener::bind(&short).unwrap(), "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        expose(&api, GATEWAY).unwrap();
+        assert_eq!(server.join().unwrap(), render_post(EXPOSE_PATH, &expose_body(GATEWAY)));
+    }
+
+    #[test]
     fn api_without_gvproxy_is_an_error_naming_the_socket() {
         let dir = tempfile::tempdir().unwrap();
         let err = expose(&dir.path().join("api.sock"), GATEWAY).unwrap_err().to_string();
@@ -593,43 +731,53 @@ mod tests {
     /// and answers the API the way gvproxy does. This tests our process owner and client, not gvproxy.
     fn fake_gvproxy(dir: &Path) -> PathBuf {
         let path = dir.join("fake-gvproxy");
-        std::fs::write(
-            &path,
-            format!("#!/bin/sh\nprintf '%s\\n' \"$@\" > {}/argv.txt\nexec sleep 30\n", dir.display()),
-        )
-        .unwrap();
+        std::fs::write(&path, "#!/bin/sh\nprintf '%s\\n' \"$@\" > argv.txt\nid -u > uid.txt\nexec sleep 30\n").unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         path
     }
 
     #[test]
-    fn start_waits_exposes_and_drop_stops_the_process() {
+    fn start_waits_exposes_connects_and_drop_stops_the_process() {
         let dir = tempfile::tempdir().unwrap();
         let bin = fake_gvproxy(dir.path());
         let sockets = Sockets::in_dir(dir.path());
-        let (argv_file, s2) = (dir.path().join("argv.txt"), sockets.clone());
+        let (argv_file, s2) = (sockets.dir.join("argv.txt"), sockets.clone());
         let server = std::thread::spawn(move || {
             while !argv_file.exists() {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let _link = UnixDatagram::bind(&s2.link).unwrap();
+            let link = UnixListener::bind(&s2.link).unwrap();
             let req = serve_once(UnixListener::bind(&s2.api).unwrap(), "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                 .join()
                 .unwrap();
-            (req, _link)
+            (req, link.accept().unwrap().0)
         });
         let log = File::create(dir.path().join("gvproxy.log")).unwrap();
-        let (gv, link) = start(&bin, &[GATEWAY], Attach::Krun, dir.path(), log).unwrap();
-        assert!(link.is_none(), "libkrun connects to the vfkit socket itself");
-        let (req, _link) = server.join().unwrap();
+        let (gv, link) = start(&bin, &[GATEWAY], Attach::Qemu, dir.path(), log).unwrap();
+        let (req, mut accepted) = server.join().unwrap();
         assert_eq!(req, render_post(EXPOSE_PATH, &expose_body(GATEWAY)));
-        let recorded = std::fs::read_to_string(dir.path().join("argv.txt")).unwrap();
-        assert_eq!(recorded.lines().collect::<Vec<_>>(), argv(&sockets, Attach::Krun));
+        // The returned fd is the connection gvproxy's stream link accepted.
+        let mut ours = UnixStream::from(link.expect("the stream link is handed to the VMM"));
+        ours.write_all(b"\0\0\0\x01x").unwrap();
+        let mut got = [0u8; 5];
+        accepted.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"\0\0\0\x01x");
+        let recorded = std::fs::read_to_string(sockets.dir.join("argv.txt")).unwrap();
+        assert_eq!(recorded.lines().collect::<Vec<_>>(), argv(&sockets, Protocol::Qemu));
+        // Least privilege: as root it runs as nobody, in a directory of its own.
+        let uid = std::fs::read_to_string(sockets.dir.join("uid.txt")).unwrap();
+        let meta = std::fs::metadata(&sockets.dir).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        match unprivileged() {
+            Some((u, _)) => assert_eq!((uid.trim(), meta.uid()), (u.to_string().as_str(), u.as_raw())),
+            None => assert_eq!(uid.trim(), nix::unistd::geteuid().to_string()),
+        }
         let pid = gv.pid().unwrap();
         drop(gv);
         // Signal 0 only checks that the (reaped) pid no longer exists.
         assert!(crate::child::signal(pid, None).is_err(), "gvproxy still running after drop");
-        assert!(!sockets.api.exists() && !sockets.link.exists());
+        assert!(!sockets.dir.exists());
     }
 
     #[test]
@@ -648,6 +796,8 @@ mod tests {
         assert!(err.contains("ssh-port value must be") && err.contains("upgrade"), "{err}");
     }
 
+    /// macOS only: on Linux gvproxy reaches its sockets through `/proc/self/cwd`.
+    #[cfg(target_os = "macos")]
     #[test]
     fn too_long_socket_path_is_refused_before_starting() {
         let long = PathBuf::from("/").join("d".repeat(120));

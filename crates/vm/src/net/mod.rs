@@ -145,11 +145,14 @@ fn resolve_for(
     let gvproxy = |why: &str| -> Result<NetMode, String> {
         match gvproxy_flag.clone().or_else(|| found.clone()) {
             Some(binary) if binary.is_file() => Ok(NetMode::Gvproxy { binary }),
-            Some(binary) => Err(format!("gvproxy {} does not exist; {}", binary.display(), gvproxy::INSTALL_HINT)),
+            Some(binary) => {
+                Err(format!("gvproxy {} does not exist; {}", binary.display(), gvproxy::install_hint(macos)))
+            }
             None => Err(format!(
-                "{why}, but gvproxy was not found on PATH or in {}; {}",
+                "{why}, but gvproxy was not found on PATH or in {}{}; {}",
                 gvproxy::SEARCH_DIRS.join(", "),
-                gvproxy::INSTALL_HINT
+                if macos { "" } else { ", nor in the artifact store" },
+                gvproxy::install_hint(macos)
             )),
         }
     };
@@ -177,8 +180,9 @@ pub fn check_ports_free(ports: &[PortMap]) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Which VMM will attach to the link: gvproxy serves libkrun on a unixgram socket (vfkit
-/// protocol) and QEMU on a stream socket (QEMU protocol); passt serves both on its stream.
+/// Which VMM will attach to the link: passt serves both on its stream; gvproxy serves QEMU on its
+/// stream socket and libkrun on a unixgram socket (vfkit protocol) on macOS, on its stream socket
+/// elsewhere ([`gvproxy::protocol`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attach {
     Krun,
@@ -192,8 +196,8 @@ pub enum Link {
     /// No NIC.
     None,
     /// A stream socket the VMM inherits at [`crate::child::CHILD_FD`]: passt's socketpair end, or
-    /// a connection to gvproxy's `-listen-qemu` socket (same framing: a 4-byte length per frame).
-    /// `mac`: the address the backend leases the guest's address by, when it does.
+    /// a connection to gvproxy's `-listen-qemu` socket (same framing: a 4-byte big-endian length
+    /// per frame). `mac`: the address the backend leases the guest's address by, when it does.
     Stream { mac: Option<[u8; 6]> },
     /// A unixgram socket speaking the vfkit protocol (gvproxy's `-listen-vfkit`, for libkrun).
     Unixgram { path: PathBuf, mac: [u8; 6] },
@@ -205,10 +209,12 @@ impl Link {
         match (mode, attach) {
             (NetMode::None, _) => Link::None,
             (NetMode::Passt, _) => Link::Stream { mac: None },
-            (NetMode::Gvproxy { .. }, Attach::Qemu) => Link::Stream { mac: Some(gvproxy::GUEST_MAC) },
-            (NetMode::Gvproxy { .. }, Attach::Krun) => {
-                Link::Unixgram { path: gvproxy::vfkit_socket(state_dir), mac: gvproxy::GUEST_MAC }
-            }
+            (NetMode::Gvproxy { .. }, _) => match gvproxy::protocol(attach) {
+                gvproxy::Protocol::Qemu => Link::Stream { mac: Some(gvproxy::GUEST_MAC) },
+                gvproxy::Protocol::Vfkit => {
+                    Link::Unixgram { path: gvproxy::vfkit_socket(state_dir), mac: gvproxy::GUEST_MAC }
+                }
+            },
         }
     }
 }
@@ -342,6 +348,7 @@ mod tests {
         assert!(err.contains("brew install podman") && err.contains("--gvproxy PATH"), "{err}");
         let err = resolve_for(false, Some(NetChoice::Gvproxy), None, None).unwrap_err();
         assert!(err.contains("--net gvproxy") && err.contains("not found"), "{err}");
+        assert!(err.contains("artifact store") && err.contains("fetches Debian's gvproxy"), "{err}");
     }
 
     #[test]
