@@ -50,6 +50,18 @@ pub enum Restart {
 impl Restart {
     /// `--restart on-failure`: 5 restarts, after 1, 2, 4, 8 and 16 s.
     pub const ON_FAILURE: Restart = Restart::OnFailure { max: 5, backoff: Duration::from_secs(1) };
+
+    /// This policy with its first pause set to `first` (still doubled at each restart); `No`
+    /// stays `No`. The one place a pause other than [`Self::ON_FAILURE`]'s is made: `vm run`'s
+    /// hidden `--restart-backoff-ms`, which trials set to assert the order of events (a long
+    /// pause to stop in, a short one to run out of restarts) rather than race the 1, 2 s of
+    /// production.
+    pub fn with_backoff(self, first: Duration) -> Restart {
+        match self {
+            Restart::OnFailure { max, .. } => Restart::OnFailure { max, backoff: first },
+            Restart::No => Restart::No,
+        }
+    }
 }
 
 impl std::str::FromStr for Restart {
@@ -406,7 +418,7 @@ impl Supervised {
             let pause = backoff * 2u32.saturating_pow(restarts - 1);
             let boot_at_unix = gateway::now_unix() + pause.as_secs();
             self.record(failure, Some(gateway::Restarting { attempt: restarts, max, boot_at_unix }))?;
-            tracing::warn!("restart {restarts}/{max} after {failure}: booting again in {}s", pause.as_secs());
+            tracing::warn!("restart {restarts}/{max} after {failure}: booting again in {:.1}s", pause.as_secs_f64());
             let until = std::time::Instant::now() + pause;
             while std::time::Instant::now() < until {
                 if let Some(signal) = signals.take() {
@@ -588,6 +600,9 @@ mod tests {
     fn restart_policies_parse() {
         assert_eq!("no".parse::<Restart>().unwrap(), Restart::No);
         assert_eq!("on-failure".parse::<Restart>().unwrap(), Restart::ON_FAILURE);
+        let ms = Duration::from_millis(50);
+        assert_eq!(Restart::ON_FAILURE.with_backoff(ms), Restart::OnFailure { max: 5, backoff: ms });
+        assert_eq!(Restart::No.with_backoff(ms), Restart::No);
         let err = "always".parse::<Restart>().unwrap_err();
         assert!(err.contains("no or on-failure"), "{err}");
     }

@@ -953,11 +953,18 @@ fn restart_on_failure_brings_the_gateway_back(_: &Artifacts, vmm: VmmChoice, dir
     in_cli(dir, vmm, |cli| restart_in(cli))
 }
 
+/// The first restart's pause in [`restart_in`] (`vm run --restart-backoff-ms`).
+const RESTART_BACKOFF: Duration = Duration::from_secs(20);
+
 fn restart_in(cli: &Cli) -> Result<(), String> {
     let (name, port) = ("restarted", support::free_port());
     let inst = cli.instance(name);
     let guard = StopOnDrop(inst.clone());
-    cli.detach(name, port, &["--restart", "on-failure"])?;
+    // Restart 1 after 20 s, restart 2 after 40 s (not production's 1, 2 s): `vm status` and
+    // `vm stop` below must land inside restart 2's pause, and 40 s holds them on any host this
+    // runs on, so the trial asserts their order, not how fast the host is.
+    let backoff_ms = RESTART_BACKOFF.as_millis().to_string();
+    cli.detach(name, port, &["--restart", "on-failure", "--restart-backoff-ms", &backoff_ms])?;
     let (_, sup, vm, passt) = recorded_pids(&inst)?;
     kill9(passt)?;
     // Back when the same supervisor recorded a new VMM and passt.
@@ -1005,14 +1012,19 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
             support::tail(&log, 20)
         ));
     }
-    // A second failure, and `vm stop` during the 2 s backoff of restart 2 (the time `vm stop`
-    // takes to send its SIGTERM must fit in it): the instance stops and nothing boots again.
+    // A second failure, and `vm stop` during restart 2's pause (2 x RESTART_BACKOFF): the
+    // instance stops and nothing boots again.
     let (_, sup, vm, passt) = recorded_pids(&inst)?;
     kill9(passt)?;
     let log_path = inst.dir.join("supervisor.log");
+    // The pause the supervisor says is the one this trial asked for.
+    let restart_2 = format!(
+        "restart 2/5 after passt exited (signal 9): booting again in {:.1}s",
+        (2 * RESTART_BACKOFF).as_secs_f64()
+    );
     wait_until(NOTICE_LIMIT, "the supervisor logged restart 2", || {
         let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
-        Ok(if log.contains("restart 2/5 after passt exited (signal 9)") { Ok(()) } else { Err(support::tail(&log, 5)) })
+        Ok(if log.contains(&restart_2) { Ok(()) } else { Err(support::tail(&log, 5)) })
     })?;
     // During the backoff, status says so rather than "running" with no VM.
     let st = cli.run(&["vm", "status", "--name", name])?;
