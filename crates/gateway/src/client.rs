@@ -72,15 +72,26 @@ fn causes(e: &tonic::transport::Error) -> String {
 /// verifying the server as `server_name` and presenting the bundle's client
 /// certificate.
 pub async fn connect(endpoint: &str, bundle: &ClientBundle, server_name: &str) -> Result<Channel, ClientError> {
+    connect_with_request_timeout(endpoint, bundle, server_name, REQUEST_TIMEOUT).await
+}
+
+/// [`connect`] with each call's deadline `request` instead of 10 s: for callers whose deadline is a
+/// hang guard (a load trial on a slow host), not a readiness probe's quick failure.
+pub async fn connect_with_request_timeout(
+    endpoint: &str,
+    bundle: &ClientBundle,
+    server_name: &str,
+    request: Duration,
+) -> Result<Channel, ClientError> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
         .identity(Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
         .domain_name(server_name);
-    open_channel(endpoint, tls).await
+    open_channel(endpoint, tls, request).await
 }
 
 /// One place that turns an endpoint and a TLS config into a connected channel with our timeouts.
-async fn open_channel(endpoint: &str, tls: ClientTlsConfig) -> Result<Channel, ClientError> {
+async fn open_channel(endpoint: &str, tls: ClientTlsConfig, request: Duration) -> Result<Channel, ClientError> {
     let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("https://{endpoint}") };
     let invalid = |source| ClientError::Endpoint { endpoint: endpoint.to_string(), source };
     Endpoint::from_shared(uri)
@@ -88,7 +99,7 @@ async fn open_channel(endpoint: &str, tls: ClientTlsConfig) -> Result<Channel, C
         .tls_config(tls)
         .map_err(invalid)?
         .connect_timeout(CONNECT_TIMEOUT)
-        .timeout(REQUEST_TIMEOUT)
+        .timeout(request)
         .connect()
         .await
         .map_err(|source| ClientError::Connect { endpoint: endpoint.to_string(), source })

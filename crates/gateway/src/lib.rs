@@ -17,7 +17,7 @@ pub mod proto {
     tonic::include_proto!("openshell.gateway.v1");
 }
 
-pub use client::{connect, health, info, ClientBundle, ClientError};
+pub use client::{connect, connect_with_request_timeout, health, info, ClientBundle, ClientError};
 pub use probe::{probe, ProbeError, TlsOutcome, TlsProbe};
 pub use proto::InfoReply;
 pub use server::{serve, GatewayConfig, GatewayService, ServeError};

@@ -11,26 +11,37 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
 
 /// Files read from the gateway's `--tls-dir`.
 pub const SERVER_CERT_FILE: &str = "server.crt";
 pub const SERVER_KEY_FILE: &str = "server.key";
 pub const CLIENT_CA_FILE: &str = "ca.crt";
 
-/// A peer that has not finished its handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A handshaking peer that has let this long pass since the handshake last moved (a byte read
+/// from it, or a byte of ours written to it) is dropped: the slowloris guard. It bounds the peer's
+/// silence, not the handshake's wall time, because the wall time is mostly the server's: the
+/// gateway serves on one thread, and 256 concurrent handshakes on a guest CPU emulated twice (the
+/// nested krun host) queue for that thread longer than any fixed budget a fast host suggests. A
+/// total budget of 10 s cut every handshake whose first flight the server wrote after 10 s, the
+/// client having done nothing wrong (`tests/starved.rs` reproduces it on loopback).
+pub const PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The listen backlog. The guest kernel has no SYN cookies, so a SYN that finds the listener's
 /// request queue full is dropped, and passt sends the guest one SYN per host connection and never
@@ -171,7 +182,7 @@ pub fn server_config(material: &ServerMaterial) -> Result<Arc<ServerConfig>, Tls
 /// Authenticated connections, ready for `serve_with_incoming`. Dropping it
 /// stops the accept loop.
 pub struct TlsIncoming {
-    rx: mpsc::Receiver<io::Result<TlsStream<TcpStream>>>,
+    rx: mpsc::Receiver<io::Result<TlsStream<Watched>>>,
     accept_loop: JoinHandle<()>,
 }
 
@@ -182,7 +193,7 @@ impl Drop for TlsIncoming {
 }
 
 impl tokio_stream::Stream for TlsIncoming {
-    type Item = io::Result<TlsStream<TcpStream>>;
+    type Item = io::Result<TlsStream<Watched>>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -242,16 +253,121 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     refusals: &Mutex<RefusalLog>,
-) -> Option<TlsStream<TcpStream>> {
-    let why = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => return Some(tls),
-        Ok(Err(e)) => format!("rejected TLS handshake from {peer}: {e}"),
-        Err(_) => format!("TLS handshake from {peer} timed out after {} s", HANDSHAKE_TIMEOUT.as_secs()),
+) -> Option<TlsStream<Watched>> {
+    let progress = Arc::new(Progress::new());
+    let accept = acceptor.accept(Watched { tcp, progress: progress.clone() });
+    tokio::pin!(accept);
+    let why = loop {
+        tokio::select! {
+            // The handshake first: bytes that arrived while this task waited for the thread move it
+            // on before the idle clock is read, so time spent waiting for the server never counts
+            // against the peer.
+            biased;
+            done = &mut accept => match done {
+                Ok(tls) => return Some(tls),
+                Err(e) => break format!("rejected TLS handshake from {peer}: {e}"),
+            },
+            _ = tokio::time::sleep_until(progress.idle_deadline().into()) => {
+                if Instant::now() >= progress.idle_deadline() {
+                    break format!(
+                        "TLS handshake from {peer} dropped: the peer sent nothing for {} s",
+                        PEER_IDLE_TIMEOUT.as_secs()
+                    );
+                }
+            }
+        }
     };
     if refusals.lock().unwrap().refused(Instant::now()) {
         tracing::info!("{why}");
     }
     None
+}
+
+/// When a connection's handshake last moved, as nanoseconds after `start`.
+struct Progress {
+    start: Instant,
+    last_nanos: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress { start: Instant::now(), last_nanos: AtomicU64::new(0) }
+    }
+
+    fn moved(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_nanos.store(nanos, Ordering::Relaxed);
+    }
+
+    fn idle_deadline(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed)) + PEER_IDLE_TIMEOUT
+    }
+}
+
+/// An accepted TCP connection that records each read and write that moved bytes, for
+/// [`PEER_IDLE_TIMEOUT`]. After the handshake the record is unused (one clock read per I/O).
+pub struct Watched {
+    tcp: TcpStream,
+    progress: Arc<Progress>,
+}
+
+impl Watched {
+    fn note(&self, moved: bool) {
+        if moved {
+            self.progress.moved();
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        self.note(matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before);
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.tcp).poll_write(cx, data);
+        self.note(matches!(polled, Poll::Ready(Ok(n)) if n > 0));
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs);
+        self.note(matches!(polled, Poll::Ready(Ok(n)) if n > 0));
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Watched {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tcp.connect_info()
+    }
 }
 
 #[cfg(test)]
