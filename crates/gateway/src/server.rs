@@ -44,6 +44,7 @@ impl Gateway for GatewayService {
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
         // Digests are read per call, not at startup, so a file provisioned
         // after the gateway started is still reported.
+        let listen = sysinfo::listen_queue();
         Ok(Response::new(InfoReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
             boot_id: sysinfo::boot_id(),
@@ -53,6 +54,8 @@ impl Gateway for GatewayService {
             memory_kib: sysinfo::memory_kib(),
             kernel_sha256: sysinfo::read_digest(self.config.kernel_digest_file.as_deref()),
             rootfs_sha256: sysinfo::read_digest(self.config.rootfs_digest_file.as_deref()),
+            listen_overflows: listen.overflows,
+            listen_drops: listen.drops,
         }))
     }
 }

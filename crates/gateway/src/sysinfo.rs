@@ -37,6 +37,29 @@ fn parse_mem_total_kib(text: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The kernel's listen-queue losses since boot (TcpExt in /proc/net/netstat).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ListenQueue {
+    pub overflows: u64,
+    pub drops: u64,
+}
+
+pub fn listen_queue() -> ListenQueue {
+    fs::read_to_string("/proc/net/netstat").ok().and_then(|s| parse_listen_queue(&s)).unwrap_or_default()
+}
+
+/// /proc/net/netstat holds pairs of lines, a header of names and a line of values, each starting
+/// with the same `Prefix:`.
+fn parse_listen_queue(text: &str) -> Option<ListenQueue> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let field = |name: &str| {
+        let at = names.split_whitespace().position(|n| n == name)?;
+        values.split_whitespace().nth(at)?.parse().ok()
+    };
+    Some(ListenQueue { overflows: field("ListenOverflows")?, drops: field("ListenDrops")? })
+}
+
 /// Reads a digest file as written by `sha256sum` or as a bare hex string;
 /// the first token is the digest. Absent or unreadable gives "".
 pub fn read_digest(path: Option<&Path>) -> String {
@@ -54,6 +77,14 @@ mod tests {
         assert_eq!(parse_uptime_ms("12.34 40.00\n"), Some(12_340));
         assert_eq!(parse_mem_total_kib("MemTotal:        2035104 kB\nMemFree: 1 kB\n"), Some(2_035_104));
         assert_eq!(parse_uptime_ms(""), None);
+    }
+
+    #[test]
+    fn listen_queue_losses_are_read_by_name() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPReqQFullDrop\n\
+                       TcpExt: 0 7 9 3\nIpExt: InNoRoutes\nIpExt: 0\n";
+        assert_eq!(parse_listen_queue(netstat), Some(ListenQueue { overflows: 7, drops: 9 }));
+        assert_eq!(parse_listen_queue("IpExt: InNoRoutes\nIpExt: 0\n"), None);
     }
 
     #[test]

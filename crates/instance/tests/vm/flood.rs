@@ -58,6 +58,8 @@ const BAD: u64 = 500;
 /// The gateway's bound (`openshell_gateway::tls::RefusalLog`): this many one by one per window.
 const LOGGED_PER_WINDOW: u64 = 5;
 const WINDOW: Duration = Duration::from_secs(10);
+/// How long the refusals may take to be accounted for: a hang guard.
+const REFUSAL_HANG_GUARD: Duration = Duration::from_secs(600);
 
 fn refused_handshakes_are_summarised(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     with_gateway(a, vmm, dir, |vm, endpoint, inst, _| {
@@ -69,15 +71,18 @@ fn refused_handshakes_are_summarised(a: &Artifacts, vmm: VmmChoice, dir: TrialDi
             let mut s = TcpStream::connect(endpoint).map_err(|e| format!("bad connection {i}: {e}"))?;
             s.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| format!("bad connection {i}: {e}"))?;
         }
-        // Every refusal is either on its own line or in a summary's count; wait (bounded) until
-        // all of them are accounted for, as summaries come at the end of each window.
-        let deadline = Instant::now() + Duration::from_secs(90);
+        // Every refusal is either on its own line or in a summary's count; wait until all of them
+        // are accounted for, as summaries come at the end of each window. How long the guest takes
+        // to refuse 500 handshakes is the host's speed (92 s was not enough inside the nested krun
+        // host under load), so the bound is only a hang guard; the property is the count.
+        let deadline = Instant::now() + REFUSAL_HANG_GUARD;
         let (lines, summarised, grown) = loop {
             let text = console();
             let new = &text[before.min(text.len())..];
-            let lines =
-                new.lines().filter(|l| l.contains("rejected TLS handshake") || l.contains("timed out after")).count()
-                    as u64;
+            let lines = new
+                .lines()
+                .filter(|l| l.contains("rejected TLS handshake") || l.contains("the peer sent nothing for"))
+                .count() as u64;
             let summarised: u64 = new
                 .lines()
                 .filter_map(|l| {
@@ -96,7 +101,10 @@ fn refused_handshakes_are_summarised(a: &Artifacts, vmm: VmmChoice, dir: TrialDi
             t.elapsed().as_secs_f64()
         ));
         if lines + summarised != BAD {
-            return Err(format!("the console accounts for {lines} + {summarised} refusals, not the {BAD} made"));
+            return Err(format!(
+                "the console accounts for {lines} + {summarised} refusals, not the {BAD} made, after {} s (hang guard)",
+                REFUSAL_HANG_GUARD.as_secs()
+            ));
         }
         if summarised == 0 || lines > LOGGED_PER_WINDOW * windows {
             return Err(format!(
@@ -117,19 +125,29 @@ fn refused_handshakes_are_summarised(a: &Artifacts, vmm: VmmChoice, dir: TrialDi
 /// `ListenOverflows` stayed 0, so passt's own backlog of 128 on the host was not the limit).
 const CONCURRENT: usize = 256;
 
-/// Each client's deadline to connect (TCP and TLS). The production client's 5 s connect timeout
-/// bounds only TCP, which passt accepts at once, so this bound is the trial's own. Served clients
-/// take ~1.4 s here under QEMU TCG and up to ~12 s inside the nested L1, whose client side runs
-/// under TCG too; a client whose SYN the guest dropped is never served, whatever the deadline.
-const CONNECT_DEADLINE: Duration = Duration::from_secs(30);
+/// Each client's hang guard for connecting and for its health call, not the property: how long
+/// 256 handshakes queue for the guest's one gateway thread is the host's speed (~1.4 s under QEMU
+/// TCG here, ~12 s inside the nested L1, 35-38 s on a slower fresh host). A client whose SYN the
+/// guest dropped is never served, whatever the deadline; the guest's ListenOverflows say so.
+const HANG_GUARD: Duration = Duration::from_secs(300);
 
 /// All [`CONCURRENT`] clients connect at once through the forward with the production client
-/// (`openshell_gateway::connect`, mTLS) within [`CONNECT_DEADLINE`]; every connection is held open
-/// until all have connected, then each must be answered SERVING.
+/// (`openshell_gateway::connect_with_request_timeout`, mTLS, [`HANG_GUARD`]); every connection is
+/// held open until all have connected, then each must be answered SERVING, and the guest's listen
+/// queue must not have overflowed (no SYN lost) over the burst.
 fn concurrent_mtls_clients_are_all_served(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     with_gateway(a, vmm, dir, |_, endpoint, inst, _| {
         served(endpoint, &own_client(inst)?)?;
         let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
+        let listen_queue = || {
+            block_on(async {
+                let ch = openshell_gateway::connect(endpoint, &bundle, "localhost").await?;
+                openshell_gateway::info(&ch).await
+            })
+            .map(|i| (i.listen_overflows, i.listen_drops))
+            .map_err(|e| format!("the gateway's Info (its listen queue's losses): {e}"))
+        };
+        let before = listen_queue()?;
         let t = Instant::now();
         let results = block_on(async {
             let all_connected = std::sync::Arc::new(tokio::sync::Barrier::new(CONCURRENT + 1));
@@ -139,11 +157,11 @@ fn concurrent_mtls_clients_are_all_served(a: &Artifacts, vmm: VmmChoice, dir: Tr
                 clients.spawn(async move {
                     let t = Instant::now();
                     let channel = tokio::time::timeout(
-                        CONNECT_DEADLINE,
-                        openshell_gateway::connect(&endpoint, &bundle, "localhost"),
+                        HANG_GUARD,
+                        openshell_gateway::connect_with_request_timeout(&endpoint, &bundle, "localhost", HANG_GUARD),
                     )
                     .await
-                    .map_err(|_| format!("not connected within {} s", CONNECT_DEADLINE.as_secs()))
+                    .map_err(|_| format!("not connected within {} s (hang guard)", HANG_GUARD.as_secs()))
                     .and_then(|r| r.map_err(|e| format!("after {} ms: {e}", t.elapsed().as_millis())));
                     // Held until every client has its connection (or its error): the RPCs below run
                     // over CONCURRENT open connections, not one after another.
@@ -170,12 +188,24 @@ fn concurrent_mtls_clients_are_all_served(a: &Artifacts, vmm: VmmChoice, dir: Tr
             results
         });
         let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+        let after = listen_queue()?;
         support::note(format!(
             "{CONCURRENT} concurrent mTLS clients: {} served, {} failed, all done after {:.2} s",
             CONCURRENT - failures.len(),
             failures.len(),
             t.elapsed().as_secs_f64()
         ));
+        support::note(format!(
+            "guest listen queue over the burst: ListenOverflows {} -> {}, ListenDrops {} -> {}",
+            before.0, after.0, before.1, after.1
+        ));
+        if after != before {
+            return Err(format!(
+                "the guest's listen queue lost connections during the burst of {CONCURRENT} (ListenOverflows {} -> {}, \
+                 ListenDrops {} -> {}): its backlog is below the burst, and passt does not retransmit a dropped SYN",
+                before.0, after.0, before.1, after.1
+            ));
+        }
         match failures.first() {
             None => Ok(()),
             Some(first) => Err(format!(
