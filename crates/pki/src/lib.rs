@@ -325,6 +325,11 @@ mod tests {
         Arc::new(roots)
     }
 
+    use rustls::CertificateError::{
+        InvalidPurpose, InvalidPurposeContext, NotValidForName, NotValidForNameContext, UnknownIssuer,
+    };
+    use rustls::Error::InvalidCertificate as Invalid;
+
     fn verify_server(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
         let verifier = WebPkiServerVerifier::builder_with_provider(roots(ca_pem), provider()).build().unwrap();
         verifier
@@ -353,7 +358,11 @@ mod tests {
         for name in SERVER_NAMES {
             verify_server(&pki.ca_cert_pem, &pki.server_cert_pem, name).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
-        assert!(verify_server(&pki.ca_cert_pem, &pki.server_cert_pem, "example.com").is_err());
+        let err = verify_server(&pki.ca_cert_pem, &pki.server_cert_pem, "example.com").unwrap_err();
+        assert!(
+            matches!(err, Invalid(NotValidForName | NotValidForNameContext { .. })),
+            "a name outside the SANs must fail as such, not {err:?}"
+        );
     }
 
     #[test]
@@ -361,8 +370,15 @@ mod tests {
         let pki = Pki::generate("test").unwrap();
         verify_client(&pki.ca_cert_pem, &pki.client_cert_pem).unwrap();
         // The EKUs keep a leaked client cert from impersonating the gateway and vice versa.
-        assert!(verify_client(&pki.ca_cert_pem, &pki.server_cert_pem).is_err());
-        assert!(verify_server(&pki.ca_cert_pem, &pki.client_cert_pem, "localhost").is_err());
+        for err in [
+            verify_client(&pki.ca_cert_pem, &pki.server_cert_pem).unwrap_err(),
+            verify_server(&pki.ca_cert_pem, &pki.client_cert_pem, "localhost").unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, Invalid(InvalidPurpose | InvalidPurposeContext { .. })),
+                "a certificate of the other purpose must fail on its EKU, not {err:?}"
+            );
+        }
     }
 
     #[test]
@@ -370,8 +386,12 @@ mod tests {
         let a = Pki::generate("a").unwrap();
         let b = Pki::generate("b").unwrap();
         assert_ne!(a.ca_cert_pem, b.ca_cert_pem);
-        assert!(verify_server(&b.ca_cert_pem, &a.server_cert_pem, "localhost").is_err());
-        assert!(verify_client(&b.ca_cert_pem, &a.client_cert_pem).is_err());
+        for err in [
+            verify_server(&b.ca_cert_pem, &a.server_cert_pem, "localhost").unwrap_err(),
+            verify_client(&b.ca_cert_pem, &a.client_cert_pem).unwrap_err(),
+        ] {
+            assert!(matches!(err, Invalid(UnknownIssuer)), "another CA's certificate must be of an unknown issuer, not {err:?}");
+        }
     }
 
     #[test]

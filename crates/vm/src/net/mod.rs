@@ -167,15 +167,17 @@ fn resolve_for(
 }
 
 /// Fails naming the first host port that something already listens on.
+/// A port mapped twice is refused first: that is the request's own error, whatever else holds
+/// the port.
 pub fn check_ports_free(ports: &[PortMap]) -> Result<(), VmError> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = ports.iter().find(|p| !seen.insert(p.host)) {
+        return Err(VmError::Invalid(format!("host port {} is mapped twice", dup.host)));
+    }
     for p in ports {
         if TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, p.host)).is_err() {
             return Err(VmError::PortInUse(p.host));
         }
-    }
-    let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = ports.iter().find(|p| !seen.insert(p.host)) {
-        return Err(VmError::Invalid(format!("host port {} is mapped twice", dup.host)));
     }
     Ok(())
 }
@@ -294,11 +296,13 @@ mod tests {
 
     #[test]
     fn duplicate_host_port_is_rejected() {
+        // Held, so a port-in-use answer cannot pass for the duplicate's.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        drop(l);
         let p = PortMap { host: port, guest: 1 };
-        assert!(check_ports_free(&[p, p]).is_err());
+        let err = check_ports_free(&[p, PortMap { host: port, guest: 2 }]).unwrap_err().to_string();
+        assert!(err.contains(&format!("host port {port} is mapped twice")), "{err}");
+        drop(l);
     }
 
     #[test]
