@@ -390,7 +390,10 @@ mod tests {
             verify_server(&b.ca_cert_pem, &a.server_cert_pem, "localhost").unwrap_err(),
             verify_client(&b.ca_cert_pem, &a.client_cert_pem).unwrap_err(),
         ] {
-            assert!(matches!(err, Invalid(UnknownIssuer)), "another CA's certificate must be of an unknown issuer, not {err:?}");
+            assert!(
+                matches!(err, Invalid(UnknownIssuer)),
+                "another CA's certificate must be of an unknown issuer, not {err:?}"
+            );
         }
     }
 
