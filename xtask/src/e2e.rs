@@ -133,14 +133,19 @@ fn parse_listed(line: &str) -> (String, String) {
     }
 }
 
-/// One trial's record, as the suite writes it.
+/// One attempt of one trial, as the suite writes it (`support::observe`): `started` before the
+/// body runs, then its outcome.
 #[derive(serde::Deserialize)]
 struct Outcome {
     trial: String,
     backend: String,
+    attempt: u32,
     expects: String,
-    vmms: usize,
-    passed: bool,
+    spawned: usize,
+    /// VMMs whose guest reached userspace.
+    booted: usize,
+    status: String,
+    failure: Option<String>,
     notes: Vec<String>,
 }
 
@@ -149,15 +154,26 @@ type Count = (usize, usize);
 
 #[derive(Default)]
 struct Tally {
+    /// Trials that booted a guest to userspace.
     booted: Count,
     refused: Count,
     no_vm: Count,
-    /// Trials that had to boot a VM but failed before starting one.
+    /// Trials whose VM must stop before userspace (a broken init), by design.
+    before_userspace: Count,
+    /// Trials that had to boot a VM but failed before one reached userspace.
     unbooted_failed: usize,
+    /// The smoke trial's line: how far its guest got, not counted as a boot.
+    smoke: Vec<String>,
     ignored: BTreeMap<String, usize>,
     failed: Vec<String>,
+    /// Trials that failed an attempt and passed a later one: (trial, attempt that passed, the
+    /// earlier attempts' failures).
+    retried: Vec<(String, u32, Vec<String>)>,
     notes: Vec<String>,
 }
+
+/// What a record that never got its outcome means.
+const KILLED: &str = "started but wrote no outcome: killed (nextest's timeout?) or its process died";
 
 fn tally(records: &Path, ignored: &[(String, String)]) -> BTreeMap<String, Tally> {
     let mut by_backend: BTreeMap<String, Tally> = BTreeMap::new();
@@ -165,42 +181,74 @@ fn tally(records: &Path, ignored: &[(String, String)]) -> BTreeMap<String, Tally
         let backend = name.split("::").next().unwrap_or(name).to_owned();
         *by_backend.entry(backend).or_default().ignored.entry(reason.clone()).or_default() += 1;
     }
+    // Every attempt of every trial; the last attempt is the trial's verdict.
+    let mut attempts: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
     let entries = std::fs::read_dir(records).into_iter().flatten().flatten();
     for path in entries.map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(".outcome.json")) {
-        let Some(o) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Outcome>(&b).ok()) else {
-            continue;
-        };
+        match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Outcome>(&b).ok()) {
+            Some(o) => attempts.entry(o.trial.clone()).or_default().push(o),
+            None => eprintln!("unreadable trial record {} (left out of the summary)", path.display()),
+        }
+    }
+    for (trial, mut tries) in attempts {
+        tries.sort_by_key(|o| o.attempt);
+        let earlier: Vec<String> = tries[..tries.len() - 1]
+            .iter()
+            .map(|o| {
+                let why = if o.status == "started" { KILLED } else { o.failure.as_deref().unwrap_or("failed") };
+                format!("attempt {}: {why}", o.attempt)
+            })
+            .collect();
+        let o = tries.pop().expect("a trial with a record has an attempt");
+        let passed = o.status == "passed";
         let t = by_backend.entry(o.backend.clone()).or_default();
-        let count = match (o.expects.as_str(), o.vmms) {
-            ("vm", 0) if !o.passed => {
+        let count = match (o.expects.as_str(), o.booted) {
+            ("smoke", _) => {
+                let guest = if o.booted > 0 { "reached userspace" } else { "did not reach userspace" };
+                let verdict = if passed { "passed" } else { "failed" };
+                t.smoke.push(format!(
+                    "{trial} {verdict}: {} VMM(s) started, guest {guest} (not counted as a boot)",
+                    o.spawned
+                ));
+                None
+            }
+            ("vm", 0) if !passed => {
                 t.unbooted_failed += 1;
                 None
             }
             ("vm", _) => Some(&mut t.booted),
             ("refused-before-boot", _) => Some(&mut t.refused),
+            ("stops-before-userspace", _) => Some(&mut t.before_userspace),
             _ => Some(&mut t.no_vm),
         };
-        if let Some((passed, failed)) = count {
-            *if o.passed { passed } else { failed } += 1;
+        if let Some((p, f)) = count {
+            *if passed { p } else { f } += 1;
         }
-        if !o.passed {
-            t.failed.push(o.trial.clone());
+        if !passed {
+            let why = if o.status == "started" { KILLED } else { o.failure.as_deref().unwrap_or("failed") };
+            t.failed.push(format!("{trial}: {why}"));
+        } else if !earlier.is_empty() {
+            t.retried.push((trial.clone(), o.attempt, earlier));
         }
-        t.notes.extend(o.notes.into_iter().map(|n| format!("{}: {n}", o.trial)));
+        t.notes.extend(o.notes.into_iter().map(|n| format!("{trial}: {n}")));
     }
     by_backend
 }
 
-/// Per backend: trials that booted a VM, were refused before boot by design, ran no VM by design
-/// (commands that boot nothing), failed before booting, and were ignored (with the reasons).
+/// Per backend: trials that booted a guest to userspace, were refused before boot by design, ran
+/// no VM by design (commands that boot nothing), stopped before userspace by design, failed before
+/// booting, and were ignored (with the reasons); the smoke trial on its own line; retried trials.
 fn print_summary(by_backend: &BTreeMap<String, Tally>) {
-    eprintln!("VM trials by backend (a trial counts as booted only if it started a VMM of that backend):");
+    eprintln!(
+        "VM trials by backend (a trial counts as booted only if a VMM of that backend got its guest to userspace):"
+    );
     for (backend, t) in by_backend {
         let ignored: usize = t.ignored.values().sum();
-        let (b, r, n) = (t.booted, t.refused, t.no_vm);
+        let (b, r, n, u) = (t.booted, t.refused, t.no_vm, t.before_userspace);
         eprintln!(
             "  {backend}: {} booted a VM ({} passed, {} failed); {} refused before boot by design ({} passed, {} failed); \
-             {} ran no VM by design ({} passed, {} failed); {} failed before booting; {ignored} ignored",
+             {} ran no VM by design ({} passed, {} failed); {} stopped before userspace by design ({} passed, {} failed); \
+             {} failed before booting; {ignored} ignored",
             b.0 + b.1,
             b.0,
             b.1,
@@ -210,13 +258,22 @@ fn print_summary(by_backend: &BTreeMap<String, Tally>) {
             n.0 + n.1,
             n.0,
             n.1,
+            u.0 + u.1,
+            u.0,
+            u.1,
             t.unbooted_failed,
         );
+        for line in &t.smoke {
+            eprintln!("    smoke: {line}");
+        }
         for (reason, n) in &t.ignored {
             eprintln!("    {n} ignored: {reason}");
         }
-        for name in &t.failed {
-            eprintln!("    failed: {name}");
+        for failed in &t.failed {
+            eprintln!("    failed: {failed}");
+        }
+        for (name, passed_on, earlier) in &t.retried {
+            eprintln!("    retried: {name} passed on attempt {passed_on} after {}", earlier.join("; "));
         }
         for note in &t.notes {
             eprintln!("    {note}");
@@ -293,29 +350,66 @@ mod tests {
         assert_eq!(parse_listed("qemu::x").1, "no reason given");
     }
 
+    fn record(dir: &Path, trial: &str, attempt: u32, rest: serde_json::Value) {
+        let mut body = serde_json::json!({"trial": trial, "backend": trial.split("::").next().unwrap(),
+            "attempt": attempt, "expects": "vm", "spawned": 1, "booted": 1, "status": "passed",
+            "failure": null, "notes": []});
+        for (k, v) in rest.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let name = format!("{}.attempt-{attempt}.outcome.json", trial.replace("::", "-"));
+        std::fs::write(dir.join(name), body.to_string()).unwrap();
+    }
+
     #[test]
     fn summary_counts_booted_refused_and_ignored_apart() {
         let dir = tempfile::tempdir().unwrap();
-        let write =
-            |name: &str, body: serde_json::Value| std::fs::write(dir.path().join(name), body.to_string()).unwrap();
-        write(
-            "a.outcome.json",
-            serde_json::json!({"trial":"qemu::a","backend":"qemu","expects":"vm","vmms":1,"passed":true,"notes":[]}),
-        );
-        write(
-            "b.outcome.json",
-            serde_json::json!({"trial":"qemu::b","backend":"qemu","expects":"refused-before-boot","vmms":0,"passed":true,"notes":[]}),
-        );
-        write(
-            "c.outcome.json",
-            serde_json::json!({"trial":"qemu::c","backend":"qemu","expects":"vm","vmms":0,"passed":false,"notes":["n"]}),
-        );
+        let d = dir.path();
+        record(d, "qemu::a", 1, serde_json::json!({}));
+        record(d, "qemu::b", 1, serde_json::json!({"expects": "refused-before-boot", "spawned": 0, "booted": 0}));
+        record(d, "qemu::c", 1, serde_json::json!({"booted": 0, "status": "failed", "failure": "x", "notes": ["n"]}));
+        record(d, "qemu::d", 1, serde_json::json!({"expects": "stops-before-userspace", "booted": 0}));
         let ignored = vec![("krun::a".to_owned(), "no KVM".to_owned()), ("krun::b".to_owned(), "no KVM".to_owned())];
-        let t = tally(dir.path(), &ignored);
+        let t = tally(d, &ignored);
         let q = &t["qemu"];
-        assert_eq!((q.booted, q.refused, q.no_vm, q.unbooted_failed), ((1, 0), (1, 0), (0, 0), 1));
-        assert_eq!(q.failed, ["qemu::c"]);
+        assert_eq!(
+            (q.booted, q.refused, q.no_vm, q.before_userspace, q.unbooted_failed),
+            ((1, 0), (1, 0), (0, 0), (1, 0), 1)
+        );
+        assert_eq!(q.failed, ["qemu::c: x"]);
         assert_eq!(q.notes, ["qemu::c: n"]);
         assert_eq!(t["krun"].ignored["no KVM"], 2);
+    }
+
+    /// A VMM that spawned but whose guest never reached userspace is no boot; the smoke trial has
+    /// its own line and is not counted as one.
+    #[test]
+    fn spawned_is_not_booted_and_smoke_stands_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        record(d, "krun::smoke", 1, serde_json::json!({"expects": "smoke", "booted": 0}));
+        record(d, "krun::x", 1, serde_json::json!({"booted": 0, "status": "failed", "failure": "no userspace"}));
+        let k = &tally(d, &[])["krun"];
+        assert_eq!((k.booted, k.unbooted_failed), ((0, 0), 1));
+        assert_eq!(
+            k.smoke,
+            ["krun::smoke passed: 1 VMM(s) started, guest did not reach userspace (not counted as a boot)"]
+        );
+    }
+
+    /// Every attempt is kept: a trial that passed on its second attempt is listed as retried with
+    /// the first attempt's failure; one whose last record is only `started` was killed and failed.
+    #[test]
+    fn retried_and_killed_trials_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        record(d, "krun::flaky", 1, serde_json::json!({"status": "failed", "failure": "VMM exited 0"}));
+        record(d, "krun::flaky", 2, serde_json::json!({}));
+        record(d, "krun::killed", 1, serde_json::json!({"status": "started", "spawned": 0, "booted": 0}));
+        let k = &tally(d, &[])["krun"];
+        assert_eq!(k.retried, [("krun::flaky".to_owned(), 2, vec!["attempt 1: VMM exited 0".to_owned()])]);
+        assert_eq!(k.booted, (1, 0));
+        assert_eq!(k.failed, [format!("krun::killed: {KILLED}")]);
+        assert_eq!(k.unbooted_failed, 1);
     }
 }

@@ -107,6 +107,8 @@ pub struct RunningVm {
     /// The thread writing QEMU's console into its log (see [`crate::console`]); joined once the
     /// VMM has exited, so the log is complete when it is read.
     console_writer: Option<std::thread::JoinHandle<()>>,
+    /// Records in the ledger when the guest reaches userspace (only with [`LEDGER_ENV`] set).
+    userspace: Option<UserspaceWatch>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
@@ -201,7 +203,10 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
         None => None,
     };
     tracing::debug!(pid = child.id(), ?cmd, "VMM started");
-    record_in_ledger(child.id(), backend, &cfg.state_dir);
+    let userspace = std::env::var_os(LEDGER_ENV).map(PathBuf::from).and_then(|ledger| {
+        let fact = serde_json::json!({ "vmm_pid": child.id(), "backend": backend.kind(), "state_dir": cfg.state_dir });
+        UserspaceWatch::start(ledger, fact, cfg.console_path(), share.join(EXIT_CODE_FILE))
+    });
     Ok(RunningVm {
         pid: child.id(),
         child: Some(child),
@@ -212,25 +217,92 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
         started,
         net,
         console_writer,
+        userspace,
     })
 }
 
-/// Where `launch` records every VMM it starts, when set: one JSON line each (`vmm_pid`,
-/// `backend`, `state_dir`), appended. The VM suites read it to count the trials that really booted
-/// a VM, across the processes a trial starts (a trial that passes without a VM proves nothing).
+/// Where `launch` records the VMs it starts, when set: JSON lines, appended. Two facts per VM,
+/// each with `vmm_pid`, `backend` and `state_dir`: `"event": "spawned"` once the VMM process runs,
+/// and `"event": "userspace"` once its guest reached userspace ([`UserspaceWatch`], with the
+/// `evidence`). The VM suites count a trial's boots from the second: a VMM that dies at once, or a
+/// guest that never gets past its kernel, spawned but did not boot (a trial that passes without
+/// booting proves nothing about a VM).
 pub const LEDGER_ENV: &str = "OPENSHELL_VM_LEDGER";
 
-fn record_in_ledger(pid: u32, backend: Backend, state_dir: &Path) {
-    let Some(path) = std::env::var_os(LEDGER_ENV) else { return };
-    let line = serde_json::json!({ "vmm_pid": pid, "backend": backend.kind(), "state_dir": state_dir });
+fn record_in_ledger(path: &Path, mut fact: serde_json::Value, event: &str, evidence: Option<&str>) {
+    fact["event"] = event.into();
+    if let Some(evidence) = evidence {
+        fact["evidence"] = evidence.into();
+    }
     // One write of one line with O_APPEND, so lines from concurrent processes do not interleave.
     let written = fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
-        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()));
+        .open(path)
+        .and_then(|mut f| f.write_all(format!("{fact}\n").as_bytes()));
     if let Err(e) = written {
-        tracing::warn!(ledger = ?path, error = %e, "cannot record the VMM in the ledger");
+        tracing::warn!(ledger = ?path, error = %e, "cannot record the VM in the ledger");
+    }
+}
+
+/// How often the watch looks at the console and the share.
+const USERSPACE_POLL: Duration = Duration::from_millis(50);
+
+/// Watches one launched VM for proof that its guest reached userspace — init's first console line
+/// ([`crate::timeline::UserspaceEvidence`]) or init's exit-code file in the share — and writes the
+/// ledger's `userspace` fact the moment it appears, so a supervisor killed later still leaves it.
+/// On its own thread because a VM is watched by different callers (`wait`, a readiness loop, a
+/// trial's own polling) or by none; it ends at the evidence, or after one last look once the
+/// [`RunningVm`] is dropped (its console then complete).
+#[derive(Debug)]
+struct UserspaceWatch {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UserspaceWatch {
+    fn start(ledger: PathBuf, fact: serde_json::Value, console: PathBuf, exit_file: PathBuf) -> Option<UserspaceWatch> {
+        record_in_ledger(&ledger, fact.clone(), "spawned", None);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let finished = Arc::clone(&done);
+        let thread = std::thread::Builder::new().name("userspace-watch".into()).spawn(move || {
+            let mut tail = Tail::new(&console);
+            let mut evidence = crate::timeline::UserspaceEvidence::default();
+            loop {
+                // Read before looking, so the look after `finish` is a whole one.
+                let last = finished.load(Ordering::Acquire);
+                let seen = if evidence.feed(&tail.read_new()) {
+                    Some("init's first console line")
+                } else if exit_file.exists() {
+                    Some("init's exit-code file in the share")
+                } else {
+                    None
+                };
+                if let Some(how) = seen {
+                    record_in_ledger(&ledger, fact, "userspace", Some(how));
+                    return;
+                }
+                if last {
+                    return;
+                }
+                std::thread::sleep(USERSPACE_POLL);
+            }
+        });
+        match thread {
+            Ok(t) => Some(UserspaceWatch { done, thread: Some(t) }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the guest for userspace; the ledger will not count it");
+                None
+            }
+        }
+    }
+
+    /// One last look (the VMM has gone, its console is complete), then the watch ends.
+    fn finish(&mut self) {
+        self.done.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -461,6 +533,9 @@ impl Drop for RunningVm {
         // passt exits by itself once the VMM's end closes; dropping it makes sure (and stops
         // gvproxy, which does not notice).
         self.net.take();
+        if let Some(mut watch) = self.userspace.take() {
+            watch.finish();
+        }
     }
 }
 
@@ -540,4 +615,56 @@ pub fn console_tail(path: &Path) -> String {
     let text = fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(ledger: &Path) -> Vec<serde_json::Value> {
+        let text = fs::read_to_string(ledger).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn events(ledger: &Path) -> Vec<String> {
+        facts(ledger).iter().map(|f| f["event"].as_str().unwrap().to_owned()).collect()
+    }
+
+    /// A VMM that dies at once, before any guest line: spawned, never booted.
+    #[test]
+    fn a_guest_without_init_line_or_exit_file_is_spawned_not_booted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, console) = (dir.path().join("ledger"), dir.path().join("console.log"));
+        fs::write(&console, "Linux version 6.1\nKernel panic - not syncing: Attempted to kill init!\n").unwrap();
+        let fact = serde_json::json!({ "vmm_pid": 1, "backend": "qemu" });
+        let mut w = UserspaceWatch::start(ledger.clone(), fact, console, dir.path().join("exit-code")).unwrap();
+        std::thread::sleep(USERSPACE_POLL * 3);
+        w.finish();
+        assert_eq!(events(&ledger), ["spawned"]);
+    }
+
+    #[test]
+    fn init_line_or_exit_file_counts_as_userspace_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ledger, console) = (dir.path().join("ledger"), dir.path().join("console.log"));
+        let fact = serde_json::json!({ "vmm_pid": 2, "backend": "krun" });
+        let mut w = UserspaceWatch::start(ledger.clone(), fact.clone(), console.clone(), dir.path().join("x")).unwrap();
+        fs::write(&console, "Linux version 6.1\nopenshell-init: [   718 ms] init started\n").unwrap();
+        // Written while the VM runs, not when it is dropped.
+        let until = Instant::now() + Duration::from_secs(5);
+        while events(&ledger).len() < 2 && Instant::now() < until {
+            std::thread::sleep(USERSPACE_POLL);
+        }
+        assert_eq!(events(&ledger), ["spawned", "userspace"]);
+        assert_eq!(facts(&ledger)[1]["evidence"], "init's first console line");
+        w.finish();
+        assert_eq!(events(&ledger).len(), 2, "one userspace fact per VM");
+        // The exit-code file alone (a console the guest did not write, as with `quiet` QEMU
+        // guests whose console is elsewhere) counts too, found by the last look.
+        let exit = dir.path().join("exit-code");
+        let mut w = UserspaceWatch::start(ledger.clone(), fact, dir.path().join("none"), exit.clone()).unwrap();
+        fs::write(&exit, "0\n").unwrap();
+        w.finish();
+        assert_eq!(facts(&ledger)[3]["evidence"], "init's exit-code file in the share");
+    }
 }

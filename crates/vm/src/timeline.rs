@@ -87,6 +87,37 @@ impl CrashWatch {
     }
 }
 
+/// What init prints first, and only init: its stamped step lines start with it (`init started` is
+/// the first). Seen on a console, the guest's kernel handed over to our PID 1: the guest reached
+/// userspace. The kernel's own lines, a VMM's banner or a guest that panics before init never
+/// print it.
+const INIT_STAMP: &[u8] = b"openshell-init: [";
+
+/// Whether a guest reached userspace, decided here and nowhere else: init's first stamped line on
+/// its console, or (see [`crate::launch`]) the exit-code file init writes into the share. Fed
+/// the console in chunks as it grows; a stamp split across two chunks is still seen.
+#[derive(Debug, Default)]
+pub struct UserspaceEvidence {
+    /// The end of the last chunk, short of a whole stamp: where a split stamp begins.
+    carry: Vec<u8>,
+    seen: bool,
+}
+
+impl UserspaceEvidence {
+    /// Feeds the console bytes read since the last call; true once init's stamp has appeared.
+    pub fn feed(&mut self, new: &[u8]) -> bool {
+        if self.seen {
+            return true;
+        }
+        self.carry.extend_from_slice(new);
+        self.seen = self.carry.windows(INIT_STAMP.len()).any(|w| w == INIT_STAMP);
+        let keep = INIT_STAMP.len() - 1;
+        let excess = self.carry.len().saturating_sub(keep);
+        self.carry.drain(..excess);
+        self.seen
+    }
+}
+
 /// Peak resident set (VmHWM) of a live process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -130,6 +161,22 @@ mod tests {
         let mut w = CrashWatch::default();
         assert_eq!(w.feed(&vec![b'x'; 100_000]), None);
         assert!(w.partial.len() <= CrashWatch::MAX_PARTIAL);
+    }
+
+    #[test]
+    fn userspace_is_init_stamp_only_even_when_split() {
+        let mut e = UserspaceEvidence::default();
+        assert!(!e.feed(b"Linux version 6.1\n[    0.5] Run /sbin/openshell-init as init process\n"));
+        assert!(!e.feed(b"Kernel panic - not syncing: Attempted to kill init!\n"));
+        let line = b"openshell-init: [   718 ms] init started\n";
+        let (a, b) = line.split_at(9);
+        assert!(!e.feed(a));
+        assert!(e.feed(b));
+        assert!(e.feed(b""), "once seen, stays seen");
+        // A console that never says it keeps only a stamp's length, however long it grows.
+        let mut e = UserspaceEvidence::default();
+        assert!(!e.feed(&vec![b'x'; 100_000]));
+        assert!(e.carry.len() < INIT_STAMP.len());
     }
 
     #[test]

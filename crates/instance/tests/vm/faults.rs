@@ -51,6 +51,8 @@ fn nothing_left(dir: &Path) -> Result<(), String> {
 /// The console's tail is in the error itself, so a temporary state directory gone by the time it
 /// is read costs nothing.
 fn init_that_exits_fails_fast_with_the_cause(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    // Its init is a shell script, not ours: the guest never reaches what counts as userspace.
+    dir.expect_stop_before_userspace();
     let root = rootfs_with_init(a, &dir, b"#!/bin/sh\necho fault-trial-init-exits\nexit 3\n")?;
     let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
     cfg.rootfs = root;
@@ -85,6 +87,7 @@ fn init_that_exits_fails_fast_with_the_cause(a: &Artifacts, vmm: VmmChoice, dir:
 /// once rather than after the ready timeout. Nothing runs after, the instance lock is free and
 /// its metadata names no process.
 fn gateway_whose_init_cannot_run_fails_fast(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_stop_before_userspace();
     let root = rootfs_with_init(a, &dir, b"\x00\x01 not a program \x02\x03\n")?;
     let started = Instant::now();
     let result = support::with_free_port(|port| {

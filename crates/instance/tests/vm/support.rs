@@ -73,14 +73,18 @@ pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
     vec![("krun", VmmChoice::Krun, krun), ("qemu", VmmChoice::Qemu, qemu)]
 }
 
-/// What a trial must do for its verdict to mean anything: boot a VM (the default), be refused
-/// before any VMM starts, or run a command that boots nothing by design (`kernel --json`).
-/// [`observe`] checks it against the VMMs the trial really started.
+/// What a trial must do for its verdict to mean anything: boot a VM to guest userspace (the
+/// default), be refused before any VMM starts, run a command that boots nothing by design
+/// (`kernel --json`), start a VM whose guest by design stops before userspace (a broken init), or
+/// be the krun smoke trial (a VMM started; userspace recorded, not required). [`observe`] checks
+/// it against the ledger's facts: the VMMs the trial spawned and the guests that reached userspace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Boots {
     Vm,
     RefusedBeforeBoot,
     NoVm,
+    StopsBeforeUserspace,
+    Smoke,
 }
 
 impl Boots {
@@ -89,7 +93,15 @@ impl Boots {
             Boots::Vm => "vm",
             Boots::RefusedBeforeBoot => "refused-before-boot",
             Boots::NoVm => "no-vm",
+            Boots::StopsBeforeUserspace => "stops-before-userspace",
+            Boots::Smoke => "smoke",
         }
+    }
+
+    fn parse(s: &str) -> Option<Boots> {
+        [Boots::Vm, Boots::RefusedBeforeBoot, Boots::NoVm, Boots::StopsBeforeUserspace, Boots::Smoke]
+            .into_iter()
+            .find(|b| b.as_str() == s)
     }
 }
 
@@ -122,6 +134,17 @@ impl TrialDir {
     /// Declares that this trial runs only commands that boot nothing (and fails if one does).
     pub fn expect_no_vm(&self) {
         self.1.set(Boots::NoVm);
+    }
+
+    /// Declares that this trial starts a VMM whose guest must not reach userspace (a broken init).
+    pub fn expect_stop_before_userspace(&self) {
+        self.1.set(Boots::StopsBeforeUserspace);
+    }
+
+    /// Declares that this is the krun smoke trial: a VMM must start; whether its guest reached
+    /// userspace is recorded for the summary's own line, not counted as a boot.
+    pub fn expect_smoke(&self) {
+        self.1.set(Boots::Smoke);
     }
 
     /// Wraps a failure with the console's tail and keeps the directory for inspection.
@@ -160,10 +183,8 @@ impl TrialDir {
             else {
                 continue;
             };
-            match o["expects"].as_str() {
-                Some("refused-before-boot") => self.1.set(Boots::RefusedBeforeBoot),
-                Some("no-vm") => self.1.set(Boots::NoVm),
-                _ => {}
+            if let Some(expects) = o["expects"].as_str().and_then(Boots::parse) {
+                self.1.set(expects);
             }
             for n in o["notes"].as_array().into_iter().flatten().filter_map(|n| n.as_str()) {
                 note(format!("inside L1: {n}"));
@@ -404,24 +425,60 @@ fn adopt_ledgers(dir: &std::path::Path) {
     }
 }
 
-/// One trial's record, read by `cargo xtask e2e` for the per-backend summary.
+/// One attempt of one trial, read by `cargo xtask e2e` for the per-backend summary. Written twice:
+/// `"status": "started"` before the body runs, then its outcome; a record still `started` at the
+/// end is a trial that was killed (nextest's timeout, a crash of the process) and counts as failed.
 #[derive(serde::Serialize)]
 struct Outcome<'a> {
     trial: &'a str,
     backend: &'a str,
-    /// "vm", "refused-before-boot" or "no-vm": what the trial had to do.
+    /// nextest's attempt number (1 without nextest or retries); each attempt has its own record.
+    attempt: u32,
+    /// What the trial had to do (see [`Boots`]).
     expects: &'static str,
-    /// VMM processes of `backend` the trial (and the processes it started) launched.
-    vmms: usize,
-    passed: bool,
+    /// VMM processes of `backend` the trial (and the processes it started) spawned.
+    spawned: usize,
+    /// Of those, the ones whose guest reached userspace (init's first line or its exit file).
+    booted: usize,
+    /// "started", "passed" or "failed".
+    status: &'static str,
+    /// The failure's first line, for the summary (e.g. of an attempt that was retried).
+    failure: Option<String>,
     notes: Vec<String>,
 }
 
+/// nextest's attempt number for this test process (`NEXTEST_ATTEMPT`, 1-based); 1 otherwise.
+fn attempt() -> u32 {
+    std::env::var("NEXTEST_ATTEMPT").ok().and_then(|a| a.parse().ok()).unwrap_or(1)
+}
+
+/// (spawned, booted) VMMs of `backend` in the ledger at `path`. Only this trial's backend counts:
+/// a krun trial run inside a QEMU L1 VM started one VM of each.
+fn ledger_counts(path: &std::path::Path, backend: &str) -> (usize, usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let facts: Vec<serde_json::Value> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let count = |event: &str| facts.iter().filter(|f| f["backend"] == backend && f["event"] == event).count();
+    (count("spawned"), count("userspace"))
+}
+
+/// The message of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_owned(),
+        (_, Some(s)) => s.clone(),
+        _ => "a panic without a message".to_owned(),
+    }
+}
+
 /// Runs a trial body with its VMMs counted: every VMM launched by this process or a child it
-/// starts is appended to the trial's own ledger (`openshell_vm::LEDGER_ENV`). A trial that expects
-/// a VM and started none, or expects a refusal and started one, fails whatever its body said.
+/// starts is recorded in the trial's own ledger (`openshell_vm::LEDGER_ENV`), spawned and, once its
+/// guest reached userspace, booted. A trial that expects a VM and booted none, or expects none and
+/// started one, fails whatever its body said; a body that panics fails with the panic's message.
+/// The attempt's record is written before the body runs and again with its outcome.
 pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<(), Failed>) -> Result<(), Failed> {
-    let ledger = records_dir().join(format!("{}.vmms", name.replace("::", "-")));
+    let attempt = attempt();
+    let stem = format!("{}.attempt-{attempt}", name.replace("::", "-"));
+    let ledger = records_dir().join(format!("{stem}.vmms"));
     let _ = std::fs::remove_file(&ledger);
     // Trials run one at a time in this process (main sets one test thread), so this is the only
     // trial whose launches can land here; child processes inherit it.
@@ -429,31 +486,52 @@ pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<
     NOTES.lock().unwrap().clear();
     let dir = TrialDir::new(name);
     let expects = Rc::clone(&dir.1);
-    let mut result = body(dir);
-    // Only this trial's backend counts: a krun trial run inside a QEMU L1 VM booted one VM of each.
-    let vmms = std::fs::read_to_string(&ledger).map_or(0, |t| {
-        let launched = t.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
-        launched.filter(|l| l["backend"] == backend).count()
-    });
-    result = match (result, expects.get(), vmms) {
-        (Ok(()), Boots::Vm, 0) => {
+    let path = records_dir().join(format!("{stem}.outcome.json"));
+    let write = |status: &'static str, spawned, booted, failure: Option<String>, notes| {
+        let outcome = Outcome {
+            trial: name,
+            backend,
+            attempt,
+            expects: expects.get().as_str(),
+            spawned,
+            booted,
+            status,
+            failure,
+            notes,
+        };
+        std::fs::write(&path, serde_json::to_vec(&outcome).unwrap()).expect("the trial record is writable");
+    };
+    write("started", 0, 0, None, Vec::new());
+    let mut result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(dir))) {
+        Ok(r) => r,
+        Err(payload) => Err(format!("the trial panicked: {}", panic_message(payload.as_ref())).into()),
+    };
+    let (spawned, booted) = ledger_counts(&ledger, backend);
+    result = match (result, expects.get(), spawned, booted) {
+        (Ok(()), Boots::Vm, 0, _) => {
             Err("the trial passed without starting a VMM, so it proves nothing about a VM".into())
         }
-        (Ok(()), Boots::RefusedBeforeBoot | Boots::NoVm, n) if n > 0 => {
+        (Ok(()), Boots::Vm, n, 0) => Err(format!(
+            "the trial passed, but none of its {n} VMM(s) got its guest to userspace (no init line on the \
+             console, no exit-code file), so it proves nothing about a VM"
+        )
+        .into()),
+        (Ok(()), Boots::RefusedBeforeBoot | Boots::NoVm, n, _) if n > 0 => {
             Err(format!("the trial expects no VM ({}), but {n} VMM(s) were started", expects.get().as_str()).into())
         }
-        (r, _, _) => r,
+        (Ok(()), Boots::StopsBeforeUserspace | Boots::Smoke, 0, _) => {
+            Err("the trial passed without starting a VMM".into())
+        }
+        (Ok(()), Boots::StopsBeforeUserspace, _, n) if n > 0 => {
+            Err(format!("the trial's guest must stop before userspace, but {n} VMM(s) recorded a guest in userspace")
+                .into())
+        }
+        (r, _, _, _) => r,
     };
-    let outcome = Outcome {
-        trial: name,
-        backend,
-        expects: expects.get().as_str(),
-        vmms,
-        passed: result.is_ok(),
-        notes: std::mem::take(&mut *NOTES.lock().unwrap()),
-    };
-    let path = records_dir().join(format!("{}.outcome.json", name.replace("::", "-")));
-    std::fs::write(&path, serde_json::to_vec(&outcome).unwrap()).expect("the trial record is writable");
+    let failure =
+        result.as_ref().err().map(|f| f.message().unwrap_or("failed").lines().next().unwrap_or("").to_owned());
+    let status = if result.is_ok() { "passed" } else { "failed" };
+    write(status, spawned, booted, failure, std::mem::take(&mut *NOTES.lock().unwrap()));
     result
 }
 

@@ -82,8 +82,11 @@ pub fn all() -> Vec<Trial> {
             let nested = match crate::nested::route(&full, &krun_place, &artifacts) {
                 Some(Route::Nested(run)) => Some(trial(full.clone(), backend, None, must_run, move |dir| run.run(dir))),
                 Some(Route::Cannot(why)) => Some(trial(full.clone(), backend, Some(why), must_run, |_| unreachable!())),
-                // Ignored whether or not krun is required: the reason is the trial's, not the host's.
-                Some(Route::NotNested(why)) => Some(trial(full.clone(), backend, Some(why), false, |_| unreachable!())),
+                // Where krun is required, a trial that cannot run in L1 fails: not running it proves
+                // nothing about krun, whatever the reason.
+                Some(Route::NotNested(why)) => {
+                    Some(trial(full.clone(), backend, Some(why), must_run, |_| unreachable!()))
+                }
                 None => None,
             };
             if let Some(nested) = nested {
@@ -299,19 +302,25 @@ fn missing_kernel_gives_clear_error(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
 /// (up to [`SMOKE_WATCH`]) and the trial records how far it got: on nested PVM it must not reach
 /// userspace (if it does, the krun trials are ignored here for a reason that is no longer true).
 fn krun_smoke(a: &Artifacts, dir: TrialDir, pvm: bool) -> Result<(), Failed> {
+    dir.expect_smoke();
     let cfg = support::config(a, &dir, VmmChoice::Krun, &["/bin/true"]);
     let mut vm = crate::support::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+    // The kernel's first lines come on the serial console (earlyprintk, into vmm.log); init's on
+    // hvc0 (the console log), read by the one judge of "reached userspace".
     let log = cfg.state_dir.join("vmm.log");
+    let mut console = openshell_vm::launch::Tail::new(&cfg.console_path());
+    let mut userspace = openshell_vm::timeline::UserspaceEvidence::default();
     let deadline = Instant::now() + SMOKE_WATCH;
     let mut first_line = None;
-    let (text, ended) = loop {
+    let (text, ended, reached) = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if first_line.is_none() && text.contains("Linux version") {
             first_line = Some(vm.started.elapsed());
         }
+        let reached = userspace.feed(&console.read_new());
         let ended = vm.exited();
-        if ended.is_some() || text.contains("openshell-init: [") || Instant::now() > deadline {
-            break (text, ended);
+        if ended.is_some() || reached || Instant::now() > deadline {
+            break (text, ended, reached);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -326,14 +335,19 @@ fn krun_smoke(a: &Artifacts, dir: TrialDir, pvm: bool) -> Result<(), Failed> {
         Some(status) => format!("the VMM ended ({status})"),
         None => "still running; stopped".to_owned(),
     };
+    let guest = match (reached, pvm) {
+        (true, _) => "the guest reached userspace",
+        (false, true) => "the guest did not reach userspace (as expected on nested PVM)",
+        (false, false) => "the guest did not reach userspace",
+    };
     support::note(format!(
-        "krun smoke: first kernel line after {:.2} s; at {at:.1} s {how}; last console line: {last}",
+        "krun smoke: kernel started (first kernel line after {:.2} s); {guest}; at {at:.1} s {how}; last serial line: {last}",
         first.as_secs_f64()
     ));
     if support::process_exists(pid) {
         return Err(dir.fail(format!("VMM pid {pid} survived stop()")));
     }
-    if pvm && text.contains("openshell-init: [") {
+    if pvm && reached {
         return Err(dir.fail(
             "libkrun's guest reached userspace on this nested PVM host: the krun trials are ignored here for a reason that no longer holds",
         ));
