@@ -58,7 +58,7 @@ pub enum Route {
     Nested(NestedTrial),
     /// It would, but the nested host is missing (not built, no artifacts): the reason.
     Cannot(String),
-    /// Never nested, by design: the reason (ignored, or a failure where krun is required).
+    /// Never nested, by design: the reason (it stays ignored even where krun is required).
     NotNested(String),
 }
 
