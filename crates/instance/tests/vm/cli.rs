@@ -1018,13 +1018,15 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     kill9(passt)?;
     let log_path = inst.dir.join("supervisor.log");
     // The pause the supervisor says is the one this trial asked for.
-    let restart_2 = format!(
-        "restart 2/5 after passt exited (signal 9): booting again in {:.1}s",
-        (2 * RESTART_BACKOFF).as_secs_f64()
-    );
+    // (The failure's time of day sits between the cause and the pause.)
+    let restart_2 = [
+        "restart 2/5 after passt exited (signal 9) at ",
+        &format!("UTC: booting again in {:.1}s", (2 * RESTART_BACKOFF).as_secs_f64()),
+    ];
     wait_until(NOTICE_LIMIT, "the supervisor logged restart 2", || {
         let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
-        Ok(if log.contains(&restart_2) { Ok(()) } else { Err(support::tail(&log, 5)) })
+        let logged = log.lines().any(|l| restart_2.iter().all(|part| l.contains(part)));
+        Ok(if logged { Ok(()) } else { Err(support::tail(&log, 5)) })
     })?;
     // During the backoff, status says so rather than "running" with no VM.
     let st = cli.run(&["vm", "status", "--name", name])?;
