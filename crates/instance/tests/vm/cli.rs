@@ -41,6 +41,10 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::kernel_json_is_the_provenance", kernel_json_is_the_provenance),
     ("cli::bench_boot_json", bench_boot_json),
     ("cli::bench_boots_pass_the_preflight_like_vm_run", bench_boots_pass_the_preflight_like_vm_run),
+    ("cli::exec_exit_code_and_the_kept_state_dir", exec_exit_code_and_the_kept_state_dir),
+    ("cli::exec_ctrl_c_grace_and_second_ctrl_c", exec_ctrl_c_grace_and_second_ctrl_c),
+    ("cli::restart_on_failure_gives_up_after_5", restart_on_failure_gives_up_after_5),
+    ("cli::stop_during_a_restarts_boot_abandons_it", stop_during_a_restarts_boot_abandons_it),
 ];
 
 /// Bound on one xtask command, to fail a wedged one rather than hang: `vm run --detach` itself
@@ -1475,6 +1479,322 @@ fn bench_preflight_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
     let left = support::processes_mentioning(&cli.dir.to_string_lossy());
     if !left.is_empty() {
         return Err(format!("the refused bench left processes running: {left:?}"));
+    }
+    Ok(())
+}
+
+/// The `openshell-vm-*` temporary state directories `vm run --exec` made under the trial's TMPDIR.
+fn exec_temp_dirs(cli: &Cli) -> Vec<PathBuf> {
+    std::fs::read_dir(cli.dir.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("openshell-vm-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+fn exec_exit_code_and_the_kept_state_dir(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| exec_exit_code_in(cli))
+}
+
+/// `vm run --exec` as the README shows it: the guest command's exit code (3) is the process's,
+/// its output is on stdout, and the temporary state directory is gone after. A guest that ends
+/// without reporting a code (`reboot -f` bypasses init) is an error that keeps that directory and
+/// names it, with the console inside.
+fn exec_exit_code_in(cli: &Cli) -> Result<(), String> {
+    let r = cli.run(&[
+        "vm",
+        "run",
+        "--vmm",
+        cli.vmm,
+        "--exec",
+        "/bin/sh",
+        "--",
+        "-c",
+        "echo hello from $(uname -r); exit 3",
+    ])?;
+    if r.code != Some(3)
+        || !r.stdout.lines().any(|l| l.trim().starts_with("hello from 6."))
+        || !r.stderr.contains("the guest reported exit code 3")
+    {
+        return Err(format!("`vm run --exec` must exit with the guest's 3 and show its output:\n{}", r.show()));
+    }
+    let left = exec_temp_dirs(cli);
+    if !left.is_empty() {
+        return Err(format!("a successful --exec run left its temporary state directory: {left:?}"));
+    }
+
+    let r = cli.run(&["vm", "run", "--vmm", cli.vmm, "--net", "none", "--exec", "/bin/sh", "--", "-c", "reboot -f"])?;
+    let kept = exec_temp_dirs(cli);
+    // "(state directory kept for inspection: PATH)"
+    let named = r
+        .stderr
+        .split_once("state directory kept for inspection: ")
+        .and_then(|(_, p)| p.split_once(')'))
+        .map(|(p, _)| PathBuf::from(p));
+    let ok = r.code == Some(1)
+        && r.stderr.contains("the guest ended without reporting an exit code")
+        && kept.len() == 1
+        && named.as_ref() == kept.first()
+        && kept[0].join("console.log").is_file();
+    if !ok {
+        return Err(format!(
+            "a guest that reports no exit code must fail (exit 1) naming its kept state directory (found {kept:?}), \
+             which holds the console:\n{}",
+            r.show()
+        ));
+    }
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("left running after the --exec runs: {left:?}"));
+    }
+    Ok(())
+}
+
+fn exec_ctrl_c_grace_and_second_ctrl_c(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| exec_ctrl_c_in(cli))
+}
+
+/// The workload of [`exec_ctrl_c_in`]: it unmounts the share (lazily, so init keeps running) and
+/// ignores SIGTERM, so neither init nor the workload can answer the host's stop request and only
+/// the host's own grace or a second Ctrl-C can end the run.
+const DEAF_WORKLOAD: &str = "umount -l /run/openshell; trap '' TERM INT; echo workload-deaf; while :; do sleep 1; done";
+
+/// `vm run --exec` stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it) when
+/// the guest cannot answer: (1) one Ctrl-C, and the host stops the VMM once its grace is over;
+/// (2) a second Ctrl-C after the stop request was made, and the host stops it then. Each exits
+/// 130 (128 + SIGINT, the host's own code) and its last line says which, with the time it waited;
+/// nothing is left running.
+fn exec_ctrl_c_in(cli: &Cli) -> Result<(), String> {
+    for second in [false, true] {
+        let args = ["vm", "run", "--vmm", cli.vmm, "--net", "none", "--exec", "/bin/sh", "--", "-c", DEAF_WORKLOAD];
+        let mut cmd = cli.command(&args);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut run = cli.spawn_with(cmd, &args)?;
+        run.wait_for(support::GUEST_TIMEOUT, |out, _| out.contains("workload-deaf"))?;
+        let group = nix::unistd::Pid::from_raw(run.child.0.id() as i32);
+        let asked = Instant::now();
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT);
+        if second {
+            // Once the host has asked the guest to stop (its request is in the share), Ctrl-C again.
+            wait_until(NOTICE_LIMIT, "the host wrote its stop request into the share", || {
+                Ok(match exec_temp_dirs(cli).iter().any(|d| d.join("share/stop-request").is_file()) {
+                    true => Ok(()),
+                    false => Err(format!("no share/stop-request under {:?}", exec_temp_dirs(cli))),
+                })
+            })?;
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT);
+        }
+        let ran = run.wait(Duration::from_secs(120))?;
+        let took = asked.elapsed();
+        let last = ran.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().to_owned();
+        let says = if second { "a second signal came " } else { "the guest reported no exit code within " };
+        // The figure the line gives: how long the host waited after asking the guest to stop.
+        let waited: Option<f64> = last.split_once(says).and_then(|(_, r)| r.split_once('s')?.0.parse().ok());
+        let grace = 10.0;
+        let ok = ran.code == Some(130)
+            && last.starts_with("vm: stopped after signal 2: ")
+            && last.contains("(exit code 130 is the host's)")
+            // The grace is a lower bound, which holds however slow the host: the host waited it out
+            // before stopping the VMM. The second Ctrl-C must not have waited for it.
+            && waited.is_some_and(|w| if second { w < grace } else { w >= grace && took.as_secs_f64() >= grace });
+        if !ok {
+            return Err(format!(
+                "`vm run --exec` with a guest deaf to the stop request, {}, must exit 130 saying {says:?} and how long \
+                 it waited (the last line says {waited:?} s; {:.1} s passed here):\n{}",
+                if second { "then a second Ctrl-C" } else { "after one Ctrl-C" },
+                took.as_secs_f64(),
+                ran.show()
+            ));
+        }
+        support::note(format!(
+            "--exec Ctrl-C{}: exit 130 after {:.1} s: {last}",
+            if second { " twice" } else { " once" },
+            took.as_secs_f64()
+        ));
+    }
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("left running after the stopped --exec runs: {left:?}"));
+    }
+    Ok(())
+}
+
+/// Restarts `--restart on-failure` makes before it gives up (`supervise::Restart::ON_FAILURE`).
+const MAX_RESTARTS: u32 = 5;
+
+fn restart_on_failure_gives_up_after_5(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| gives_up_in(cli))
+}
+
+/// Waits until restart number `restart` is SERVING: the supervisor `sup` has recorded a VMM and
+/// passt other than `vm` and `passt` and logged it (it logs after recording); fails if the
+/// supervisor exits meanwhile.
+fn wait_for_reboot(inst: &GatewayInstance, restart: u32, sup: u32, vm: u32, passt: u32) -> Result<(u32, u32), String> {
+    let mut got = (0, 0);
+    let logged = format!("restart {restart}/{MAX_RESTARTS}: SERVING again");
+    wait_until(Duration::from_secs(180), &format!("restart {restart} booted the gateway again"), || {
+        if !procfs::process(sup).alive {
+            return Err(format!("the supervisor {sup} exited instead of restarting"));
+        }
+        let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).unwrap_or_default();
+        Ok(match recorded_pids(inst) {
+            Ok((_, s, v, p)) if s == sup && v != vm && p != passt && log.contains(&logged) => {
+                got = (v, p);
+                Ok(())
+            }
+            Ok((_, s, v, p)) => Err(format!("supervisor {s}, vm {v}, passt {p}")),
+            Err(e) => Err(e),
+        })
+    })?;
+    Ok(got)
+}
+
+/// passt killed 6 times under `--restart on-failure` (first pause 100 ms): the supervisor boots
+/// the gateway again 5 times, then gives up on the 6th death: it exits, nothing of any boot is
+/// left, and `vm status` says it failed, why, and that it gave up after 5 restarts.
+fn gives_up_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("gives-up", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &["--restart", "on-failure", "--restart-backoff-ms", "100"])?;
+    let (_, sup, mut vm, mut passt) = recorded_pids(&inst)?;
+    let mut pids = vec![(sup, "openshell-supervisor")];
+    for restart in 1..=MAX_RESTARTS {
+        pids.extend([(vm, vmm_program(cli.vmm)), (passt, "passt")]);
+        kill9(passt)?;
+        (vm, passt) = wait_for_reboot(&inst, restart, sup, vm, passt)?;
+    }
+    pids.extend([(vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    kill9(passt)?;
+    wait_until(NOTICE_LIMIT, "the supervisor gave up and nothing of the instance is left", || {
+        let mut left = leftovers(cli, port, &pids);
+        if inst.locked() {
+            left.push("the instance lock is held".into());
+        }
+        Ok(if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) })
+    })?;
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    let doc = st.json()?;
+    check_status_stopped(&doc, name, port)?;
+    expect_fields(&doc, "status --json after giving up", &[("gave_up_after_restarts", json!(MAX_RESTARTS))])?;
+    expect_fields(
+        field(&doc, "failure")?,
+        "status --json failure",
+        &[("child", json!("passt")), ("signal", json!(9))],
+    )?;
+    if st.code != Some(1) || doc.get("restarting").is_some() {
+        return Err(format!("status after giving up must exit 1 with no restart pending:\n{}", st.show()));
+    }
+    let text = cli.run(&["vm", "status", "--name", name])?;
+    let want = [
+        "failed: passt exited (signal 9) at ",
+        &format!("gave up after {MAX_RESTARTS} restarts"),
+        "nothing left running",
+    ];
+    if text.code != Some(1) || !want.iter().all(|w| text.stdout.contains(w)) {
+        return Err(format!("plain status after giving up must say {want:?}:\n{}", text.show()));
+    }
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
+    let gave_up = "passt exited (signal 9) at ";
+    if !log.lines().any(|l| l.contains(gave_up) && l.contains(&format!("gave up after {MAX_RESTARTS} restarts")))
+        || log.contains(&format!("restart {}/", MAX_RESTARTS + 1))
+    {
+        return Err(format!(
+            "supervisor.log must end with the cause and `gave up after {MAX_RESTARTS} restarts`, and no restart {}:\n{}",
+            MAX_RESTARTS + 1,
+            support::tail(&log, 20)
+        ));
+    }
+    Ok(())
+}
+
+fn stop_during_a_restarts_boot_abandons_it(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| stop_during_boot_in(cli))
+}
+
+/// The supervisor's children running `program`, other than `not`.
+fn children_running(sup: u32, program: &str, not: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let p = procfs::process(pid);
+            pid != not && p.ppid == Some(sup) && p.program_is_any(&[program])
+        })
+        .collect()
+}
+
+/// `vm stop` while a restart's boot is in progress: the restarted VMM is held (SIGSTOP) as soon
+/// as the supervisor starts it, so the boot cannot finish whatever the host's speed; `vm stop`
+/// must then end the instance without waiting for that boot (which would never be ready): the
+/// supervisor abandons it, stops the held VMM and its passt, and exits; nothing is left, and the
+/// restart never reports SERVING.
+fn stop_during_boot_in(cli: &Cli) -> Result<(), String> {
+    use nix::sys::signal::{kill, Signal};
+    let (name, port) = ("stopped-booting", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &["--restart", "on-failure", "--restart-backoff-ms", "100"])?;
+    let (_, sup, mut vm, mut passt) = recorded_pids(&inst)?;
+    let mut pids = vec![(sup, "openshell-supervisor")];
+    let log_path = inst.dir.join("supervisor.log");
+    // The VMM must be held before its gateway is ready. That takes the guest a whole boot, against
+    // one scan of /proc here; should the guest ever win, the restart is SERVING and the next one
+    // is tried (the supervisor allows 5).
+    let mut held = None;
+    for restart in 1..=3 {
+        pids.extend([(vm, vmm_program(cli.vmm)), (passt, "passt")]);
+        kill9(passt)?;
+        let mut new_vm = 0;
+        wait_until(NOTICE_LIMIT, "the supervisor started the restart's VMM", || {
+            if !procfs::process(sup).alive {
+                return Err(format!("the supervisor {sup} exited instead of restarting"));
+            }
+            new_vm = children_running(sup, vmm_program(cli.vmm), vm).first().copied().unwrap_or(0);
+            Ok(if new_vm != 0 { Ok(()) } else { Err("no new VMM child yet".into()) })
+        })?;
+        kill(nix::unistd::Pid::from_raw(new_vm as i32), Signal::SIGSTOP)
+            .map_err(|e| format!("SIGSTOP {new_vm}: {e}"))?;
+        pids.push((new_vm, vmm_program(cli.vmm)));
+        // Ready before it was held: the supervisor records its pids, then logs it.
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let recorded = inst.read_metadata().and_then(|m| m.vm_pid) == Some(new_vm);
+        if !recorded && !log.contains(&format!("restart {restart}/{MAX_RESTARTS}: SERVING again")) {
+            held = Some((restart, new_vm));
+            break;
+        }
+        support::note(format!("restart {restart}'s gateway was ready before its VMM could be held; trying the next"));
+        let _ = kill(nix::unistd::Pid::from_raw(new_vm as i32), Signal::SIGCONT);
+        (vm, passt) = wait_for_reboot(&inst, restart, sup, vm, passt)?;
+    }
+    let Some((restart, held_vm)) = held else {
+        return Err("three restarts in a row were SERVING before their VMM could be held".into());
+    };
+    pids.extend(children_running(sup, "passt", 0).into_iter().map(|p| (p, "passt")));
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
+        return Err(format!("vm stop during restart {restart}'s boot (VMM {held_vm} held):\n{}", stop.show()));
+    }
+    let left = leftovers(cli, port, &pids);
+    if !left.is_empty() || inst.locked() || procfs::process(sup).alive {
+        return Err(format!(
+            "left running after vm stop: {left:?} (instance locked: {}, supervisor alive: {})",
+            inst.locked(),
+            procfs::process(sup).alive
+        ));
+    }
+    let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
+    let abandoned =
+        format!("restart {restart}/{MAX_RESTARTS}: stopped by signal 15 during its boot, which was abandoned");
+    if !log.contains(&abandoned) || log.contains(&format!("restart {restart}/{MAX_RESTARTS}: SERVING again")) {
+        return Err(format!(
+            "supervisor.log must say {abandoned:?} and no SERVING for it:\n{}",
+            support::tail(&log, 20)
+        ));
     }
     Ok(())
 }
