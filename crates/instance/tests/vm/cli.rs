@@ -45,6 +45,12 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::exec_ctrl_c_grace_and_second_ctrl_c", exec_ctrl_c_grace_and_second_ctrl_c),
     ("cli::restart_on_failure_gives_up_after_5", restart_on_failure_gives_up_after_5),
     ("cli::stop_during_a_restarts_boot_abandons_it", stop_during_a_restarts_boot_abandons_it),
+    ("cli::bench_exec_json", bench_exec_json),
+    ("cli::bench_load_json", bench_load_json),
+    ("cli::bench_forward_json", bench_forward_json),
+    ("cli::bench_soak_json", bench_soak_json),
+    ("cli::bench_compare_json", bench_compare_json),
+    ("cli::bench_memory_json", bench_memory_json),
 ];
 
 /// Bound on one xtask command, to fail a wedged one rather than hang: `vm run --detach` itself
@@ -1797,4 +1803,191 @@ fn stop_during_boot_in(cli: &Cli) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `cargo xtask bench ARGS --json` through the CLI: its one JSON document, or why not. The bench
+/// boots its own VMs in its own temporary directories, under the trial's TMPDIR.
+fn bench_json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let r = cli.spawn(&all)?.wait(Duration::from_secs(600))?;
+    if r.code != Some(0) {
+        return Err(format!("the bench failed:\n{}", r.show()));
+    }
+    let doc = r.json()?;
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("`xtask {}` left processes running: {left:?}", r.args));
+    }
+    support::note(format!("xtask {}: {doc}", r.args));
+    Ok(doc)
+}
+
+/// A positive, finite number at `path` (`/`-separated keys) in `doc`.
+fn positive(doc: &Value, path: &str) -> Result<f64, String> {
+    let v = path.split('/').fold(doc, |d, k| &d[k]);
+    v.as_f64()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .ok_or_else(|| format!("{path} is {v}, not a positive number, in {doc:#}"))
+}
+
+/// `lo <= hi`, or an error naming both.
+fn ordered(doc: &Value, names: &[&str]) -> Result<(), String> {
+    let values: Vec<f64> = names.iter().map(|n| positive(doc, n)).collect::<Result<_, _>>()?;
+    match values.windows(2).position(|w| w[0] > w[1]) {
+        None => Ok(()),
+        Some(i) => Err(format!("{} ({}) > {} ({}) in {doc:#}", names[i], values[i], names[i + 1], values[i + 1])),
+    }
+}
+
+/// `a` and `b` agree to a part in a million (figures computed from one another).
+fn agrees(what: &str, a: f64, b: f64) -> Result<(), String> {
+    ((a - b).abs() <= 1e-6 * a.abs().max(b.abs())).then_some(()).ok_or_else(|| format!("{what}: {a} vs {b}"))
+}
+
+fn bench_exec_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["exec", "-n", "1", "--vmm", cli.vmm])?;
+        positive(&doc, "first_ms")?;
+        let one = positive(&doc, "wall_ms/median")?;
+        agrees("one run: median = min", one, positive(&doc, "wall_ms/min")?)?;
+        agrees("one run: median = max", one, positive(&doc, "wall_ms/max")?)?;
+        let command = doc["command"].as_str().unwrap_or_default();
+        if doc["wall_ms"]["n"] != json!(1) || !command.ends_with(&format!("vm run --vmm {} --exec /bin/true", cli.vmm))
+        {
+            return Err(format!("bench exec -n 1: want n 1 of `vm run --vmm {} --exec /bin/true`: {doc:#}", cli.vmm));
+        }
+        Ok(())
+    })
+}
+
+fn bench_load_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["load", "--shape", "4x5", "--vmm", cli.vmm])?;
+        let round = match doc.as_array().map(Vec::as_slice) {
+            Some([round]) => round,
+            _ => return Err(format!("bench load with one --shape must report one round: {doc:#}")),
+        };
+        expect_fields(
+            round,
+            "bench load 4x5",
+            &[("clients", json!(4)), ("rpcs_per_client", json!(5)), ("errors", json!(0)), ("rpcs_ok", json!(20))],
+        )?;
+        if round["error_kinds"] != json!([]) {
+            return Err(format!("no errors, but error kinds: {round:#}"));
+        }
+        ordered(round, &["connect_p50_ms", "connect_max_ms"])?;
+        ordered(round, &["rpc_p50_ms", "rpc_p99_ms", "rpc_max_ms"])?;
+        // Rates are counts over their phase's wall.
+        agrees("RPC/s", positive(round, "rpcs_per_s")?, 20.0 / (positive(round, "rpc_phase_ms")? / 1e3))?;
+        agrees(
+            "connections/s",
+            positive(round, "new_connections_per_s")?,
+            4.0 / (positive(round, "connect_phase_ms")? / 1e3),
+        )
+    })
+}
+
+fn bench_forward_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["forward", "--round-trips", "20", "--mib", "2", "--vmm", cli.vmm])?;
+        // What the guest's sink counted is what was sent: 2 MiB.
+        let sent = 2 * 1024 * 1024;
+        expect_fields(
+            &doc,
+            "bench forward",
+            &[("round_trips", json!(20)), ("sink_bytes_sent", json!(sent)), ("sink_bytes_counted", json!(sent))],
+        )?;
+        ordered(&doc, &["rtt_us/p50", "rtt_us/p99", "rtt_us/max"])?;
+        agrees("MiB/s", positive(&doc, "sink_mib_per_s")?, 2.0 / positive(&doc, "sink_seconds")?)
+    })
+}
+
+fn bench_soak_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["soak", "-n", "2", "--vmm", cli.vmm])?;
+        expect_fields(
+            &doc,
+            "bench soak -n 2",
+            &[
+                ("cycles", json!(2)),
+                ("failures", json!(0)),
+                ("first_failure", Value::Null),
+                ("cycles_with_leftovers", json!(0)),
+                ("cleanup", json!("nothing left")),
+            ],
+        )?;
+        let (before, after) = (&doc["before"], &doc["after"]);
+        if after["processes"] != json!([]) || after["listeners"] != json!(0) || after["fds"] != before["fds"] {
+            return Err(format!("bench soak counted leftovers: {doc:#}"));
+        }
+        // A cycle is its detach and its stop, so it takes longer than either.
+        for part in ["detach_ms", "stop_ms"] {
+            ordered(&doc, &[&format!("{part}/min"), &format!("{part}/median"), &format!("{part}/max")])?;
+            ordered(&doc, &[&format!("{part}/median"), "cycle_ms/median"])?;
+        }
+        Ok(())
+    })
+}
+
+fn bench_compare_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        // Ours is `--vmm auto`, which is the trial's backend where this runs (krun::cli is not run).
+        let doc = bench_json(cli, &["compare", "-n", "1"])?;
+        expect_fields(&doc, "bench compare -n 1", &[("rounds", json!(1)), ("naive_qemu_failure", Value::Null)])?;
+        let figures = doc["figures"].as_object().ok_or_else(|| format!("no figures object: {doc:#}"))?;
+        let rows = [
+            "ours cold: VMM start → SERVING",
+            "ours warm: VMM start → SERVING",
+            "container: podman run → SERVING",
+            "ours warm: VMM start → init started",
+            "naive q35 QEMU: start → init started",
+        ];
+        for row in rows {
+            let f = figures.get(row).ok_or_else(|| format!("no {row:?} figure: {doc:#}"))?;
+            let m = positive(f, "median_ms")?;
+            if f["n"] != json!(1)
+                || agrees("", m, positive(f, "min_ms")?).is_err()
+                || agrees("", m, positive(f, "max_ms")?).is_err()
+            {
+                return Err(format!("{row}: one round must give n 1 and median = min = max: {f}"));
+            }
+        }
+        let med = |row: &str| figures[row]["median_ms"].as_f64().unwrap_or(f64::NAN);
+        // Our init line comes before our SERVING, in the same boot.
+        if med(rows[3]) >= med(rows[1]) {
+            return Err(format!("ours warm: init started after SERVING: {doc:#}"));
+        }
+        agrees(
+            "ratio ours/container",
+            positive(&doc, "ratio_ours_warm_serving_over_container")?,
+            med(rows[1]) / med(rows[2]),
+        )?;
+        agrees("ratio ours/naive", positive(&doc, "ratio_ours_init_over_naive_qemu_init")?, med(rows[3]) / med(rows[4]))
+    })
+}
+
+fn bench_memory_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["memory", "--mem", "256", "--vmm", cli.vmm])?;
+        let row = match doc.as_array().map(Vec::as_slice) {
+            Some([row]) => row,
+            _ => return Err(format!("bench memory --mem 256 must report one row: {doc:#}")),
+        };
+        expect_fields(
+            row,
+            "bench memory",
+            &[("mem_mib", json!(256)), ("failed", Value::Null), ("load_errors", json!(0))],
+        )?;
+        positive(row, "ready_ms")?;
+        // The guest touched part of its 256 MiB, which is part of the VMM's RSS; the peak is at
+        // least what was resident when it was read before it.
+        ordered(row, &["guest_touched_mib", "vmm_rss_mib", "vmm_peak_rss_mib"])?;
+        if positive(row, "guest_touched_mib")? > 256.0 {
+            return Err(format!("the guest touched more than its 256 MiB: {row}"));
+        }
+        let (rss, guest) = (positive(row, "vmm_rss_mib")?, positive(row, "guest_touched_mib")?);
+        agrees("VMM overhead = RSS - guest", positive(row, "vmm_overhead_mib")?, rss - guest)
+    })
 }
