@@ -1027,14 +1027,19 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     let (_, sup, vm, passt) = recorded_pids(&inst)?;
     kill9(passt)?;
     let log_path = inst.dir.join("supervisor.log");
-    // The pause the supervisor says is the one this trial asked for.
-    let restart_2 = format!(
-        "restart 2/5 after passt exited (signal 9): booting again in {:.1}s",
-        (2 * RESTART_BACKOFF).as_secs_f64()
+    // The pause the supervisor says is the one this trial asked for, on the line of the cause
+    // ("restart 2/5 after passt exited (signal 9) at HH:MM:SS UTC: booting again in 40.0s").
+    let (cause, pause) = (
+        "restart 2/5 after passt exited (signal 9) at ",
+        format!(": booting again in {:.1}s", (2 * RESTART_BACKOFF).as_secs_f64()),
     );
     wait_until(NOTICE_LIMIT, "the supervisor logged restart 2", || {
         let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
-        Ok(if log.contains(&restart_2) { Ok(()) } else { Err(support::tail(&log, 5)) })
+        Ok(if log.lines().any(|l| l.contains(cause) && l.ends_with(&pause)) {
+            Ok(())
+        } else {
+            Err(support::tail(&log, 5))
+        })
     })?;
     // During the backoff, status says so rather than "running" with no VM.
     let st = cli.run(&["vm", "status", "--name", name])?;
