@@ -714,4 +714,21 @@ mod tests {
         w.finish();
         assert_eq!(facts(&ledger)[3]["evidence"], "init's exit-code file in the share");
     }
+
+    /// Each way the host ends a run it was asked to end says what happened and the time it took,
+    /// not a fixed "within 10s".
+    #[test]
+    fn a_host_stop_says_how_and_after_how_long() {
+        let stopped = |how| VmExit::Stopped { signal: 2, how }.to_string();
+        let grace = stopped(HostStop::GraceOver { waited: Duration::from_millis(10_040) });
+        assert!(grace.contains("no exit code within 10.0s") && grace.contains("its grace is 10s"), "{grace}");
+        let second = stopped(HostStop::SecondSignal { waited: Duration::from_millis(1_260) });
+        assert!(second.contains("a second signal came 1.3s after"), "{second}");
+        let unasked = stopped(HostStop::Unreported { waited: Duration::from_millis(400) });
+        assert!(unasked.contains("the VMM exited 0.4s after"), "{unasked}");
+        for s in [grace, second, unasked, stopped(HostStop::NoGuest)] {
+            assert!(s.starts_with("stopped after signal 2: ") && s.ends_with("(exit code 130 is the host's)"), "{s}");
+        }
+        assert_eq!(VmExit::Stopped { signal: 15, how: HostStop::NoGuest }.code(), 143);
+    }
 }
