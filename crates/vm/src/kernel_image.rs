@@ -21,6 +21,12 @@ const PT_LOAD: u32 = 1;
 /// The arm64 `Image` header: 64 bytes, "ARM\x64" at offset 56 (Documentation/arch/arm64/booting.rst).
 const ARM64_IMAGE_MAGIC: &[u8; 4] = b"ARM\x64";
 
+/// What [`check`] says of the other arch's kernel.
+const ARM64_GIVEN_TO_X86_64: &str = "this is an arm64 kernel (a flat `Image`); the x86_64 guest needs an x86_64 \
+    ELF `vmlinux` (boot this one with `--arch aarch64`)";
+const X86_64_GIVEN_TO_ARM64: &str = "this is an x86_64 kernel (an ELF `vmlinux`); the arm64 guest needs an arm64 \
+    flat `Image` (`cargo xtask kernel --arch aarch64`)";
+
 /// Checks that `path` is a boot image of `arch` and not cut short; the error names the file, what
 /// was found and how to get a good one.
 pub fn check(path: &Path, arch: Arch) -> Result<(), VmError> {
@@ -34,19 +40,11 @@ pub fn check(path: &Path, arch: Arch) -> Result<(), VmError> {
     let arm64_image = head.get(56..60).is_some_and(|m| m == ARM64_IMAGE_MAGIC);
     let x86_64_elf = head.starts_with(ELF_MAGIC) && head.get(18..20) == Some(&EM_X86_64.to_le_bytes()[..]);
     match arch {
-        Arch::X86_64 if arm64_image => {
-            Err(bad("this is an arm64 kernel (a flat `Image`); the x86_64 guest needs an x86_64 ELF `vmlinux` \
-             (boot this one with `--arch aarch64`)"
-                .into()))
-        }
+        Arch::X86_64 if arm64_image => Err(bad(ARM64_GIVEN_TO_X86_64.into())),
         Arch::X86_64 => check_elf(path, &head, size, EM_X86_64).map_err(bad),
         Arch::Aarch64 => match head.get(56..60) {
             Some(m) if m == ARM64_IMAGE_MAGIC => Ok(()),
-            _ if x86_64_elf => {
-                Err(bad("this is an x86_64 kernel (an ELF `vmlinux`); the arm64 guest needs an arm64 flat `Image` \
-                 (`cargo xtask kernel --arch aarch64`)"
-                    .into()))
-            }
+            _ if x86_64_elf => Err(bad(X86_64_GIVEN_TO_ARM64.into())),
             _ if head.starts_with(ELF_MAGIC) => {
                 Err(bad("it is an ELF file, but an arm64 guest boots the flat `Image`, not `vmlinux`".into()))
             }
