@@ -60,14 +60,22 @@ impl Backend {
 /// Where the VM suites write one record per trial they ran (see the suite's `support::observe`).
 const RECORDS: &str = "target/e2e-records";
 
+/// The host packages the VM suites need: what they build and boot (QEMU and passt for the qemu
+/// trials, whatever the host's KVM; the cross tools and QEMU of the arm64 guest) and what the
+/// `bench compare` trial runs (podman, runc, cpio), which would otherwise install them mid-run.
+/// `cargo xtask test` installs them in the same round as the linters'.
+fn suite_deps() -> Vec<&'static [(&'static str, &'static str)]> {
+    use crate::deps::{COMPARE, KERNEL, PASST, QEMU, ROOTFS};
+    let arm64 = openshell_artifacts::Arch::Aarch64;
+    vec![KERNEL, ROOTFS, QEMU, PASST, COMPARE, crate::deps::cross(arm64), crate::deps::qemu(arm64)]
+}
+
 /// Builds kernel, rootfs and `openshell-vmm`, and exports where they are.
 fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     let store = Store::default_location();
-    // One install round for everything the suites build and boot (QEMU and passt for the qemu
-    // trials, whatever the host's KVM; the cross tools and QEMU of the arm64 guest).
-    use crate::deps::{KERNEL, PASST, QEMU, ROOTFS};
+    // One install round (none after `cargo xtask test`'s, which installed the same).
+    crate::deps::ensure(sh, &suite_deps())?;
     let (host, arm64) = (openshell_artifacts::Arch::host(), openshell_artifacts::Arch::Aarch64);
-    crate::deps::ensure(sh, &[KERNEL, ROOTFS, QEMU, PASST, crate::deps::cross(arm64), crate::deps::qemu(arm64)])?;
     let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest, host)?;
     let rootfs = crate::artifacts::ensure_rootfs(sh, &store, host)?;
     let vmm = crate::artifacts::build_vmm(sh)?;
@@ -307,8 +315,9 @@ impl TestCmd {
     pub fn run(self) -> anyhow::Result<()> {
         let sh = Shell::new()?;
         // Every host package the whole run needs, the linters' included, in one install round.
-        use crate::deps::{ACTIONLINT, CHECK_MACOS, KERNEL, PASST, QEMU, ROOTFS};
-        crate::deps::ensure(&sh, &[KERNEL, ROOTFS, QEMU, PASST, ACTIONLINT, CHECK_MACOS])?;
+        let mut deps = suite_deps();
+        deps.extend([crate::deps::ACTIONLINT, crate::deps::CHECK_MACOS]);
+        crate::deps::ensure(&sh, &deps)?;
         lint(&sh)?;
         run_e2e(&["--workspace"], self.suite)
     }

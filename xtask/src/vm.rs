@@ -357,9 +357,10 @@ fn status_summary(st: &openshell_instance::status::Status) -> String {
             )
         }
         (None, Some(failure)) if !st.running => {
+            let gave_up = st.gave_up_after_restarts.map_or(String::new(), |n| format!("; gave up after {n} restarts"));
             return format!(
-                "gateway {name:?}: failed: {failure}; nothing left running; start it again with cargo xtask vm run --name {name}"
-            )
+                "gateway {name:?}: failed: {failure}{gave_up}; nothing left running; start it again with cargo xtask vm run --name {name}"
+            );
         }
         _ => {}
     }

@@ -95,4 +95,93 @@ mod tests {
         let mut ok = Command::new("true");
         run(&mut ok, &mut |_| {}).unwrap();
     }
+
+    /// Set (to a scratch directory holding a Makefile) only in the builder process that
+    /// [`a_build_step_dies_with_its_builder`] starts from this test binary.
+    const BUILDER_DIR: &str = "OPENSHELL_TEST_BUILDER_DIR";
+
+    /// Bound on how long a process may take to start or to be gone: a hang guard, never a measurement.
+    const HANG_GUARD: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Processes (other than this one) whose command line mentions `marker`, as (pid, cmdline).
+    fn mentioning(marker: &str) -> Vec<(i32, String)> {
+        let me = std::process::id() as i32;
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+                let cmd =
+                    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).replace('\0', " ");
+                (pid != me && cmd.contains(marker)).then_some((pid, cmd))
+            })
+            .collect()
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + HANG_GUARD;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}: not within {} s", HANG_GUARD.as_secs());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// The builder half of [`a_build_step_dies_with_its_builder`]: run in a process of its own
+    /// (this test binary started again with [`BUILDER_DIR`] set), it runs `make` as a build step,
+    /// whose recipe never ends, and is killed there by the test.
+    #[test]
+    #[ignore = "the builder process of a_build_step_dies_with_its_builder, which starts it"]
+    fn builder_process() {
+        let dir = std::env::var_os(BUILDER_DIR).expect("started by a_build_step_dies_with_its_builder");
+        let mut make = Command::new("make");
+        make.arg("-C").arg(&dir);
+        let _ = run(&mut make, &mut |l| println!("{l}"));
+        panic!("the build step ended: it should have been killed with this builder");
+    }
+
+    /// What the comment in [`run`] promises: a builder killed mid-step, by SIGKILL or by a Ctrl-C
+    /// sent to it alone (SIGINT to its pid, not its group, as when it runs in a terminal's
+    /// background job or under a supervisor), leaves no `make` and none of make's children
+    /// running. Every process of the step carries the scratch directory in its command line
+    /// (`make -C DIR`, and the recipe's `DIR/sleeper`), so a leftover is found by name even after
+    /// it was reparented.
+    #[test]
+    fn a_build_step_dies_with_its_builder() {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        for signal in [Signal::SIGKILL, Signal::SIGINT] {
+            let dir = tempfile::tempdir().unwrap();
+            let marker = dir.path().to_string_lossy().into_owned();
+            // A recipe program of its own name (a copy of sleep), so it is found by its path.
+            std::fs::copy("/bin/sleep", dir.path().join("sleeper")).unwrap();
+            std::fs::write(dir.path().join("Makefile"), "all:\n\t$(CURDIR)/sleeper 300\n").unwrap();
+            let mut builder = Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "command::tests::builder_process", "--ignored", "--nocapture"])
+                .env(BUILDER_DIR, dir.path())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            let sleeper = dir.path().join("sleeper").to_string_lossy().into_owned();
+            wait_for("make's recipe started", || mentioning(&sleeper).iter().any(|(_, c)| c.starts_with(&sleeper)));
+            let step = mentioning(&marker);
+            assert!(step.iter().any(|(_, c)| c.starts_with("make ")), "no make among {step:?}");
+            kill(Pid::from_raw(builder.id() as i32), signal).unwrap();
+            let status = builder.wait().unwrap();
+            assert!(!status.success(), "the builder survived {signal}: {status}");
+            let deadline = std::time::Instant::now() + HANG_GUARD;
+            let left = loop {
+                let left = mentioning(&marker);
+                if left.is_empty() || std::time::Instant::now() > deadline {
+                    break left;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            };
+            // Ours to clean up whatever the verdict: they carry this test's own scratch directory.
+            for (pid, _) in &left {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+            assert!(left.is_empty(), "after {signal} to the builder, its build step is still running: {left:?}");
+        }
+    }
 }

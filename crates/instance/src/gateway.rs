@@ -65,6 +65,9 @@ pub struct Metadata {
     /// can say "restarting in N s" instead of "running" with no VM; cleared by the boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarting: Option<Restarting>,
+    /// Set with [`Self::failure`] when `--restart on-failure` had used up its restarts (how many).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gave_up_after_restarts: Option<u32>,
 }
 
 /// A restart the supervisor has scheduled: the `attempt`th of `max`, booting at `boot_at_unix`.
@@ -417,6 +420,7 @@ pub fn wait_ready(
     endpoint: &str,
     bundle: &openshell_gateway::ClientBundle,
     timeout: Duration,
+    stop: Option<&openshell_vm::launch::StopSignals>,
 ) -> Result<Duration, VmError> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io_err(Path::new("tokio")))?;
     let deadline = Instant::now() + timeout;
@@ -427,6 +431,11 @@ pub fn wait_ready(
     let mut listening = false;
     let mut crash = timeline::CrashWatch::default();
     loop {
+        // A stop asked for during the boot (a restart's, where the supervisor listens) ends it now
+        // rather than once it is ready, or after the whole ready timeout if it never will be.
+        if let Some(signal) = stop.and_then(|s| s.take()) {
+            return Err(VmError::StopRequested(signal));
+        }
         // A guest that panicked is done whether or not its VMM has exited yet: say why at once.
         let new = console.read_new();
         if let Some(cause) = crash.feed(&new) {

@@ -28,6 +28,10 @@ pub struct Status {
     /// The restart the supervisor is waiting to boot (`--restart on-failure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarting: Option<Restarting>,
+    /// With [`Self::failure`]: the supervisor had restarted the instance this many times, its
+    /// limit, and gave up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gave_up_after_restarts: Option<u32>,
     /// Records a dead supervisor left (pids of processes it no longer owns); `vm stop` clears them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stale: Vec<String>,
@@ -88,6 +92,7 @@ impl GatewayInstance {
             vm_pid: meta.as_ref().and_then(|m| m.vm_pid).filter(|_| running),
             failure: meta.as_ref().and_then(|m| m.failure).filter(|_| !running || restarting.is_some()),
             restarting,
+            gave_up_after_restarts: meta.as_ref().and_then(|m| m.gave_up_after_restarts).filter(|_| !running),
             health,
             mtls_dir: self.mtls_dir(),
             stale,

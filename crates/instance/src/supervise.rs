@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::gateway::{self, GatewayInstance, Metadata};
 use openshell_vm::launch::StopSignals;
 use openshell_vm::procfs;
-use openshell_vm::{NetMode, RunningVm, VmConfig, VmError, VmExit, VmmChoice};
+use openshell_vm::{HostStop, NetMode, RunningVm, VmConfig, VmError, VmExit, VmmChoice};
 
 /// A gateway VM that answered its mTLS health check. Dropping it stops the VM and passt and
 /// releases the instance lock.
@@ -319,7 +319,7 @@ fn boot(
     // After recovery: a leftover passt of a dead supervisor must not read as "port in use".
     let preflight = crate::check::preflight(cfg, verification)?;
     let digests = (digests.0.to_owned(), digests.1.to_owned());
-    let (vm, endpoint, ready) = start(inst, cfg, &preflight.plan, &digests, ready_timeout)?;
+    let (vm, endpoint, ready) = start(inst, cfg, &preflight.plan, &digests, ready_timeout, None)?;
     Ok(Supervised {
         vm,
         endpoint,
@@ -342,13 +342,14 @@ fn start(
     plan: &openshell_vm::Plan,
     digests: &(String, String),
     ready_timeout: Duration,
+    stop: Option<&StopSignals>,
 ) -> Result<(RunningVm, String, Duration), VmError> {
     let port =
         cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
     let endpoint = format!("127.0.0.1:{port}");
     let mut vm = openshell_vm::launch(cfg, plan)?;
     let bundle = inst.client_bundle()?;
-    let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout)?;
+    let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout, stop)?;
     inst.write_metadata(&Metadata {
         name: inst.name.clone(),
         endpoint: endpoint.clone(),
@@ -365,6 +366,7 @@ fn start(
         console_log: Some(vm.console.clone()),
         failure: None,
         restarting: None,
+        gave_up_after_restarts: None,
     })?;
     Ok((vm, endpoint, ready))
 }
@@ -378,7 +380,7 @@ impl Supervised {
     /// restarts run out; the result is how the last run ended.
     pub fn wait(&mut self, sink: Option<&mut dyn std::io::Write>, restart: Restart) -> Result<VmExit, VmError> {
         // Covers the backoff and the reboot too, where `RunningVm::wait` does not listen: a
-        // `vm stop` then ends the supervisor once the pause or the boot is over.
+        // `vm stop` then ends the supervisor at once, cutting the pause or abandoning the boot.
         let signals = StopSignals::register();
         self.wait_restarting(sink, restart, &signals)
     }
@@ -395,7 +397,7 @@ impl Supervised {
             // A signal that came during a restart's boot, before `RunningVm::wait` listened.
             if let Some(signal) = signals.take() {
                 self.vm.stop();
-                return Ok(VmExit::Stopped { signal });
+                return Ok(VmExit::Stopped { signal, how: HostStop::NoGuest });
             }
             let exit = self.vm.wait(sink.as_mut().map(|s| &mut **s as &mut dyn std::io::Write), None)?;
             let Some((child, how)) = exit.failure() else { return Ok(exit) };
@@ -406,28 +408,39 @@ impl Supervised {
                 Restart::OnFailure { max, backoff } if restarts < max => (max, backoff),
                 Restart::OnFailure { max, .. } => {
                     tracing::warn!("{failure}; gave up after {max} restarts");
-                    self.record(failure, None)?;
+                    self.record(failure, None, Some(max))?;
                     return Ok(exit);
                 }
                 Restart::No => {
-                    self.record(failure, None)?;
+                    self.record(failure, None, None)?;
                     return Ok(exit);
                 }
             };
             restarts += 1;
             let pause = backoff * 2u32.saturating_pow(restarts - 1);
             let boot_at_unix = gateway::now_unix() + pause.as_secs();
-            self.record(failure, Some(gateway::Restarting { attempt: restarts, max, boot_at_unix }))?;
+            self.record(failure, Some(gateway::Restarting { attempt: restarts, max, boot_at_unix }), None)?;
             tracing::warn!("restart {restarts}/{max} after {failure}: booting again in {:.1}s", pause.as_secs_f64());
             let until = std::time::Instant::now() + pause;
             while std::time::Instant::now() < until {
                 if let Some(signal) = signals.take() {
-                    return Ok(VmExit::Stopped { signal });
+                    tracing::warn!("restart {restarts}/{max}: stopped by signal {signal} during the backoff");
+                    return Ok(VmExit::Stopped { signal, how: HostStop::NoGuest });
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let (vm, endpoint, ready) =
-                start(&self.inst, &self.cfg, &self.preflight.plan, &self.digests, self.ready_timeout)?;
+            let booted =
+                start(&self.inst, &self.cfg, &self.preflight.plan, &self.digests, self.ready_timeout, Some(signals));
+            let (vm, endpoint, ready) = match booted {
+                // `start` dropped the half-booted VM, which stops it and its network.
+                Err(VmError::StopRequested(signal)) => {
+                    tracing::warn!(
+                        "restart {restarts}/{max}: stopped by signal {signal} during its boot, which was abandoned"
+                    );
+                    return Ok(VmExit::Stopped { signal, how: HostStop::NoGuest });
+                }
+                booted => booted?,
+            };
             (self.vm, self.endpoint, self.ready) = (vm, endpoint, ready);
             tracing::warn!(
                 "restart {restarts}/{max}: SERVING again at {} after {:.2}s",
@@ -441,10 +454,16 @@ impl Supervised {
     /// supervisor stopped them all before calling this), and its own unless it stays for the
     /// `restarting` it schedules (a `vm stop` during the backoff finds it there; `vm status` says
     /// when it boots again).
-    fn record(&self, failure: gateway::Failure, restarting: Option<gateway::Restarting>) -> Result<(), VmError> {
+    fn record(
+        &self,
+        failure: gateway::Failure,
+        restarting: Option<gateway::Restarting>,
+        gave_up_after_restarts: Option<u32>,
+    ) -> Result<(), VmError> {
         let Some(mut meta) = self.inst.read_metadata() else { return Ok(()) };
         meta.failure = Some(failure);
         meta.restarting = restarting;
+        meta.gave_up_after_restarts = gave_up_after_restarts;
         (meta.vm_pid, meta.passt_pid, meta.gvproxy_pid) = (None, None, None);
         if restarting.is_none() {
             meta.supervisor_pid = None;
@@ -582,6 +601,7 @@ mod tests {
             console_log: None,
             failure: None,
             restarting: None,
+            gave_up_after_restarts: None,
         }
     }
 

@@ -617,6 +617,7 @@ mod tests {
                 console_log: None,
                 failure: None,
                 restarting: None,
+                gave_up_after_restarts: None,
             },
             port: 30051,
             locked: true,

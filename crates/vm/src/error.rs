@@ -41,6 +41,9 @@ pub enum VmError {
     Refused(String),
     #[error("the gateway did not become ready: {0}")]
     NotReady(String),
+    /// A stop signal came while waiting for the gateway to be ready; the boot was abandoned.
+    #[error("stopped by signal {0} before the gateway was ready")]
+    StopRequested(i32),
     #[error("the guest was still running after {secs}s; console log: {console}")]
     Timeout { secs: u64, console: PathBuf },
     #[error("the guest capability checker did not report: {0}")]

@@ -21,6 +21,12 @@ const PT_LOAD: u32 = 1;
 /// The arm64 `Image` header: 64 bytes, "ARM\x64" at offset 56 (Documentation/arch/arm64/booting.rst).
 const ARM64_IMAGE_MAGIC: &[u8; 4] = b"ARM\x64";
 
+/// What [`check`] says of the other arch's kernel.
+const ARM64_GIVEN_TO_X86_64: &str = "this is an arm64 kernel (a flat `Image`); the x86_64 guest needs an x86_64 \
+    ELF `vmlinux` (boot this one with `--arch aarch64`)";
+const X86_64_GIVEN_TO_ARM64: &str = "this is an x86_64 kernel (an ELF `vmlinux`); the arm64 guest needs an arm64 \
+    flat `Image` (`cargo xtask kernel --arch aarch64`)";
+
 /// Checks that `path` is a boot image of `arch` and not cut short; the error names the file, what
 /// was found and how to get a good one.
 pub fn check(path: &Path, arch: Arch) -> Result<(), VmError> {
@@ -29,10 +35,16 @@ pub fn check(path: &Path, arch: Arch) -> Result<(), VmError> {
     let size = std::fs::metadata(path).map_err(io)?.len();
     let mut head = Vec::with_capacity(ELF_HEADER_LEN);
     std::fs::File::open(path).map_err(io)?.take(ELF_HEADER_LEN as u64).read_to_end(&mut head).map_err(io)?;
+    // The other arch's kernel, named as such: the likeliest mix-up (a store entry or `--arch` of
+    // the other guest), which "not an ELF file" or "machine 62" would leave to the reader.
+    let arm64_image = head.get(56..60).is_some_and(|m| m == ARM64_IMAGE_MAGIC);
+    let x86_64_elf = head.starts_with(ELF_MAGIC) && head.get(18..20) == Some(&EM_X86_64.to_le_bytes()[..]);
     match arch {
+        Arch::X86_64 if arm64_image => Err(bad(ARM64_GIVEN_TO_X86_64.into())),
         Arch::X86_64 => check_elf(path, &head, size, EM_X86_64).map_err(bad),
         Arch::Aarch64 => match head.get(56..60) {
             Some(m) if m == ARM64_IMAGE_MAGIC => Ok(()),
+            _ if x86_64_elf => Err(bad(X86_64_GIVEN_TO_ARM64.into())),
             _ if head.starts_with(ELF_MAGIC) => {
                 Err(bad("it is an ELF file, but an arm64 guest boots the flat `Image`, not `vmlinux`".into()))
             }
@@ -151,5 +163,16 @@ mod tests {
         let err = check_bytes(&elf(EM_AARCH64, 0x1000, 0x2000), Arch::Aarch64).unwrap_err();
         assert!(err.contains("flat `Image`"), "{err}");
         assert!(check_bytes(&image[..40], Arch::Aarch64).unwrap_err().contains("no arm64 Image header"));
+    }
+
+    #[test]
+    fn the_other_archs_kernel_is_named_as_such() {
+        let err = check_bytes(&minimal_image(Arch::Aarch64), Arch::X86_64).unwrap_err();
+        assert!(err.contains("this is an arm64 kernel") && err.contains("the x86_64 guest needs"), "{err}");
+        let err = check_bytes(&minimal_image(Arch::X86_64), Arch::Aarch64).unwrap_err();
+        assert!(err.contains("this is an x86_64 kernel") && err.contains("the arm64 guest needs"), "{err}");
+        // An arm64 ELF `vmlinux` is told to boot the `Image` instead, not taken for x86_64.
+        let err = check_bytes(&elf(EM_AARCH64, 0x1000, 0x2000), Arch::Aarch64).unwrap_err();
+        assert!(err.contains("flat `Image`") && !err.contains("x86_64 kernel"), "{err}");
     }
 }

@@ -38,9 +38,9 @@ const VMM_EXIT_AFTER_NET: Duration = Duration::from_millis(500);
 pub enum VmExit {
     /// The guest's init reported the workload's exit status through the share.
     Guest(i32),
-    /// This process got `signal`, asked the guest to stop, and the guest did not report an exit
-    /// status within its grace, so the VMM was stopped. The code is the host's own, 128 + signal.
-    Stopped { signal: i32 },
+    /// This process got `signal` and ended the run without the guest's exit status (`how` says
+    /// what happened). The code is the host's own, 128 + signal.
+    Stopped { signal: i32, how: HostStop },
     /// The VMM process was killed by `signal` from outside (not by us); the guest reported nothing.
     VmmKilled { signal: i32 },
     /// The network helper (passt or gvproxy) ended while the VM ran, so the guest could no longer
@@ -48,12 +48,52 @@ pub enum VmExit {
     NetworkDied { helper: Child, how: Ended },
 }
 
+/// How a run that this process was asked to end ended without the guest's exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostStop {
+    /// The guest was asked to stop and had not reported `waited` later, past its grace, so the
+    /// VMM was stopped.
+    GraceOver { waited: Duration },
+    /// A second signal came `waited` after the guest was asked to stop, before it reported, so
+    /// the VMM was stopped at once.
+    SecondSignal { waited: Duration },
+    /// The VMM exited by itself `waited` after the guest was asked to stop, with no exit status
+    /// in the share.
+    Unreported { waited: Duration },
+    /// No guest was running to ask: the signal came during a restart's backoff or boot.
+    NoGuest,
+}
+
+impl std::fmt::Display for HostStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostStop::GraceOver { waited } => write!(
+                f,
+                "the guest reported no exit code within {:.1}s of being asked to stop (its grace is {}s), so the VMM was stopped",
+                waited.as_secs_f64(),
+                GUEST_STOP_GRACE.as_secs()
+            ),
+            HostStop::SecondSignal { waited } => write!(
+                f,
+                "a second signal came {:.1}s after the guest was asked to stop, before it reported an exit code, so the VMM was stopped",
+                waited.as_secs_f64()
+            ),
+            HostStop::Unreported { waited } => write!(
+                f,
+                "the VMM exited {:.1}s after the guest was asked to stop, without the guest's exit code",
+                waited.as_secs_f64()
+            ),
+            HostStop::NoGuest => write!(f, "it came between boots (a restart's backoff or boot), so no guest was asked"),
+        }
+    }
+}
+
 impl VmExit {
     /// The process exit code a shell would report for this run.
     pub fn code(self) -> i32 {
         match self {
             VmExit::Guest(code) => code,
-            VmExit::Stopped { signal } | VmExit::VmmKilled { signal } => 128 + signal,
+            VmExit::Stopped { signal, .. } | VmExit::VmmKilled { signal } => 128 + signal,
             VmExit::NetworkDied { how: Ended::Signal(signal), .. } => 128 + signal,
             // A helper that exited 0 still failed the run: the guest lost its network.
             VmExit::NetworkDied { how: Ended::ExitCode(code), .. } => code.max(1),
@@ -75,14 +115,15 @@ impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmExit::Guest(code) => write!(f, "the guest reported exit code {code}"),
-            VmExit::Stopped { signal } => write!(
-                f,
-                "stopped after signal {signal}: the guest reported no exit code within {}s, so the VMM was stopped (exit code {} is the host's)",
-                GUEST_STOP_GRACE.as_secs(),
-                128 + signal
-            ),
+            VmExit::Stopped { signal, how } => {
+                write!(f, "stopped after signal {signal}: {how} (exit code {} is the host's)", 128 + signal)
+            }
             VmExit::VmmKilled { signal } => {
-                write!(f, "the VMM was killed by signal {signal}; the guest reported no exit code (exit code {})", 128 + signal)
+                write!(
+                    f,
+                    "the VMM was killed by signal {signal}; the guest reported no exit code (exit code {})",
+                    128 + signal
+                )
             }
             VmExit::NetworkDied { helper, how } => {
                 write!(f, "{helper} exited ({how}) while the VM ran, so the VM was stopped (exit code {})", self.code())
@@ -377,8 +418,8 @@ impl RunningVm {
         let signals = StopSignals::register();
         let mut console = Tail::new(&self.console);
         let mut crash = crate::timeline::CrashWatch::default();
-        // (signal, when the guest was asked to stop, whether the VMM was signalled)
-        let mut stopping: Option<(i32, Instant, bool)> = None;
+        // (signal, when the guest was asked to stop, why the VMM was signalled if it was)
+        let mut stopping: Option<(i32, Instant, Option<HostStop>)> = None;
         let result = 'watch: loop {
             if let Some(cause) = crash.feed(&console.drain(&mut sink)) {
                 break Err(self.crashed(cause));
@@ -389,14 +430,15 @@ impl RunningVm {
                 (None, sig) => {
                     tracing::info!(signal = sig, "asking the guest to stop");
                     self.request_guest_stop();
-                    stopping = Some((sig, Instant::now(), false));
+                    stopping = Some((sig, Instant::now(), None));
                 }
-                (Some((_, asked, vmm_signalled)), again)
-                    if !*vmm_signalled && (again != 0 || asked.elapsed() > GUEST_STOP_GRACE) =>
-                {
-                    tracing::info!("the guest did not stop in time (or a second signal came): stopping the VMM");
+                (Some((_, asked, why @ None)), again) if again != 0 || asked.elapsed() > GUEST_STOP_GRACE => {
+                    let waited = asked.elapsed();
+                    let how =
+                        if again != 0 { HostStop::SecondSignal { waited } } else { HostStop::GraceOver { waited } };
+                    tracing::info!(%how, "stopping the VMM");
                     self.signal(nix::sys::signal::Signal::SIGTERM);
-                    *vmm_signalled = true;
+                    *why = Some(how);
                 }
                 _ => {}
             }
@@ -410,7 +452,11 @@ impl RunningVm {
                     self.child = None;
                     self.console_complete();
                     console.drain(&mut sink);
-                    break self.exit_code(status, stopping.map(|(sig, _, _)| sig));
+                    let stopped = stopping.map(|(signal, asked, why)| VmExit::Stopped {
+                        signal,
+                        how: why.unwrap_or(HostStop::Unreported { waited: asked.elapsed() }),
+                    });
+                    break self.exit_code(status, stopped);
                 }
                 Ok(None) if net_ended.is_some() => {
                     // A VMM shutting down closes its end of the link before it exits, and passt
@@ -443,13 +489,14 @@ impl RunningVm {
     }
 
     /// The guest's own report wins; without one, the code says who ended the run.
-    fn exit_code(&mut self, status: std::process::ExitStatus, stop_signal: Option<i32>) -> Result<VmExit, VmError> {
+    /// `stopped`: what the run was if this process had been asked to end it.
+    fn exit_code(&mut self, status: std::process::ExitStatus, stopped: Option<VmExit>) -> Result<VmExit, VmError> {
         let path = self.share.join(EXIT_CODE_FILE);
         if let Some(code) = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()) {
             return Ok(VmExit::Guest(code));
         }
-        match (stop_signal, status.signal()) {
-            (Some(signal), _) => Ok(VmExit::Stopped { signal }),
+        match (stopped, status.signal()) {
+            (Some(stopped), _) => Ok(stopped),
             (None, Some(signal)) => Ok(VmExit::VmmKilled { signal }),
             (None, None) => {
                 let console = fs::read_to_string(&self.console).unwrap_or_default();
@@ -666,5 +713,22 @@ mod tests {
         fs::write(&exit, "0\n").unwrap();
         w.finish();
         assert_eq!(facts(&ledger)[3]["evidence"], "init's exit-code file in the share");
+    }
+
+    /// Each way the host ends a run it was asked to end says what happened and the time it took,
+    /// not a fixed "within 10s".
+    #[test]
+    fn a_host_stop_says_how_and_after_how_long() {
+        let stopped = |how| VmExit::Stopped { signal: 2, how }.to_string();
+        let grace = stopped(HostStop::GraceOver { waited: Duration::from_millis(10_040) });
+        assert!(grace.contains("no exit code within 10.0s") && grace.contains("its grace is 10s"), "{grace}");
+        let second = stopped(HostStop::SecondSignal { waited: Duration::from_millis(1_260) });
+        assert!(second.contains("a second signal came 1.3s after"), "{second}");
+        let unasked = stopped(HostStop::Unreported { waited: Duration::from_millis(400) });
+        assert!(unasked.contains("the VMM exited 0.4s after"), "{unasked}");
+        for s in [grace, second, unasked, stopped(HostStop::NoGuest)] {
+            assert!(s.starts_with("stopped after signal 2: ") && s.ends_with("(exit code 130 is the host's)"), "{s}");
+        }
+        assert_eq!(VmExit::Stopped { signal: 15, how: HostStop::NoGuest }.code(), 143);
     }
 }

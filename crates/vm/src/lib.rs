@@ -24,6 +24,6 @@ pub use backend::Backend;
 pub use config::{DirShare, VmConfig, VmmChoice};
 pub use error::VmError;
 pub use host::HostFacts;
-pub use launch::{launch, Child, Ended, RunningVm, Stopped, VmExit, LEDGER_ENV};
+pub use launch::{launch, Child, Ended, HostStop, RunningVm, Stopped, VmExit, LEDGER_ENV};
 pub use net::{NetMode, PortMap};
 pub use plan::{plan, plan_for, KrunPlace, Need, Plan};

@@ -112,7 +112,9 @@ impl ForwardArgs {
         if self.json {
             let doc = serde_json::json!({
                 "round_trips": self.round_trips, "rtt_us": {"p50": p50, "p99": p99, "max": max},
-                "sink_bytes": total, "sink_seconds": secs, "sink_mib_per_s": mib_s,
+                // The guest's own count beside what was sent (equal, or the bench failed above).
+                "sink_bytes_sent": total, "sink_bytes_counted": counted,
+                "sink_seconds": secs, "sink_mib_per_s": mib_s,
             });
             println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {

@@ -375,6 +375,7 @@ mod tests {
             console_log: None,
             failure: None,
             restarting: None,
+            gave_up_after_restarts: None,
         };
         inst.write_metadata(&meta).unwrap();
         fs::write(inst.dir.join(".metadata.json.tmp"), "{}").unwrap();

@@ -30,9 +30,74 @@ pub fn trials(required: &[String]) -> Vec<Trial> {
     };
     let must_run = required.iter().any(|b| b == "qemu");
     let name = "qemu::aarch64::exec_exit_code_and_arch".to_owned();
-    vec![crate::trials::trial(name, "qemu", cannot, must_run, move |dir| {
-        exec_exit_code_and_arch(&artifacts.map_err(Failed::from)?, dir)
-    })]
+    let foreign = artifacts.clone();
+    vec![
+        crate::trials::trial(name, "qemu", cannot.clone(), must_run, move |dir| {
+            exec_exit_code_and_arch(&artifacts.map_err(Failed::from)?, dir)
+        }),
+        // Boots nothing, but needs both arches' kernels as the store holds them: the host's
+        // (x86_64, the only host arch that builds the other's here) and the arm64 one.
+        crate::trials::trial(
+            "qemu::aarch64::foreign_arch_kernel_is_refused_before_boot".to_owned(),
+            "qemu",
+            match Arch::host() {
+                Arch::X86_64 => cannot,
+                other => {
+                    Some(format!("the host is {other}: this trial gives an x86_64 host's kernel to the arm64 guest"))
+                }
+            },
+            must_run,
+            move |dir| foreign_arch_kernel_is_refused(&foreign.map_err(Failed::from)?, &support::artifacts()?, dir),
+        ),
+    ]
+}
+
+/// Each arch's real kernel, from the store, given to the other arch's guest (`--vmm qemu`, the
+/// host's arch and the arm64 one): refused before any VMM starts, with an error that names the
+/// file and says which arch the kernel is for and which the guest needs; no console, no VMM log.
+fn foreign_arch_kernel_is_refused(arm: &Artifacts, host: &Artifacts, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_refusal_before_boot();
+    let cases = [
+        (
+            "arm64 Image for the x86_64 guest",
+            &arm.kernel,
+            Arch::X86_64,
+            &host.rootfs,
+            "this is an arm64 kernel",
+            "the x86_64 guest needs",
+        ),
+        (
+            "x86_64 vmlinux for the arm64 guest",
+            &host.kernel,
+            Arch::Aarch64,
+            &arm.rootfs,
+            "this is an x86_64 kernel",
+            "the arm64 guest needs",
+        ),
+    ];
+    for (case, kernel, arch, rootfs, is, needs) in cases {
+        let mut cfg = support::config(host, &dir, VmmChoice::Qemu, &["/bin/true"]);
+        cfg.state_dir = dir.path().join(format!("state-{arch}"));
+        (cfg.kernel, cfg.rootfs, cfg.arch) = (kernel.clone(), rootfs.clone(), arch);
+        // The user's path: the preflight with verification required, then the launch.
+        let msg =
+            match openshell_instance::check::launch_checked(&cfg, openshell_instance::check::Verification::Required) {
+                Ok((vm, _)) => {
+                    drop(vm);
+                    return Err(dir.fail(format!("{case}: the VM was started")));
+                }
+                Err(e) => e.to_string(),
+            };
+        println!("{case}: {msg}");
+        let named = kernel.display().to_string();
+        if let Some(w) = [named.as_str(), is, needs].iter().find(|w| !msg.contains(**w)) {
+            return Err(dir.fail(format!("{case}: the error does not say {w:?}:\n{msg}")));
+        }
+        if let Some(f) = ["vmm.log", "console.log"].iter().find(|f| cfg.state_dir.join(f).exists()) {
+            return Err(dir.fail(format!("{case}: {f} exists: a VMM was started before the refusal")));
+        }
+    }
+    Ok(())
 }
 
 /// `uname -m` in the guest says aarch64 (the kernel that booted is the arm64 one, not a fallback)

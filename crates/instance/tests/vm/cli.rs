@@ -41,6 +41,16 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::kernel_json_is_the_provenance", kernel_json_is_the_provenance),
     ("cli::bench_boot_json", bench_boot_json),
     ("cli::bench_boots_pass_the_preflight_like_vm_run", bench_boots_pass_the_preflight_like_vm_run),
+    ("cli::exec_exit_code_and_the_kept_state_dir", exec_exit_code_and_the_kept_state_dir),
+    ("cli::exec_ctrl_c_grace_and_second_ctrl_c", exec_ctrl_c_grace_and_second_ctrl_c),
+    ("cli::restart_on_failure_gives_up_after_5", restart_on_failure_gives_up_after_5),
+    ("cli::stop_during_a_restarts_boot_abandons_it", stop_during_a_restarts_boot_abandons_it),
+    ("cli::bench_exec_json", bench_exec_json),
+    ("cli::bench_load_json", bench_load_json),
+    ("cli::bench_forward_json", bench_forward_json),
+    ("cli::bench_soak_json", bench_soak_json),
+    ("cli::bench_compare_json", bench_compare_json),
+    ("cli::bench_memory_json", bench_memory_json),
 ];
 
 /// Bound on one xtask command, to fail a wedged one rather than hang: `vm run --detach` itself
@@ -1017,16 +1027,19 @@ fn restart_in(cli: &Cli) -> Result<(), String> {
     let (_, sup, vm, passt) = recorded_pids(&inst)?;
     kill9(passt)?;
     let log_path = inst.dir.join("supervisor.log");
-    // The pause the supervisor says is the one this trial asked for.
-    // (The failure's time of day sits between the cause and the pause.)
-    let restart_2 = [
+    // The pause the supervisor says is the one this trial asked for, on the line of the cause
+    // ("restart 2/5 after passt exited (signal 9) at HH:MM:SS UTC: booting again in 40.0s").
+    let (cause, pause) = (
         "restart 2/5 after passt exited (signal 9) at ",
-        &format!("UTC: booting again in {:.1}s", (2 * RESTART_BACKOFF).as_secs_f64()),
-    ];
+        format!(": booting again in {:.1}s", (2 * RESTART_BACKOFF).as_secs_f64()),
+    );
     wait_until(NOTICE_LIMIT, "the supervisor logged restart 2", || {
         let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
-        let logged = log.lines().any(|l| restart_2.iter().all(|part| l.contains(part)));
-        Ok(if logged { Ok(()) } else { Err(support::tail(&log, 5)) })
+        Ok(if log.lines().any(|l| l.contains(cause) && l.ends_with(&pause)) {
+            Ok(())
+        } else {
+            Err(support::tail(&log, 5))
+        })
     })?;
     // During the backoff, status says so rather than "running" with no VM.
     let st = cli.run(&["vm", "status", "--name", name])?;
@@ -1479,4 +1492,507 @@ fn bench_preflight_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
         return Err(format!("the refused bench left processes running: {left:?}"));
     }
     Ok(())
+}
+
+/// The `openshell-vm-*` temporary state directories `vm run --exec` made under the trial's TMPDIR.
+fn exec_temp_dirs(cli: &Cli) -> Vec<PathBuf> {
+    std::fs::read_dir(cli.dir.join("tmp"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("openshell-vm-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+fn exec_exit_code_and_the_kept_state_dir(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| exec_exit_code_in(cli))
+}
+
+/// `vm run --exec` as the README shows it: the guest command's exit code (3) is the process's,
+/// its output is on stdout, and the temporary state directory is gone after. A guest that ends
+/// without reporting a code (`reboot -f` bypasses init) is an error that keeps that directory and
+/// names it, with the console inside.
+fn exec_exit_code_in(cli: &Cli) -> Result<(), String> {
+    let r = cli.run(&[
+        "vm",
+        "run",
+        "--vmm",
+        cli.vmm,
+        "--exec",
+        "/bin/sh",
+        "--",
+        "-c",
+        "echo hello from $(uname -r); exit 3",
+    ])?;
+    if r.code != Some(3)
+        || !r.stdout.lines().any(|l| l.trim().starts_with("hello from 6."))
+        || !r.stderr.contains("the guest reported exit code 3")
+    {
+        return Err(format!("`vm run --exec` must exit with the guest's 3 and show its output:\n{}", r.show()));
+    }
+    let left = exec_temp_dirs(cli);
+    if !left.is_empty() {
+        return Err(format!("a successful --exec run left its temporary state directory: {left:?}"));
+    }
+
+    let r = cli.run(&["vm", "run", "--vmm", cli.vmm, "--net", "none", "--exec", "/bin/sh", "--", "-c", "reboot -f"])?;
+    let kept = exec_temp_dirs(cli);
+    // "(state directory kept for inspection: PATH)"
+    let named = r
+        .stderr
+        .split_once("state directory kept for inspection: ")
+        .and_then(|(_, p)| p.split_once(')'))
+        .map(|(p, _)| PathBuf::from(p));
+    let ok = r.code == Some(1)
+        && r.stderr.contains("the guest ended without reporting an exit code")
+        && kept.len() == 1
+        && named.as_ref() == kept.first()
+        && kept[0].join("console.log").is_file();
+    if !ok {
+        return Err(format!(
+            "a guest that reports no exit code must fail (exit 1) naming its kept state directory (found {kept:?}), \
+             which holds the console:\n{}",
+            r.show()
+        ));
+    }
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("left running after the --exec runs: {left:?}"));
+    }
+    Ok(())
+}
+
+fn exec_ctrl_c_grace_and_second_ctrl_c(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| exec_ctrl_c_in(cli))
+}
+
+/// The workload of [`exec_ctrl_c_in`]: it unmounts the share (lazily, so init keeps running) and
+/// ignores SIGTERM, so neither init nor the workload can answer the host's stop request and only
+/// the host's own grace or a second Ctrl-C can end the run.
+const DEAF_WORKLOAD: &str = "umount -l /run/openshell; trap '' TERM INT; echo workload-deaf; while :; do sleep 1; done";
+
+/// `vm run --exec` stopped by Ctrl-C (SIGINT to its process group, as a terminal sends it) when
+/// the guest cannot answer: (1) one Ctrl-C, and the host stops the VMM once its grace is over;
+/// (2) a second Ctrl-C after the stop request was made, and the host stops it then. Each exits
+/// 130 (128 + SIGINT, the host's own code) and its last line says which, with the time it waited;
+/// nothing is left running.
+fn exec_ctrl_c_in(cli: &Cli) -> Result<(), String> {
+    for second in [false, true] {
+        let args = ["vm", "run", "--vmm", cli.vmm, "--net", "none", "--exec", "/bin/sh", "--", "-c", DEAF_WORKLOAD];
+        let mut cmd = cli.command(&args);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut run = cli.spawn_with(cmd, &args)?;
+        run.wait_for(support::GUEST_TIMEOUT, |out, _| out.contains("workload-deaf"))?;
+        let group = nix::unistd::Pid::from_raw(run.child.0.id() as i32);
+        let asked = Instant::now();
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT);
+        if second {
+            // Once the host has asked the guest to stop (its request is in the share), Ctrl-C again.
+            wait_until(NOTICE_LIMIT, "the host wrote its stop request into the share", || {
+                Ok(match exec_temp_dirs(cli).iter().any(|d| d.join("share/stop-request").is_file()) {
+                    true => Ok(()),
+                    false => Err(format!("no share/stop-request under {:?}", exec_temp_dirs(cli))),
+                })
+            })?;
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT);
+        }
+        let ran = run.wait(Duration::from_secs(120))?;
+        let took = asked.elapsed();
+        let last = ran.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default().to_owned();
+        let says = if second { "a second signal came " } else { "the guest reported no exit code within " };
+        // The figure the line gives: how long the host waited after asking the guest to stop.
+        let waited: Option<f64> = last.split_once(says).and_then(|(_, r)| r.split_once('s')?.0.parse().ok());
+        let grace = 10.0;
+        let ok = ran.code == Some(130)
+            && last.starts_with("vm: stopped after signal 2: ")
+            && last.contains("(exit code 130 is the host's)")
+            // The grace is a lower bound, which holds however slow the host: the host waited it out
+            // before stopping the VMM. The second Ctrl-C must not have waited for it.
+            && waited.is_some_and(|w| if second { w < grace } else { w >= grace && took.as_secs_f64() >= grace });
+        if !ok {
+            return Err(format!(
+                "`vm run --exec` with a guest deaf to the stop request, {}, must exit 130 saying {says:?} and how long \
+                 it waited (the last line says {waited:?} s; {:.1} s passed here):\n{}",
+                if second { "then a second Ctrl-C" } else { "after one Ctrl-C" },
+                took.as_secs_f64(),
+                ran.show()
+            ));
+        }
+        support::note(format!(
+            "--exec Ctrl-C{}: exit 130 after {:.1} s: {last}",
+            if second { " twice" } else { " once" },
+            took.as_secs_f64()
+        ));
+    }
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("left running after the stopped --exec runs: {left:?}"));
+    }
+    Ok(())
+}
+
+/// Restarts `--restart on-failure` makes before it gives up (`supervise::Restart::ON_FAILURE`).
+const MAX_RESTARTS: u32 = 5;
+
+fn restart_on_failure_gives_up_after_5(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| gives_up_in(cli))
+}
+
+/// Waits until restart number `restart` is SERVING: the supervisor `sup` has recorded a VMM and
+/// passt other than `vm` and `passt` and logged it (it logs after recording); fails if the
+/// supervisor exits meanwhile.
+fn wait_for_reboot(inst: &GatewayInstance, restart: u32, sup: u32, vm: u32, passt: u32) -> Result<(u32, u32), String> {
+    let mut got = (0, 0);
+    let logged = format!("restart {restart}/{MAX_RESTARTS}: SERVING again");
+    wait_until(Duration::from_secs(180), &format!("restart {restart} booted the gateway again"), || {
+        if !procfs::process(sup).alive {
+            return Err(format!("the supervisor {sup} exited instead of restarting"));
+        }
+        let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).unwrap_or_default();
+        Ok(match recorded_pids(inst) {
+            Ok((_, s, v, p)) if s == sup && v != vm && p != passt && log.contains(&logged) => {
+                got = (v, p);
+                Ok(())
+            }
+            Ok((_, s, v, p)) => Err(format!("supervisor {s}, vm {v}, passt {p}")),
+            Err(e) => Err(e),
+        })
+    })?;
+    Ok(got)
+}
+
+/// passt killed 6 times under `--restart on-failure` (first pause 100 ms): the supervisor boots
+/// the gateway again 5 times, then gives up on the 6th death: it exits, nothing of any boot is
+/// left, and `vm status` says it failed, why, and that it gave up after 5 restarts.
+fn gives_up_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("gives-up", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &["--restart", "on-failure", "--restart-backoff-ms", "100"])?;
+    let (_, sup, mut vm, mut passt) = recorded_pids(&inst)?;
+    let mut pids = vec![(sup, "openshell-supervisor")];
+    for restart in 1..=MAX_RESTARTS {
+        pids.extend([(vm, vmm_program(cli.vmm)), (passt, "passt")]);
+        kill9(passt)?;
+        (vm, passt) = wait_for_reboot(&inst, restart, sup, vm, passt)?;
+    }
+    pids.extend([(vm, vmm_program(cli.vmm)), (passt, "passt")]);
+    kill9(passt)?;
+    wait_until(NOTICE_LIMIT, "the supervisor gave up and nothing of the instance is left", || {
+        let mut left = leftovers(cli, port, &pids);
+        if inst.locked() {
+            left.push("the instance lock is held".into());
+        }
+        Ok(if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) })
+    })?;
+    let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+    let doc = st.json()?;
+    check_status_stopped(&doc, name, port)?;
+    expect_fields(&doc, "status --json after giving up", &[("gave_up_after_restarts", json!(MAX_RESTARTS))])?;
+    expect_fields(
+        field(&doc, "failure")?,
+        "status --json failure",
+        &[("child", json!("passt")), ("signal", json!(9))],
+    )?;
+    if st.code != Some(1) || doc.get("restarting").is_some() {
+        return Err(format!("status after giving up must exit 1 with no restart pending:\n{}", st.show()));
+    }
+    let text = cli.run(&["vm", "status", "--name", name])?;
+    let want = [
+        "failed: passt exited (signal 9) at ",
+        &format!("gave up after {MAX_RESTARTS} restarts"),
+        "nothing left running",
+    ];
+    if text.code != Some(1) || !want.iter().all(|w| text.stdout.contains(w)) {
+        return Err(format!("plain status after giving up must say {want:?}:\n{}", text.show()));
+    }
+    let log = std::fs::read_to_string(inst.dir.join("supervisor.log")).map_err(|e| format!("supervisor.log: {e}"))?;
+    let gave_up = "passt exited (signal 9) at ";
+    if !log.lines().any(|l| l.contains(gave_up) && l.contains(&format!("gave up after {MAX_RESTARTS} restarts")))
+        || log.contains(&format!("restart {}/", MAX_RESTARTS + 1))
+    {
+        return Err(format!(
+            "supervisor.log must end with the cause and `gave up after {MAX_RESTARTS} restarts`, and no restart {}:\n{}",
+            MAX_RESTARTS + 1,
+            support::tail(&log, 20)
+        ));
+    }
+    Ok(())
+}
+
+fn stop_during_a_restarts_boot_abandons_it(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| stop_during_boot_in(cli))
+}
+
+/// The supervisor's children running `program`, other than `not`.
+fn children_running(sup: u32, program: &str, not: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let p = procfs::process(pid);
+            pid != not && p.ppid == Some(sup) && p.program_is_any(&[program])
+        })
+        .collect()
+}
+
+/// `vm stop` while a restart's boot is in progress: the restarted VMM is held (SIGSTOP) as soon
+/// as the supervisor starts it, so the boot cannot finish whatever the host's speed; `vm stop`
+/// must then end the instance without waiting for that boot (which would never be ready): the
+/// supervisor abandons it, stops the held VMM and its passt, and exits; nothing is left, and the
+/// restart never reports SERVING.
+fn stop_during_boot_in(cli: &Cli) -> Result<(), String> {
+    use nix::sys::signal::{kill, Signal};
+    let (name, port) = ("stopped-booting", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    cli.detach(name, port, &["--restart", "on-failure", "--restart-backoff-ms", "100"])?;
+    let (_, sup, mut vm, mut passt) = recorded_pids(&inst)?;
+    let mut pids = vec![(sup, "openshell-supervisor")];
+    let log_path = inst.dir.join("supervisor.log");
+    // The VMM must be held before its gateway is ready. That takes the guest a whole boot, against
+    // one scan of /proc here; should the guest ever win, the restart is SERVING and the next one
+    // is tried (the supervisor allows 5).
+    let mut held = None;
+    for restart in 1..=3 {
+        pids.extend([(vm, vmm_program(cli.vmm)), (passt, "passt")]);
+        kill9(passt)?;
+        let mut new_vm = 0;
+        wait_until(NOTICE_LIMIT, "the supervisor started the restart's VMM", || {
+            if !procfs::process(sup).alive {
+                return Err(format!("the supervisor {sup} exited instead of restarting"));
+            }
+            new_vm = children_running(sup, vmm_program(cli.vmm), vm).first().copied().unwrap_or(0);
+            Ok(if new_vm != 0 { Ok(()) } else { Err("no new VMM child yet".into()) })
+        })?;
+        kill(nix::unistd::Pid::from_raw(new_vm as i32), Signal::SIGSTOP)
+            .map_err(|e| format!("SIGSTOP {new_vm}: {e}"))?;
+        pids.push((new_vm, vmm_program(cli.vmm)));
+        // Ready before it was held: the supervisor records its pids, then logs it.
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let recorded = inst.read_metadata().and_then(|m| m.vm_pid) == Some(new_vm);
+        if !recorded && !log.contains(&format!("restart {restart}/{MAX_RESTARTS}: SERVING again")) {
+            held = Some((restart, new_vm));
+            break;
+        }
+        support::note(format!("restart {restart}'s gateway was ready before its VMM could be held; trying the next"));
+        let _ = kill(nix::unistd::Pid::from_raw(new_vm as i32), Signal::SIGCONT);
+        (vm, passt) = wait_for_reboot(&inst, restart, sup, vm, passt)?;
+    }
+    let Some((restart, held_vm)) = held else {
+        return Err("three restarts in a row were SERVING before their VMM could be held".into());
+    };
+    pids.extend(children_running(sup, "passt", 0).into_iter().map(|p| (p, "passt")));
+    let stop = cli.run(&["vm", "stop", "--name", name])?;
+    if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
+        return Err(format!("vm stop during restart {restart}'s boot (VMM {held_vm} held):\n{}", stop.show()));
+    }
+    let left = leftovers(cli, port, &pids);
+    if !left.is_empty() || inst.locked() || procfs::process(sup).alive {
+        return Err(format!(
+            "left running after vm stop: {left:?} (instance locked: {}, supervisor alive: {})",
+            inst.locked(),
+            procfs::process(sup).alive
+        ));
+    }
+    let log = std::fs::read_to_string(&log_path).map_err(|e| format!("supervisor.log: {e}"))?;
+    let abandoned =
+        format!("restart {restart}/{MAX_RESTARTS}: stopped by signal 15 during its boot, which was abandoned");
+    if !log.contains(&abandoned) || log.contains(&format!("restart {restart}/{MAX_RESTARTS}: SERVING again")) {
+        return Err(format!(
+            "supervisor.log must say {abandoned:?} and no SERVING for it:\n{}",
+            support::tail(&log, 20)
+        ));
+    }
+    Ok(())
+}
+
+/// `cargo xtask bench ARGS --json` through the CLI: its one JSON document, or why not. The bench
+/// boots its own VMs in its own temporary directories, under the trial's TMPDIR.
+fn bench_json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let r = cli.spawn(&all)?.wait(Duration::from_secs(600))?;
+    if r.code != Some(0) {
+        return Err(format!("the bench failed:\n{}", r.show()));
+    }
+    let doc = r.json()?;
+    let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+    if !left.is_empty() {
+        return Err(format!("`xtask {}` left processes running: {left:?}", r.args));
+    }
+    support::note(format!("xtask {}: {doc}", r.args));
+    Ok(doc)
+}
+
+/// A positive, finite number at `path` (`/`-separated keys) in `doc`.
+fn positive(doc: &Value, path: &str) -> Result<f64, String> {
+    let v = path.split('/').fold(doc, |d, k| &d[k]);
+    v.as_f64()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .ok_or_else(|| format!("{path} is {v}, not a positive number, in {doc:#}"))
+}
+
+/// `lo <= hi`, or an error naming both.
+fn ordered(doc: &Value, names: &[&str]) -> Result<(), String> {
+    let values: Vec<f64> = names.iter().map(|n| positive(doc, n)).collect::<Result<_, _>>()?;
+    match values.windows(2).position(|w| w[0] > w[1]) {
+        None => Ok(()),
+        Some(i) => Err(format!("{} ({}) > {} ({}) in {doc:#}", names[i], values[i], names[i + 1], values[i + 1])),
+    }
+}
+
+/// `a` and `b` agree to a part in a million (figures computed from one another).
+fn agrees(what: &str, a: f64, b: f64) -> Result<(), String> {
+    ((a - b).abs() <= 1e-6 * a.abs().max(b.abs())).then_some(()).ok_or_else(|| format!("{what}: {a} vs {b}"))
+}
+
+fn bench_exec_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["exec", "-n", "1", "--vmm", cli.vmm])?;
+        positive(&doc, "first_ms")?;
+        let one = positive(&doc, "wall_ms/median")?;
+        agrees("one run: median = min", one, positive(&doc, "wall_ms/min")?)?;
+        agrees("one run: median = max", one, positive(&doc, "wall_ms/max")?)?;
+        let command = doc["command"].as_str().unwrap_or_default();
+        if doc["wall_ms"]["n"] != json!(1) || !command.ends_with(&format!("vm run --vmm {} --exec /bin/true", cli.vmm))
+        {
+            return Err(format!("bench exec -n 1: want n 1 of `vm run --vmm {} --exec /bin/true`: {doc:#}", cli.vmm));
+        }
+        Ok(())
+    })
+}
+
+fn bench_load_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["load", "--shape", "4x5", "--vmm", cli.vmm])?;
+        let round = match doc.as_array().map(Vec::as_slice) {
+            Some([round]) => round,
+            _ => return Err(format!("bench load with one --shape must report one round: {doc:#}")),
+        };
+        expect_fields(
+            round,
+            "bench load 4x5",
+            &[("clients", json!(4)), ("rpcs_per_client", json!(5)), ("errors", json!(0)), ("rpcs_ok", json!(20))],
+        )?;
+        if round["error_kinds"] != json!([]) {
+            return Err(format!("no errors, but error kinds: {round:#}"));
+        }
+        ordered(round, &["connect_p50_ms", "connect_max_ms"])?;
+        ordered(round, &["rpc_p50_ms", "rpc_p99_ms", "rpc_max_ms"])?;
+        // Rates are counts over their phase's wall.
+        agrees("RPC/s", positive(round, "rpcs_per_s")?, 20.0 / (positive(round, "rpc_phase_ms")? / 1e3))?;
+        agrees(
+            "connections/s",
+            positive(round, "new_connections_per_s")?,
+            4.0 / (positive(round, "connect_phase_ms")? / 1e3),
+        )
+    })
+}
+
+fn bench_forward_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["forward", "--round-trips", "20", "--mib", "2", "--vmm", cli.vmm])?;
+        // What the guest's sink counted is what was sent: 2 MiB.
+        let sent = 2 * 1024 * 1024;
+        expect_fields(
+            &doc,
+            "bench forward",
+            &[("round_trips", json!(20)), ("sink_bytes_sent", json!(sent)), ("sink_bytes_counted", json!(sent))],
+        )?;
+        ordered(&doc, &["rtt_us/p50", "rtt_us/p99", "rtt_us/max"])?;
+        agrees("MiB/s", positive(&doc, "sink_mib_per_s")?, 2.0 / positive(&doc, "sink_seconds")?)
+    })
+}
+
+fn bench_soak_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["soak", "-n", "2", "--vmm", cli.vmm])?;
+        expect_fields(
+            &doc,
+            "bench soak -n 2",
+            &[
+                ("cycles", json!(2)),
+                ("failures", json!(0)),
+                ("first_failure", Value::Null),
+                ("cycles_with_leftovers", json!(0)),
+                ("cleanup", json!("nothing left")),
+            ],
+        )?;
+        let (before, after) = (&doc["before"], &doc["after"]);
+        if after["processes"] != json!([]) || after["listeners"] != json!(0) || after["fds"] != before["fds"] {
+            return Err(format!("bench soak counted leftovers: {doc:#}"));
+        }
+        // A cycle is its detach and its stop, so it takes longer than either.
+        for part in ["detach_ms", "stop_ms"] {
+            ordered(&doc, &[&format!("{part}/min"), &format!("{part}/median"), &format!("{part}/max")])?;
+            ordered(&doc, &[&format!("{part}/median"), "cycle_ms/median"])?;
+        }
+        Ok(())
+    })
+}
+
+fn bench_compare_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        // Ours is `--vmm auto`, which is the trial's backend where this runs (krun::cli is not run).
+        let doc = bench_json(cli, &["compare", "-n", "1"])?;
+        expect_fields(&doc, "bench compare -n 1", &[("rounds", json!(1)), ("naive_qemu_failure", Value::Null)])?;
+        let figures = doc["figures"].as_object().ok_or_else(|| format!("no figures object: {doc:#}"))?;
+        let rows = [
+            "ours cold: VMM start → SERVING",
+            "ours warm: VMM start → SERVING",
+            "container: podman run → SERVING",
+            "ours warm: VMM start → init started",
+            "naive q35 QEMU: start → init started",
+        ];
+        for row in rows {
+            let f = figures.get(row).ok_or_else(|| format!("no {row:?} figure: {doc:#}"))?;
+            let m = positive(f, "median_ms")?;
+            if f["n"] != json!(1)
+                || agrees("", m, positive(f, "min_ms")?).is_err()
+                || agrees("", m, positive(f, "max_ms")?).is_err()
+            {
+                return Err(format!("{row}: one round must give n 1 and median = min = max: {f}"));
+            }
+        }
+        let med = |row: &str| figures[row]["median_ms"].as_f64().unwrap_or(f64::NAN);
+        // Our init line comes before our SERVING, in the same boot.
+        if med(rows[3]) >= med(rows[1]) {
+            return Err(format!("ours warm: init started after SERVING: {doc:#}"));
+        }
+        agrees(
+            "ratio ours/container",
+            positive(&doc, "ratio_ours_warm_serving_over_container")?,
+            med(rows[1]) / med(rows[2]),
+        )?;
+        agrees("ratio ours/naive", positive(&doc, "ratio_ours_init_over_naive_qemu_init")?, med(rows[3]) / med(rows[4]))
+    })
+}
+
+fn bench_memory_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["memory", "--mem", "256", "--vmm", cli.vmm])?;
+        let row = match doc.as_array().map(Vec::as_slice) {
+            Some([row]) => row,
+            _ => return Err(format!("bench memory --mem 256 must report one row: {doc:#}")),
+        };
+        expect_fields(
+            row,
+            "bench memory",
+            &[("mem_mib", json!(256)), ("failed", Value::Null), ("load_errors", json!(0))],
+        )?;
+        positive(row, "ready_ms")?;
+        // The guest touched part of its 256 MiB, which is part of the VMM's RSS; the peak is at
+        // least what was resident when it was read before it.
+        ordered(row, &["guest_touched_mib", "vmm_rss_mib", "vmm_peak_rss_mib"])?;
+        if positive(row, "guest_touched_mib")? > 256.0 {
+            return Err(format!("the guest touched more than its 256 MiB: {row}"));
+        }
+        let (rss, guest) = (positive(row, "vmm_rss_mib")?, positive(row, "guest_touched_mib")?);
+        agrees("VMM overhead = RSS - guest", positive(row, "vmm_overhead_mib")?, rss - guest)
+    })
 }

@@ -475,7 +475,7 @@ fn boot_gateway(
     })?;
     let endpoint = format!("127.0.0.1:{port}");
     let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
-    gateway::wait_ready(&mut vm, &endpoint, &bundle, support::GUEST_TIMEOUT).map_err(|e| e.to_string())?;
+    gateway::wait_ready(&mut vm, &endpoint, &bundle, support::GUEST_TIMEOUT, None).map_err(|e| e.to_string())?;
     Ok((vm, endpoint, inst, digests))
 }
 
