@@ -25,6 +25,11 @@ use crate::plan::Plan;
 use crate::{VmConfig, VmError};
 
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long a SIGKILLed VMM may take to be reaped before [`RunningVm::stop`] gives up on it and
+/// says what its threads are blocked in: a VMM stuck in the kernel (seen inside the nested host,
+/// where the guest's KVM runs on emulated SVM) must not hang its caller, whose own deadline then
+/// passes without a word.
+const REAP_GRACE: Duration = Duration::from_secs(20);
 /// How long a guest asked to stop (through the share) gets to stop its workload and power off
 /// before the VMM itself is stopped: init's own SIGTERM→SIGKILL grace (5 s) plus its power-off.
 const GUEST_STOP_GRACE: Duration = Duration::from_secs(10);
@@ -558,8 +563,21 @@ impl RunningVm {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
-        let _ = child.wait();
-        Stopped::Killed
+        let deadline = Instant::now() + REAP_GRACE;
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return Stopped::Killed;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let threads = crate::procfs::thread_states(self.pid);
+        tracing::error!(
+            pid = self.pid,
+            "the VMM was SIGKILLed but is still not gone after {} s; its threads: {}",
+            REAP_GRACE.as_secs(),
+            if threads.is_empty() { "(unreadable)".to_owned() } else { threads.join("; ") }
+        );
+        Stopped::Unreaped
     }
 }
 
@@ -572,6 +590,9 @@ pub enum Stopped {
     OnSigterm,
     /// It was still there when the grace period ran out, and was SIGKILLed.
     Killed,
+    /// SIGKILLed, and still not reaped after [`REAP_GRACE`]: stuck in the kernel. What its
+    /// threads were blocked in is logged; the process is left to the kernel.
+    Unreaped,
 }
 
 impl Drop for RunningVm {

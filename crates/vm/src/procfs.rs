@@ -61,6 +61,23 @@ pub fn fd_target(pid: u32, fd: i32) -> Option<std::path::PathBuf> {
     fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()
 }
 
+/// Each thread of `pid` as "tid STATE in WCHAN" (`/proc/<pid>/task/*`): where a process that
+/// does not die is blocked. Empty when `/proc/<pid>` cannot be read.
+pub fn thread_states(pid: u32) -> Vec<String> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    let mut tids: Vec<u32> = tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect();
+    tids.sort_unstable();
+    tids.into_iter()
+        .map(|tid| {
+            let dir = format!("/proc/{pid}/task/{tid}");
+            let state = fs::read_to_string(format!("{dir}/stat")).ok().and_then(|s| parse_stat(&s)).map(|(c, _)| c);
+            let wchan = fs::read_to_string(format!("{dir}/wchan")).unwrap_or_default();
+            let wchan = if wchan.is_empty() || wchan == "0" { "-" } else { wchan.trim() };
+            format!("{tid} {} in {wchan}", state.unwrap_or('?'))
+        })
+        .collect()
+}
+
 /// `(state, ppid)` from `/proc/<pid>/stat`. The command name is in parentheses and may itself
 /// contain spaces or parentheses, so the fields are counted from the last `)`.
 fn parse_stat(stat: &str) -> Option<(char, u32)> {
@@ -174,6 +191,22 @@ mod tests {
         assert!(fact("/usr/bin/passt -f -q --fd 3", true).program_is_any(&["passt"]));
         assert!(fact("/usr/bin/qemu-system-x86_64 -M microvm", true).program_is_any(crate::backend::VMM_PROGRAMS));
         assert!(!fact("/usr/bin/passt -f", false).program_is_any(&["passt"]), "a zombie runs nothing");
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(target_os = "linux"),
+        ignore = "reads /proc, which macOS lacks (procfs has no macOS implementation yet; README, macOS)"
+    )]
+    fn thread_states_name_every_thread_of_a_live_process() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let parked = std::thread::spawn(move || rx.recv());
+        let states = thread_states(std::process::id());
+        drop(tx);
+        let _ = parked.join();
+        assert!(states.len() >= 2, "this test's own threads: {states:?}");
+        assert!(states.iter().all(|t| t.contains(" in ")), "{states:?}");
+        assert!(thread_states(u32::MAX).is_empty());
     }
 
     #[test]
