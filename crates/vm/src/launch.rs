@@ -352,6 +352,11 @@ impl UserspaceWatch {
     }
 }
 
+/// The exit code the guest's init reported through `share`, once it has.
+fn reported_code(share: &Path) -> Option<i32> {
+    fs::read_to_string(share.join(EXIT_CODE_FILE)).ok().and_then(|s| s.trim().parse().ok())
+}
+
 /// Creates the state directory (0700) and the guest share with the exec request in it; clears what
 /// an earlier run left (its exit code, its console).
 fn prepare_state(cfg: &VmConfig) -> Result<PathBuf, VmError> {
@@ -465,8 +470,12 @@ impl RunningVm {
                 }
                 Ok(None) if net_ended.is_some() => {
                     // A VMM shutting down closes its end of the link before it exits, and passt
-                    // exits on that: give it a moment to show that it was the one ending.
-                    let until = Instant::now() + VMM_EXIT_AFTER_NET;
+                    // exits on that: give it a moment to show that it was the one ending. A guest
+                    // that has reported its exit code is powering off, and its report stands
+                    // however long its VMM then takes to go (500 ms was not always enough for an
+                    // L1 QEMU on a loaded host: its run was reported as passt's death).
+                    let reported = reported_code(&self.share).is_some();
+                    let until = Instant::now() + if reported { STOP_GRACE } else { VMM_EXIT_AFTER_NET };
                     while Instant::now() < until {
                         if let Ok(Some(status)) = child.try_wait() {
                             self.child = None;
@@ -475,6 +484,11 @@ impl RunningVm {
                             break 'watch self.exit_code(status, None);
                         }
                         std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if let Some(code) = reported_code(&self.share) {
+                        self.stop();
+                        console.drain(&mut sink);
+                        break Ok(VmExit::Guest(code));
                     }
                     let (helper, how) = net_ended.expect("matched");
                     tracing::warn!(%helper, %how, "the network helper ended while the VM ran; stopping the VMM");
@@ -496,8 +510,7 @@ impl RunningVm {
     /// The guest's own report wins; without one, the code says who ended the run.
     /// `stopped`: what the run was if this process had been asked to end it.
     fn exit_code(&mut self, status: std::process::ExitStatus, stopped: Option<VmExit>) -> Result<VmExit, VmError> {
-        let path = self.share.join(EXIT_CODE_FILE);
-        if let Some(code) = fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()) {
+        if let Some(code) = reported_code(&self.share) {
             return Ok(VmExit::Guest(code));
         }
         match (stopped, status.signal()) {
