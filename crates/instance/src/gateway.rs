@@ -481,7 +481,10 @@ pub fn wait_ready(
                 .await
             });
             last = match attempt {
-                Ok(Ok(openshell_gateway::ServingStatus::Serving)) => return Ok(vm.started.elapsed()),
+                Ok(Ok(openshell_gateway::ServingStatus::Serving)) => {
+                    vm.userspace_shown("the guest's gateway answered mTLS health SERVING");
+                    return Ok(vm.started.elapsed());
+                }
                 Ok(Ok(other)) => format!("health said {other:?}"),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no answer within {} ms", bound.as_millis()),

@@ -303,6 +303,8 @@ const USERSPACE_POLL: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 struct UserspaceWatch {
     done: Arc<std::sync::atomic::AtomicBool>,
+    /// Evidence a caller saw itself ([`RunningVm::userspace_shown`]).
+    shown: Arc<std::sync::Mutex<Option<&'static str>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -311,6 +313,8 @@ impl UserspaceWatch {
         record_in_ledger(&ledger, fact.clone(), "spawned", None);
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let finished = Arc::clone(&done);
+        let shown = Arc::new(std::sync::Mutex::new(None));
+        let shown_by_caller = Arc::clone(&shown);
         let thread = std::thread::Builder::new().name("userspace-watch".into()).spawn(move || {
             let mut tail = Tail::new(&console);
             let mut evidence = crate::timeline::UserspaceEvidence::default();
@@ -322,7 +326,7 @@ impl UserspaceWatch {
                 } else if exit_file.exists() {
                     Some("init's exit-code file in the share")
                 } else {
-                    None
+                    *shown_by_caller.lock().unwrap()
                 };
                 if let Some(how) = seen {
                     record_in_ledger(&ledger, fact, "userspace", Some(how));
@@ -335,7 +339,7 @@ impl UserspaceWatch {
             }
         });
         match thread {
-            Ok(t) => Some(UserspaceWatch { done, thread: Some(t) }),
+            Ok(t) => Some(UserspaceWatch { done, shown, thread: Some(t) }),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the guest for userspace; the ledger will not count it");
                 None
@@ -375,6 +379,15 @@ fn prepare_state(cfg: &VmConfig) -> Result<PathBuf, VmError> {
 }
 
 impl RunningVm {
+    /// Tells the ledger's watch that the caller saw the guest's userspace itself (`how`, e.g. its
+    /// gateway answering over mTLS): a guest whose console stayed empty (seen with libkrun inside
+    /// the nested host) has still reached userspace once a program of it answers.
+    pub fn userspace_shown(&self, how: &'static str) {
+        if let Some(watch) = &self.userspace {
+            *watch.shown.lock().unwrap() = Some(how);
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -747,6 +760,20 @@ mod tests {
         fs::write(&exit, "0\n").unwrap();
         w.finish();
         assert_eq!(facts(&ledger)[3]["evidence"], "init's exit-code file in the share");
+    }
+
+    /// A guest whose console stayed empty still counts once a caller saw a program of it answer.
+    #[test]
+    fn a_caller_seeing_the_guest_answer_counts_as_userspace() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("ledger");
+        let fact = serde_json::json!({ "vmm_pid": 3, "backend": "krun" });
+        let (console, exit) = (dir.path().join("empty-console"), dir.path().join("exit-code"));
+        let mut w = UserspaceWatch::start(ledger.clone(), fact, console, exit).unwrap();
+        *w.shown.lock().unwrap() = Some("the guest's gateway answered mTLS health SERVING");
+        w.finish();
+        assert_eq!(events(&ledger), ["spawned", "userspace"]);
+        assert_eq!(facts(&ledger)[1]["evidence"], "the guest's gateway answered mTLS health SERVING");
     }
 
     /// Each way the host ends a run it was asked to end says what happened and the time it took,
