@@ -48,8 +48,12 @@ pub const SOURCES: &[&str] = &[
 /// carries L2's network inside L1. Nothing else: the trials bring their own clients.
 pub const PACKAGES: &[&str] = &["passt"];
 /// `mmdebstrap` options of the recipe. Documentation is dropped (a third of the tree, never read).
+/// A `kvm` group, as Debian's udev package adds it (minbase has no udev): the VMM inside L1 starts
+/// as `nobody` (minbase has it) with `/dev/kvm`'s group, which L1's init gives the device
+/// (`openshell_vm::nested`).
 const MMDEBSTRAP_OPTIONS: &[&str] = &[
     "--variant=minbase",
+    "--customize-hook=chroot \"$1\" groupadd --system kvm",
     "--dpkgopt=path-exclude=/usr/share/doc/*",
     "--dpkgopt=path-exclude=/usr/share/man/*",
     "--dpkgopt=path-exclude=/usr/share/info/*",

@@ -28,7 +28,9 @@
 //! - `info`: `Gateway/Info` answers.
 //! - `kernel-digest` / `rootfs-digest`: the kernel file and rootfs directory the *running VMM*
 //!   was started with (read back from `/proc/<vmm pid>/cmdline`: QEMU's `-kernel` and the root
-//!   9p `-fsdev path=`, or the spec file `openshell-vmm` names) are re-hashed now, the kernel as
+//!   9p `-fsdev path=`, or the kernel and root share of the spec on `openshell-vmm`'s; both name
+//!   them as fds the VMM holds, `/proc/self/fd/N`, each resolved through `/proc/<vmm pid>/fd/N`
+//!   to the file that fd is open on) are re-hashed now, the kernel as
 //!   one file, the rootfs file by file against its `manifest.json`, and compared with the
 //!   artifact's own record beside it (`provenance.json`'s `vmlinux_sha256`; the digest of
 //!   `manifest.json`), then with `metadata.json`, then with `Info`.

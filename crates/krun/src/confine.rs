@@ -4,18 +4,24 @@
 //! under the hypervisor entitlement and nothing here applies).
 //!
 //! What libkrun needs, and so what is allowed:
-//! - read: the kernel's directory (libkrun opens the vmlinux at `krun_start_enter`; the directory,
-//!   not the file, because on a 9p mount each lookup makes a new inode and a rule on the file's
-//!   old inode would never match again: the nested host's shares are 9p), the root directory, and
-//!   `/proc` (virtio-fs reopens its files through `/proc/self/fd`);
+//! - read: the kernel (libkrun opens it at `krun_start_enter`), the root directory, and `/proc`
+//!   (virtio-fs reopens its files through `/proc/self/fd`);
 //! - read and write: `/dev/kvm` (ioctls themselves are not governed by the ABI versions handled
-//!   here), the console log;
+//!   here), the console output when it is a file;
 //! - everything: the other virtio-fs shares (the instance share, which the guest writes).
+//!
+//! The launcher hands the kernel, the directories and the console over open and the spec names
+//! them as `/proc/self/fd/N` (`openshell_vm::sandbox`), so each rule is on the very inode the
+//! VMM then opens. That matters on 9p (the nested host's shares), where each lookup by path makes
+//! a new inode that a rule on an older one never matches: by path, a rule on the kernel file alone
+//! would not hold there. A console that is a pipe (the launcher's bounded console) gets no rule:
+//! landlock does not govern pipes, and refuses rules on them.
 //!
 //! Shared libraries are mapped before this runs; libkrunfw, which libkrun would `dlopen` only to
 //! supply a kernel, is not needed (we pass our own) and stays out of reach.
 
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
 
 use landlock::{path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI};
 
@@ -56,8 +62,7 @@ pub struct Allowance {
 
 impl Allowance {
     pub fn of(spec: &KrunSpec) -> Allowance {
-        let kernel_dir = spec.kernel.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let read = vec![kernel_dir.to_owned(), spec.root.clone(), PathBuf::from("/proc")];
+        let read = vec![spec.kernel.clone(), spec.root.clone(), PathBuf::from("/proc")];
         let mut full = Vec::new();
         // The root is shared again under its tag (the guest mounts it read-only): read already.
         for (_, dir) in spec.shares.iter().filter(|(_, dir)| *dir != spec.root) {
@@ -71,12 +76,17 @@ impl Allowance {
 /// Restricts this process (and what it starts) to `spec`'s [`Allowance`]. Irreversible.
 pub fn confine(spec: &KrunSpec) -> Result<Confined, String> {
     let a = Allowance::of(spec);
+    // A pipe or socket is no file in a hierarchy: landlock refuses a rule on it (EBADFD) and
+    // leaves opening it through `/proc/self/fd` ungoverned.
+    let in_a_hierarchy =
+        |p: &&PathBuf| std::fs::metadata(p).map_or(true, |m| !(m.file_type().is_fifo() || m.file_type().is_socket()));
+    let read_write: Vec<&PathBuf> = a.read_write.iter().filter(in_a_hierarchy).collect();
     let rw = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(ABI_HANDLED))
         .and_then(|r| r.create())
         .and_then(|r| r.add_rules(path_beneath_rules(&a.read, AccessFs::from_read(ABI_HANDLED))))
-        .and_then(|r| r.add_rules(path_beneath_rules(&a.read_write, rw)))
+        .and_then(|r| r.add_rules(path_beneath_rules(read_write, rw)))
         .and_then(|r| r.add_rules(path_beneath_rules(&a.full, AccessFs::from_all(ABI_HANDLED))))
         .and_then(|r| r.restrict_self())
         .map_err(|e| format!("landlock: {e}"))?;
@@ -93,16 +103,17 @@ mod tests {
 
     #[test]
     fn allowance_reads_artifacts_and_writes_only_the_share_and_console() {
+        // As the launcher writes it: every file an fd the VMM inherits.
         let spec: KrunSpec = serde_json::from_value(serde_json::json!({
-            "vcpus": 1, "mem_mib": 512, "root": "/store/rootfs/abc", "kernel": "/store/kernel/k1/vmlinux",
-            "cmdline": "", "exec_path": "/sbin/openshell-init", "console_output": "/inst/vm/console.log",
-            "shares": [["rootfs", "/store/rootfs/abc"], ["openshell", "/inst/vm/share"]],
+            "vcpus": 1, "mem_mib": 512, "root": "/proc/self/fd/11/.", "kernel": "/proc/self/fd/10",
+            "cmdline": "", "exec_path": "/sbin/openshell-init", "console_output": "/proc/self/fd/13",
+            "shares": [["rootfs", "/proc/self/fd/11/."], ["openshell", "/proc/self/fd/12/."]],
         }))
         .unwrap();
         let a = Allowance::of(&spec);
         let paths = |v: &[PathBuf]| v.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>();
-        assert_eq!(paths(&a.read), ["/store/kernel/k1", "/store/rootfs/abc", "/proc"]);
-        assert_eq!(paths(&a.read_write), ["/dev/kvm", "/inst/vm/console.log"]);
-        assert_eq!(paths(&a.full), ["/inst/vm/share"]);
+        assert_eq!(paths(&a.read), ["/proc/self/fd/10", "/proc/self/fd/11/.", "/proc"]);
+        assert_eq!(paths(&a.read_write), ["/dev/kvm", "/proc/self/fd/13"]);
+        assert_eq!(paths(&a.full), ["/proc/self/fd/12/."]);
     }
 }

@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr;
 
-pub use spec::{run, KrunSpec, UnixgramNet};
+pub use spec::{run, KrunSpec, UnixgramNet, SPEC_FLAG};
 
 /// How libkrun is linked into this build, which the target decides (`Cargo.toml`): `bundled` on
 /// Linux (the registry crate compiled in), `system` on macOS (Homebrew's libkrun found by

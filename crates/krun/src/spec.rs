@@ -1,6 +1,11 @@
 //! Serialisable description of one VM, so a supervisor can hand the whole
 //! configuration to a separate `openshell-vmm` process (libkrun takes over the
-//! process that boots the guest) as a single JSON file.
+//! process that boots the guest) as one JSON argument: `openshell-vmm --spec JSON`.
+//!
+//! On the command line, not in a file, for the reason QEMU's configuration is there: the VMM's
+//! argv (`/proc/<pid>/cmdline`) is then its own word on what it runs, which `verify` reads back,
+//! and a VMM started unprivileged needs no path to a file of ours. The spec holds no secret (the
+//! guest's command travels in the share).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -43,6 +48,49 @@ pub struct KrunSpec {
     /// guest's virtio-net. A VM uses this or `passt_fd`, not both.
     #[serde(default)]
     pub net_unixgram: Option<UnixgramNet>,
+}
+
+/// The flag before the spec's JSON on `openshell-vmm`'s command line.
+pub const SPEC_FLAG: &str = "--spec";
+
+impl KrunSpec {
+    /// `openshell-vmm`'s arguments for this spec.
+    pub fn to_args(&self) -> [String; 2] {
+        [SPEC_FLAG.to_owned(), serde_json::to_string(self).expect("a spec serializes")]
+    }
+
+    /// The spec a VMM's command line carries (its whole argv, program first, as
+    /// `/proc/<pid>/cmdline` gives it).
+    pub fn from_argv(argv: &[String]) -> Result<KrunSpec, String> {
+        match argv {
+            [_, flag, json] if flag == SPEC_FLAG => {
+                serde_json::from_str(json).map_err(|e| format!("the spec on its command line: {e}"))
+            }
+            _ => Err(format!("expected `openshell-vmm {SPEC_FLAG} JSON`, found {} arguments", argv.len())),
+        }
+    }
+
+    /// The fds of its own this spec names files by ([`crate::child::fd_path`]).
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        let dirs = self.shares.iter().map(|(_, d)| d.as_path());
+        let all = [self.kernel.as_path(), self.root.as_path()].into_iter().chain(self.console_output.as_deref());
+        let mut fds: Vec<_> = all.chain(dirs).filter_map(crate::child::fd_of).collect();
+        fds.sort_unstable();
+        fds.dedup();
+        fds
+    }
+
+    /// This spec with each fd it names replaced by `map(fd)` ([`crate::child::refd`]).
+    pub fn refd(&self, map: &dyn Fn(std::os::fd::RawFd) -> std::os::fd::RawFd) -> KrunSpec {
+        let re = |p: &Path| crate::child::refd(p, map);
+        KrunSpec {
+            root: re(&self.root),
+            kernel: re(&self.kernel),
+            console_output: self.console_output.as_deref().map(re),
+            shares: self.shares.iter().map(|(tag, dir)| (tag.clone(), re(dir))).collect(),
+            ..self.clone()
+        }
+    }
 }
 
 /// A virtio-net device backed by a unix datagram socket (`krun_add_net_unixgram`).
@@ -138,6 +186,36 @@ mod tests {
         let old = serde_json::to_string(&sample()).unwrap().replace(r#","net_unixgram":null"#, "");
         assert!(!old.contains("net_unixgram"));
         assert_eq!(serde_json::from_str::<KrunSpec>(&old).unwrap().net_unixgram, None);
+    }
+
+    #[test]
+    fn the_spec_travels_as_one_argument_and_reads_back() {
+        let spec = sample();
+        let argv: Vec<String> = ["/x/openshell-vmm".to_owned()].into_iter().chain(spec.to_args()).collect();
+        assert_eq!(KrunSpec::from_argv(&argv).unwrap(), spec);
+        let e = KrunSpec::from_argv(&argv[..2]).unwrap_err();
+        assert!(e.contains("expected `openshell-vmm --spec JSON`"), "{e}");
+        let e = KrunSpec::from_argv(&["vmm".into(), SPEC_FLAG.into(), "{".into()]).unwrap_err();
+        assert!(e.contains("the spec on its command line"), "{e}");
+    }
+
+    #[test]
+    fn fds_are_listed_once_and_replaced_everywhere() {
+        use crate::child::{dir_fd_path, fd_path};
+        let spec = KrunSpec {
+            kernel: fd_path(10).into(),
+            root: dir_fd_path(11).into(),
+            console_output: Some(fd_path(13).into()),
+            shares: vec![("rootfs".into(), dir_fd_path(11).into()), ("work".into(), "/by/path".into())],
+            ..sample()
+        };
+        assert_eq!(spec.fds(), [10, 11, 13]);
+        let moved = spec.refd(&|fd| fd + 10);
+        assert_eq!(moved.kernel, Path::new(&fd_path(20)));
+        assert_eq!(moved.root, Path::new(&dir_fd_path(21)));
+        assert_eq!(moved.console_output.as_deref(), Some(Path::new(&fd_path(23))));
+        assert_eq!(moved.shares[1].1, Path::new("/by/path"), "a path that is no fd stays");
+        assert_eq!((moved.cmdline, moved.vcpus), (spec.cmdline, spec.vcpus));
     }
 
     #[test]

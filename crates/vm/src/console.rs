@@ -1,13 +1,14 @@
-//! The guest console log, bounded. QEMU writes the console into a pipe we hand it (not into the
-//! file), and a thread of ours copies the pipe into the file: the first [`VmConfig::console_cap`]
+//! The guest console log, bounded. The VMM writes the console into a pipe we hand it (not into the
+//! file): QEMU through an fdset, libkrun by reopening the pipe's `/proc/self/fd/N` as its console
+//! output. A thread of ours copies the pipe into the file: the first [`VmConfig::console_cap`]
 //! bytes as they come, then a line saying the cap was reached, and, when the VM ends, the last
 //! [`KEEP_LAST`] bytes of what did not fit (where a late panic or the reason for an exit is). A
 //! guest, or any local process the guest logs about (each refused handshake is a line), can then
 //! no longer fill the host's disk through its console.
 //!
 //! The file only grows (append-only), so its readers (`Tail`: the streamed console, readiness,
-//! the crash watch; `timeline`; `vm logs`) work unchanged. libkrun writes its console file itself
-//! and is not bounded here.
+//! the crash watch; `timeline`; `vm logs`) work unchanged. On macOS libkrun still writes its
+//! console file itself, unbounded (see `backend::krun`).
 //!
 //! [`VmConfig::console_cap`]: crate::VmConfig::console_cap
 

@@ -150,8 +150,8 @@ pub struct RunningVm {
     pub started: Instant,
     /// passt or gvproxy, stopped after the VMM.
     net: Option<crate::net::HostNet>,
-    /// The thread writing QEMU's console into its log (see [`crate::console`]); joined once the
-    /// VMM has exited, so the log is complete when it is read.
+    /// The thread writing the VMM's console into its log (see [`crate::console`]); joined once
+    /// the VMM has exited, so the log is complete when it is read.
     console_writer: Option<std::thread::JoinHandle<()>>,
     /// Records in the ledger when the guest reaches userspace (only with [`LEDGER_ENV`] set).
     userspace: Option<UserspaceWatch>,
@@ -184,19 +184,17 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
         Backend::Qemu { .. } => crate::net::Attach::Qemu,
     };
     let link = crate::net::Link::of(&cfg.net, attach, &cfg.state_dir);
-    // QEMU gets its files open and runs unprivileged (see `sandbox`); both outlive the spawn below.
-    let mut qemu_sandbox = None;
+    // Both VMMs get their files open and run unprivileged (see `sandbox`); the files outlive the
+    // spawn below.
+    let user = crate::sandbox::VmmUser::for_vmm(backend.uses_kvm())?;
+    if let Some(user) = &user {
+        user.own_share(&share)?;
+    }
+    let mut files = crate::sandbox::Handover::open(cfg, user.as_ref())?;
     let mut cmd = match backend {
         Backend::Qemu { kvm } => {
             let qemu = plan.qemu.as_ref().ok_or_else(|| VmError::NoBackend("the plan names no QEMU".into()))?;
-            let user = crate::sandbox::VmmUser::for_qemu(kvm)?;
-            if let Some(user) = &user {
-                user.own_share(&share)?;
-            }
-            let files = crate::sandbox::Handover::open(cfg)?;
-            let cmd = backend::qemu::command(qemu, cfg, kvm, &link, &files.fds());
-            qemu_sandbox = Some((files, user));
-            cmd
+            backend::qemu::command(qemu, cfg, kvm, &link, &files.fds())
         }
         Backend::Krun => {
             let (vmm, built) =
@@ -204,7 +202,7 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
             if !built || !vmm.is_file() {
                 return Err(VmError::VmmBinaryMissing(vmm));
             }
-            backend::krun::command(&vmm, cfg, &link)?
+            backend::krun::command(&vmm, cfg, &link, &files.fds())
         }
     };
     let vmm_log = cfg.state_dir.join("vmm.log");
@@ -228,19 +226,17 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
     }
     // After the network's dup2 (it places its fd at CHILD_FD, below the handed ones), and the
     // drop last: nothing before it needs root, and it re-arms the parent-death signal.
-    if let Some((files, user)) = &qemu_sandbox {
-        files.give_to(&mut cmd);
-        if let Some(user) = user {
-            user.drop_to(&mut cmd);
-        }
+    files.give_to(&mut cmd);
+    if let Some(user) = &user {
+        user.drop_to(&mut cmd);
     }
     let started = Instant::now();
     let child = cmd.spawn().map_err(|source| VmError::Spawn { what: format!("{backend} VMM"), source })?;
     // The VMM holds its own copy now; ours must close so passt sees EOF when the VMM exits.
     drop(vmm_net_end);
-    let console_log = qemu_sandbox.as_mut().and_then(|(files, _)| files.take_console());
+    let console_log = files.take_console();
     // Closes our write end of the console pipe too: the writer sees EOF when the VMM exits.
-    drop(qemu_sandbox);
+    drop(files);
     let console_writer = match console_log {
         Some((pipe, file)) => Some(
             crate::console::spawn_writer(pipe, file, cfg.console_cap)

@@ -24,6 +24,12 @@ pub const L1_MEM_MIB: u32 = 2048;
 /// read-only, so mount points are made below it).
 pub const L1_SHARES: &str = "/run/nested";
 
+/// What L1 runs before its command: Debian's udev rule for `/dev/kvm` (`GROUP="kvm", MODE="0660"`),
+/// which L1, without udev, would not apply; devtmpfs leaves the device root's, 0600. The VMM inside
+/// L1 starts as `nobody` with `/dev/kvm`'s group ([`crate::sandbox::VmmUser`]); the nested root
+/// carries the `kvm` group (`openshell_artifacts::nested_root`).
+const KVM_ACCESS: &str = "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm && exec \"$@\"";
+
 /// A built nested host: the nested-host kernel and the nested root.
 #[derive(Debug, Clone)]
 pub struct NestedHost {
@@ -41,9 +47,9 @@ pub struct L1Paths {
 impl L1Paths {
     /// Shares the directory `dir` (read-only) and returns where it appears inside L1. A directory
     /// inside one already shared is reached through that share: QEMU's microvm has 8 virtio-mmio
-    /// transports, and L1's root, its share, its RNG and its NIC take four of them. (A directory
-    /// landlock confines to must be a share's own root: on 9p each lookup below it makes a new
-    /// inode, which a landlock rule on the old one never matches; `openshell_krun::confine`.)
+    /// transports, and L1's root, its share, its RNG and its NIC take four of them. (On 9p each
+    /// lookup makes a new inode, which a landlock rule on an older one never matches; the VMM's
+    /// rules are on the files it is handed open, so any of them may sit below a share's root.)
     pub fn share_dir(&mut self, dir: &Path) -> String {
         if let Some((s, rest)) = self.shares.iter().find_map(|s| Some((s, dir.strip_prefix(&s.host).ok()?))) {
             return if rest.as_os_str().is_empty() {
@@ -95,6 +101,7 @@ impl NestedHost {
                 "the nested host needs the host's TSC rate, and this host's TSC is not invariant (no constant_tsc in /proc/cpuinfo)".into(),
             )
         })?;
+        let argv = ["/bin/sh", "-c", KVM_ACCESS, "l1"].into_iter().map(str::to_owned).chain(argv).collect();
         let mut cfg = VmConfig::exec(self.kernel.clone(), self.root.clone(), state_dir, argv);
         cfg.vmm = VmmChoice::Qemu;
         cfg.vcpus = L1_VCPUS;

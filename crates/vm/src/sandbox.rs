@@ -1,27 +1,34 @@
-//! Least privilege for QEMU, which parses guest-controlled device traffic and so should be able to
-//! do little else. Owns three things: QEMU's seccomp filter ([`QEMU_SECCOMP`]), the user it runs as
-//! when we are root ([`VmmUser`], dropped to between fork and exec), and the files it gets open
-//! rather than by path ([`Handover`]). It does not own `openshell-vmm`'s confinement: that process
-//! confines itself with landlock once it has read its spec (`openshell_krun::confine`).
+//! Least privilege for the VMM, which parses guest-controlled device traffic and so should be able
+//! to do little else. Owns three things: QEMU's seccomp filter ([`QEMU_SECCOMP`]), the user both
+//! VMMs run as when we are root ([`VmmUser`], dropped to between fork and exec), and the files
+//! they get open rather than by path ([`Handover`]). It does not own `openshell-vmm`'s landlock
+//! confinement: that process confines itself once it has read its spec (`openshell_krun::confine`).
 //!
-//! Why the drop happens before exec and not through QEMU's own `-runas`: QEMU 7.2 installs its
+//! Why the drop happens before exec, for both: nothing the VMM does needs root once its files are
+//! open, so it never holds root at all, and one mechanism serves QEMU and `openshell-vmm` alike
+//! (a drop inside `openshell-vmm` would be a second one, and would leave it root while it parses
+//! its spec and sets up landlock). For QEMU there is a second reason: QEMU 7.2 installs its
 //! seccomp filter while it parses options and calls `setgid`/`setuid` for `-runas` later, so with
-//! `elevateprivileges=deny` it kills itself with SIGSYS (measured here). Starting it unprivileged
-//! keeps the filter whole.
+//! `elevateprivileges=deny` it kills itself with SIGSYS (measured here).
 //!
-//! Why files are handed over open: started as `nobody`, QEMU could not reach the kernel, the rootfs
-//! or the instance's share by path (they live under root's 0700 home and 0700 instance
-//! directories). We open each one and QEMU finds it as `/proc/self/fd/N` (the kernel loader and the
-//! 9p export open plain paths) or as `/dev/fdset/N` (the console chardev, which then needs no write
-//! permission on the log). So the VMM's uid needs no path to anything: what it can touch is what it
-//! was given, plus what any `nobody` can. The guest reads and writes the share with the VMM's uid
-//! (9p `security_model=none`), so the share alone is handed to that uid ([`VmmUser::own_share`]).
+//! Why files are handed over open: started as `nobody`, the VMM could not reach the kernel, the
+//! rootfs or the instance's share by path (they live under root's 0700 home and 0700 instance
+//! directories). We open each one and the VMM finds it as `/proc/self/fd/N` (QEMU's kernel loader
+//! and 9p exports, libkrun's kernel, virtio-fs shares and console open plain paths) or as
+//! `/dev/fdset/N` (QEMU's console chardev). So the VMM's uid needs no path to anything: what it can
+//! touch is what it was given, plus what any `nobody` can. The guest reads and writes the share
+//! with the VMM's uid (9p `security_model=none`, libkrun's virtio-fs without CAP_SETUID), so the
+//! share alone is handed to that uid ([`VmmUser::own_share`]), and the console pipe too, which
+//! libkrun reopens by its fd path (a pipe is its creator's, mode 0600).
 //!
 //! Why `nobody` rather than a dedicated user: it exists on every Linux host, so neither a fresh
 //! machine nor a library caller needs a privileged setup step; passt already drops to it; and with
 //! the files handed over, the uid owns nothing reachable by path (the share it owns sits below a
 //! root-only directory). A dedicated user would not separate one instance's VMM from another's
 //! either: only a uid per instance would.
+//!
+//! macOS: nobody is root there, so there is nothing to drop; `openshell-vmm` is given its files
+//! by path as before (`backend::krun::spec`).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
@@ -35,7 +42,7 @@ use crate::{VmConfig, VmError};
 /// resource-limit changes. Set on every QEMU we start, root or not.
 pub const QEMU_SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
-/// The user QEMU runs as when we are root (see the module's note on why this one).
+/// The user the VMM runs as when we are root (see the module's note on why this one).
 pub const VMM_USER: &str = "nobody";
 
 /// Handed-over fds are moved at or above this number, so the network's `dup2` onto
@@ -43,8 +50,9 @@ pub const VMM_USER: &str = "nobody";
 const FIRST_HANDED_FD: RawFd = 10;
 const _: () = assert!(FIRST_HANDED_FD > crate::child::CHILD_FD);
 
-/// Who the VMM runs as when started by root: [`VMM_USER`]'s uid and group, plus `/dev/kvm`'s
-/// group when QEMU uses KVM (QEMU opens the device by path).
+/// Who the VMM runs as when started by root: [`VMM_USER`]'s uid and group, and as its only
+/// supplementary group `/dev/kvm`'s when it uses KVM (both VMMs open the device by path); none
+/// otherwise, not even root's or `nobody`'s own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmmUser {
     pub uid: u32,
@@ -54,7 +62,7 @@ pub struct VmmUser {
 
 impl VmmUser {
     /// `None` when we are not root: the VMM then runs as the caller, who has nothing to drop.
-    pub fn for_qemu(kvm: bool) -> Result<Option<VmmUser>, VmError> {
+    pub fn for_vmm(kvm: bool) -> Result<Option<VmmUser>, VmError> {
         if !nix::unistd::geteuid().is_root() {
             return Ok(None);
         }
@@ -64,22 +72,19 @@ impl VmmUser {
                  (`useradd --system --no-create-home --shell /usr/sbin/nologin {VMM_USER}`)"
             ))
         })?;
-        let mut groups = vec![gid];
-        if kvm {
-            groups.push(kvm_group(Path::new("/dev/kvm"))?);
-        }
+        let groups = if kvm { vec![kvm_group(Path::new("/dev/kvm"))?] } else { Vec::new() };
         Ok(Some(VmmUser { uid, gid, groups }))
     }
 
-    /// Gives the instance share (what the guest reads and writes through 9p with the VMM's uid) to
-    /// this user, contents included; symlinks are not followed. Secrets in it (the gateway's server
+    /// Gives the instance share (what the guest reads and writes through 9p or virtio-fs with the
+    /// VMM's uid) to this user, contents included; symlinks are not followed. Secrets in it (the gateway's server
     /// key) keep their 0600: the VMM reads them on the guest's behalf and nobody else needs to.
     pub fn own_share(&self, share: &Path) -> Result<(), VmError> {
         chown_tree(share, self.uid, self.gid).map_err(|(path, source)| VmError::Io { path, source })
     }
 
     /// Makes `cmd` start as this user: supplementary groups, gid, then uid (the order that keeps
-    /// the right to change the next), all between fork and exec so QEMU never holds root.
+    /// the right to change the next), all between fork and exec so the VMM never holds root.
     pub fn drop_to(&self, cmd: &mut Command) {
         let (uid, gid, groups) = (self.uid, self.gid, self.groups.clone());
         // SAFETY: only async-signal-safe syscalls between fork and exec (the Vec is built before).
@@ -106,15 +111,15 @@ pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     Some((user.uid.as_raw(), user.gid.as_raw()))
 }
 
-/// The group through which an unprivileged QEMU may open `/dev/kvm`.
+/// The group through which an unprivileged VMM may open `/dev/kvm`.
 fn kvm_group(dev: &Path) -> Result<u32, VmError> {
     let meta = std::fs::metadata(dev).map_err(|source| VmError::Io { path: dev.to_owned(), source })?;
     if meta.mode() & 0o006 == 0o006 || meta.mode() & 0o060 == 0o060 && meta.gid() != 0 {
         return Ok(meta.gid());
     }
     Err(VmError::NoBackend(format!(
-        "{} is mode {:o} group {}, so QEMU cannot use it once it drops root to {VMM_USER:?}; give it a group \
-         (Debian's udev rule: `chgrp kvm /dev/kvm && chmod 0660 /dev/kvm`) or use --vmm krun",
+        "{} is mode {:o} group {}, so the VMM cannot use it once it drops root to {VMM_USER:?}; give it a group \
+         (Debian's udev rule does: `chgrp kvm /dev/kvm && chmod 0660 /dev/kvm`)",
         dev.display(),
         meta.mode() & 0o777,
         meta.gid()
@@ -146,17 +151,7 @@ pub struct HandedFds {
     pub shares: Vec<RawFd>,
 }
 
-/// How a process names a file it holds open as `fd`: the kernel resolves it to that very file,
-/// checking the file's own permissions and none of its path's.
-pub fn fd_path(fd: RawFd) -> String {
-    format!("{FD_DIR}/{fd}")
-}
-
-#[cfg(target_os = "linux")]
-pub const FD_DIR: &str = "/proc/self/fd";
-/// macOS has no `/proc`; opening `/dev/fd/N` there duplicates fd N.
-#[cfg(not(target_os = "linux"))]
-pub const FD_DIR: &str = "/dev/fd";
+pub use openshell_krun::child::{dir_fd_path, fd_of, fd_path, FD_DIR};
 
 /// The files of a VM, opened by us, for the VMM to inherit.
 #[derive(Debug)]
@@ -173,8 +168,9 @@ pub struct Handover {
 
 impl Handover {
     /// Opens what `cfg` boots: the kernel and directories read-only; the console is a pipe whose
-    /// read end [`crate::console`] copies into the console log, bounded.
-    pub fn open(cfg: &VmConfig) -> Result<Handover, VmError> {
+    /// read end [`crate::console`] copies into the console log, bounded, and whose write end is
+    /// `user`'s (libkrun reopens it by its fd path, which a pipe's creator alone may).
+    pub fn open(cfg: &VmConfig, user: Option<&VmmUser>) -> Result<Handover, VmError> {
         let read = |p: &Path| open_high(p, false);
         let path = cfg.console_path();
         let log = std::fs::OpenOptions::new()
@@ -183,6 +179,10 @@ impl Handover {
             .map_err(|source| VmError::Io { path: path.clone(), source })?;
         // std's pipe is close-on-exec on every Unix (pipe2 where there is one; macOS has none).
         let (pipe_r, pipe_w) = std::io::pipe().map_err(|source| VmError::Io { path: path.clone(), source })?;
+        if let Some(user) = user {
+            std::os::unix::fs::fchown(&pipe_w, Some(user.uid), Some(user.gid))
+                .map_err(|source| VmError::Io { path: path.clone(), source })?;
+        }
         Ok(Handover {
             kernel: read(&cfg.kernel)?,
             rootfs: read(&cfg.rootfs)?,
@@ -262,7 +262,7 @@ mod tests {
             host: dir.path().into(),
             mount: openshell_guest::GuestMount { tag: "x".into(), path: "/x".into(), read_only: true },
         }];
-        let h = Handover::open(&cfg).unwrap();
+        let h = Handover::open(&cfg, None).unwrap();
         let fds = h.fds();
         for fd in [fds.kernel, fds.rootfs, fds.share, fds.console, fds.shares[0]] {
             assert!(fd >= FIRST_HANDED_FD, "{fd}");
@@ -270,7 +270,38 @@ mod tests {
         assert_eq!(std::fs::read(fd_path(fds.kernel)).unwrap(), b"kernel");
         assert!(Path::new(&fd_path(fds.share)).is_dir());
         let missing = VmConfig::exec(dir.path().join("nope"), dir.path().into(), dir.path().join("s"), vec![]);
-        assert!(matches!(Handover::open(&missing), Err(VmError::Io { path, .. }) if path.ends_with("nope")));
+        assert!(matches!(Handover::open(&missing, None), Err(VmError::Io { path, .. }) if path.ends_with("nope")));
+    }
+
+    /// libkrun reopens the console pipe by its fd path, which only the pipe's owner may: the write
+    /// end is the VMM user's, and that user can then open it (a child dropped to it, as the VMM).
+    #[test]
+    fn the_console_pipe_is_the_vmm_users_and_it_reopens_it() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: no other user to hand the pipe to");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = VmConfig::exec(dir.path().join("k"), dir.path().into(), dir.path().join("s"), vec!["/x".into()]);
+        std::fs::write(&cfg.kernel, b"kernel").unwrap();
+        std::fs::create_dir_all(cfg.share_dir()).unwrap();
+        std::fs::write(cfg.console_path(), b"").unwrap();
+        let (uid, gid) = lookup_user(VMM_USER).expect("a nobody user");
+        let user = VmmUser { uid, gid, groups: Vec::new() };
+        let mut h = Handover::open(&cfg, Some(&user)).unwrap();
+        let fds = h.fds();
+        let meta = std::fs::metadata(fd_path(fds.console)).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (uid, gid));
+        let mut child = Command::new("/bin/sh");
+        child.args(["-c", &format!("echo reopened > {}", fd_path(fds.console))]);
+        h.give_to(&mut child);
+        user.drop_to(&mut child);
+        let status = child.status().unwrap();
+        let (pipe, _log) = h.take_console().unwrap();
+        drop(h);
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(pipe), &mut got).unwrap();
+        assert!(status.success() && got == "reopened\n", "{status}: {got:?}");
     }
 
     #[test]

@@ -124,7 +124,6 @@ pub fn run_in_l1(
     // gvproxy for the `gvproxy::` trials, run inside L1 beside libkrun, read-only in a share of
     // its own. QEMU's microvm has 8 virtio-mmio transports: the VMM's directory (cargo's
     // `target/debug`) is shared first, so this binary (in its `deps/`) takes no share of its own.
-    // The kernel's directory must stay a share's root (see `openshell_krun::confine`).
     let gvproxy = std::env::var_os("OPENSHELL_GVPROXY").map(PathBuf::from).filter(|p| p.is_file());
     if let Some(dir) = vmm.parent() {
         paths.share_dir(dir);

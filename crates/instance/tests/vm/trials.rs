@@ -49,18 +49,6 @@ const CONTRACT: &[(&str, Body)] = &[
     ("gateway::stop_leaves_no_process_behind", stop_leaves_no_process_behind),
 ];
 
-/// A trial that only one backend can run, because it tests something of that backend's.
-struct Only {
-    trial: &'static str,
-    backend: &'static str,
-}
-
-/// Trials of one backend only, and why the other one cannot run them.
-const BACKEND_ONLY: &[(Only, &str)] = &[(
-    Only { trial: "faults::console_flood_is_bounded", backend: "qemu" },
-    "the console bound is QEMU's (its console goes through our pipe); libkrun writes its console file itself, unbounded",
-)];
-
 pub fn all() -> Vec<Trial> {
     let artifacts = support::artifacts();
     let required = support::required_backends();
@@ -72,12 +60,6 @@ pub fn all() -> Vec<Trial> {
         let must_run = required.iter().any(|b| b == backend);
         for &(name, body) in GROUPS.iter().copied().flatten() {
             let full = format!("{backend}::{name}");
-            // A trial of what only one backend does: the other reports it ignored, with the reason.
-            if let Some((_, why)) = BACKEND_ONLY.iter().find(|(only, _)| only.trial == name && only.backend != backend)
-            {
-                trials.push(trial(full, backend, Some((*why).to_owned()), false, |_| unreachable!()));
-                continue;
-            }
             // Where libkrun runs only nested, each krun trial runs inside its own L1.
             let nested = match crate::nested::route(&full, &krun_place, &artifacts) {
                 Some(Route::Nested(run)) => Some(trial(full.clone(), backend, None, must_run, move |dir| run.run(dir))),

@@ -1,7 +1,9 @@
 //! libkrun: the backend for hardware KVM (and HVF on macOS).
 //!
-//! The supervisor writes a [`KrunSpec`] and starts `openshell-vmm` with it, because
-//! `krun_start_enter` takes over the process that calls it. The root directory is shared as an
+//! The supervisor starts `openshell-vmm` with a [`KrunSpec`] on its command line, because
+//! `krun_start_enter` takes over the process that calls it. On Linux the spec names every file by
+//! the fd the VMM inherits (`/proc/self/fd/N`, see [`crate::sandbox`]), as QEMU's command line
+//! does, so the VMM can start as `nobody` and its argv says what it holds. The root directory is shared as an
 //! extra virtio-fs device tagged `rootfs` and mounted with `root=rootfs rootfstype=virtiofs`, the
 //! same shape as the QEMU backend: libkrun's own `/dev/root` tag needs libkrunfw's kernel patches,
 //! which our kernel (built from Debian's source) does not carry.
@@ -10,11 +12,13 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
-use openshell_krun::{KrunSpec, UnixgramNet};
+pub use openshell_krun::KrunSpec;
+use openshell_krun::UnixgramNet;
 
 use crate::child::CHILD_FD;
 use crate::net::Link;
-use crate::{VmConfig, VmError};
+use crate::sandbox::HandedFds;
+use crate::VmConfig;
 
 /// libkrun's default prolog (which a cmdline passed to `krun_set_kernel` replaces) with our init
 /// and root; `earlyprintk` puts the first kernel lines on the serial console.
@@ -33,22 +37,61 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
 /// newline in a script aborts the VMM (libkrun's cmdline builder: `InvalidAscii`).
 const KRUN_EXEC: &str = "/sbin/openshell-init";
 
-pub fn spec(cfg: &VmConfig, link: &Link) -> KrunSpec {
+/// Where the VMM finds each file of `cfg`.
+struct Files {
+    kernel: PathBuf,
+    rootfs: PathBuf,
+    share: PathBuf,
+    console: PathBuf,
+    shares: Vec<PathBuf>,
+}
+
+impl Files {
+    /// Linux: the fds it inherits; the directories behind `/.` (libkrun opens them `O_NOFOLLOW`),
+    /// the console the bounded pipe's write end ([`crate::console`]).
+    #[cfg(target_os = "linux")]
+    fn of(_cfg: &VmConfig, fds: &HandedFds) -> Files {
+        use crate::sandbox::{dir_fd_path, fd_path};
+        Files {
+            kernel: fd_path(fds.kernel).into(),
+            rootfs: dir_fd_path(fds.rootfs).into(),
+            share: dir_fd_path(fds.share).into(),
+            console: fd_path(fds.console).into(),
+            shares: fds.shares.iter().map(|&fd| dir_fd_path(fd).into()).collect(),
+        }
+    }
+
+    /// macOS: by path, as before the handover existed, and the console into its file: nothing
+    /// is dropped there (no root), and libkrun on HVF opening `/dev/fd/N` directories is untried.
+    #[cfg(not(target_os = "linux"))]
+    fn of(cfg: &VmConfig, _fds: &HandedFds) -> Files {
+        Files {
+            kernel: cfg.kernel.clone(),
+            rootfs: cfg.rootfs.clone(),
+            share: cfg.share_dir(),
+            console: cfg.console_path(),
+            shares: cfg.shares.iter().map(|s| s.host.clone()).collect(),
+        }
+    }
+}
+
+pub fn spec(cfg: &VmConfig, link: &Link, fds: &HandedFds) -> KrunSpec {
+    let files = Files::of(cfg, fds);
     KrunSpec {
         vcpus: cfg.vcpus,
         mem_mib: cfg.mem_mib,
-        root: cfg.rootfs.clone(),
-        kernel: cfg.kernel.clone(),
+        root: files.rootfs.clone(),
+        kernel: files.kernel,
         cmdline: kernel_cmdline(cfg),
         exec_path: KRUN_EXEC.into(),
         args: Vec::new(),
         env: Vec::new(),
         workdir: None,
-        console_output: Some(cfg.console_path()),
+        console_output: Some(files.console),
         serial_console: true,
-        shares: [(super::ROOT_TAG.into(), cfg.rootfs.clone()), (SHARE_TAG.into(), cfg.share_dir())]
+        shares: [(super::ROOT_TAG.into(), files.rootfs), (SHARE_TAG.into(), files.share)]
             .into_iter()
-            .chain(cfg.shares.iter().map(|s| (s.mount.tag.clone(), s.host.clone())))
+            .chain(cfg.shares.iter().map(|s| s.mount.tag.clone()).zip(files.shares))
             .collect(),
         log_level: cfg.log_level,
         // passt's socketpair, or gvproxy's stream link (Linux). libkrun's legacy call takes no
@@ -62,19 +105,17 @@ pub fn spec(cfg: &VmConfig, link: &Link) -> KrunSpec {
     }
 }
 
-/// `openshell-vmm` (`vmm`, located by [`crate::host::vmm_binary`]) with the spec it boots.
-pub fn command(vmm: &std::path::Path, cfg: &VmConfig, link: &Link) -> Result<Command, VmError> {
-    let path = cfg.state_dir.join("krun-spec.json");
-    let json = serde_json::to_vec_pretty(&spec(cfg, link)).expect("spec serializes");
-    std::fs::write(&path, json).map_err(|source| VmError::Io { path: path.clone(), source })?;
+/// `openshell-vmm` (`vmm`, located by [`crate::host::vmm_binary`]) with the spec it boots, its
+/// files named by the fds it inherits (`files`).
+pub fn command(vmm: &std::path::Path, cfg: &VmConfig, link: &Link, files: &HandedFds) -> Command {
     let mut c = Command::new(vmm);
-    c.arg(path);
+    c.args(spec(cfg, link, files).to_args());
     // macOS: openshell-vmm links Homebrew's libkrun, which Apple silicon's Homebrew keeps off the
     // loader's default search path. The VMM is signed without the hardened runtime, so DYLD_*
     // reaches its loader and `vm run` works without the user exporting anything.
     #[cfg(target_os = "macos")]
     c.env("DYLD_FALLBACK_LIBRARY_PATH", dyld_fallback_path(std::env::var_os("DYLD_FALLBACK_LIBRARY_PATH")));
-    Ok(c)
+    c
 }
 
 /// Where Homebrew installs libkrun: Apple silicon, then Intel. What the VMM's loader searches on
@@ -95,22 +136,17 @@ pub fn dyld_fallback_path(existing: Option<std::ffi::OsString>) -> std::ffi::OsS
     std::env::join_paths(dirs).expect("no ':' in these directories")
 }
 
-/// The kernel and root directory a running `openshell-vmm` was started with: its argv names
-/// the spec file ([`command`]), and the spec names the kernel and the virtio-fs share tagged
-/// [`super::ROOT_TAG`] that the guest mounts as its root. Relative paths resolve against `cwd`.
-pub fn booted_artifacts(argv: &[String], cwd: &std::path::Path) -> Result<super::BootedArtifacts, String> {
-    let [_, spec_path] = argv else {
-        return Err(format!("expected `openshell-vmm SPEC.json`, found {} arguments", argv.len()));
-    };
-    let spec_path = cwd.join(spec_path);
-    let bytes = std::fs::read(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
-    let spec: KrunSpec = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+/// The kernel and root directory a running `openshell-vmm` was started with, as its argv names
+/// them ([`command`]): the spec's kernel and its virtio-fs share tagged [`super::ROOT_TAG`] that
+/// the guest mounts as its root (on Linux, fd paths: `backend::booted_artifacts` resolves them).
+pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, String> {
+    let spec = KrunSpec::from_argv(argv)?;
     let rootfs = spec
         .shares
         .iter()
         .find(|(tag, _)| tag == super::ROOT_TAG)
         .map(|(_, dir)| dir.clone())
-        .ok_or_else(|| format!("{}: no virtio-fs share tagged {}", spec_path.display(), super::ROOT_TAG))?;
+        .ok_or_else(|| format!("its spec has no virtio-fs share tagged {}", super::ROOT_TAG))?;
     Ok(super::BootedArtifacts { kernel: spec.kernel, rootfs })
 }
 
@@ -124,8 +160,13 @@ mod tests {
         c
     }
 
+    /// Fd numbers as a [`crate::sandbox::Handover`] would hand them over: 10, 11, … in order.
+    fn files(c: &VmConfig) -> HandedFds {
+        HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: (14..).take(c.shares.len()).collect() }
+    }
+
     fn spec_of(c: &VmConfig) -> KrunSpec {
-        spec(c, &Link::of(&c.net, crate::net::Attach::Krun, &c.state_dir))
+        spec(c, &Link::of(&c.net, crate::net::Attach::Krun, &c.state_dir), &files(c))
     }
 
     #[test]
@@ -163,22 +204,47 @@ mod tests {
     }
 
     #[test]
-    fn booted_artifacts_come_from_the_spec_the_vmm_names() {
-        let dir = tempfile::tempdir().unwrap();
+    #[cfg_attr(not(target_os = "linux"), ignore = "macOS names the files by path (no handover there)")]
+    fn every_file_is_an_inherited_fd_and_the_argv_names_no_host_path() {
+        use crate::sandbox::FD_DIR;
         let mut c = cfg(crate::NetMode::Passt);
         c.kernel = "/store/kernel/vmlinux".into();
         c.rootfs = "/store/rootfs/abc".into();
-        // The spec file `command` writes, named relative to the VMM's working directory.
-        std::fs::write(dir.path().join("krun-spec.json"), serde_json::to_vec(&spec_of(&c)).unwrap()).unwrap();
-        let argv = ["/x/openshell-vmm".to_owned(), "krun-spec.json".to_owned()];
-        let b = booted_artifacts(&argv, dir.path()).unwrap();
-        assert_eq!(b.kernel, std::path::Path::new("/store/kernel/vmlinux"));
-        assert_eq!(b.rootfs, std::path::Path::new("/store/rootfs/abc"));
+        c.shares = vec![crate::config::DirShare {
+            host: "/h/work".into(),
+            mount: openshell_guest::GuestMount { tag: "work".into(), path: "/run/work".into(), read_only: false },
+        }];
+        let s = spec_of(&c);
+        assert_eq!(s.kernel, std::path::Path::new(&format!("{FD_DIR}/10")));
+        assert_eq!(s.root, std::path::Path::new(&format!("{FD_DIR}/11/.")));
+        assert_eq!(s.console_output.as_deref(), Some(std::path::Path::new(&format!("{FD_DIR}/13"))));
+        let dirs: Vec<String> = s.shares.iter().map(|(t, d)| format!("{t}={}", d.display())).collect();
+        assert_eq!(
+            dirs,
+            [format!("rootfs={FD_DIR}/11/."), format!("openshell={FD_DIR}/12/."), format!("work={FD_DIR}/14/.")]
+        );
+        let argv: Vec<String> = command(std::path::Path::new("/x/openshell-vmm"), &c, &Link::None, &files(&c))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = argv.join(" ");
+        assert!(!joined.contains("/store/") && !joined.contains("/st/") && !joined.contains("/h/"), "{joined}");
+    }
 
-        let e = booted_artifacts(&argv[..1], dir.path()).unwrap_err();
-        assert!(e.contains("expected `openshell-vmm SPEC.json`"), "{e}");
-        let e = booted_artifacts(&["openshell-vmm".into(), "gone.json".into()], dir.path()).unwrap_err();
-        assert!(e.contains("gone.json"), "{e}");
+    #[test]
+    fn booted_artifacts_are_what_the_spec_on_the_argv_names() {
+        let c = cfg(crate::NetMode::Passt);
+        let argv: Vec<String> = ["/x/openshell-vmm".to_owned()].into_iter().chain(spec_of(&c).to_args()).collect();
+        let b = booted_artifacts(&argv).unwrap();
+        let s = spec_of(&c);
+        assert_eq!((b.kernel, b.rootfs), (s.kernel, s.root));
+
+        let e = booted_artifacts(&argv[..1]).unwrap_err();
+        assert!(e.contains("expected `openshell-vmm --spec JSON`"), "{e}");
+        let mut no_root = spec_of(&c);
+        no_root.shares.retain(|(tag, _)| tag != super::super::ROOT_TAG);
+        let argv: Vec<String> = ["openshell-vmm".to_owned()].into_iter().chain(no_root.to_args()).collect();
+        assert!(booted_artifacts(&argv).unwrap_err().contains("no virtio-fs share tagged rootfs"));
     }
 
     #[test]

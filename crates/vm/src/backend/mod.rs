@@ -23,6 +23,15 @@ impl Backend {
             Backend::Qemu { .. } => "qemu",
         }
     }
+
+    /// Whether the VMM opens `/dev/kvm` (and so runs with its group, [`crate::sandbox::VmmUser`]):
+    /// libkrun always on Linux (HVF on macOS), QEMU when it accelerates with KVM.
+    pub fn uses_kvm(self) -> bool {
+        match self {
+            Backend::Krun => cfg!(target_os = "linux"),
+            Backend::Qemu { kvm } => kvm,
+        }
+    }
 }
 
 impl fmt::Display for Backend {
@@ -64,8 +73,8 @@ pub struct BootedArtifacts {
 }
 
 /// What a running VMM of ours was started with, read back from its argv (`/proc/<pid>/cmdline`):
-/// QEMU names both on its command line, `openshell-vmm` names the spec file that does. Relative
-/// paths resolve against the VMM's working directory `cwd`, and a `/proc/self/fd/N` (QEMU gets its
+/// QEMU names both on its command line, `openshell-vmm` in the spec on its command line. Relative
+/// paths resolve against the VMM's working directory `cwd`, and a `/proc/self/fd/N` (both get their
 /// files open, see [`crate::sandbox`]) as what the VMM's fd N is, which `open_fd` reads
 /// ([`crate::procfs::fd_target`]). This is the VMM's word, not the instance's records: what
 /// `verify` re-hashes.
@@ -78,13 +87,12 @@ pub fn booted_artifacts(
     let found = if program.starts_with("qemu-system") {
         qemu::booted_artifacts(argv)?
     } else if program == "openshell-vmm" {
-        krun::booted_artifacts(argv, cwd)?
+        krun::booted_artifacts(argv)?
     } else {
         return Err(format!("{program:?} is not a VMM this project starts ({})", VMM_PROGRAMS.join(", ")));
     };
     let resolve = |p: PathBuf| -> Result<PathBuf, String> {
-        let fd = p.strip_prefix(crate::sandbox::FD_DIR).ok().and_then(|n| n.to_str()?.parse::<i32>().ok());
-        match fd {
+        match crate::sandbox::fd_of(&p) {
             Some(fd) => open_fd(fd).ok_or_else(|| {
                 format!(
                     "it names {}, and that fd of the VMM cannot be read (run as the user that started it)",
@@ -156,5 +164,19 @@ mod tests {
         );
         let e = booted_artifacts(&argv, Path::new("/cwd"), &|_| None).unwrap_err();
         assert!(e.contains(&fd_path(10)) && e.contains("cannot be read"), "{e}");
+
+        // openshell-vmm's spec names its root share behind `/.` (libkrun opens it O_NOFOLLOW).
+        let mut cfg = crate::VmConfig::exec("/k".into(), "/r".into(), "/st".into(), vec!["/bin/true".into()]);
+        cfg.net = crate::NetMode::None;
+        let handed = crate::sandbox::HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: vec![] };
+        let spec = krun::spec(&cfg, &crate::net::Link::None, &handed);
+        let argv: Vec<String> = ["/x/openshell-vmm".to_owned()].into_iter().chain(spec.to_args()).collect();
+        let b = booted_artifacts(&argv, Path::new("/cwd"), &fds).unwrap();
+        if cfg!(target_os = "linux") {
+            assert_eq!(
+                (b.kernel.as_path(), b.rootfs.as_path()),
+                (Path::new("/store/kernel/vmlinux"), Path::new("/store/rootfs/abc"))
+            );
+        }
     }
 }
