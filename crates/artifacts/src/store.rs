@@ -117,17 +117,22 @@ impl Store {
             .prefix(&format!("{TMP_PREFIX}{}-{}-", key.short(), std::process::id()))
             .tempdir_in(parent)
             .map_err(|source| StoreError::Prepare { path: parent.to_owned(), source })?;
-        build(tmp.path())?;
+        // Kept by hand rather than by TempDir's drop, which would recurse into whatever a killed
+        // step left mounted inside (see `remove_unless_mounted`).
         let tmp_path = tmp.keep();
+        if let Err(e) = build(&tmp_path) {
+            remove_unless_mounted(&tmp_path);
+            return Err(e);
+        }
         match fs::rename(&tmp_path, &dest) {
             Ok(()) => Ok(dest),
             // Someone else published the same key meanwhile: same inputs, same artifact.
             Err(_) if dest.is_dir() => {
-                let _ = fs::remove_dir_all(&tmp_path);
+                remove_unless_mounted(&tmp_path);
                 Ok(dest)
             }
             Err(source) => {
-                let _ = fs::remove_dir_all(&tmp_path);
+                remove_unless_mounted(&tmp_path);
                 Err(StoreError::Publish { path: dest, source }.into())
             }
         }
@@ -146,9 +151,60 @@ fn sweep_abandoned(parent: &Path) {
         let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|p| !alive(p)) {
             tracing::info!(dir = %entry.path().display(), "removing the temporary directory of an interrupted build");
-            let _ = fs::remove_dir_all(entry.path());
+            remove_unless_mounted(&entry.path());
         }
     }
+}
+
+/// Removes a temporary build directory, unless filesystems are still mounted below it: a killed
+/// `mmdebstrap` leaves the host's `/proc`, `/sys` and a bind mount of the host's `/dev/shm` inside
+/// its root, and removing recursively through that bind mount deletes the host's own files.
+fn remove_unless_mounted(dir: &Path) {
+    let mounted = mounts_below(dir);
+    if mounted.is_empty() {
+        let _ = fs::remove_dir_all(dir);
+        return;
+    }
+    let list: Vec<String> = mounted.iter().map(|m| m.display().to_string()).collect();
+    tracing::warn!(
+        "not removing {}: {} filesystem(s) are still mounted below it ({}); run `umount -R` on each, then remove it",
+        dir.display(),
+        mounted.len(),
+        list.join(", ")
+    );
+}
+
+/// Mount points at or below `dir` (`/proc/self/mountinfo`; none where it cannot be read).
+fn mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_mount_points(&info).into_iter().filter(|m| m.starts_with(&dir)).collect()
+}
+
+/// Field 5 of each mountinfo line, with the kernel's octal escapes (`\040` for a space) undone.
+fn parse_mount_points(info: &str) -> Vec<PathBuf> {
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| {
+            let mut out = Vec::new();
+            let b = m.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                let octal = b.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(std::str::from_utf8(o).ok()?, 8).ok());
+                match (b[i], octal) {
+                    (b'\\', Some(c)) => {
+                        out.push(c);
+                        i += 4;
+                    }
+                    (c, _) => {
+                        out.push(c);
+                        i += 1;
+                    }
+                }
+            }
+            PathBuf::from(std::ffi::OsString::from(String::from_utf8_lossy(&out).into_owned()))
+        })
+        .collect()
 }
 
 fn default_root() -> PathBuf {
@@ -172,6 +228,47 @@ mod tests {
     impl From<StoreError> for E {
         fn from(_: StoreError) -> Self {
             E
+        }
+    }
+
+    #[test]
+    fn mount_points_are_read_with_their_escapes() {
+        let info = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+                    90 30 0:5 /shm /root/.cache/x/.tmp-ab-1-z/dev/shm rw - tmpfs tmpfs rw\n\
+                    91 30 0:6 / /mnt/a\\040b rw - tmpfs tmpfs rw\n";
+        let points = parse_mount_points(info);
+        assert_eq!(
+            points,
+            [PathBuf::from("/proc"), PathBuf::from("/root/.cache/x/.tmp-ab-1-z/dev/shm"), PathBuf::from("/mnt/a b")]
+        );
+    }
+
+    #[test]
+    #[cfg_attr(not(target_os = "linux"), ignore = "reads /proc/self/mountinfo, which macOS lacks")]
+    fn a_directory_with_a_mount_below_it_is_kept() {
+        // `/` has mounts below it on any Linux host (/proc at least); a fresh directory has none.
+        assert!(!mounts_below(Path::new("/")).is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let inner = dir.path().join("x");
+        fs::create_dir(&inner).unwrap();
+        assert!(mounts_below(dir.path()).is_empty());
+        remove_unless_mounted(&inner);
+        assert!(!inner.exists());
+        // A real mount below a build directory (what a killed mmdebstrap leaves): kept, and the
+        // mounted filesystem's files untouched. Mounting needs root, which the CI runs as.
+        if std::process::Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n")) {
+            let build = dir.path().join(".tmp-ab-1-z");
+            let shm = build.join("dev/shm");
+            fs::create_dir_all(&shm).unwrap();
+            let mount = std::process::Command::new("mount").args(["-t", "tmpfs", "tmpfs"]).arg(&shm).status().unwrap();
+            assert!(mount.success(), "mount -t tmpfs as root");
+            fs::write(shm.join("host-file"), "the host's").unwrap();
+            remove_unless_mounted(&build);
+            let survived = shm.join("host-file").exists();
+            let _ = std::process::Command::new("umount").arg(&shm).status();
+            assert!(survived && build.exists(), "a build directory with a mount below it was removed through it");
+        } else {
+            eprintln!("not root: the real-mount half of this test did not run (the CI runs it as root)");
         }
     }
 
