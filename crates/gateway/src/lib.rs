@@ -20,7 +20,7 @@ pub mod proto {
 pub use client::{connect, connect_with_request_timeout, health, info, ClientBundle, ClientError};
 pub use probe::{probe, ProbeError, TlsOutcome, TlsProbe};
 pub use proto::InfoReply;
-pub use server::{serve, GatewayConfig, GatewayService, ServeError};
+pub use server::{serve, Ended, GatewayConfig, GatewayService, ServeError};
 pub use tls::{ServerMaterial, TlsError};
 pub use tonic_health::pb::health_check_response::ServingStatus;
 

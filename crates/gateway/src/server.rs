@@ -60,7 +60,17 @@ impl Gateway for GatewayService {
     }
 }
 
-/// Serves Gateway and Health on `listener` until `shutdown` resolves.
+/// How serving ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Every connection closed (after a stop request, or the listener's stream ended).
+    Drained,
+    /// [`SHUTDOWN_GRACE`] passed after the stop request with `open` authenticated connections
+    /// still held by their clients; serving ended anyway.
+    GraceExpired { open: usize },
+}
+
+/// Serves Gateway and Health on `listener` until `shutdown` resolves, and says how it ended.
 /// TLS material is checked before anything is served, so a bad `--tls-dir`
 /// fails at startup rather than on the first connection.
 pub async fn serve(
@@ -68,7 +78,7 @@ pub async fn serve(
     material: &ServerMaterial,
     config: GatewayConfig,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
+) -> Result<Ended, ServeError> {
     let tls_config = tls::server_config(material)?;
 
     let (mut reporter, health_service) = tonic_health::server::health_reporter();
@@ -84,10 +94,12 @@ pub async fn serve(
         shutdown.await;
         let _ = stopping.send(());
     };
+    let incoming = tls::incoming(listener, tls_config);
+    let open = incoming.open_connections();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(GatewayServer::new(GatewayService::new(config)))
-        .serve_with_incoming_shutdown(tls::incoming(listener, tls_config), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => served?,
@@ -95,14 +107,18 @@ pub async fn serve(
             eprintln!("openshell-gateway: [{:>6} ms] stopping", sysinfo::uptime_ms());
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
                 Ok(served) => served?,
-                Err(_) => eprintln!(
-                    "openshell-gateway: connections still open {} s after the stop request; exiting",
-                    SHUTDOWN_GRACE.as_secs()
-                ),
+                Err(_) => {
+                    let open = open.get();
+                    eprintln!(
+                        "openshell-gateway: {open} connections still open {} s after the stop request; exiting",
+                        SHUTDOWN_GRACE.as_secs()
+                    );
+                    return Ok(Ended::GraceExpired { open });
+                }
             }
         }
     }
-    Ok(())
+    Ok(Ended::Drained)
 }
 
 /// How long open connections may take to close once a stop is requested.

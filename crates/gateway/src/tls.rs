@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -184,6 +184,41 @@ pub fn server_config(material: &ServerMaterial) -> Result<Arc<ServerConfig>, Tls
 pub struct TlsIncoming {
     rx: mpsc::Receiver<io::Result<TlsStream<Watched>>>,
     accept_loop: JoinHandle<()>,
+    open: OpenConnections,
+}
+
+impl TlsIncoming {
+    /// The count of authenticated connections handed to the server and not yet dropped; it
+    /// outlives this stream, so a caller can still read it once serving ended.
+    pub fn open_connections(&self) -> OpenConnections {
+        self.open.clone()
+    }
+}
+
+/// How many authenticated connections are open: each one counts from its handshake until the
+/// server drops it. It is how `serve` tells a shutdown that drained every connection from one
+/// whose grace ran out while clients still held theirs.
+#[derive(Clone, Debug, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn enter(&self) -> OpenGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        OpenGuard(self.0.clone())
+    }
+}
+
+/// One connection's place in [`OpenConnections`], given back when the connection is dropped.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for TlsIncoming {
@@ -209,6 +244,8 @@ pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming
     let (tx, rx) = mpsc::channel(16);
     let acceptor = TlsAcceptor::from(config);
     let refusals = Arc::new(Mutex::new(RefusalLog::new(Instant::now())));
+    let open = OpenConnections::default();
+    let counted = open.clone();
     let accept_loop = tokio::spawn(async move {
         let mut summaries = tokio::time::interval(REFUSAL_WINDOW);
         loop {
@@ -238,14 +275,16 @@ pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let refusals = refusals.clone();
+            let counted = counted.clone();
             tokio::spawn(async move {
-                if let Some(tls) = handshake(&acceptor, tcp, peer, &refusals).await {
+                if let Some(mut tls) = handshake(&acceptor, tcp, peer, &refusals).await {
+                    tls.get_mut().0.open = Some(counted.enter());
                     let _ = tx.send(Ok(tls)).await;
                 }
             });
         }
     });
-    TlsIncoming { rx, accept_loop }
+    TlsIncoming { rx, accept_loop, open }
 }
 
 async fn handshake(
@@ -255,7 +294,7 @@ async fn handshake(
     refusals: &Mutex<RefusalLog>,
 ) -> Option<TlsStream<Watched>> {
     let progress = Arc::new(Progress::new());
-    let accept = acceptor.accept(Watched { tcp, progress: progress.clone() });
+    let accept = acceptor.accept(Watched { tcp, progress: progress.clone(), open: None });
     tokio::pin!(accept);
     let why = loop {
         tokio::select! {
@@ -309,6 +348,8 @@ impl Progress {
 pub struct Watched {
     tcp: TcpStream,
     progress: Arc<Progress>,
+    /// Set once the handshake succeeded: from then on the connection counts as open.
+    open: Option<OpenGuard>,
 }
 
 impl Watched {
