@@ -28,7 +28,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 /// The outcome's vocabulary, so callers need no rustls of their own.
-pub use rustls::{AlertDescription, ProtocolVersion};
+pub use rustls::{AlertDescription, CertificateError, Error as RustlsError, ProtocolVersion};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, SupportedProtocolVersion};
 
 /// What a probe presents: the CA it trusts for the server, its client identity if any, the TLS

@@ -776,14 +776,39 @@ fn reset_replaces_the_pki_in(cli: &Cli) -> Result<(), String> {
         }
     }
     let endpoint = format!("127.0.0.1:{port}");
-    if let Ok(s) = health(&endpoint, &old) {
-        return Err(format!("the reset gateway answered a client holding the old PKI: {s:?}"));
-    }
+    // First the new bundle is served on this endpoint: the proof that what follows is the live
+    // gateway judging the old PKI, not a dead port that would fail every client alike.
     match health(&endpoint, &new) {
-        Ok(openshell_gateway::ServingStatus::Serving) => Ok(()),
-        other => Err(format!("the reset gateway does not answer its new client bundle: {other:?}")),
+        Ok(openshell_gateway::ServingStatus::Serving) => {}
+        other => return Err(format!("the reset gateway does not answer its new client bundle: {other:?}")),
+    }
+    use openshell_gateway::probe::{AlertDescription, CertificateError, RustlsError};
+    use openshell_gateway::{TlsOutcome, TlsProbe};
+    let probe = |p: &TlsProbe| openshell_gateway::probe(&endpoint, p, OLD_PKI_PROBE_GUARD).map_err(|e| e.to_string());
+    // The old client certificate, offered to a client that trusts the new server (so this side
+    // goes through): the gateway itself must refuse it. The old CA bears the new one's name (both
+    // are the instance's), so the verifier finds an issuer of that name and its signature check
+    // refuses: decrypt_error, as `mtls.rs` shows for a namesake CA on loopback.
+    let new_trust = TlsProbe::with_bundle(&new, "localhost");
+    let old_identity = TlsProbe { identity: Some((old.cert_pem.clone(), old.key_pem.clone())), ..new_trust };
+    match probe(&old_identity)? {
+        TlsOutcome::Refused { alert: AlertDescription::DecryptError, after_handshake: true } => {}
+        other => {
+            return Err(format!(
+                "the reset gateway did not refuse the old client certificate with its decrypt_error alert: {other}"
+            ))
+        }
+    }
+    // And a host still holding the whole old bundle does not take the new gateway for its own:
+    // the new server certificate names the old CA's namesake as issuer, whose signature fails.
+    match probe(&TlsProbe::with_bundle(&old, "localhost"))? {
+        TlsOutcome::ClientRejected(RustlsError::InvalidCertificate(CertificateError::BadSignature)) => Ok(()),
+        other => Err(format!("a client with the old CA did not reject the reset gateway's certificate: {other}")),
     }
 }
+
+/// Each TLS step's hang guard in the old-PKI probes, not the property (the outcome is).
+const OLD_PKI_PROBE_GUARD: Duration = Duration::from_secs(60);
 
 fn ready_timeout_expiry_leaves_nothing_running(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| ready_timeout_in(cli))
