@@ -727,11 +727,17 @@ mod tests {
         assert_eq!(err, "gone");
     }
 
-    /// A stand-in for the gvproxy binary: records its argv and sleeps; the test binds the sockets
-    /// and answers the API the way gvproxy does. This tests our process owner and client, not gvproxy.
+    /// A stand-in for the gvproxy binary: records its uid and argv and sleeps; the test binds the
+    /// sockets and answers the API the way gvproxy does. This tests our process owner and client,
+    /// not gvproxy. `argv.txt` appears last and whole (renamed into place): the test waits for it,
+    /// and a loaded CI run once read `uid.txt` between the shell creating it and `id` writing it.
     fn fake_gvproxy(dir: &Path) -> PathBuf {
         let path = dir.join("fake-gvproxy");
-        std::fs::write(&path, "#!/bin/sh\nprintf '%s\\n' \"$@\" > argv.txt\nid -u > uid.txt\nexec sleep 30\n").unwrap();
+        std::fs::write(
+            &path,
+            "#!/bin/sh\nid -u > uid.txt\nprintf '%s\\n' \"$@\" > argv.tmp\nmv argv.tmp argv.txt\nexec sleep 30\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         path
     }
