@@ -1892,13 +1892,18 @@ fn bench_exec_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), F
     })
 }
 
+/// The one element of the JSON array `doc`, or `rule` with the document.
+fn the_one<'a>(doc: &'a Value, rule: &str) -> Result<&'a Value, String> {
+    match doc.as_array().map(Vec::as_slice) {
+        Some([one]) => Ok(one),
+        _ => Err(format!("{rule}: {doc:#}")),
+    }
+}
+
 fn bench_load_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| {
         let doc = bench_json(cli, &["load", "--shape", "4x5", "--vmm", cli.vmm])?;
-        let round = match doc.as_array().map(Vec::as_slice) {
-            Some([round]) => round,
-            _ => return Err(format!("bench load with one --shape must report one round: {doc:#}")),
-        };
+        let round = the_one(&doc, "bench load with one --shape must report one round")?;
         expect_fields(
             round,
             "bench load 4x5",
@@ -2001,10 +2006,7 @@ fn bench_compare_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<()
 fn bench_memory_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| {
         let doc = bench_json(cli, &["memory", "--mem", "256", "--vmm", cli.vmm])?;
-        let row = match doc.as_array().map(Vec::as_slice) {
-            Some([row]) => row,
-            _ => return Err(format!("bench memory --mem 256 must report one row: {doc:#}")),
-        };
+        let row = the_one(&doc, "bench memory --mem 256 must report one row")?;
         expect_fields(
             row,
             "bench memory",
