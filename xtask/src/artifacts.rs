@@ -72,19 +72,14 @@ pub fn kernel_spec(role: KernelRole, arch: Arch) -> anyhow::Result<KernelSpec> {
 /// and the rootfs' build tools (cross tools for a foreign arch), passt when it networks through
 /// passt, QEMU unless libkrun runs on hardware KVM. `vm run` installs them all in one round before
 /// it builds anything.
-fn boot_packages(
-    net: &openshell_vm::NetMode,
-    choice: openshell_vm::VmmChoice,
-    host: &openshell_vm::HostFacts,
-    arch: Arch,
-) -> Vec<&'static [(&'static str, &'static str)]> {
-    use openshell_vm::plan::{Need, Net};
+fn boot_packages(plan: &openshell_vm::Plan, arch: Arch) -> Vec<&'static [(&'static str, &'static str)]> {
+    use openshell_vm::plan::Need;
     let mut groups = vec![deps::KERNEL, deps::ROOTFS, deps::cross(arch)];
-    for need in openshell_vm::plan_for(host, choice, Net::of(net), arch).needs {
+    for &need in &plan.needs {
         match need {
             Need::Qemu => groups.push(deps::qemu(arch)),
             Need::Passt => groups.push(deps::PASST),
-            // `resolve_net` found or fetched it already, or said how to get it; the VMM is built.
+            // Fetched from Debian's archive when missing, not installed; the VMM is built.
             Need::Gvproxy | Need::VmmBinary => {}
         }
     }
@@ -280,22 +275,6 @@ pub fn ensure_gvproxy(store: &Store) -> anyhow::Result<PathBuf> {
     Ok(g.binary)
 }
 
-/// `--net` and `--gvproxy` resolved on this host ([`openshell_vm::NetMode::resolve`]); on Linux a
-/// `--net gvproxy` that finds no gvproxy fetches Debian's into the store first.
-pub fn resolve_net(
-    choice: Option<openshell_vm::net::NetChoice>,
-    gvproxy_flag: Option<PathBuf>,
-) -> anyhow::Result<openshell_vm::NetMode> {
-    let wants_fetch = cfg!(target_os = "linux")
-        && choice == Some(openshell_vm::net::NetChoice::Gvproxy)
-        && gvproxy_flag.is_none()
-        && openshell_vm::net::gvproxy::find().is_none();
-    if wants_fetch {
-        ensure_gvproxy(&Store::default_location())?;
-    }
-    Ok(openshell_vm::NetMode::resolve(choice, gvproxy_flag)?)
-}
-
 /// The kernel `vm run` would boot, without building or installing anything: its `vmlinux`, or
 /// what was looked for.
 pub fn locate_kernel(store: &Store) -> Result<PathBuf, String> {
@@ -372,19 +351,29 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
 }
 
 /// The build step of a boot: what the plan for `choice` and `net` says the boot needs, installed
-/// (the kernel's and rootfs' tools, QEMU, passt, in the one apt round of [`boot_packages`]) or
-/// built (`openshell-vmm`). Decides
-/// nothing itself; the preflight then probes the host as this left it and refuses what is still missing.
+/// (the kernel's and rootfs' tools, QEMU, passt, in the one apt round of [`boot_packages`]),
+/// fetched (gvproxy from Debian's archive on Linux, unless `--gvproxy` names one) or built
+/// (`openshell-vmm`). Runs before any kernel build, so a missing gvproxy costs no build to find
+/// out. Decides nothing itself; the preflight then probes the host as this left it and refuses
+/// what is still missing.
 pub fn ensure_vmm(
     sh: &Shell,
     choice: openshell_vm::VmmChoice,
-    net: &openshell_vm::NetMode,
+    net: openshell_vm::Net,
+    gvproxy_flag: Option<&std::path::Path>,
     arch: Arch,
 ) -> anyhow::Result<()> {
-    let host = openshell_vm::HostFacts::probe();
-    deps::ensure(sh, &boot_packages(net, choice, &host, arch))?;
-    let plan = openshell_vm::plan_for(&host, choice, openshell_vm::plan::Net::of(net), arch);
-    if plan.needs.contains(&openshell_vm::plan::Need::VmmBinary) {
+    use openshell_vm::plan::Need;
+    let plan = openshell_vm::plan_for(&openshell_vm::HostFacts::probe(), choice, net, arch);
+    deps::ensure(sh, &boot_packages(&plan, arch))?;
+    if plan.needs(Need::Gvproxy) && gvproxy_flag.is_none() && plan.gvproxy.is_none() {
+        if cfg!(target_os = "linux") {
+            ensure_gvproxy(&Store::default_location())?;
+        } else {
+            anyhow::bail!("--net gvproxy: {}", openshell_vm::net::gvproxy_missing(true));
+        }
+    }
+    if plan.needs(Need::VmmBinary) {
         build_vmm(sh)?;
     }
     Ok(())

@@ -24,7 +24,7 @@ use anyhow::Context;
 use openshell_artifacts::Store;
 use openshell_instance::gateway::GatewayInstance;
 use openshell_instance::supervise;
-use openshell_vm::plan::Net;
+use openshell_vm::Net;
 use openshell_vm::{timeline, KrunPlace, VmExit, VmmChoice};
 use xshell::Shell;
 
@@ -98,7 +98,7 @@ impl BenchCmd {
         if vmm == VmmChoice::Krun && plan.krun == KrunPlace::NestedL1 {
             return nested(&sh, &facts, n, &a, json);
         }
-        crate::artifacts::ensure_vmm(&sh, vmm, &openshell_vm::NetMode::Passt, openshell_artifacts::Arch::host())?;
+        crate::artifacts::ensure_vmm(&sh, vmm, openshell_vm::Net::Passt, None, openshell_artifacts::Arch::host())?;
         let report = boots(n, vmm, &a, true)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&summarize_all(&report))?);
@@ -246,7 +246,7 @@ fn request(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, name: &str) ->
         a.rootfs.clone(),
         a.digests.clone(),
         free_port()?,
-        openshell_vm::NetMode::Passt,
+        openshell_vm::Net::Passt,
         vmm,
     );
     req.ready_timeout = Duration::from_secs(120);
@@ -292,8 +292,7 @@ fn nested(sh: &Shell, facts: &openshell_vm::HostFacts, n: usize, a: &Artifacts, 
         let cfg =
             host.l1_config(state.path().join("state"), argv.iter().map(|s| s.to_string()).collect(), env, paths)?;
         // L1 is a plain QEMU VM of the nested host's own artifacts; the plan says how it runs.
-        let plan = openshell_vm::plan(facts, cfg.vmm, Net::of(&cfg.net));
-        let mut l1 = openshell_vm::launch(&cfg, &plan)?;
+        let mut l1 = openshell_vm::launch(&openshell_vm::Planned::new(facts, cfg))?;
         let l1_ready = watch_for(&l1.console, "] exec /", l1.started);
         let exit = l1.wait(None, Some(Duration::from_secs(600)))?;
         let console = std::fs::read_to_string(&l1.console).unwrap_or_default();

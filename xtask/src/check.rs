@@ -23,7 +23,7 @@ pub struct CheckCmd {
     vmm: VmmChoice,
     /// The network the helper's row is about: passt, gvproxy or none (default: the platform's)
     #[arg(long, value_name = "passt|gvproxy|none", conflicts_with = "guest")]
-    net: Option<openshell_vm::net::NetChoice>,
+    net: Option<openshell_vm::Net>,
     /// The host port the gateway-port row checks: the HOST of a `vm run -p HOST:30051`
     #[arg(long, default_value_t = gateway::GATEWAY_PORT, conflicts_with = "guest")]
     port: u16,
@@ -48,8 +48,7 @@ impl CheckCmd {
             store_root: Some(store.root().to_owned()),
             gateways_root: gateway::gateways_root(),
         });
-        let net = self.net.map(openshell_vm::plan::Net::of_choice);
-        let report = check::host_report(&facts, self.vmm, net);
+        let report = check::host_report(&facts, self.vmm, self.net);
         if self.json {
             println!("{}", serde_json::to_string_pretty(&report.to_json())?);
         } else {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use openshell_artifacts::Store;
-use openshell_vm::plan::Net;
+use openshell_vm::Net;
 use openshell_vm::VmmChoice;
 use xshell::{cmd, Shell};
 

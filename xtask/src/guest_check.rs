@@ -22,7 +22,7 @@ pub fn run(json: bool, vmm: VmmChoice) -> anyhow::Result<i32> {
     let mut cfg =
         openshell_instance::guest_check::config(kernel.vmlinux.clone(), rootfs.dir.clone(), state.path().join("state"));
     cfg.vmm = vmm;
-    crate::artifacts::ensure_vmm(&sh, cfg.vmm, &cfg.net, cfg.arch)?;
+    crate::artifacts::ensure_vmm(&sh, cfg.vmm, cfg.net, cfg.gvproxy.as_deref(), cfg.arch)?;
     eprintln!("guest check: booting kernel {} with rootfs {}", kernel.provenance.kernel_release, rootfs.digest().hex());
     let started = std::time::Instant::now();
     match openshell_instance::guest_check::run(&cfg, openshell_instance::check::Verification::Required) {

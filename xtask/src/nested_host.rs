@@ -38,8 +38,7 @@ impl NestedHostCmd {
             root.digest().short(),
             root.dir.display()
         );
-        let plan =
-            openshell_vm::plan(&HostFacts::probe(), openshell_vm::VmmChoice::Krun, openshell_vm::plan::Net::None);
+        let plan = openshell_vm::plan(&HostFacts::probe(), openshell_vm::VmmChoice::Krun, openshell_vm::Net::None);
         match plan.krun {
             KrunPlace::NestedL1 => {
                 println!("  libkrun runs only nested on this host: the krun trials use this nested host")

@@ -97,7 +97,7 @@ struct RunArgs {
     /// Guest network: passt (the Linux default), gvproxy (the macOS default: found on PATH or in
     /// podman's libexec) or none. Forwards bind 127.0.0.1 only
     #[arg(long, value_name = "passt|gvproxy|none", default_value_if("gvproxy", ArgPredicate::IsPresent, "gvproxy"))]
-    net: Option<openshell_vm::net::NetChoice>,
+    net: Option<openshell_vm::Net>,
     /// The gvproxy binary to use (implies --net gvproxy)
     #[arg(long, value_name = "PATH")]
     gvproxy: Option<PathBuf>,
@@ -182,8 +182,7 @@ impl VmCmd {
 impl RunArgs {
     fn run(self) -> anyhow::Result<i32> {
         let arch = self.arch.unwrap_or_else(openshell_artifacts::Arch::host);
-        // Before any build: a missing gvproxy should not cost a kernel build to find out.
-        let net = crate::artifacts::resolve_net(self.net, self.gvproxy.clone())?;
+        let net = self.net.unwrap_or(openshell_vm::Net::default_for(openshell_vm::host::Os::host()));
         // A running instance is refused before anything is built, reset or written into its
         // share; the boot takes the lock for real.
         let instance = match &self.exec {
@@ -198,7 +197,7 @@ impl RunArgs {
         let store = Store::default_location();
         // One install round for all of it (and openshell-vmm built when the plan needs it), before
         // the kernel build asks for its share.
-        crate::artifacts::ensure_vmm(&sh, self.vmm, &net, arch)?;
+        crate::artifacts::ensure_vmm(&sh, self.vmm, net, self.gvproxy.as_deref(), arch)?;
         let kernel =
             crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
@@ -222,6 +221,7 @@ impl RunArgs {
             net,
             self.vmm,
         );
+        req.gvproxy = self.gvproxy.clone();
         req.vcpus = self.vcpus;
         if let Some(mem) = self.mem {
             req.mem_mib = mem;
@@ -243,7 +243,7 @@ impl RunArgs {
                 eprintln!("gateway {:?}: {p}", inst.name);
             }
             // Refuse here, in the caller's terminal; the supervisor checks again before it boots.
-            let preflight = check::preflight(&req.config()?, verification);
+            let preflight = check::preflight(req.config()?, verification);
             // A twin `vm run --name` started since the first check holds the port by now: say
             // that the instance runs, not that its port is in use.
             inst.ensure_stopped()?;
@@ -286,7 +286,7 @@ impl RunArgs {
         kernel: PathBuf,
         rootfs: PathBuf,
         arch: openshell_artifacts::Arch,
-        net: openshell_vm::NetMode,
+        net: openshell_vm::Net,
         verification: Verification,
     ) -> anyhow::Result<i32> {
         let mut argv = vec![self.exec.clone().expect("exec mode")];
@@ -299,6 +299,7 @@ impl RunArgs {
         };
         let mut cfg = VmConfig::exec(kernel, rootfs, state_dir, argv);
         cfg.net = net;
+        cfg.gvproxy = self.gvproxy.clone();
         cfg.ports = self.ports;
         cfg.arch = arch;
         cfg.vcpus = self.vcpus;

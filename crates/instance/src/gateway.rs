@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use openshell_vm::timeline;
-use openshell_vm::{NetMode, PortMap, RunningVm, VmConfig, VmError};
+use openshell_vm::{Net, PortMap, RunningVm, VmConfig, VmError};
 
 pub const GATEWAY_PORT: u16 = 30051;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -210,9 +210,9 @@ impl GatewayInstance {
         rootfs: PathBuf,
         digests: (&str, &str),
         host_port: u16,
-        net: NetMode,
+        net: Net,
     ) -> Result<VmConfig, VmError> {
-        if net == NetMode::None {
+        if net == Net::None {
             return Err(VmError::Invalid("the gateway is reached through a port forward, so it needs a network: use --net passt or --net gvproxy".into()));
         }
         let argv = [
@@ -513,7 +513,7 @@ mod tests {
     fn gateway_without_a_network_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let inst = GatewayInstance::new(t.path(), "t").unwrap();
-        let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), 30051, NetMode::None).unwrap_err().to_string();
+        let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), 30051, Net::None).unwrap_err().to_string();
         assert!(err.contains("--net passt or --net gvproxy"), "{err}");
     }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::gateway::{self, GatewayInstance, Metadata};
 use openshell_vm::launch::StopSignals;
 use openshell_vm::procfs;
-use openshell_vm::{HostStop, NetMode, RunningVm, VmConfig, VmError, VmExit, VmmChoice};
+use openshell_vm::{HostStop, Net, RunningVm, VmConfig, VmError, VmExit, VmmChoice};
 
 /// A gateway VM that answered its mTLS health check. Dropping it stops the VM and passt and
 /// releases the instance lock.
@@ -29,7 +29,6 @@ pub struct Supervised {
     /// The host checks this boot passed (with any warnings to show).
     pub preflight: crate::check::Preflight,
     inst: GatewayInstance,
-    cfg: VmConfig,
     digests: (String, String),
     ready_timeout: Duration,
     _lock: nix::fcntl::Flock<fs::File>,
@@ -94,7 +93,9 @@ pub struct Request {
     pub digests: (String, String),
     /// The host port forwarded to the gateway's 30051.
     pub port: u16,
-    pub net: NetMode,
+    pub net: Net,
+    /// `--gvproxy PATH` (with `--net gvproxy`).
+    pub gvproxy: Option<PathBuf>,
     pub vmm: VmmChoice,
     pub vcpus: u8,
     pub mem_mib: u32,
@@ -119,7 +120,7 @@ impl Request {
         rootfs: PathBuf,
         digests: (String, String),
         port: u16,
-        net: NetMode,
+        net: Net,
         vmm: VmmChoice,
     ) -> Request {
         Request {
@@ -130,6 +131,7 @@ impl Request {
             digests,
             port,
             net,
+            gvproxy: None,
             vmm,
             vcpus: 1,
             mem_mib: GATEWAY_MEM_MIB,
@@ -154,11 +156,12 @@ impl Request {
             self.rootfs.clone(),
             (&self.digests.0, &self.digests.1),
             self.port,
-            self.net.clone(),
+            self.net,
         )?;
         cfg.vcpus = self.vcpus;
         cfg.mem_mib = self.mem_mib;
         cfg.vmm = self.vmm;
+        cfg.gvproxy = self.gvproxy.clone();
         cfg.dhcp = self.dhcp;
         cfg.console_log = self.console_log.clone();
         cfg.exec.env = self.env.clone();
@@ -171,7 +174,7 @@ impl Request {
     pub fn boot(&self) -> Result<Supervised, VmError> {
         let inst = self.instance()?;
         let cfg = self.config()?;
-        boot(&inst, &cfg, (&self.digests.0, &self.digests.1), self.ready_timeout, self.verification)
+        boot(&inst, cfg, (&self.digests.0, &self.digests.1), self.ready_timeout, self.verification)
     }
 }
 
@@ -306,7 +309,7 @@ pub fn run_supervisor(path: &Path) -> i32 {
 /// gateway is not ready within `ready_timeout`; nothing is left running on failure.
 fn boot(
     inst: &GatewayInstance,
-    cfg: &VmConfig,
+    cfg: VmConfig,
     digests: (&str, &str),
     ready_timeout: Duration,
     verification: crate::check::Verification,
@@ -319,7 +322,7 @@ fn boot(
     // After recovery: a leftover passt of a dead supervisor must not read as "port in use".
     let preflight = crate::check::preflight(cfg, verification)?;
     let digests = (digests.0.to_owned(), digests.1.to_owned());
-    let (vm, endpoint, ready) = start(inst, cfg, &preflight.plan, &digests, ready_timeout, None)?;
+    let (vm, endpoint, ready) = start(inst, &preflight.planned, &digests, ready_timeout, None)?;
     Ok(Supervised {
         vm,
         endpoint,
@@ -327,7 +330,6 @@ fn boot(
         recovered,
         preflight,
         inst: inst.clone(),
-        cfg: cfg.clone(),
         digests,
         ready_timeout,
         _lock: lock,
@@ -338,16 +340,16 @@ fn boot(
 /// an earlier boot). The caller holds the instance lock.
 fn start(
     inst: &GatewayInstance,
-    cfg: &VmConfig,
-    plan: &openshell_vm::Plan,
+    planned: &openshell_vm::Planned,
     digests: &(String, String),
     ready_timeout: Duration,
     stop: Option<&StopSignals>,
 ) -> Result<(RunningVm, String, Duration), VmError> {
+    let cfg = planned.cfg();
     let port =
         cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
     let endpoint = format!("127.0.0.1:{port}");
-    let mut vm = openshell_vm::launch(cfg, plan)?;
+    let mut vm = openshell_vm::launch(planned)?;
     let bundle = inst.client_bundle()?;
     let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout, stop)?;
     inst.write_metadata(&Metadata {
@@ -429,8 +431,7 @@ impl Supervised {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let booted =
-                start(&self.inst, &self.cfg, &self.preflight.plan, &self.digests, self.ready_timeout, Some(signals));
+            let booted = start(&self.inst, &self.preflight.planned, &self.digests, self.ready_timeout, Some(signals));
             let (vm, endpoint, ready) = match booted {
                 // `start` dropped the half-booted VM, which stops it and its network.
                 Err(VmError::StopRequested(signal)) => {

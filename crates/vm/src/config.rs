@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use openshell_artifacts::Arch;
 use openshell_guest::{ExecRequest, GuestMount};
 
-use crate::{NetMode, PortMap};
+use crate::{Net, PortMap};
 
 pub use crate::error::VmError;
 
@@ -33,7 +33,9 @@ pub struct VmConfig {
     pub vmm: VmmChoice,
     /// libkrun log level (0 off … 5 trace).
     pub log_level: u32,
-    pub net: NetMode,
+    pub net: Net,
+    /// `--gvproxy PATH`: the gvproxy a `--net gvproxy` boot starts instead of the host's.
+    pub gvproxy: Option<PathBuf>,
     /// TCP forwards from 127.0.0.1 on the host into the guest (needs a network backend).
     pub ports: Vec<PortMap>,
     /// Let the guest ask the network backend by DHCP (the host's static address is the
@@ -71,7 +73,8 @@ impl VmConfig {
             console_cap: DEFAULT_CONSOLE_CAP,
             vmm: VmmChoice::Auto,
             log_level: 0,
-            net: NetMode::None,
+            net: Net::None,
+            gvproxy: None,
             ports: Vec::new(),
             dhcp: false,
             shares: Vec::new(),
@@ -119,7 +122,13 @@ impl VmConfig {
                 return Err(VmError::Invalid(format!("share tag {:?} is used twice", share.mount.tag)));
             }
         }
-        if !self.ports.is_empty() && self.net == NetMode::None {
+        if let (Some(path), net @ (Net::None | Net::Passt)) = (&self.gvproxy, self.net) {
+            return Err(VmError::Invalid(format!(
+                "--gvproxy {} only applies to --net gvproxy, not --net {net}",
+                path.display()
+            )));
+        }
+        if !self.ports.is_empty() && self.net == Net::None {
             return Err(VmError::Invalid(
                 "port forwards (-p) need a network backend: use --net passt or --net gvproxy".into(),
             ));
@@ -197,6 +206,18 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("does not exist"));
         c.shares = vec![share("rootfs", t.path())];
         assert!(c.validate().unwrap_err().to_string().contains("rootfs"));
+    }
+
+    #[test]
+    fn gvproxy_path_only_with_gvproxy() {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = cfg(t.path());
+        c.gvproxy = Some("/x/gvproxy".into());
+        c.net = Net::Passt;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("only applies to --net gvproxy, not --net passt"), "{e}");
+        c.net = Net::Gvproxy;
+        c.validate().unwrap();
     }
 
     #[test]

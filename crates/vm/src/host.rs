@@ -15,6 +15,17 @@ pub enum Os {
     MacOs,
 }
 
+impl Os {
+    /// The OS this program was built for, which is the one it runs on.
+    pub const fn host() -> Os {
+        if cfg!(target_os = "macos") {
+            Os::MacOs
+        } else {
+            Os::Linux
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct HostFacts {
     pub os: Os,
@@ -104,7 +115,7 @@ impl HostFacts {
         let macos = cfg!(target_os = "macos");
         let vmm = vmm_binary();
         HostFacts {
-            os: if macos { Os::MacOs } else { Os::Linux },
+            os: Os::host(),
             cpu_virt_flag: flags.iter().find(|f| **f == "vmx" || **f == "svm").map(|f| f.to_string()),
             cpu_hypervisor: flags.contains(&"hypervisor"),
             kvm: probe_kvm(),

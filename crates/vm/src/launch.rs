@@ -21,7 +21,7 @@ use openshell_guest::{EXEC_FILE, EXIT_CODE_FILE, STOP_REQUEST_FILE};
 
 use crate::backend::{self, Backend};
 pub use crate::child::{Child, Ended};
-use crate::plan::Plan;
+use crate::plan::Planned;
 use crate::{VmConfig, VmError};
 
 const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -162,20 +162,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
     move |source| VmError::Io { path, source }
 }
 
-/// Boots `cfg` with the backend `plan` chose for it ([`crate::plan`], made for `cfg.vmm`; the
-/// preflight's) and returns once the VMM process runs.
-pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
+/// Boots a config with the backend its plan chose (the preflight's [`Planned`]) and returns once
+/// the VMM process runs.
+pub fn launch(planned: &Planned) -> Result<RunningVm, VmError> {
+    let (cfg, plan) = (planned.cfg(), planned.plan());
     cfg.validate()?;
-    if plan.choice != cfg.vmm || plan.arch != cfg.arch {
-        return Err(VmError::Invalid(format!(
-            "the plan was made for --vmm {:?} and an {} guest, the config asks for {:?} and {}; plan for the config",
-            plan.choice, plan.arch, cfg.vmm, cfg.arch
-        )));
-    }
     let (backend, reason) = plan.backend()?;
     let reason = reason.to_owned();
     tracing::info!(%backend, %reason, "VMM chosen");
-    if cfg.net != crate::NetMode::None {
+    if cfg.net != crate::Net::None {
         crate::net::check_ports_free(&cfg.ports)?;
     }
     let share = prepare_state(cfg)?;
@@ -183,7 +178,7 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
         Backend::Krun => crate::net::Attach::Krun,
         Backend::Qemu { .. } => crate::net::Attach::Qemu,
     };
-    let link = crate::net::Link::of(&cfg.net, attach, &cfg.state_dir);
+    let link = crate::net::Link::of(cfg.net, attach, &cfg.state_dir);
     // Both VMMs get their files open and run unprivileged (see `sandbox`); the files outlive the
     // spawn below.
     let user = crate::sandbox::VmmUser::for_vmm(backend.uses_kvm())?;
@@ -217,10 +212,11 @@ pub fn launch(cfg: &VmConfig, plan: &Plan) -> Result<RunningVm, VmError> {
             crate::child::die_with_parent()
         });
     }
-    let (net, vmm_net_end) = match crate::net::start(&cfg.net, &cfg.ports, attach, &cfg.state_dir)? {
-        Some((net, end)) => (Some(net), end),
-        None => (None, None),
-    };
+    let (net, vmm_net_end) =
+        match crate::net::start(cfg.net, plan.gvproxy.as_deref(), &cfg.ports, attach, &cfg.state_dir)? {
+            Some((net, end)) => (Some(net), end),
+            None => (None, None),
+        };
     if let Some(end) = &vmm_net_end {
         crate::child::inherit_as_child_fd(&mut cmd, std::os::fd::AsRawFd::as_raw_fd(end));
     }

@@ -25,5 +25,5 @@ pub use config::{DirShare, VmConfig, VmmChoice};
 pub use error::VmError;
 pub use host::HostFacts;
 pub use launch::{launch, Child, Ended, HostStop, RunningVm, Stopped, VmExit, LEDGER_ENV};
-pub use net::{NetMode, PortMap};
-pub use plan::{plan, plan_for, KrunPlace, Need, Plan};
+pub use net::{Net, PortMap};
+pub use plan::{plan, plan_for, KrunPlace, Need, Plan, Planned};

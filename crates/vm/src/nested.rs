@@ -112,7 +112,7 @@ impl NestedHost {
         // passt inside L1 (L2's network) refuses to start without a routable interface to model
         // the guest's side on ("External interface not usable"): L1 gets its own, through passt on
         // the host, with no forwards.
-        cfg.net = crate::NetMode::Passt;
+        cfg.net = crate::Net::Passt;
         Ok(cfg)
     }
 }

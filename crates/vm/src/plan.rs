@@ -10,48 +10,14 @@ use openshell_artifacts::Arch;
 
 use crate::backend::Backend;
 use crate::host::{HostFacts, Os};
-use crate::{NetMode, VmmChoice};
+pub use crate::net::Net;
+use crate::{VmConfig, VmmChoice};
 
 pub const QEMU_INSTALL: &str = "apt-get install -y qemu-system-x86";
 /// Defined beside the code that starts passt (which names it when passt is missing).
 pub use crate::net::INSTALL_HINT as PASST_INSTALL;
 /// How an unsigned `openshell-vmm` gets the hypervisor entitlement on macOS.
 pub const CODESIGN: &str = "run `cargo xtask codesign`";
-
-/// Which network helper a boot uses, as far as the plan cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Net {
-    None,
-    Passt,
-    Gvproxy,
-}
-
-impl Net {
-    pub fn of(mode: &NetMode) -> Net {
-        match mode {
-            NetMode::None => Net::None,
-            NetMode::Passt => Net::Passt,
-            NetMode::Gvproxy { .. } => Net::Gvproxy,
-        }
-    }
-
-    /// What `--net` names.
-    pub fn of_choice(choice: crate::net::NetChoice) -> Net {
-        match choice {
-            crate::net::NetChoice::None => Net::None,
-            crate::net::NetChoice::Passt => Net::Passt,
-            crate::net::NetChoice::Gvproxy => Net::Gvproxy,
-        }
-    }
-
-    /// The gateway's network when none is named: passt on Linux, gvproxy on macOS.
-    pub fn default_for(os: Os) -> Net {
-        match os {
-            Os::Linux => Net::Passt,
-            Os::MacOs => Net::Gvproxy,
-        }
-    }
-}
 
 /// Where libkrun's guest can run on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +59,9 @@ pub struct Plan {
     pub vmm_binary: Option<(PathBuf, bool)>,
     /// `qemu-system-x86_64` when the backend is QEMU.
     pub qemu: Option<PathBuf>,
+    /// The gvproxy a `--net gvproxy` boot starts: `--gvproxy PATH` ([`Plan::of`]), else the
+    /// host's (PATH, podman's directories, the artifact store); `None` when none was found.
+    pub gvproxy: Option<PathBuf>,
     /// What the boot needs on the host, in the order the preflight shows it.
     pub needs: Vec<Need>,
 }
@@ -147,7 +116,42 @@ pub fn plan_for(host: &HostFacts, choice: VmmChoice, net: Net, arch: Arch) -> Pl
         Ok((Backend::Qemu { .. }, _)) => host.qemu_foreign.as_ref().map(|t| t.path.clone()),
         _ => None,
     };
-    Plan { choice, arch, backend, caveat, krun, vmm_binary, qemu, needs }
+    let gvproxy = (net == Net::Gvproxy).then(|| host.gvproxy.as_ref().map(|t| t.path.clone())).flatten();
+    Plan { choice, arch, backend, caveat, krun, vmm_binary, qemu, gvproxy, needs }
+}
+
+impl Plan {
+    /// The plan for booting `cfg` on this host: [`plan_for`] its `--vmm`, network and arch, with
+    /// its `--gvproxy PATH` taking the place of the host's gvproxy.
+    pub fn of(host: &HostFacts, cfg: &VmConfig) -> Plan {
+        let mut plan = plan_for(host, cfg.vmm, cfg.net, cfg.arch);
+        if let (Net::Gvproxy, Some(flag)) = (cfg.net, &cfg.gvproxy) {
+            plan.gvproxy = Some(flag.clone());
+        }
+        plan
+    }
+}
+
+/// A VM config with the plan made for it, the one thing [`crate::launch`] boots: built only by
+/// [`Planned::new`], so a boot never runs a plan made for another config.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    cfg: VmConfig,
+    plan: Plan,
+}
+
+impl Planned {
+    pub fn new(host: &HostFacts, cfg: VmConfig) -> Planned {
+        Planned { plan: Plan::of(host, &cfg), cfg }
+    }
+
+    pub fn cfg(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
 }
 
 /// A guest of another arch than the host's: QEMU emulates it (TCG), on Linux; libkrun runs only
@@ -260,6 +264,7 @@ fn krun_place(host: &HostFacts) -> KrunPlace {
 mod tests {
     use super::*;
     use crate::host::fake::{hardware_kvm, macos, no_kvm, pvm};
+    use crate::host::Tool;
 
     #[test]
     fn a_foreign_arch_boots_only_under_qemu_emulation() {
@@ -337,6 +342,23 @@ mod tests {
         let p = plan(&macos(true, None), VmmChoice::Auto, Net::Gvproxy);
         assert!(p.backend.is_ok());
         assert!(plan(&macos(true, Some(true)), VmmChoice::Qemu, Net::Gvproxy).backend.unwrap_err().contains("Linux"));
+    }
+
+    #[test]
+    fn the_gvproxy_flag_wins_over_the_hosts_and_only_a_gvproxy_boot_has_one() {
+        let mut host = hardware_kvm();
+        host.gvproxy = Some(Tool { path: "/usr/bin/gvproxy".into(), version: None });
+        let t = tempfile::tempdir().unwrap();
+        let mut cfg =
+            VmConfig::exec(t.path().join("k"), t.path().join("r"), t.path().join("s"), vec!["/bin/true".into()]);
+        cfg.net = Net::Gvproxy;
+        assert_eq!(Plan::of(&host, &cfg).gvproxy.as_deref(), Some("/usr/bin/gvproxy".as_ref()));
+        cfg.gvproxy = Some("/mine/gvproxy".into());
+        assert_eq!(Plan::of(&host, &cfg).gvproxy.as_deref(), Some("/mine/gvproxy".as_ref()));
+        cfg.net = Net::Passt;
+        assert_eq!(Plan::of(&host, &cfg).gvproxy, None);
+        host.gvproxy = None;
+        assert_eq!(plan(&host, VmmChoice::Auto, Net::Gvproxy).gvproxy, None);
     }
 
     #[test]

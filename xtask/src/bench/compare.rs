@@ -43,7 +43,7 @@ impl CompareArgs {
         // The naive QEMU is QEMU; ours is QEMU too on a host where libkrun cannot run, and the
         // plan says which otherwise.
         let vmm = openshell_vm::VmmChoice::Auto;
-        crate::artifacts::ensure_vmm(&sh, vmm, &openshell_vm::NetMode::Passt, openshell_artifacts::Arch::host())?;
+        crate::artifacts::ensure_vmm(&sh, vmm, openshell_vm::Net::Passt, None, openshell_artifacts::Arch::host())?;
         let work = tempfile::Builder::new().prefix("openshell-bench-compare-").tempdir()?;
         let conf = work.path().join("containers.conf");
         std::fs::write(&conf, CONTAINERS_CONF)?;
@@ -66,7 +66,7 @@ impl CompareArgs {
             a.rootfs.clone(),
             (&a.digests.0, &a.digests.1),
             super::free_port()?,
-            openshell_vm::NetMode::Passt,
+            openshell_vm::Net::Passt,
         )?;
         let bundle = inst.client_bundle()?;
 

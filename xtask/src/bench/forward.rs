@@ -40,7 +40,7 @@ impl ForwardArgs {
         anyhow::ensure!(self.round_trips > 0 && self.mib > 0, "--round-trips and --mib must be at least 1");
         let sh = xshell::Shell::new()?;
         let a = super::Artifacts::build(&sh)?;
-        crate::artifacts::ensure_vmm(&sh, self.vmm, &openshell_vm::NetMode::Passt, openshell_artifacts::Arch::host())?;
+        crate::artifacts::ensure_vmm(&sh, self.vmm, openshell_vm::Net::Passt, None, openshell_artifacts::Arch::host())?;
         let state = tempfile::Builder::new().prefix("openshell-bench-forward-").tempdir()?;
         // Both held at once, so the kernel cannot hand out the same free port twice.
         let (l1, l2) = (std::net::TcpListener::bind("127.0.0.1:0")?, std::net::TcpListener::bind("127.0.0.1:0")?);
@@ -56,7 +56,7 @@ impl ForwardArgs {
         );
         let argv = ["/bin/sh", "-c", &script].iter().map(|s| s.to_string()).collect();
         let mut cfg = VmConfig::exec(a.kernel.clone(), a.rootfs.clone(), state.path().to_owned(), argv);
-        cfg.net = openshell_vm::NetMode::Passt;
+        cfg.net = openshell_vm::Net::Passt;
         cfg.ports = vec![PortMap { host: echo, guest: ECHO_PORT }, PortMap { host: sink, guest: SINK_PORT }];
         cfg.vmm = self.vmm;
         let pb = crate::progress::spinner("bench forward");

@@ -62,7 +62,7 @@ impl LoadArgs {
     pub fn run(self) -> anyhow::Result<()> {
         let sh = xshell::Shell::new()?;
         let a = super::Artifacts::build(&sh)?;
-        crate::artifacts::ensure_vmm(&sh, self.vmm, &openshell_vm::NetMode::Passt, openshell_artifacts::Arch::host())?;
+        crate::artifacts::ensure_vmm(&sh, self.vmm, openshell_vm::Net::Passt, None, openshell_artifacts::Arch::host())?;
         let root = tempfile::Builder::new().prefix("openshell-bench-load-").tempdir()?;
         let pb = crate::progress::spinner("bench load");
         pb.set_message("booting the gateway");

@@ -37,7 +37,7 @@ impl MemoryArgs {
     pub fn run(self) -> anyhow::Result<()> {
         let sh = xshell::Shell::new()?;
         let a = super::Artifacts::build(&sh)?;
-        crate::artifacts::ensure_vmm(&sh, self.vmm, &openshell_vm::NetMode::Passt, openshell_artifacts::Arch::host())?;
+        crate::artifacts::ensure_vmm(&sh, self.vmm, openshell_vm::Net::Passt, None, openshell_artifacts::Arch::host())?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let pb = crate::progress::spinner("bench memory");
         let mut rows = Vec::new();

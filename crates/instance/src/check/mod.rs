@@ -23,8 +23,8 @@ pub use facts::{Artifact, Facts, Os};
 pub use probe::{probe, ProbeRequest};
 pub use rows::Verification;
 
-use openshell_vm::plan::{Need, Net, Plan};
-use openshell_vm::{NetMode, RunningVm, VmConfig, VmError, VmmChoice};
+use openshell_vm::plan::{Need, Net, Planned};
+use openshell_vm::{RunningVm, VmConfig, VmError, VmmChoice};
 
 /// What `cargo xtask check` prints: the matrix and where the artifacts came from.
 #[derive(Debug, Clone)]
@@ -94,21 +94,22 @@ pub fn host_report(f: &Facts, choice: VmmChoice, net: Option<Net>) -> HostReport
     HostReport { matrix: m, provenance, provenance_text }
 }
 
-/// The plan for booting `cfg` on this host, and the rows that boot needs: the VMM the plan picks,
-/// what the plan says the boot needs (passt or gvproxy; the VMM's entitlement on macOS), its
-/// ports and its artifacts.
-pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -> (Plan, Matrix) {
-    let plan = openshell_vm::plan_for(&f.host, cfg.vmm, Net::of(&cfg.net), cfg.arch);
+/// `cfg` with the plan for booting it on this host, and the rows that boot needs: the VMM the plan
+/// picks, what the plan says the boot needs (passt or gvproxy; the VMM's entitlement on macOS),
+/// its ports and its artifacts.
+pub fn preflight_matrix(f: &Facts, cfg: VmConfig, verification: Verification) -> (Planned, Matrix) {
+    let planned = Planned::new(&f.host, cfg);
+    let plan = planned.plan();
     let mut m = Matrix::new("preflight");
-    m.push(rows::vmm(&plan));
+    m.push(rows::vmm(plan));
     for need in &plan.needs {
         match need {
             // The vmm row above already fails when QEMU is missing.
             Need::Qemu => {}
             Need::Passt => m.push(rows::passt(f)),
-            Need::Gvproxy => m.push(match &cfg.net {
-                NetMode::Gvproxy { binary } => rows::gvproxy_for_boot(f, binary, binary.is_file()),
-                _ => rows::gvproxy(f),
+            Need::Gvproxy => m.push(match &plan.gvproxy {
+                Some(binary) => rows::gvproxy_for_boot(f, binary, binary.is_file()),
+                None => rows::gvproxy(f),
             }),
             Need::VmmBinary if f.host.os == Os::MacOs => m.push(rows::entitlement(f)),
             Need::VmmBinary => {}
@@ -120,15 +121,15 @@ pub fn preflight_matrix(f: &Facts, cfg: &VmConfig, verification: Verification) -
     }
     m.push(rows::kernel(f, verification));
     m.push(rows::rootfs(f, verification));
-    (plan, m)
+    (planned, m)
 }
 
 /// The preflight that passed: its rows, WARNs included, for the caller to show.
 #[derive(Debug, Clone)]
 pub struct Preflight {
     pub matrix: Matrix,
-    /// What the boot that passed runs with: [`openshell_vm::launch`] reads it.
-    pub plan: Plan,
+    /// What the boot that passed runs: the config with its plan, which [`openshell_vm::launch`] takes.
+    pub planned: Planned,
 }
 
 impl Preflight {
@@ -140,30 +141,30 @@ impl Preflight {
 /// Probes what booting `cfg` needs and refuses (naming the failing rows, as `cargo xtask check`
 /// would) when a required row fails. A kernel or rootfs that does not match its record fails
 /// unless `verification` allows it, in which case it is a logged warning.
-pub fn preflight(cfg: &VmConfig, verification: Verification) -> Result<Preflight, VmError> {
+pub fn preflight(cfg: VmConfig, verification: Verification) -> Result<Preflight, VmError> {
     let req = ProbeRequest {
         kernel: Ok(cfg.kernel.clone()),
         rootfs: Ok(cfg.rootfs.clone()),
-        ports: if cfg.net == NetMode::None { Vec::new() } else { cfg.ports.iter().map(|p| p.host).collect() },
+        ports: if cfg.net == Net::None { Vec::new() } else { cfg.ports.iter().map(|p| p.host).collect() },
         store_root: None,
         gateways_root: crate::gateway::gateways_root(),
     };
     let facts = probe(&req);
-    let (plan, matrix) = preflight_matrix(&facts, cfg, verification);
+    let (planned, matrix) = preflight_matrix(&facts, cfg, verification);
     for r in matrix.rows.iter().filter(|r| r.status == Status::Warn) {
         tracing::warn!(row = %r.id, reason = %r.reason, "preflight warning");
     }
     if matrix.exit_code() != openshell_matrix::EXIT_OK {
         return Err(VmError::Refused(matrix.render()));
     }
-    Ok(Preflight { matrix, plan })
+    Ok(Preflight { matrix, planned })
 }
 
 /// [`preflight`], then [`openshell_vm::launch`]: the way `vm run` boots, so no VMM starts with an
 /// unverified artifact or a missing requirement.
 pub fn launch_checked(cfg: &VmConfig, verification: Verification) -> Result<(RunningVm, Preflight), VmError> {
-    let pre = preflight(cfg, verification)?;
-    Ok((openshell_vm::launch(cfg, &pre.plan)?, pre))
+    let pre = preflight(cfg.clone(), verification)?;
+    Ok((openshell_vm::launch(&pre.planned)?, pre))
 }
 
 /// Each artifact's provenance: JSON for `--json`, and indented lines for the table.
@@ -284,11 +285,11 @@ mod tests {
         f.disk = None;
         f.ports.clear();
         let cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
-        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
+        let (_, m) = preflight_matrix(&f, cfg.clone(), Verification::Required);
         assert_eq!(m.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["vmm", "kernel", "rootfs"]);
         let mut cfg = cfg;
-        cfg.net = NetMode::Passt;
-        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
+        cfg.net = Net::Passt;
+        let (_, m) = preflight_matrix(&f, cfg, Verification::Required);
         assert_eq!(m.exit_code(), 1, "networked boot without passt must be refused");
     }
 
@@ -298,13 +299,18 @@ mod tests {
         f.host.gvproxy = None;
         let bin = tempfile::NamedTempFile::new().unwrap();
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
-        cfg.net = NetMode::Gvproxy { binary: bin.path().into() };
-        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
+        cfg.net = Net::Gvproxy;
+        cfg.gvproxy = Some(bin.path().into());
+        let (_, m) = preflight_matrix(&f, cfg.clone(), Verification::Required);
         let row = m.row("gvproxy").expect("a gvproxy row");
         assert_eq!(row.status, Status::Pass, "{}", m.render());
         assert!(row.reason.contains(&bin.path().display().to_string()), "{}", m.render());
-        cfg.net = NetMode::Gvproxy { binary: "/no/such/gvproxy".into() };
-        let (_, m) = preflight_matrix(&f, &cfg, Verification::Required);
+        cfg.gvproxy = Some("/no/such/gvproxy".into());
+        let (_, m) = preflight_matrix(&f, cfg.clone(), Verification::Required);
+        assert_eq!(m.row("gvproxy").map(|r| r.status), Some(Status::Fail), "{}", m.render());
+        // None given and none found: the row says where it looked.
+        cfg.gvproxy = None;
+        let (_, m) = preflight_matrix(&f, cfg, Verification::Required);
         assert_eq!(m.row("gvproxy").map(|r| r.status), Some(Status::Fail), "{}", m.render());
     }
 

@@ -242,8 +242,7 @@ pub fn gvproxy(f: &Facts) -> Row {
     }
 }
 
-/// The gvproxy a boot runs (`NetMode::Gvproxy`'s binary: `--gvproxy PATH` or what the search
-/// found), which need not be the one this host's search finds (inside a nested host, the one
+/// The gvproxy a boot runs (the plan's: `--gvproxy PATH` or what the search found), which need not be the one this host's search finds (inside a nested host, the one
 /// shared in): `exists` is whether that path is a file.
 pub fn gvproxy_for_boot(f: &Facts, binary: &std::path::Path, exists: bool) -> Row {
     if !exists {
@@ -455,7 +454,7 @@ pub(crate) mod tests {
 
     /// The plan the rows of `f` read for `--vmm choice` on the gateway's network.
     fn plan(f: &Facts, choice: VmmChoice) -> Plan {
-        openshell_vm::plan(&f.host, choice, openshell_vm::plan::Net::default_for(f.host.os))
+        openshell_vm::plan(&f.host, choice, openshell_vm::Net::default_for(f.host.os))
     }
 
     fn vmm_row(f: &Facts, choice: VmmChoice) -> Row {

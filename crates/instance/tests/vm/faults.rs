@@ -195,7 +195,7 @@ fn port_taken_before_the_forward_binds_is_detected(a: &Artifacts, _: VmmChoice, 
     let ports = [openshell_vm::PortMap { host: port, guest: 8080 }];
     let started = Instant::now();
     let result =
-        openshell_vm::net::start(&openshell_vm::NetMode::Passt, &ports, openshell_vm::net::Attach::Qemu, &state);
+        openshell_vm::net::start(openshell_vm::Net::Passt, None, &ports, openshell_vm::net::Attach::Qemu, &state);
     let took = started.elapsed();
     let passt_log = std::fs::read_to_string(state.join("passt.log")).unwrap_or_default();
     support::note(format!(

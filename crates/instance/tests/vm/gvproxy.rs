@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use openshell_instance::check::Verification;
 use openshell_matrix::Status;
-use openshell_vm::{NetMode, VmmChoice};
+use openshell_vm::{Net, VmmChoice};
 
 use crate::support::{self, Artifacts, TrialDir};
 use crate::trials::Body;
@@ -32,11 +32,10 @@ const GUEST_ADDR: &str = "192.168.127.2";
 const GATEWAY_ADDR: &str = "192.168.127.1";
 
 /// The gvproxy binary the trials run: `$OPENSHELL_GVPROXY`, set by `cargo xtask e2e`.
-fn gvproxy() -> Result<NetMode, String> {
+fn gvproxy() -> Result<PathBuf, String> {
     std::env::var_os("OPENSHELL_GVPROXY")
         .map(PathBuf::from)
         .filter(|p| p.is_file())
-        .map(|binary| NetMode::Gvproxy { binary })
         .ok_or_else(|| "OPENSHELL_GVPROXY is not set to a gvproxy binary; run `cargo xtask e2e --vm`".into())
 }
 
@@ -52,7 +51,8 @@ fn exec_gets_its_lease_from_gvproxys_dhcp(a: &Artifacts, vmm: VmmChoice, dir: Tr
     let script = "echo resolv: $(cat /etc/resolv.conf); echo addr: $(ip -4 -o addr show eth0); \
                   nslookup gateway.containers.internal && echo resolved-by-gvproxy";
     let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", script]);
-    cfg.net = gvproxy()?;
+    cfg.net = Net::Gvproxy;
+    cfg.gvproxy = Some(gvproxy()?);
     cfg.dhcp = true;
     let (code, console, dir) = support::run(&cfg, dir)?;
     let resolv = console.lines().find(|l| l.starts_with("resolv: ")).unwrap_or("").to_owned();
@@ -79,10 +79,11 @@ fn gateway_serves_mtls_through_the_forward_and_verifies(
     vmm: VmmChoice,
     dir: TrialDir,
 ) -> Result<(), Failed> {
-    let net = gvproxy()?;
+    let binary = gvproxy()?;
     let booted = support::with_free_port(|port| {
         let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
-        g.req.net = net.clone();
+        g.req.net = Net::Gvproxy;
+        g.req.gvproxy = Some(binary.clone());
         std::fs::create_dir_all(dir.path().join("state")).map_err(|e| e.to_string())?;
         g.req.console_log = Some(dir.path().join("state/console.log"));
         let up = g.boot_with(Verification::Required).map_err(|e| format!("boot: {e}"))?;
@@ -151,10 +152,11 @@ fn gvproxy_killed_fails_the_instance_and_status_says_so(
     vmm: VmmChoice,
     dir: TrialDir,
 ) -> Result<(), Failed> {
-    let net = gvproxy()?;
+    let binary = gvproxy()?;
     let detached = support::with_free_port(|port| {
         let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
-        g.req.net = net.clone();
+        g.req.net = Net::Gvproxy;
+        g.req.gvproxy = Some(binary.clone());
         let d = g.detach().map_err(|e| format!("detach: {e}"))?;
         Ok((d, g.inst))
     });

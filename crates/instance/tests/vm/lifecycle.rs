@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::Failed;
 use openshell_instance::gateway::GatewayInstance;
 use openshell_instance::supervise;
-use openshell_vm::{NetMode, VmmChoice};
+use openshell_vm::{Net, VmmChoice};
 
 use crate::support::{self, Artifacts, TrialDir};
 use crate::trials::Body;
@@ -66,7 +66,7 @@ fn static_address_with_dns_fallback(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     }
     let script = format!("{SHOW_NET}; nslookup {RESOLVABLE} && echo resolved-through-forwarder");
     let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", &script]);
-    cfg.net = NetMode::Passt;
+    cfg.net = Net::Passt;
     let (code, console, dir) = support::run(&cfg, dir)?;
     // No DHCP ran, so no nameserver came with the address: init fell back to passt's forwarder,
     // and a query sent there was answered.
@@ -85,7 +85,7 @@ fn static_address_with_dns_fallback(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
 
 fn dhcp_lease_from_backend(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", SHOW_NET]);
-    cfg.net = NetMode::Passt;
+    cfg.net = Net::Passt;
     cfg.dhcp = true;
     let (code, console, dir) = support::run(&cfg, dir)?;
     let resolv = console.lines().find(|l| l.starts_with("resolv: ")).unwrap_or("");

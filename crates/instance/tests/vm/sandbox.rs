@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use libtest_mimic::Failed;
 use openshell_vm::sandbox::VMM_USER;
-use openshell_vm::{Backend, NetMode, RunningVm, VmConfig, VmmChoice};
+use openshell_vm::{Backend, Net, RunningVm, VmConfig, VmmChoice};
 
 use crate::support::{self, Artifacts, TrialDir};
 use crate::trials::Body;
@@ -28,7 +28,7 @@ const PROOF: &str = "written-by-the-guest";
 fn vmm_and_passt_run_unprivileged(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     let script = format!("echo {PROOF} > /run/openshell/proof && exec /bin/sleep 600");
     let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", &script]);
-    cfg.net = NetMode::Passt;
+    cfg.net = Net::Passt;
     // A kernel on a filesystem that takes writes (the store may be a read-only mount, as in the
     // nested host): then only the VMM's confinement can refuse its write to the kernel.
     cfg.kernel = dir.path().join("vmlinux");

@@ -48,12 +48,12 @@ pub fn host() -> &'static HostFacts {
 
 /// The plan for booting `cfg` here, from the one probe.
 pub fn plan(cfg: &VmConfig) -> Plan {
-    openshell_vm::plan_for(host(), cfg.vmm, Net::of(&cfg.net), cfg.arch)
+    openshell_vm::Plan::of(host(), cfg)
 }
 
 /// Launches `cfg` as the plan says (the trials that test the runtime below the instance layer).
 pub fn launch(cfg: &VmConfig) -> Result<openshell_vm::RunningVm, openshell_vm::VmError> {
-    openshell_vm::launch(cfg, &plan(cfg))
+    openshell_vm::launch(&openshell_vm::Planned::new(host(), cfg.clone()))
 }
 
 /// Which backends can boot a guest to userspace here, and which cannot (with the reason): the
@@ -229,7 +229,7 @@ pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16)
         a.rootfs.clone(),
         digests.clone(),
         port,
-        openshell_vm::NetMode::Passt,
+        openshell_vm::Net::Passt,
         vmm,
     );
     req.ready_timeout = GUEST_TIMEOUT;

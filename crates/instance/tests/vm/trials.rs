@@ -55,7 +55,7 @@ pub fn all() -> Vec<Trial> {
     let mut trials = Vec::new();
     // The host's facts are probed once for every trial (`support::host`), and the plan decides.
     let host = support::host();
-    let krun_place = openshell_vm::plan(host, VmmChoice::Krun, openshell_vm::plan::Net::None).krun;
+    let krun_place = openshell_vm::plan(host, VmmChoice::Krun, openshell_vm::Net::None).krun;
     for (backend, vmm, usable) in support::backends() {
         let must_run = required.iter().any(|b| b == backend);
         for &(name, body) in GROUPS.iter().copied().flatten() {
@@ -354,7 +354,7 @@ fn boot_httpd(
         "mkdir -p /tmp/www && echo hello-from-guest-httpd > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www";
     support::with_free_port(|host| {
         let mut cfg = support::config(a, dir, vmm, &["/bin/sh", "-c", script]);
-        cfg.net = openshell_vm::NetMode::Passt;
+        cfg.net = openshell_vm::Net::Passt;
         cfg.ports = vec![openshell_vm::PortMap { host, guest: 8080 }];
         let vm = crate::support::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
         Ok((vm, host, cfg))
@@ -435,7 +435,7 @@ fn port_in_use_is_reported_before_boot(a: &Artifacts, vmm: VmmChoice, dir: Trial
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
-    cfg.net = openshell_vm::NetMode::Passt;
+    cfg.net = openshell_vm::Net::Passt;
     cfg.ports = vec![openshell_vm::PortMap { host: port, guest: 8080 }];
     match crate::support::launch(&cfg) {
         Ok(_) => Err(dir.fail("launch succeeded although the host port was taken")),

@@ -154,7 +154,7 @@ pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, Strin
 mod tests {
     use super::*;
 
-    fn cfg(net: crate::NetMode) -> VmConfig {
+    fn cfg(net: crate::Net) -> VmConfig {
         let mut c = VmConfig::exec("/k".into(), "/r".into(), "/st".into(), vec!["/bin/true".into()]);
         c.net = net;
         c
@@ -166,12 +166,12 @@ mod tests {
     }
 
     fn spec_of(c: &VmConfig) -> KrunSpec {
-        spec(c, &Link::of(&c.net, crate::net::Attach::Krun, &c.state_dir), &files(c))
+        spec(c, &Link::of(c.net, crate::net::Attach::Krun, &c.state_dir), &files(c))
     }
 
     #[test]
     fn the_command_travels_only_in_the_share() {
-        let mut c = cfg(crate::NetMode::None);
+        let mut c = cfg(crate::Net::None);
         c.exec.argv = vec!["/bin/sh".into(), "-c".into(), "echo one\necho two".into()];
         c.exec.env = vec![("SECRET".into(), "value".into())];
         let s = spec_of(&c);
@@ -181,11 +181,11 @@ mod tests {
 
     #[test]
     fn passt_is_an_inherited_fd_and_gvproxy_its_stream_on_linux_and_a_vfkit_socket_on_macos() {
-        let s = spec_of(&cfg(crate::NetMode::Passt));
+        let s = spec_of(&cfg(crate::Net::Passt));
         assert_eq!((s.passt_fd, s.net_unixgram), (Some(3), None));
         assert!(s.cmdline.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{}", s.cmdline);
 
-        let s = spec_of(&cfg(crate::NetMode::Gvproxy { binary: "/gv".into() }));
+        let s = spec_of(&cfg(crate::Net::Gvproxy));
         if cfg!(target_os = "macos") {
             assert_eq!(s.passt_fd, None);
             let net = s.net_unixgram.expect("gvproxy link");
@@ -198,7 +198,7 @@ mod tests {
         }
         assert!(s.cmdline.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{}", s.cmdline);
 
-        let s = spec_of(&cfg(crate::NetMode::None));
+        let s = spec_of(&cfg(crate::Net::None));
         assert_eq!((s.passt_fd, s.net_unixgram), (None, None));
         assert!(!s.cmdline.contains("openshell.net"));
     }
@@ -207,7 +207,7 @@ mod tests {
     #[cfg_attr(not(target_os = "linux"), ignore = "macOS names the files by path (no handover there)")]
     fn every_file_is_an_inherited_fd_and_the_argv_names_no_host_path() {
         use crate::sandbox::FD_DIR;
-        let mut c = cfg(crate::NetMode::Passt);
+        let mut c = cfg(crate::Net::Passt);
         c.kernel = "/store/kernel/vmlinux".into();
         c.rootfs = "/store/rootfs/abc".into();
         c.shares = vec![crate::config::DirShare {
@@ -233,7 +233,7 @@ mod tests {
 
     #[test]
     fn booted_artifacts_are_what_the_spec_on_the_argv_names() {
-        let c = cfg(crate::NetMode::Passt);
+        let c = cfg(crate::Net::Passt);
         let argv: Vec<String> = ["/x/openshell-vmm".to_owned()].into_iter().chain(spec_of(&c).to_args()).collect();
         let b = booted_artifacts(&argv).unwrap();
         let s = spec_of(&c);

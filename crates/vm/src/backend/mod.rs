@@ -167,7 +167,7 @@ mod tests {
 
         // openshell-vmm's spec names its root share behind `/.` (libkrun opens it O_NOFOLLOW).
         let mut cfg = crate::VmConfig::exec("/k".into(), "/r".into(), "/st".into(), vec!["/bin/true".into()]);
-        cfg.net = crate::NetMode::None;
+        cfg.net = crate::Net::None;
         let handed = crate::sandbox::HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: vec![] };
         let spec = krun::spec(&cfg, &crate::net::Link::None, &handed);
         let argv: Vec<String> = ["/x/openshell-vmm".to_owned()].into_iter().chain(spec.to_args()).collect();

@@ -220,7 +220,7 @@ mod tests {
 
     /// `command`'s arguments for `cfg` under TCG, with its own network link and the fds above.
     fn argv(qemu: &str, cfg: &VmConfig) -> Vec<String> {
-        let link = Link::of(&cfg.net, crate::net::Attach::Qemu, &cfg.state_dir);
+        let link = Link::of(cfg.net, crate::net::Attach::Qemu, &cfg.state_dir);
         command(Path::new(qemu), cfg, false, &link, &files(cfg))
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
@@ -295,13 +295,13 @@ mod tests {
     #[test]
     fn gvproxy_nic_is_a_stream_on_fd_3_with_gvproxys_guest_mac() {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
-        cfg.net = crate::NetMode::Gvproxy { binary: "/gv".into() };
+        cfg.net = crate::Net::Gvproxy;
         let args = argv("qemu", &cfg);
         let joined = args.join(" ");
         assert!(joined.contains("-netdev stream,id=n0,server=off,addr.type=fd,addr.str=3"), "{joined}");
         assert!(joined.contains("virtio-net-device,netdev=n0,mac=5a:94:ef:e4:0c:ee"), "{joined}");
         assert!(joined.contains("openshell.net=192.168.127.2/24,192.168.127.1"), "{joined}");
-        cfg.net = crate::NetMode::Passt;
+        cfg.net = crate::Net::Passt;
         let joined = argv("qemu", &cfg).join(" ");
         assert!(joined.ends_with("-device virtio-net-device,netdev=n0"), "{joined}");
         assert!(joined.contains("openshell.net=192.0.2.2/24,192.0.2.1"), "{joined}");
@@ -373,7 +373,7 @@ mod tests {
     #[test]
     fn booted_artifacts_read_back_what_command_writes() {
         let mut cfg = VmConfig::exec("/k/vm linux".into(), "/r/root fs".into(), "/s".into(), vec!["/bin/true".into()]);
-        cfg.net = crate::NetMode::Passt;
+        cfg.net = crate::Net::Passt;
         let mut argv = vec!["qemu-system-x86_64".to_owned()];
         argv.extend(self::argv("qemu-system-x86_64", &cfg));
         // The VMM's own names for them; `backend::booted_artifacts` resolves the fds.

@@ -84,7 +84,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const EXPOSE_PATH: &str = "/services/forwarder/expose";
 const UNEXPOSE_PATH: &str = "/services/forwarder/unexpose";
 
-/// The one gvproxy search, for `vm run` ([`super::NetMode::resolve`]) and `cargo xtask check`
+/// The one gvproxy search, for the plan (through [`crate::HostFacts`]) and `cargo xtask check`
 /// alike: gvproxy on `PATH`, else in [`SEARCH_DIRS`], else (Linux, where distributions before
 /// Debian 13 ship none) the copy fetched from Debian into the artifact store, re-hashed against
 /// its record. (`--gvproxy PATH` replaces the search.)

@@ -77,93 +77,66 @@ impl GuestNet {
     }
 }
 
-/// What `--net` asked for, before it is resolved on this host into a [`NetMode`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetChoice {
+/// The guest's network backend: what `--net` names, what the plan reads, what a boot starts. The
+/// gvproxy binary is the plan's to find ([`crate::Plan::gvproxy`]), not part of the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Net {
+    #[default]
     None,
     Passt,
     Gvproxy,
 }
 
-impl FromStr for NetChoice {
+impl FromStr for Net {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "none" => Ok(NetChoice::None),
-            "passt" => Ok(NetChoice::Passt),
-            "gvproxy" => Ok(NetChoice::Gvproxy),
+            "none" => Ok(Net::None),
+            "passt" => Ok(Net::Passt),
+            "gvproxy" => Ok(Net::Gvproxy),
             _ => Err(format!("unknown network backend {s:?}: expected passt, gvproxy or none")),
         }
     }
 }
 
-/// How the guest is networked.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetMode {
-    #[default]
-    None,
-    Passt,
-    Gvproxy {
-        binary: PathBuf,
-    },
+impl fmt::Display for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Net::None => "none",
+            Net::Passt => "passt",
+            Net::Gvproxy => "gvproxy",
+        })
+    }
 }
 
-impl NetMode {
+impl Net {
+    /// The network when `--net` names none: passt on Linux, gvproxy on macOS.
+    pub fn default_for(os: crate::host::Os) -> Net {
+        match os {
+            crate::host::Os::Linux => Net::Passt,
+            crate::host::Os::MacOs => Net::Gvproxy,
+        }
+    }
+
     /// The guest's static address on this backend's network; `None` without a network.
     pub fn guest(&self) -> Option<GuestNet> {
         match self {
-            NetMode::None => None,
-            NetMode::Passt => Some(passt::GUEST),
-            NetMode::Gvproxy { .. } => Some(gvproxy::GUEST),
+            Net::None => None,
+            Net::Passt => Some(passt::GUEST),
+            Net::Gvproxy => Some(gvproxy::GUEST),
         }
-    }
-
-    /// Resolves `--net` (absent: this host's default) and `--gvproxy PATH` on this host: passt on
-    /// Linux, gvproxy on macOS (found on `PATH` or where podman installs it).
-    pub fn resolve(choice: Option<NetChoice>, gvproxy_flag: Option<PathBuf>) -> Result<NetMode, VmError> {
-        let macos = cfg!(target_os = "macos");
-        let wants_search =
-            gvproxy_flag.is_none() && (choice == Some(NetChoice::Gvproxy) || (choice.is_none() && macos));
-        let found = if wants_search { gvproxy::find() } else { None };
-        resolve_for(macos, choice, gvproxy_flag, found).map_err(VmError::NoNetwork)
     }
 }
 
-/// [`NetMode::resolve`] with the host's facts passed in: whether it is macOS, and where a gvproxy
-/// search found one.
-fn resolve_for(
-    macos: bool,
-    choice: Option<NetChoice>,
-    gvproxy_flag: Option<PathBuf>,
-    found: Option<PathBuf>,
-) -> Result<NetMode, String> {
-    if let (Some(path), Some(c @ (NetChoice::None | NetChoice::Passt))) = (&gvproxy_flag, choice) {
-        let name = if c == NetChoice::None { "none" } else { "passt" };
-        return Err(format!("--gvproxy {} only applies to --net gvproxy, not --net {name}", path.display()));
-    }
-    let gvproxy = |why: &str| -> Result<NetMode, String> {
-        match gvproxy_flag.clone().or_else(|| found.clone()) {
-            Some(binary) if binary.is_file() => Ok(NetMode::Gvproxy { binary }),
-            Some(binary) => {
-                Err(format!("gvproxy {} does not exist; {}", binary.display(), gvproxy::install_hint(macos)))
-            }
-            None => Err(format!(
-                "{why}, but gvproxy was not found on PATH or in {}{}; {}",
-                gvproxy::SEARCH_DIRS.join(", "),
-                if macos { "" } else { ", nor in the artifact store" },
-                gvproxy::install_hint(macos)
-            )),
-        }
-    };
-    match choice {
-        Some(NetChoice::None) => Ok(NetMode::None),
-        Some(NetChoice::Passt) => Ok(NetMode::Passt),
-        Some(NetChoice::Gvproxy) => gvproxy("--net gvproxy was asked for"),
-        None if gvproxy_flag.is_some() => gvproxy("--gvproxy was given"),
-        None if macos => gvproxy("gvproxy is the network backend on macOS"),
-        None => Ok(NetMode::Passt),
-    }
+/// Why a gvproxy boot has no gvproxy: where it was looked for and how to get one.
+pub fn gvproxy_missing(macos: bool) -> String {
+    format!(
+        "gvproxy was not found on PATH or in {}{}; {}",
+        gvproxy::SEARCH_DIRS.join(", "),
+        if macos { "" } else { ", nor in the artifact store" },
+        gvproxy::install_hint(macos)
+    )
 }
 
 /// Fails naming the first host port that something already listens on.
@@ -207,11 +180,11 @@ pub enum Link {
 
 impl Link {
     /// What `mode` gives a VMM attaching as `attach`, with its sockets in `state_dir`.
-    pub fn of(mode: &NetMode, attach: Attach, state_dir: &Path) -> Link {
-        match (mode, attach) {
-            (NetMode::None, _) => Link::None,
-            (NetMode::Passt, _) => Link::Stream { mac: None },
-            (NetMode::Gvproxy { .. }, _) => match gvproxy::protocol(attach) {
+    pub fn of(net: Net, attach: Attach, state_dir: &Path) -> Link {
+        match net {
+            Net::None => Link::None,
+            Net::Passt => Link::Stream { mac: None },
+            Net::Gvproxy => match gvproxy::protocol(attach) {
                 gvproxy::Protocol::Qemu => Link::Stream { mac: Some(gvproxy::GUEST_MAC) },
                 gvproxy::Protocol::Vfkit => {
                     Link::Unixgram { path: gvproxy::vfkit_socket(state_dir), mac: gvproxy::GUEST_MAC }
@@ -245,12 +218,13 @@ impl HostNet {
     }
 }
 
-/// Starts the network backend of `mode` with `ports` forwarded. Returns the running process and,
+/// Starts the network backend `net` with `ports` forwarded (`gvproxy`: its binary, from the plan). Returns the running process and,
 /// when the VMM reaches it through an inherited stream socket, that socket's VMM end (to be
 /// placed at [`crate::child::CHILD_FD`]); libkrun connects to gvproxy's unixgram socket by path instead.
 /// `passt.log` / `gvproxy.log` and gvproxy's sockets go in `state_dir`.
 pub fn start(
-    mode: &NetMode,
+    net: Net,
+    gvproxy: Option<&Path>,
     ports: &[PortMap],
     attach: Attach,
     state_dir: &Path,
@@ -259,13 +233,14 @@ pub fn start(
         let path = state_dir.join(name);
         std::fs::File::create(&path).map_err(|source| VmError::Io { path, source })
     };
-    match mode {
-        NetMode::None => Ok(None),
-        NetMode::Passt => {
+    match net {
+        Net::None => Ok(None),
+        Net::Passt => {
             let (p, end) = start_passt(ports, log("passt.log")?)?;
             Ok(Some((HostNet::Passt(p), Some(end))))
         }
-        NetMode::Gvproxy { binary } => {
+        Net::Gvproxy => {
+            let binary = gvproxy.ok_or_else(|| VmError::NoNetwork(gvproxy_missing(cfg!(target_os = "macos"))))?;
             let (g, end) = gvproxy::start(binary, ports, attach, state_dir, log("gvproxy.log")?)?;
             Ok(Some((HostNet::Gvproxy(g), end)))
         }
@@ -307,66 +282,34 @@ mod tests {
 
     #[test]
     fn parses_net_choices() {
-        assert_eq!("gvproxy".parse::<NetChoice>().unwrap(), NetChoice::Gvproxy);
-        assert_eq!("none".parse::<NetChoice>().unwrap(), NetChoice::None);
-        let err = "slirp".parse::<NetChoice>().unwrap_err();
+        assert_eq!("gvproxy".parse::<Net>().unwrap(), Net::Gvproxy);
+        assert_eq!("none".parse::<Net>().unwrap(), Net::None);
+        let err = "slirp".parse::<Net>().unwrap_err();
         assert!(err.contains("passt, gvproxy or none"), "{err}");
     }
 
     #[test]
     fn each_backend_hands_init_its_own_guest_address() {
-        assert_eq!(NetMode::None.guest(), None);
+        assert_eq!(Net::None.guest(), None);
         assert_eq!(
-            NetMode::Passt.guest().unwrap().cmdline_param(false),
+            Net::Passt.guest().unwrap().cmdline_param(false),
             "openshell.net=192.0.2.2/24,192.0.2.1 openshell.dns=192.0.2.1"
         );
         assert_eq!(
-            NetMode::Passt.guest().unwrap().cmdline_param(true),
+            Net::Passt.guest().unwrap().cmdline_param(true),
             "openshell.net=dhcp openshell.net.fallback=192.0.2.2/24,192.0.2.1 openshell.dns=192.0.2.1"
         );
-        let gv = NetMode::Gvproxy { binary: "/x/gvproxy".into() };
         assert_eq!(
-            gv.guest().unwrap().cmdline_param(false),
+            Net::Gvproxy.guest().unwrap().cmdline_param(false),
             "openshell.net=192.168.127.2/24,192.168.127.1 openshell.dns=192.168.127.1"
         );
     }
 
     #[test]
-    fn default_is_passt_on_linux_and_gvproxy_on_macos() {
-        let bin = tempfile::NamedTempFile::new().unwrap();
-        let found = Some(bin.path().to_owned());
-        assert_eq!(resolve_for(false, None, None, None).unwrap(), NetMode::Passt);
-        assert_eq!(
-            resolve_for(true, None, None, found.clone()).unwrap(),
-            NetMode::Gvproxy { binary: bin.path().into() }
-        );
-        // none only when asked, on either OS
-        assert_eq!(resolve_for(true, Some(NetChoice::None), None, None).unwrap(), NetMode::None);
-        assert_eq!(resolve_for(false, Some(NetChoice::None), None, None).unwrap(), NetMode::None);
-        assert_eq!(resolve_for(true, Some(NetChoice::Passt), None, None).unwrap(), NetMode::Passt);
-    }
-
-    #[test]
-    fn macos_without_gvproxy_names_the_install() {
-        let err = resolve_for(true, None, None, None).unwrap_err();
-        assert!(err.contains("brew install podman") && err.contains("--gvproxy PATH"), "{err}");
-        let err = resolve_for(false, Some(NetChoice::Gvproxy), None, None).unwrap_err();
-        assert!(err.contains("--net gvproxy") && err.contains("not found"), "{err}");
-        assert!(err.contains("artifact store") && err.contains("fetches Debian's gvproxy"), "{err}");
-    }
-
-    #[test]
-    fn gvproxy_flag_implies_gvproxy_and_must_exist() {
-        let bin = tempfile::NamedTempFile::new().unwrap();
-        let flag = Some(bin.path().to_owned());
-        let want = NetMode::Gvproxy { binary: bin.path().into() };
-        assert_eq!(resolve_for(false, None, flag.clone(), None).unwrap(), want);
-        assert_eq!(resolve_for(false, Some(NetChoice::Gvproxy), flag.clone(), None).unwrap(), want);
-        // the flag wins over what a search found
-        assert_eq!(resolve_for(true, None, flag.clone(), Some("/elsewhere/gvproxy".into())).unwrap(), want);
-        let err = resolve_for(false, Some(NetChoice::Passt), flag, None).unwrap_err();
-        assert!(err.contains("only applies to --net gvproxy"), "{err}");
-        let err = resolve_for(false, None, Some("/no/such/gvproxy".into()), None).unwrap_err();
-        assert!(err.contains("/no/such/gvproxy") && err.contains("does not exist"), "{err}");
+    fn a_missing_gvproxy_names_where_it_looked_and_the_install() {
+        let mac = gvproxy_missing(true);
+        assert!(mac.contains("brew install podman") && mac.contains("--gvproxy PATH"), "{mac}");
+        let linux = gvproxy_missing(false);
+        assert!(linux.contains("artifact store") && linux.contains("fetches Debian's gvproxy"), "{linux}");
     }
 }
