@@ -229,9 +229,7 @@ fn gateway(
     let inst = GatewayInstance::new(root, name)?;
     inst.ensure_pki()?;
     let mut req = request(a, vmm, root, name)?;
-    if let Some(m) = mem_mib {
-        req.mem_mib = m;
-    }
+    req.vm.mem_mib = mem_mib;
     let up = req.boot()?;
     Ok((inst, up))
 }
@@ -239,18 +237,20 @@ fn gateway(
 /// The boot request of a benchmarked gateway: instance `name` under `root`, passt on a free port,
 /// and a ready timeout that covers a host loaded by the benchmark itself.
 fn request(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, name: &str) -> anyhow::Result<supervise::Request> {
-    let mut req = supervise::Request::new(
-        root,
-        name,
-        a.kernel.clone(),
-        a.rootfs.clone(),
-        a.digests.clone(),
-        free_port()?,
-        openshell_vm::Net::Passt,
-        vmm,
-    );
+    let mut req = supervise::Request::new(root, name, a.kernel.clone(), a.rootfs.clone(), a.digests.clone());
+    req.vm = openshell_vm::Overrides { vmm: Some(vmm), ..passt_on_a_free_port()? };
     req.ready_timeout = Duration::from_secs(120);
     Ok(req)
+}
+
+/// A benchmarked gateway's network: passt, the gateway's port forwarded from a free host port.
+fn passt_on_a_free_port() -> anyhow::Result<openshell_vm::Overrides> {
+    let port = openshell_instance::gateway::GATEWAY_PORT;
+    Ok(openshell_vm::Overrides {
+        net: Some(openshell_vm::Net::Passt),
+        ports: vec![openshell_vm::PortMap { host: free_port()?, guest: port }],
+        ..openshell_vm::Overrides::default()
+    })
 }
 
 /// A thread that polls `console` every 5 ms and returns when `marker` first appeared (ms since

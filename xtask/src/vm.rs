@@ -10,7 +10,7 @@ use std::time::Duration;
 use openshell_instance::check::{self, Verification};
 use openshell_instance::gateway::{self, GatewayInstance};
 use openshell_instance::supervise;
-use openshell_vm::{VmConfig, VmmChoice};
+use openshell_vm::{Overrides, VmConfig, VmmChoice};
 use xshell::Shell;
 
 #[derive(clap::Args)]
@@ -58,9 +58,9 @@ struct RunArgs {
     /// Throw away the instance's PKI and state first (a cold boot)
     #[arg(long, conflicts_with = "exec")]
     reset: bool,
-    /// Seconds to wait for the gateway's mTLS health check to say SERVING
-    #[arg(long, default_value_t = 60, conflicts_with = "exec")]
-    ready_timeout: u64,
+    /// Seconds to wait for the gateway's mTLS health check to say SERVING [default: 60]
+    #[arg(long, conflicts_with = "exec")]
+    ready_timeout: Option<u64>,
     /// Return once the gateway is ready, leaving it running in the background
     #[arg(long, conflicts_with = "exec")]
     detach: bool,
@@ -76,9 +76,9 @@ struct RunArgs {
     /// Arguments of the command
     #[arg(last = true)]
     args: Vec<String>,
-    /// Virtual CPUs
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
+    /// Virtual CPUs [default: 1]
+    #[arg(long)]
+    vcpus: Option<u8>,
     /// Guest memory in MiB (default: 256 for the gateway, 512 for --exec)
     #[arg(long)]
     mem: Option<u32>,
@@ -101,7 +101,8 @@ struct RunArgs {
     /// The gvproxy binary to use (implies --net gvproxy)
     #[arg(long, value_name = "PATH")]
     gvproxy: Option<PathBuf>,
-    /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs a network)
+    /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs a network). The
+    /// gateway's endpoint is the forward to its port 30051 [default: 30051:30051]
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
     ports: Vec<openshell_vm::PortMap>,
     /// Address eth0 by DHCP from the network backend (static fallback) instead of the static
@@ -180,9 +181,29 @@ impl VmCmd {
 }
 
 impl RunArgs {
+    /// What the flags say about the VM, for the preset to take: the one place they are read.
+    /// The network is decided here for both presets (an `--exec` VM's library preset has none),
+    /// since the plan and its install round need it before anything boots.
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            arch: self.arch,
+            vcpus: self.vcpus,
+            mem_mib: self.mem,
+            vmm: Some(self.vmm),
+            net: Some(self.net.unwrap_or(openshell_vm::Net::default_for(openshell_vm::host::Os::host()))),
+            gvproxy: self.gvproxy.clone(),
+            ports: self.ports.clone(),
+            dhcp: self.dhcp,
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            console_log: self.console.clone(),
+        }
+    }
+
     fn run(self) -> anyhow::Result<i32> {
+        let overrides = self.overrides();
         let arch = self.arch.unwrap_or_else(openshell_artifacts::Arch::host);
-        let net = self.net.unwrap_or(openshell_vm::Net::default_for(openshell_vm::host::Os::host()));
+        let net = overrides.net.expect("overrides() decides the network");
         // A running instance is refused before anything is built, reset or written into its
         // share; the boot takes the lock for real.
         let instance = match &self.exec {
@@ -203,34 +224,19 @@ impl RunArgs {
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         let Some(inst) = instance else {
-            return self.run_exec(kernel.vmlinux, rootfs.dir, arch, net, verification);
+            return self.run_exec(kernel.vmlinux, rootfs.dir, &overrides, verification);
         };
         if self.reset {
             inst.reset()?;
         }
         let cold = inst.ensure_pki()?;
-        let port = self.ports.first().map_or(gateway::GATEWAY_PORT, |p| p.host);
         let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
-        let mut req = supervise::Request::new(
-            &gateway::gateways_root(),
-            &self.name,
-            kernel.vmlinux,
-            rootfs.dir,
-            digests,
-            port,
-            net,
-            self.vmm,
-        );
-        req.gvproxy = self.gvproxy.clone();
-        req.vcpus = self.vcpus;
-        if let Some(mem) = self.mem {
-            req.mem_mib = mem;
+        let mut req =
+            supervise::Request::new(&gateway::gateways_root(), &self.name, kernel.vmlinux, rootfs.dir, digests);
+        req.vm = overrides;
+        if let Some(s) = self.ready_timeout {
+            req.ready_timeout = Duration::from_secs(s);
         }
-        req.dhcp = self.dhcp;
-        req.console_log = self.console;
-        req.env = self.env;
-        req.workdir = self.workdir;
-        req.ready_timeout = Duration::from_secs(self.ready_timeout);
         req.verification = verification;
         req.restart = match self.restart_backoff_ms {
             Some(ms) => self.restart.with_backoff(Duration::from_millis(ms)),
@@ -285,8 +291,7 @@ impl RunArgs {
         self,
         kernel: PathBuf,
         rootfs: PathBuf,
-        arch: openshell_artifacts::Arch,
-        net: openshell_vm::Net,
+        overrides: &Overrides,
         verification: Verification,
     ) -> anyhow::Result<i32> {
         let mut argv = vec![self.exec.clone().expect("exec mode")];
@@ -298,19 +303,7 @@ impl RunArgs {
             None => tmp.insert(tempfile::Builder::new().prefix("openshell-vm-").tempdir()?).path().to_owned(),
         };
         let mut cfg = VmConfig::exec(kernel, rootfs, state_dir, argv);
-        cfg.net = net;
-        cfg.gvproxy = self.gvproxy.clone();
-        cfg.ports = self.ports;
-        cfg.arch = arch;
-        cfg.vcpus = self.vcpus;
-        if let Some(mem) = self.mem {
-            cfg.mem_mib = mem;
-        }
-        cfg.exec.env = self.env;
-        cfg.exec.workdir = self.workdir;
-        cfg.console_log = self.console;
-        cfg.vmm = self.vmm;
-        cfg.dhcp = self.dhcp;
+        cfg.update(overrides);
         let (mut vm, preflight) = check::launch_checked(&cfg, verification)?;
         show_warnings(&preflight);
         eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use openshell_vm::timeline;
-use openshell_vm::{Net, PortMap, RunningVm, VmConfig, VmError};
+use openshell_vm::{Net, Overrides, PortMap, RunningVm, VmConfig, VmError};
 
 pub const GATEWAY_PORT: u16 = 30051;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -24,6 +24,23 @@ const LISTENING_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 const BLIND_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// Inside the guest: where the share puts the server material.
 const GUEST_TLS_DIR: &str = "/run/openshell/tls";
+
+/// The gateway's guest memory unless asked otherwise. Measured (`cargo xtask bench memory`): the
+/// guest touches ~40 MiB serving load, and the host pays only for what it touches, so 256 MiB is
+/// ~6x headroom while capping a runaway guest at half of the 512 MiB an `--exec` VM gets.
+pub const GATEWAY_MEM_MIB: u32 = 256;
+
+/// Where the host reaches a gateway booted from `cfg`: `127.0.0.1` and the host port of the
+/// forward to the guest's [`GATEWAY_PORT`] (the others forward to whatever else the guest serves).
+pub fn endpoint(cfg: &VmConfig) -> Result<String, VmError> {
+    match cfg.ports.iter().find(|p| p.guest == GATEWAY_PORT) {
+        Some(p) => Ok(format!("127.0.0.1:{}", p.host)),
+        None => Err(VmError::Invalid(format!(
+            "no -p forward reaches the gateway's port {GATEWAY_PORT} in the guest (got {}): add -p HOST:{GATEWAY_PORT}",
+            cfg.ports.iter().map(|p| format!("{}:{}", p.host, p.guest)).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
 
 /// Where a named gateway's files live.
 #[derive(Debug, Clone)]
@@ -209,12 +226,8 @@ impl GatewayInstance {
         kernel: PathBuf,
         rootfs: PathBuf,
         digests: (&str, &str),
-        host_port: u16,
-        net: Net,
+        overrides: &Overrides,
     ) -> Result<VmConfig, VmError> {
-        if net == Net::None {
-            return Err(VmError::Invalid("the gateway is reached through a port forward, so it needs a network: use --net passt or --net gvproxy".into()));
-        }
         let argv = [
             "/usr/bin/openshell-gateway",
             "--listen",
@@ -227,8 +240,14 @@ impl GatewayInstance {
             "/run/openshell/rootfs.sha256",
         ];
         let mut cfg = VmConfig::exec(kernel, rootfs, self.vm_dir(), argv.iter().map(|s| s.to_string()).collect());
-        cfg.net = net;
-        cfg.ports = vec![PortMap { host: host_port, guest: GATEWAY_PORT }];
+        cfg.net = Net::default_for(openshell_vm::host::Os::host());
+        cfg.mem_mib = GATEWAY_MEM_MIB;
+        cfg.ports = vec![PortMap { host: GATEWAY_PORT, guest: GATEWAY_PORT }];
+        cfg.update(overrides);
+        if cfg.net == Net::None {
+            return Err(VmError::Invalid("the gateway is reached through a port forward, so it needs a network: use --net passt or --net gvproxy".into()));
+        }
+        endpoint(&cfg)?;
         let share = cfg.share_dir();
         // Refuse to boot with broken material rather than let the guest fail obscurely.
         openshell_pki::load_server_material(&self.server_dir()).map_err(pki_err)?;
@@ -513,8 +532,21 @@ mod tests {
     fn gateway_without_a_network_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let inst = GatewayInstance::new(t.path(), "t").unwrap();
-        let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), 30051, Net::None).unwrap_err().to_string();
+        let none = Overrides { net: Some(Net::None), ..Overrides::default() };
+        let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), &none).unwrap_err().to_string();
         assert!(err.contains("--net passt or --net gvproxy"), "{err}");
+    }
+
+    #[test]
+    fn every_forward_is_kept_and_the_endpoint_is_the_one_to_the_gateway_port() {
+        let t = tempfile::tempdir().unwrap();
+        let mut cfg = VmConfig::exec("/k".into(), "/r".into(), t.path().into(), vec!["/bin/true".into()]);
+        cfg.ports = vec![PortMap { host: 8080, guest: 80 }, PortMap { host: 40051, guest: GATEWAY_PORT }];
+        assert_eq!(endpoint(&cfg).unwrap(), "127.0.0.1:40051");
+        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let only_web = Overrides { ports: vec![PortMap { host: 8080, guest: 80 }], ..Overrides::default() };
+        let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), &only_web).unwrap_err().to_string();
+        assert!(err.contains("8080:80") && err.contains("add -p HOST:30051"), "{err}");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::gateway::{self, GatewayInstance, Metadata};
 use openshell_vm::launch::StopSignals;
 use openshell_vm::procfs;
-use openshell_vm::{HostStop, Net, RunningVm, VmConfig, VmError, VmExit, VmmChoice};
+use openshell_vm::{HostStop, Overrides, RunningVm, VmConfig, VmError, VmExit};
 
 /// A gateway VM that answered its mTLS health check. Dropping it stops the VM and passt and
 /// releases the instance lock.
@@ -74,10 +74,9 @@ impl std::str::FromStr for Restart {
     }
 }
 
-/// The gateway's guest memory unless asked otherwise. Measured (`cargo xtask bench memory`): the
-/// guest touches ~40 MiB serving load, and the host pays only for what it touches, so 256 MiB is
-/// ~6x headroom while capping a runaway guest at half of the 512 MiB an `--exec` VM gets.
-pub const GATEWAY_MEM_MIB: u32 = 256;
+/// How long a gateway may take from its VMM starting to mTLS SERVING unless asked otherwise: a
+/// hang guard, far above a boot here (seconds under TCG), not a figure anyone waits for.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Everything needed to boot and keep one gateway instance: what `vm run` (foreground or
 /// `--detach`), the bench and the VM suites fill in, and what the supervisor binary reads from the
@@ -91,55 +90,25 @@ pub struct Request {
     pub rootfs: PathBuf,
     /// The kernel's and the rootfs's recorded digests, as `metadata.json` records them.
     pub digests: (String, String),
-    /// The host port forwarded to the gateway's 30051.
-    pub port: u16,
-    pub net: Net,
-    /// `--gvproxy PATH` (with `--net gvproxy`).
-    pub gvproxy: Option<PathBuf>,
-    pub vmm: VmmChoice,
-    pub vcpus: u8,
-    pub mem_mib: u32,
-    pub dhcp: bool,
-    /// Also write the console here (`None`: the instance's own `vm/console.log`).
-    pub console_log: Option<PathBuf>,
-    /// Extra environment and working directory for the gateway's process (`--env`, `--workdir`).
-    pub env: Vec<(String, String)>,
-    pub workdir: Option<String>,
+    /// What the caller says about the VM on top of the gateway preset
+    /// ([`GatewayInstance::vm_config`]): size, backend, network, forwards, environment, console.
+    pub vm: Overrides,
     pub ready_timeout: Duration,
     pub verification: crate::check::Verification,
     pub restart: Restart,
 }
 
 impl Request {
-    /// A request with `vm run`'s defaults for everything the caller does not say.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        root: &Path,
-        name: &str,
-        kernel: PathBuf,
-        rootfs: PathBuf,
-        digests: (String, String),
-        port: u16,
-        net: Net,
-        vmm: VmmChoice,
-    ) -> Request {
+    /// A request with the preset's values for everything the caller does not say.
+    pub fn new(root: &Path, name: &str, kernel: PathBuf, rootfs: PathBuf, digests: (String, String)) -> Request {
         Request {
             root: root.to_owned(),
             name: name.to_owned(),
             kernel,
             rootfs,
             digests,
-            port,
-            net,
-            gvproxy: None,
-            vmm,
-            vcpus: 1,
-            mem_mib: GATEWAY_MEM_MIB,
-            dhcp: false,
-            console_log: None,
-            env: Vec::new(),
-            workdir: None,
-            ready_timeout: Duration::from_secs(60),
+            vm: Overrides::default(),
+            ready_timeout: READY_TIMEOUT,
             verification: crate::check::Verification::Required,
             restart: Restart::No,
         }
@@ -149,24 +118,14 @@ impl Request {
         GatewayInstance::new(&self.root, &self.name)
     }
 
-    /// The VM config of this gateway: the preset, with the request's size, backend and console.
+    /// The VM config of this gateway: the preset with the request's overrides applied.
     pub fn config(&self) -> Result<VmConfig, VmError> {
-        let mut cfg = self.instance()?.vm_config(
+        self.instance()?.vm_config(
             self.kernel.clone(),
             self.rootfs.clone(),
             (&self.digests.0, &self.digests.1),
-            self.port,
-            self.net,
-        )?;
-        cfg.vcpus = self.vcpus;
-        cfg.mem_mib = self.mem_mib;
-        cfg.vmm = self.vmm;
-        cfg.gvproxy = self.gvproxy.clone();
-        cfg.dhcp = self.dhcp;
-        cfg.console_log = self.console_log.clone();
-        cfg.exec.env = self.env.clone();
-        cfg.exec.workdir = self.workdir.clone();
-        Ok(cfg)
+            &self.vm,
+        )
     }
 
     /// Boots the instance (lock → recovery → preflight → launch → readiness) and returns it
@@ -346,9 +305,7 @@ fn start(
     stop: Option<&StopSignals>,
 ) -> Result<(RunningVm, String, Duration), VmError> {
     let cfg = planned.cfg();
-    let port =
-        cfg.ports.first().map(|p| p.host).ok_or_else(|| VmError::Invalid("the gateway needs a port forward".into()))?;
-    let endpoint = format!("127.0.0.1:{port}");
+    let endpoint = gateway::endpoint(cfg)?;
     let mut vm = openshell_vm::launch(planned)?;
     let bundle = inst.client_bundle()?;
     let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout, stop)?;

@@ -13,6 +13,13 @@ pub use crate::error::VmError;
 /// refused connections is summarised; this is far above both, and far below a disk.
 pub const DEFAULT_CONSOLE_CAP: u64 = 16 * 1024 * 1024;
 
+/// vCPUs of every preset unless a caller says otherwise: the guests here serve one client or run
+/// one command, and a second vCPU under TCG costs the host a core.
+pub const DEFAULT_VCPUS: u8 = 1;
+
+/// Memory of an `--exec` VM unless a caller says otherwise.
+pub const EXEC_MEM_MIB: u32 = 512;
+
 /// One VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -51,6 +58,29 @@ pub struct VmConfig {
     pub guest_tsc_khz: Option<u32>,
 }
 
+/// What a caller (`vm run`'s flags, a trial, a benchmark) says about a VM on top of a preset
+/// ([`VmConfig::exec`], the gateway's): each field left `None` or empty keeps the preset's value.
+/// [`VmConfig::update`] applies it. Serialized in a detached gateway's request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Overrides {
+    pub arch: Option<Arch>,
+    pub vcpus: Option<u8>,
+    pub mem_mib: Option<u32>,
+    pub vmm: Option<VmmChoice>,
+    pub net: Option<Net>,
+    /// `--gvproxy PATH`.
+    pub gvproxy: Option<PathBuf>,
+    /// Replaces the preset's forwards when not empty.
+    pub ports: Vec<PortMap>,
+    /// `--dhcp`: only ever turns DHCP on.
+    pub dhcp: bool,
+    /// Set in the command's environment, replacing a preset variable of the same name.
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+    pub console_log: Option<PathBuf>,
+}
+
 /// A host directory shared into the guest (virtio-9p under QEMU, virtio-fs under libkrun).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirShare {
@@ -59,14 +89,14 @@ pub struct DirShare {
 }
 
 impl VmConfig {
-    /// Preset: run one command in a small VM (1 vCPU, 512 MiB).
+    /// Preset: run one command in a small VM ([`DEFAULT_VCPUS`], [`EXEC_MEM_MIB`]), no network.
     pub fn exec(kernel: PathBuf, rootfs: PathBuf, state_dir: PathBuf, argv: Vec<String>) -> VmConfig {
         VmConfig {
             arch: Arch::host(),
             kernel,
             rootfs,
-            vcpus: 1,
-            mem_mib: 512,
+            vcpus: DEFAULT_VCPUS,
+            mem_mib: EXEC_MEM_MIB,
             exec: ExecRequest { argv, env: Vec::new(), workdir: None },
             state_dir,
             console_log: None,
@@ -79,6 +109,44 @@ impl VmConfig {
             dhcp: false,
             shares: Vec::new(),
             guest_tsc_khz: None,
+        }
+    }
+
+    /// Applies what a caller said on top of this preset: the one place a flag meets a default
+    /// (firecracker's `MachineConfigUpdate` model). Every field `o` leaves unset keeps the preset's.
+    pub fn update(&mut self, o: &Overrides) {
+        let Overrides { arch, vcpus, mem_mib, vmm, net, gvproxy, ports, dhcp, env, workdir, console_log } = o;
+        if let Some(a) = arch {
+            self.arch = *a;
+        }
+        if let Some(v) = vcpus {
+            self.vcpus = *v;
+        }
+        if let Some(m) = mem_mib {
+            self.mem_mib = *m;
+        }
+        if let Some(v) = vmm {
+            self.vmm = *v;
+        }
+        if let Some(n) = net {
+            self.net = *n;
+        }
+        if gvproxy.is_some() {
+            self.gvproxy.clone_from(gvproxy);
+        }
+        if !ports.is_empty() {
+            self.ports.clone_from(ports);
+        }
+        self.dhcp |= *dhcp;
+        for (k, v) in env {
+            self.exec.env.retain(|(have, _)| have != k);
+            self.exec.env.push((k.clone(), v.clone()));
+        }
+        if workdir.is_some() {
+            self.exec.workdir.clone_from(workdir);
+        }
+        if console_log.is_some() {
+            self.console_log.clone_from(console_log);
         }
     }
 
@@ -168,6 +236,26 @@ mod tests {
         std::fs::write(dir.join("root/sbin/openshell-init"), "").unwrap();
         std::fs::write(dir.join("vmlinux"), crate::kernel_image::minimal_image(Arch::host())).unwrap();
         VmConfig::exec(dir.join("vmlinux"), dir.join("root"), dir.join("state"), vec!["/bin/true".into()])
+    }
+
+    #[test]
+    fn update_changes_only_what_it_names() {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = cfg(t.path());
+        c.exec.env = vec![("A".into(), "1".into()), ("B".into(), "2".into())];
+        c.ports = vec![PortMap { host: 1, guest: 2 }];
+        let before = c.clone();
+        c.update(&Overrides::default());
+        assert_eq!(format!("{c:?}"), format!("{before:?}"), "empty overrides change nothing");
+        let ports = vec![PortMap { host: 8080, guest: 80 }, PortMap { host: 40051, guest: 30051 }];
+        c.update(&Overrides {
+            mem_mib: Some(384),
+            ports: ports.clone(),
+            env: vec![("B".into(), "3".into())],
+            ..Overrides::default()
+        });
+        assert_eq!((c.mem_mib, c.vcpus, c.net, c.ports.clone()), (384, DEFAULT_VCPUS, Net::None, ports));
+        assert_eq!(c.exec.env, [("A".to_owned(), "1".to_owned()), ("B".to_owned(), "3".to_owned())]);
     }
 
     #[test]

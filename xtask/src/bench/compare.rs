@@ -65,8 +65,7 @@ impl CompareArgs {
             a.kernel.clone(),
             a.rootfs.clone(),
             (&a.digests.0, &a.digests.1),
-            super::free_port()?,
-            openshell_vm::Net::Passt,
+            &super::passt_on_a_free_port()?,
         )?;
         let bundle = inst.client_bundle()?;
 

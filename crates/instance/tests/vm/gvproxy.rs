@@ -82,10 +82,10 @@ fn gateway_serves_mtls_through_the_forward_and_verifies(
     let binary = gvproxy()?;
     let booted = support::with_free_port(|port| {
         let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
-        g.req.net = Net::Gvproxy;
-        g.req.gvproxy = Some(binary.clone());
+        g.req.vm.net = Some(Net::Gvproxy);
+        g.req.vm.gvproxy = Some(binary.clone());
         std::fs::create_dir_all(dir.path().join("state")).map_err(|e| e.to_string())?;
-        g.req.console_log = Some(dir.path().join("state/console.log"));
+        g.req.vm.console_log = Some(dir.path().join("state/console.log"));
         let up = g.boot_with(Verification::Required).map_err(|e| format!("boot: {e}"))?;
         Ok((up, g.inst, port))
     });
@@ -155,8 +155,8 @@ fn gvproxy_killed_fails_the_instance_and_status_says_so(
     let binary = gvproxy()?;
     let detached = support::with_free_port(|port| {
         let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
-        g.req.net = Net::Gvproxy;
-        g.req.gvproxy = Some(binary.clone());
+        g.req.vm.net = Some(Net::Gvproxy);
+        g.req.vm.gvproxy = Some(binary.clone());
         let d = g.detach().map_err(|e| format!("detach: {e}"))?;
         Ok((d, g.inst))
     });

@@ -70,10 +70,9 @@ fn tampered_rootfs_is_refused(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> R
     let (root, file, recorded, found) = tampered_rootfs(a, &dir)?;
     let inst = GatewayInstance::new(&dir.path().join("gateways"), "trial").map_err(|e| e.to_string())?;
     inst.ensure_pki().map_err(|e| e.to_string())?;
-    let mut cfg = inst
-        .vm_config(a.kernel.clone(), root, ("unused", "unused"), support::free_port(), openshell_vm::Net::Passt)
+    let cfg = inst
+        .vm_config(a.kernel.clone(), root, ("unused", "unused"), &support::passt_forward(vmm, support::free_port()))
         .map_err(|e| e.to_string())?;
-    cfg.vmm = vmm;
     expect_refused(&cfg, dir, &[file.display().to_string(), recorded.hex(), found.hex(), "--allow-unverified".into()])
 }
 

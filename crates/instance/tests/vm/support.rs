@@ -222,18 +222,21 @@ pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16)
     let rootfs_sha =
         openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs).map_err(|e| e.to_string())?.digest().hex();
     let digests = (kernel_sha, rootfs_sha);
-    let mut req = openshell_instance::supervise::Request::new(
-        root,
-        "trial",
-        a.kernel.clone(),
-        a.rootfs.clone(),
-        digests.clone(),
-        port,
-        openshell_vm::Net::Passt,
-        vmm,
-    );
+    let mut req =
+        openshell_instance::supervise::Request::new(root, "trial", a.kernel.clone(), a.rootfs.clone(), digests.clone());
+    req.vm = passt_forward(vmm, port);
     req.ready_timeout = GUEST_TIMEOUT;
     Ok(GatewayTrial { inst, req, digests })
+}
+
+/// A gateway trial's VM: `vmm`, passt, 127.0.0.1:`port` → the gateway's 30051.
+pub fn passt_forward(vmm: VmmChoice, port: u16) -> openshell_vm::Overrides {
+    openshell_vm::Overrides {
+        vmm: Some(vmm),
+        net: Some(openshell_vm::Net::Passt),
+        ports: vec![openshell_vm::PortMap { host: port, guest: openshell_instance::gateway::GATEWAY_PORT }],
+        ..openshell_vm::Overrides::default()
+    }
 }
 
 impl GatewayTrial {

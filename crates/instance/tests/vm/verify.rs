@@ -63,7 +63,7 @@ fn supervise_with(
         let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
         // Where TrialDir::fail looks for the console; metadata.json records it for verify.
         std::fs::create_dir_all(dir.path().join("state")).map_err(|e| e.to_string())?;
-        g.req.console_log = Some(dir.path().join("state/console.log"));
+        g.req.vm.console_log = Some(dir.path().join("state/console.log"));
         let up = g.boot_with(verification).map_err(|e| format!("boot: {e}"))?;
         Ok(Supervised { up, inst: g.inst, port })
     })

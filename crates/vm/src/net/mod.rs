@@ -27,7 +27,7 @@ pub use passt::{start_passt, Passt, INSTALL_HINT};
 use crate::VmError;
 
 /// `-p HOST:GUEST`: a TCP port on 127.0.0.1 forwarded to a guest port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortMap {
     pub host: u16,
     pub guest: u16,
