@@ -56,7 +56,7 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let material = ServerMaterial::load(&args.tls_dir)?;
-    let open_files = raise_open_files_limit();
+    raise_open_files_limit();
     let listener = openshell_gateway::tls::listen(args.listen)
         .map_err(|e| format!("binding {}: {e}; is another gateway already running?", args.listen))?;
     let addr = listener.local_addr()?;
@@ -68,11 +68,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // In init's timeline format (guest ms since boot), so the host's boot timeline shows it and
     // readiness knows when probing can succeed.
     eprintln!("openshell-gateway: [{:>6} ms] listening on {addr}", openshell_gateway::sysinfo::uptime_ms());
-    // After the readiness line, which stays the first. The host's flood trial reads it: it is the
-    // limit a flood of idle peers meets (tests/vm/flood.rs).
-    if let Some((soft, was)) = open_files {
-        eprintln!("openshell-gateway: {OPEN_FILES_LINE} {soft} (was {was})");
-    }
     serve(listener, &material, config, shutdown_signal()).await?;
     Ok(())
 }
@@ -80,20 +75,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// Each connection waiting for its handshake holds a descriptor, and init starts us with a soft
 /// limit of 1024 (hard 4096): a thousand idle peers would then make `accept` fail with EMFILE and
 /// stall the authenticated client behind them. Take the hard limit; failing that, keep going.
-fn raise_open_files_limit() -> Option<(u64, u64)> {
+/// Info reports the limit in force (`open_files_limit`).
+fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
     if soft < hard {
         if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
             eprintln!("openshell-gateway: raising the open-files limit: {e}");
         }
     }
-    let (now, _) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    Some((now, soft))
 }
-
-/// How the gateway's log names its open-files soft limit, once serving.
-const OPEN_FILES_LINE: &str = "open-files limit";
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

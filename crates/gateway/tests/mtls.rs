@@ -137,6 +137,49 @@ async fn authenticated_client_gets_health_and_info() {
     server.stop().await;
 }
 
+/// Info's `connections` counts what the gateway holds, handshakes still waiting among them, and
+/// gives each back when it closes: the VM flood trial reads it as the gateway's own word that it
+/// held more connections than init's soft open-files limit allows.
+#[tokio::test]
+async fn info_counts_the_connections_the_gateway_holds() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::generate("test").unwrap();
+    let server = start(&pki, GatewayConfig::default()).await;
+    let b = pki.client_bundle();
+    let ch = connect(&server.addr.to_string(), &bundle(&b.ca_pem, &b.cert_pem, &b.key_pem), "localhost").await.unwrap();
+    // Polled, as the counts follow the server's own tasks; the limit is a hang guard.
+    let until = |want: u64| {
+        let ch = ch.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    let reply = info(&ch).await.unwrap();
+                    if reply.connections == want {
+                        return reply;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("Info never reported {want} connections"))
+        }
+    };
+    assert_eq!(until(1).await.accept_failures, 0, "only the channel carrying Info");
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        // The first byte of a TLS record, then silence: a handshake the gateway waits on.
+        let mut peer = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        peer.write_all(&[0x16]).await.unwrap();
+        peers.push(peer);
+    }
+    let reply = until(4).await;
+    assert_eq!(reply.accept_failures, 0);
+    assert!(reply.open_files_limit > 4, "{reply:?}");
+    drop(peers);
+    until(1).await;
+    server.stop().await;
+}
+
 /// TLS 1.3 puts the client-certificate verdict after the client's Finished, so the alert arrives
 /// once the client's handshake is done.
 #[tokio::test]
