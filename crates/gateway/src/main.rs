@@ -75,6 +75,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// Each connection waiting for its handshake holds a descriptor, and init starts us with a soft
 /// limit of 1024 (hard 4096): a thousand idle peers would then make `accept` fail with EMFILE and
 /// stall the authenticated client behind them. Take the hard limit; failing that, keep going.
+/// Info reports the limit in force (`open_files_limit`).
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };

@@ -31,11 +31,13 @@ pub struct GatewayConfig {
 #[derive(Clone, Debug, Default)]
 pub struct GatewayService {
     config: GatewayConfig,
+    listener: tls::ListenerStats,
 }
 
 impl GatewayService {
-    pub fn new(config: GatewayConfig) -> Self {
-        GatewayService { config }
+    /// The service for a gateway whose accept loop keeps `listener`'s counts.
+    pub fn new(config: GatewayConfig, listener: tls::ListenerStats) -> Self {
+        GatewayService { config, listener }
     }
 }
 
@@ -56,6 +58,9 @@ impl Gateway for GatewayService {
             rootfs_sha256: sysinfo::read_digest(self.config.rootfs_digest_file.as_deref()),
             listen_overflows: listen.overflows,
             listen_drops: listen.drops,
+            connections: self.listener.connections() as u64,
+            accept_failures: self.listener.accept_failures(),
+            open_files_limit: sysinfo::open_files_limit(),
         }))
     }
 }
@@ -96,9 +101,10 @@ pub async fn serve(
     };
     let incoming = tls::incoming(listener, tls_config);
     let open = incoming.open_connections();
+    let service = GatewayService::new(config, incoming.listener_stats());
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(GatewayServer::new(GatewayService::new(config)))
+        .add_service(GatewayServer::new(service))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     tokio::select! {

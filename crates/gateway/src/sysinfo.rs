@@ -37,6 +37,11 @@ fn parse_mem_total_kib(text: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// This process's soft open-files limit (0 if it cannot be read).
+pub fn open_files_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft)
+}
+
 /// The kernel's listen-queue losses since boot (TcpExt in /proc/net/netstat).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ListenQueue {

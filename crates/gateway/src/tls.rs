@@ -185,6 +185,7 @@ pub struct TlsIncoming {
     rx: mpsc::Receiver<io::Result<TlsStream<Watched>>>,
     accept_loop: JoinHandle<()>,
     open: OpenConnections,
+    listener: ListenerStats,
 }
 
 impl TlsIncoming {
@@ -193,11 +194,17 @@ impl TlsIncoming {
     pub fn open_connections(&self) -> OpenConnections {
         self.open.clone()
     }
+
+    /// What the accept loop has seen, for Info.
+    pub fn listener_stats(&self) -> ListenerStats {
+        self.listener.clone()
+    }
 }
 
-/// How many authenticated connections are open: each one counts from its handshake until the
-/// server drops it. It is how `serve` tells a shutdown that drained every connection from one
-/// whose grace ran out while clients still held theirs.
+/// How many connections are open in some stage: each one counts from the moment it entered the
+/// stage until it is dropped. Authenticated connections are counted so that `serve` tells a
+/// shutdown that drained every connection from one whose grace ran out while clients still held
+/// theirs; accepted ones, for [`ListenerStats`].
 #[derive(Clone, Debug, Default)]
 pub struct OpenConnections(Arc<AtomicUsize>);
 
@@ -209,6 +216,27 @@ impl OpenConnections {
     fn enter(&self) -> OpenGuard {
         self.0.fetch_add(1, Ordering::SeqCst);
         OpenGuard(self.0.clone())
+    }
+}
+
+/// The gateway's load as its accept loop sees it, reported by Info: under a flood of peers that
+/// never finish a handshake, it is the gateway's own word on how many it holds (each one a
+/// descriptor, which the open-files limit bounds) and on whether `accept` ever failed.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerStats {
+    held: OpenConnections,
+    accept_failures: Arc<AtomicU64>,
+}
+
+impl ListenerStats {
+    /// Connections accepted and not yet closed, in their handshake or authenticated.
+    pub fn connections(&self) -> usize {
+        self.held.get()
+    }
+
+    /// `accept` calls that failed since the listener started (EMFILE once out of descriptors).
+    pub fn accept_failures(&self) -> u64 {
+        self.accept_failures.load(Ordering::SeqCst)
     }
 }
 
@@ -246,6 +274,8 @@ pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming
     let refusals = Arc::new(Mutex::new(RefusalLog::new(Instant::now())));
     let open = OpenConnections::default();
     let counted = open.clone();
+    let listener_stats = ListenerStats::default();
+    let stats = listener_stats.clone();
     let accept_loop = tokio::spawn(async move {
         let mut summaries = tokio::time::interval(REFUSAL_WINDOW);
         loop {
@@ -266,35 +296,38 @@ pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> TlsIncoming
                 Err(e) => {
                     // Usually EMFILE or a connection reset before accept;
                     // backing off beats a hot loop, and the listener stays usable.
+                    stats.accept_failures.fetch_add(1, Ordering::SeqCst);
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let held = stats.held.enter();
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let refusals = refusals.clone();
             let counted = counted.clone();
             tokio::spawn(async move {
-                if let Some(mut tls) = handshake(&acceptor, tcp, peer, &refusals).await {
+                if let Some(mut tls) = handshake(&acceptor, tcp, held, peer, &refusals).await {
                     tls.get_mut().0.open = Some(counted.enter());
                     let _ = tx.send(Ok(tls)).await;
                 }
             });
         }
     });
-    TlsIncoming { rx, accept_loop, open }
+    TlsIncoming { rx, accept_loop, open, listener: listener_stats }
 }
 
 async fn handshake(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
+    held: OpenGuard,
     peer: SocketAddr,
     refusals: &Mutex<RefusalLog>,
 ) -> Option<TlsStream<Watched>> {
     let progress = Arc::new(Progress::new());
-    let accept = acceptor.accept(Watched { tcp, progress: progress.clone(), open: None });
+    let accept = acceptor.accept(Watched { tcp, progress: progress.clone(), _held: held, open: None });
     tokio::pin!(accept);
     let why = loop {
         tokio::select! {
@@ -348,6 +381,8 @@ impl Progress {
 pub struct Watched {
     tcp: TcpStream,
     progress: Arc<Progress>,
+    /// From the accept on: the connection counts in [`ListenerStats::connections`].
+    _held: OpenGuard,
     /// Set once the handshake succeeded: from then on the connection counts as open.
     open: Option<OpenGuard>,
 }

@@ -137,6 +137,49 @@ async fn authenticated_client_gets_health_and_info() {
     server.stop().await;
 }
 
+/// Info's `connections` counts what the gateway holds, handshakes still waiting among them, and
+/// gives each back when it closes: the VM flood trial reads it as the gateway's own word that it
+/// held more connections than init's soft open-files limit allows.
+#[tokio::test]
+async fn info_counts_the_connections_the_gateway_holds() {
+    use tokio::io::AsyncWriteExt;
+    let pki = Pki::generate("test").unwrap();
+    let server = start(&pki, GatewayConfig::default()).await;
+    let b = pki.client_bundle();
+    let ch = connect(&server.addr.to_string(), &bundle(&b.ca_pem, &b.cert_pem, &b.key_pem), "localhost").await.unwrap();
+    // Polled, as the counts follow the server's own tasks; the limit is a hang guard.
+    let until = |want: u64| {
+        let ch = ch.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    let reply = info(&ch).await.unwrap();
+                    if reply.connections == want {
+                        return reply;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("Info never reported {want} connections"))
+        }
+    };
+    assert_eq!(until(1).await.accept_failures, 0, "only the channel carrying Info");
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        // The first byte of a TLS record, then silence: a handshake the gateway waits on.
+        let mut peer = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        peer.write_all(&[0x16]).await.unwrap();
+        peers.push(peer);
+    }
+    let reply = until(4).await;
+    assert_eq!(reply.accept_failures, 0);
+    assert!(reply.open_files_limit > 4, "{reply:?}");
+    drop(peers);
+    until(1).await;
+    server.stop().await;
+}
+
 /// TLS 1.3 puts the client-certificate verdict after the client's Finished, so the alert arrives
 /// once the client's handshake is done.
 #[tokio::test]
@@ -221,8 +264,47 @@ async fn closed_port_and_silent_close_are_not_refusals() {
     );
 }
 
+/// The real binary (`OPENSHELL_GATEWAY_BIN` points it at another build, e.g. the static one),
+/// started with `args` after `--listen` and `--tls-dir`, and `before_exec` run in the child: the
+/// child, its address from the readiness line, and its stderr past that line.
+fn spawn_binary(
+    tls_dir: &std::path::Path,
+    args: &[&std::ffi::OsStr],
+    before_exec: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> (std::process::Child, String, BufReader<std::process::ChildStderr>) {
+    use std::os::unix::process::CommandExt;
+    // Lets the static guest build be checked with the same tests.
+    let bin =
+        std::env::var_os("OPENSHELL_GATEWAY_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_openshell-gateway").into());
+    let mut cmd = Command::new(bin);
+    cmd.arg("--listen=127.0.0.1:0").arg("--tls-dir").arg(tls_dir).args(args);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: the callers' `before_exec` only makes system calls (no allocation, no locks), as
+    // the forked child of a threaded process may.
+    #[allow(unsafe_code)]
+    unsafe {
+        cmd.pre_exec(before_exec)
+    };
+    let mut child = cmd.spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    // A hang guard: the line comes in milliseconds.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(stderr.read_line(&mut line).map(|_| (line, stderr)));
+    });
+    let (line, stderr) = rx.recv_timeout(Duration::from_secs(20)).expect("no readiness line").unwrap();
+    // `openshell-gateway: [N ms] listening on ADDR`, the boot timeline's format.
+    let addr = line
+        .trim()
+        .strip_prefix("openshell-gateway: [")
+        .and_then(|l| l.split_once(" ms] listening on "))
+        .map(|(_, addr)| addr.to_owned())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (child, addr, stderr)
+}
+
 /// The real binary: flags, the readiness line on stderr, and a served Info.
-/// `OPENSHELL_GATEWAY_BIN` points it at another build (e.g. the static one).
 #[tokio::test]
 async fn binary_announces_and_serves() {
     let pki = Pki::generate("bin").unwrap();
@@ -231,33 +313,9 @@ async fn binary_announces_and_serves() {
     pki.write_server_material(&tls_dir).unwrap();
     let rootfs_digest = dir.path().join("rootfs.sha256");
     std::fs::write(&rootfs_digest, "cd".repeat(32)).unwrap();
-
-    // Lets the static guest build be checked with the same test.
-    let bin =
-        std::env::var_os("OPENSHELL_GATEWAY_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_openshell-gateway").into());
-    let mut child = Command::new(bin)
-        .arg("--listen=127.0.0.1:0")
-        .arg("--tls-dir")
-        .arg(&tls_dir)
-        .arg("--rootfs-digest-file")
-        .arg(&rootfs_digest)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    let read = tokio::task::spawn_blocking(move || stderr.read_line(&mut line).map(|_| (line, stderr)));
-    let (line, _stderr) =
-        tokio::time::timeout(Duration::from_secs(20), read).await.expect("no readiness line").unwrap().unwrap();
-    // `openshell-gateway: [N ms] listening on ADDR`, the boot timeline's format.
-    let addr = line
-        .trim()
-        .strip_prefix("openshell-gateway: [")
-        .and_then(|l| l.split_once(" ms] listening on "))
-        .map(|(_, addr)| addr)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    let (mut child, addr, _stderr) =
+        spawn_binary(&tls_dir, &["--rootfs-digest-file".as_ref(), rootfs_digest.as_os_str()], || Ok(()));
+    let addr = addr.as_str();
 
     let b = pki.client_bundle();
     let result = async {
@@ -273,6 +331,75 @@ async fn binary_announces_and_serves() {
     let (status, reply) = result.unwrap();
     assert_eq!(status, ServingStatus::Serving);
     assert_eq!(reply.unwrap().into_inner().rootfs_sha256, "cd".repeat(32));
+}
+
+/// The real binary out of descriptors: held at a hard open-files limit of `LIMIT` (so its raise
+/// to the hard limit cannot help), peers that never finish a handshake make `accept` fail
+/// (EMFILE). Once they close, the accept loop must still be there: a new client is served, over
+/// a new connection. The VM flood trial cannot show this, as there the raise keeps the gateway
+/// from running out; here it is the only defence left.
+#[tokio::test]
+async fn binary_accepts_again_after_running_out_of_descriptors() {
+    use tokio::io::AsyncWriteExt;
+    const LIMIT: u64 = 64;
+    let pki = Pki::generate("bin").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tls_dir = dir.path().join("tls");
+    pki.write_server_material(&tls_dir).unwrap();
+    let (mut child, addr, _stderr) = spawn_binary(&tls_dir, &[], || {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, LIMIT, LIMIT).map_err(Into::into)
+    });
+    let b = pki.client_bundle();
+    let b = bundle(&b.ca_pem, &b.cert_pem, &b.key_pem);
+    let result = async {
+        // Opened before the flood, so Info is answered while the gateway is out of descriptors.
+        let ch = connect(&addr, &b, "gateway").await.map_err(|e| e.to_string())?;
+        let before = info(&ch).await.map_err(|e| e.to_string())?;
+        if (before.open_files_limit, before.accept_failures) != (LIMIT, 0) {
+            return Err(format!("before the flood: {before:?}"));
+        }
+        // Twice the limit: more peers than the gateway can hold descriptors for, each sending the
+        // first byte of a TLS record and then nothing (a handshake the gateway waits on).
+        let mut peers = Vec::new();
+        for i in 0..2 * LIMIT {
+            let mut peer = tokio::net::TcpStream::connect(&addr).await.map_err(|e| format!("peer {i}: {e}"))?;
+            peer.write_all(&[0x16]).await.map_err(|e| format!("peer {i}: {e}"))?;
+            peers.push(peer);
+        }
+        // Polled, as the count follows the gateway's accept loop; the limit is a hang guard (the
+        // slowloris guard frees descriptors after 10 s, and accept then fails again).
+        let out = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let reply = info(&ch).await.map_err(|e| e.to_string())?;
+                if reply.accept_failures > 0 {
+                    return Ok::<_, String>(reply);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .map_err(|_| format!("with {} peers and an open-files limit of {LIMIT}, accept never failed", peers.len()))??;
+        drop(peers);
+        // A new connection, which only a live accept loop takes; the timeout is a hang guard.
+        let served = tokio::time::timeout(Duration::from_secs(60), async {
+            let fresh = connect(&addr, &b, "gateway").await.map_err(|e| e.to_string())?;
+            health(&fresh).await.map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|_| Err("no answer within 60 s (hang guard)".into()));
+        Ok((out, served))
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let (out, served) = result.unwrap();
+    assert_eq!(
+        served,
+        Ok(ServingStatus::Serving),
+        "after {} failed accepts with {} connections held, a new client",
+        out.accept_failures,
+        out.connections
+    );
 }
 
 /// A failed connect says why: tonic's own message is only "transport error", and a user told

@@ -1,10 +1,10 @@
 //! `cargo xtask bench soak`: N cycles of `vm run --detach` then `vm stop`, through the CLI a user
 //! runs (this xtask binary as a child), on one named instance, and after each cycle counts what
-//! was left: processes (children of ours, and any process whose argv or environment names the
-//! soak's config root, which the detached supervisor, the VMM and passt all inherit), open fds of
-//! this process, listening sockets on the forwarded port, entries in the children's own TMPDIR,
-//! and how much the instance directory grew. Failures are counted and the first one shown.
+//! was left: processes the soak started (see [`Started`]), open fds of this process, listening
+//! sockets on the forwarded port, entries in the children's own TMPDIR, and how much the
+//! instance directory grew. Failures are counted and the first one shown.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -66,7 +66,8 @@ impl SoakArgs {
             Ok(t.elapsed().as_secs_f64() * 1e3)
         };
         let publish = format!("{port}:{}", openshell_instance::gateway::GATEWAY_PORT);
-        let before = leftovers(&config, &tmp, &instance, port);
+        let mut started = Started::new(&config);
+        let before = leftovers(&mut started, &tmp, &instance, port);
         let (mut detach_ms, mut stop_ms, mut cycle_ms) = (Vec::new(), Vec::new(), Vec::new());
         let (mut failures, mut first_failure) = (0usize, None);
         let mut after_first = None;
@@ -76,6 +77,7 @@ impl SoakArgs {
             pb.set_message(format!("cycle {}/{} ({failures} failed)", i + 1, self.n));
             let t = Instant::now();
             let detach = cli(&["vm", "run", "--vmm", &vmm, "--name", "soak", "-p", &publish, "--detach"]);
+            started.note_instance(&config);
             // Stop whatever the detach left, even after a failed detach.
             let stop = cli(&["vm", "stop", "--name", "soak"]);
             match (detach, stop) {
@@ -90,17 +92,17 @@ impl SoakArgs {
                     first_failure.get_or_insert_with(|| format!("cycle {}: {e:#}", i + 1));
                 }
             }
-            let now = leftovers(&config, &tmp, &instance, port);
+            let now = leftovers(&mut started, &tmp, &instance, port);
             if !now.processes.is_empty() || now.listeners > 0 || now.fds != before.fds {
                 leaky_cycles += 1;
             }
             after_first.get_or_insert(now);
         }
         pb.finish_and_clear();
-        let after = leftovers(&config, &tmp, &instance, port);
+        let after = leftovers(&mut started, &tmp, &instance, port);
         // Counted first, then cleared: a leak is reported, not left running on the host.
         let cleanup = match cli(&["vm", "stop", "--name", "soak"]) {
-            Ok(_) if leftovers(&config, &tmp, &instance, port).processes.is_empty() => "nothing left".to_owned(),
+            Ok(_) if started.processes().is_empty() => "nothing left".to_owned(),
             Ok(_) => "`vm stop` left processes running: look for them by the soak's config root".to_owned(),
             Err(e) => format!("`vm stop` at the end failed: {e:#}"),
         };
@@ -144,9 +146,9 @@ impl SoakArgs {
     }
 }
 
-fn leftovers(config: &Path, tmp: &Path, instance: &Path, port: u16) -> Leftovers {
+fn leftovers(started: &mut Started, tmp: &Path, instance: &Path, port: u16) -> Leftovers {
     Leftovers {
-        processes: our_processes(config),
+        processes: started.processes(),
         fds: std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()),
         listeners: openshell_vm::procfs::tcp_listeners(port).len(),
         temp_entries: std::fs::read_dir(tmp)
@@ -156,32 +158,90 @@ fn leftovers(config: &Path, tmp: &Path, instance: &Path, port: u16) -> Leftovers
     }
 }
 
-/// Live processes that are our children or carry `marker` in their argv or environment, as
-/// "pid argv0".
-fn our_processes(marker: &Path) -> Vec<String> {
-    let me = std::process::id();
-    let marker = marker.to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for pid in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = pid.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if pid == me {
-            continue;
-        }
-        let read = |f: &str| std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default();
-        let stat = String::from_utf8_lossy(&read("stat")).into_owned();
-        // The state and ppid follow the parenthesised name, which may hold spaces.
-        let after_name: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
-        if after_name.first() == Some(&"Z") && after_name.get(1) != Some(&me.to_string().as_str()) {
-            continue;
-        }
-        let child = after_name.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(me);
-        let named = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).contains(&marker);
-        if child || named(read("cmdline")) || named(read("environ")) {
-            let argv0 = openshell_vm::procfs::argv(pid).and_then(|a| a.into_iter().next()).unwrap_or_default();
-            out.push(format!("{pid} {argv0}"));
+/// The processes this soak started, told from everything else on the host: its own children
+/// (a CLI call still running), any process whose argv names the soak's config root (a detached
+/// supervisor: `openshell-supervisor <root>/…/supervise.json`), and every process in a session
+/// such a supervisor leads. The supervisor calls setsid, and what it starts (the VMM, passt,
+/// gvproxy) stays in its session even once orphaned, so a VMM that outlived its supervisor is
+/// still counted. Not the environment: the children's cargo (`vm run` builds the supervisor)
+/// passes the soak's XDG_CONFIG_HOME on to a RUSTC_WRAPPER daemon such as sccache's server,
+/// which is no leftover of a cycle (it daemonizes into a session of its own and lives on).
+struct Started {
+    me: u32,
+    marker: String,
+    /// Sessions led by a supervisor of this soak, kept while any process is in them: the kernel
+    /// does not hand out a session's id as a new pid while a member holds it, so a session is
+    /// forgotten only once empty, before its id can lead an unrelated one.
+    sessions: HashSet<u32>,
+}
+
+/// One live process as /proc tells it.
+struct Proc {
+    pid: u32,
+    ppid: u32,
+    session: u32,
+    zombie: bool,
+    names_marker: bool,
+}
+
+impl Started {
+    fn new(config: &Path) -> Started {
+        Started { me: std::process::id(), marker: config.to_string_lossy().into_owned(), sessions: HashSet::new() }
+    }
+
+    /// Records the sessions of the processes the instance's metadata names (the supervisor
+    /// `vm run --detach` left, its VMM, passt, gvproxy), read while they run.
+    fn note_instance(&mut self, config: &Path) {
+        let meta = openshell_instance::gateway::GatewayInstance::new(&config.join("openshell/gateways"), "soak")
+            .ok()
+            .and_then(|i| i.read_metadata());
+        let Some(m) = meta else { return };
+        for pid in [m.supervisor_pid, m.vm_pid, m.passt_pid, m.gvproxy_pid].into_iter().flatten() {
+            if let Some(p) = read_proc(pid, &self.marker) {
+                self.sessions.insert(p.session);
+            }
         }
     }
-    out
+
+    /// The live processes of this soak, as "pid argv0".
+    fn processes(&mut self) -> Vec<String> {
+        let procs: Vec<Proc> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+            .filter(|&pid| pid != self.me)
+            .filter_map(|pid| read_proc(pid, &self.marker))
+            .collect();
+        self.sessions.extend(procs.iter().filter(|p| p.names_marker).map(|p| p.session));
+        self.sessions.retain(|s| procs.iter().any(|p| p.session == *s));
+        procs
+            .iter()
+            // A zombie is only a leftover when it is ours to reap.
+            .filter(|p| !p.zombie || p.ppid == self.me)
+            .filter(|p| p.ppid == self.me || p.names_marker || self.sessions.contains(&p.session))
+            .map(|p| {
+                let argv0 = openshell_vm::procfs::argv(p.pid).and_then(|a| a.into_iter().next()).unwrap_or_default();
+                format!("{} {argv0}", p.pid)
+            })
+            .collect()
+    }
+}
+
+fn read_proc(pid: u32, marker: &str) -> Option<Proc> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state, ppid, process group and session follow the parenthesised name, which may hold
+    // spaces.
+    let after_name: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |i: usize| after_name.get(i).and_then(|f| f.parse::<u32>().ok());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    Some(Proc {
+        pid,
+        ppid: field(1)?,
+        session: field(3)?,
+        zombie: after_name.first() == Some(&"Z"),
+        names_marker: String::from_utf8_lossy(&cmdline).contains(marker),
+    })
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
