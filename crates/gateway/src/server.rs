@@ -99,6 +99,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(GatewayServer::new(GatewayService::new(config)))
+        .add_service(crate::openshell::Served::new())
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     tokio::select! {
