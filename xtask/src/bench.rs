@@ -170,12 +170,12 @@ fn boots(n: usize, vmm: VmmChoice, a: &Artifacts, progress: bool) -> anyhow::Res
         };
         for i in 0..n {
             pb.set_message(format!("boot {}/{n}", i + 1));
-            let inst = GatewayInstance::new(root.path(), "bench")?;
+            let inst = GatewayInstance::new(&gateways_in(root.path()), "bench")?;
             if mode == "cold" {
                 inst.reset()?;
             }
             inst.ensure_pki()?;
-            let req = request(a, vmm, root.path(), "bench")?;
+            let req = request(a, vmm, &gateways_in(root.path()), "bench")?;
             // Watched from before the boot: the boot returns once SERVING, long after init's line.
             // The file goes first, so a warm boot's watcher cannot read the last boot's console.
             let console = req.config()?.console_path();
@@ -232,6 +232,13 @@ fn gateway(
     req.vm.mem_mib = mem_mib;
     let up = req.boot()?;
     Ok((inst, up))
+}
+
+/// A benchmark's instances root inside its temporary directory `tmp`, laid out as
+/// `$XDG_CONFIG_HOME/openshell/gateways` is, so what a boot writes beside it (`active_gateway`)
+/// stays inside `tmp` too.
+fn gateways_in(tmp: &std::path::Path) -> std::path::PathBuf {
+    tmp.join("openshell/gateways")
 }
 
 /// The boot request of a benchmarked gateway: instance `name` under `root`, passt on a free port,

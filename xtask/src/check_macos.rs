@@ -89,17 +89,7 @@ fn add_target(sh: &Shell) -> anyhow::Result<()> {
 /// first time (~440 MB unpacked; `cargo clean` removes it, the next check installs it again).
 fn ensure_zig(sh: &Shell, target_dir: &Path) -> anyhow::Result<PathBuf> {
     let venv = target_dir.join(format!("ziglang-{ZIGLANG}"));
-    if let Some(zig) = zig_in(sh, &venv) {
-        return Ok(zig);
-    }
-    eprintln!("installing zig {ZIGLANG} (PyPI ziglang) into {}", venv.display());
-    cmd!(sh, "python3 -m venv --clear {venv}").run().with_context(|| {
-        format!("cannot make a venv at {}: on Debian, apt-get install python3-venv", venv.display())
-    })?;
-    let pip = venv.join("bin/pip");
-    cmd!(sh, "{pip} install --quiet --disable-pip-version-check ziglang=={ZIGLANG}")
-        .run()
-        .with_context(|| format!("cannot install ziglang=={ZIGLANG} from PyPI into {}", venv.display()))?;
+    crate::pypi::ensure(sh, &venv, "ziglang", ZIGLANG)?;
     zig_in(sh, &venv).with_context(|| format!("ziglang=={ZIGLANG} installed, but {} has no zig binary", venv.display()))
 }
 

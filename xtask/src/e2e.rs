@@ -98,6 +98,8 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     if let Some(gvproxy) = gvproxy {
         sh.set_var("OPENSHELL_GVPROXY", gvproxy);
     }
+    // The OpenShell SDK, the client the `sdk` trials and the descriptor comparison judge with.
+    sh.set_var("OPENSHELL_SDK_PYTHON", crate::sdk::ensure(sh)?);
     // The CLI trials run this very binary, as a user runs `cargo xtask`.
     sh.set_var("OPENSHELL_XTASK", std::env::current_exe().context("cannot tell where the xtask binary is")?);
     // Where libkrun runs only nested, the krun trials run inside the nested host (L1).

@@ -29,6 +29,8 @@ pub enum Cmd {
     /// Type-check and lint the workspace for aarch64-apple-darwin from Linux (clippy -D warnings;
     /// installs the target, zig and libclang it needs; links nothing)
     CheckMacos(crate::check_macos::CheckMacosCmd),
+    /// Install the published OpenShell Python SDK (PyPI openshell) the suites judge the gateway with
+    Sdk(crate::sdk::SdkCmd),
     /// Can this host boot the VM? One PASS/WARN/FAIL row per capability, the artifacts' provenance
     Check(crate::check::CheckCmd),
     /// Benchmarks that print figures (boot phases, time to mTLS SERVING, peak RSS)

@@ -15,7 +15,9 @@ mod guest_check;
 mod kernel;
 mod nested_host;
 mod progress;
+mod pypi;
 mod rootfs;
+mod sdk;
 mod verify;
 mod vm;
 
@@ -63,6 +65,7 @@ fn run() -> anyhow::Result<ExitCode> {
         flags::Cmd::Bench(cmd) => cmd.run().map(ok),
         flags::Cmd::Check(cmd) => cmd.run(),
         flags::Cmd::CheckMacos(cmd) => cmd.run().map(ok),
+        flags::Cmd::Sdk(cmd) => cmd.run().map(ok),
         flags::Cmd::Verify(cmd) => cmd.run(),
         flags::Cmd::Codesign(cmd) => cmd.run().map(ok),
     }

@@ -7,14 +7,24 @@
 //! comes in as plain strings so the PKI crate stays independent of gRPC.
 
 pub mod client;
+pub mod openshell;
 pub mod probe;
 pub mod server;
 pub mod sysinfo;
 pub mod tls;
 
-/// Generated messages, client and server for `openshell.gateway.v1`.
+/// Generated messages, client and server for `openshell.gateway.v1`, and for the part of
+/// OpenShell's `openshell.v1` this gateway serves (`proto::openshell`).
 pub mod proto {
     tonic::include_proto!("openshell.gateway.v1");
+
+    pub mod openshell {
+        tonic::include_proto!("openshell.v1");
+
+        /// The compiled `proto/openshell.proto` (a `FileDescriptorSet`), for comparing it with the
+        /// OpenShell SDK's own descriptors.
+        pub const DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("openshell_descriptor");
+    }
 }
 
 pub use client::{connect, connect_with_request_timeout, health, info, ClientBundle, ClientError};

@@ -105,6 +105,7 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(GatewayServer::new(service))
+        .add_service(crate::openshell::Served::new())
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     tokio::select! {

@@ -52,7 +52,11 @@ pub struct GatewayInstance {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Metadata {
     pub name: String,
+    /// `127.0.0.1:PORT`.
     pub endpoint: String,
+    /// The same endpoint as OpenShell's CLI and SDK look it up: [`gateway_url`].
+    #[serde(default)]
+    pub gateway_endpoint: String,
     pub created_unix: u64,
     pub vm_pid: Option<u32>,
     pub kernel_sha256: String,
@@ -392,10 +396,10 @@ impl GatewayInstance {
         let tmp = self.dir.join(".metadata.json.tmp");
         let json = serde_json::to_vec_pretty(m).expect("metadata serializes");
         fs::write(&tmp, json).and_then(|()| fs::rename(&tmp, &path)).map_err(io_err(&path))?;
-        // The active gateway is the one a CLI talks to by default.
-        let active = self.dir.parent().map(|p| p.join("active"));
-        if let Some(active) = active {
-            let _ = fs::write(active, &self.name);
+        // The active gateway is the one OpenShell's CLI and SDK talk to by default.
+        if let Some(active) = self.dir.parent().and_then(active_path) {
+            let tmp = active.with_extension(format!("tmp.{}", std::process::id()));
+            fs::write(&tmp, &self.name).and_then(|()| fs::rename(&tmp, &active)).map_err(io_err(&active))?;
         }
         Ok(())
     }
@@ -420,10 +424,22 @@ fn try_lock(mut f: fs::File) -> Result<nix::fcntl::Flock<fs::File>, nix::errno::
     }
 }
 
+/// Where OpenShell's CLI and SDK read the active gateway's name: `active_gateway` beside the
+/// `gateways/` directory `root` (`$XDG_CONFIG_HOME/openshell/active_gateway`).
+fn active_path(root: &Path) -> Option<PathBuf> {
+    Some(root.parent()?.join("active_gateway"))
+}
+
 /// The instance a CLI talks to by default: the last one that became ready under `root`.
 pub fn active(root: &Path) -> Option<String> {
-    let name = fs::read_to_string(root.join("active")).ok()?;
+    let name = fs::read_to_string(active_path(root)?).ok()?;
     Some(name.trim().to_owned()).filter(|n| !n.is_empty())
+}
+
+/// `gateway_endpoint` as OpenShell's CLI and SDK read it from `metadata.json`: the URL of an
+/// mTLS endpoint (`https`, since the bundle beside it is what they present).
+pub fn gateway_url(endpoint: &str) -> String {
+    format!("https://{endpoint}")
 }
 
 pub fn now_unix() -> u64 {
@@ -531,7 +547,7 @@ mod tests {
     #[test]
     fn gateway_without_a_network_is_refused() {
         let t = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&t.path().join("gateways"), "t").unwrap();
         let none = Overrides { net: Some(Net::None), ..Overrides::default() };
         let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), &none).unwrap_err().to_string();
         assert!(err.contains("--net passt or --net gvproxy"), "{err}");
@@ -543,7 +559,7 @@ mod tests {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), t.path().into(), vec!["/bin/true".into()]);
         cfg.ports = vec![PortMap { host: 8080, guest: 80 }, PortMap { host: 40051, guest: GATEWAY_PORT }];
         assert_eq!(endpoint(&cfg).unwrap(), "127.0.0.1:40051");
-        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&t.path().join("gateways"), "t").unwrap();
         let only_web = Overrides { ports: vec![PortMap { host: 8080, guest: 80 }], ..Overrides::default() };
         let err = inst.vm_config("/k".into(), "/r".into(), ("a", "b"), &only_web).unwrap_err().to_string();
         assert!(err.contains("8080:80") && err.contains("add -p HOST:30051"), "{err}");
@@ -571,7 +587,7 @@ mod tests {
     #[test]
     fn metadata_written_before_failures_were_recorded_still_reads() {
         let t = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&t.path().join("gateways"), "t").unwrap();
         fs::create_dir_all(&inst.dir).unwrap();
         let old = r#"{"name":"t","endpoint":"127.0.0.1:1","created_unix":0,"vm_pid":null,"kernel_sha256":"","rootfs_sha256":"","backend":"qemu"}"#;
         fs::write(inst.metadata_path(), old).unwrap();
@@ -583,7 +599,7 @@ mod tests {
     #[test]
     fn testing_the_lock_never_refuses_a_starting_supervisor() {
         let t = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&t.path().join("gateways"), "t").unwrap();
         drop(inst.lock().unwrap());
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let prober = {
@@ -611,7 +627,7 @@ mod tests {
     )]
     fn a_refused_twin_names_the_holder_before_its_metadata_exists() {
         let t = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&t.path().join("gateways"), "t").unwrap();
         let _held = inst.lock().unwrap();
         assert!(inst.read_metadata().is_none());
         let err = inst.lock().unwrap_err().to_string();
@@ -622,7 +638,7 @@ mod tests {
     #[test]
     fn reset_is_refused_while_the_instance_runs() {
         let t = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(t.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&t.path().join("gateways"), "t").unwrap();
         inst.ensure_pki().unwrap();
         // Held through another open file description, as a supervisor process would hold it.
         let lock = inst.lock().unwrap();

@@ -312,6 +312,7 @@ fn start(
     inst.write_metadata(&Metadata {
         name: inst.name.clone(),
         endpoint: endpoint.clone(),
+        gateway_endpoint: gateway::gateway_url(&endpoint),
         created_unix: gateway::now_unix(),
         vm_pid: Some(vm.pid()),
         kernel_sha256: digests.0.clone(),
@@ -546,6 +547,7 @@ mod tests {
         Metadata {
             name: "t".into(),
             endpoint: "127.0.0.1:1".into(),
+            gateway_endpoint: "https://127.0.0.1:1".into(),
             created_unix: 0,
             vm_pid: vm,
             kernel_sha256: String::new(),
@@ -592,7 +594,7 @@ mod tests {
     )]
     fn kills_recorded_leftovers_and_clears_the_record() {
         let tmp = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(tmp.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&tmp.path().join("gateways"), "t").unwrap();
         fs::create_dir_all(&inst.dir).unwrap();
         // Reaped by recovery itself (it is our child here), hence no wait().
         #[allow(clippy::zombie_processes)]
@@ -615,7 +617,7 @@ mod tests {
     )]
     fn never_kills_a_recycled_pid_running_something_else() {
         let tmp = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(tmp.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&tmp.path().join("gateways"), "t").unwrap();
         fs::create_dir_all(&inst.dir).unwrap();
         let mut other = fake("unrelated-daemon");
         inst.write_metadata(&metadata(Some(other.id()), None, None)).unwrap();
@@ -633,7 +635,7 @@ mod tests {
     )]
     fn a_live_supervisor_is_left_alone() {
         let tmp = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(tmp.path(), "t").unwrap();
+        let inst = GatewayInstance::new(&tmp.path().join("gateways"), "t").unwrap();
         let mut sup = fake("xtask");
         let mut passt = fake("passt");
         // The lock is held by another open file description while the supervisor lives.

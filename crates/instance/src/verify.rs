@@ -606,6 +606,7 @@ mod tests {
             metadata: Metadata {
                 name: "default".into(),
                 endpoint: "127.0.0.1:30051".into(),
+                gateway_endpoint: "https://127.0.0.1:1".into(),
                 created_unix: 1,
                 vm_pid: Some(11),
                 kernel_sha256: K.into(),

@@ -66,7 +66,7 @@ impl LoadArgs {
         let root = tempfile::Builder::new().prefix("openshell-bench-load-").tempdir()?;
         let pb = crate::progress::spinner("bench load");
         pb.set_message("booting the gateway");
-        let (inst, up) = super::gateway(&a, self.vmm, root.path(), "bench-load", None)?;
+        let (inst, up) = super::gateway(&a, self.vmm, &super::gateways_in(root.path()), "bench-load", None)?;
         let bundle = inst.client_bundle()?;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let mut rounds = Vec::new();

@@ -54,7 +54,7 @@ impl MemoryArgs {
                 guest_touched_mib: None,
                 vmm_overhead_mib: None,
             };
-            match super::gateway(&a, self.vmm, root.path(), "bench-mem", Some(mem)) {
+            match super::gateway(&a, self.vmm, &super::gateways_in(root.path()), "bench-mem", Some(mem)) {
                 Err(e) => row.failed = Some(first_line(&format!("{e:#}"))),
                 Ok((inst, up)) => {
                     let bundle = inst.client_bundle()?;

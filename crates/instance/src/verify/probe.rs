@@ -356,12 +356,13 @@ mod tests {
     #[test]
     fn stopped_instance_fails_its_rows_without_erroring() {
         let root = tempfile::tempdir().unwrap();
-        let inst = GatewayInstance::new(root.path(), "stopped").unwrap();
+        let inst = GatewayInstance::new(&root.path().join("gateways"), "stopped").unwrap();
         fs::create_dir_all(inst.vm_dir()).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let meta = Metadata {
             name: "stopped".into(),
             endpoint: format!("127.0.0.1:{port}"),
+            gateway_endpoint: "https://127.0.0.1:1".into(),
             created_unix: 0,
             vm_pid: None,
             kernel_sha256: "k".into(),
@@ -386,6 +387,6 @@ mod tests {
         }
         assert!(m.row("no-stale-state").unwrap().reason.contains(".metadata.json.tmp"), "{}", m.render());
         // write_metadata made it the active instance.
-        assert_eq!(crate::gateway::active(root.path()).as_deref(), Some("stopped"));
+        assert_eq!(crate::gateway::active(&root.path().join("gateways")).as_deref(), Some("stopped"));
     }
 }

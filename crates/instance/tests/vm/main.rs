@@ -21,6 +21,7 @@ mod lifecycle;
 mod nested;
 mod provenance;
 mod sandbox;
+mod sdk;
 mod stop;
 mod support;
 mod trials;

@@ -63,10 +63,16 @@ pub enum Route {
 }
 
 /// Trials that cannot run inside L1, and why.
-const NOT_NESTED: &[(&str, &str)] = &[(
-    "krun::cli::",
-    "runs the xtask binary, which builds its artifacts with cargo; L1 has no toolchain, so krun's CLI trials run only where libkrun runs directly",
-)];
+const NOT_NESTED: &[(&str, &str)] = &[
+    (
+        "krun::cli::",
+        "runs the xtask binary, which builds its artifacts with cargo; L1 has no toolchain, so krun's CLI trials run only where libkrun runs directly",
+    ),
+    (
+        "krun::gateway::sdk::",
+        "runs the OpenShell SDK, a Python venv on the host that L1 does not carry; it runs where libkrun runs directly",
+    ),
+];
 
 /// The hook: `krun::X` on a host where libkrun runs only nested becomes a trial that runs it in
 /// L1. `None` leaves the trial to the caller (other backends, krun running directly, inside L1).

@@ -26,6 +26,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::faults::TRIALS,
     crate::sandbox::TRIALS,
     crate::gvproxy::TRIALS,
+    crate::sdk::TRIALS,
 ];
 
 /// The contract every backend honours.
