@@ -457,14 +457,13 @@ fn detach_status_logs_and_stop_in(cli: &Cli) -> Result<(), String> {
 
     // `logs -f` follows while the instance runs and ends by itself when it stops.
     let mut follow = cli.spawn(&["vm", "logs", "--name", name, "-f"])?;
-    follow.wait_for(Duration::from_secs(30), |out, _| openshell_vm::timeline::gateway_listening(out))?;
+    follow.wait_for(COMMAND_LIMIT, |out, _| openshell_vm::timeline::gateway_listening(out))?;
     let stop = cli.run(&["vm", "stop", "--name", name])?;
     if stop.code != Some(0) || !stop.stderr.contains(&format!("gateway {name:?}: stopped")) {
         return Err(format!("vm stop of a running instance:\n{}", stop.show()));
     }
-    let followed = follow
-        .wait(Duration::from_secs(30))
-        .map_err(|e| format!("vm logs -f kept following a stopped instance: {e}"))?;
+    let followed =
+        follow.wait(COMMAND_LIMIT).map_err(|e| format!("vm logs -f kept following a stopped instance: {e}"))?;
     let console = std::fs::read_to_string(inst.console_path()).unwrap_or_default();
     if followed.code != Some(0) || followed.stdout != console || !followed.stderr.contains("is not running") {
         return Err(format!(

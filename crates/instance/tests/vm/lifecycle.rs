@@ -136,8 +136,9 @@ fn supervisor_sigkill_then_recovery(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
     if stale != Some((Some(pids[0]), Some(pids[1]))) {
         return Err(dir.fail(format!("metadata did not record the pids {pids:?}: {stale:?}")));
     }
-    // PDEATHSIG takes the VMM and passt down with their supervisor.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // PDEATHSIG takes the VMM and passt down with their supervisor (a hang guard: the status
+    // check below is the property).
+    let deadline = Instant::now() + Duration::from_secs(60);
     while pids.iter().any(|&p| support::process_exists(p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }

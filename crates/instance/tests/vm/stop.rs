@@ -134,7 +134,7 @@ fn vmm_that_ignores_sigterm_is_sigkilled(a: &Artifacts, vmm: VmmChoice, dir: Tri
     // A stopped process leaves SIGTERM pending: to stop() it is a VMM that ignores SIGTERM.
     // The VMM this trial launched and has not reaped.
     let _ = openshell_vm::child::signal(pid, nix::sys::signal::Signal::SIGSTOP);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while stat_state(pid) != Some('T') {
         if Instant::now() > deadline {
             drop(vm);
