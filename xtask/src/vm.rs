@@ -202,7 +202,7 @@ impl RunArgs {
 
     fn run(self) -> anyhow::Result<i32> {
         let overrides = self.overrides();
-        let arch = self.arch.unwrap_or_else(openshell_artifacts::Arch::host);
+        let arch = overrides.arch.unwrap_or_else(openshell_artifacts::Arch::host);
         let net = overrides.net.expect("overrides() decides the network");
         // A running instance is refused before anything is built, reset or written into its
         // share; the boot takes the lock for real.

@@ -32,12 +32,19 @@ def our_field(msg, f):
     return (f.number, f.type, f.label == f.LABEL_REPEATED, f.type_name.lstrip("."), oneof, f.proto3_optional)
 
 
+def in_sdk(kind, find, full):
+    """The SDK's descriptor of `full`, or None with the difference recorded."""
+    try:
+        return find(full)
+    except KeyError:
+        diffs.append(f"{kind} {full}: not in the SDK")
+        return None
+
+
 def compare_message(full, msg):
     checked["messages"] += 1
-    try:
-        theirs = sdk.FindMessageTypeByName(full)
-    except KeyError:
-        diffs.append(f"message {full}: not in the SDK")
+    theirs = in_sdk("message", sdk.FindMessageTypeByName, full)
+    if theirs is None:
         return
     mine = {f.name: our_field(msg, f) for f in msg.field}
     sdks = {f.name: sdk_field(f) for f in theirs.fields}
@@ -52,10 +59,8 @@ def compare_message(full, msg):
 
 def compare_enum(full, enum):
     checked["enums"] += 1
-    try:
-        theirs = sdk.FindEnumTypeByName(full)
-    except KeyError:
-        diffs.append(f"enum {full}: not in the SDK")
+    theirs = in_sdk("enum", sdk.FindEnumTypeByName, full)
+    if theirs is None:
         return
     mine = {v.name: v.number for v in enum.value}
     sdks = {v.name: v.number for v in theirs.values}
@@ -70,10 +75,8 @@ for file in ours.file:
     for enum in file.enum_type:
         compare_enum(f"{pkg}.{enum.name}", enum)
     for svc in file.service:
-        try:
-            theirs = sdk.FindServiceByName(f"{pkg}.{svc.name}")
-        except KeyError:
-            diffs.append(f"service {pkg}.{svc.name}: not in the SDK")
+        theirs = in_sdk("service", sdk.FindServiceByName, f"{pkg}.{svc.name}")
+        if theirs is None:
             continue
         for m in svc.method:
             checked["methods"] += 1
