@@ -120,7 +120,11 @@ impl GatewayInstance {
         // The pid of the process holding our instance lock.
         let _ = openshell_vm::child::signal(sup, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + grace;
-        while self.locked() {
+        // The lock goes when the supervisor closes it, which is before its process has finished
+        // exiting: wait for the process too, so nothing of the instance runs once `stop` returns.
+        // Only while it still runs the supervisor program, so a recycled pid is never waited on.
+        let supervisor_runs = || openshell_vm::procfs::process(sup).program_is_any(&["openshell-supervisor"]);
+        while self.locked() || supervisor_runs() {
             if Instant::now() > deadline {
                 return Err(VmError::Instance(format!(
                     "gateway {:?} (supervisor {sup}) did not stop within {}s",

@@ -72,6 +72,8 @@ impl SoakArgs {
         let (mut failures, mut first_failure) = (0usize, None);
         let mut after_first = None;
         let mut leaky_cycles = 0usize;
+        // What the first cycle that left something left, so a report says what leaked.
+        let mut first_leak: Option<(usize, Leftovers)> = None;
         let pb = crate::progress::spinner("bench soak");
         for i in 0..self.n {
             pb.set_message(format!("cycle {}/{} ({failures} failed)", i + 1, self.n));
@@ -95,6 +97,7 @@ impl SoakArgs {
             let now = leftovers(&mut started, &tmp, &instance, port);
             if !now.processes.is_empty() || now.listeners > 0 || now.fds != before.fds {
                 leaky_cycles += 1;
+                first_leak.get_or_insert_with(|| (i + 1, now.clone()));
             }
             after_first.get_or_insert(now);
         }
@@ -117,6 +120,7 @@ impl SoakArgs {
                 "stop_ms": {"median": sm.0, "min": sm.1, "max": sm.2},
                 "cycle_ms": {"median": cm.0, "min": cm.1, "max": cm.2},
                 "cycles_with_leftovers": leaky_cycles,
+                "first_leak": first_leak.as_ref().map(|(cycle, left)| serde_json::json!({"cycle": cycle, "left": left})),
                 "before": before, "after": after,
                 "instance_dir_growth_bytes_after_first_cycle": growth,
                 "cleanup": cleanup,
@@ -132,6 +136,12 @@ impl SoakArgs {
             println!("    vm run --detach               {:.1} / {:.1} / {:.1} ms", dm.0, dm.1, dm.2);
             println!("    vm stop                       {:.1} / {:.1} / {:.1} ms", sm.0, sm.1, sm.2);
             println!("  cycles that left something      {leaky_cycles}");
+            if let Some((cycle, left)) = &first_leak {
+                println!(
+                    "    first, cycle {cycle}: processes {:?}, {} open fds, {} listeners",
+                    left.processes, left.fds, left.listeners
+                );
+            }
             println!("  processes left (ours)           {} {:?}", after.processes.len(), after.processes);
             println!("  open fds of this process        {} before, {} after", before.fds, after.fds);
             println!("  listeners on 127.0.0.1:{port}   {}", after.listeners);

@@ -819,12 +819,25 @@ fn ready_timeout_in(cli: &Cli) -> Result<(), String> {
     let _guard = StopOnDrop(inst.clone());
     // The instance's client bundle comes from another CA than its server: the gateway boots and
     // listens, but no readiness probe ever completes a handshake, however fast the host. So the
-    // ready timeout expires for sure, with a live VM to clean up.
+    // ready timeout expires for sure, with a live VM to clean up. The timeout itself is long enough
+    // for the slowest boot here (a libkrun guest inside the nested host) to get to listening.
+    const READY_TIMEOUT_S: u64 = 30;
     inst.ensure_pki().map_err(|e| e.to_string())?;
     let foreign = openshell_pki::Pki::generate("foreign").map_err(|e| e.to_string())?;
     foreign.write_client_bundle(&inst.mtls_dir()).map_err(|e| e.to_string())?;
     let publish = format!("{port}:30051");
-    let r = cli.run(&["vm", "run", "--name", name, "-p", &publish, "--vmm", cli.vmm, "--ready-timeout", "5"])?;
+    let r = cli.run(&[
+        "vm",
+        "run",
+        "--name",
+        name,
+        "-p",
+        &publish,
+        "--vmm",
+        cli.vmm,
+        "--ready-timeout",
+        &READY_TIMEOUT_S.to_string(),
+    ])?;
     // The error ends with the console's last 50 lines: a contiguous run of the console file, as
     // long as it has that many, and the console shows a VM that booted and got as far as listening.
     let console = std::fs::read_to_string(inst.console_path()).unwrap_or_default();
@@ -837,7 +850,7 @@ fn ready_timeout_in(cli: &Cli) -> Result<(), String> {
         shown.pop();
     }
     let ok = r.code == Some(1)
-        && r.stderr.contains("not SERVING within 5s")
+        && r.stderr.contains(&format!("not SERVING within {READY_TIMEOUT_S}s"))
         && !shown.is_empty()
         && shown.len() == console.len().min(50)
         && console.windows(shown.len()).any(|w| w == shown.as_slice())
@@ -1949,6 +1962,7 @@ fn bench_soak_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), F
                 ("failures", json!(0)),
                 ("first_failure", Value::Null),
                 ("cycles_with_leftovers", json!(0)),
+                ("first_leak", Value::Null),
                 ("cleanup", json!("nothing left")),
             ],
         )?;
@@ -1967,7 +1981,8 @@ fn bench_soak_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), F
 
 fn bench_compare_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| {
-        // Ours is `--vmm auto`, which is the trial's backend where this runs (krun::cli is not run).
+        // Ours is `--vmm auto`, which is the trial's backend where this runs (krun's runs only where
+        // libkrun runs directly, where auto picks it).
         let doc = bench_json(cli, &["compare", "-n", "1"])?;
         expect_fields(&doc, "bench compare -n 1", &[("rounds", json!(1)), ("naive_qemu_failure", Value::Null)])?;
         let figures = doc["figures"].as_object().ok_or_else(|| format!("no figures object: {doc:#}"))?;
