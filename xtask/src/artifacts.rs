@@ -9,7 +9,7 @@ use openshell_artifacts::rootfs::{self, GuestFile, RootfsBundle, RootfsInputs};
 use openshell_artifacts::{Arch, Store};
 use xshell::{cmd, Shell};
 
-use crate::{deps, progress};
+use crate::{builds, deps, progress};
 
 /// Guest programs: (cargo package, binary name, path inside the guest).
 const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
@@ -89,6 +89,9 @@ fn boot_packages(plan: &openshell_vm::Plan, arch: Arch) -> Vec<&'static [(&'stat
 /// The `role` kernel of `arch` for the current fragments, built (minutes, with progress) if the
 /// store lacks it.
 pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole, arch: Arch) -> anyhow::Result<GuestKernel> {
+    if builds::never() {
+        return pinned_kernel(store, role, arch);
+    }
     deps::ensure(sh, &[deps::KERNEL, deps::cross(arch)])?;
     let spec = kernel_spec(role, arch)?;
     if let Ok(k) = kernel::locate(store, &spec) {
@@ -102,6 +105,35 @@ pub fn ensure_kernel(sh: &Shell, store: &Store, role: KernelRole, arch: Arch) ->
     let built = kernel::build(store, &spec, &mut |line| progress.line(line));
     progress.finish();
     built.context("kernel build failed")
+}
+
+/// The kernel `OPENSHELL_KERNEL_KEY` pins (see [`builds`]): the host arch's guest kernel only.
+fn pinned_kernel(store: &Store, role: KernelRole, arch: Arch) -> anyhow::Result<GuestKernel> {
+    anyhow::ensure!(
+        role == KernelRole::Guest && arch == Arch::host(),
+        "{}=never pins the {} guest kernel only; the {role} kernel for {arch} would be built",
+        builds::ENV,
+        Arch::host()
+    );
+    let k = GuestKernel::open(&builds::pinned(store, kernel::STORE_KIND)?)?;
+    anyhow::ensure!(
+        k.provenance.arch == arch,
+        "the pinned kernel {} is built for {}, not {arch}",
+        k.dir.display(),
+        k.provenance.arch
+    );
+    Ok(k)
+}
+
+/// The rootfs `OPENSHELL_ROOTFS_KEY` pins (see [`builds`]): the host arch's only.
+fn pinned_rootfs(store: &Store, arch: Arch) -> anyhow::Result<RootfsBundle> {
+    anyhow::ensure!(
+        arch == Arch::host(),
+        "{}=never pins the {} rootfs only; the rootfs for {arch} would be baked",
+        builds::ENV,
+        Arch::host()
+    );
+    Ok(RootfsBundle::open(&builds::pinned(store, rootfs::STORE_KIND)?)?)
 }
 
 /// Builds the guest programs statically for a guest of `arch`, in their own target dir so the host
@@ -256,6 +288,9 @@ pub fn ensure_gvproxy(store: &Store) -> anyhow::Result<PathBuf> {
     if let Some(g) = gvproxy::locate(store, Arch::host()) {
         return Ok(g.binary);
     }
+    if builds::never() {
+        return Err(builds::refused("gvproxy"));
+    }
     let mut progress = progress::BuildLines::new(
         format!("fetching gvproxy from Debian {} (apt-get download, about 4 MB)", gvproxy::SUITE),
         "gvproxy fetch",
@@ -278,6 +313,9 @@ pub fn ensure_gvproxy(store: &Store) -> anyhow::Result<PathBuf> {
 /// The kernel `vm run` would boot, without building or installing anything: its `vmlinux`, or
 /// what was looked for.
 pub fn locate_kernel(store: &Store) -> Result<PathBuf, String> {
+    if builds::never() {
+        return pinned_kernel(store, KernelRole::Guest, Arch::host()).map(|k| k.vmlinux).map_err(|e| format!("{e:#}"));
+    }
     let spec = kernel_spec(KernelRole::Guest, Arch::host())
         .map_err(|e| format!("cannot tell which kernel the current fragments need: {e:#}"))?;
     match kernel::locate(store, &spec) {
@@ -293,6 +331,9 @@ pub fn locate_kernel(store: &Store) -> Result<PathBuf, String> {
 /// The rootfs `vm run` would boot, without building: keyed by the guest programs as they are
 /// now in `target/guest` (a `vm run` after a source change rebuilds them and bakes anew).
 pub fn locate_rootfs(store: &Store) -> Result<PathBuf, String> {
+    if builds::never() {
+        return pinned_rootfs(store, Arch::host()).map(|r| r.dir).map_err(|e| format!("{e:#}"));
+    }
     let inputs = RootfsInputs {
         busybox: PathBuf::from(rootfs::BUSYBOX),
         applet_lister: PathBuf::from(rootfs::BUSYBOX),
@@ -325,7 +366,18 @@ pub fn rootfs_inputs(sh: &Shell, arch: Arch) -> anyhow::Result<RootfsInputs> {
     })
 }
 
+/// The rootfs baked for the current inputs (the guest programs built first), never baking it.
+pub fn baked_rootfs(sh: &Shell, store: &Store, arch: Arch) -> anyhow::Result<RootfsBundle> {
+    if builds::never() {
+        return pinned_rootfs(store, arch);
+    }
+    Ok(rootfs::locate(store, &rootfs_inputs(sh, arch)?)?)
+}
+
 pub fn ensure_rootfs(sh: &Shell, store: &Store, arch: Arch) -> anyhow::Result<RootfsBundle> {
+    if builds::never() {
+        return pinned_rootfs(store, arch);
+    }
     let inputs = rootfs_inputs(sh, arch)?;
     rootfs::bake(store, &inputs).context("rootfs bake failed")
 }
@@ -383,6 +435,9 @@ pub fn ensure_vmm(
 /// `target/debug/`), signed with the hypervisor entitlement on macOS, and returns that path: the
 /// one place that builds it.
 pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
+    if builds::never() {
+        return built(openshell_vm::host::vmm_binary(), "openshell-vmm");
+    }
     cmd!(sh, "cargo build --quiet -p openshell-krun --bin openshell-vmm")
         .quiet()
         .run()
@@ -398,6 +453,9 @@ pub fn build_vmm(sh: &Shell) -> anyhow::Result<PathBuf> {
 /// Builds `openshell-supervisor` (the detached gateway's supervisor) where
 /// [`openshell_instance::supervise::supervisor_binary`] finds it, and returns that path.
 pub fn build_supervisor(sh: &Shell) -> anyhow::Result<PathBuf> {
+    if builds::never() {
+        return built(openshell_instance::supervise::supervisor_binary(), "openshell-supervisor");
+    }
     cmd!(sh, "cargo build --quiet -p openshell-instance --bin openshell-supervisor")
         .quiet()
         .run()
@@ -405,4 +463,13 @@ pub fn build_supervisor(sh: &Shell) -> anyhow::Result<PathBuf> {
     let bin = openshell_instance::supervise::supervisor_binary();
     anyhow::ensure!(bin.is_file(), "openshell-supervisor was built, but {} does not exist", bin.display());
     Ok(bin)
+}
+
+/// A program that must already be built, in a run that builds nothing.
+fn built(path: PathBuf, what: &str) -> anyhow::Result<PathBuf> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(builds::refused(&format!("{what} ({})", path.display())))
+    }
 }

@@ -5,6 +5,7 @@
 
 mod artifacts;
 mod bench;
+mod builds;
 mod check;
 mod check_macos;
 mod codesign;
@@ -49,9 +50,10 @@ fn run() -> anyhow::Result<ExitCode> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = flags::Cli::parse();
-    // Everything works from the project root, except the bench's inner run inside the nested
-    // host, where there is no project tree.
-    if !matches!(&cli.cmd, flags::Cmd::Bench(b) if !b.needs_project()) {
+    builds::init()?;
+    // Everything works from the project root, except where there is no project tree: the bench's
+    // inner run inside the nested host, and any run that builds nothing.
+    if !builds::never() && !matches!(&cli.cmd, flags::Cmd::Bench(b) if !b.needs_project()) {
         std::env::set_current_dir(project_root())?;
     }
     let ok = |()| ExitCode::SUCCESS;

@@ -21,7 +21,7 @@ impl RootfsCmd {
         let started = std::time::Instant::now();
         let store = Store::default_location();
         let bundle = if self.check {
-            let b = rootfs::locate(&store, &crate::artifacts::rootfs_inputs(&sh, self.arch)?)?;
+            let b = crate::artifacts::baked_rootfs(&sh, &store, self.arch)?;
             rootfs::verify(&b).with_context(|| {
                 format!(
                     "{} changed after it was baked: remove it and run `cargo xtask rootfs` to bake it anew",

@@ -6,7 +6,9 @@
 //! ignored or filtered out fails here instead of passing silently.
 //!
 //! Inside L1, [`INSIDE_L1_ENV`] is set: the inner binary runs its krun trials itself (L1's facts
-//! say hardware KVM there anyway) and never nests again.
+//! say hardware KVM there anyway) and never nests again. The `cli::` trials run the host's xtask
+//! binary there, with the host's store shared read-only and `OPENSHELL_BUILD=never`: L1 has no
+//! toolchain, so that xtask boots the artifacts the host built, pinned by their store keys.
 //!
 //! [`exec_mode`] (hooked into `main`, like the supervisor mode) runs one command in L2 from the host
 //! and exits with its code: `OPENSHELL_NESTED_EXEC=1 <this binary> /bin/sh -c 'exit 42'` boots L1,
@@ -65,8 +67,8 @@ pub enum Route {
 /// Trials that cannot run inside L1, and why.
 const NOT_NESTED: &[(&str, &str)] = &[
     (
-        "krun::cli::",
-        "runs the xtask binary, which builds its artifacts with cargo; L1 has no toolchain, so krun's CLI trials run only where libkrun runs directly",
+        "krun::cli::bench_compare_json",
+        "compares with the gateway in a podman container on the host; L1 has no podman, so it runs where libkrun runs directly",
     ),
     (
         "krun::gateway::sdk::",
@@ -134,8 +136,23 @@ pub fn run_in_l1(
     if let Some(dir) = vmm.parent() {
         paths.share_dir(dir);
     }
+    // The host's store, read-only, before the guest's artifacts (which it holds, so they take no
+    // shares of their own): the xtask binary of the `cli::` trials runs from it and builds nothing.
+    let store = Store::of(a);
+    let mut cli_env = Vec::new();
+    if let Some(store) = &store {
+        cli_env.push(("OPENSHELL_CACHE_DIR".to_owned(), paths.share_dir(&store.root)));
+        cli_env.push(("OPENSHELL_KERNEL_KEY".to_owned(), store.kernel_key.clone()));
+        cli_env.push(("OPENSHELL_ROOTFS_KEY".to_owned(), store.rootfs_key.clone()));
+        cli_env.push(("OPENSHELL_BUILD".to_owned(), "never".to_owned()));
+    }
+    let xtask = std::env::var_os("OPENSHELL_XTASK").map(PathBuf::from).filter(|p| p.is_file());
     let shared = paths.share_file(&me).and_then(|bin| {
         let mut env = paths.share_guest(&a.kernel, &a.rootfs, vmm)?;
+        env.extend(cli_env);
+        if let Some(xtask) = &xtask {
+            env.push(("OPENSHELL_XTASK".into(), paths.share_file(xtask)?));
+        }
         env.push(("OPENSHELL_SUPERVISOR".into(), paths.share_file(supervisor)?));
         if let Some(gvproxy) = &gvproxy {
             env.push(("OPENSHELL_GVPROXY".into(), paths.share_file(gvproxy)?));
@@ -182,6 +199,29 @@ pub fn run_in_l1(
         }
         Ok(other) => Err(dir.fail(format!("L1 did not report an exit code: {other}"))),
         Err(e) => Err(dir.fail(format!("L1 did not report: {e}"))),
+    }
+}
+
+/// The store the guest's artifacts were taken from (`<root>/kernel/<key>/<image>` and
+/// `<root>/rootfs/<key>`), and their keys; `None` when they do not sit in a store.
+struct Store {
+    root: PathBuf,
+    kernel_key: String,
+    rootfs_key: String,
+}
+
+impl Store {
+    fn of(a: &Artifacts) -> Option<Store> {
+        use openshell_artifacts::{kernel, rootfs};
+        let kernel_dir = a.kernel.parent()?;
+        let kinds = (kernel_dir.parent()?, a.rootfs.parent()?);
+        let root = kinds.0.parent()?;
+        let named = |dir: &std::path::Path, kind: &str| dir.file_name().is_some_and(|n| n == kind);
+        if !named(kinds.0, kernel::STORE_KIND) || !named(kinds.1, rootfs::STORE_KIND) || kinds.1.parent()? != root {
+            return None;
+        }
+        let key = |dir: &std::path::Path| Some(dir.file_name()?.to_string_lossy().into_owned());
+        Some(Store { root: root.to_owned(), kernel_key: key(kernel_dir)?, rootfs_key: key(&a.rootfs)? })
     }
 }
 
