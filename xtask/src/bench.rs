@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use openshell_artifacts::Store;
-use openshell_instance::gateway::GatewayInstance;
+use openshell_instance::state::GatewayInstance;
 use openshell_instance::supervise;
 use openshell_vm::Net;
 use openshell_vm::{timeline, KrunPlace, VmExit, VmmChoice};
@@ -252,7 +252,7 @@ fn request(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, name: &str) ->
 
 /// A benchmarked gateway's network: passt, the gateway's port forwarded from a free host port.
 fn passt_on_a_free_port() -> anyhow::Result<openshell_vm::Overrides> {
-    let port = openshell_instance::gateway::GATEWAY_PORT;
+    let port = openshell_instance::preset::GATEWAY_PORT;
     Ok(openshell_vm::Overrides {
         net: Some(openshell_vm::Net::Passt),
         ports: vec![openshell_vm::PortMap { host: free_port()?, guest: port }],

@@ -7,7 +7,7 @@
 
 use openshell_artifacts::Store;
 use openshell_instance::check::{self, ProbeRequest};
-use openshell_instance::gateway;
+use openshell_instance::{preset, state};
 use openshell_vm::VmmChoice;
 
 #[derive(clap::Args)]
@@ -25,7 +25,7 @@ pub struct CheckCmd {
     #[arg(long, value_name = "passt|gvproxy|none", conflicts_with = "guest")]
     net: Option<openshell_vm::Net>,
     /// The host port the gateway-port row checks: the HOST of a `vm run -p HOST:30051`
-    #[arg(long, default_value_t = gateway::GATEWAY_PORT, conflicts_with = "guest")]
+    #[arg(long, default_value_t = preset::GATEWAY_PORT, conflicts_with = "guest")]
     port: u16,
 }
 
@@ -46,7 +46,7 @@ impl CheckCmd {
             rootfs: crate::artifacts::locate_rootfs(&store),
             ports: vec![self.port],
             store_root: Some(store.root().to_owned()),
-            gateways_root: gateway::gateways_root(),
+            gateways_root: state::gateways_root(),
         });
         let report = check::host_report(&facts, self.vmm, self.net);
         if self.json {

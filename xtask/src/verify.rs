@@ -2,7 +2,7 @@
 //! Exit 0 when every required row passes, 1 when one fails, 2 when there was nothing to verify
 //! (no such instance, unreadable metadata). The checks live in `openshell_instance::verify`.
 
-use openshell_instance::gateway::{self, GatewayInstance};
+use openshell_instance::state::{self, GatewayInstance};
 
 #[derive(clap::Args)]
 pub struct VerifyCmd {
@@ -17,10 +17,10 @@ pub struct VerifyCmd {
 
 impl VerifyCmd {
     pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
-        let root = gateway::gateways_root();
+        let root = state::gateways_root();
         let matrix = self
             .name
-            .or_else(|| gateway::active(&root))
+            .or_else(|| state::active(&root))
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "no active gateway under {}; start one with `cargo xtask vm run --detach` or pass --name",

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use openshell_instance::check::{self, Verification};
-use openshell_instance::gateway::{self, GatewayInstance};
+use openshell_instance::state::{self, GatewayInstance};
 use openshell_instance::supervise;
 use openshell_vm::{Overrides, VmConfig, VmmChoice};
 use xshell::Shell;
@@ -132,7 +132,7 @@ impl VmCmd {
         match self.cmd {
             VmSub::Run(args) => Ok(crate::exit_code(args.run()?)),
             VmSub::Status { name, json } => {
-                let st = GatewayInstance::new(&gateway::gateways_root(), &name)?.status();
+                let st = GatewayInstance::new(&state::gateways_root(), &name)?.status();
                 if json {
                     println!("{}", serde_json::to_string_pretty(&st)?);
                 } else {
@@ -141,7 +141,7 @@ impl VmCmd {
                 Ok(if st.health == "SERVING" { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             }
             VmSub::Stop { name } => {
-                let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
+                let inst = GatewayInstance::new(&state::gateways_root(), &name)?;
                 for p in inst.problems() {
                     eprintln!("gateway {name:?}: {p}");
                 }
@@ -150,7 +150,7 @@ impl VmCmd {
                 Ok(ExitCode::SUCCESS)
             }
             VmSub::Logs { name, follow } => {
-                let inst = GatewayInstance::new(&gateway::gateways_root(), &name)?;
+                let inst = GatewayInstance::new(&state::gateways_root(), &name)?;
                 let path = inst.console_path();
                 if !path.exists() {
                     if inst.read_metadata().is_some() {
@@ -209,7 +209,7 @@ impl RunArgs {
         let instance = match &self.exec {
             Some(_) => None,
             None => {
-                let inst = GatewayInstance::new(&gateway::gateways_root(), &self.name)?;
+                let inst = GatewayInstance::new(&state::gateways_root(), &self.name)?;
                 inst.ensure_stopped()?;
                 Some(inst)
             }
@@ -231,8 +231,7 @@ impl RunArgs {
         }
         let cold = inst.ensure_pki()?;
         let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
-        let mut req =
-            supervise::Request::new(&gateway::gateways_root(), &self.name, kernel.vmlinux, rootfs.dir, digests);
+        let mut req = supervise::Request::new(&state::gateways_root(), &self.name, kernel.vmlinux, rootfs.dir, digests);
         req.vm = overrides;
         if let Some(s) = self.ready_timeout {
             req.ready_timeout = Duration::from_secs(s);

@@ -1,5 +1,5 @@
 //! Named gateway instances on top of the VM runtime (`openshell-vm`): an instance's directory,
-//! metadata and lock, its PKI placement ([`gateway`]), the supervisor that boots it and watches its
+//! metadata, lock and PKI ([`state`]), what a gateway VM is and when it is ready ([`preset`]), the supervisor that boots it and watches its
 //! children ([`supervise`]), stale-state recovery, readiness and status, the verification matrix
 //! of a running instance ([`verify`]), and the host check with the preflight every boot passes
 //! ([`check`]; here rather than in the runtime because its rows name the instance that holds a
@@ -9,8 +9,9 @@
 //! A plain library: no printing, no `process::exit`. Progress goes to `tracing`.
 
 pub mod check;
-pub mod gateway;
 pub mod guest_check;
+pub mod preset;
+pub mod state;
 pub mod status;
 pub mod supervise;
 pub mod verify;

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use openshell_vm::VmError;
 
-use crate::gateway::{now_unix, Failure, GatewayInstance, Restarting};
+use crate::state::{now_unix, Failure, GatewayInstance, Restarting};
 
 /// What `vm status` reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -12,7 +12,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::gateway::{self, GatewayInstance, Metadata};
+use crate::preset;
+use crate::state::{self, GatewayInstance, Metadata};
 use openshell_vm::launch::StopSignals;
 use openshell_vm::procfs;
 use openshell_vm::{HostStop, Overrides, RunningVm, VmConfig, VmError, VmExit};
@@ -305,15 +306,15 @@ fn start(
     stop: Option<&StopSignals>,
 ) -> Result<(RunningVm, String, Duration), VmError> {
     let cfg = planned.cfg();
-    let endpoint = gateway::endpoint(cfg)?;
+    let endpoint = preset::endpoint(cfg)?;
     let mut vm = openshell_vm::launch(planned)?;
     let bundle = inst.client_bundle()?;
-    let ready = gateway::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout, stop)?;
+    let ready = preset::wait_ready(&mut vm, &endpoint, &bundle, ready_timeout, stop)?;
     inst.write_metadata(&Metadata {
         name: inst.name.clone(),
         endpoint: endpoint.clone(),
-        gateway_endpoint: gateway::gateway_url(&endpoint),
-        created_unix: gateway::now_unix(),
+        gateway_endpoint: state::gateway_url(&endpoint),
+        created_unix: state::now_unix(),
         vm_pid: Some(vm.pid()),
         kernel_sha256: digests.0.clone(),
         rootfs_sha256: digests.1.clone(),
@@ -361,7 +362,7 @@ impl Supervised {
             }
             let exit = self.vm.wait(sink.as_mut().map(|s| &mut **s as &mut dyn std::io::Write), None)?;
             let Some((child, how)) = exit.failure() else { return Ok(exit) };
-            let failure = gateway::Failure { child, how, at_unix: gateway::now_unix() };
+            let failure = state::Failure { child, how, at_unix: state::now_unix() };
             self.vm.stop();
             self.vm.stop_network();
             let (max, backoff) = match restart {
@@ -378,8 +379,8 @@ impl Supervised {
             };
             restarts += 1;
             let pause = backoff * 2u32.saturating_pow(restarts - 1);
-            let boot_at_unix = gateway::now_unix() + pause.as_secs();
-            self.record(failure, Some(gateway::Restarting { attempt: restarts, max, boot_at_unix }), None)?;
+            let boot_at_unix = state::now_unix() + pause.as_secs();
+            self.record(failure, Some(state::Restarting { attempt: restarts, max, boot_at_unix }), None)?;
             tracing::warn!("restart {restarts}/{max} after {failure}: booting again in {:.1}s", pause.as_secs_f64());
             let until = std::time::Instant::now() + pause;
             while std::time::Instant::now() < until {
@@ -415,8 +416,8 @@ impl Supervised {
     /// when it boots again).
     fn record(
         &self,
-        failure: gateway::Failure,
-        restarting: Option<gateway::Restarting>,
+        failure: state::Failure,
+        restarting: Option<state::Restarting>,
         gave_up_after_restarts: Option<u32>,
     ) -> Result<(), VmError> {
         let Some(mut meta) = self.inst.read_metadata() else { return Ok(()) };

@@ -56,7 +56,7 @@ use std::time::Duration;
 
 use openshell_matrix::{Matrix, Row};
 
-use crate::gateway::Metadata;
+use crate::state::Metadata;
 pub use openshell_vm::backend::BootedArtifacts;
 pub use openshell_vm::procfs::{ProcessFact, TcpListenerFact};
 pub use probe::{probe, verify};

@@ -59,7 +59,7 @@ impl CompareArgs {
         anyhow::ensure!(st.success(), "packing {} into an initramfs with cpio failed ({st})", a.rootfs.display());
 
         // The container's instance: its PKI and share, filled as for a VM; its argv is the VM's.
-        let inst = openshell_instance::gateway::GatewayInstance::new(work.path(), "container")?;
+        let inst = openshell_instance::state::GatewayInstance::new(work.path(), "container")?;
         inst.ensure_pki()?;
         let cfg = inst.vm_config(
             a.kernel.clone(),
@@ -187,7 +187,7 @@ fn run_container(
     let t = Instant::now();
     let out = podman(conf)
         .args(["run", "-d", "--rm", "--name", &name, "-p"])
-        .arg(format!("127.0.0.1:{port}:{}", openshell_instance::gateway::GATEWAY_PORT))
+        .arg(format!("127.0.0.1:{port}:{}", openshell_instance::preset::GATEWAY_PORT))
         .arg("-v")
         .arg(format!("{}:/run/openshell:ro", cfg.share_dir().display()))
         .arg(IMAGE)

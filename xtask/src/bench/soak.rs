@@ -65,7 +65,7 @@ impl SoakArgs {
             );
             Ok(t.elapsed().as_secs_f64() * 1e3)
         };
-        let publish = format!("{port}:{}", openshell_instance::gateway::GATEWAY_PORT);
+        let publish = format!("{port}:{}", openshell_instance::preset::GATEWAY_PORT);
         let mut started = Started::new(&config);
         let before = leftovers(&mut started, &tmp, &instance, port);
         let (mut detach_ms, mut stop_ms, mut cycle_ms) = (Vec::new(), Vec::new(), Vec::new());
@@ -202,7 +202,7 @@ impl Started {
     /// Records the sessions of the processes the instance's metadata names (the supervisor
     /// `vm run --detach` left, its VMM, passt, gvproxy), read while they run.
     fn note_instance(&mut self, config: &Path) {
-        let meta = openshell_instance::gateway::GatewayInstance::new(&config.join("openshell/gateways"), "soak")
+        let meta = openshell_instance::state::GatewayInstance::new(&config.join("openshell/gateways"), "soak")
             .ok()
             .and_then(|i| i.read_metadata());
         let Some(m) = meta else { return };

@@ -147,7 +147,7 @@ pub fn preflight(cfg: VmConfig, verification: Verification) -> Result<Preflight,
         rootfs: Ok(cfg.rootfs.clone()),
         ports: if cfg.net == Net::None { Vec::new() } else { cfg.ports.iter().map(|p| p.host).collect() },
         store_root: None,
-        gateways_root: crate::gateway::gateways_root(),
+        gateways_root: crate::state::gateways_root(),
     };
     let facts = probe(&req);
     let (planned, matrix) = preflight_matrix(&facts, cfg, verification);

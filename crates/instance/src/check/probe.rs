@@ -12,7 +12,7 @@ use openshell_artifacts::kernel::{self, GuestKernel, KernelError, KernelProvenan
 use openshell_artifacts::rootfs::{self, RootfsBundle, RootfsError, MANIFEST};
 
 use super::facts::{Artifact, Checked, DiskFacts, Facts, Mismatch, PortFacts, RootfsProvenance};
-use crate::gateway::GatewayInstance;
+use crate::state::GatewayInstance;
 use openshell_vm::HostFacts;
 
 /// What to look at beyond the host itself.

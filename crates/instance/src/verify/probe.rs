@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use openshell_matrix::Matrix;
 
 use super::{decide, Attempt, InfoFacts, Leftover, NoCertificate, Observations, Rehashed};
-use crate::gateway::{GatewayInstance, Metadata};
+use crate::state::{GatewayInstance, Metadata};
 use openshell_vm::procfs;
 use openshell_vm::VmError;
 
@@ -387,6 +387,6 @@ mod tests {
         }
         assert!(m.row("no-stale-state").unwrap().reason.contains(".metadata.json.tmp"), "{}", m.render());
         // write_metadata made it the active instance.
-        assert_eq!(crate::gateway::active(&root.path().join("gateways")).as_deref(), Some("stopped"));
+        assert_eq!(crate::state::active(&root.path().join("gateways")).as_deref(), Some("stopped"));
     }
 }

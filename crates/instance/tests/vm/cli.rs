@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use openshell_artifacts::{sha256_file, Digest};
-use openshell_instance::gateway::{GatewayInstance, Metadata};
+use openshell_instance::state::{GatewayInstance, Metadata};
 use openshell_vm::{procfs, VmmChoice};
 use serde_json::{json, Value};
 
@@ -947,7 +947,7 @@ fn child_killed_in(cli: &Cli, victim: &str) -> Result<(), String> {
     expect_fields(failure, "status --json failure", &[("child", json!(child)), ("signal", json!(9))])?;
     let at =
         field(failure, "at_unix")?.as_u64().ok_or_else(|| format!("failure.at_unix is not a number: {failure}"))?;
-    let now = openshell_instance::gateway::now_unix();
+    let now = openshell_instance::state::now_unix();
     if at == 0 || at > now {
         return Err(format!("failure.at_unix {at} is not a time before now ({now})"));
     }

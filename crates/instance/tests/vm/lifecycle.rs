@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
-use openshell_instance::gateway::GatewayInstance;
+use openshell_instance::state::GatewayInstance;
 use openshell_instance::supervise;
 use openshell_vm::{Net, VmmChoice};
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use libtest_mimic::Failed;
 use openshell_artifacts::{sha256_file, Digest};
 use openshell_instance::check::{self, Verification};
-use openshell_instance::gateway::GatewayInstance;
+use openshell_instance::state::GatewayInstance;
 use openshell_matrix::Status;
 use openshell_vm::{VmConfig, VmError, VmmChoice};
 

@@ -203,13 +203,13 @@ pub fn tail(text: &str, n: usize) -> String {
 /// `vm run` does (passt, 127.0.0.1:`port` → 30051, the digests the artifacts' own records hold, as
 /// `vm run` writes them): what every gateway trial boots.
 pub struct GatewayTrial {
-    pub inst: openshell_instance::gateway::GatewayInstance,
+    pub inst: openshell_instance::state::GatewayInstance,
     pub req: openshell_instance::supervise::Request,
     pub digests: (String, String),
 }
 
 pub fn gateway(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, port: u16) -> Result<GatewayTrial, String> {
-    let inst = openshell_instance::gateway::GatewayInstance::new(root, "trial").map_err(|e| e.to_string())?;
+    let inst = openshell_instance::state::GatewayInstance::new(root, "trial").map_err(|e| e.to_string())?;
     inst.ensure_pki().map_err(|e| e.to_string())?;
     // The records, not a re-hash: a tampered copy then boots as `vm run --allow-unverified`
     // boots it, and only `verify`'s re-hash can tell.
@@ -234,7 +234,7 @@ pub fn passt_forward(vmm: VmmChoice, port: u16) -> openshell_vm::Overrides {
     openshell_vm::Overrides {
         vmm: Some(vmm),
         net: Some(openshell_vm::Net::Passt),
-        ports: vec![openshell_vm::PortMap { host: port, guest: openshell_instance::gateway::GATEWAY_PORT }],
+        ports: vec![openshell_vm::PortMap { host: port, guest: openshell_instance::preset::GATEWAY_PORT }],
         ..openshell_vm::Overrides::default()
     }
 }

@@ -9,7 +9,8 @@ use openshell_vm::{VmConfig, VmmChoice};
 
 use crate::nested::Route;
 use crate::support::{self, Artifacts, TrialDir};
-use openshell_instance::gateway::{self, GatewayInstance};
+use openshell_instance::preset;
+use openshell_instance::state::GatewayInstance;
 
 pub type Body = fn(&Artifacts, VmmChoice, TrialDir) -> Result<(), Failed>;
 
@@ -465,7 +466,7 @@ fn boot_gateway(
     })?;
     let endpoint = format!("127.0.0.1:{port}");
     let bundle = inst.client_bundle().map_err(|e| e.to_string())?;
-    gateway::wait_ready(&mut vm, &endpoint, &bundle, support::GUEST_TIMEOUT, None).map_err(|e| e.to_string())?;
+    preset::wait_ready(&mut vm, &endpoint, &bundle, support::GUEST_TIMEOUT, None).map_err(|e| e.to_string())?;
     Ok((vm, endpoint, inst, digests))
 }
 

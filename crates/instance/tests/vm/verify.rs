@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use openshell_instance::check::Verification;
-use openshell_instance::gateway::{self, GatewayInstance};
+use openshell_instance::state::{self, GatewayInstance};
 use openshell_matrix::Status;
 use openshell_vm::VmmChoice;
 
@@ -75,7 +75,7 @@ fn verify_passes_on_running_gateway(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
         Err(e) => return Err(dir.fail(e)),
     };
     // The instance that became ready last is the one `cargo xtask verify` picks by default.
-    let active = gateway::active(gw.inst.dir.parent().unwrap());
+    let active = state::active(gw.inst.dir.parent().unwrap());
     let t = Instant::now();
     let matrix = openshell_instance::verify::verify(&gw.inst);
     let took = t.elapsed();
