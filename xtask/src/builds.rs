@@ -58,7 +58,13 @@ fn pinned_by(store: &Store, kind: &str, var: &str, key: Option<String>) -> anyho
         format!("{ENV}=never takes the {kind} it boots by its store key, and {var} is not set; set it to the key directory's name under {}", store.root().join(kind).display())
     })?;
     let dir = store.root().join(kind).join(&key);
-    anyhow::ensure!(dir.is_dir(), "{var}={key}: the store has no {kind} {}", dir.display());
+    let (done, make) =
+        if kind == openshell_artifacts::rootfs::STORE_KIND { ("baked", "bake") } else { ("built", "build") };
+    anyhow::ensure!(
+        dir.is_dir(),
+        "no {kind} has been {done} as {var}={key} names it (the store has no {}); {make} it with `cargo xtask {kind}` where the toolchain is",
+        dir.display()
+    );
     Ok(dir)
 }
 
@@ -85,6 +91,6 @@ mod tests {
         let unset = pinned_by(&store, "rootfs", ROOTFS_KEY, None).unwrap_err().to_string();
         assert!(unset.contains("OPENSHELL_ROOTFS_KEY is not set"), "{unset}");
         let absent = pinned_by(&store, "kernel", KERNEL_KEY, Some("abc123".into())).unwrap_err().to_string();
-        assert!(absent.contains("the store has no kernel"), "{absent}");
+        assert!(absent.contains("no kernel has been built") && absent.contains("cargo xtask kernel"), "{absent}");
     }
 }

@@ -63,10 +63,17 @@ impl MemoryArgs {
                     std::thread::sleep(Duration::from_millis(500));
                     let pid = up.vm.pid();
                     let kib = |k: u64| k as f64 / 1024.0;
-                    if let Some((total, guest)) = smaps_split(pid, mem) {
-                        row.vmm_rss_mib = Some(kib(total));
-                        row.guest_touched_mib = guest.map(kib);
-                        row.vmm_overhead_mib = guest.map(|g| kib(total - g));
+                    if let Some(Split { total_kib, guest_kib, largest_kib }) = smaps_split(pid, mem) {
+                        row.vmm_rss_mib = Some(kib(total_kib));
+                        row.guest_touched_mib = guest_kib.map(kib);
+                        row.vmm_overhead_mib = guest_kib.map(|g| kib(total_kib - g));
+                        if guest_kib.is_none() {
+                            let seen: Vec<String> = largest_kib.iter().map(|k| format!("{:.1}", kib(*k))).collect();
+                            row.failed = Some(format!(
+                                "no mapping of the VMM holds the guest's {mem} MiB; its largest anonymous writable ones are {} MiB",
+                                seen.join(", ")
+                            ));
+                        }
                     }
                     row.vmm_peak_rss_mib = openshell_vm::timeline::peak_rss_kib(pid).map(kib);
                 }
@@ -107,17 +114,34 @@ fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or_default().to_owned()
 }
 
+/// libkrun's root virtio-fs device (`krun_set_root`) reserves a DAX window of this size, mapped
+/// right after the guest's RAM (libkrun 1.19's "conservative 512 MB window"), and the kernel
+/// merges the two anonymous mappings into one. The window is only reserved (the guest mounts its
+/// root without DAX), so that mapping's resident part is still the RAM the guest touched.
+const KRUN_ROOT_DAX_WINDOW_KIB: u64 = 512 * 1024;
+
+/// What the VMM's smaps say: its resident KiB in all, and in the mapping that holds the guest's RAM.
+struct Split {
+    total_kib: u64,
+    guest_kib: Option<u64>,
+    /// The largest anonymous writable mappings (KiB), to name when none is the guest's.
+    largest_kib: Vec<u64>,
+}
+
 /// The VMM's resident KiB in all, and in the mapping that holds the guest's RAM (anonymous,
-/// writable, not executable, between `mem_mib` and `mem_mib` + 8 MiB long), if one is found.
-fn smaps_split(pid: u32, mem_mib: u32) -> Option<(u64, Option<u64>)> {
+/// writable, not executable, `mem_mib` long, or that plus libkrun's root DAX window, each within
+/// 8 MiB), if one is found.
+fn smaps_split(pid: u32, mem_mib: u32) -> Option<Split> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
     Some(split(&text, mem_mib))
 }
 
-fn split(smaps: &str, mem_mib: u32) -> (u64, Option<u64>) {
+fn split(smaps: &str, mem_mib: u32) -> Split {
     let want = u64::from(mem_mib) * 1024;
+    let sizes = [want, want + KRUN_ROOT_DAX_WINDOW_KIB];
     let (mut total, mut guest) = (0u64, None::<u64>);
     let (mut candidate, mut size) = (false, 0u64);
+    let mut anonymous = Vec::new();
     let kb = |l: &str, key: &str| l.strip_prefix(key)?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok();
     for line in smaps.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -128,14 +152,19 @@ fn split(smaps: &str, mem_mib: u32) -> (u64, Option<u64>) {
             size = 0;
         } else if let Some(s) = kb(line, "Size:") {
             size = s;
+            if candidate {
+                anonymous.push(s);
+            }
         } else if let Some(rss) = kb(line, "Rss:") {
             total += rss;
-            if candidate && (want..want + 8 * 1024).contains(&size) {
+            if candidate && sizes.iter().any(|w| (*w..w + 8 * 1024).contains(&size)) {
                 guest = Some(guest.map_or(rss, |g| g.max(rss)));
             }
         }
     }
-    (total, guest)
+    anonymous.sort_unstable_by(|a, b| b.cmp(a));
+    anonymous.truncate(3);
+    Split { total_kib: total, guest_kib: guest, largest_kib: anonymous }
 }
 
 #[cfg(test)]
@@ -153,7 +182,24 @@ Rss:              100000 kB
 Size:             524288 kB
 Rss:               20000 kB
 ";
-        assert_eq!(super::split(smaps, 512), (123000, Some(100000)));
-        assert_eq!(super::split(smaps, 256), (123000, None));
+        let qemu = super::split(smaps, 512);
+        assert_eq!((qemu.total_kib, qemu.guest_kib), (123000, Some(100000)));
+        let none = super::split(smaps, 256);
+        assert_eq!((none.total_kib, none.guest_kib), (123000, None));
+        assert_eq!(none.largest_kib, [526336]);
+    }
+
+    #[test]
+    fn under_libkrun_the_guest_ram_is_merged_with_the_root_dax_window() {
+        let smaps = "\
+7f00-7f40 rw-p 00000000 00:00 0
+Size:             786432 kB
+Rss:               41000 kB
+7f40-7f80 rw-p 00000000 00:00 0
+Size:               2048 kB
+Rss:                2000 kB
+";
+        let krun = super::split(smaps, 256);
+        assert_eq!((krun.total_kib, krun.guest_kib), (43000, Some(41000)));
     }
 }
