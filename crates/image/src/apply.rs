@@ -138,7 +138,8 @@ impl Tree {
                     if existing.is_some() {
                         self.remove(&rel)?;
                     }
-                    let mut file = fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
+                    let mut file =
+                        fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io(&path))?;
                     io::copy(&mut entry, &mut file).map_err(io(&path))?;
                 }
                 T::Symlink => {
@@ -295,7 +296,9 @@ impl Tree {
         for (name, value) in &meta.xattrs {
             let security = name.starts_with("security.");
             let allowed = match self.privilege {
-                Privilege::Root => security || (name.starts_with("user.") && user_xattrs) || name.starts_with("trusted."),
+                Privilege::Root => {
+                    security || (name.starts_with("user.") && user_xattrs) || name.starts_with("trusted.")
+                }
                 Privilege::Rootless => name.starts_with("user.") && user_xattrs,
             };
             if !allowed {
@@ -349,13 +352,20 @@ impl EntryMeta {
         let bad = |what: &str, v: u64| io::Error::new(io::ErrorKind::InvalidData, format!("{what} {v} out of range"));
         let uid = h.uid()?;
         let gid = h.gid()?;
+        // Only devices carry device numbers; other entries' fields may be blank.
+        let device = matches!(h.entry_type(), tar::EntryType::Char | tar::EntryType::Block);
+        let (dev_major, dev_minor) = if device {
+            (h.device_major()?.unwrap_or(0).into(), h.device_minor()?.unwrap_or(0).into())
+        } else {
+            (0, 0)
+        };
         let mut meta = EntryMeta {
             mode: h.mode()? & 0o7777,
             uid: u32::try_from(uid).map_err(|_| bad("uid", uid))?,
             gid: u32::try_from(gid).map_err(|_| bad("gid", gid))?,
             mtime: h.mtime()?,
-            dev_major: h.device_major()?.unwrap_or(0).into(),
-            dev_minor: h.device_minor()?.unwrap_or(0).into(),
+            dev_major,
+            dev_minor,
             xattrs: Vec::new(),
         };
         if let Some(exts) = entry.pax_extensions()? {

@@ -90,9 +90,7 @@ impl Layout {
             })
             .collect();
         let fits = |d: &&Descriptor| {
-            d.platform()
-                .as_ref()
-                .is_none_or(|p| p.os().to_string() == "linux" && p.architecture().to_string() == want)
+            d.platform().as_ref().is_none_or(|p| p.os().to_string() == "linux" && p.architecture().to_string() == want)
         };
         let matching: Vec<&Descriptor> = images.iter().copied().filter(fits).collect();
         // An entry that names the host's platform beats one that names none.
@@ -210,7 +208,10 @@ fn check(what: &str, desc: &Descriptor, expected: &Digest, found: &Digest, size:
 /// writes them).
 pub fn sha256_of(desc: &Descriptor) -> Result<Digest, ImageError> {
     let hex = desc.as_digest_sha256().ok_or_else(|| {
-        ImageError::Unsupported(format!("descriptor digest {} is not sha256, the only algorithm supported", desc.digest()))
+        ImageError::Unsupported(format!(
+            "descriptor digest {} is not sha256, the only algorithm supported",
+            desc.digest()
+        ))
     })?;
     hex.parse().map_err(ImageError::Unsupported)
 }

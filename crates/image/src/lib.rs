@@ -150,7 +150,13 @@ pub fn unpack_layout(
             tracing::warn!(skipped = tree.skipped_devices, "rootless unpack: device nodes were not created");
         }
         let entries = tree.finish()?;
-        let image = ImageConfig::from_oci(&config, key.clone(), config_digest.clone(), entries, privilege == Privilege::Rootless);
+        let image = ImageConfig::from_oci(
+            &config,
+            key.clone(),
+            config_digest.clone(),
+            entries,
+            privilege == Privilege::Rootless,
+        );
         let path = out.join(IMAGE_JSON);
         fs::write(&path, serde_json::to_string_pretty(&image).expect("image config serializes")).map_err(io(&path))?;
         Ok::<(), ImageError>(())

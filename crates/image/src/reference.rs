@@ -57,7 +57,7 @@ impl FromStr for ImageRef {
                 Some(ArchiveKind::Oci) => Ok(ImageRef::OciArchive(path.into())),
                 Some(ArchiveKind::Docker) => Ok(ImageRef::DockerArchive(path.into())),
                 None => Err(bad(
-                    "a tar with neither index.json (an OCI archive) nor manifest.json (a docker archive)".into(),
+                    "a tar with neither index.json (an OCI archive) nor manifest.json (a docker archive)".into()
                 )),
             };
         }
@@ -141,16 +141,23 @@ impl ImageRef {
 
 /// The container engine that exports a local image: podman if installed, else docker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Engine {
+pub(crate) enum Engine {
     Podman,
     Docker,
 }
 
 impl Engine {
     fn find(name: &str) -> Result<Engine, ImageError> {
-        if which::which("podman").is_ok() {
+        Engine::find_in(name, &std::env::var_os("PATH").unwrap_or_default())
+    }
+
+    /// The engine on the search path `path` (a `PATH` value).
+    pub(crate) fn find_in(name: &str, path: &std::ffi::OsStr) -> Result<Engine, ImageError> {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        let on_path = |program: &str| which::which_in(program, Some(path), &cwd).is_ok();
+        if on_path("podman") {
             Ok(Engine::Podman)
-        } else if which::which("docker").is_ok() {
+        } else if on_path("docker") {
             Ok(Engine::Docker)
         } else {
             Err(ImageError::NoEngine { name: name.into() })
