@@ -75,6 +75,9 @@ pub struct Unpacked {
 /// Unpacks `image` for the host's architecture into `store`, unless it is there already.
 /// `on_line` hears about the long steps (exporting, extracting, each layer).
 pub fn unpack(store: &Store, image: &ImageRef, on_line: &mut dyn FnMut(&str)) -> Result<Unpacked, ImageError> {
+    if let Some(dir) = image.find_in_store(store, Arch::host())? {
+        return Ok(Unpacked { image: UnpackedImage::open(&dir)?, fresh: false });
+    }
     let source = image.open(store, on_line)?;
     unpack_layout(store, &source.layout, Arch::host(), Privilege::of_this_process(), on_line)
 }

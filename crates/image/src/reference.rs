@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
-use openshell_artifacts::Store;
+use openshell_artifacts::{Arch, Store};
 
 use crate::error::{io, ImageError};
 use crate::layout::Layout;
@@ -137,6 +137,50 @@ impl ImageRef {
             }
         }
     }
+}
+
+/// JSON blobs a peek keeps: manifests and indexes are a few KiB; layers are far bigger.
+const PEEK_MAX_BLOB: u64 = 1 << 20;
+
+impl ImageRef {
+    /// The store entry of an OCI archive's image for `arch`, found by reading only the archive's
+    /// index and small blobs (its manifests), not extracting its layers: how a second unpack of
+    /// the same archive does nothing. `None` when it is not in the store, when this is not an OCI
+    /// archive, or when the peek cannot tell (the full unpack then reports what is wrong).
+    pub(crate) fn find_in_store(&self, store: &Store, arch: Arch) -> Result<Option<PathBuf>, ImageError> {
+        let ImageRef::OciArchive(file) = self else { return Ok(None) };
+        let tmp = store.scratch_dir("imagepeek").map_err(io(store.root()))?;
+        if peek(file, tmp.path()).is_err() {
+            return Ok(None);
+        }
+        let Ok(layout) = Layout::open(tmp.path()) else { return Ok(None) };
+        Ok(layout.resolve(arch).ok().and_then(|r| store.get(crate::STORE_KIND, &r.digest)))
+    }
+}
+
+/// Writes an archive's `oci-layout`, `index.json` and blobs of at most [`PEEK_MAX_BLOB`] into
+/// `dest`: a partial layout, enough to resolve its manifest.
+fn peek(archive_path: &Path, dest: &Path) -> Result<(), ImageError> {
+    let file = fs::File::open(archive_path).map_err(io(archive_path))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(256 * 1024, file));
+    fs::create_dir_all(dest.join("blobs/sha256")).map_err(io(dest))?;
+    for entry in archive.entries().map_err(io(archive_path))? {
+        let mut entry = entry.map_err(io(archive_path))?;
+        if !entry.header().entry_type().is_file() || entry.size() > PEEK_MAX_BLOB {
+            continue;
+        }
+        let raw = entry.path().map_err(io(archive_path))?.into_owned();
+        let Ok(rel) = crate::apply::clean(&raw) else { continue };
+        let keep = rel == Path::new("index.json")
+            || rel == Path::new("oci-layout")
+            || (rel.parent() == Some(Path::new("blobs/sha256")));
+        if keep {
+            let path = dest.join(&rel);
+            let mut out = fs::File::create(&path).map_err(io(&path))?;
+            std::io::copy(&mut entry, &mut out).map_err(io(&path))?;
+        }
+    }
+    Ok(())
 }
 
 /// The container engine that exports a local image: podman if installed, else docker.

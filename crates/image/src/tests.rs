@@ -680,3 +680,30 @@ fn a_local_image_without_podman_or_docker_names_the_install_command() {
     let err = reference::Engine::find_in("localhost/t", empty.path().as_os_str()).unwrap_err().to_string();
     assert!(err.contains("apt-get install -y podman") && err.contains("localhost/t"), "{err}");
 }
+
+#[test]
+fn a_second_unpack_of_an_oci_archive_reads_its_manifest_and_extracts_nothing() {
+    let img = image(&[(LayerTar::new().file("f", b"original").finish(), Pack::Plain)]);
+    let archive = img.dir.with_file_name("image.tar");
+    tar_dir(&img.dir, &archive);
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = Store::new(store_dir.path());
+    let r = ImageRef::OciArchive(archive.clone());
+    assert!(unpack(&store, &r, &mut |_| {}).unwrap().fresh);
+    // The same index and manifest with a damaged layer: a full unpack would refuse it, so a
+    // second unpack that succeeds did not look at the layer.
+    let blob = img.dir.join("blobs/sha256").join(img.layers[0].hex());
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[600] ^= 1;
+    fs::write(&blob, bytes).unwrap();
+    tar_dir(&img.dir, &archive);
+    let mut lines = Vec::new();
+    let again = unpack(&store, &r, &mut |l| lines.push(l.to_owned())).unwrap();
+    assert!(!again.fresh);
+    assert!(lines.is_empty(), "nothing extracted or applied: {lines:?}");
+    assert_eq!(fs::read(again.image.root().join("f")).unwrap(), b"original");
+    // Proof that the damage is real: unpacking into another store refuses it.
+    let other = tempfile::tempdir().unwrap();
+    let err = unpack(&Store::new(other.path()), &r, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, ImageError::BlobMismatch { .. }), "{err}");
+}
