@@ -3,7 +3,8 @@
 //! hard link, a setuid file, a FIFO, a device node, an xattr), unpacked by us and by
 //! `umoci raw unpack`, and the two trees compared entry by entry: path, type, mode, owner, size
 //! and sha256 of contents, symlink target, device number, link count, xattrs. A second test takes
-//! the same root through `podman import` and our `ImageRef::Local` (a `podman save` export).
+//! the same root through `podman import` and our `ImageRef::Local` (a `podman save` export), and
+//! through podman's docker archive.
 //!
 //! Slow (mmdebstrap: ~25 s and apt access to Debian's archive) and root-only, so ignored by
 //! default: `cargo test -p openshell-image --test differential -- --ignored` as root, with
@@ -230,4 +231,14 @@ fn a_podman_image_unpacks_as_umoci_unpacks_its_export() {
     let n = assert_same_tree(&ours.image.root(), &theirs);
     assert!(n > 3000, "{n}");
     eprintln!("identical: {n} paths");
+
+    // The same image as a docker archive: another manifest (uncompressed layers), the same tree.
+    let docker = w.join("docker.tar");
+    run(Command::new("podman").args(["save", "--format", "docker-archive", "-o"]).arg(&docker).arg(&name));
+    let image: ImageRef = docker.to_str().unwrap().parse().unwrap();
+    assert_eq!(image, ImageRef::DockerArchive(docker.clone()));
+    let from_docker = unpack(&store, &image, &mut |l| eprintln!("{l}")).unwrap();
+    assert!(from_docker.fresh);
+    let n = assert_same_tree(&from_docker.image.root(), &theirs);
+    eprintln!("docker archive identical: {n} paths");
 }
