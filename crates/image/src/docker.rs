@@ -7,13 +7,15 @@
 //! config named by a digest must match it, and each layer must uncompress to the config's
 //! `diff_ids`, which the unpack checks.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use openshell_artifacts::{sha256_file, Digest};
 use serde::Deserialize;
 use serde_json::json;
+use sha2::Digest as _;
 
 use crate::error::{io, ImageError};
 
@@ -24,22 +26,141 @@ struct Entry {
     layers: Vec<String>,
 }
 
+/// What the OCI manifest needs to know of a layer member: its sha256, size and first bytes
+/// (which say its compression).
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub digest: Digest,
+    pub size: u64,
+    pub magic: [u8; 4],
+}
+
+impl Member {
+    fn media_type(&self) -> &'static str {
+        match self.magic {
+            [0x1f, 0x8b, ..] => "application/vnd.oci.image.layer.v1.tar+gzip",
+            [0x28, 0xb5, 0x2f, 0xfd] => "application/vnd.oci.image.layer.v1.tar+zstd",
+            _ => "application/vnd.oci.image.layer.v1.tar",
+        }
+    }
+}
+
+/// The one image a docker archive's `manifest.json` lists.
+fn the_entry(manifest_path: &Path, text: &[u8]) -> Result<Entry, ImageError> {
+    let mut entries: Vec<Entry> = crate::layout::parse(manifest_path, "docker archive manifest", text)?;
+    if entries.len() != 1 {
+        return Err(ImageError::Unsupported(format!(
+            "{} lists {} images; save exactly one image into the archive",
+            manifest_path.display(),
+            entries.len()
+        )));
+    }
+    Ok(entries.remove(0))
+}
+
+/// The OCI manifest of a docker archive's image: made from what its files are, so the same
+/// archive always gives the same manifest (and store key).
+fn oci_manifest(config: &[u8], layers: &[Member]) -> Vec<u8> {
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|l| json!({"mediaType": l.media_type(), "digest": format!("sha256:{}", l.digest.hex()), "size": l.size}))
+        .collect();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{}", Digest::of_bytes(config).hex()),
+            "size": config.len(),
+        },
+        "layers": layers,
+    });
+    serde_json::to_vec(&manifest).expect("json serializes")
+}
+
+/// The manifest digest [`to_layout`] would give the archive's image, from one streaming read of
+/// the archive (nothing extracted): how a second unpack of the same archive finds its store entry.
+pub fn manifest_digest_of_archive(archive_path: &Path) -> Result<Digest, ImageError> {
+    let file = fs::File::open(archive_path).map_err(io(archive_path))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::with_capacity(256 * 1024, file));
+    let mut members: HashMap<PathBuf, Member> = HashMap::new();
+    let mut small: HashMap<PathBuf, Vec<u8>> = HashMap::new();
+    let mut links: HashMap<PathBuf, PathBuf> = HashMap::new();
+    for entry in archive.entries().map_err(io(archive_path))? {
+        let mut entry = entry.map_err(io(archive_path))?;
+        let raw = entry.path().map_err(io(archive_path))?.into_owned();
+        let Ok(rel) = crate::apply::clean(&raw) else { continue };
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            if let Some(target) = entry.link_name().map_err(io(archive_path))? {
+                let target = if kind.is_symlink() {
+                    rel.parent().unwrap_or(Path::new("")).join(target)
+                } else {
+                    target.into_owned()
+                };
+                if let Some(target) = crate::reference::normalize(&target) {
+                    links.insert(rel, target);
+                }
+            }
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut magic = [0u8; 4];
+        let mut keep = (entry.size() <= 1 << 20).then(Vec::new);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut size = 0u64;
+        loop {
+            let n = entry.read(&mut buf).map_err(io(archive_path))?;
+            if n == 0 {
+                break;
+            }
+            if size < 4 {
+                let (at, k) = (size as usize, (4 - size as usize).min(n));
+                magic[at..at + k].copy_from_slice(&buf[..k]);
+            }
+            hasher.update(&buf[..n]);
+            if let Some(k) = keep.as_mut() {
+                k.extend_from_slice(&buf[..n]);
+            }
+            size += n as u64;
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        let digest = hex::encode(digest).parse().expect("sha256 output is a digest");
+        members.insert(rel.clone(), Member { digest, size, magic });
+        if let Some(k) = keep {
+            small.insert(rel, k);
+        }
+    }
+    let resolve = |name: &str| -> Result<PathBuf, ImageError> {
+        let rel = crate::apply::clean(Path::new(name))
+            .map_err(|why| ImageError::Reference(format!("docker archive member {name:?}: {why}")))?;
+        Ok(links.get(&rel).cloned().unwrap_or(rel))
+    };
+    let missing = |name: &str| ImageError::Malformed {
+        path: archive_path.to_owned(),
+        what: "docker archive",
+        why: format!("it names {name}, which the archive does not hold"),
+    };
+    let manifest = small.get(Path::new("manifest.json")).ok_or_else(|| missing("manifest.json"))?;
+    let entry = the_entry(&archive_path.join("manifest.json"), manifest)?;
+    let config = small.get(&resolve(&entry.config)?).ok_or_else(|| missing(&entry.config))?;
+    let layers = entry
+        .layers
+        .iter()
+        .map(|name| members.get(&resolve(name)?).cloned().ok_or_else(|| missing(name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Digest::of_bytes(&oci_manifest(config, &layers)))
+}
+
 /// Rewrites the extracted docker archive at `dir` as an OCI layout (`oci-layout`, `index.json`,
 /// `blobs/sha256/`), moving the layer files rather than copying them.
 pub fn to_layout(dir: &Path) -> Result<(), ImageError> {
     let manifest_path = dir.join("manifest.json");
     let text = fs::read(&manifest_path).map_err(io(&manifest_path))?;
-    let entries: Vec<Entry> = crate::layout::parse(&manifest_path, "docker archive manifest", &text)?;
-    let entry = match entries.as_slice() {
-        [one] => one,
-        many => {
-            return Err(ImageError::Unsupported(format!(
-                "{} lists {} images; save exactly one image into the archive",
-                manifest_path.display(),
-                many.len()
-            )))
-        }
-    };
+    let entry = the_entry(&manifest_path, &text)?;
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).map_err(io(&blobs))?;
 
@@ -64,28 +185,14 @@ pub fn to_layout(dir: &Path) -> Result<(), ImageError> {
         let path = member(dir, name)?;
         let digest = sha256_file(&path).map_err(io(&path))?;
         let size = fs::metadata(&path).map_err(io(&path))?.len();
-        let media_type = match magic(&path)? {
-            [0x1f, 0x8b, ..] => "application/vnd.oci.image.layer.v1.tar+gzip",
-            [0x28, 0xb5, 0x2f, 0xfd] => "application/vnd.oci.image.layer.v1.tar+zstd",
-            _ => "application/vnd.oci.image.layer.v1.tar",
-        };
-        let blob = blobs.join(digest.hex());
+        let layer = Member { digest, size, magic: magic(&path)? };
+        let blob = blobs.join(layer.digest.hex());
         if !blob.exists() {
             fs::rename(&path, &blob).map_err(io(&blob))?;
         }
-        layers.push(json!({"mediaType": media_type, "digest": format!("sha256:{}", digest.hex()), "size": size}));
+        layers.push(layer);
     }
-    let manifest = json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": format!("sha256:{}", config_digest.hex()),
-            "size": config.len(),
-        },
-        "layers": layers,
-    });
-    let manifest = serde_json::to_vec(&manifest).expect("json serializes");
+    let manifest = oci_manifest(&config, &layers);
     let manifest_digest = write_blob(&blobs, &manifest)?;
     let index = json!({
         "schemaVersion": 2,

@@ -143,11 +143,16 @@ impl ImageRef {
 const PEEK_MAX_BLOB: u64 = 1 << 20;
 
 impl ImageRef {
-    /// The store entry of an OCI archive's image for `arch`, found by reading only the archive's
-    /// index and small blobs (its manifests), not extracting its layers: how a second unpack of
-    /// the same archive does nothing. `None` when it is not in the store, when this is not an OCI
-    /// archive, or when the peek cannot tell (the full unpack then reports what is wrong).
+    /// The store entry of an archive's image for `arch`, found without extracting it: an OCI
+    /// archive's index and small blobs (its manifests) are read, a docker archive's members
+    /// hashed as they stream by. How a second unpack of the same archive does nothing. `None`
+    /// when it is not in the store, when this is not an archive, or when the peek cannot tell
+    /// (the full unpack then reports what is wrong).
     pub(crate) fn find_in_store(&self, store: &Store, arch: Arch) -> Result<Option<PathBuf>, ImageError> {
+        if let ImageRef::DockerArchive(file) = self {
+            let Ok(digest) = crate::docker::manifest_digest_of_archive(file) else { return Ok(None) };
+            return Ok(store.get(crate::STORE_KIND, &digest));
+        }
         let ImageRef::OciArchive(file) = self else { return Ok(None) };
         let tmp = store.scratch_dir("imagepeek").map_err(io(store.root()))?;
         if peek(file, tmp.path()).is_err() {
@@ -280,7 +285,7 @@ fn extract(archive_path: &Path, dest: &Path) -> Result<(), ImageError> {
 }
 
 /// `a/b/../c` as `a/c`; `None` when a `..` would climb above the start.
-fn normalize(path: &Path) -> Option<PathBuf> {
+pub(crate) fn normalize(path: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {

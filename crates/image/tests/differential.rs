@@ -241,4 +241,7 @@ fn a_podman_image_unpacks_as_umoci_unpacks_its_export() {
     assert!(from_docker.fresh);
     let n = assert_same_tree(&from_docker.image.root(), &theirs);
     eprintln!("docker archive identical: {n} paths");
+    let mut lines = Vec::new();
+    assert!(!unpack(&store, &image, &mut |l| lines.push(l.to_owned())).unwrap().fresh);
+    assert!(lines.is_empty(), "a second unpack of the docker archive extracted nothing: {lines:?}");
 }
