@@ -119,7 +119,8 @@ pub fn unpack_layout(
         });
     }
     // Every blob is verified before anything is applied: a corrupt last layer stops the unpack
-    // before the first is written.
+    // before the first is written. A blob changed on disk between its check and its use is still
+    // caught: the uncompressed stream must hash to the diff_id of the config verified above.
     let mut verified = Vec::with_capacity(layers.len());
     let mut needed: u64 = 1 << 20;
     for (i, layer) in layers.iter().enumerate() {

@@ -20,15 +20,18 @@ use std::sync::OnceLock;
 use openshell_artifacts::{sha256_file, Arch, Store};
 use openshell_image::{unpack, unpack_layout, ImageRef, Layout, Privilege};
 
-const TOOLS: &[(&str, &str)] =
+/// (program, the Debian package that provides it)
+const UMOCI_TOOLS: &[(&str, &str)] = &[("mmdebstrap", "mmdebstrap"), ("umoci", "umoci")];
+const PODMAN_TOOLS: &[(&str, &str)] =
     &[("mmdebstrap", "mmdebstrap"), ("umoci", "umoci"), ("skopeo", "skopeo"), ("podman", "podman")];
 
-fn preflight() {
+/// All of a test's tools are probed up front, and the missing ones named with their install command.
+fn preflight(tools: &[(&str, &str)]) {
     assert!(
         nix::unistd::geteuid().is_root(),
         "the differential test needs root (it unpacks owners and device nodes): run it as root"
     );
-    let missing: Vec<&str> = TOOLS.iter().filter(|(bin, _)| which::which(bin).is_err()).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = tools.iter().filter(|(bin, _)| which::which(bin).is_err()).map(|(_, pkg)| *pkg).collect();
     assert!(missing.is_empty(), "missing tools: apt-get install -y {}", missing.join(" "));
 }
 
@@ -45,7 +48,8 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// One mmdebstrap root tar per test process (the two tests share it).
+/// One mmdebstrap root tar per test process: `cargo test` shares it between the two tests;
+/// nextest, which runs each test in a process of its own, builds it once per test.
 fn debian_tar() -> &'static Path {
     static TAR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_, path) = TAR.get_or_init(|| {
@@ -139,7 +143,7 @@ fn umoci_raw_unpack(layout: &Path, tag: &str, dest: &Path) {
 #[test]
 #[ignore = "builds a Debian image with mmdebstrap (needs root and Debian's archive): run with --ignored"]
 fn two_layers_made_by_umoci_unpack_as_umoci_unpacks_them() {
-    preflight();
+    preflight(UMOCI_TOOLS);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let layout = w.join("layout");
@@ -200,7 +204,7 @@ fn two_layers_made_by_umoci_unpack_as_umoci_unpacks_them() {
 #[test]
 #[ignore = "builds a Debian image with mmdebstrap and imports it into podman (needs root): run with --ignored"]
 fn a_podman_image_unpacks_as_umoci_unpacks_its_export() {
-    preflight();
+    preflight(PODMAN_TOOLS);
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
     let name = format!("localhost/openshell-image-diff-{}", std::process::id());
