@@ -20,6 +20,8 @@ pub enum Cmd {
     NestedHost(crate::nested_host::NestedHostCmd),
     /// Bake the guest root directory: busybox, /etc basics, guest programs, manifest
     Rootfs(crate::rootfs::RootfsCmd),
+    /// OCI images as roots: unpack an image into a verified root tree in the artifact store
+    Image(crate::image::ImageCmd),
     /// Run VMs
     Vm(crate::vm::VmCmd),
     /// Run the end-to-end suites against real VMs (nextest profile `e2e`)

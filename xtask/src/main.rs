@@ -13,6 +13,7 @@ mod deps;
 mod e2e;
 mod flags;
 mod guest_check;
+mod image;
 mod kernel;
 mod nested_host;
 mod progress;
@@ -61,6 +62,7 @@ fn run() -> anyhow::Result<ExitCode> {
         flags::Cmd::Kernel(cmd) => cmd.run().map(ok),
         flags::Cmd::NestedHost(cmd) => cmd.run().map(ok),
         flags::Cmd::Rootfs(cmd) => cmd.run().map(ok),
+        flags::Cmd::Image(cmd) => cmd.run().map(ok),
         flags::Cmd::Vm(cmd) => cmd.run(),
         flags::Cmd::E2e(cmd) => cmd.run().map(ok),
         flags::Cmd::Test(cmd) => cmd.run().map(ok),
