@@ -120,8 +120,18 @@ impl UserspaceEvidence {
 
 /// Peak resident set (VmHWM) of a live process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    rss_kib(pid).map(|(_, peak)| peak)
+}
+
+/// The resident set of a live process now and at its peak (VmRSS, VmHWM), in KiB, from one read
+/// of its status: the kernel's own counters, so the peak is never below the figure beside it (a
+/// sum over `smaps` can be, as the counters lag the page tables).
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")?.trim().strip_suffix(" kB")?.trim().parse().ok())
+    let field = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 #[cfg(test)]
@@ -183,5 +193,7 @@ mod tests {
     #[cfg_attr(not(target_os = "linux"), ignore = "peak RSS is read from /proc/<pid>/status, which macOS lacks")]
     fn reads_our_own_peak_rss() {
         assert!(peak_rss_kib(std::process::id()).unwrap() > 0);
+        let (now, peak) = rss_kib(std::process::id()).unwrap();
+        assert!(0 < now && now <= peak, "{now} {peak}");
     }
 }

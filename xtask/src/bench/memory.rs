@@ -2,8 +2,9 @@
 //! size boots a gateway (as `vm run` does), puts a short load on it (64 clients × 20 health
 //! RPCs, so the figure is of a gateway that has worked, not one that only started), then reads
 //! the VMM's `/proc/PID/smaps`: the guest's RAM is the VMM's one anonymous, non-executable
-//! mapping of the guest's size, and its resident part is the memory the guest touched; the rest
-//! of the VMM's resident set is the VMM's own overhead (under TCG, the translated code included).
+//! mapping of the guest's size (under libkrun, with the root's DAX window merged in), and its
+//! resident part is the memory the guest touched; the rest of the VMM's resident set (its
+//! `/proc/PID/status` figure) is the VMM's own overhead (under TCG, the translated code included).
 
 use std::time::Duration;
 
@@ -63,10 +64,14 @@ impl MemoryArgs {
                     std::thread::sleep(Duration::from_millis(500));
                     let pid = up.vm.pid();
                     let kib = |k: u64| k as f64 / 1024.0;
-                    if let Some(Split { total_kib, guest_kib, largest_kib }) = smaps_split(pid, mem) {
-                        row.vmm_rss_mib = Some(kib(total_kib));
+                    // The VMM's resident set from the kernel's counters (beside its peak, from the
+                    // same read); the guest's part from its mapping in smaps.
+                    let rss = openshell_vm::timeline::rss_kib(pid);
+                    row.vmm_rss_mib = rss.map(|(now, _)| kib(now));
+                    row.vmm_peak_rss_mib = rss.map(|(_, peak)| kib(peak));
+                    if let Some(Split { guest_kib, largest_kib }) = smaps_split(pid, mem) {
                         row.guest_touched_mib = guest_kib.map(kib);
-                        row.vmm_overhead_mib = guest_kib.map(|g| kib(total_kib - g));
+                        row.vmm_overhead_mib = guest_kib.zip(rss).map(|(g, (now, _))| kib(now) - kib(g));
                         if guest_kib.is_none() {
                             let seen: Vec<String> = largest_kib.iter().map(|k| format!("{:.1}", kib(*k))).collect();
                             row.failed = Some(format!(
@@ -75,7 +80,6 @@ impl MemoryArgs {
                             ));
                         }
                     }
-                    row.vmm_peak_rss_mib = openshell_vm::timeline::peak_rss_kib(pid).map(kib);
                 }
             }
             rows.push(row);
@@ -120,15 +124,14 @@ fn first_line(s: &str) -> String {
 /// root without DAX), so that mapping's resident part is still the RAM the guest touched.
 const KRUN_ROOT_DAX_WINDOW_KIB: u64 = 512 * 1024;
 
-/// What the VMM's smaps say: its resident KiB in all, and in the mapping that holds the guest's RAM.
+/// What the VMM's smaps say: the resident KiB of the mapping that holds the guest's RAM.
 struct Split {
-    total_kib: u64,
     guest_kib: Option<u64>,
     /// The largest anonymous writable mappings (KiB), to name when none is the guest's.
     largest_kib: Vec<u64>,
 }
 
-/// The VMM's resident KiB in all, and in the mapping that holds the guest's RAM (anonymous,
+/// The VMM's resident KiB in the mapping that holds the guest's RAM (anonymous,
 /// writable, not executable, `mem_mib` long, or that plus libkrun's root DAX window, each within
 /// 8 MiB), if one is found.
 fn smaps_split(pid: u32, mem_mib: u32) -> Option<Split> {
@@ -139,7 +142,7 @@ fn smaps_split(pid: u32, mem_mib: u32) -> Option<Split> {
 fn split(smaps: &str, mem_mib: u32) -> Split {
     let want = u64::from(mem_mib) * 1024;
     let sizes = [want, want + KRUN_ROOT_DAX_WINDOW_KIB];
-    let (mut total, mut guest) = (0u64, None::<u64>);
+    let mut guest = None::<u64>;
     let (mut candidate, mut size) = (false, 0u64);
     let mut anonymous = Vec::new();
     let kb = |l: &str, key: &str| l.strip_prefix(key)?.trim().strip_suffix(" kB")?.trim().parse::<u64>().ok();
@@ -156,7 +159,6 @@ fn split(smaps: &str, mem_mib: u32) -> Split {
                 anonymous.push(s);
             }
         } else if let Some(rss) = kb(line, "Rss:") {
-            total += rss;
             if candidate && sizes.iter().any(|w| (*w..w + 8 * 1024).contains(&size)) {
                 guest = Some(guest.map_or(rss, |g| g.max(rss)));
             }
@@ -164,7 +166,7 @@ fn split(smaps: &str, mem_mib: u32) -> Split {
     }
     anonymous.sort_unstable_by(|a, b| b.cmp(a));
     anonymous.truncate(3);
-    Split { total_kib: total, guest_kib: guest, largest_kib: anonymous }
+    Split { guest_kib: guest, largest_kib: anonymous }
 }
 
 #[cfg(test)]
@@ -182,10 +184,9 @@ Rss:              100000 kB
 Size:             524288 kB
 Rss:               20000 kB
 ";
-        let qemu = super::split(smaps, 512);
-        assert_eq!((qemu.total_kib, qemu.guest_kib), (123000, Some(100000)));
+        assert_eq!(super::split(smaps, 512).guest_kib, Some(100000));
         let none = super::split(smaps, 256);
-        assert_eq!((none.total_kib, none.guest_kib), (123000, None));
+        assert_eq!(none.guest_kib, None);
         assert_eq!(none.largest_kib, [526336]);
     }
 
@@ -199,7 +200,6 @@ Rss:               41000 kB
 Size:               2048 kB
 Rss:                2000 kB
 ";
-        let krun = super::split(smaps, 256);
-        assert_eq!((krun.total_kib, krun.guest_kib), (43000, Some(41000)));
+        assert_eq!(super::split(smaps, 256).guest_kib, Some(41000));
     }
 }
