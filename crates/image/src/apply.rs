@@ -195,7 +195,9 @@ impl Tree {
                         T::Block => nix::sys::stat::SFlag::S_IFBLK,
                         _ => nix::sys::stat::SFlag::S_IFIFO,
                     };
-                    let dev = nix::sys::stat::makedev(meta.dev_major, meta.dev_minor);
+                    // rustix's makedev exists on every target (nix's only on Linux), with the
+                    // dev_t of each.
+                    let dev = rustix::fs::makedev(meta.dev_major, meta.dev_minor);
                     nix::sys::stat::mknod(&path, sflag, nix::sys::stat::Mode::from_bits_truncate(0o600), dev)
                         .map_err(|e| ImageError::Io { path: path.clone(), source: e.into() })?;
                 }
@@ -341,8 +343,8 @@ struct EntryMeta {
     uid: u32,
     gid: u32,
     mtime: u64,
-    dev_major: u64,
-    dev_minor: u64,
+    dev_major: u32,
+    dev_minor: u32,
     xattrs: Vec<(String, Vec<u8>)>,
 }
 
@@ -354,11 +356,8 @@ impl EntryMeta {
         let gid = h.gid()?;
         // Only devices carry device numbers; other entries' fields may be blank.
         let device = matches!(h.entry_type(), tar::EntryType::Char | tar::EntryType::Block);
-        let (dev_major, dev_minor) = if device {
-            (h.device_major()?.unwrap_or(0).into(), h.device_minor()?.unwrap_or(0).into())
-        } else {
-            (0, 0)
-        };
+        let (dev_major, dev_minor) =
+            if device { (h.device_major()?.unwrap_or(0), h.device_minor()?.unwrap_or(0)) } else { (0, 0) };
         let mut meta = EntryMeta {
             mode: h.mode()? & 0o7777,
             uid: u32::try_from(uid).map_err(|_| bad("uid", uid))?,

@@ -394,11 +394,11 @@ fn device_nodes_and_fifos_are_made() {
     let m = |p: &str| fs::symlink_metadata(u.root().join(p)).unwrap();
     let null = m("dev/null");
     assert!(null.file_type().is_char_device());
-    assert_eq!(null.rdev(), nix::sys::stat::makedev(1, 3));
+    assert_eq!(null.rdev(), dev(1, 3));
     assert_eq!((null.gid(), null.permissions().mode() & 0o7777), (5, 0o620));
     let lp = m("dev/loop0");
     assert!(lp.file_type().is_block_device());
-    assert_eq!(lp.rdev(), nix::sys::stat::makedev(7, 0));
+    assert_eq!(lp.rdev(), dev(7, 0));
     assert!(m("dev/pipe").file_type().is_fifo());
 }
 
@@ -708,4 +708,10 @@ fn a_second_unpack_of_an_oci_archive_reads_its_manifest_and_extracts_nothing() {
     let other = tempfile::tempdir().unwrap();
     let err = unpack(&Store::new(other.path()), &r, &mut |_| {}).unwrap_err();
     assert!(matches!(err, ImageError::BlobMismatch { .. }), "{err}");
+}
+
+/// A device number as `MetadataExt::rdev` reports it (u64), from the target's own dev_t.
+#[allow(clippy::unnecessary_cast)] // dev_t is u64 on Linux, i32 on macOS
+fn dev(major: u32, minor: u32) -> u64 {
+    rustix::fs::makedev(major, minor) as u64
 }
