@@ -109,7 +109,8 @@ pub struct RootDisk {
 impl RootDisk {
     pub fn open(dir: &Path) -> Result<RootDisk, DiskError> {
         let no = || DiskError::NoRecord { dir: dir.to_owned() };
-        let record = serde_json::from_str(&fs::read_to_string(dir.join(RECORD)).map_err(|_| no())?).map_err(|_| no())?;
+        let record =
+            serde_json::from_str(&fs::read_to_string(dir.join(RECORD)).map_err(|_| no())?).map_err(|_| no())?;
         Ok(RootDisk { dir: dir.to_owned(), image: dir.join(IMAGE), record })
     }
 }
@@ -198,10 +199,10 @@ pub fn mke2fs_version() -> Result<String, DiskError> {
     let out = Command::new("mke2fs").arg("-V").output().map_err(|_| DiskError::MissingTool { tool: "mke2fs" })?;
     // mke2fs -V prints to stderr.
     let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find(|l| l.starts_with("mke2fs "))
-        .map(|l| l.trim().to_owned())
-        .ok_or_else(|| DiskError::Command { command: "mke2fs -V".into(), detail: format!("unexpected output {text:?}") })
+    text.lines().find(|l| l.starts_with("mke2fs ")).map(|l| l.trim().to_owned()).ok_or_else(|| DiskError::Command {
+        command: "mke2fs -V".into(),
+        detail: format!("unexpected output {text:?}"),
+    })
 }
 
 /// Bytes and inodes an image of the tree at `dir` needs: every file rounded up to blocks, a block
@@ -264,7 +265,13 @@ fn build_into(spec: &RootDiskSpec, out: &Path) -> Result<(), DiskError> {
     Ok(())
 }
 
-fn mke2fs(conf: &Path, options: &[String], tree: Option<&Path>, image: &Path, fake_time: Option<&str>) -> Result<(), DiskError> {
+fn mke2fs(
+    conf: &Path,
+    options: &[String],
+    tree: Option<&Path>,
+    image: &Path,
+    fake_time: Option<&str>,
+) -> Result<(), DiskError> {
     let mut cmd = Command::new("mke2fs");
     cmd.env("MKE2FS_CONFIG", conf).args(options);
     if let Some(t) = fake_time {

@@ -339,6 +339,20 @@ pub fn rootfs(f: &Facts, verification: Verification) -> Row {
     })
 }
 
+/// The root disk image of a `--root disk` boot, re-hashed against `rootdisk.json`.
+pub fn root_disk(f: &Facts, verification: Verification) -> Option<Row> {
+    let a = f.root_disk.as_ref()?;
+    Some(artifact_row("root-disk", a, verification, "rootdisk.json", "vm run --root disk", |c| {
+        format!(
+            "{} matches rootdisk.json: sha256 {} (re-hashed in {} ms), baked from rootfs {}",
+            c.path.display(),
+            c.digest.short(),
+            c.hashed_in.as_millis(),
+            c.provenance.rootfs_digest.short()
+        )
+    }))
+}
+
 /// A host port a VM forwards from 127.0.0.1. Required: passt cannot bind a taken port.
 pub fn port(id: &str, p: &PortFacts) -> Row {
     if p.free {
@@ -442,6 +456,7 @@ pub(crate) mod tests {
                 mismatch: None,
                 hashed_in: Duration::from_millis(40),
             }),
+            root_disk: None,
             ports: vec![PortFacts { port: 30051, free: true, held_by: None }],
             disk: Some(DiskFacts { path: "/store".into(), free_bytes: Ok(40 << 30) }),
         }
