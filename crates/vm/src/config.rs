@@ -350,6 +350,22 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_root_needs_its_image_and_keeps_its_data_disk_in_the_state_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = cfg(t.path());
+        c.update(&Overrides {
+            root: Some(Root::Disk { image: t.path().join("root.ext4"), data_mib: 64 }),
+            ..Overrides::default()
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("root.ext4") && e.contains("--root disk"), "{e}");
+        std::fs::write(t.path().join("root.ext4"), b"").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.data_disk_path(), t.path().join("state").join(DATA_DISK_FILE));
+        assert_eq!((c.root.kind(), Root::default().kind()), ("disk", "share"));
+    }
+
+    #[test]
     fn gvproxy_path_only_with_gvproxy() {
         let t = tempfile::tempdir().unwrap();
         let mut c = cfg(t.path());

@@ -618,6 +618,43 @@ pub(crate) mod tests {
         assert!(r.reason.contains("gateway \"default\"") && r.fix.contains("vm stop"), "{r:?}");
     }
 
+    #[test]
+    fn a_root_disk_row_only_for_a_disk_root_and_a_changed_image_fails_naming_it() {
+        let mut f = healthy();
+        assert!(root_disk(&f, Verification::Required).is_none(), "a share root has no root-disk row");
+        let record = openshell_artifacts::disk::RootDiskRecord {
+            rootfs_digest: Digest::of_bytes(b"manifest"),
+            mke2fs_version: "mke2fs 1.47.0 (5-Feb-2023)".into(),
+            options: vec![],
+            size_bytes: 23 << 20,
+            sha256: Digest::of_bytes(b"image"),
+        };
+        let checked = |mismatch| {
+            Artifact::Checked(Checked {
+                path: "/store/rootdisk/d".into(),
+                digest: Digest::of_bytes(b"image"),
+                provenance: record.clone(),
+                mismatch,
+                hashed_in: Duration::from_millis(30),
+            })
+        };
+        f.root_disk = Some(checked(None));
+        let r = root_disk(&f, Verification::Required).unwrap();
+        assert_eq!(status(&r), (Status::Pass, true));
+        assert!(r.reason.contains("matches rootdisk.json"), "{}", r.reason);
+        f.root_disk = Some(checked(Some(Mismatch {
+            file: "/store/rootdisk/d/root.ext4".into(),
+            recorded: "aa".repeat(32),
+            found: "bb".repeat(32),
+        })));
+        let r = root_disk(&f, Verification::Required).unwrap();
+        assert_eq!(status(&r), (Status::Fail, true));
+        for part in ["/store/rootdisk/d/root.ext4", &"aa".repeat(32), &"bb".repeat(32)] {
+            assert!(r.reason.contains(part), "{part} not in {}", r.reason);
+        }
+        assert!(r.fix.contains("remove /store/rootdisk/d") && r.fix.contains("--root disk"), "{}", r.fix);
+    }
+
     fn tamper(f: &mut Facts) {
         let Artifact::Checked(c) = &mut f.rootfs else { unreachable!() };
         c.mismatch = Some(Mismatch {
