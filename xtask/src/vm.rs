@@ -132,10 +132,34 @@ struct RunArgs {
     arch: Option<openshell_artifacts::Arch>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum RootFlag {
+/// `--root`: where the guest's root comes from (`vm run`, `bench boot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RootFlag {
     Share,
     Disk,
+}
+
+impl RootFlag {
+    /// The [`Root`] of a VM booted from `rootfs`: the one place `--root` and `--disk-size` become
+    /// one. A disk root's image is baked (or found; the preflight verifies it) here.
+    pub fn decide(
+        self,
+        disk_size: Option<u64>,
+        sh: &Shell,
+        store: &Store,
+        rootfs: &openshell_artifacts::rootfs::RootfsBundle,
+    ) -> anyhow::Result<Root> {
+        Ok(match self {
+            RootFlag::Share if disk_size.is_some() => {
+                anyhow::bail!("--disk-size sizes the data disk of --root disk; a share root has none")
+            }
+            RootFlag::Share => Root::Share,
+            RootFlag::Disk => Root::Disk {
+                image: crate::artifacts::ensure_root_disk(sh, store, rootfs)?,
+                data_mib: disk_size.unwrap_or(openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB),
+            },
+        })
+    }
 }
 
 /// `4096`, `512M` or `4G`, in MiB.
@@ -227,26 +251,6 @@ impl RunArgs {
         }
     }
 
-    /// `--root` and `--disk-size` for a VM booted from `rootfs`: the one place they are read. A disk
-    /// root's image is baked (or found, verified later by the preflight) here.
-    fn root(
-        &self,
-        sh: &Shell,
-        store: &Store,
-        rootfs: &openshell_artifacts::rootfs::RootfsBundle,
-    ) -> anyhow::Result<Root> {
-        Ok(match self.root {
-            RootFlag::Share if self.disk_size.is_some() => {
-                anyhow::bail!("--disk-size sizes the data disk of --root disk; a share root has none")
-            }
-            RootFlag::Share => Root::Share,
-            RootFlag::Disk => Root::Disk {
-                image: crate::artifacts::ensure_root_disk(sh, store, rootfs)?,
-                data_mib: self.disk_size.unwrap_or(openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB),
-            },
-        })
-    }
-
     fn run(self) -> anyhow::Result<i32> {
         let mut overrides = self.overrides();
         let arch = overrides.arch.unwrap_or_else(openshell_artifacts::Arch::host);
@@ -269,7 +273,7 @@ impl RunArgs {
         let kernel =
             crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
-        overrides.root = Some(self.root(&sh, &store, &rootfs)?);
+        overrides.root = Some(self.root.decide(self.disk_size, &sh, &store, &rootfs)?);
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         let Some(inst) = instance else {
             return self.run_exec(kernel.vmlinux, rootfs.dir, &overrides, verification);
