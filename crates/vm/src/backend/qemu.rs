@@ -194,6 +194,14 @@ pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, Strin
         [] => return Err("no -kernel on its command line".into()),
         _ => return Err("more than one -kernel on its command line".into()),
     };
+    let disk_root = values("device").into_iter().map(qemu_opts).any(|o| opt(&o, "serial") == Some(ROOT_DISK_ID));
+    if disk_root {
+        // Not yet: the image's record (`rootdisk.json`) is not what the instance's metadata holds.
+        return Err(format!(
+            "it boots a root disk (a virtio-blk device with serial={ROOT_DISK_ID}, `vm run --root disk`), and \
+             reading back a root disk is not supported yet: the preflight re-hashed the image before it booted"
+        ));
+    }
     let root_fsdev = values("device")
         .into_iter()
         .map(qemu_opts)
@@ -314,6 +322,10 @@ mod tests {
         // No 9p root beside it, and no host path of either disk.
         assert!(!joined.contains("mount_tag=rootfs") && !joined.contains("/store/"), "{joined}");
         assert!(joined.contains("mount_tag=openshell"), "the share stays: {joined}");
+        let mut argv = vec!["qemu-system-x86_64".to_owned()];
+        argv.extend(joined.split(' ').map(str::to_owned));
+        let e = booted_artifacts(&argv).unwrap_err();
+        assert!(e.contains("serial=openshell-root") && e.contains("not supported yet"), "{e}");
         cfg.root = crate::Root::Share;
         let share = kernel_cmdline(&cfg, false);
         assert!(share.contains("root=rootfs rootfstype=9p") && !share.contains("openshell.root"), "{share}");
