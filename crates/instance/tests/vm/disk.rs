@@ -17,6 +17,8 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("disk::data_disk_keeps_a_file_across_stop_and_run", data_disk_keeps_a_file),
     ("disk::reset_removes_the_data_disk", reset_removes_the_data_disk),
     ("disk::tampered_root_disk_is_refused_before_boot", tampered_root_disk_is_refused),
+    ("disk::a_killed_guests_data_disk_is_replayed_at_the_next_boot", killed_guests_data_disk_is_replayed),
+    ("disk::a_damaged_data_disk_stops_the_boot_naming_the_fix", damaged_data_disk_stops_the_boot),
 ];
 
 /// The data disk the trials make: small, since each trial makes its own.
@@ -37,8 +39,10 @@ fn disk_root(a: &Artifacts, dir: &TrialDir) -> Result<Root, String> {
     Ok(Root::Disk { image: root_image(a, dir)?, data_mib: DATA_MIB })
 }
 
-/// `dumpe2fs -h`'s "Filesystem state" of an ext4 image: `clean` once the guest unmounted it.
-fn fs_state(image: &Path) -> Result<String, String> {
+/// Whether an ext4 image's journal needs replaying (`needs_recovery` among `dumpe2fs -h`'s
+/// features): set while a journaled ext4 is mounted read-write, cleared by a clean unmount. Its
+/// "Filesystem state" line says `clean` either way, so it proves nothing about an unmount.
+fn needs_recovery(image: &Path) -> Result<bool, String> {
     let out = std::process::Command::new("dumpe2fs")
         .arg("-h")
         .arg(image)
@@ -46,9 +50,9 @@ fn fs_state(image: &Path) -> Result<String, String> {
         .map_err(|e| format!("dumpe2fs (apt-get install -y e2fsprogs): {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
-        .find_map(|l| l.strip_prefix("Filesystem state:"))
-        .map(|s| s.trim().to_owned())
-        .ok_or_else(|| format!("dumpe2fs -h {} printed no state: {text}", image.display()))
+        .find_map(|l| l.strip_prefix("Filesystem features:"))
+        .map(|f| f.split_whitespace().any(|x| x == "needs_recovery"))
+        .ok_or_else(|| format!("dumpe2fs -h {} printed no features: {text}", image.display()))
 }
 
 fn gateway_on_disk_root(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
@@ -124,9 +128,8 @@ fn data_disk_keeps_a_file(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Resul
         if code != 143 || !console.contains(SWITCHED) || !console.contains("data disk unmounted") {
             return Err(format!("first boot: exit {code}; console:\n{}", support::tail(&console, 30)));
         }
-        let state = fs_state(&data)?;
-        if state != "clean" {
-            return Err(format!("after the guest powered off, {} is {state:?}, not clean", data.display()));
+        if needs_recovery(&data)? {
+            return Err(format!("after the guest powered off, {} still needs recovery: not unmounted", data.display()));
         }
         // Run again: the same state directory, so the same data disk.
         cfg.exec.argv = ["/bin/sh", "-c", "echo seen: $(cat /root/kept) $(cat /var/lib/app/state)"]
@@ -211,4 +214,81 @@ fn tampered_root_disk_is_refused(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -
             Ok(())
         }
     }
+}
+
+/// The VMM killed under a guest that wrote (and synced) to its data disk: the disk is left
+/// needing recovery, the next boot's kernel replays the journal on mount, the file is there, and
+/// that guest's power-off leaves the disk clean.
+fn killed_guests_data_disk_is_replayed(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let result = (|| {
+        let mut cfg = support::config(
+            a,
+            &dir,
+            vmm,
+            &["/bin/sh", "-c", "echo survived > /root/f && sync && echo synced; while :; do sleep 0.1; done"],
+        );
+        cfg.root = disk_root(a, &dir)?;
+        let data = cfg.data_disk_path();
+        let mut vm = support::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+        let deadline = Instant::now() + support::GUEST_TIMEOUT;
+        while !std::fs::read_to_string(cfg.console_path()).unwrap_or_default().lines().any(|l| l.trim() == "synced") {
+            if vm.exited().is_some() || Instant::now() > deadline {
+                return Err("the guest never printed \"synced\"".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The VMM is signalled, the guest gets no say: its data disk stays mounted, as after a crash.
+        vm.stop();
+        drop(vm);
+        if !needs_recovery(&data)? {
+            return Err(format!(
+                "after the VMM was killed, {} needs no recovery: the trial proves nothing",
+                data.display()
+            ));
+        }
+        cfg.exec.argv = ["/bin/sh", "-c", "echo seen: $(cat /root/f)"].iter().map(|s| s.to_string()).collect();
+        let (code, console) = {
+            let mut vm = support::launch(&cfg).map_err(|e| format!("second launch: {e}"))?;
+            let code = match vm.wait(None, Some(support::GUEST_TIMEOUT)).map_err(|e| e.to_string())? {
+                openshell_vm::VmExit::Guest(c) => c,
+                other => return Err(format!("second boot reported no exit code: {other}")),
+            };
+            (code, std::fs::read_to_string(cfg.console_path()).unwrap_or_default())
+        };
+        if code != 0 || !console.lines().any(|l| l.trim() == "seen: survived") {
+            return Err(format!("after the replay: exit {code}; console:\n{}", support::tail(&console, 30)));
+        }
+        if needs_recovery(&data)? {
+            return Err(format!("after the second, clean power-off {} still needs recovery", data.display()));
+        }
+        Ok(())
+    })();
+    result.map_err(|e| dir.fail(e))
+}
+
+/// A data disk that is no ext4 at all (overwritten on the host): init cannot mount it, says why
+/// and what to do on the console, and powers off without an exit code rather than boot on a root
+/// that would forget what it writes.
+fn damaged_data_disk_stops_the_boot(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let result = (|| {
+        let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", "echo workload-ran"]);
+        cfg.root = disk_root(a, &dir)?;
+        let data = cfg.data_disk_path();
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|e| e.to_string())?;
+        std::fs::write(&data, vec![0xa5u8; 8 << 20]).map_err(|e| e.to_string())?;
+        let mut vm = support::launch(&cfg).map_err(|e| format!("launch: {e}"))?;
+        let outcome = vm.wait(None, Some(support::GUEST_TIMEOUT));
+        let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
+        match outcome {
+            Err(openshell_vm::VmError::NoExitCode { tail, .. }) => {
+                let said = console.contains("cannot set up the disk root") && console.contains("data disk /dev/vdb");
+                if !said || !tail.contains("e2fsck -f data.ext4") || console.contains("workload-ran") {
+                    return Err(format!("no exit code, but not for the damaged disk; console:\n{console}"));
+                }
+                Ok(())
+            }
+            other => Err(format!("a guest with a damaged data disk ended with {other:?}; console:\n{console}")),
+        }
+    })();
+    result.map_err(|e| dir.fail(e))
 }
