@@ -81,6 +81,26 @@ fn gateway_on_disk_root(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<
             return Err(format!("no data disk at {}", data.display()));
         }
         support::note(format!("gateway on an ext4 root: VMM start -> mTLS SERVING {} ms", up.ready.as_millis()));
+        // verify reads the image back from the VMM's command line and re-hashes it...
+        let matrix = openshell_instance::verify::verify(&g.inst).map_err(|e| format!("verify could not run: {e}"))?;
+        let row = |m: &openshell_matrix::Matrix| m.rows.iter().find(|r| r.id == "rootfs-digest").cloned();
+        let passed = row(&matrix).ok_or("verify has no rootfs-digest row")?;
+        let image = match &root {
+            Root::Disk { image, .. } => image.clone(),
+            Root::Share => unreachable!("a disk root"),
+        };
+        if matrix.exit_code() != 0 || !passed.reason.contains(&image.display().to_string()) {
+            return Err(format!("verify of a healthy disk-root gateway:\n{}", matrix.render()));
+        }
+        // ...and says so when it changed under the running guest.
+        let mut bytes = std::fs::read(&image).map_err(|e| e.to_string())?;
+        bytes[4096 + 100] ^= 1;
+        std::fs::write(&image, bytes).map_err(|e| e.to_string())?;
+        let matrix = openshell_instance::verify::verify(&g.inst).map_err(|e| format!("verify could not run: {e}"))?;
+        let failed = row(&matrix).ok_or("verify has no rootfs-digest row")?;
+        if failed.status != openshell_matrix::Status::Fail || !failed.reason.contains("the image hashes to") {
+            return Err(format!("verify after the image changed:\n{}", matrix.render()));
+        }
         Ok(())
     })();
     up.vm.stop();

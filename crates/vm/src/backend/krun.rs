@@ -163,12 +163,9 @@ pub fn dyld_fallback_path(existing: Option<std::ffi::OsString>) -> std::ffi::OsS
 pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, String> {
     let spec = KrunSpec::from_argv(argv)?;
     // libkrun still gets the rootfs directory (`krun_set_root`), but a disk root's guest mounts
-    // the image: reading that back is not supported yet (see the QEMU backend's).
-    if spec.disks.iter().any(|d| d.block_id == ROOT_DISK_ID) {
-        return Err(format!(
-            "it boots a root disk (block id {ROOT_DISK_ID}, `vm run --root disk`), and reading back a root disk is \
-             not supported yet: the preflight re-hashed the image before it booted"
-        ));
+    // the image: that is its root.
+    if let Some(d) = spec.disks.iter().find(|d| d.block_id == ROOT_DISK_ID) {
+        return Ok(super::BootedArtifacts { kernel: spec.kernel.clone(), rootfs: d.image.clone() });
     }
     let rootfs = spec
         .shares
@@ -282,7 +279,7 @@ mod tests {
         assert!(s.cmdline.contains(" root=/dev/vda rootfstype=ext4 ro ") && s.cmdline.contains("openshell.root=disk"));
         assert_eq!(s.fds(), [10, 11, 12, 13, 20, 21]);
         let argv: Vec<String> = ["openshell-vmm".to_owned()].into_iter().chain(s.to_args()).collect();
-        assert!(booted_artifacts(&argv).unwrap_err().contains("not supported yet"));
+        assert_eq!(booted_artifacts(&argv).unwrap().rootfs, std::path::Path::new(&fd(20)));
         assert!(spec_of(&cfg(crate::Net::None)).disks.is_empty());
     }
 

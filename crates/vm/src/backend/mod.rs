@@ -74,7 +74,8 @@ pub fn disk_root_params() -> String {
 /// a 9p `mount_tag` under QEMU, a virtio-fs share under libkrun.
 pub const ROOT_TAG: &str = "rootfs";
 
-/// The kernel file and root directory a VMM process was started with.
+/// The kernel file and root a VMM process was started with: the root directory, or a disk root's
+/// image file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootedArtifacts {
     pub kernel: PathBuf,

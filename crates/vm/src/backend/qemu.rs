@@ -130,23 +130,20 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool, link: &Link, files: &Hand
                 .arg(format!("local,id=root,path={},security_model=none,readonly=on", fd_path(files.rootfs)))
                 .args(["-device", &format!("virtio-9p-device,fsdev=root,mount_tag={}", super::ROOT_TAG)]);
         }
-        // Each disk through an fdset, as the console: QEMU runs as nobody and opens neither file
-        // by path, and `/dev/fdset/N` hands a drive the fd whose access mode matches its open
-        // (read-only for the root image, read-write for the data disk). The root is the first
+        // QEMU runs as nobody and opens neither disk by path. The root image as the kernel is
+        // given: by its fd path, which QEMU keeps open, so `booted_artifacts` reads it back (the
+        // file is world-readable, as the kernel is). The data disk (0600, written) through an
+        // fdset, as the console, which hands a drive the fd whose access mode matches its open;
+        // QEMU closes what `-add-fd` names once it has its own copy. The root is the first
         // virtio-blk device (`/dev/vda`, what the kernel mounts); the guest also checks serials.
         Some(d) => {
-            let drives = [
-                (&[d.root][..], "rootdisk", ROOT_DISK_ID, ",readonly=on"),
-                (&[d.data, d.data_read][..], "datadisk", DATA_DISK_ID, ""),
-            ];
-            for (fds, id, serial, ro) in drives {
-                let set = fds[0];
-                for fd in fds {
-                    c.arg("-add-fd").arg(format!("fd={fd},set={set}"));
-                }
-                c.arg("-drive").arg(format!("file=/dev/fdset/{set},format=raw,if=none,id={id}{ro}"));
-                c.args(["-device", &format!("virtio-blk-device,drive={id},serial={serial}")]);
+            c.arg("-drive").arg(format!("file={},format=raw,if=none,id=rootdisk,readonly=on", fd_path(d.root)));
+            c.args(["-device", &format!("virtio-blk-device,drive=rootdisk,serial={ROOT_DISK_ID}")]);
+            for fd in [d.data, d.data_read] {
+                c.arg("-add-fd").arg(format!("fd={fd},set={}", d.data));
             }
+            c.arg("-drive").arg(format!("file=/dev/fdset/{},format=raw,if=none,id=datadisk", d.data));
+            c.args(["-device", &format!("virtio-blk-device,drive=datadisk,serial={DATA_DISK_ID}")]);
         }
     }
     c.arg("-fsdev")
@@ -194,13 +191,24 @@ pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, Strin
         [] => return Err("no -kernel on its command line".into()),
         _ => return Err("more than one -kernel on its command line".into()),
     };
-    let disk_root = values("device").into_iter().map(qemu_opts).any(|o| opt(&o, "serial") == Some(ROOT_DISK_ID));
-    if disk_root {
-        // Not yet: the image's record (`rootdisk.json`) is not what the instance's metadata holds.
-        return Err(format!(
-            "it boots a root disk (a virtio-blk device with serial={ROOT_DISK_ID}, `vm run --root disk`), and \
-             reading back a root disk is not supported yet: the preflight re-hashed the image before it booted"
-        ));
+    // A disk root: the virtio-blk device with the root image's serial and its drive's file.
+    let root_drive = values("device")
+        .into_iter()
+        .map(qemu_opts)
+        .find(|o| opt(o, "serial") == Some(ROOT_DISK_ID))
+        .map(|o| opt(&o, "drive").map(str::to_owned));
+    if let Some(drive) = root_drive {
+        let drive = drive.ok_or_else(|| format!("its serial={ROOT_DISK_ID} device names no drive"))?;
+        let file = values("drive")
+            .into_iter()
+            .map(qemu_opts)
+            .find(|o| opt(o, "id") == Some(&drive))
+            .and_then(|o| opt(&o, "file").map(str::to_owned))
+            .ok_or_else(|| format!("no -drive with id={drive} and a file= on its command line"))?;
+        if file.starts_with("/dev/fdset/") {
+            return Err(format!("its root disk is {file}, an fd QEMU no longer holds under that number"));
+        }
+        return Ok(super::BootedArtifacts { kernel, rootfs: PathBuf::from(file) });
     }
     let root_fsdev = values("device")
         .into_iter()
@@ -309,8 +317,10 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ");
-        let root = "-add-fd fd=20,set=20 -drive file=/dev/fdset/20,format=raw,if=none,id=rootdisk,readonly=on \
-                    -device virtio-blk-device,drive=rootdisk,serial=openshell-root";
+        let root = format!(
+            "-drive file={FD_DIR}/20,format=raw,if=none,id=rootdisk,readonly=on \
+             -device virtio-blk-device,drive=rootdisk,serial=openshell-root"
+        );
         let data =
             "-add-fd fd=21,set=21 -add-fd fd=22,set=21 -drive file=/dev/fdset/21,format=raw,if=none,id=datadisk \
                     -device virtio-blk-device,drive=datadisk,serial=openshell-data";
@@ -324,8 +334,8 @@ mod tests {
         assert!(joined.contains("mount_tag=openshell"), "the share stays: {joined}");
         let mut argv = vec!["qemu-system-x86_64".to_owned()];
         argv.extend(joined.split(' ').map(str::to_owned));
-        let e = booted_artifacts(&argv).unwrap_err();
-        assert!(e.contains("serial=openshell-root") && e.contains("not supported yet"), "{e}");
+        // The root image, as the fd its fdset holds (`backend::booted_artifacts` resolves it).
+        assert_eq!(booted_artifacts(&argv).unwrap().rootfs, Path::new(&fd_path(20)));
         cfg.root = crate::Root::Share;
         let share = kernel_cmdline(&cfg, false);
         assert!(share.contains("root=rootfs rootfstype=9p") && !share.contains("openshell.root"), "{share}");
