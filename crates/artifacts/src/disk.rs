@@ -252,6 +252,10 @@ fn build_into(spec: &RootDiskSpec, out: &Path) -> Result<(), DiskError> {
     f.set_len(spec.size_bytes).map_err(io(&image))?;
     drop(f);
     mke2fs(&conf, &spec.options(), Some(&spec.source), &image, Some(FAKE_TIME))?;
+    // World-readable whatever the umask, as the kernel and rootfs are: an unprivileged VMM opens
+    // it by its fd path, which checks the file's mode.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&image, fs::Permissions::from_mode(0o644)).map_err(io(&image))?;
     fs::remove_file(&conf).map_err(io(&conf))?;
     let record = RootDiskRecord {
         rootfs_digest: spec.rootfs_digest.clone(),
@@ -440,6 +444,8 @@ mod tests {
         assert_eq!(verify(&disk).unwrap(), disk.record.sha256);
         assert_eq!(disk.record.rootfs_digest, b.digest());
         assert_eq!(fs::metadata(&disk.image).unwrap().len(), spec.size_bytes);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&disk.image).unwrap().permissions().mode() & 0o777, 0o644);
         // The files are in it, with their modes, owned by root, and the symlink too.
         assert_eq!(debugfs(&disk.image, "cat /etc/hostname"), "gateway\n");
         let stat = debugfs(&disk.image, "stat /sbin/openshell-init");
