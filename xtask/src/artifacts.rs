@@ -382,6 +382,19 @@ pub fn ensure_rootfs(sh: &Shell, store: &Store, arch: Arch) -> anyhow::Result<Ro
     rootfs::bake(store, &inputs).context("rootfs bake failed")
 }
 
+/// The root image of `rootfs` (`--root disk`): built into the store unless it is there, and
+/// verified against its record either way (a tampered image is refused before any VMM starts).
+pub fn ensure_root_disk(sh: &Shell, store: &Store, rootfs: &RootfsBundle) -> anyhow::Result<std::path::PathBuf> {
+    use openshell_artifacts::disk;
+    deps::ensure(sh, &[deps::E2FSPROGS])?;
+    let spec = disk::RootDiskSpec::for_bundle(rootfs).context("sizing the root disk")?;
+    let image = match disk::locate(store, &spec) {
+        Some(found) => found,
+        None => disk::build(store, &spec).context("root disk build failed")?,
+    };
+    Ok(image.image)
+}
+
 /// The nested host (L1 of a nested boot): its kernel and its root, built if the store lacks them
 /// (the kernel takes minutes; the root about a minute, from Debian's archive).
 pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKernel, RootfsBundle)> {

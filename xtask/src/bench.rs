@@ -43,6 +43,11 @@ enum BenchWhat {
         n: usize,
         #[arg(long, default_value = "auto")]
         vmm: VmmChoice,
+        /// The guest's root (repeatable: each is booted cold and warm, side by side): share (the
+        /// rootfs directory over virtio-9p) or disk (its ext4 image plus a data disk; a cold boot
+        /// makes the data disk afresh, before the VMM starts, so outside the figures)
+        #[arg(long, value_enum, default_values_t = [crate::vm::RootFlag::Share])]
+        root: Vec<crate::vm::RootFlag>,
         /// Machine-readable output
         #[arg(long)]
         json: bool,
@@ -73,8 +78,8 @@ impl BenchCmd {
     }
 
     pub fn run(self) -> anyhow::Result<()> {
-        let (n, vmm, json, inside_l1) = match self.what {
-            BenchWhat::Boot { n, vmm, json, inside_l1 } => (n, vmm, json, inside_l1),
+        let (n, vmm, json, inside_l1, roots) = match self.what {
+            BenchWhat::Boot { n, vmm, json, inside_l1, root } => (n, vmm, json, inside_l1, root),
             BenchWhat::Exec(a) => return a.run(),
             BenchWhat::Load(a) => return a.run(),
             BenchWhat::Forward(a) => return a.run(),
@@ -83,6 +88,8 @@ impl BenchCmd {
             BenchWhat::Memory(a) => return a.run(),
         };
         anyhow::ensure!(n > 0, "-n must be at least 1");
+        let share_only = roots == [crate::vm::RootFlag::Share];
+        anyhow::ensure!(share_only || !inside_l1 && vmm != VmmChoice::Krun, "--root disk is benchmarked on qemu only");
         if inside_l1 {
             let a = Artifacts::from_env()?;
             // L1's console is a terminal to it, but a spinner there only garbles what the host reads.
@@ -99,7 +106,17 @@ impl BenchCmd {
             return nested(&sh, &facts, n, &a, json);
         }
         crate::artifacts::ensure_vmm(&sh, vmm, openshell_vm::Net::Passt, None, openshell_artifacts::Arch::host())?;
-        let report = boots(n, vmm, &a, true)?;
+        let mut report = Report::new();
+        for flag in roots {
+            let bundle = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs)?;
+            let root = flag.decide(None, &sh, &Store::default_location(), &bundle)?;
+            let a = Artifacts { kernel: a.kernel.clone(), rootfs: a.rootfs.clone(), digests: a.digests.clone(), root };
+            for (mode, samples) in boots(n, vmm, &a, true)? {
+                // The default run's modes keep their names (`cold`, `warm`): what --json readers know.
+                let mode = if share_only { mode } else { format!("{mode}, {} root", a.root.kind()) };
+                report.push((mode, samples));
+            }
+        }
         if json {
             println!("{}", serde_json::to_string_pretty(&summarize_all(&report))?);
         } else {
@@ -136,6 +153,8 @@ struct Artifacts {
     kernel: PathBuf,
     rootfs: PathBuf,
     digests: (String, String),
+    /// The root the benchmarked gateways boot from (`--root`).
+    root: openshell_vm::Root,
 }
 
 impl Artifacts {
@@ -145,7 +164,7 @@ impl Artifacts {
         let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest, host)?;
         let rootfs = crate::artifacts::ensure_rootfs(sh, &store, host)?;
         let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
-        Ok(Artifacts { kernel: kernel.vmlinux, rootfs: rootfs.dir, digests })
+        Ok(Artifacts { kernel: kernel.vmlinux, rootfs: rootfs.dir, digests, root: openshell_vm::Root::Share })
     }
 
     fn from_env() -> anyhow::Result<Artifacts> {
@@ -153,7 +172,7 @@ impl Artifacts {
         let (kernel, rootfs) = (get("OPENSHELL_KERNEL")?, get("OPENSHELL_ROOTFS")?);
         let k = openshell_artifacts::sha256_file(&kernel).with_context(|| format!("hashing {}", kernel.display()))?;
         let r = openshell_artifacts::rootfs::RootfsBundle::open(&rootfs)?.digest();
-        Ok(Artifacts { kernel, rootfs, digests: (k.hex(), r.hex()) })
+        Ok(Artifacts { kernel, rootfs, digests: (k.hex(), r.hex()), root: openshell_vm::Root::Share })
     }
 }
 
@@ -245,7 +264,7 @@ fn gateways_in(tmp: &std::path::Path) -> std::path::PathBuf {
 /// and a ready timeout that covers a host loaded by the benchmark itself.
 fn request(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, name: &str) -> anyhow::Result<supervise::Request> {
     let mut req = supervise::Request::new(root, name, a.kernel.clone(), a.rootfs.clone(), a.digests.clone());
-    req.vm = openshell_vm::Overrides { vmm: Some(vmm), ..passt_on_a_free_port()? };
+    req.vm = openshell_vm::Overrides { vmm: Some(vmm), root: Some(a.root.clone()), ..passt_on_a_free_port()? };
     req.ready_timeout = Duration::from_secs(120);
     Ok(req)
 }

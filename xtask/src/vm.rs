@@ -10,7 +10,7 @@ use std::time::Duration;
 use openshell_instance::check::{self, Verification};
 use openshell_instance::state::{self, GatewayInstance};
 use openshell_instance::supervise;
-use openshell_vm::{Overrides, VmConfig, VmmChoice};
+use openshell_vm::{Overrides, Root, VmConfig, VmmChoice};
 use xshell::Shell;
 
 #[derive(clap::Args)]
@@ -116,10 +116,59 @@ struct RunArgs {
     /// Boot even if the kernel or rootfs does not match its recorded sha256 (warns instead of refusing)
     #[arg(long)]
     allow_unverified: bool,
+    /// The guest's root: share (the rootfs directory, read-only over virtio-9p/virtio-fs; nothing
+    /// written outside the share outlives the guest) or disk (the rootfs as a read-only ext4
+    /// image, with a data disk, data.ext4 in the VM's state directory, stacked on it by overlayfs:
+    /// what the guest writes is kept across `vm stop`/`vm run`, and `--reset` removes it)
+    #[arg(long, value_enum, default_value_t = RootFlag::Share)]
+    root: RootFlag,
+    /// Size of the data disk a first `--root disk` boot makes, sparse (MiB, or with a G/M suffix)
+    /// [default: 4096 MiB]; an existing data disk keeps its size
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_mib, requires = "root")]
+    disk_size: Option<u64>,
     /// The guest's architecture (default: the host's). A foreign one (aarch64 on x86_64) boots under
     /// QEMU's emulation with a root of busybox and init only, so it runs --exec commands only
     #[arg(long, requires = "exec")]
     arch: Option<openshell_artifacts::Arch>,
+}
+
+/// `--root`: where the guest's root comes from (`vm run`, `bench boot`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RootFlag {
+    Share,
+    Disk,
+}
+
+impl RootFlag {
+    /// The [`Root`] of a VM booted from `rootfs`: the one place `--root` and `--disk-size` become
+    /// one. A disk root's image is baked (or found; the preflight verifies it) here.
+    pub fn decide(
+        self,
+        disk_size: Option<u64>,
+        sh: &Shell,
+        store: &Store,
+        rootfs: &openshell_artifacts::rootfs::RootfsBundle,
+    ) -> anyhow::Result<Root> {
+        Ok(match self {
+            RootFlag::Share if disk_size.is_some() => {
+                anyhow::bail!("--disk-size sizes the data disk of --root disk; a share root has none")
+            }
+            RootFlag::Share => Root::Share,
+            RootFlag::Disk => Root::Disk {
+                image: crate::artifacts::ensure_root_disk(sh, store, rootfs)?,
+                data_mib: disk_size.unwrap_or(openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB),
+            },
+        })
+    }
+}
+
+/// `4096`, `512M` or `4G`, in MiB.
+fn parse_size_mib(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.strip_suffix(['G', 'g']) {
+        Some(n) => (n, 1024),
+        None => (s.strip_suffix(['M', 'm']).unwrap_or(s), 1),
+    };
+    num.parse::<u64>().map(|n| n * mul).map_err(|_| format!("--disk-size {s:?}: expected MiB, or a number with M or G"))
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -197,11 +246,13 @@ impl RunArgs {
             env: self.env.clone(),
             workdir: self.workdir.clone(),
             console_log: self.console.clone(),
+            // Decided in `root` once the image it names exists.
+            root: None,
         }
     }
 
     fn run(self) -> anyhow::Result<i32> {
-        let overrides = self.overrides();
+        let mut overrides = self.overrides();
         let arch = overrides.arch.unwrap_or_else(openshell_artifacts::Arch::host);
         let net = overrides.net.expect("overrides() decides the network");
         // A running instance is refused before anything is built, reset or written into its
@@ -222,6 +273,7 @@ impl RunArgs {
         let kernel =
             crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
+        overrides.root = Some(self.root.decide(self.disk_size, &sh, &store, &rootfs)?);
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         let Some(inst) = instance else {
             return self.run_exec(kernel.vmlinux, rootfs.dir, &overrides, verification);
@@ -459,5 +511,25 @@ mod tests {
         assert!(ready.contains(&format!("[default: {}]", supervise::READY_TIMEOUT.as_secs())), "{ready}");
         let ports = help("ports");
         assert!(ports.contains(&format!("[default: {GATEWAY_PORT}:{GATEWAY_PORT}]")), "{ports}");
+        let size = help("disk_size");
+        let default = openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB;
+        assert!(size.contains(&format!("[default: {default} MiB]")), "{size}");
+    }
+
+    #[test]
+    fn root_is_a_share_unless_asked_and_disk_size_reads_units() {
+        assert!(run_args(&[]).root == RootFlag::Share && run_args(&[]).disk_size.is_none());
+        let a = run_args(&["--root", "disk", "--disk-size", "2G"]);
+        assert!(a.root == RootFlag::Disk);
+        assert_eq!(a.disk_size, Some(2048));
+        assert_eq!(run_args(&["--root", "disk", "--disk-size", "300M"]).disk_size, Some(300));
+        assert_eq!(run_args(&["--root", "disk", "--disk-size", "300"]).disk_size, Some(300));
+        let argv = ["xtask", "vm", "run", "--disk-size", "1G"];
+        assert!(crate::flags::Cli::try_parse_from(argv).is_err(), "--disk-size without --root");
+        assert!(
+            crate::flags::Cli::try_parse_from(["xtask", "vm", "run", "--root", "disk", "--disk-size", "x"]).is_err()
+        );
+        // Without a disk the flags decide nothing about the root: `root` does, once the image exists.
+        assert_eq!(run_args(&["--root", "disk"]).overrides().root, None);
     }
 }

@@ -543,6 +543,11 @@ mod tests {
             "CONFIG_BRIDGE_NETFILTER",
             "CONFIG_NFT_MASQ",
             "CONFIG_SECURITY_LANDLOCK",
+            "CONFIG_VIRTIO_BLK",
+            "CONFIG_EXT4_FS",
+            "CONFIG_EXT4_FS_POSIX_ACL",
+            "CONFIG_EXT4_FS_SECURITY",
+            "CONFIG_OVERLAY_FS",
         ] {
             assert!(reqs.contains(&Requirement::Enabled(opt.into())), "{opt} missing");
         }

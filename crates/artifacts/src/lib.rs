@@ -11,6 +11,7 @@
 pub mod arch;
 mod command;
 pub mod digest;
+pub mod disk;
 pub mod gvproxy;
 pub mod kernel;
 pub mod nested_root;

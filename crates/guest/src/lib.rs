@@ -29,6 +29,25 @@ pub const SHARE_TRANSPORT_PARAM: &str = "openshell.share";
 /// share) before it runs the command: `openshell.mounts=TAG:/path[:ro],…`.
 pub const MOUNTS_PARAM: &str = "openshell.mounts";
 
+/// Kernel command-line key saying where the guest's root comes from: absent for the root
+/// directory the kernel mounted from a share (9p or virtio-fs), [`ROOT_DISK`] for the root image
+/// the kernel mounted from the first virtio-blk disk, which init then stacks the data disk on.
+pub const ROOT_PARAM: &str = "openshell.root";
+/// [`ROOT_PARAM`]'s value for a disk root.
+pub const ROOT_DISK: &str = "disk";
+/// The device the kernel mounts as the root of a disk root (`root=`): the root image is the
+/// first disk attached, so the first virtio-blk device. Init checks its serial is
+/// [`ROOT_DISK_ID`] before it trusts it.
+pub const ROOT_DISK_DEV: &str = "/dev/vda";
+/// The virtio-blk serial (`VIRTIO_BLK_T_GET_ID`, at most 20 bytes) of the read-only root image:
+/// QEMU's `serial=`, libkrun's `block_id`. The guest reads it at `/sys/block/vdX/serial`.
+pub const ROOT_DISK_ID: &str = "openshell-root";
+/// The virtio-blk serial of the instance's read-write data disk (ext4): overlayfs' upper layer.
+pub const DATA_DISK_ID: &str = "openshell-data";
+/// On the data disk: the overlay's upper and work directories.
+pub const DATA_UPPER_DIR: &str = "upper";
+pub const DATA_WORK_DIR: &str = "work";
+
 /// An extra host directory shared into the guest: its device tag and where init mounts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestMount {

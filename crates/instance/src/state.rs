@@ -44,7 +44,8 @@ pub struct Metadata {
     /// The booted vmlinux; its directory holds the kernel's `provenance.json` (`verify` compares).
     #[serde(default)]
     pub kernel_path: Option<PathBuf>,
-    /// The booted rootfs directory, with its `manifest.json`.
+    /// The booted rootfs directory, with its `manifest.json`; or a disk root's image, with its
+    /// `rootdisk.json` beside it.
     #[serde(default)]
     pub rootfs_dir: Option<PathBuf>,
     /// Where the guest console is recorded (`None`: `vm/console.log`).

@@ -323,7 +323,11 @@ fn start(
         passt_pid: vm.passt_pid(),
         gvproxy_pid: vm.gvproxy_pid(),
         kernel_path: Some(cfg.kernel.clone()),
-        rootfs_dir: Some(cfg.rootfs.clone()),
+        // What the guest's root is: a disk root's image (its rootdisk.json names the rootfs).
+        rootfs_dir: Some(match &cfg.root {
+            openshell_vm::Root::Share => cfg.rootfs.clone(),
+            openshell_vm::Root::Disk { image, .. } => image.clone(),
+        }),
         console_log: Some(vm.console.clone()),
         failure: None,
         restarting: None,

@@ -23,6 +23,8 @@ int32_t krun_free_ctx(uint32_t ctx_id);
 int32_t krun_set_vm_config(uint32_t ctx_id, uint8_t num_vcpus, uint32_t ram_mib);
 int32_t krun_set_root(uint32_t ctx_id, const char *root_path);
 int32_t krun_add_virtiofs(uint32_t ctx_id, const char *c_tag, const char *c_path);
+/* libkrun.h says `bool` (from <stdbool.h>, not included here): C's own _Bool, which bindgen maps to bool. */
+int32_t krun_add_disk(uint32_t ctx_id, const char *c_block_id, const char *c_disk_path, _Bool read_only);
 int32_t krun_add_net_unixgram(uint32_t ctx_id, const char *c_path, int fd, uint8_t *const c_mac,
                               uint32_t features, uint32_t flags);
 int32_t krun_set_passt_fd(uint32_t ctx_id, int fd);

@@ -62,13 +62,17 @@ pub struct Allowance {
 
 impl Allowance {
     pub fn of(spec: &KrunSpec) -> Allowance {
-        let read = vec![spec.kernel.clone(), spec.root.clone(), PathBuf::from("/proc")];
+        let ro_disks = spec.disks.iter().filter(|d| d.read_only).map(|d| d.image.clone());
+        let read: Vec<PathBuf> =
+            [spec.kernel.clone(), spec.root.clone(), PathBuf::from("/proc")].into_iter().chain(ro_disks).collect();
         let mut full = Vec::new();
         // The root is shared again under its tag (the guest mounts it read-only): read already.
         for (_, dir) in spec.shares.iter().filter(|(_, dir)| *dir != spec.root) {
             full.push(dir.clone());
         }
-        let read_write = [PathBuf::from("/dev/kvm")].into_iter().chain(spec.console_output.clone()).collect();
+        let rw_disks = spec.disks.iter().filter(|d| !d.read_only).map(|d| d.image.clone());
+        let read_write =
+            [PathBuf::from("/dev/kvm")].into_iter().chain(spec.console_output.clone()).chain(rw_disks).collect();
         Allowance { read, read_write, full }
     }
 }
@@ -115,5 +119,16 @@ mod tests {
         assert_eq!(paths(&a.read), ["/proc/self/fd/10", "/proc/self/fd/11/.", "/proc"]);
         assert_eq!(paths(&a.read_write), ["/dev/kvm", "/proc/self/fd/13"]);
         assert_eq!(paths(&a.full), ["/proc/self/fd/12/."]);
+        assert!(spec.disks.is_empty(), "a spec written before disks existed reads without any");
+
+        // A disk root: the image read-only, the data disk read and written, nothing more.
+        let mut spec = spec;
+        spec.disks = vec![
+            crate::KrunDisk { block_id: "r".into(), image: "/proc/self/fd/14".into(), read_only: true },
+            crate::KrunDisk { block_id: "d".into(), image: "/proc/self/fd/15".into(), read_only: false },
+        ];
+        let a = Allowance::of(&spec);
+        assert_eq!(paths(&a.read), ["/proc/self/fd/10", "/proc/self/fd/11/.", "/proc", "/proc/self/fd/14"]);
+        assert_eq!(paths(&a.read_write), ["/dev/kvm", "/proc/self/fd/13", "/proc/self/fd/15"]);
     }
 }

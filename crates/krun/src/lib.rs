@@ -24,7 +24,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr;
 
-pub use spec::{run, KrunSpec, UnixgramNet, SPEC_FLAG};
+pub use spec::{run, KrunDisk, KrunSpec, UnixgramNet, SPEC_FLAG};
 
 /// How libkrun is linked into this build, which the target decides (`Cargo.toml`): `bundled` on
 /// Linux (the registry crate compiled in), `system` on macOS (Homebrew's libkrun found by
@@ -136,6 +136,15 @@ impl Context {
         let tag = cstr("virtiofs tag", tag)?;
         let dir = cpath("virtiofs path", dir)?;
         call!(krun_add_virtiofs(self.id, tag.as_ptr(), dir.as_ptr()))?;
+        Ok(self)
+    }
+
+    /// A raw disk image as a virtio-blk device whose serial (`VIRTIO_BLK_T_GET_ID`) is
+    /// `block_id`; devices are `/dev/vda`, `/dev/vdb`, … in the order they are added.
+    pub fn add_disk(&mut self, block_id: &str, image: &Path, read_only: bool) -> Result<&mut Self, KrunError> {
+        let id = cstr("disk block id", block_id)?;
+        let image = cpath("disk image path", image)?;
+        call!(krun_add_disk(self.id, id.as_ptr(), image.as_ptr(), read_only))?;
         Ok(self)
     }
 

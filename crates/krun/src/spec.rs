@@ -39,6 +39,9 @@ pub struct KrunSpec {
     /// Extra virtio-fs shares as `(tag, host dir)`.
     #[serde(default)]
     pub shares: Vec<(String, PathBuf)>,
+    /// Raw disk images as virtio-blk devices, in order (`/dev/vda` first).
+    #[serde(default)]
+    pub disks: Vec<KrunDisk>,
     #[serde(default)]
     pub log_level: u32,
     /// An inherited fd connected to passt; becomes the guest's virtio-net.
@@ -48,6 +51,15 @@ pub struct KrunSpec {
     /// guest's virtio-net. A VM uses this or `passt_fd`, not both.
     #[serde(default)]
     pub net_unixgram: Option<UnixgramNet>,
+}
+
+/// A virtio-blk disk (`krun_add_disk`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KrunDisk {
+    /// Its serial in the guest (`/sys/block/vdX/serial`).
+    pub block_id: String,
+    pub image: PathBuf,
+    pub read_only: bool,
 }
 
 /// The flag before the spec's JSON on `openshell-vmm`'s command line.
@@ -73,8 +85,9 @@ impl KrunSpec {
     /// The fds of its own this spec names files by ([`crate::child::fd_path`]).
     pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
         let dirs = self.shares.iter().map(|(_, d)| d.as_path());
+        let disks = self.disks.iter().map(|d| d.image.as_path());
         let all = [self.kernel.as_path(), self.root.as_path()].into_iter().chain(self.console_output.as_deref());
-        let mut fds: Vec<_> = all.chain(dirs).filter_map(crate::child::fd_of).collect();
+        let mut fds: Vec<_> = all.chain(dirs).chain(disks).filter_map(crate::child::fd_of).collect();
         fds.sort_unstable();
         fds.dedup();
         fds
@@ -88,6 +101,7 @@ impl KrunSpec {
             kernel: re(&self.kernel),
             console_output: self.console_output.as_deref().map(re),
             shares: self.shares.iter().map(|(tag, dir)| (tag.clone(), re(dir))).collect(),
+            disks: self.disks.iter().map(|d| KrunDisk { image: re(&d.image), ..d.clone() }).collect(),
             ..self.clone()
         }
     }
@@ -117,6 +131,9 @@ pub fn run(spec: &KrunSpec) -> Result<Infallible, KrunError> {
     )?;
     for (tag, dir) in &spec.shares {
         ctx.add_virtiofs(tag, dir)?;
+    }
+    for d in &spec.disks {
+        ctx.add_disk(&d.block_id, &d.image, d.read_only)?;
     }
     if let Some(dir) = &spec.workdir {
         ctx.workdir(Path::new(dir))?;
@@ -155,6 +172,7 @@ mod tests {
             console_output: None,
             serial_console: true,
             shares: vec![("work".into(), "/tmp/work".into())],
+            disks: vec![KrunDisk { block_id: "root".into(), image: "/tmp/root.ext4".into(), read_only: true }],
             log_level: 2,
             passt_fd: Some(3),
             net_unixgram: None,
@@ -207,14 +225,20 @@ mod tests {
             root: dir_fd_path(11).into(),
             console_output: Some(fd_path(13).into()),
             shares: vec![("rootfs".into(), dir_fd_path(11).into()), ("work".into(), "/by/path".into())],
+            disks: vec![
+                KrunDisk { block_id: "r".into(), image: fd_path(14).into(), read_only: true },
+                KrunDisk { block_id: "d".into(), image: fd_path(15).into(), read_only: false },
+            ],
             ..sample()
         };
-        assert_eq!(spec.fds(), [10, 11, 13]);
+        assert_eq!(spec.fds(), [10, 11, 13, 14, 15]);
         let moved = spec.refd(&|fd| fd + 10);
         assert_eq!(moved.kernel, Path::new(&fd_path(20)));
         assert_eq!(moved.root, Path::new(&dir_fd_path(21)));
         assert_eq!(moved.console_output.as_deref(), Some(Path::new(&fd_path(23))));
         assert_eq!(moved.shares[1].1, Path::new("/by/path"), "a path that is no fd stays");
+        assert_eq!(moved.disks[1].image, Path::new(&fd_path(25)));
+        assert!(moved.disks[0].read_only && !moved.disks[1].read_only);
         assert_eq!((moved.cmdline, moved.vcpus), (spec.cmdline, spec.vcpus));
     }
 

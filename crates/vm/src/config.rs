@@ -51,6 +51,9 @@ pub struct VmConfig {
     /// Host directories shared into the guest besides the rootfs and the instance share; the
     /// guest's init mounts them before it runs the command.
     pub shares: Vec<DirShare>,
+    /// Where the guest's root comes from: the rootfs directory shared read-only (the default), or
+    /// its ext4 image with the instance's data disk stacked on it ([`Root`]).
+    pub root: Root,
     /// The TSC rate the guest kernel is told (`tsc_early_khz`, QEMU only) instead of calibrating it
     /// against the PIT, which under TCG fails in about one boot of four and leaves the TSC marked
     /// unstable. TCG hands the guest the host's TSC, so this is the host's rate
@@ -79,6 +82,38 @@ pub struct Overrides {
     pub env: Vec<(String, String)>,
     pub workdir: Option<String>,
     pub console_log: Option<PathBuf>,
+    /// `--root disk|share` (with `--disk-size`), as the caller decided it.
+    pub root: Option<Root>,
+}
+
+/// The data disk's file name in a VM's state directory ([`VmConfig::data_disk_path`]).
+pub const DATA_DISK_FILE: &str = "data.ext4";
+
+/// Where a guest's root comes from, decided once by the caller and read by both backends (what
+/// they attach and the `root=` they boot with) and by the guest's init ([`openshell_guest::ROOT_PARAM`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Root {
+    /// The rootfs directory ([`VmConfig::rootfs`]) shared read-only (virtio-9p under QEMU,
+    /// virtio-fs under libkrun): the guest writes only to tmpfs and its share, and nothing it
+    /// writes elsewhere outlives it.
+    #[default]
+    Share,
+    /// The rootfs baked into an ext4 image (`openshell_artifacts::disk`), attached read-only as
+    /// the first virtio-blk disk and mounted by the kernel as `/`, and the VM's data disk
+    /// ([`VmConfig::data_disk_path`], ext4, read-write) as overlayfs' upper layer, made on first
+    /// boot with `data_mib` MiB (sparse) and kept across boots: what the guest writes outlives it.
+    Disk { image: PathBuf, data_mib: u64 },
+}
+
+impl Root {
+    /// `share` or `disk`, as `--root` spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Root::Share => "share",
+            Root::Disk { .. } => "disk",
+        }
+    }
 }
 
 /// A host directory shared into the guest (virtio-9p under QEMU, virtio-fs under libkrun).
@@ -108,6 +143,7 @@ impl VmConfig {
             ports: Vec::new(),
             dhcp: false,
             shares: Vec::new(),
+            root: Root::Share,
             guest_tsc_khz: None,
         }
     }
@@ -115,7 +151,10 @@ impl VmConfig {
     /// Applies what a caller said on top of this preset: the one place a flag meets a default
     /// (firecracker's `MachineConfigUpdate` model). Every field `o` leaves unset keeps the preset's.
     pub fn update(&mut self, o: &Overrides) {
-        let Overrides { arch, vcpus, mem_mib, vmm, net, gvproxy, ports, dhcp, env, workdir, console_log } = o;
+        let Overrides { arch, vcpus, mem_mib, vmm, net, gvproxy, ports, dhcp, env, workdir, console_log, root } = o;
+        if let Some(r) = root {
+            self.root = r.clone();
+        }
         if let Some(a) = arch {
             self.arch = *a;
         }
@@ -158,6 +197,12 @@ impl VmConfig {
         self.state_dir.join("share")
     }
 
+    /// The data disk of a [`Root::Disk`] VM: in its state directory, so it lives and dies with
+    /// the instance (kept across `vm stop`/`vm run`, removed by `--reset`).
+    pub fn data_disk_path(&self) -> PathBuf {
+        self.state_dir.join(DATA_DISK_FILE)
+    }
+
     /// Checks everything that can be checked before a VMM is started.
     pub fn validate(&self) -> Result<(), VmError> {
         if !self.kernel.is_file() {
@@ -166,6 +211,14 @@ impl VmConfig {
         crate::kernel_image::check(&self.kernel, self.arch)?;
         if !self.rootfs.join("sbin/openshell-init").is_file() {
             return Err(VmError::RootfsMissing(self.rootfs.clone()));
+        }
+        if let Root::Disk { image, .. } = &self.root {
+            if !image.is_file() {
+                return Err(VmError::Invalid(format!(
+                    "the root disk image {} does not exist; `vm run --root disk` bakes it",
+                    image.display()
+                )));
+            }
         }
         if self.vcpus == 0 || self.vcpus > 16 {
             return Err(VmError::Invalid(format!("--vcpus {} is out of range 1..=16", self.vcpus)));
@@ -294,6 +347,22 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("does not exist"));
         c.shares = vec![share("rootfs", t.path())];
         assert!(c.validate().unwrap_err().to_string().contains("rootfs"));
+    }
+
+    #[test]
+    fn a_disk_root_needs_its_image_and_keeps_its_data_disk_in_the_state_dir() {
+        let t = tempfile::tempdir().unwrap();
+        let mut c = cfg(t.path());
+        c.update(&Overrides {
+            root: Some(Root::Disk { image: t.path().join("root.ext4"), data_mib: 64 }),
+            ..Overrides::default()
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("root.ext4") && e.contains("--root disk"), "{e}");
+        std::fs::write(t.path().join("root.ext4"), b"").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.data_disk_path(), t.path().join("state").join(DATA_DISK_FILE));
+        assert_eq!((c.root.kind(), Root::default().kind()), ("disk", "share"));
     }
 
     #[test]

@@ -13,6 +13,9 @@ pub enum VmError {
     BadKernel { path: PathBuf, why: String },
     #[error("rootfs not usable at {0} (no /sbin/openshell-init); bake it with `cargo xtask rootfs`")]
     RootfsMissing(PathBuf),
+    /// Making or reading a disk of a disk-root VM (`openshell_artifacts::disk`); the message says what to do.
+    #[error("{0}")]
+    Disk(String),
     #[error("invalid VM config: {0}")]
     Invalid(String),
     #[error("no VMM can run here: {0}")]

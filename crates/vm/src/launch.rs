@@ -185,6 +185,9 @@ pub fn launch(planned: &Planned) -> Result<RunningVm, VmError> {
     if let Some(user) = &user {
         user.own_share(&share)?;
     }
+    if let crate::Root::Disk { data_mib, .. } = &cfg.root {
+        ensure_data_disk(cfg, *data_mib, backend, user.as_ref())?;
+    }
     let mut files = crate::sandbox::Handover::open(cfg, user.as_ref())?;
     let mut cmd = match backend {
         Backend::Qemu { kvm } => {
@@ -349,6 +352,27 @@ impl UserspaceWatch {
 }
 
 /// The exit code the guest's init reported through `share`, once it has.
+/// The data disk of a disk-root VM: made on its first boot (sparse ext4 of `data_mib` MiB), kept
+/// afterwards whatever `data_mib` says now. libkrun opens it by its fd path, which checks the
+/// file's mode, so under libkrun it is the VMM user's; QEMU takes it through an fdset.
+fn ensure_data_disk(
+    cfg: &VmConfig,
+    data_mib: u64,
+    backend: Backend,
+    user: Option<&crate::sandbox::VmmUser>,
+) -> Result<(), VmError> {
+    let path = cfg.data_disk_path();
+    if !path.exists() {
+        openshell_artifacts::disk::create_data_disk(&path, data_mib)
+            .map_err(|e| VmError::Disk(format!("cannot make the data disk {}: {e}", path.display())))?;
+        tracing::info!(path = %path.display(), data_mib, "data disk made");
+    }
+    if let (Backend::Krun, Some(user)) = (backend, user) {
+        std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid)).map_err(io_err(&path))?;
+    }
+    Ok(())
+}
+
 fn reported_code(share: &Path) -> Option<i32> {
     fs::read_to_string(share.join(EXIT_CODE_FILE)).ok().and_then(|s| s.trim().parse().ok())
 }

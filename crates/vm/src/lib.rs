@@ -21,7 +21,7 @@ pub mod sandbox;
 pub mod timeline;
 
 pub use backend::Backend;
-pub use config::{DirShare, Overrides, VmConfig, VmmChoice};
+pub use config::{DirShare, Overrides, Root, VmConfig, VmmChoice, DATA_DISK_FILE};
 pub use error::VmError;
 pub use host::HostFacts;
 pub use launch::{launch, Child, Ended, HostStop, RunningVm, Stopped, VmExit, LEDGER_ENV};

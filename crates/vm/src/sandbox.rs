@@ -149,6 +149,20 @@ pub struct HandedFds {
     pub console: RawFd,
     /// One per [`VmConfig::shares`] entry, in order.
     pub shares: Vec<RawFd>,
+    /// A [`crate::Root::Disk`] VM's two disks.
+    pub disks: Option<DiskFds>,
+}
+
+/// The disks of a disk-root VM: the root image opened read-only, the data disk read-write, and
+/// the data disk once more read-only. QEMU's `/dev/fdset` hands a drive the fd whose access mode
+/// matches each open it makes, and QEMU 7.2 opens a writable drive read-only first (measured:
+/// "Could not dup FD for /dev/fdset/N flags 0: Permission denied" with the read-write fd alone);
+/// libvirt hands over both for the same reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFds {
+    pub root: RawFd,
+    pub data: RawFd,
+    pub data_read: RawFd,
 }
 
 pub use openshell_krun::child::{dir_fd_path, fd_of, fd_path, FD_DIR};
@@ -164,6 +178,7 @@ pub struct Handover {
     /// The pipe's read end and the console log it goes to, until [`Self::take_console`].
     console_log: Option<(OwnedFd, std::fs::File)>,
     shares: Vec<OwnedFd>,
+    disks: Option<[OwnedFd; 3]>,
 }
 
 impl Handover {
@@ -190,6 +205,13 @@ impl Handover {
             console: dup_high(pipe_w.into(), &path)?,
             console_log: Some((pipe_r.into(), log)),
             shares: cfg.shares.iter().map(|s| read(&s.host)).collect::<Result<_, _>>()?,
+            disks: match &cfg.root {
+                crate::Root::Share => None,
+                crate::Root::Disk { image, .. } => {
+                    let data = cfg.data_disk_path();
+                    Some([read(image)?, open_high(&data, true)?, read(&data)?])
+                }
+            },
         })
     }
 
@@ -205,13 +227,20 @@ impl Handover {
             share: self.share.as_raw_fd(),
             console: self.console.as_raw_fd(),
             shares: self.shares.iter().map(AsRawFd::as_raw_fd).collect(),
+            disks: self.disks.as_ref().map(|[root, data, data_read]| DiskFds {
+                root: root.as_raw_fd(),
+                data: data.as_raw_fd(),
+                data_read: data_read.as_raw_fd(),
+            }),
         }
     }
 
     /// Lets `cmd`'s child inherit the files (ours stay close-on-exec for every other child).
     pub fn give_to(&self, cmd: &mut Command) {
         let fds = self.fds();
-        let all: Vec<RawFd> = [fds.kernel, fds.rootfs, fds.share, fds.console].into_iter().chain(fds.shares).collect();
+        let disks = fds.disks.map(|d| [d.root, d.data, d.data_read]).into_iter().flatten();
+        let all: Vec<RawFd> =
+            [fds.kernel, fds.rootfs, fds.share, fds.console].into_iter().chain(fds.shares).chain(disks).collect();
         // SAFETY: only fcntl between fork and exec, on fds this value keeps open until after spawn.
         #[allow(unsafe_code)]
         unsafe {
@@ -230,7 +259,8 @@ impl Handover {
 /// Opens `path` close-on-exec at fd [`FIRST_HANDED_FD`] or above.
 fn open_high(path: &Path, write: bool) -> Result<OwnedFd, VmError> {
     let io = |source| VmError::Io { path: path.to_owned(), source };
-    let file = std::fs::OpenOptions::new().read(!write).write(write).open(path).map_err(io)?;
+    // Written means read and written: a disk the guest writes is read back too.
+    let file = std::fs::OpenOptions::new().read(true).write(write).open(path).map_err(io)?;
     dup_high(file.into(), path)
 }
 

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use openshell_guest::netconf::{self, Ipv4Config, NetPlan};
 use openshell_guest::{
-    ifconfig, ExecRequest, GuestMount, EXEC_FILE, EXIT_CODE_FILE, MOUNTS_PARAM, SHARE_MOUNT, SHARE_TAG,
-    SHARE_TRANSPORT_PARAM, STOP_REQUEST_FILE,
+    ifconfig, ExecRequest, GuestMount, DATA_DISK_ID, DATA_UPPER_DIR, DATA_WORK_DIR, EXEC_FILE, EXIT_CODE_FILE,
+    MOUNTS_PARAM, ROOT_DISK, ROOT_DISK_DEV, ROOT_DISK_ID, ROOT_PARAM, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM,
+    STOP_REQUEST_FILE,
 };
 
 /// How long the workload gets between SIGTERM and SIGKILL once a stop is requested.
@@ -44,9 +45,26 @@ fn main() {
     step("init started");
     // Blocked from the start, so a stop request that arrives while we boot is not lost.
     block_waited_signals();
+    // /proc first: the command line says what the root is, and a disk root is switched into
+    // before anything else is mounted.
+    if let Err(e) = mount("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "") {
+        eprintln!("openshell-init: {e}");
+    }
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let disk_root = netconf::cmdline_param(&cmdline, ROOT_PARAM) == Some(ROOT_DISK);
+    if disk_root {
+        if let Err(e) = enter_disk_root() {
+            // Without its data disk the guest would run on a root that forgets what it writes,
+            // which is not what was asked: say why and power off without an exit code (the host
+            // then reports that, with this line in the console tail).
+            eprintln!(
+                "openshell-init: cannot set up the disk root: {e}. The data disk is the instance's data.ext4:                  check it on the host with `e2fsck -f data.ext4`, or start it afresh with `vm run --reset`"
+            );
+            power_off();
+        }
+    }
     mount_basics();
     set_hostname("gateway");
-    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     set_clock(&cmdline);
     network_up(&cmdline);
     let code = match run_request(&cmdline) {
@@ -58,7 +76,130 @@ fn main() {
     };
     report_exit(code);
     step(&format!("exit-code={code}; powering off"));
+    if disk_root {
+        leave_disk_root();
+    }
     power_off();
+}
+
+/// Where the root image stays mounted (read-only) once the overlay is the root, with the data
+/// disk below it at `run`: what [`leave_disk_root`] pivots back to, to unmount the data disk.
+const LOWER_ROOT: &str = "/.openshell-lower";
+
+/// The kernel mounted the root image read-only at `/` (`root=/dev/vda`). Checks that the device is
+/// the root image (by its virtio serial), mounts the data disk at `/run` (journal replayed by the
+/// kernel if the last boot did not unmount it), stacks overlayfs (lower: the image, upper and
+/// work: the data disk) at `/tmp`, and pivots into it. The image stays mounted at [`LOWER_ROOT`]
+/// and the data disk at `LOWER_ROOT/run`. `/run` and `/tmp` are only mount points here: the
+/// basics mount fresh ones inside the overlay afterwards.
+fn enter_disk_root() -> Result<(), String> {
+    mount("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "")?;
+    let root_dev = ROOT_DISK_DEV.trim_start_matches("/dev/");
+    match disk_serial(root_dev).as_deref() {
+        Some(ROOT_DISK_ID) => {}
+        other => {
+            return Err(format!(
+                "{ROOT_DISK_DEV} is not the root image (its serial is {other:?}, expected {ROOT_DISK_ID:?})"
+            ))
+        }
+    }
+    let data = find_disk(DATA_DISK_ID)
+        .ok_or_else(|| format!("no virtio disk with serial {DATA_DISK_ID:?} (the data disk)"))?;
+    // The kernel mounts devtmpfs at /dev after the root (DEVTMPFS_MOUNT); mount it if it did not.
+    let dev = format!("/dev/{data}");
+    if !std::path::Path::new(&dev).exists() {
+        mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
+    }
+    // noinit_itable: the host made the disk sparse with lazy inode tables, which read as zeros;
+    // the kernel's background zeroing would only write them out.
+    mount(&dev, "/run", "ext4", libc::MS_NOSUID | libc::MS_NODEV, "noinit_itable")
+        .map_err(|e| format!("data disk {dev}: {e}"))?;
+    for d in [DATA_UPPER_DIR, DATA_WORK_DIR] {
+        fs::create_dir_all(format!("/run/{d}")).map_err(|e| format!("data disk: mkdir /run/{d}: {e}"))?;
+    }
+    let opts = format!("lowerdir=/,upperdir=/run/{DATA_UPPER_DIR},workdir=/run/{DATA_WORK_DIR}");
+    mount("overlay", "/tmp", "overlay", 0, &opts)?;
+    let put_old = format!("/tmp{LOWER_ROOT}");
+    fs::create_dir_all(&put_old).map_err(|e| format!("mkdir {put_old}: {e}"))?;
+    pivot_root("/tmp", &put_old)?;
+    // What only served the switch; the overlay gets its own below.
+    for m in ["proc", "sys", "dev"] {
+        detach(&format!("{LOWER_ROOT}/{m}"));
+    }
+    step(&format!("root: overlay of {ROOT_DISK_DEV} (read-only) and data disk {dev}"));
+    Ok(())
+}
+
+/// Before power-off on a disk root: stops every process left, pivots back onto the root image and
+/// unmounts the overlay (with everything mounted in it) and then the data disk, so its ext4 is
+/// clean and the next boot replays nothing. If the data disk stays busy it is remounted read-only
+/// instead, which flushes its journal just the same.
+fn leave_disk_root() {
+    // SAFETY: kill/waitpid have no memory preconditions; -1 spares init itself.
+    unsafe {
+        libc::kill(-1, libc::SIGKILL);
+        while libc::waitpid(-1, std::ptr::null_mut(), 0) > 0 {}
+        libc::sync();
+    }
+    let lower_tmp = format!("{LOWER_ROOT}/tmp");
+    if let Err(e) = pivot_root(LOWER_ROOT, &lower_tmp) {
+        eprintln!("openshell-init: {e}; the data disk is left to the journal");
+        return;
+    }
+    detach("/tmp");
+    let data = cstr("/run");
+    for attempt in 0..50 {
+        // SAFETY: umount reads a NUL-terminated string we own.
+        if unsafe { libc::umount(data.as_ptr()) } == 0 {
+            step("data disk unmounted");
+            return;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) || attempt == 49 {
+            eprintln!("openshell-init: unmount the data disk: {e}; remounting it read-only");
+            let _ = mount("", "/run", "", libc::MS_REMOUNT | libc::MS_RDONLY, "");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn cstr(s: &str) -> std::ffi::CString {
+    std::ffi::CString::new(s).expect("no NUL in paths")
+}
+
+fn pivot_root(new_root: &str, put_old: &str) -> Result<(), String> {
+    let (new, old) = (cstr(new_root), cstr(put_old));
+    // SAFETY: pivot_root reads two NUL-terminated strings we own; chdir likewise.
+    let rc = unsafe { libc::syscall(libc::SYS_pivot_root, new.as_ptr(), old.as_ptr()) };
+    if rc != 0 {
+        return Err(format!("pivot_root {new_root} {put_old}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    unsafe { libc::chdir(c"/".as_ptr()) };
+    Ok(())
+}
+
+/// Lazily unmounts `target` and everything below it (nothing is left using them).
+fn detach(target: &str) {
+    let t = cstr(target);
+    // SAFETY: umount2 reads a NUL-terminated string we own.
+    if unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) } != 0 {
+        eprintln!("openshell-init: unmount {target}: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// The virtio serial of block device `name` (`vda`), as the kernel shows it.
+fn disk_serial(name: &str) -> Option<String> {
+    fs::read_to_string(format!("/sys/block/{name}/serial")).ok().map(|s| s.trim().to_owned())
+}
+
+/// The block device (`vdb`) whose virtio serial is `id`.
+fn find_disk(id: &str) -> Option<String> {
+    let mut names: Vec<String> =
+        fs::read_dir("/sys/block").ok()?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names.into_iter().find(|n| disk_serial(n).as_deref() == Some(id))
 }
 
 fn uptime_ms() -> u128 {
@@ -89,8 +230,11 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
 
 fn mount_basics() {
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    // Mounted already unless a disk root was switched into (where /proc is the overlay's own).
+    let proc_flags =
+        if std::path::Path::new("/proc/self").exists() { None } else { Some(nosuid_nodev | libc::MS_NOEXEC) };
     for (src, tgt, fs, flags, data) in [
-        ("proc", "/proc", "proc", nosuid_nodev | libc::MS_NOEXEC, ""),
+        ("proc", "/proc", "proc", proc_flags.unwrap_or(0), ""),
         ("sysfs", "/sys", "sysfs", nosuid_nodev | libc::MS_NOEXEC, ""),
         ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
         ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=620,ptmxmode=666"),
@@ -99,6 +243,9 @@ fn mount_basics() {
         ("tmpfs", "/run", "tmpfs", nosuid_nodev, "mode=0755"),
         ("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev | libc::MS_NOEXEC, ""),
     ] {
+        if tgt == "/proc" && proc_flags.is_none() {
+            continue;
+        }
         if let Err(e) = mount(src, tgt, fs, flags, data) {
             eprintln!("openshell-init: {e}");
         }

@@ -17,6 +17,8 @@ pub struct Facts {
     pub host: HostFacts,
     pub kernel: Artifact<KernelProvenance>,
     pub rootfs: Artifact<RootfsProvenance>,
+    /// The root disk image a `--root disk` boot attaches (`None`: the boot shares the rootfs).
+    pub root_disk: Option<Artifact<openshell_artifacts::disk::RootDiskRecord>>,
     /// Host ports the VM will forward from 127.0.0.1.
     pub ports: Vec<PortFacts>,
     /// Free space where the artifacts live; `None` when not asked (a boot's preflight).

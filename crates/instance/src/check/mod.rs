@@ -121,6 +121,9 @@ pub fn preflight_matrix(f: &Facts, cfg: VmConfig, verification: Verification) ->
     }
     m.push(rows::kernel(f, verification));
     m.push(rows::rootfs(f, verification));
+    if let Some(r) = rows::root_disk(f, verification) {
+        m.push(r);
+    }
     (planned, m)
 }
 
@@ -145,6 +148,10 @@ pub fn preflight(cfg: VmConfig, verification: Verification) -> Result<Preflight,
     let req = ProbeRequest {
         kernel: Ok(cfg.kernel.clone()),
         rootfs: Ok(cfg.rootfs.clone()),
+        root_disk: match &cfg.root {
+            openshell_vm::Root::Disk { image, .. } => Some(image.clone()),
+            openshell_vm::Root::Share => None,
+        },
         ports: if cfg.net == Net::None { Vec::new() } else { cfg.ports.iter().map(|p| p.host).collect() },
         store_root: None,
         gateways_root: crate::state::gateways_root(),

@@ -22,6 +22,8 @@ pub struct ProbeRequest {
     pub kernel: Result<PathBuf, String>,
     /// The rootfs directory to check, or what was looked for and not found.
     pub rootfs: Result<PathBuf, String>,
+    /// The root disk image to check (`--root disk`), or none.
+    pub root_disk: Option<PathBuf>,
     /// Host ports the VM will forward from 127.0.0.1.
     pub ports: Vec<u16>,
     /// The artifact store, for the free-disk fact; `None` leaves it out.
@@ -36,6 +38,7 @@ pub fn probe(req: &ProbeRequest) -> Facts {
         host: HostFacts::probe(),
         kernel: probe_kernel(&req.kernel),
         rootfs: probe_rootfs(&req.rootfs),
+        root_disk: req.root_disk.as_deref().map(probe_root_disk),
         ports: req.ports.iter().map(|&p| probe_port(p, &req.gateways_root)).collect(),
         disk: req.store_root.as_ref().map(|p| probe_disk(p)),
     }
@@ -68,6 +71,32 @@ fn probe_kernel(located: &Result<PathBuf, String>) -> Artifact<KernelProvenance>
         path: vmlinux,
         digest: k.provenance.vmlinux_sha256.clone(),
         provenance: k.provenance,
+        mismatch,
+        hashed_in: started.elapsed(),
+    })
+}
+
+/// The root image against `rootdisk.json` beside it.
+fn probe_root_disk(image: &Path) -> Artifact<openshell_artifacts::disk::RootDiskRecord> {
+    use openshell_artifacts::disk::{self, DiskError, RootDisk};
+    let unrecorded = |why: String| Artifact::Unrecorded { path: image.to_owned(), why };
+    let Some(dir) = image.parent() else { return unrecorded("no directory".into()) };
+    let mut d = match RootDisk::open(dir) {
+        Ok(d) => d,
+        Err(e) => return unrecorded(e.to_string()),
+    };
+    d.image = image.to_owned();
+    let started = Instant::now();
+    let mismatch = match disk::verify(&d) {
+        Ok(_) => None,
+        Err(DiskError::Tampered { path, recorded, found, .. }) => Some(Mismatch { file: path, recorded, found }),
+        Err(e) => return unrecorded(e.to_string()),
+    };
+    // The store entry, not the image: that is what a fix removes (the store rebuilds a missing entry).
+    Artifact::Checked(Checked {
+        path: dir.to_owned(),
+        digest: d.record.sha256.clone(),
+        provenance: d.record,
         mismatch,
         hashed_in: started.elapsed(),
     })

@@ -339,6 +339,20 @@ pub fn rootfs(f: &Facts, verification: Verification) -> Row {
     })
 }
 
+/// The root disk image of a `--root disk` boot, re-hashed against `rootdisk.json`.
+pub fn root_disk(f: &Facts, verification: Verification) -> Option<Row> {
+    let a = f.root_disk.as_ref()?;
+    Some(artifact_row("root-disk", a, verification, "rootdisk.json", "vm run --root disk", |c| {
+        format!(
+            "{} matches rootdisk.json: sha256 {} (re-hashed in {} ms), baked from rootfs {}",
+            c.path.display(),
+            c.digest.short(),
+            c.hashed_in.as_millis(),
+            c.provenance.rootfs_digest.short()
+        )
+    }))
+}
+
 /// A host port a VM forwards from 127.0.0.1. Required: passt cannot bind a taken port.
 pub fn port(id: &str, p: &PortFacts) -> Row {
     if p.free {
@@ -442,6 +456,7 @@ pub(crate) mod tests {
                 mismatch: None,
                 hashed_in: Duration::from_millis(40),
             }),
+            root_disk: None,
             ports: vec![PortFacts { port: 30051, free: true, held_by: None }],
             disk: Some(DiskFacts { path: "/store".into(), free_bytes: Ok(40 << 30) }),
         }
@@ -601,6 +616,43 @@ pub(crate) mod tests {
             &PortFacts { port: 30051, free: false, held_by: Some("gateway \"default\" (supervisor pid 7)".into()) },
         );
         assert!(r.reason.contains("gateway \"default\"") && r.fix.contains("vm stop"), "{r:?}");
+    }
+
+    #[test]
+    fn a_root_disk_row_only_for_a_disk_root_and_a_changed_image_fails_naming_it() {
+        let mut f = healthy();
+        assert!(root_disk(&f, Verification::Required).is_none(), "a share root has no root-disk row");
+        let record = openshell_artifacts::disk::RootDiskRecord {
+            rootfs_digest: Digest::of_bytes(b"manifest"),
+            mke2fs_version: "mke2fs 1.47.0 (5-Feb-2023)".into(),
+            options: vec![],
+            size_bytes: 23 << 20,
+            sha256: Digest::of_bytes(b"image"),
+        };
+        let checked = |mismatch| {
+            Artifact::Checked(Checked {
+                path: "/store/rootdisk/d".into(),
+                digest: Digest::of_bytes(b"image"),
+                provenance: record.clone(),
+                mismatch,
+                hashed_in: Duration::from_millis(30),
+            })
+        };
+        f.root_disk = Some(checked(None));
+        let r = root_disk(&f, Verification::Required).unwrap();
+        assert_eq!(status(&r), (Status::Pass, true));
+        assert!(r.reason.contains("matches rootdisk.json"), "{}", r.reason);
+        f.root_disk = Some(checked(Some(Mismatch {
+            file: "/store/rootdisk/d/root.ext4".into(),
+            recorded: "aa".repeat(32),
+            found: "bb".repeat(32),
+        })));
+        let r = root_disk(&f, Verification::Required).unwrap();
+        assert_eq!(status(&r), (Status::Fail, true));
+        for part in ["/store/rootdisk/d/root.ext4", &"aa".repeat(32), &"bb".repeat(32)] {
+            assert!(r.reason.contains(part), "{part} not in {}", r.reason);
+        }
+        assert!(r.fix.contains("remove /store/rootdisk/d") && r.fix.contains("--root disk"), "{}", r.fix);
     }
 
     fn tamper(f: &mut Facts) {

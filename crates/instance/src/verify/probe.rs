@@ -272,8 +272,39 @@ fn rehash_kernel(vmlinux: &Path) -> Attempt<Rehashed> {
     Attempt::Done(Rehashed { path: vmlinux.to_owned(), found, recorded, first_difference: None })
 }
 
+/// A disk root's image: it stands for the rootfs its `rootdisk.json` was baked from while it
+/// hashes to that record's sha256, so `found` is that rootfs digest then, and the image's own
+/// sha256 when it changed (which then differs from `recorded`, the record's rootfs digest).
+fn rehash_root_disk(image: &Path) -> Attempt<Rehashed> {
+    use openshell_artifacts::disk::{self, RootDisk};
+    let found = match openshell_artifacts::sha256_file(image) {
+        Ok(d) => d,
+        Err(e) => return Attempt::Failed(format!("{}: {e}", image.display())),
+    };
+    let record = match image.parent().map(RootDisk::open) {
+        Some(Ok(d)) => d.record,
+        Some(Err(e)) => return Attempt::Failed(e.to_string()),
+        None => return Attempt::Failed(format!("{} has no directory", image.display())),
+    };
+    let (found, first_difference) = if found == record.sha256 {
+        (record.rootfs_digest.hex(), None)
+    } else {
+        let why = format!("the image hashes to {}, its {} records {}", found.hex(), disk::RECORD, record.sha256.hex());
+        (found.hex(), Some(why))
+    };
+    Attempt::Done(Rehashed {
+        path: image.to_owned(),
+        found,
+        recorded: Attempt::Done(record.rootfs_digest.hex()),
+        first_difference,
+    })
+}
+
 fn rehash_rootfs(dir: &Path) -> Attempt<Rehashed> {
     use openshell_artifacts::rootfs;
+    if dir.is_file() {
+        return rehash_root_disk(dir);
+    }
     let found = match rootfs::scan(dir) {
         Ok(m) => m.digest().hex(),
         Err(e) => return Attempt::Failed(e.to_string()),

@@ -30,6 +30,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::two_runs_of_one_name_at_once_boot_exactly_one", two_runs_of_one_name_at_once_boot_exactly_one),
     ("cli::damaged_instance_files_are_named_and_recovered", damaged_instance_files_are_named_and_recovered),
     ("cli::reset_replaces_the_pki", reset_replaces_the_pki),
+    ("cli::root_disk_keeps_its_data_disk_until_reset", root_disk_keeps_its_data_disk_until_reset),
     ("cli::ready_timeout_expiry_leaves_nothing_running", ready_timeout_expiry_leaves_nothing_running),
     ("cli::sigint_stops_a_foreground_run", sigint_stops_a_foreground_run),
     ("cli::passt_killed_fails_the_instance_and_status_says_why", passt_killed_fails_the_instance_and_status_says_why),
@@ -722,6 +723,69 @@ fn damaged_files_in(cli: &Cli) -> Result<(), String> {
 
 fn reset_replaces_the_pki(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| reset_replaces_the_pki_in(cli))
+}
+
+fn root_disk_keeps_its_data_disk_until_reset(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| root_disk_keeps_its_data_disk_until_reset_in(cli))
+}
+
+/// `debugfs` on a data disk (e2fsprogs): `-w` to write.
+fn debugfs(image: &Path, write: bool, request: &str) -> Result<String, String> {
+    let mut c = Command::new("debugfs");
+    if write {
+        c.arg("-w");
+    }
+    let out = c.args(["-R", request]).arg(image).output().map_err(|e| format!("debugfs: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Through the real flags: `vm run --root disk --disk-size` makes the data disk, `vm stop` leaves
+/// it (unmounted clean by the guest), a warm `vm run --root disk` boots the same disk, and
+/// `vm run --reset --root disk` starts from a new one. The host marks the disk between boots
+/// (a file written into it with debugfs) to tell the same disk from a new one.
+fn root_disk_keeps_its_data_disk_until_reset_in(cli: &Cli) -> Result<(), String> {
+    let (name, port) = ("disk", support::free_port());
+    let inst = cli.instance(name);
+    let _guard = StopOnDrop(inst.clone());
+    let data = inst.vm_dir().join(openshell_vm::DATA_DISK_FILE);
+    let stop = || -> Result<(), String> {
+        let stop = cli.run(&["vm", "stop", "--name", name])?;
+        if stop.code != Some(0) {
+            return Err(format!(
+                "vm stop:
+{}",
+                stop.show()
+            ));
+        }
+        Ok(())
+    };
+    cli.detach(name, port, &["--root", "disk", "--disk-size", "128M"])?;
+    let size = std::fs::metadata(&data).map_err(|e| format!("no data disk at {}: {e}", data.display()))?.len();
+    if size != 128 << 20 {
+        return Err(format!("--disk-size 128M made a data disk of {size} bytes"));
+    }
+    stop()?;
+    // needs_recovery is set while the guest has it mounted; its unmount at power-off clears it.
+    let stats = debugfs(&data, false, "stats")?;
+    let features = stats.lines().find(|l| l.starts_with("Filesystem features:")).unwrap_or("");
+    if features.is_empty() || features.contains("needs_recovery") {
+        return Err(format!("after vm stop the data disk was not unmounted cleanly:\n{stats}"));
+    }
+    debugfs(&data, true, "write /etc/hostname host-mark")?;
+    cli.detach(name, port, &["--root", "disk"])?;
+    stop()?;
+    if !debugfs(&data, false, "ls -l /")?.contains("host-mark") {
+        return Err("a warm `vm run --root disk` did not boot the same data disk (the host's mark is gone)".into());
+    }
+    cli.detach(name, port, &["--reset", "--root", "disk"])?;
+    stop()?;
+    let listing = debugfs(&data, false, "ls -l /")?;
+    if listing.contains("host-mark") || !listing.contains("upper") {
+        return Err(format!(
+            "after `vm run --reset --root disk` the data disk is not a new one used by the guest:\n{listing}"
+        ));
+    }
+    Ok(())
 }
 
 /// Every file under `dir` whose bytes are exactly `bytes`.

@@ -13,6 +13,7 @@
 
 mod arch;
 mod cli;
+mod disk;
 mod faults;
 mod flood;
 mod guest_check;

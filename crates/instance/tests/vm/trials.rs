@@ -28,6 +28,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::sandbox::TRIALS,
     crate::gvproxy::TRIALS,
     crate::sdk::TRIALS,
+    crate::disk::TRIALS,
 ];
 
 /// The contract every backend honours.

@@ -11,7 +11,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_guest::{DATA_DISK_ID, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_krun::KrunDisk;
 pub use openshell_krun::KrunSpec;
 use openshell_krun::UnixgramNet;
 
@@ -23,10 +24,13 @@ use crate::VmConfig;
 /// libkrun's default prolog (which a cmdline passed to `krun_set_kernel` replaces) with our init
 /// and root; `earlyprintk` puts the first kernel lines on the serial console.
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
+    let root = match cfg.root {
+        crate::Root::Share => format!("root={} rootfstype=virtiofs", super::ROOT_TAG),
+        crate::Root::Disk { .. } => super::disk_root_params(),
+    };
     let line = format!(
         "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 earlyprintk=serial,ttyS0,115200 \
-         root={} rootfstype=virtiofs ro quiet no-kvmapf init=/sbin/openshell-init {SHARE_TRANSPORT_PARAM}=virtiofs",
-        super::ROOT_TAG
+         {root} ro quiet no-kvmapf init=/sbin/openshell-init {SHARE_TRANSPORT_PARAM}=virtiofs"
     );
     format!("{line} {}", super::init_params(cfg))
 }
@@ -44,6 +48,8 @@ struct Files {
     share: PathBuf,
     console: PathBuf,
     shares: Vec<PathBuf>,
+    /// The root image and the data disk of a disk root.
+    disks: Option<(PathBuf, PathBuf)>,
 }
 
 impl Files {
@@ -58,6 +64,7 @@ impl Files {
             share: dir_fd_path(fds.share).into(),
             console: fd_path(fds.console).into(),
             shares: fds.shares.iter().map(|&fd| dir_fd_path(fd).into()).collect(),
+            disks: fds.disks.map(|d| (fd_path(d.root).into(), fd_path(d.data).into())),
         }
     }
 
@@ -71,6 +78,10 @@ impl Files {
             share: cfg.share_dir(),
             console: cfg.console_path(),
             shares: cfg.shares.iter().map(|s| s.host.clone()).collect(),
+            disks: match &cfg.root {
+                crate::Root::Share => None,
+                crate::Root::Disk { image, .. } => Some((image.clone(), cfg.data_disk_path())),
+            },
         }
     }
 }
@@ -93,6 +104,16 @@ pub fn spec(cfg: &VmConfig, link: &Link, fds: &HandedFds) -> KrunSpec {
             .into_iter()
             .chain(cfg.shares.iter().map(|s| s.mount.tag.clone()).zip(files.shares))
             .collect(),
+        // The root image first: the guest kernel mounts /dev/vda. Serials as the guest checks them.
+        disks: files
+            .disks
+            .map(|(root, data)| {
+                vec![
+                    KrunDisk { block_id: ROOT_DISK_ID.into(), image: root, read_only: true },
+                    KrunDisk { block_id: DATA_DISK_ID.into(), image: data, read_only: false },
+                ]
+            })
+            .unwrap_or_default(),
         log_level: cfg.log_level,
         // passt's socketpair, or gvproxy's stream link (Linux). libkrun's legacy call takes no
         // MAC and gives the guest 5a:94:ef:e4:0c:ee (libkrun 1.19.7 `krun_start_enter`), which
@@ -141,6 +162,11 @@ pub fn dyld_fallback_path(existing: Option<std::ffi::OsString>) -> std::ffi::OsS
 /// the guest mounts as its root (on Linux, fd paths: `backend::booted_artifacts` resolves them).
 pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, String> {
     let spec = KrunSpec::from_argv(argv)?;
+    // libkrun still gets the rootfs directory (`krun_set_root`), but a disk root's guest mounts
+    // the image: that is its root.
+    if let Some(d) = spec.disks.iter().find(|d| d.block_id == ROOT_DISK_ID) {
+        return Ok(super::BootedArtifacts { kernel: spec.kernel.clone(), rootfs: d.image.clone() });
+    }
     let rootfs = spec
         .shares
         .iter()
@@ -162,7 +188,14 @@ mod tests {
 
     /// Fd numbers as a [`crate::sandbox::Handover`] would hand them over: 10, 11, … in order.
     fn files(c: &VmConfig) -> HandedFds {
-        HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: (14..).take(c.shares.len()).collect() }
+        HandedFds {
+            kernel: 10,
+            rootfs: 11,
+            share: 12,
+            console: 13,
+            shares: (14..).take(c.shares.len()).collect(),
+            disks: None,
+        }
     }
 
     fn spec_of(c: &VmConfig) -> KrunSpec {
@@ -229,6 +262,25 @@ mod tests {
             .collect();
         let joined = argv.join(" ");
         assert!(!joined.contains("/store/") && !joined.contains("/st/") && !joined.contains("/h/"), "{joined}");
+    }
+
+    #[test]
+    #[cfg_attr(not(target_os = "linux"), ignore = "macOS names the files by path (no handover there)")]
+    fn a_disk_root_adds_the_image_first_read_only_then_the_data_disk() {
+        let mut c = cfg(crate::Net::None);
+        c.root = crate::Root::Disk { image: "/store/rootdisk/x/root.ext4".into(), data_mib: 64 };
+        let mut fds = files(&c);
+        fds.disks = Some(crate::sandbox::DiskFds { root: 20, data: 21, data_read: 22 });
+        let s = spec(&c, &Link::None, &fds);
+        let disks: Vec<(String, String, bool)> =
+            s.disks.iter().map(|d| (d.block_id.clone(), d.image.display().to_string(), d.read_only)).collect();
+        let fd = crate::sandbox::fd_path;
+        assert_eq!(disks, [("openshell-root".to_owned(), fd(20), true), ("openshell-data".to_owned(), fd(21), false)]);
+        assert!(s.cmdline.contains(" root=/dev/vda rootfstype=ext4 ro ") && s.cmdline.contains("openshell.root=disk"));
+        assert_eq!(s.fds(), [10, 11, 12, 13, 20, 21]);
+        let argv: Vec<String> = ["openshell-vmm".to_owned()].into_iter().chain(s.to_args()).collect();
+        assert_eq!(booted_artifacts(&argv).unwrap().rootfs, std::path::Path::new(&fd(20)));
+        assert!(spec_of(&cfg(crate::Net::None)).disks.is_empty());
     }
 
     #[test]

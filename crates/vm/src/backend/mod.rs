@@ -53,6 +53,9 @@ pub fn init_params(cfg: &crate::VmConfig) -> String {
         p.push(' ');
         p.push_str(&guest.cmdline_param(cfg.dhcp));
     }
+    if let crate::Root::Disk { .. } = cfg.root {
+        p.push_str(&format!(" {}={}", openshell_guest::ROOT_PARAM, openshell_guest::ROOT_DISK));
+    }
     let mounts: Vec<openshell_guest::GuestMount> = cfg.shares.iter().map(|s| s.mount.clone()).collect();
     if !mounts.is_empty() {
         p.push(' ');
@@ -61,11 +64,18 @@ pub fn init_params(cfg: &crate::VmConfig) -> String {
     p
 }
 
+/// The kernel's root on a [`crate::Root::Disk`] VM, under both VMMs: the root image, attached
+/// first, read-only and without a journal.
+pub fn disk_root_params() -> String {
+    format!("root={} rootfstype=ext4", openshell_guest::ROOT_DISK_DEV)
+}
+
 /// The tag of the device that serves the guest's root directory (`root=` on its command line):
 /// a 9p `mount_tag` under QEMU, a virtio-fs share under libkrun.
 pub const ROOT_TAG: &str = "rootfs";
 
-/// The kernel file and root directory a VMM process was started with.
+/// The kernel file and root a VMM process was started with: the root directory, or a disk root's
+/// image file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootedArtifacts {
     pub kernel: PathBuf,
@@ -168,7 +178,8 @@ mod tests {
         // openshell-vmm's spec names its root share behind `/.` (libkrun opens it O_NOFOLLOW).
         let mut cfg = crate::VmConfig::exec("/k".into(), "/r".into(), "/st".into(), vec!["/bin/true".into()]);
         cfg.net = crate::Net::None;
-        let handed = crate::sandbox::HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: vec![] };
+        let handed =
+            crate::sandbox::HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: vec![], disks: None };
         let spec = krun::spec(&cfg, &crate::net::Link::None, &handed);
         let argv: Vec<String> = ["/x/openshell-vmm".to_owned()].into_iter().chain(spec.to_args()).collect();
         let b = booted_artifacts(&argv, Path::new("/cwd"), &fds).unwrap();

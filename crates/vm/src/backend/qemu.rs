@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use openshell_guest::{SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_guest::{DATA_DISK_ID, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
 
 use crate::child::CHILD_FD;
 use crate::net::Link;
@@ -59,7 +59,7 @@ impl Machine {
 pub fn kernel_cmdline(cfg: &VmConfig, kvm: bool) -> String {
     let tsc = cfg.guest_tsc_khz.map(|khz| format!(" tsc_early_khz={khz}")).unwrap_or_default();
     let tcg = if kvm { "" } else { tcg_params(cfg.arch) };
-    format!("{}{tcg}{tsc} {}", base_cmdline(cfg.arch), super::init_params(cfg))
+    format!("{}{tcg}{tsc} {}", base_cmdline(cfg), super::init_params(cfg))
 }
 
 /// What an x86_64 kernel under TCG is better off without, measured with `init=/bin/false` boots
@@ -77,7 +77,8 @@ fn tcg_params(arch: Arch) -> &'static str {
     }
 }
 
-fn base_cmdline(arch: Arch) -> String {
+fn base_cmdline(cfg: &VmConfig) -> String {
+    let arch = cfg.arch;
     // cache=loose on the root: it is read-only and content-addressed (verified before boot, never
     // changed while a VM uses it), so the guest may keep what it read instead of asking the host
     // again on every lookup and page; the gateway's start (exec to listening) fell from ~150 to
@@ -86,11 +87,18 @@ fn base_cmdline(arch: Arch) -> String {
     // reboot=t: x86's triple fault, so the guest's restart request ends QEMU at once; arm64 resets
     // through PSCI, which -no-reboot turns into QEMU's exit by itself.
     let reboot = if arch == Arch::X86_64 { " reboot=t" } else { "" };
+    let root = match cfg.root {
+        crate::Root::Share => {
+            format!(
+                "root={} rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose",
+                super::ROOT_TAG
+            )
+        }
+        crate::Root::Disk { .. } => super::disk_root_params(),
+    };
     format!(
-        "console={} root={} rootfstype=9p rootflags=trans=virtio,version=9p2000.L,msize=262144,cache=loose ro \
-         init=/sbin/openshell-init panic=-1{reboot} quiet {SHARE_TRANSPORT_PARAM}=9p",
+        "console={} {root} ro init=/sbin/openshell-init panic=-1{reboot} quiet {SHARE_TRANSPORT_PARAM}=9p",
         Machine::of(arch).console,
-        super::ROOT_TAG
     )
 }
 
@@ -114,11 +122,31 @@ pub fn command(qemu: &Path, cfg: &VmConfig, kvm: bool, link: &Link, files: &Hand
         .arg("-kernel")
         .arg(fd_path(files.kernel))
         .arg("-append")
-        .arg(kernel_cmdline(cfg, kvm))
-        .arg("-fsdev")
-        .arg(format!("local,id=root,path={},security_model=none,readonly=on", fd_path(files.rootfs)))
-        .args(["-device", &format!("virtio-9p-device,fsdev=root,mount_tag={}", super::ROOT_TAG)])
-        .arg("-fsdev")
+        .arg(kernel_cmdline(cfg, kvm));
+    match files.disks {
+        // The 9p root export, and nothing else, is what `booted_artifacts` reads back.
+        None => {
+            c.arg("-fsdev")
+                .arg(format!("local,id=root,path={},security_model=none,readonly=on", fd_path(files.rootfs)))
+                .args(["-device", &format!("virtio-9p-device,fsdev=root,mount_tag={}", super::ROOT_TAG)]);
+        }
+        // QEMU runs as nobody and opens neither disk by path. The root image as the kernel is
+        // given: by its fd path, which QEMU keeps open, so `booted_artifacts` reads it back (the
+        // file is world-readable, as the kernel is). The data disk (0600, written) through an
+        // fdset, as the console, which hands a drive the fd whose access mode matches its open;
+        // QEMU closes what `-add-fd` names once it has its own copy. The root is the first
+        // virtio-blk device (`/dev/vda`, what the kernel mounts); the guest also checks serials.
+        Some(d) => {
+            c.arg("-drive").arg(format!("file={},format=raw,if=none,id=rootdisk,readonly=on", fd_path(d.root)));
+            c.args(["-device", &format!("virtio-blk-device,drive=rootdisk,serial={ROOT_DISK_ID}")]);
+            for fd in [d.data, d.data_read] {
+                c.arg("-add-fd").arg(format!("fd={fd},set={}", d.data));
+            }
+            c.arg("-drive").arg(format!("file=/dev/fdset/{},format=raw,if=none,id=datadisk", d.data));
+            c.args(["-device", &format!("virtio-blk-device,drive=datadisk,serial={DATA_DISK_ID}")]);
+        }
+    }
+    c.arg("-fsdev")
         .arg(format!("local,id=share,path={},security_model=none", fd_path(files.share)))
         .args(["-device", &format!("virtio-9p-device,fsdev=share,mount_tag={SHARE_TAG}")])
         .args(["-device", "virtio-rng-device"]);
@@ -163,6 +191,25 @@ pub fn booted_artifacts(argv: &[String]) -> Result<super::BootedArtifacts, Strin
         [] => return Err("no -kernel on its command line".into()),
         _ => return Err("more than one -kernel on its command line".into()),
     };
+    // A disk root: the virtio-blk device with the root image's serial and its drive's file.
+    let root_drive = values("device")
+        .into_iter()
+        .map(qemu_opts)
+        .find(|o| opt(o, "serial") == Some(ROOT_DISK_ID))
+        .map(|o| opt(&o, "drive").map(str::to_owned));
+    if let Some(drive) = root_drive {
+        let drive = drive.ok_or_else(|| format!("its serial={ROOT_DISK_ID} device names no drive"))?;
+        let file = values("drive")
+            .into_iter()
+            .map(qemu_opts)
+            .find(|o| opt(o, "id") == Some(&drive))
+            .and_then(|o| opt(&o, "file").map(str::to_owned))
+            .ok_or_else(|| format!("no -drive with id={drive} and a file= on its command line"))?;
+        if file.starts_with("/dev/fdset/") {
+            return Err(format!("its root disk is {file}, an fd QEMU no longer holds under that number"));
+        }
+        return Ok(super::BootedArtifacts { kernel, rootfs: PathBuf::from(file) });
+    }
     let root_fsdev = values("device")
         .into_iter()
         .map(qemu_opts)
@@ -215,7 +262,14 @@ mod tests {
 
     /// Fd numbers as a [`crate::sandbox::Handover`] would hand them over: 10, 11, … in order.
     fn files(cfg: &VmConfig) -> HandedFds {
-        HandedFds { kernel: 10, rootfs: 11, share: 12, console: 13, shares: (14..).take(cfg.shares.len()).collect() }
+        HandedFds {
+            kernel: 10,
+            rootfs: 11,
+            share: 12,
+            console: 13,
+            shares: (14..).take(cfg.shares.len()).collect(),
+            disks: None,
+        }
     }
 
     /// `command`'s arguments for `cfg` under TCG, with its own network link and the fds above.
@@ -250,6 +304,41 @@ mod tests {
             "{joined}"
         );
         assert!(!joined.contains("-netdev"), "no NIC without a network");
+    }
+
+    #[test]
+    fn a_disk_root_attaches_the_image_read_only_then_the_data_disk_through_fdsets() {
+        let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
+        cfg.root = crate::Root::Disk { image: "/store/rootdisk/x/root.ext4".into(), data_mib: 64 };
+        let mut fds = files(&cfg);
+        fds.disks = Some(crate::sandbox::DiskFds { root: 20, data: 21, data_read: 22 });
+        let joined = command(Path::new("qemu"), &cfg, false, &Link::None, &fds)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let root = format!(
+            "-drive file={FD_DIR}/20,format=raw,if=none,id=rootdisk,readonly=on \
+             -device virtio-blk-device,drive=rootdisk,serial=openshell-root"
+        );
+        let data =
+            "-add-fd fd=21,set=21 -add-fd fd=22,set=21 -drive file=/dev/fdset/21,format=raw,if=none,id=datadisk \
+                    -device virtio-blk-device,drive=datadisk,serial=openshell-data";
+        assert!(joined.contains(&format!("{root} {data}")), "{joined}");
+        assert!(
+            joined.contains(" root=/dev/vda rootfstype=ext4 ro ") && joined.contains(" openshell.root=disk"),
+            "{joined}"
+        );
+        // No 9p root beside it, and no host path of either disk.
+        assert!(!joined.contains("mount_tag=rootfs") && !joined.contains("/store/"), "{joined}");
+        assert!(joined.contains("mount_tag=openshell"), "the share stays: {joined}");
+        let mut argv = vec!["qemu-system-x86_64".to_owned()];
+        argv.extend(joined.split(' ').map(str::to_owned));
+        // The root image, as the fd its fdset holds (`backend::booted_artifacts` resolves it).
+        assert_eq!(booted_artifacts(&argv).unwrap().rootfs, Path::new(&fd_path(20)));
+        cfg.root = crate::Root::Share;
+        let share = kernel_cmdline(&cfg, false);
+        assert!(share.contains("root=rootfs rootfstype=9p") && !share.contains("openshell.root"), "{share}");
     }
 
     #[test]
