@@ -58,7 +58,7 @@ fn main() {
             // which is not what was asked: say why and power off without an exit code (the host
             // then reports that, with this line in the console tail).
             eprintln!(
-                "openshell-init: cannot set up the disk root: {e}. The data disk is the instance's data.ext4:                  check it on the host with `e2fsck -f data.ext4`, or start it afresh with `vm run --reset`"
+                "openshell-init: cannot set up the disk root: {e}. The data disk is the instance's data.ext4: check it on the host with `e2fsck -f data.ext4`, or start it afresh with `vm run --reset`"
             );
             power_off();
         }
