@@ -390,6 +390,7 @@ pub fn ensure_root_disk(sh: &Shell, store: &Store, rootfs: &RootfsBundle) -> any
     let spec = disk::RootDiskSpec::for_bundle(rootfs).context("sizing the root disk")?;
     let image = match disk::locate(store, &spec) {
         Some(found) => found,
+        None if builds::never() => return Err(builds::refused("the root disk image of this rootfs")),
         None => disk::build(store, &spec).context("root disk build failed")?,
     };
     Ok(image.image)
@@ -408,8 +409,11 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
     if let Ok(root) = nested_root::locate(store, &inputs) {
         return Ok((kernel, root));
     }
-    let mut progress =
-        progress::BuildLines::new("baking the nested root (Debian minbase + passt, about a minute)", "nested root", 20);
+    let mut progress = progress::BuildLines::new(
+        "baking the nested root (Debian minbase + passt + e2fsprogs, about a minute)",
+        "nested root",
+        20,
+    );
     let baked = nested_root::bake(store, &inputs, &mut |line| progress.line(line));
     progress.finish();
     Ok((kernel, baked.context("nested root bake failed")?))

@@ -65,9 +65,9 @@ const RECORDS: &str = "target/e2e-records";
 /// `bench compare` trial runs (podman, runc, cpio), which would otherwise install them mid-run.
 /// `cargo xtask test` installs them in the same round as the linters'.
 fn suite_deps() -> Vec<&'static [(&'static str, &'static str)]> {
-    use crate::deps::{COMPARE, KERNEL, PASST, QEMU, ROOTFS};
+    use crate::deps::{COMPARE, E2FSPROGS, KERNEL, PASST, QEMU, ROOTFS};
     let arm64 = openshell_artifacts::Arch::Aarch64;
-    vec![KERNEL, ROOTFS, QEMU, PASST, COMPARE, crate::deps::cross(arm64), crate::deps::qemu(arm64)]
+    vec![KERNEL, ROOTFS, E2FSPROGS, QEMU, PASST, COMPARE, crate::deps::cross(arm64), crate::deps::qemu(arm64)]
 }
 
 /// Builds kernel, rootfs and `openshell-vmm`, and exports where they are.
@@ -78,6 +78,9 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     let (host, arm64) = (openshell_artifacts::Arch::host(), openshell_artifacts::Arch::Aarch64);
     let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest, host)?;
     let rootfs = crate::artifacts::ensure_rootfs(sh, &store, host)?;
+    // Its root disk too, in the store: the CLI trials inside the nested host boot `--root disk`
+    // with an xtask that builds nothing.
+    crate::artifacts::ensure_root_disk(sh, &store, &rootfs)?;
     let vmm = crate::artifacts::build_vmm(sh)?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);

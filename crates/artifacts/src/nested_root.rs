@@ -1,4 +1,4 @@
-//! The nested host's root directory (L1): Debian minbase from the archive plus passt, with the
+//! The nested host's root directory (L1): Debian minbase from the archive plus passt and e2fsprogs, with the
 //! guest's own init (`openshell-init`) as PID 1, so L1 runs the command in `exec.json` from its share
 //! and writes the exit code back exactly as a guest does.
 //!
@@ -45,8 +45,10 @@ pub const SOURCES: &[&str] = &[
     "deb http://deb.debian.org/debian-security bookworm-security main",
 ];
 /// On top of minbase (which brings libc6 and libgcc-s1, all `openshell-vmm` links): passt, which
-/// carries L2's network inside L1. Nothing else: the trials bring their own clients.
-pub const PACKAGES: &[&str] = &["passt"];
+/// carries L2's network inside L1, and e2fsprogs, whose mke2fs makes the data disks (and the disk
+/// trials' root images) of `--root disk` boots where the VMM runs. Nothing else: the trials bring
+/// their own clients.
+pub const PACKAGES: &[&str] = &["passt", "e2fsprogs"];
 /// `mmdebstrap` options of the recipe. Documentation is dropped (a third of the tree, never read).
 /// A `kvm` group, as Debian's udev package adds it (minbase has no udev): the VMM inside L1 starts
 /// as `nobody` (minbase has it) with `/dev/kvm`'s group, which L1's init gives the device
