@@ -13,8 +13,8 @@ use crate::{builds, deps, progress};
 
 /// Guest programs: (cargo package, binary name, path inside the guest).
 const GUEST_PROGRAMS: &[(&str, &str, &str)] = &[
-    ("openshell-guest", "openshell-init", "/sbin/openshell-init"),
-    ("openshell-gateway", "openshell-gateway", "/usr/bin/openshell-gateway"),
+    ("openshell-guest", "openshell-init", openshell_guest::INIT_BIN),
+    ("openshell-gateway", "openshell-gateway", openshell_guest::GATEWAY_BIN),
     ("openshell-guest-check", "openshell-guest-check", openshell_guest::GUEST_CHECK_BIN),
 ];
 
@@ -403,7 +403,7 @@ pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKer
     let kernel = ensure_kernel(sh, store, KernelRole::NestedHost, Arch::X86_64)?;
     let init = build_guest_programs(sh, Arch::X86_64)?
         .into_iter()
-        .find(|p| p.dest == "/sbin/openshell-init")
+        .find(|p| p.dest == openshell_guest::INIT_BIN)
         .expect("openshell-init is a guest program");
     let inputs = NestedRootInputs::recipe(init.source);
     if let Ok(root) = nested_root::locate(store, &inputs) {

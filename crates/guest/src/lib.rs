@@ -21,6 +21,10 @@ pub const EXIT_CODE_FILE: &str = "exit-code";
 pub const STOP_REQUEST_FILE: &str = "stop-request";
 /// The guest capability checker inside the rootfs (`openshell-guest-check`).
 pub const GUEST_CHECK_BIN: &str = "/usr/bin/openshell-guest-check";
+/// Where every root carries our init (the kernel's `init=`, libkrun's exec path).
+pub const INIT_BIN: &str = "/sbin/openshell-init";
+/// Where every root carries the gateway (the gateway preset's workload).
+pub const GATEWAY_BIN: &str = "/usr/bin/openshell-gateway";
 /// Where the guest checker writes its matrix as JSON, relative to the share.
 pub const GUEST_CHECK_FILE: &str = "guest-check.json";
 /// Kernel command-line key telling init how the share is transported (`9p` or `virtiofs`).

@@ -49,7 +49,7 @@ impl GatewayInstance {
         overrides: &Overrides,
     ) -> Result<VmConfig, VmError> {
         let argv = [
-            "/usr/bin/openshell-gateway",
+            openshell_guest::GATEWAY_BIN,
             "--listen",
             "0.0.0.0:30051",
             "--tls-dir",

@@ -275,7 +275,7 @@ fn run_naive(kernel: &Path, initramfs: &Path, work: &Path) -> anyhow::Result<f64
         .arg(initramfs)
         // A distribution's line: the console, no `quiet`, none of our tuning. `rdinit` names our
         // init, as a distribution's initramfs would have its own /init.
-        .args(["-append", "console=ttyS0 rdinit=/sbin/openshell-init"])
+        .args(["-append", &format!("console=ttyS0 rdinit={}", openshell_guest::INIT_BIN)])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use openshell_guest::{DATA_DISK_ID, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_guest::{DATA_DISK_ID, INIT_BIN, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
 use openshell_krun::KrunDisk;
 pub use openshell_krun::KrunSpec;
 use openshell_krun::UnixgramNet;
@@ -30,7 +30,7 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
     };
     let line = format!(
         "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 earlyprintk=serial,ttyS0,115200 \
-         {root} ro quiet no-kvmapf init=/sbin/openshell-init {SHARE_TRANSPORT_PARAM}=virtiofs"
+         {root} ro quiet no-kvmapf init={INIT_BIN} {SHARE_TRANSPORT_PARAM}=virtiofs"
     );
     format!("{line} {}", super::init_params(cfg))
 }
@@ -39,7 +39,7 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
 /// command reaches the guest once, in `exec.json` in the share; `krun_set_exec` would also put its
 /// argv and env on the guest kernel command line, where every guest process can read them and a
 /// newline in a script aborts the VMM (libkrun's cmdline builder: `InvalidAscii`).
-const KRUN_EXEC: &str = "/sbin/openshell-init";
+const KRUN_EXEC: &str = INIT_BIN;
 
 /// Where the VMM finds each file of `cfg`.
 struct Files {

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use openshell_guest::{DATA_DISK_ID, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_guest::{DATA_DISK_ID, INIT_BIN, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
 
 use crate::child::CHILD_FD;
 use crate::net::Link;
@@ -97,7 +97,7 @@ fn base_cmdline(cfg: &VmConfig) -> String {
         crate::Root::Disk { .. } => super::disk_root_params(),
     };
     format!(
-        "console={} {root} ro init=/sbin/openshell-init panic=-1{reboot} quiet {SHARE_TRANSPORT_PARAM}=9p",
+        "console={} {root} ro init={INIT_BIN} panic=-1{reboot} quiet {SHARE_TRANSPORT_PARAM}=9p",
         Machine::of(arch).console,
     )
 }
