@@ -112,20 +112,21 @@ pub struct L1Run {
     /// Host seconds from starting QEMU to L1's init starting the command.
     pub l1_ready_s: Option<f64>,
     pub total_s: f64,
-    pub dir: TrialDir,
 }
 
 /// Boots L1 running `argv` (the test binary's path inside L1 is prepended) with the guest
-/// artifacts and `openshell-vmm` shared in and the environment the inner binary needs.
+/// artifacts and `openshell-vmm` shared in and the environment the inner binary needs; its state
+/// goes to `state` in the trial's directory. An error says why L1 itself gave nothing back.
 pub fn run_in_l1(
-    dir: TrialDir,
+    dir: &TrialDir,
+    state: &str,
     a: &Artifacts,
     host: &NestedHost,
     vmm: &std::path::Path,
     argv: &[&str],
     extra_env: &[(&str, &str)],
-) -> Result<L1Run, Failed> {
-    let me = std::env::current_exe().map_err(|e| Failed::from(format!("cannot find this test binary: {e}")))?;
+) -> Result<L1Run, String> {
+    let me = std::env::current_exe().map_err(|e| format!("cannot find this test binary: {e}"))?;
     let mut paths = L1Paths::default();
     // The supervisor binary too: the trials that detach a gateway start it inside L1.
     let supervisor = std::path::Path::new(env!("CARGO_BIN_EXE_openshell-supervisor"));
@@ -159,10 +160,7 @@ pub fn run_in_l1(
         }
         Ok((bin, env))
     });
-    let (bin, guest_env) = match shared {
-        Ok(s) => s,
-        Err(e) => return Err(dir.fail(e.to_string())),
-    };
+    let (bin, guest_env) = shared.map_err(|e| e.to_string())?;
     let env = [
         ("OPENSHELL_E2E_REQUIRE", "1"),
         // The inner run's trial records (its VMM ledger included) go to L1's own share; this
@@ -175,19 +173,12 @@ pub fn run_in_l1(
     let env =
         guest_env.into_iter().chain(env.iter().chain(extra_env).map(|(k, v)| (k.to_string(), v.to_string()))).collect();
     let argv: Vec<String> = std::iter::once(bin).chain(argv.iter().map(|s| s.to_string())).collect();
-    let cfg = match host.l1_config(dir.path().join("state"), argv, env, paths) {
-        Ok(c) => c,
-        Err(e) => return Err(dir.fail(format!("cannot configure L1: {e}"))),
-    };
+    let cfg =
+        host.l1_config(dir.path().join(state), argv, env, paths).map_err(|e| format!("cannot configure L1: {e}"))?;
     let inner_records = cfg.share_dir().join(INNER_RECORDS.trim_start_matches(&format!("{SHARE_MOUNT}/")));
-    if let Err(e) = std::fs::create_dir_all(&inner_records) {
-        return Err(dir.fail(format!("cannot create {}: {e}", inner_records.display())));
-    }
+    std::fs::create_dir_all(&inner_records).map_err(|e| format!("cannot create {}: {e}", inner_records.display()))?;
     let started = Instant::now();
-    let mut vm = match crate::support::launch(&cfg) {
-        Ok(vm) => vm,
-        Err(e) => return Err(dir.fail(format!("L1 launch failed: {e}"))),
-    };
+    let mut vm = crate::support::launch(&cfg).map_err(|e| format!("L1 launch failed: {e}"))?;
     let mut clock = ConsoleClock::new(started, &[L1_EXEC], false);
     let code = vm.wait(Some(&mut clock), Some(L1_TIMEOUT));
     drop(vm);
@@ -195,10 +186,10 @@ pub fn run_in_l1(
     let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
     match code {
         Ok(openshell_vm::VmExit::Guest(code)) => {
-            Ok(L1Run { code, console, l1_ready_s: clock.at(L1_EXEC), total_s: started.elapsed().as_secs_f64(), dir })
+            Ok(L1Run { code, console, l1_ready_s: clock.at(L1_EXEC), total_s: started.elapsed().as_secs_f64() })
         }
-        Ok(other) => Err(dir.fail(format!("L1 did not report an exit code: {other}"))),
-        Err(e) => Err(dir.fail(format!("L1 did not report: {e}"))),
+        Ok(other) => Err(format!("L1 did not report an exit code: {other}")),
+        Err(e) => Err(format!("L1 did not report: {e}")),
     }
 }
 
@@ -296,8 +287,7 @@ fn exec_via_l1(argv: &[String]) -> Result<i32, String> {
     let a = support::artifacts()?;
     let (host, vmm) = (nested_host()?, vmm_binary()?);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let run = run_in_l1(TrialDir::new("l1-exec"), &a, &host, &vmm, &argv, &[(EXEC_ENV, "1")])
-        .map_err(|f| format!("{f:?}"))?;
+    let run = run_in_l1(&TrialDir::new("l1-exec"), "state", &a, &host, &vmm, &argv, &[(EXEC_ENV, "1")])?;
     print!("{}", run.console);
     println!(
         "L1 (QEMU TCG, host clock): init ran the command after {} s; L1 exited after {:.2} s with {}",
@@ -337,21 +327,78 @@ fn exec_in_l2(argv: Vec<String>) -> Result<i32, String> {
     Ok(code)
 }
 
-/// Runs trial `name` inside its own L1 and passes only if the inner run passed exactly it.
+/// The one fault of the nested path that gets a second L1: libkrun's VMM inside L1 exiting 0
+/// while its guest reported nothing, the guest's console cut off mid-run. Seen under load only,
+/// in several trials, on TCG's emulated SVM (cause not found). Our init reports an exit code
+/// before every power-off, so where libkrun runs directly this exit is a failure of ours, and
+/// nothing retries it there. As `RunningVm::wait` and the readiness wait word it:
+const NESTED_VMM_EXIT_0: [&str; 2] = ["(VMM exit status: 0)", "the VM exited (exit status: 0)"];
+
+/// The [`NESTED_VMM_EXIT_0`] wording a failure report holds, if any.
+fn nested_fault(report: &str) -> Option<&'static str> {
+    NESTED_VMM_EXIT_0.iter().copied().find(|s| report.contains(s))
+}
+
+/// The harness's own check that the retry is keyed on that fault alone, held to the library's
+/// real wording of it (a VMM's exit status 0) and to the failures it must not take for it.
+pub fn fault_trial() -> libtest_mimic::Trial {
+    libtest_mimic::Trial::test("setup::nested_retry_is_for_the_vmm_exiting_0_alone", || {
+        use std::os::unix::process::ExitStatusExt;
+        let status = |code: i32| std::process::ExitStatus::from_raw(code << 8).to_string();
+        let no_code = |code| {
+            openshell_vm::VmError::NoExitCode { status: status(code), console: "c".into(), tail: String::new() }
+                .to_string()
+        };
+        let not_ready = |code| format!("the VM exited ({}) before the gateway was ready", status(code));
+        for fault in [no_code(0), not_ready(0)] {
+            if nested_fault(&fault).is_none() {
+                return Err(format!("not taken for the nested fault: {fault}").into());
+            }
+        }
+        let others = [
+            no_code(1),
+            not_ready(1),
+            "passt exited (exit code 0) before the gateway was ready".to_owned(),
+            "the gateway supervisor exited (exit status: 0) before it was ready".to_owned(),
+            "L1 did not report: the guest was still running after 280s".to_owned(),
+        ];
+        match others.iter().find(|o| nested_fault(o).is_some()) {
+            Some(o) => Err(format!("taken for the nested fault, and so retried: {o}").into()),
+            None => Ok(()),
+        }
+    })
+}
+
+/// Runs trial `name` inside its own L1 and passes only if the inner run passed exactly it. An
+/// inner run failed by [`NESTED_VMM_EXIT_0`] runs once more in a fresh L1; the first run's failure
+/// stays in the trial's notes (the e2e summary prints them), so the retry is never silent.
 fn run_trial(name: &str, a: &Artifacts, host: &NestedHost, vmm: &std::path::Path, dir: TrialDir) -> Result<(), Failed> {
-    let run = run_in_l1(dir, a, host, vmm, &["--exact", name, "--nocapture", "--test-threads", "1"], &[])?;
-    let summary = run.console.lines().rev().find(|l| l.starts_with("test result:")).unwrap_or("").to_owned();
-    let l1 = run.l1_ready_s.map_or("?".into(), |s| format!("{s:.1}"));
-    support::note(format!("nested: L1 ready after {l1} s, whole L1 run {:.1} s; inner: {summary}", run.total_s));
-    if run.code == 0 && summary.contains(" 1 passed; 0 failed; 0 ignored") {
-        return Ok(());
+    let argv = ["--exact", name, "--nocapture", "--test-threads", "1"];
+    for attempt in 1..=2 {
+        let run = match run_in_l1(&dir, &format!("state-{attempt}"), a, host, vmm, &argv, &[]) {
+            Ok(run) => run,
+            Err(e) => return Err(dir.fail(e)),
+        };
+        let summary = run.console.lines().rev().find(|l| l.starts_with("test result:")).unwrap_or("").to_owned();
+        let l1 = run.l1_ready_s.map_or("?".into(), |s| format!("{s:.1}"));
+        support::note(format!("nested: L1 ready after {l1} s, whole L1 run {:.1} s; inner: {summary}", run.total_s));
+        if run.code == 0 && summary.contains(" 1 passed; 0 failed; 0 ignored") {
+            return Ok(());
+        }
+        // The inner run's own failure report, from libtest's "failures:" section on.
+        let lines: Vec<&str> = run.console.lines().collect();
+        let from = lines.iter().position(|l| *l == "failures:").unwrap_or(lines.len().saturating_sub(80));
+        let report = lines[from..].join("\n");
+        let fault = nested_fault(&report);
+        if let (Some(fault), 1) = (fault, attempt) {
+            let first = report.lines().find(|l| l.contains(fault)).unwrap_or(fault).trim().to_owned();
+            support::note(format!("retried: a second L1 after the nested fault (libkrun's VMM exited 0, its guest reported nothing): {first}"));
+            continue;
+        }
+        return Err(dir.fail(format!(
+            "inside L1, `{name}` did not pass (L1 exit code {}, inner summary {summary:?})\n--- inner report ---\n{report}",
+            run.code
+        )));
     }
-    // The inner run's own failure report, from libtest's "failures:" section on.
-    let lines: Vec<&str> = run.console.lines().collect();
-    let from = lines.iter().position(|l| *l == "failures:").unwrap_or(lines.len().saturating_sub(80));
-    let report = lines[from..].join("\n");
-    Err(run.dir.fail(format!(
-        "inside L1, `{name}` did not pass (L1 exit code {}, inner summary {summary:?})\n--- inner report ---\n{report}",
-        run.code
-    )))
+    unreachable!("the second attempt returns")
 }

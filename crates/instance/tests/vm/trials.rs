@@ -97,6 +97,7 @@ pub fn all() -> Vec<Trial> {
         }));
     }
     trials.push(krun_smoke_trial(host, &artifacts));
+    trials.push(crate::nested::fault_trial());
     trials.extend(crate::arch::trials(&required));
     trials
 }
