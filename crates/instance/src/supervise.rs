@@ -32,6 +32,8 @@ pub struct Supervised {
     inst: GatewayInstance,
     digests: (String, String),
     ready_timeout: Duration,
+    /// SIGINT and SIGTERM, caught from the start of the boot until [`Self::wait`] takes them.
+    signals: Option<StopSignals>,
     _lock: nix::fcntl::Flock<fs::File>,
 }
 
@@ -282,7 +284,12 @@ fn boot(
     // After recovery: a leftover passt of a dead supervisor must not read as "port in use".
     let preflight = crate::check::preflight(cfg, verification)?;
     let digests = (digests.0.to_owned(), digests.1.to_owned());
-    let (vm, endpoint, ready) = start(inst, &preflight.planned, &digests, ready_timeout, None)?;
+    // Caught from here on: a Ctrl-C or `vm stop` during the boot ends it (the readiness wait says
+    // StopRequested), and one that comes after SERVING but before `wait` listens is kept for it
+    // instead of killing this process by the default action (a nested host was slow enough for
+    // a Ctrl-C sent on "Ctrl-C stops it." to land there).
+    let signals = StopSignals::register();
+    let (vm, endpoint, ready) = start(inst, &preflight.planned, &digests, ready_timeout, Some(&signals))?;
     Ok(Supervised {
         vm,
         endpoint,
@@ -292,6 +299,7 @@ fn boot(
         inst: inst.clone(),
         digests,
         ready_timeout,
+        signals: Some(signals),
         _lock: lock,
     })
 }
@@ -346,7 +354,8 @@ impl Supervised {
     pub fn wait(&mut self, sink: Option<&mut dyn std::io::Write>, restart: Restart) -> Result<VmExit, VmError> {
         // Covers the backoff and the reboot too, where `RunningVm::wait` does not listen: a
         // `vm stop` then ends the supervisor at once, cutting the pause or abandoning the boot.
-        let signals = StopSignals::register();
+        // The boot's own, so a signal that came since SERVING is seen first thing.
+        let signals = self.signals.take().unwrap_or_else(StopSignals::register);
         self.wait_restarting(sink, restart, &signals)
     }
 
@@ -359,12 +368,10 @@ impl Supervised {
         let mut restarts = 0;
         loop {
             let _span = tracing::warn_span!("gateway", name = %self.inst.name, boot = restarts + 1).entered();
-            // A signal that came during a restart's boot, before `RunningVm::wait` listened.
-            if let Some(signal) = signals.take() {
-                self.vm.stop();
-                return Ok(VmExit::Stopped { signal, how: HostStop::NoGuest });
-            }
-            let exit = self.vm.wait(sink.as_mut().map(|s| &mut **s as &mut dyn std::io::Write), None)?;
+            // A signal that came since the boot's readiness wait last looked, before `RunningVm::wait`
+            // listens: the guest is up, so it is asked to stop like any other.
+            let asked = signals.take();
+            let exit = self.vm.wait_asked(sink.as_mut().map(|s| &mut **s as &mut dyn std::io::Write), None, asked)?;
             let Some((child, how)) = exit.failure() else { return Ok(exit) };
             let failure = state::Failure { child, how, at_unix: state::now_unix() };
             self.vm.stop();

@@ -452,13 +452,29 @@ impl RunningVm {
     /// second signal, stops the VMM, and the result is then the host's own 128 + signal.
     /// With `timeout`, a guest still running when it expires is an error (and is stopped when the
     /// `RunningVm` is dropped).
-    pub fn wait(&mut self, mut sink: Option<&mut dyn Write>, timeout: Option<Duration>) -> Result<VmExit, VmError> {
+    pub fn wait(&mut self, sink: Option<&mut dyn Write>, timeout: Option<Duration>) -> Result<VmExit, VmError> {
+        self.wait_asked(sink, timeout, None)
+    }
+
+    /// [`Self::wait`], with `asked` a stop signal this process caught before it called this (its
+    /// own handlers were up already): the guest is asked to stop at once, as if it came first thing.
+    pub fn wait_asked(
+        &mut self,
+        mut sink: Option<&mut dyn Write>,
+        timeout: Option<Duration>,
+        asked: Option<i32>,
+    ) -> Result<VmExit, VmError> {
         let deadline = timeout.map(|t| (t, Instant::now() + t));
         let signals = StopSignals::register();
         let mut console = Tail::new(&self.console);
         let mut crash = crate::timeline::CrashWatch::default();
         // (signal, when the guest was asked to stop, why the VMM was signalled if it was)
         let mut stopping: Option<(i32, Instant, Option<HostStop>)> = None;
+        if let Some(sig) = asked {
+            tracing::info!(signal = sig, "asking the guest to stop");
+            self.request_guest_stop();
+            stopping = Some((sig, Instant::now(), None));
+        }
         let result = 'watch: loop {
             if let Some(cause) = crash.feed(&console.drain(&mut sink)) {
                 break Err(self.crashed(cause));
