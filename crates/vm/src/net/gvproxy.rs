@@ -78,8 +78,11 @@ pub const SEARCH_DIRS: &[&str] = &[
     "/usr/lib/podman",
 ];
 
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
-const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// Hang guards, not expectations: gvproxy (a Go program) once took over 5 s to make its sockets
+/// inside a nested host under TCG with other guests running, and a gvproxy that exits ends the
+/// wait at once, so only a wedged one meets these.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const API_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(2);
 const EXPOSE_PATH: &str = "/services/forwarder/expose";
 const UNEXPOSE_PATH: &str = "/services/forwarder/unexpose";

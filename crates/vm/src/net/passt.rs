@@ -68,7 +68,7 @@ impl Passt {
     /// own fds. Where passt's fds cannot be read (passt of another user), a listener is taken as
     /// passt's, as before.
     fn wait_listening(&mut self, ports: &[PortMap]) -> Result<(), VmError> {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + LISTEN_GUARD;
         let pid = self.pid().expect("passt running");
         loop {
             let listening: Vec<Listening> = ports.iter().map(|p| listening(pid, p.host)).collect();
@@ -87,7 +87,7 @@ impl Passt {
             }
             if Instant::now() > deadline {
                 // Dropping `self` stops passt: nothing of this launch is left.
-                return Err(failed("its forwards did not listen within 5 s".into()));
+                return Err(failed(format!("its forwards did not listen within {} s", LISTEN_GUARD.as_secs())));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -127,6 +127,10 @@ fn listening(passt: u32, port: u16) -> Listening {
         (false, false) => Listening::Other,
     }
 }
+
+/// A hang guard on passt binding its forwards: passt dying (a port taken, say) ends the wait at
+/// once, so only a wedged passt meets it, however slowly the host runs it.
+const LISTEN_GUARD: Duration = Duration::from_secs(60);
 
 impl Drop for Passt {
     fn drop(&mut self) {
