@@ -42,6 +42,7 @@ fn main() {
         eprintln!("openshell-init: not PID 1; this is the guest's init (or udhcpc's script)");
         std::process::exit(2);
     }
+    ensure_console();
     step("init started");
     // Blocked from the start, so a stop request that arrives while we boot is not lost.
     block_waited_signals();
@@ -64,6 +65,8 @@ fn main() {
         }
     }
     mount_basics();
+    // Again once devtmpfs is surely mounted, in case the console was not there at the start.
+    ensure_console();
     set_hostname("gateway");
     set_clock(&cmdline);
     network_up(&cmdline);
@@ -225,6 +228,33 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
         Ok(())
     } else {
         Err(format!("mount {fstype} on {target}: {}", std::io::Error::last_os_error()))
+    }
+}
+
+/// The kernel hands init `/dev/console` as its stdio, unless the console's driver was not up yet
+/// when it tried ("Warning: unable to open an initial console.", seen with libkrun's hvc0 inside
+/// the nested host under TCG: init's steps and the workload's output then went nowhere). Init
+/// then opens the console itself once it is there (trying for up to 2 s), so they reach it.
+fn ensure_console() {
+    // SAFETY: fcntl on a descriptor number touches no memory of ours.
+    if unsafe { libc::fcntl(1, libc::F_GETFD) } != -1 {
+        return;
+    }
+    for _ in 0..200 {
+        // SAFETY: open reads a NUL-terminated string we own.
+        let fd = unsafe { libc::open(c"/dev/console".as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+        if fd >= 0 {
+            for target in (0..3).filter(|&t| t != fd) {
+                // SAFETY: dup2 on descriptors, no memory.
+                unsafe { libc::dup2(fd, target) };
+            }
+            if fd > 2 {
+                // SAFETY: as above; fd is ours and now duplicated.
+                unsafe { libc::close(fd) };
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
