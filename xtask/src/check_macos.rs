@@ -45,6 +45,14 @@ pub fn run(sh: &Shell) -> anyhow::Result<()> {
     let zig = ensure_zig(sh, &target_dir)?;
     // cargo's and the build crates' spelling of the target in variable names.
     let var = TARGET.replace('-', "_");
+    // krun-sys' build script reruns on its own wrapper.h and pkg-config's variables only, not on
+    // the header its bindings come from: a check-only header that gained a call would keep the
+    // old bindings in this target dir. Its digest, as a directory pkg-config looks in and finds
+    // empty, makes the variable change whenever the header does.
+    let pc_dir = root.join("crates/krun/check-macos");
+    let header = openshell_artifacts::sha256_file(&pc_dir.join("libkrun.h"))
+        .with_context(|| format!("cannot read {}", pc_dir.join("libkrun.h").display()))?;
+    let pc_path = std::env::join_paths([pc_dir.clone(), pc_dir.join(format!(".header-{}", header.short()))])?;
     let env = [
         // The C compiler for the target only: host build scripts keep the host's cc.
         (format!("CC_{var}"), root.join("ci/zig-cc-macos").into_os_string()),
@@ -53,7 +61,7 @@ pub fn run(sh: &Shell) -> anyhow::Result<()> {
         ("ZIG_GLOBAL_CACHE_DIR".to_owned(), target_dir.join("zig-cache").into_os_string()),
         ("ZIG_LOCAL_CACHE_DIR".to_owned(), target_dir.join("zig-cache").into_os_string()),
         // krun-sys' `pkg_config::probe_library("libkrun")` for the target: the check-only .pc.
-        (format!("PKG_CONFIG_PATH_{var}"), root.join("crates/krun/check-macos").into()),
+        (format!("PKG_CONFIG_PATH_{var}"), pc_path),
         (format!("PKG_CONFIG_ALLOW_CROSS_{var}"), "1".into()),
     ];
     cmd!(
