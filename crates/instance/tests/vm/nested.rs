@@ -139,7 +139,7 @@ pub fn run_in_l1(
     }
     // The host's store, read-only, before the guest's artifacts (which it holds, so they take no
     // shares of their own): the xtask binary of the `cli::` trials runs from it and builds nothing.
-    let store = Store::of(a);
+    let store = HostStore::of(a);
     let mut cli_env = Vec::new();
     if let Some(store) = &store {
         cli_env.push(("OPENSHELL_CACHE_DIR".to_owned(), paths.share_dir(&store.root)));
@@ -195,14 +195,14 @@ pub fn run_in_l1(
 
 /// The store the guest's artifacts were taken from (`<root>/kernel/<key>/<image>` and
 /// `<root>/rootfs/<key>`), and their keys; `None` when they do not sit in a store.
-struct Store {
+struct HostStore {
     root: PathBuf,
     kernel_key: String,
     rootfs_key: String,
 }
 
-impl Store {
-    fn of(a: &Artifacts) -> Option<Store> {
+impl HostStore {
+    fn of(a: &Artifacts) -> Option<HostStore> {
         use openshell_artifacts::{kernel, rootfs};
         let kernel_dir = a.kernel.parent()?;
         let kinds = (kernel_dir.parent()?, a.rootfs.parent()?);
@@ -212,7 +212,7 @@ impl Store {
             return None;
         }
         let key = |dir: &std::path::Path| Some(dir.file_name()?.to_string_lossy().into_owned());
-        Some(Store { root: root.to_owned(), kernel_key: key(kernel_dir)?, rootfs_key: key(&a.rootfs)? })
+        Some(HostStore { root: root.to_owned(), kernel_key: key(kernel_dir)?, rootfs_key: key(&a.rootfs)? })
     }
 }
 
