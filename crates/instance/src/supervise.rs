@@ -195,10 +195,14 @@ pub fn detach(supervisor: &Path, req: &Request) -> Result<Detached, VmError> {
     })?;
     let deadline = std::time::Instant::now() + req.ready_timeout + Duration::from_secs(30);
     loop {
-        if let Some(m) = inst.read_metadata().filter(|m| m.supervisor_pid == Some(child.id()) && m.vm_pid.is_some()) {
-            return Ok(Detached { child, endpoint: m.endpoint });
-        }
         let log = || fs::read_to_string(&log_path).unwrap_or_default();
+        // The metadata is written the moment the gateway serves, the log lines right after it:
+        // a caller that reads the log once this returns must find what a foreground run prints.
+        if let Some(m) = inst.read_metadata().filter(|m| m.supervisor_pid == Some(child.id()) && m.vm_pid.is_some()) {
+            if log().contains(&serving_line(&req.name, &m.endpoint)) {
+                return Ok(Detached { child, endpoint: m.endpoint });
+            }
+        }
         if let Ok(Some(status)) = child.try_wait() {
             // Refused because a twin took the instance first: that, naming it, is the answer.
             inst.ensure_stopped()?;
@@ -220,6 +224,11 @@ pub fn detach(supervisor: &Path, req: &Request) -> Result<Detached, VmError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The supervisor log's SERVING line, which [`detach`] waits for.
+fn serving_line(name: &str, endpoint: &str) -> String {
+    format!("gateway {name:?} SERVING over mTLS at {endpoint}")
 }
 
 /// The supervisor binary's body: reads the request at `path`, boots, supervises until the
@@ -252,7 +261,7 @@ pub fn run_supervisor(path: &Path) -> i32 {
         up.vm.backend_reason,
         openshell_vm::timeline::render(&console, up.ready)
     );
-    tracing::warn!("gateway {:?} SERVING over mTLS at {} after {:.2}s", req.name, up.endpoint, up.ready.as_secs_f64());
+    tracing::warn!("{} after {:.2}s", serving_line(&req.name, &up.endpoint), up.ready.as_secs_f64());
     match up.wait(None, req.restart) {
         Ok(exit) => {
             tracing::warn!("vm: {exit} after {:.2}s", up.vm.started.elapsed().as_secs_f64());

@@ -64,7 +64,7 @@ impl ForwardArgs {
         let (mut vm, _) = check::launch_checked(&cfg, Verification::Required)?;
         // Bulk first: measured after the echo exchange, the sink ran ~10× slower here (seen once,
         // cause not found), and this figure should be of the forward alone.
-        wait_for_line(&vm.console, READY, Duration::from_secs(120)).with_context(|| {
+        wait_for_line(&mut vm, READY, Duration::from_secs(120)).with_context(|| {
             format!("the guest never said its sink listens; console ends:\n{}", console_tail(&vm.console))
         })?;
         pb.set_message(format!("{} MiB into the sink", self.mib));
@@ -164,15 +164,19 @@ fn connect_echo(port: u16, vm: &mut openshell_vm::RunningVm) -> anyhow::Result<T
     anyhow::bail!("no echo within 120 s (last: {last})")
 }
 
-fn wait_for_line(console: &std::path::Path, line: &str, timeout: Duration) -> Option<()> {
+/// Waits for `line` on the console; a VM that exits first is that error, not a wait to the end.
+fn wait_for_line(vm: &mut openshell_vm::RunningVm, line: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if std::fs::read_to_string(console).unwrap_or_default().lines().any(|l| l.trim() == line) {
-            return Some(());
+        if std::fs::read_to_string(&vm.console).unwrap_or_default().lines().any(|l| l.trim() == line) {
+            return Ok(());
+        }
+        if let Some(status) = vm.exited() {
+            anyhow::bail!("the VM exited ({status}) before its console said {line:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    None
+    anyhow::bail!("no {line:?} on the console within {} s", timeout.as_secs())
 }
 
 fn wait_for_count(console: &std::path::Path, timeout: Duration) -> Option<u64> {
