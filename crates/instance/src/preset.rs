@@ -178,7 +178,8 @@ fn not_ready(vm: &RunningVm, why: &str) -> VmError {
     let console = fs::read_to_string(&vm.console).unwrap_or_default();
     let lines: Vec<&str> = console.lines().collect();
     let tail = lines[lines.len().saturating_sub(50)..].join("\n");
-    VmError::NotReady(format!("{why}\n--- console (last 50 lines) ---\n{tail}"))
+    let silent = if timeline::silent(&console) { format!("; {}", timeline::SILENT_GUEST) } else { String::new() };
+    VmError::NotReady(format!("{why}{silent}\n--- console (last 50 lines) ---\n{tail}"))
 }
 
 #[cfg(test)]

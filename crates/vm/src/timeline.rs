@@ -46,6 +46,16 @@ pub fn phase(step: &str) -> String {
     }
 }
 
+/// How a wait words a guest that stayed silent: not one step of init on its console, so its
+/// kernel never got as far as running init (or its console never reached us). Where libkrun runs
+/// nested under TCG this is a fault of the emulation, and the harness's nested retry keys on it.
+pub const SILENT_GUEST: &str = "the guest printed no step of init on its console: it never reached userspace";
+
+/// Whether the `console` text holds no step of init (see [`SILENT_GUEST`]).
+pub fn silent(console: &str) -> bool {
+    !console.lines().any(|l| l.starts_with("openshell-init: ["))
+}
+
 /// Whether the gateway has said it listens.
 pub fn gateway_listening(console: &str) -> bool {
     guest_steps(console).iter().any(|(_, s)| s.starts_with(GATEWAY_LISTENING))

@@ -176,7 +176,13 @@ fn wait_for_line(vm: &mut openshell_vm::RunningVm, line: &str, timeout: Duration
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    anyhow::bail!("no {line:?} on the console within {} s", timeout.as_secs())
+    let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
+    let silent = if openshell_vm::timeline::silent(&console) { openshell_vm::timeline::SILENT_GUEST } else { "" };
+    anyhow::bail!(
+        "no {line:?} on the console within {} s{}{silent}",
+        timeout.as_secs(),
+        if silent.is_empty() { "" } else { "; " }
+    )
 }
 
 fn wait_for_count(console: &std::path::Path, timeout: Duration) -> Option<u64> {
