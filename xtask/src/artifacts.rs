@@ -3,10 +3,12 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use openshell_artifacts::debian::{self, DebianRecipe};
 use openshell_artifacts::kernel::{self, GuestKernel, KernelRole, KernelSpec};
-use openshell_artifacts::nested_root::{self, NestedRootInputs};
+use openshell_artifacts::nested_root;
 use openshell_artifacts::rootfs::{self, GuestFile, RootfsBundle, RootfsInputs};
 use openshell_artifacts::{Arch, Store};
+use openshell_instance::profile::{Profile, ProfileRoot};
 use xshell::{cmd, Shell};
 
 use crate::{builds, deps, progress};
@@ -382,6 +384,35 @@ pub fn ensure_rootfs(sh: &Shell, store: &Store, arch: Arch) -> anyhow::Result<Ro
     rootfs::bake(store, &inputs).context("rootfs bake failed")
 }
 
+/// The root of `profile` for `arch`: the busybox rootfs, or the profile's Debian root (the guest
+/// programs on their paths) baked from the archive. With `bake` false nothing is baked, only found.
+pub fn profile_root(
+    sh: &Shell,
+    store: &Store,
+    profile: &Profile,
+    arch: Arch,
+    bake: bool,
+) -> anyhow::Result<RootfsBundle> {
+    let ProfileRoot::Debian { suite, packages } = profile.root else {
+        return if bake { ensure_rootfs(sh, store, arch) } else { baked_rootfs(sh, store, arch) };
+    };
+    anyhow::ensure!(
+        arch == Arch::host(),
+        "the {profile} profile's root is made for the host's arch ({}) only; a foreign guest boots the gateway profile",
+        Arch::host()
+    );
+    let what = format!("the {profile} profile's root ({suite} minbase + {})", packages.join(", "));
+    if builds::never() {
+        return Err(builds::refused(&what));
+    }
+    deps::ensure(sh, &[deps::MMDEBSTRAP])?;
+    let recipe = profile.debian_recipe(build_guest_programs(sh, arch)?).expect("a Debian profile has a recipe");
+    if !bake {
+        return Ok(debian::locate(store, &recipe)?);
+    }
+    ensure_debian_root(store, &recipe, &what)
+}
+
 /// The root image of `rootfs` (`--root disk`): built into the store unless it is there, and
 /// verified against its record either way (a tampered image is refused before any VMM starts).
 pub fn ensure_root_disk(sh: &Shell, store: &Store, rootfs: &RootfsBundle) -> anyhow::Result<std::path::PathBuf> {
@@ -399,24 +430,32 @@ pub fn ensure_root_disk(sh: &Shell, store: &Store, rootfs: &RootfsBundle) -> any
 /// The nested host (L1 of a nested boot): its kernel and its root, built if the store lacks them
 /// (the kernel takes minutes; the root about a minute, from Debian's archive).
 pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKernel, RootfsBundle)> {
-    deps::ensure(sh, &[deps::NESTED])?;
+    // QEMU runs L1, mmdebstrap bakes its root.
+    deps::ensure(sh, &[deps::QEMU, deps::MMDEBSTRAP])?;
     let kernel = ensure_kernel(sh, store, KernelRole::NestedHost, Arch::X86_64)?;
     let init = build_guest_programs(sh, Arch::X86_64)?
         .into_iter()
         .find(|p| p.dest == openshell_guest::INIT_BIN)
         .expect("openshell-init is a guest program");
-    let inputs = NestedRootInputs::recipe(init.source);
-    if let Ok(root) = nested_root::locate(store, &inputs) {
-        return Ok((kernel, root));
+    let root =
+        ensure_debian_root(store, &nested_root::recipe(init), "the nested root (Debian minbase + passt + e2fsprogs)")?;
+    Ok((kernel, root))
+}
+
+/// The Debian root of `recipe` (`what` names it in the progress line), baked from the archive
+/// unless the store has it: a minute or two. The caller has installed mmdebstrap.
+pub fn ensure_debian_root(store: &Store, recipe: &DebianRecipe, what: &str) -> anyhow::Result<RootfsBundle> {
+    if let Ok(root) = debian::locate(store, recipe) {
+        return Ok(root);
     }
-    let mut progress = progress::BuildLines::new(
-        "baking the nested root (Debian minbase + passt + e2fsprogs, about a minute)",
-        "nested root",
-        20,
-    );
-    let baked = nested_root::bake(store, &inputs, &mut |line| progress.line(line));
+    if builds::never() {
+        return Err(builds::refused(what));
+    }
+    let mut progress =
+        progress::BuildLines::new(format!("baking {what} from Debian's archive (a minute or two)"), recipe.kind, 20);
+    let baked = debian::bake(store, recipe, &mut |line| progress.line(line));
     progress.finish();
-    Ok((kernel, baked.context("nested root bake failed")?))
+    baked.with_context(|| format!("{} bake failed", recipe.kind))
 }
 
 /// The build step of a boot: what the plan for `choice` and `net` says the boot needs, installed

@@ -18,6 +18,9 @@ pub struct CheckCmd {
     /// Check the guest instead: boot a VM and report what its kernel and init provide
     #[arg(long)]
     guest: bool,
+    /// With --guest: the profile whose guest is checked, gateway (the default) or debian
+    #[arg(long, default_value_t = openshell_instance::profile::GATEWAY, requires = "guest")]
+    profile: openshell_instance::profile::Profile,
     /// The VMM the `vmm` row (and --guest) is about: auto, krun or qemu
     #[arg(long, default_value = "auto")]
     vmm: VmmChoice,
@@ -31,7 +34,7 @@ pub struct CheckCmd {
 
 impl CheckCmd {
     pub fn run(self) -> anyhow::Result<std::process::ExitCode> {
-        let result = if self.guest { crate::guest_check::run(self.json, self.vmm) } else { self.host() };
+        let result = if self.guest { crate::guest_check::run(self.json, self.vmm, &self.profile) } else { self.host() };
         let code = result.unwrap_or_else(|e| {
             eprintln!("check could not run: {e:#}");
             openshell_matrix::EXIT_CHECKER_FAILED

@@ -50,8 +50,8 @@ pub const CHECK_MACOS: &[(&str, &str)] = &[
     ("python3-module:ensurepip", "python3-venv"),
     ("llvm-lib:libclang.so", "libclang-dev"),
 ];
-/// The nested host: QEMU runs L1, mmdebstrap bakes its root.
-pub const NESTED: &[(&str, &str)] = &[("qemu-system-x86_64", "qemu-system-x86"), ("mmdebstrap", "mmdebstrap")];
+/// Debian roots (`openshell_artifacts::debian`: the nested host's, the `debian` profile's).
+pub const MMDEBSTRAP: &[(&str, &str)] = &[("mmdebstrap", "mmdebstrap")];
 
 /// The cross toolchain a build for `arch` needs here: none for the host's own arch.
 pub fn cross(arch: openshell_artifacts::Arch) -> &'static [(&'static str, &'static str)] {
@@ -172,7 +172,7 @@ mod tests {
 
     #[test]
     fn every_group_names_its_packages_once() {
-        for group in [KERNEL, ROOTFS, PASST, QEMU, NESTED, ACTIONLINT, COMPARE, CHECK_MACOS] {
+        for group in [KERNEL, ROOTFS, PASST, QEMU, MMDEBSTRAP, ACTIONLINT, COMPARE, CHECK_MACOS] {
             for (what, pkg) in group {
                 assert!(!what.is_empty() && !pkg.is_empty());
                 assert_eq!(group.iter().filter(|(w, _)| w == what).count(), 1, "{what}");

@@ -65,9 +65,10 @@ const RECORDS: &str = "target/e2e-records";
 /// `bench compare` trial runs (podman, runc, cpio), which would otherwise install them mid-run.
 /// `cargo xtask test` installs them in the same round as the linters'.
 fn suite_deps() -> Vec<&'static [(&'static str, &'static str)]> {
-    use crate::deps::{COMPARE, E2FSPROGS, KERNEL, PASST, QEMU, ROOTFS};
+    use crate::deps::{COMPARE, E2FSPROGS, KERNEL, MMDEBSTRAP, PASST, QEMU, ROOTFS};
     let arm64 = openshell_artifacts::Arch::Aarch64;
-    vec![KERNEL, ROOTFS, E2FSPROGS, QEMU, PASST, COMPARE, crate::deps::cross(arm64), crate::deps::qemu(arm64)]
+    let (cross, qemu) = (crate::deps::cross(arm64), crate::deps::qemu(arm64));
+    vec![KERNEL, ROOTFS, E2FSPROGS, MMDEBSTRAP, QEMU, PASST, COMPARE, cross, qemu]
 }
 
 /// Builds kernel, rootfs and `openshell-vmm`, and exports where they are.
@@ -81,6 +82,11 @@ fn prepare(sh: &Shell, required: &[Backend]) -> anyhow::Result<()> {
     // Its root disk too, in the store: the CLI trials inside the nested host boot `--root disk`
     // with an xtask that builds nothing.
     crate::artifacts::ensure_root_disk(sh, &store, &rootfs)?;
+    // The debian profile's root and its disk, for the `profile::` trials.
+    let debian = crate::artifacts::profile_root(sh, &store, &openshell_instance::profile::DEBIAN, host, true)?;
+    let debian_disk = crate::artifacts::ensure_root_disk(sh, &store, &debian)?;
+    sh.set_var("OPENSHELL_DEBIAN_ROOT", &debian.dir);
+    sh.set_var("OPENSHELL_DEBIAN_ROOT_DISK", &debian_disk);
     let vmm = crate::artifacts::build_vmm(sh)?;
     sh.set_var("OPENSHELL_KERNEL", &kernel.vmlinux);
     sh.set_var("OPENSHELL_ROOTFS", &rootfs.dir);

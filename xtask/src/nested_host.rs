@@ -1,7 +1,7 @@
 //! `cargo xtask nested-host`: build the nested host (L1 of a nested boot: its kernel and its Debian
 //! root) or find it cached, and print where it is and what the plan says about libkrun here.
 
-use openshell_artifacts::{nested_root, rootfs, Store};
+use openshell_artifacts::{debian, rootfs, Store};
 use openshell_vm::{HostFacts, KrunPlace};
 use xshell::Shell;
 
@@ -21,7 +21,7 @@ impl NestedHostCmd {
             openshell_artifacts::kernel::verify(&kernel)?;
             rootfs::verify(&root)?;
         }
-        let prov = nested_root::provenance(&root)?;
+        let prov = debian::provenance(&root)?;
         let state = if self.check { "verified" } else { "ready" };
         println!("nested host {state} in {:.1}s", started.elapsed().as_secs_f64());
         println!(

@@ -1,7 +1,9 @@
-//! `cargo xtask rootfs`: bake the guest root directory (or find it cached) and print where it is.
+//! `cargo xtask rootfs`: bake a profile's guest root directory (or find it cached) and print
+//! where it is.
 
 use anyhow::Context;
 use openshell_artifacts::{rootfs, Arch, Store};
+use openshell_instance::profile::{self, Profile};
 use xshell::Shell;
 
 #[derive(clap::Args)]
@@ -13,6 +15,10 @@ pub struct RootfsCmd {
     /// Re-hash the baked tree and compare it with its manifest instead of building
     #[arg(long)]
     check: bool,
+    /// Whose root: gateway (busybox, the default) or debian (bookworm minbase + python3, from
+    /// Debian's archive)
+    #[arg(long, default_value_t = profile::GATEWAY)]
+    profile: Profile,
 }
 
 impl RootfsCmd {
@@ -20,20 +26,19 @@ impl RootfsCmd {
         let sh = Shell::new()?;
         let started = std::time::Instant::now();
         let store = Store::default_location();
-        let bundle = if self.check {
-            let b = crate::artifacts::baked_rootfs(&sh, &store, self.arch)?;
-            rootfs::verify(&b).with_context(|| {
+        let bundle = crate::artifacts::profile_root(&sh, &store, &self.profile, self.arch, !self.check)?;
+        if self.check {
+            rootfs::verify(&bundle).with_context(|| {
                 format!(
-                    "{} changed after it was baked: remove it and run `cargo xtask rootfs` to bake it anew",
-                    b.dir.display()
+                    "{} changed after it was baked: remove it and run `cargo xtask rootfs --profile {}` to bake it anew",
+                    bundle.dir.display(),
+                    self.profile
                 )
             })?;
-            b
-        } else {
-            crate::artifacts::ensure_rootfs(&sh, &store, self.arch)?
-        };
+        }
         println!(
-            "rootfs {} ({} files, {} links) {} in {:.1}s",
+            "rootfs of profile {} {} ({} files, {} links) {} in {:.1}s",
+            self.profile,
             bundle.digest(),
             bundle.manifest.files.len(),
             bundle.manifest.symlinks.len(),

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use openshell_instance::check::{self, Verification};
+use openshell_instance::profile::{self, Profile};
 use openshell_instance::state::{self, GatewayInstance};
 use openshell_instance::supervise;
 use openshell_vm::{Overrides, Root, VmConfig, VmmChoice};
@@ -79,7 +80,8 @@ struct RunArgs {
     /// Virtual CPUs [default: 1]
     #[arg(long)]
     vcpus: Option<u8>,
-    /// Guest memory in MiB (default: 256 for the gateway, 512 for --exec)
+    /// Guest memory in MiB (default: the profile's for the gateway, 256 for gateway and 512 for
+    /// debian; 512 for --exec)
     #[arg(long)]
     mem: Option<u32>,
     /// Environment for the command, K=V (repeatable)
@@ -120,12 +122,18 @@ struct RunArgs {
     /// written outside the share outlives the guest) or disk (the rootfs as a read-only ext4
     /// image, with a data disk, data.ext4 in the VM's state directory, stacked on it by overlayfs:
     /// what the guest writes is kept across `vm stop`/`vm run`, and `--reset` removes it)
-    #[arg(long, value_enum, default_value_t = RootFlag::Share)]
-    root: RootFlag,
-    /// Size of the data disk a first `--root disk` boot makes, sparse (MiB, or with a G/M suffix)
+    /// [default: the profile's: share for gateway, disk for debian]
+    #[arg(long, value_enum)]
+    root: Option<RootFlag>,
+    /// Size of the data disk a first disk-root boot makes, sparse (MiB, or with a G/M suffix)
     /// [default: 4096 MiB]; an existing data disk keeps its size
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_mib, requires = "root")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_mib)]
     disk_size: Option<u64>,
+    /// What the VM is: gateway (the gateway on busybox, the default) or debian (the gateway on
+    /// Debian bookworm minbase + python3, a disk root with a data disk, 512 MiB); `rootfs
+    /// --profile` bakes its root ahead
+    #[arg(long, default_value_t = profile::GATEWAY)]
+    profile: Profile,
     /// The guest's architecture (default: the host's). A foreign one (aarch64 on x86_64) boots under
     /// QEMU's emulation with a root of busybox and init only, so it runs --exec commands only
     #[arg(long, requires = "exec")]
@@ -237,7 +245,8 @@ impl RunArgs {
         Overrides {
             arch: self.arch,
             vcpus: self.vcpus,
-            mem_mib: self.mem,
+            // The profile's memory is the gateway's; an --exec VM keeps its own default.
+            mem_mib: self.mem.or(self.exec.is_none().then_some(self.profile.mem_mib)),
             vmm: Some(self.vmm),
             net: Some(self.net.unwrap_or(openshell_vm::Net::default_for(openshell_vm::host::Os::host()))),
             gvproxy: self.gvproxy.clone(),
@@ -249,6 +258,11 @@ impl RunArgs {
             // Decided in `root` once the image it names exists.
             root: None,
         }
+    }
+
+    /// `--root`, or the profile's.
+    fn root(&self) -> RootFlag {
+        self.root.unwrap_or(if self.profile.disk_root { RootFlag::Disk } else { RootFlag::Share })
     }
 
     fn run(self) -> anyhow::Result<i32> {
@@ -272,8 +286,8 @@ impl RunArgs {
         crate::artifacts::ensure_vmm(&sh, self.vmm, net, self.gvproxy.as_deref(), arch)?;
         let kernel =
             crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
-        let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
-        overrides.root = Some(self.root.decide(self.disk_size, &sh, &store, &rootfs)?);
+        let rootfs = crate::artifacts::profile_root(&sh, &store, &self.profile, arch, true)?;
+        overrides.root = Some(self.root().decide(self.disk_size, &sh, &store, &rootfs)?);
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         let Some(inst) = instance else {
             return self.run_exec(kernel.vmlinux, rootfs.dir, &overrides, verification);
@@ -506,7 +520,11 @@ mod tests {
         };
         assert!(help("vcpus").contains(&format!("[default: {DEFAULT_VCPUS}]")), "{}", help("vcpus"));
         let mem = help("mem");
-        assert!(mem.contains(&format!("{GATEWAY_MEM_MIB} for the gateway, {EXEC_MEM_MIB} for --exec")), "{mem}");
+        let want = format!(
+            "{GATEWAY_MEM_MIB} for gateway and {} for debian; {EXEC_MEM_MIB} for --exec",
+            profile::DEBIAN.mem_mib
+        );
+        assert!(mem.replace('\n', " ").contains(&want), "{mem}");
         let ready = help("ready_timeout");
         assert!(ready.contains(&format!("[default: {}]", supervise::READY_TIMEOUT.as_secs())), "{ready}");
         let ports = help("ports");
@@ -517,19 +535,29 @@ mod tests {
     }
 
     #[test]
-    fn root_is_a_share_unless_asked_and_disk_size_reads_units() {
-        assert!(run_args(&[]).root == RootFlag::Share && run_args(&[]).disk_size.is_none());
+    fn root_is_the_profiles_unless_asked_and_disk_size_reads_units() {
+        assert!(run_args(&[]).root() == RootFlag::Share && run_args(&[]).disk_size.is_none());
+        assert!(run_args(&["--profile", "debian"]).root() == RootFlag::Disk);
+        assert!(run_args(&["--profile", "debian", "--root", "share"]).root() == RootFlag::Share);
         let a = run_args(&["--root", "disk", "--disk-size", "2G"]);
-        assert!(a.root == RootFlag::Disk);
+        assert!(a.root() == RootFlag::Disk);
         assert_eq!(a.disk_size, Some(2048));
         assert_eq!(run_args(&["--root", "disk", "--disk-size", "300M"]).disk_size, Some(300));
         assert_eq!(run_args(&["--root", "disk", "--disk-size", "300"]).disk_size, Some(300));
-        let argv = ["xtask", "vm", "run", "--disk-size", "1G"];
-        assert!(crate::flags::Cli::try_parse_from(argv).is_err(), "--disk-size without --root");
         assert!(
             crate::flags::Cli::try_parse_from(["xtask", "vm", "run", "--root", "disk", "--disk-size", "x"]).is_err()
         );
         // Without a disk the flags decide nothing about the root: `root` does, once the image exists.
         assert_eq!(run_args(&["--root", "disk"]).overrides().root, None);
+    }
+
+    #[test]
+    fn the_profile_decides_the_gateways_memory_not_an_execs() {
+        assert_eq!(run_args(&[]).overrides().mem_mib, Some(GATEWAY_MEM_MIB));
+        assert_eq!(run_args(&["--profile", "debian"]).overrides().mem_mib, Some(profile::DEBIAN.mem_mib));
+        assert_eq!(run_args(&["--profile", "debian", "--mem", "300"]).overrides().mem_mib, Some(300));
+        assert_eq!(run_args(&["--exec", "/bin/true"]).overrides().mem_mib, None);
+        let err = crate::flags::Cli::try_parse_from(["xtask", "vm", "run", "--profile", "ubuntu"]).err().unwrap();
+        assert!(err.to_string().contains("the profiles are: gateway, debian"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! Guest artifacts the VM boots: the kernel (`kernel`) and the root directory (`rootfs`), the
-//! network helper gvproxy fetched from Debian (`gvproxy`, for Linux hosts without one), and the
-//! nested host's root (`nested_root`, L1 of a nested boot; its kernel is a [`kernel::KernelRole`]).
+//! network helper gvproxy fetched from Debian (`gvproxy`, for Linux hosts without one), Debian roots
+//! baked from the archive (`debian`), among them the nested host's (`nested_root`, L1 of a nested
+//! boot; its kernel is a [`kernel::KernelRole`]), and root disks (`disk`).
 //!
 //! Both are content-addressed: a build is keyed by the sha256 of its inputs, lives in its own
 //! directory under the [`Store`], and is published by an atomic rename, so a directory that exists
@@ -10,6 +11,7 @@
 
 pub mod arch;
 mod command;
+pub mod debian;
 pub mod digest;
 pub mod disk;
 pub mod gvproxy;

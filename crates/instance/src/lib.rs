@@ -1,5 +1,6 @@
 //! Named gateway instances on top of the VM runtime (`openshell-vm`): an instance's directory,
-//! metadata, lock and PKI ([`state`]), what a gateway VM is and when it is ready ([`preset`]), the supervisor that boots it and watches its
+//! metadata, lock and PKI ([`state`]), what a gateway VM is and when it is ready ([`preset`]), the built-in profiles a VM is
+//! booted from ([`profile`]), the supervisor that boots it and watches its
 //! children ([`supervise`]), stale-state recovery, readiness and status, the verification matrix
 //! of a running instance ([`verify`]), and the host check with the preflight every boot passes
 //! ([`check`]; here rather than in the runtime because its rows name the instance that holds a
@@ -11,6 +12,7 @@
 pub mod check;
 pub mod guest_check;
 pub mod preset;
+pub mod profile;
 pub mod state;
 pub mod status;
 pub mod supervise;

@@ -67,6 +67,9 @@ pub struct RootfsProvenance {
     pub symlinks: usize,
     /// When `manifest.json` was written.
     pub baked_at_unix: Option<u64>,
+    /// Whether every file was re-hashed: not for a disk-root boot, whose guest never reads the
+    /// tree (the root disk it boots is re-hashed instead, and its record names this manifest).
+    pub rehashed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -329,6 +329,14 @@ pub fn kernel(f: &Facts, verification: Verification) -> Row {
 
 pub fn rootfs(f: &Facts, verification: Verification) -> Row {
     artifact_row("rootfs", &f.rootfs, verification, "manifest.json", "cargo xtask rootfs", |c| {
+        if !c.provenance.rehashed {
+            return format!(
+                "{}: manifest sha256 {}, {} files, not re-hashed: the guest boots its root disk (below)",
+                c.path.display(),
+                c.digest.short(),
+                c.provenance.files
+            );
+        }
         format!(
             "{} matches manifest.json: {} files (re-hashed in {} ms), manifest sha256 {}",
             c.path.display(),
@@ -342,6 +350,22 @@ pub fn rootfs(f: &Facts, verification: Verification) -> Row {
 /// The root disk image of a `--root disk` boot, re-hashed against `rootdisk.json`.
 pub fn root_disk(f: &Facts, verification: Verification) -> Option<Row> {
     let a = f.root_disk.as_ref()?;
+    // The tree's manifest is what the guest is told it runs and what the rootfs row vouches for.
+    if let (Artifact::Checked(disk), Artifact::Checked(tree)) = (a, &f.rootfs) {
+        if disk.provenance.rootfs_digest != tree.digest {
+            return Some(Row::fail(
+                "root-disk",
+                format!(
+                    "{} was baked from rootfs {}, but the VM is given rootfs {} ({})",
+                    disk.path.display(),
+                    disk.provenance.rootfs_digest.short(),
+                    tree.digest.short(),
+                    tree.path.display()
+                ),
+                "boot the root disk of this rootfs (`vm run --root disk` bakes it)",
+            ));
+        }
+    }
     Some(artifact_row("root-disk", a, verification, "rootdisk.json", "vm run --root disk", |c| {
         format!(
             "{} matches rootdisk.json: sha256 {} (re-hashed in {} ms), baked from rootfs {}",
@@ -452,6 +476,7 @@ pub(crate) mod tests {
                     files: 12,
                     symlinks: 300,
                     baked_at_unix: None,
+                    rehashed: true,
                 },
                 mismatch: None,
                 hashed_in: Duration::from_millis(40),
@@ -653,6 +678,29 @@ pub(crate) mod tests {
             assert!(r.reason.contains(part), "{part} not in {}", r.reason);
         }
         assert!(r.fix.contains("remove /store/rootdisk/d") && r.fix.contains("--root disk"), "{}", r.fix);
+        // An intact disk of another rootfs than the one the VM is given fails too.
+        let mut other = record.clone();
+        other.rootfs_digest = Digest::of_bytes(b"another manifest");
+        f.root_disk = Some(Artifact::Checked(Checked {
+            path: "/store/rootdisk/e".into(),
+            digest: Digest::of_bytes(b"image"),
+            provenance: other,
+            mismatch: None,
+            hashed_in: Duration::from_millis(30),
+        }));
+        let r = root_disk(&f, Verification::Required).unwrap();
+        assert_eq!(status(&r), (Status::Fail, true));
+        assert!(r.reason.contains("was baked from rootfs") && r.reason.contains("/store/rootfs/r"), "{}", r.reason);
+    }
+
+    #[test]
+    fn a_disk_roots_tree_is_vouched_for_by_its_manifest_alone() {
+        let mut f = healthy();
+        let Artifact::Checked(c) = &mut f.rootfs else { unreachable!() };
+        c.provenance.rehashed = false;
+        let r = rootfs(&f, Verification::Required);
+        assert_eq!(status(&r), (Status::Pass, true));
+        assert!(r.reason.contains("not re-hashed: the guest boots its root disk"), "{}", r.reason);
     }
 
     fn tamper(f: &mut Facts) {

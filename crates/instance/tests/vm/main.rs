@@ -20,6 +20,7 @@ mod guest_check;
 mod gvproxy;
 mod lifecycle;
 mod nested;
+mod profile;
 mod provenance;
 mod sandbox;
 mod sdk;

@@ -142,7 +142,15 @@ pub fn run_in_l1(
     let store = HostStore::of(a);
     let mut cli_env = Vec::new();
     if let Some(store) = &store {
-        cli_env.push(("OPENSHELL_CACHE_DIR".to_owned(), paths.share_dir(&store.root)));
+        let inside = paths.share_dir(&store.root);
+        // What else the trials take from the store, at its path inside L1.
+        for var in [crate::support::DEBIAN_ROOT_ENV, crate::support::DEBIAN_ROOT_DISK_ENV] {
+            let host_path = std::env::var_os(var).map(PathBuf::from);
+            if let Some(rel) = host_path.as_deref().and_then(|p| p.strip_prefix(&store.root).ok()) {
+                cli_env.push((var.to_owned(), format!("{inside}/{}", rel.display())));
+            }
+        }
+        cli_env.push(("OPENSHELL_CACHE_DIR".to_owned(), inside));
         cli_env.push(("OPENSHELL_KERNEL_KEY".to_owned(), store.kernel_key.clone()));
         cli_env.push(("OPENSHELL_ROOTFS_KEY".to_owned(), store.rootfs_key.clone()));
         cli_env.push(("OPENSHELL_BUILD".to_owned(), "never".to_owned()));

@@ -29,6 +29,10 @@ pub fn artifacts() -> Result<Artifacts, String> {
     }
 }
 
+/// The debian profile's baked root directory and its root disk image (set by `cargo xtask e2e`).
+pub const DEBIAN_ROOT_ENV: &str = "OPENSHELL_DEBIAN_ROOT";
+pub const DEBIAN_ROOT_DISK_ENV: &str = "OPENSHELL_DEBIAN_ROOT_DISK";
+
 pub fn require() -> bool {
     std::env::var("OPENSHELL_E2E_REQUIRE").is_ok_and(|v| v == "1")
 }
