@@ -409,9 +409,16 @@ pub struct ImageRoot {
 /// unpacked (every blob checked against its digest, the host's arch only), then its tree baked
 /// with our guest programs beside it under [`openshell_guest::IMAGE_GUEST_DIR`] (init at
 /// [`openshell_guest::IMAGE_INIT_BIN`]), through the same builder and store as `--root disk`.
+/// The programs are `rootfs`'s own copies: the binaries our own root boots, already built (or
+/// pinned, under `OPENSHELL_BUILD=never`), so the two roots never carry different inits.
 /// No busybox is added: init needs none unless it runs udhcpc, and `vm run --image` refuses
 /// `--dhcp`.
-pub fn ensure_image_root(sh: &Shell, store: &Store, image: &openshell_image::ImageRef) -> anyhow::Result<ImageRoot> {
+pub fn ensure_image_root(
+    sh: &Shell,
+    store: &Store,
+    rootfs: &RootfsBundle,
+    image: &openshell_image::ImageRef,
+) -> anyhow::Result<ImageRoot> {
     use openshell_artifacts::disk::{self, DiskAddition, RootDiskSpec};
     deps::ensure(sh, &[deps::E2FSPROGS])?;
     let mut progress = progress::BuildLines::new("image", "image", 1);
@@ -426,9 +433,9 @@ pub fn ensure_image_root(sh: &Shell, store: &Store, image: &openshell_image::Ima
         img.dir.display()
     );
     let mut additions = Vec::new();
-    for p in build_guest_programs(sh, Arch::host())? {
-        let dest = format!("{}{}", openshell_guest::IMAGE_GUEST_DIR, p.dest);
-        additions.push(DiskAddition::new(&p.source, &dest, p.mode)?);
+    for (_, _, path) in guest_programs(Arch::host()) {
+        let dest = format!("{}{path}", openshell_guest::IMAGE_GUEST_DIR);
+        additions.push(DiskAddition::new(&rootfs.dir.join(path.trim_start_matches('/')), &dest, 0o755)?);
     }
     debug_assert!(additions.iter().any(|a| a.dest == openshell_guest::IMAGE_INIT_BIN));
     let spec = RootDiskSpec::for_tree(img.config.manifest_digest.clone(), &img.root(), additions)

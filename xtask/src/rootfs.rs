@@ -33,7 +33,8 @@ impl RootfsCmd {
         let started = std::time::Instant::now();
         let store = Store::default_location();
         if let Some(image) = &self.image {
-            let r = crate::artifacts::ensure_image_root(&sh, &store, image)?;
+            let ours = crate::artifacts::ensure_rootfs(&sh, &store, Arch::host())?;
+            let r = crate::artifacts::ensure_image_root(&sh, &store, &ours, image)?;
             if self.json {
                 let out = json!({
                     "image_dir": r.image.dir,

@@ -294,7 +294,7 @@ impl RunArgs {
         let rootfs = crate::artifacts::ensure_rootfs(&sh, &store, arch)?;
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
         if let Some(image) = &self.image {
-            let base = self.image_workload(&sh, &store, image, &mut overrides)?;
+            let base = self.image_workload(&sh, &store, &rootfs, image, &mut overrides)?;
             return self.run_exec(kernel.vmlinux, rootfs.dir, base, &overrides, verification);
         }
         overrides.root = Some(self.root.decide(self.disk_size, &sh, &store, &rootfs)?);
@@ -371,10 +371,11 @@ impl RunArgs {
         &self,
         sh: &Shell,
         store: &Store,
+        rootfs: &openshell_artifacts::rootfs::RootfsBundle,
         image: &openshell_image::ImageRef,
         overrides: &mut Overrides,
     ) -> anyhow::Result<ExecRequest> {
-        let r = crate::artifacts::ensure_image_root(sh, store, image)?;
+        let r = crate::artifacts::ensure_image_root(sh, store, rootfs, image)?;
         tracing::info!(disk = %r.disk.image.display(), image = %r.image.dir.display(), "image root");
         overrides.root = Some(Root::Disk {
             image: r.disk.image.clone(),

@@ -29,6 +29,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::gvproxy::TRIALS,
     crate::sdk::TRIALS,
     crate::disk::TRIALS,
+    crate::image::TRIALS,
 ];
 
 /// The contract every backend honours.
