@@ -219,7 +219,7 @@ fn flags_override_the_image(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Res
 fn its_files_are_not_overwritten(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| {
         let image = test_image(cli)?;
-        let script = "cat /sbin/openshell-init; ls /.openshell/sbin /.openshell/usr/bin; \
+        let script = "cat /sbin/openshell-init; ls -1 /.openshell/sbin /.openshell/usr/bin; \
                       stat -c sizes=%s /bin/busybox";
         let r = run_image(cli, &image, &["--user", "0", "--exec", "/bin/sh", "--", "-c", script])?;
         let busybox = std::fs::metadata("/bin/busybox").map_err(|e| e.to_string())?.len();
