@@ -23,6 +23,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("image::env_workdir_and_user_flags_override_the_image", flags_override_the_image),
     ("image::its_files_are_not_overwritten_by_ours", its_files_are_not_overwritten),
     ("image::an_image_without_a_command_needs_exec", an_image_without_a_command_needs_exec),
+    ("image::a_corrupt_or_foreign_image_is_refused_before_boot", corrupt_or_foreign_image_is_refused),
 ];
 
 /// What the image's Cmd runs (under Entrypoint `/bin/sh -c`).
@@ -93,12 +94,16 @@ fn blob(dir: &Path, bytes: &[u8]) -> Result<Digest, String> {
 /// Writes the OCI layout at `dir/name` with `config` as its config's `config` section; returns
 /// the layout's path.
 fn layout(dir: &Path, name: &str, config: serde_json::Value) -> Result<PathBuf, String> {
+    layout_for(dir, name, config, openshell_artifacts::Arch::host().debian())
+}
+
+/// [`layout`] for the OCI architecture `arch` (`amd64`, `arm64`).
+fn layout_for(dir: &Path, name: &str, config: serde_json::Value, arch: &str) -> Result<PathBuf, String> {
     let out = dir.join(name);
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     std::fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| e.to_string())?;
     let tar = layer()?;
     let layer_digest = blob(&out, &tar)?;
-    let arch = openshell_artifacts::Arch::host().debian();
     let cfg = serde_json::json!({
         "architecture": arch, "os": "linux", "config": config,
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", layer_digest.hex())]},
@@ -245,6 +250,40 @@ fn an_image_without_a_command_needs_exec(_: &Artifacts, vmm: VmmChoice, dir: Tri
                 "an image without Entrypoint or Cmd must be refused with the --exec hint:\n{}",
                 r.show()
             ));
+        }
+        Ok(())
+    })
+}
+
+fn corrupt_or_foreign_image_is_refused(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_no_vm();
+    in_cli(dir, vmm, |cli| {
+        let config = serde_json::json!({"Cmd": ["/bin/true"]});
+        let foreign = match openshell_artifacts::Arch::host() {
+            openshell_artifacts::Arch::X86_64 => "arm64",
+            openshell_artifacts::Arch::Aarch64 => "amd64",
+        };
+        let image = format!("oci:{}", layout_for(&cli.dir, "foreign-layout", config.clone(), foreign)?.display());
+        let r = run_image(cli, &image, &[])?;
+        if r.code != Some(1) || !r.stderr.contains("no manifest for") || !r.stderr.contains(foreign) {
+            return Err(format!("an image for {foreign} only must be refused, naming what it has:\n{}", r.show()));
+        }
+        // One flipped byte in the layer: its blob no longer matches its digest.
+        let out = layout(&cli.dir, "corrupt-layout", config)?;
+        let blobs = out.join("blobs/sha256");
+        let layer = std::fs::read_dir(&blobs)
+            .map_err(|e| e.to_string())?
+            .flatten()
+            .map(|e| e.path())
+            .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .ok_or("the layout has no blobs")?;
+        let mut bytes = std::fs::read(&layer).map_err(|e| e.to_string())?;
+        bytes[700] ^= 1;
+        std::fs::write(&layer, bytes).map_err(|e| e.to_string())?;
+        let r = run_image(cli, &format!("oci:{}", out.display()), &[])?;
+        let name = layer.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if r.code != Some(1) || !r.stderr.contains("does not match its digest") || !r.stderr.contains(&name) {
+            return Err(format!("a corrupt layer must be refused, naming its blob {name}:\n{}", r.show()));
         }
         Ok(())
     })
