@@ -36,11 +36,6 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
     format!("{line} {}", super::init_params(cfg))
 }
 
-/// What libkrun is told to execute: our init itself (at [`crate::Root::init`]), without arguments or environment. The
-/// command reaches the guest once, in `exec.json` in the share; `krun_set_exec` would also put its
-/// argv and env on the guest kernel command line, where every guest process can read them and a
-/// newline in a script aborts the VMM (libkrun's cmdline builder: `InvalidAscii`).
-
 /// Where the VMM finds each file of `cfg`.
 struct Files {
     kernel: PathBuf,
@@ -94,6 +89,11 @@ pub fn spec(cfg: &VmConfig, link: &Link, fds: &HandedFds) -> KrunSpec {
         root: files.rootfs.clone(),
         kernel: files.kernel,
         cmdline: kernel_cmdline(cfg),
+        // What libkrun executes: our init itself (where this root carries it), without arguments
+        // or environment. The command reaches the guest once, in `exec.json` in the share;
+        // `krun_set_exec` would also put its argv and env on the guest kernel command line, where
+        // every guest process can read them and a newline in a script aborts the VMM (libkrun's
+        // cmdline builder: `InvalidAscii`).
         exec_path: cfg.root.init().into(),
         args: Vec::new(),
         env: Vec::new(),

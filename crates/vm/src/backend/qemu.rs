@@ -308,6 +308,23 @@ mod tests {
     }
 
     #[test]
+    fn an_image_root_boots_our_init_at_its_own_path() {
+        let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
+        assert!(kernel_cmdline(&cfg, true).contains(" init=/sbin/openshell-init "));
+        cfg.root = crate::Root::Disk {
+            image: "/store/rootdisk/x/root.ext4".into(),
+            data_mib: 64,
+            init: openshell_guest::IMAGE_INIT_BIN.into(),
+        };
+        let line = kernel_cmdline(&cfg, true);
+        assert!(line.contains(" init=/.openshell/sbin/openshell-init ") && !line.contains("init=/sbin/"), "{line}");
+        assert!(crate::backend::krun::kernel_cmdline(&cfg).contains(" init=/.openshell/sbin/openshell-init "));
+        // A request written before the field existed is our own rootfs' disk.
+        let old: crate::Root = serde_json::from_str(r#"{"disk":{"image":"/i","data_mib":64}}"#).unwrap();
+        assert_eq!(old.init(), openshell_guest::INIT_BIN);
+    }
+
+    #[test]
     fn a_disk_root_attaches_the_image_read_only_then_the_data_disk_through_fdsets() {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
         cfg.root = crate::Root::disk("/store/rootdisk/x/root.ext4".into(), 64);
