@@ -4,8 +4,11 @@
 //! `/sbin/openshell-init` of the image's own that ours must not replace. The config runs a script
 //! as `1000:1000` in `/work` that prints what the guest sees and exits 7.
 //!
-//! The layout is byte-for-byte the same in every trial (fixed mtimes), so its unpacked root and
-//! root disk are baked into the shared store once and found by the next trial.
+//! The layout is byte-for-byte the same in every trial (fixed mtimes, our rootfs' busybox), so its
+//! unpacked root and root disk are baked into the shared store once and found by the next trial.
+//! Where libkrun runs only nested, the `krun::image::*` trials run the CLI inside L1 with the
+//! host's store read-only and `OPENSHELL_BUILD=never`: they boot the image root a host run (their
+//! `qemu::image::*` twins) baked, and without one they fail with xtask's "would be built" refusal.
 
 use std::path::{Path, PathBuf};
 
@@ -48,9 +51,10 @@ fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar
 }
 
 /// The layer: deliberately without /proc, /sys, /dev, /run and /tmp, which the root disk adds.
-fn layer() -> Result<Vec<u8>, String> {
-    let busybox = std::fs::read("/bin/busybox")
-        .map_err(|e| format!("/bin/busybox: {e} (these trials need it: apt-get install -y busybox-static)"))?;
+/// The busybox is our rootfs' (the host's busybox-static), which is there inside the nested host too.
+fn layer(a: &Artifacts) -> Result<Vec<u8>, String> {
+    let path = a.rootfs.join("bin/busybox");
+    let busybox = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut b = tar::Builder::new(Vec::new());
     let put = |b: &mut tar::Builder<Vec<u8>>, mut h: tar::Header, path: &str, data: &[u8]| {
         h.set_path(path).map_err(|e| e.to_string())?;
@@ -93,16 +97,16 @@ fn blob(dir: &Path, bytes: &[u8]) -> Result<Digest, String> {
 
 /// Writes the OCI layout at `dir/name` with `config` as its config's `config` section; returns
 /// the layout's path.
-fn layout(dir: &Path, name: &str, config: serde_json::Value) -> Result<PathBuf, String> {
-    layout_for(dir, name, config, openshell_artifacts::Arch::host().debian())
+fn layout(a: &Artifacts, dir: &Path, name: &str, config: serde_json::Value) -> Result<PathBuf, String> {
+    layout_for(a, dir, name, config, openshell_artifacts::Arch::host().debian())
 }
 
 /// [`layout`] for the OCI architecture `arch` (`amd64`, `arm64`).
-fn layout_for(dir: &Path, name: &str, config: serde_json::Value, arch: &str) -> Result<PathBuf, String> {
+fn layout_for(a: &Artifacts, dir: &Path, name: &str, config: serde_json::Value, arch: &str) -> Result<PathBuf, String> {
     let out = dir.join(name);
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     std::fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| e.to_string())?;
-    let tar = layer()?;
+    let tar = layer(a)?;
     let layer_digest = blob(&out, &tar)?;
     let cfg = serde_json::json!({
         "architecture": arch, "os": "linux", "config": config,
@@ -130,13 +134,13 @@ fn layout_for(dir: &Path, name: &str, config: serde_json::Value, arch: &str) -> 
 }
 
 /// The test image: Entrypoint `/bin/sh -c`, Cmd [`SCRIPT`], as 1000:1000 in /work.
-fn test_image(cli: &Cli) -> Result<String, String> {
+fn test_image(a: &Artifacts, cli: &Cli) -> Result<String, String> {
     let config = serde_json::json!({
         "Entrypoint": ["/bin/sh", "-c"], "Cmd": [SCRIPT],
         "Env": ["PATH=/bin", "GREETING=hello-from-the-image"],
         "WorkingDir": "/work", "User": "1000:1000",
     });
-    Ok(format!("oci:{}", layout(&cli.dir, "image-layout", config)?.display()))
+    Ok(format!("oci:{}", layout(a, &cli.dir, "image-layout", config)?.display()))
 }
 
 /// `vm run --image IMAGE --vmm VMM --net none EXTRA`.
@@ -155,9 +159,9 @@ fn expect_lines(r: &crate::cli::Ran, code: i32, want: &[&str], what: &str) -> Re
     Ok(())
 }
 
-fn own_workload_runs_with_its_config(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+fn own_workload_runs_with_its_config(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| {
-        let image = test_image(cli)?;
+        let image = test_image(a, cli)?;
         let r = run_image(cli, &image, &[])?;
         expect_lines(
             &r,
@@ -183,9 +187,9 @@ fn own_workload_runs_with_its_config(_: &Artifacts, vmm: VmmChoice, dir: TrialDi
     })
 }
 
-fn exec_replaces_the_images_command(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+fn exec_replaces_the_images_command(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| {
-        let image = test_image(cli)?;
+        let image = test_image(a, cli)?;
         let r = run_image(
             cli,
             &image,
@@ -200,9 +204,9 @@ fn exec_replaces_the_images_command(_: &Artifacts, vmm: VmmChoice, dir: TrialDir
     })
 }
 
-fn flags_override_the_image(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+fn flags_override_the_image(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| {
-        let image = test_image(cli)?;
+        let image = test_image(a, cli)?;
         let r =
             run_image(cli, &image, &["--env", "GREETING=from-the-flag", "--workdir", "/home/app", "--user", "app"])?;
         expect_lines(
@@ -221,13 +225,13 @@ fn flags_override_the_image(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Res
     })
 }
 
-fn its_files_are_not_overwritten(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+fn its_files_are_not_overwritten(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     in_cli(dir, vmm, |cli| {
-        let image = test_image(cli)?;
+        let image = test_image(a, cli)?;
         let script = "cat /sbin/openshell-init; ls -1 /.openshell/sbin /.openshell/usr/bin; \
                       stat -c sizes=%s /bin/busybox";
         let r = run_image(cli, &image, &["--user", "0", "--exec", "/bin/sh", "--", "-c", script])?;
-        let busybox = std::fs::metadata("/bin/busybox").map_err(|e| e.to_string())?.len();
+        let busybox = std::fs::metadata(a.rootfs.join("bin/busybox")).map_err(|e| e.to_string())?.len();
         let sizes = format!("sizes={busybox}");
         let image_init = String::from_utf8_lossy(IMAGE_INIT);
         expect_lines(
@@ -239,11 +243,11 @@ fn its_files_are_not_overwritten(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -
     })
 }
 
-fn an_image_without_a_command_needs_exec(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+fn an_image_without_a_command_needs_exec(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     dir.expect_no_vm();
     in_cli(dir, vmm, |cli| {
         let config = serde_json::json!({"Env": ["PATH=/bin"]});
-        let image = format!("oci:{}", layout(&cli.dir, "no-command-layout", config)?.display());
+        let image = format!("oci:{}", layout(a, &cli.dir, "no-command-layout", config)?.display());
         let r = run_image(cli, &image, &[])?;
         if r.code != Some(1) || !r.stderr.contains("the image names no command") || !r.stderr.contains("--exec") {
             return Err(format!(
@@ -255,7 +259,7 @@ fn an_image_without_a_command_needs_exec(_: &Artifacts, vmm: VmmChoice, dir: Tri
     })
 }
 
-fn corrupt_or_foreign_image_is_refused(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+fn corrupt_or_foreign_image_is_refused(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     dir.expect_no_vm();
     in_cli(dir, vmm, |cli| {
         let config = serde_json::json!({"Cmd": ["/bin/true"]});
@@ -263,13 +267,13 @@ fn corrupt_or_foreign_image_is_refused(_: &Artifacts, vmm: VmmChoice, dir: Trial
             openshell_artifacts::Arch::X86_64 => "arm64",
             openshell_artifacts::Arch::Aarch64 => "amd64",
         };
-        let image = format!("oci:{}", layout_for(&cli.dir, "foreign-layout", config.clone(), foreign)?.display());
+        let image = format!("oci:{}", layout_for(a, &cli.dir, "foreign-layout", config.clone(), foreign)?.display());
         let r = run_image(cli, &image, &[])?;
         if r.code != Some(1) || !r.stderr.contains("no manifest for") || !r.stderr.contains(foreign) {
             return Err(format!("an image for {foreign} only must be refused, naming what it has:\n{}", r.show()));
         }
         // One flipped byte in the layer: its blob no longer matches its digest.
-        let out = layout(&cli.dir, "corrupt-layout", config)?;
+        let out = layout(a, &cli.dir, "corrupt-layout", config)?;
         let blobs = out.join("blobs/sha256");
         let layer = std::fs::read_dir(&blobs)
             .map_err(|e| e.to_string())?
