@@ -395,14 +395,20 @@ impl RunArgs {
             ),
             None => w.argv.clone(),
         };
+        let mut env = w.env;
         let user = match self.user.as_deref().or(w.user.as_deref()) {
             Some(spec) => {
                 let u = openshell_image::resolve_user(&r.image.root(), spec)?;
+                // As container runtimes do: the user's own home unless the image sets HOME (init's
+                // default, /root, is not a non-root user's to write).
+                if let Some(home) = u.home.filter(|_| !env.iter().any(|(k, _)| k == "HOME")) {
+                    env.push(("HOME".into(), home));
+                }
                 Some(ExecUser { uid: u.uid, gid: u.gid, groups: u.groups })
             }
             None => None,
         };
-        Ok(ExecRequest { argv, env: w.env, workdir: Some(w.cwd), user })
+        Ok(ExecRequest { argv, env, workdir: Some(w.cwd), user })
     }
 
     /// `vm run --exec` and `--image`: one command in a VM of its own (no instance), preflight
