@@ -36,6 +36,19 @@ const SCRIPT: &str = "echo uid=$(id -u) gid=$(id -g); echo pwd=$(pwd); echo gree
 /// The image's own init, which must still be there, unchanged, inside the VM.
 const IMAGE_INIT: &[u8] = b"the image's own init\n";
 
+/// The `user.origin` xattr of `/work/owned`, which must reach the root disk.
+const XATTR_VALUE: &str = "from-the-image-layer";
+
+/// One PAX extended-header record: `LEN KEY=VALUE\n`, where LEN counts its own digits.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while len.to_string().len() + body.len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
 const APPLETS: &[&str] = &["sh", "id", "stat", "pwd", "echo", "cat", "ls", "true"];
 
 fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
@@ -72,6 +85,9 @@ fn layer(a: &Artifacts) -> Result<Vec<u8>, String> {
     }
     let su = b"not really su\n";
     put(&mut b, header(tar::EntryType::Regular, 0o4755, 0, 0, su.len() as u64), "bin/su-test", su)?;
+    // A PAX header with an xattr for the next entry, as `podman save` writes them.
+    let record = pax_record("SCHILY.xattr.user.origin", XATTR_VALUE);
+    put(&mut b, header(tar::EntryType::XHeader, 0o644, 0, 0, record.len() as u64), "PaxHeader", &record)?;
     let owned = b"app's file\n";
     put(&mut b, header(tar::EntryType::Regular, 0o640, 1000, 1000, owned.len() as u64), "work/owned", owned)?;
     put(
@@ -239,7 +255,28 @@ fn its_files_are_not_overwritten(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -
             0,
             &[image_init.trim(), "openshell-init", "openshell-gateway", &sizes],
             "the image's /sbin/openshell-init and busybox unchanged, ours under /.openshell",
-        )
+        )?;
+        // `rootfs --image --json` names the disk that booted (found, not baked again), and the
+        // layer's xattr is in it: busybox has no getfattr, so it is read off the image itself.
+        let r = cli.run(&["rootfs", "--image", &image, "--json"])?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&r.stdout).map_err(|e| format!("rootfs --json: {e}:\n{}", r.show()))?;
+        let disk = doc["disk"].as_str().ok_or_else(|| format!("rootfs --json has no disk:\n{}", r.show()))?;
+        if r.code != Some(0) || doc["fresh"] != false || doc["init"] != openshell_guest::IMAGE_INIT_BIN {
+            return Err(format!("rootfs --image --json after a boot of that image:\n{}", r.show()));
+        }
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "ea_get /work/owned user.origin", disk])
+            .output()
+            .map_err(|e| format!("debugfs (apt-get install -y e2fsprogs): {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !text.contains(XATTR_VALUE) {
+            return Err(format!(
+                "the layer's user.origin xattr on /work/owned is not in {disk}: debugfs said {text:?} {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
     })
 }
 
