@@ -427,6 +427,59 @@ pub fn ensure_root_disk(sh: &Shell, store: &Store, rootfs: &RootfsBundle) -> any
     Ok(image.image)
 }
 
+/// An OCI image made ready to boot: unpacked and verified in the store, and its root disk.
+pub struct ImageRoot {
+    pub image: openshell_image::UnpackedImage,
+    pub disk: openshell_artifacts::disk::RootDisk,
+    /// Whether this call unpacked the image / baked the disk (false: found in the store).
+    pub fresh_image: bool,
+    pub fresh_disk: bool,
+}
+
+/// The root disk of the OCI image `image` (`rootfs --image`, `vm run --image`): the image
+/// unpacked (every blob checked against its digest, the host's arch only), then its tree baked
+/// with our guest programs beside it under [`openshell_guest::IMAGE_GUEST_DIR`] (init at
+/// [`openshell_guest::IMAGE_INIT_BIN`]), through the same builder and store as `--root disk`.
+/// The programs are `rootfs`'s own copies: the binaries our own root boots, already built (or
+/// pinned, under `OPENSHELL_BUILD=never`), so the two roots never carry different inits.
+/// No busybox is added: init needs none unless it runs udhcpc, and `vm run --image` refuses
+/// `--dhcp`.
+pub fn ensure_image_root(
+    sh: &Shell,
+    store: &Store,
+    rootfs: &RootfsBundle,
+    image: &openshell_image::ImageRef,
+) -> anyhow::Result<ImageRoot> {
+    use openshell_artifacts::disk::{self, DiskAddition, RootDiskSpec};
+    deps::ensure(sh, &[deps::E2FSPROGS])?;
+    let mut progress = progress::BuildLines::new("image", "image", 1);
+    let unpacked = openshell_image::unpack(store, image, &mut |line| progress.line(line));
+    progress.finish();
+    let unpacked = unpacked.with_context(|| format!("unpacking {image:?}"))?;
+    let img = unpacked.image;
+    anyhow::ensure!(
+        !img.config.rootless,
+        "{} was unpacked without root: its owners are the unpacker's and its device nodes are missing, so it \
+         cannot be booted; remove it and run again as root",
+        img.dir.display()
+    );
+    let mut additions = Vec::new();
+    for (_, _, path) in guest_programs(Arch::host()) {
+        let dest = format!("{}{path}", openshell_guest::IMAGE_GUEST_DIR);
+        additions.push(DiskAddition::new(&rootfs.dir.join(path.trim_start_matches('/')), &dest, 0o755)?);
+    }
+    debug_assert!(additions.iter().any(|a| a.dest == openshell_guest::IMAGE_INIT_BIN));
+    let spec = RootDiskSpec::for_tree(img.config.manifest_digest.clone(), &img.root(), additions)
+        .context("sizing the image's root disk")?;
+    let (disk, fresh_disk) = match disk::locate(store, &spec) {
+        Some(found) => (found, false),
+        None if builds::never() => return Err(builds::refused("the root disk of this image")),
+        None => (disk::build(store, &spec).context("image root disk build failed")?, true),
+    };
+    disk::verify(&disk)?;
+    Ok(ImageRoot { image: img, disk, fresh_image: unpacked.fresh, fresh_disk })
+}
+
 /// The nested host (L1 of a nested boot): its kernel and its root, built if the store lacks them
 /// (the kernel takes minutes; the root about a minute, from Debian's archive).
 pub fn ensure_nested_host(sh: &Shell, store: &Store) -> anyhow::Result<(GuestKernel, RootfsBundle)> {

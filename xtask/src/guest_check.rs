@@ -26,10 +26,10 @@ pub fn run(json: bool, vmm: VmmChoice, profile: &Profile) -> anyhow::Result<i32>
     cfg.vmm = vmm;
     if profile.disk_root {
         // A fresh data disk in the check's own state: what the profile's first boot gets.
-        cfg.root = openshell_vm::Root::Disk {
-            image: crate::artifacts::ensure_root_disk(&sh, &store, &rootfs)?,
-            data_mib: openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB,
-        };
+        cfg.root = openshell_vm::Root::disk(
+            crate::artifacts::ensure_root_disk(&sh, &store, &rootfs)?,
+            openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB,
+        );
     }
     crate::artifacts::ensure_vmm(&sh, cfg.vmm, cfg.net, cfg.gvproxy.as_deref(), cfg.arch)?;
     eprintln!(

@@ -31,7 +31,7 @@ enum ImageSub {
 }
 
 /// Parsed before `main` moves to the project root, so a relative path is the caller's.
-fn parse_ref(s: &str) -> Result<ImageRef, String> {
+pub fn parse_ref(s: &str) -> Result<ImageRef, String> {
     let abs = |p: &std::path::Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
     Ok(match s.parse::<ImageRef>().map_err(|e| e.to_string())? {
         ImageRef::OciLayout(p) => ImageRef::OciLayout(abs(&p)?),

@@ -7,6 +7,7 @@ use openshell_artifacts::Store;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use openshell_guest::{ExecRequest, ExecUser};
 use openshell_instance::check::{self, Verification};
 use openshell_instance::profile::{self, Profile};
 use openshell_instance::state::{self, GatewayInstance};
@@ -23,7 +24,8 @@ pub struct VmCmd {
 #[allow(clippy::large_enum_variant)] // parsed once per process
 #[derive(clap::Subcommand)]
 enum VmSub {
-    /// Boot the gateway VM (default), or with --exec run one command and exit with its code
+    /// Boot the gateway VM (default), or with --exec run one command and exit with its code; with
+    /// --image, boot an OCI image and run its own command (or --exec) and exit with its code
     Run(RunArgs),
     /// Show a gateway instance: running, pids, endpoint, mTLS health (exit 0 only when SERVING)
     Status {
@@ -49,10 +51,27 @@ enum VmSub {
 }
 
 #[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("disk_root").args(["root", "image"]).multiple(true))]
+#[command(group = clap::ArgGroup::new("one_shot").args(["exec", "image"]).multiple(true))]
+#[command(group = clap::ArgGroup::new("instance").args(["name", "reset", "ready_timeout", "detach", "restart"]).multiple(true))]
 struct RunArgs {
-    /// Run this command (absolute path inside the guest) instead of the gateway
+    /// Run this command (absolute path inside the guest) instead of the gateway (or instead of
+    /// the --image's own command)
     #[arg(long)]
     exec: Option<String>,
+    /// Boot this OCI image as the root (an OCI layout directory, an OCI or docker archive, or a
+    /// local podman image; `oci:`, `oci-archive:`, `docker-archive:`, `podman:` say which), baked
+    /// into a read-only ext4 root disk with a data disk stacked on it, as `--root disk`. The
+    /// image's config is the workload: Entrypoint+Cmd as argv (or --exec CMD -- ARGS), its Env
+    /// under --env, its WorkingDir under --workdir, its User under --user. Like --exec, the VM is
+    /// one-shot, without a gateway instance: it runs that command and exits with its code
+    /// (forward its ports with -p)
+    #[arg(long, value_name = "REF", value_parser = crate::image::parse_ref, conflicts_with_all = ["instance", "root", "arch", "dhcp"])]
+    image: Option<openshell_image::ImageRef>,
+    /// Who the --image's command runs as instead of the image's User: NAME, UID, NAME:GROUP or
+    /// UID:GID (names from the image's /etc/passwd and /etc/group)
+    #[arg(long, requires = "image")]
+    user: Option<String>,
     /// Name of the gateway instance (its PKI and state live under $XDG_CONFIG_HOME/openshell/gateways/NAME)
     #[arg(long, default_value = "default", conflicts_with = "exec")]
     name: String,
@@ -113,7 +132,7 @@ struct RunArgs {
     dhcp: bool,
     /// State directory of this --exec VM (default: a fresh temporary directory; a gateway keeps its
     /// state under its instance directory)
-    #[arg(long, requires = "exec")]
+    #[arg(long, requires = "one_shot")]
     state_dir: Option<PathBuf>,
     /// Boot even if the kernel or rootfs does not match its recorded sha256 (warns instead of refusing)
     #[arg(long)]
@@ -125,14 +144,14 @@ struct RunArgs {
     /// [default: the profile's: share for gateway, disk for debian]
     #[arg(long, value_enum)]
     root: Option<RootFlag>,
-    /// Size of the data disk a first disk-root boot makes, sparse (MiB, or with a G/M suffix)
-    /// [default: 4096 MiB]; an existing data disk keeps its size
+    /// Size of the data disk a first disk-root (or `--image`) boot makes, sparse (MiB, or with a
+    /// G/M suffix) [default: 4096 MiB]; an existing data disk keeps its size
     #[arg(long, value_name = "SIZE", value_parser = parse_size_mib)]
     disk_size: Option<u64>,
     /// What the VM is: gateway (the gateway on busybox, the default) or debian (the gateway on
     /// Debian bookworm minbase + python3, a disk root with a data disk, 512 MiB); `rootfs
     /// --profile` bakes its root ahead
-    #[arg(long, default_value_t = profile::GATEWAY)]
+    #[arg(long, default_value_t = profile::GATEWAY, conflicts_with = "image")]
     profile: Profile,
     /// The guest's architecture (default: the host's). A foreign one (aarch64 on x86_64) boots under
     /// QEMU's emulation with a root of busybox and init only, so it runs --exec commands only
@@ -162,10 +181,10 @@ impl RootFlag {
                 anyhow::bail!("--disk-size sizes the data disk of --root disk; a share root has none")
             }
             RootFlag::Share => Root::Share,
-            RootFlag::Disk => Root::Disk {
-                image: crate::artifacts::ensure_root_disk(sh, store, rootfs)?,
-                data_mib: disk_size.unwrap_or(openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB),
-            },
+            RootFlag::Disk => Root::disk(
+                crate::artifacts::ensure_root_disk(sh, store, rootfs)?,
+                disk_size.unwrap_or(openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB),
+            ),
         })
     }
 }
@@ -245,8 +264,8 @@ impl RunArgs {
         Overrides {
             arch: self.arch,
             vcpus: self.vcpus,
-            // The profile's memory is the gateway's; an --exec VM keeps its own default.
-            mem_mib: self.mem.or(self.exec.is_none().then_some(self.profile.mem_mib)),
+            // The profile's memory is the gateway's; an --exec or --image VM keeps its own default.
+            mem_mib: self.mem.or((self.exec.is_none() && self.image.is_none()).then_some(self.profile.mem_mib)),
             vmm: Some(self.vmm),
             net: Some(self.net.unwrap_or(openshell_vm::Net::default_for(openshell_vm::host::Os::host()))),
             gvproxy: self.gvproxy.clone(),
@@ -271,9 +290,9 @@ impl RunArgs {
         let net = overrides.net.expect("overrides() decides the network");
         // A running instance is refused before anything is built, reset or written into its
         // share; the boot takes the lock for real.
-        let instance = match &self.exec {
-            Some(_) => None,
-            None => {
+        let instance = match (&self.exec, &self.image) {
+            (Some(_), _) | (_, Some(_)) => None,
+            (None, None) => {
                 let inst = GatewayInstance::new(&state::gateways_root(), &self.name)?;
                 inst.ensure_stopped()?;
                 Some(inst)
@@ -287,10 +306,17 @@ impl RunArgs {
         let kernel =
             crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
         let rootfs = crate::artifacts::profile_root(&sh, &store, &self.profile, arch, true)?;
-        overrides.root = Some(self.root().decide(self.disk_size, &sh, &store, &rootfs)?);
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
+        if let Some(image) = &self.image {
+            let base = self.image_workload(&sh, &store, &rootfs, image, &mut overrides)?;
+            return self.run_exec(kernel.vmlinux, rootfs.dir, base, &overrides, verification);
+        }
+        overrides.root = Some(self.root().decide(self.disk_size, &sh, &store, &rootfs)?);
         let Some(inst) = instance else {
-            return self.run_exec(kernel.vmlinux, rootfs.dir, &overrides, verification);
+            let mut argv = vec![self.exec.clone().expect("exec mode")];
+            argv.extend(self.args.clone());
+            let base = ExecRequest { argv, env: Vec::new(), workdir: None, user: None };
+            return self.run_exec(kernel.vmlinux, rootfs.dir, base, &overrides, verification);
         };
         if self.reset {
             inst.reset()?;
@@ -351,23 +377,72 @@ impl RunArgs {
         Ok(exit.code())
     }
 
-    /// `vm run --exec`: one command in a VM of its own (no instance), preflight first.
+    /// `vm run --image`: the image's root disk (baked unless the store has it) as the root, and
+    /// what the image says to run as the command the flags then override: Entrypoint+Cmd unless
+    /// --exec, its Env (then --env, applied by `VmConfig::update`), its WorkingDir (unless
+    /// --workdir), its User (unless --user) resolved to numbers from the image's own files.
+    fn image_workload(
+        &self,
+        sh: &Shell,
+        store: &Store,
+        rootfs: &openshell_artifacts::rootfs::RootfsBundle,
+        image: &openshell_image::ImageRef,
+        overrides: &mut Overrides,
+    ) -> anyhow::Result<ExecRequest> {
+        let r = crate::artifacts::ensure_image_root(sh, store, rootfs, image)?;
+        tracing::info!(disk = %r.disk.image.display(), image = %r.image.dir.display(), "image root");
+        overrides.root = Some(Root::Disk {
+            image: r.disk.image.clone(),
+            data_mib: self.disk_size.unwrap_or(openshell_artifacts::disk::DEFAULT_DATA_DISK_MIB),
+            init: openshell_guest::IMAGE_INIT_BIN.to_owned(),
+        });
+        let w = r.image.workload();
+        let argv = match &self.exec {
+            Some(exec) => std::iter::once(exec.clone()).chain(self.args.iter().cloned()).collect(),
+            None if w.argv.is_empty() => anyhow::bail!(
+                "the image names no command (no Entrypoint or Cmd): pass --exec CMD [-- ARGS] to say what to run in it"
+            ),
+            None if !self.args.is_empty() => anyhow::bail!(
+                "arguments after -- go with --exec; the image's own command is {:?}: pass --exec {} -- ARGS to change it",
+                w.argv,
+                w.argv[0]
+            ),
+            None => w.argv.clone(),
+        };
+        let mut env = w.env;
+        let user = match self.user.as_deref().or(w.user.as_deref()) {
+            Some(spec) => {
+                let u = openshell_image::resolve_user(&r.image.root(), spec)?;
+                // As container runtimes do: the user's own home unless the image sets HOME (init's
+                // default, /root, is not a non-root user's to write).
+                if let Some(home) = u.home.filter(|_| !env.iter().any(|(k, _)| k == "HOME")) {
+                    env.push(("HOME".into(), home));
+                }
+                Some(ExecUser { uid: u.uid, gid: u.gid, groups: u.groups })
+            }
+            None => None,
+        };
+        Ok(ExecRequest { argv, env, workdir: Some(w.cwd), user })
+    }
+
+    /// `vm run --exec` and `--image`: one command in a VM of its own (no instance), preflight
+    /// first. `base` is the command before the flags' overrides.
     fn run_exec(
         self,
         kernel: PathBuf,
         rootfs: PathBuf,
+        base: ExecRequest,
         overrides: &Overrides,
         verification: Verification,
     ) -> anyhow::Result<i32> {
-        let mut argv = vec![self.exec.clone().expect("exec mode")];
-        argv.extend(self.args.clone());
         // Lives as long as the VM: a one-shot --exec VM without --state-dir runs in a temp dir.
         let mut tmp = None;
         let state_dir = match &self.state_dir {
             Some(d) => d.clone(),
             None => tmp.insert(tempfile::Builder::new().prefix("openshell-vm-").tempdir()?).path().to_owned(),
         };
-        let mut cfg = VmConfig::exec(kernel, rootfs, state_dir, argv);
+        let mut cfg = VmConfig::exec(kernel, rootfs, state_dir, Vec::new());
+        cfg.exec = base;
         cfg.update(overrides);
         let (mut vm, preflight) = check::launch_checked(&cfg, verification)?;
         show_warnings(&preflight);
@@ -547,6 +622,19 @@ mod tests {
         assert!(
             crate::flags::Cli::try_parse_from(["xtask", "vm", "run", "--root", "disk", "--disk-size", "x"]).is_err()
         );
+        // --image is a disk root: it takes --disk-size, and refuses what only a gateway or our own
+        // rootfs has.
+        assert_eq!(run_args(&["--image", "oci:/x", "--disk-size", "1G"]).disk_size, Some(1024));
+        for clash in [&["--root", "disk"][..], &["--name", "a"], &["--detach"], &["--dhcp"], &["--arch", "aarch64"]] {
+            let argv = ["xtask", "vm", "run", "--image", "oci:/x"].into_iter().chain(clash.iter().copied());
+            assert!(crate::flags::Cli::try_parse_from(argv).is_err(), "--image with {clash:?}");
+        }
+        assert!(
+            crate::flags::Cli::try_parse_from(["xtask", "vm", "run", "--user", "1"]).is_err(),
+            "--user without --image"
+        );
+        let a = run_args(&["--image", "oci:/x", "--exec", "/bin/sh", "--state-dir", "/s", "--", "-c", "id"]);
+        assert_eq!((a.exec.as_deref(), a.args.len()), (Some("/bin/sh"), 2));
         // Without a disk the flags decide nothing about the root: `root` does, once the image exists.
         assert_eq!(run_args(&["--root", "disk"]).overrides().root, None);
     }
@@ -557,6 +645,7 @@ mod tests {
         assert_eq!(run_args(&["--profile", "debian"]).overrides().mem_mib, Some(profile::DEBIAN.mem_mib));
         assert_eq!(run_args(&["--profile", "debian", "--mem", "300"]).overrides().mem_mib, Some(300));
         assert_eq!(run_args(&["--exec", "/bin/true"]).overrides().mem_mib, None);
+        assert_eq!(run_args(&["--image", "oci:/x"]).overrides().mem_mib, None);
         let err = crate::flags::Cli::try_parse_from(["xtask", "vm", "run", "--profile", "ubuntu"]).err().unwrap();
         assert!(err.to_string().contains("the profiles are: gateway, debian"), "{err}");
     }

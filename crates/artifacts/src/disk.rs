@@ -73,6 +73,11 @@ pub enum DiskError {
     Tampered { path: PathBuf, dir: PathBuf, recorded: String, found: String },
     #[error("a data disk of {mib} MiB is out of range {DATA_DISK_MIN_MIB}..={DATA_DISK_MAX_MIB} MiB (--disk-size)")]
     DataSize { mib: u64 },
+    #[error(
+        "{path} is already in the tree {tree}: our programs go on paths of their own and never over the root's \
+         files; this root cannot take them (an image that ships its own {path} is not supported)"
+    )]
+    InTheWay { path: String, tree: PathBuf },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -115,11 +120,44 @@ impl RootDisk {
     }
 }
 
-/// What a root image is made from: the bundle, and mke2fs with the options below.
+/// A host file put into a root image after `mke2fs -d` copied the tree, on a path the tree does
+/// not have (our init and guest programs in an OCI image's root), owned by root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskAddition {
+    /// Absolute path inside the image.
+    pub dest: String,
+    pub source: PathBuf,
+    /// The source's sha256: part of the image's key.
+    pub digest: Digest,
+    pub mode: u32,
+}
+
+impl DiskAddition {
+    pub fn new(source: &Path, dest: &str, mode: u32) -> Result<DiskAddition, DiskError> {
+        Ok(DiskAddition {
+            dest: dest.to_owned(),
+            source: source.to_owned(),
+            digest: sha256_file(source).map_err(io(source))?,
+            mode,
+        })
+    }
+}
+
+/// Directories init mounts on before the overlay exists: on a read-only root it cannot make them,
+/// so an image root that lacks one gets it (empty, root's, 0755; an existing one is left alone).
+pub const MOUNT_POINTS: &[&str] = &["/proc", "/sys", "/dev", "/run", "/tmp"];
+
+/// What a root image is made from: a tree (our rootfs bundle, or an unpacked OCI image's root),
+/// the files added beside it, and mke2fs with the options below.
 #[derive(Debug, Clone)]
 pub struct RootDiskSpec {
+    /// The tree's identity: the rootfs digest, or an OCI image's manifest digest.
     pub rootfs_digest: Digest,
     pub source: PathBuf,
+    /// Added after the tree is copied, on paths it does not have ([`DiskAddition`]).
+    pub additions: Vec<DiskAddition>,
+    /// [`MOUNT_POINTS`] the tree lacks, made with the additions.
+    pub mount_points: Vec<String>,
     pub mke2fs_version: String,
     pub size_bytes: u64,
     pub inodes: u64,
@@ -128,22 +166,60 @@ pub struct RootDiskSpec {
 impl RootDiskSpec {
     /// Sizes the image to the bundle (see [`fit`]) and asks the host's mke2fs its version.
     pub fn for_bundle(bundle: &RootfsBundle) -> Result<RootDiskSpec, DiskError> {
-        let (size_bytes, inodes) = fit(&bundle.dir)?;
+        RootDiskSpec::for_tree(bundle.digest(), &bundle.dir, Vec::new())
+    }
+
+    /// A root image of the tree at `source` (identified by `digest`) with `additions` beside its
+    /// files: refused if the tree already has a path an addition would take, so the tree's own
+    /// files are never replaced.
+    pub fn for_tree(digest: Digest, source: &Path, additions: Vec<DiskAddition>) -> Result<RootDiskSpec, DiskError> {
+        for a in &additions {
+            let on_host = source.join(a.dest.trim_start_matches('/'));
+            if fs::symlink_metadata(&on_host).is_ok() {
+                return Err(DiskError::InTheWay { path: a.dest.clone(), tree: source.to_owned() });
+            }
+        }
+        let mount_points: Vec<String> = if additions.is_empty() {
+            Vec::new()
+        } else {
+            MOUNT_POINTS
+                .iter()
+                .filter(|m| fs::symlink_metadata(source.join(m.trim_start_matches('/'))).is_err())
+                .map(|m| m.to_string())
+                .collect()
+        };
+        let (mut size_bytes, mut inodes) = fit(source)?;
+        for a in &additions {
+            let len = fs::metadata(&a.source).map_err(io(&a.source))?.len();
+            size_bytes += len.div_ceil(1 << 20) << 20;
+            // The file and each directory above it that may be new.
+            inodes += a.dest.matches('/').count() as u64;
+        }
+        inodes += mount_points.len() as u64;
         Ok(RootDiskSpec {
-            rootfs_digest: bundle.digest(),
-            source: bundle.dir.clone(),
+            rootfs_digest: digest,
+            source: source.to_owned(),
+            additions,
+            mount_points,
             mke2fs_version: mke2fs_version()?,
             size_bytes,
             inodes,
         })
     }
 
-    /// The content address: the rootfs digest, mke2fs' version, its options and its config.
+    /// The content address: the tree's digest, each addition (path, digest, mode), mke2fs'
+    /// version, its options and its config.
     pub fn key(&self) -> Digest {
         let mut b = DigestBuilder::new("openshell-rootdisk/v1");
         b.digest("rootfs", &self.rootfs_digest).str("mke2fs", &self.mke2fs_version).str("conf", MKE2FS_CONF);
         for o in self.options() {
             b.str("option", &o);
+        }
+        for a in &self.additions {
+            b.str("add", &a.dest).digest("add-digest", &a.digest).str("add-mode", &format!("{:o}", a.mode));
+        }
+        for m in &self.mount_points {
+            b.str("mount-point", m);
         }
         b.finish()
     }
@@ -252,6 +328,7 @@ fn build_into(spec: &RootDiskSpec, out: &Path) -> Result<(), DiskError> {
     f.set_len(spec.size_bytes).map_err(io(&image))?;
     drop(f);
     mke2fs(&conf, &spec.options(), Some(&spec.source), &image, Some(FAKE_TIME))?;
+    add_files(spec, &image)?;
     // World-readable whatever the umask, as the kernel and rootfs are: an unprivileged VMM opens
     // it by its fd path, which checks the file's mode.
     use std::os::unix::fs::PermissionsExt;
@@ -290,6 +367,67 @@ fn mke2fs(
         Err(_) if which_mke2fs().is_none() => Err(DiskError::MissingTool { tool: "mke2fs" }),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Writes the spec's additions and missing mount points into the built image with `debugfs -w`
+/// (e2fsprogs, no mount, no root): `mke2fs -d` takes one tree, and copying an image's tree to add
+/// a few files would cost its size on disk and, without root, its owners. debugfs exits 0 even
+/// when a request fails, so anything it says on stderr beyond its banner is a failure.
+fn add_files(spec: &RootDiskSpec, image: &Path) -> Result<(), DiskError> {
+    if spec.additions.is_empty() && spec.mount_points.is_empty() {
+        return Ok(());
+    }
+    let mut script = String::new();
+    let mut made: Vec<String> = Vec::new();
+    let mut mkdir = |dir: &str, script: &mut String| {
+        if !made.iter().any(|m| m == dir)
+            && fs::symlink_metadata(spec.source.join(dir.trim_start_matches('/'))).is_err()
+        {
+            script.push_str(&format!("mkdir \"{dir}\"\nsif \"{dir}\" mode 040755\n"));
+            made.push(dir.to_owned());
+        }
+    };
+    for m in &spec.mount_points {
+        mkdir(m, &mut script);
+    }
+    for a in &spec.additions {
+        let (parent, name) = a.dest.rsplit_once('/').expect("an absolute path");
+        let mut at = String::new();
+        for part in parent.split('/').filter(|p| !p.is_empty()) {
+            at = format!("{at}/{part}");
+            mkdir(&at, &mut script);
+        }
+        let parent = if parent.is_empty() { "/" } else { parent };
+        // `write` links its file into the current directory under the name given.
+        script.push_str(&format!(
+            "cd \"{parent}\"\nwrite \"{}\" \"{name}\"\nsif \"{name}\" mode 0{:o}\nsif \"{name}\" uid 0\nsif \"{name}\" gid 0\n",
+            a.source.display(),
+            0o100000 | a.mode
+        ));
+    }
+    let out = Command::new("debugfs")
+        .env("E2FSPROGS_FAKE_TIME", FAKE_TIME)
+        .args(["-w", "-f", "-"])
+        .arg(image)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+            child.wait_with_output()
+        })
+        .map_err(|_| DiskError::MissingTool { tool: "debugfs" })?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let complaints: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("debugfs ")).collect();
+    if !out.status.success() || !complaints.is_empty() {
+        return Err(DiskError::Command {
+            command: format!("debugfs -w -f - {}", image.display()),
+            detail: format!("{}; requests:\n{script}", complaints.join("; ")),
+        });
+    }
+    Ok(())
 }
 
 fn which_mke2fs() -> Option<PathBuf> {
@@ -404,6 +542,8 @@ mod tests {
         let spec = RootDiskSpec {
             rootfs_digest: Digest::of_bytes(b"a"),
             source: "/r".into(),
+            additions: Vec::new(),
+            mount_points: Vec::new(),
             mke2fs_version: "mke2fs 1.47.0 (5-Feb-2023)".into(),
             size_bytes: 16 << 20,
             inodes: 100,
@@ -495,5 +635,39 @@ mod tests {
         assert!(err.contains("already there"), "{err}");
         assert!(create_data_disk(&tmp.path().join("x"), 1).unwrap_err().to_string().contains("--disk-size"));
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1, "no temporary left behind");
+    }
+
+    #[cfg_attr(not(target_os = "linux"), ignore = "the disk root is baked on Linux hosts only (e2fsprogs)")]
+    #[test]
+    fn additions_go_beside_the_trees_files_which_keep_their_owners_and_modes() {
+        require_e2fsprogs();
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("store"));
+        let tree = tmp.path().join("image-root");
+        fs::create_dir_all(tree.join("bin")).unwrap();
+        fs::create_dir_all(tree.join("sbin")).unwrap();
+        fs::write(tree.join("sbin/openshell-init"), b"the image's own").unwrap();
+        fs::write(tree.join("bin/su"), b"setuid").unwrap();
+        fs::set_permissions(tree.join("bin/su"), fs::Permissions::from_mode(0o4755)).unwrap();
+        let init = tmp.path().join("init");
+        fs::write(&init, b"\x7fELF our init").unwrap();
+        let add = vec![DiskAddition::new(&init, "/.openshell/sbin/openshell-init", 0o755).unwrap()];
+        let spec = RootDiskSpec::for_tree(Digest::of_bytes(b"img"), &tree, add.clone()).unwrap();
+        assert!(spec.mount_points.contains(&"/proc".to_owned()), "{:?}", spec.mount_points);
+        assert_ne!(spec.key(), RootDiskSpec::for_tree(Digest::of_bytes(b"img"), &tree, Vec::new()).unwrap().key());
+        let disk = build(&store, &spec).unwrap();
+        verify(&disk).unwrap();
+        assert_eq!(debugfs(&disk.image, "cat /.openshell/sbin/openshell-init"), "\x7fELF our init");
+        assert_eq!(debugfs(&disk.image, "cat /sbin/openshell-init"), "the image's own");
+        let ours = debugfs(&disk.image, "stat /.openshell/sbin/openshell-init");
+        assert!(ours.contains("Mode:  0755") && ours.contains("User:     0   Group:     0"), "{ours}");
+        assert!(debugfs(&disk.image, "stat /bin/su").contains("Mode:  04755"));
+        assert!(debugfs(&disk.image, "stat /proc").contains("Type: directory"));
+        // A tree that has the path already is refused, naming it.
+        fs::create_dir_all(tree.join(".openshell/sbin")).unwrap();
+        fs::write(tree.join(".openshell/sbin/openshell-init"), b"x").unwrap();
+        let err = RootDiskSpec::for_tree(Digest::of_bytes(b"img"), &tree, add).unwrap_err().to_string();
+        assert!(err.contains("/.openshell/sbin/openshell-init") && err.contains("never over"), "{err}");
     }
 }

@@ -23,6 +23,11 @@ pub const STOP_REQUEST_FILE: &str = "stop-request";
 pub const GUEST_CHECK_BIN: &str = "/usr/bin/openshell-guest-check";
 /// Where every root carries our init (the kernel's `init=`, libkrun's exec path).
 pub const INIT_BIN: &str = "/sbin/openshell-init";
+/// Where an image root carries our init: its own path, beside the image's files and never over
+/// one of them (an image may well have a `/sbin/init` of its own).
+pub const IMAGE_INIT_BIN: &str = "/.openshell/sbin/openshell-init";
+/// The directory an image root keeps our programs under ([`IMAGE_INIT_BIN`] and the rest).
+pub const IMAGE_GUEST_DIR: &str = "/.openshell";
 /// Where every root carries the gateway (the gateway preset's workload).
 pub const GATEWAY_BIN: &str = "/usr/bin/openshell-gateway";
 /// Where the guest checker writes its matrix as JSON, relative to the share.
@@ -120,6 +125,21 @@ pub struct ExecRequest {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub workdir: Option<String>,
+    /// Who the command runs as (an image's `User`, resolved to numbers on the host); `None` is
+    /// root, as init itself runs.
+    #[serde(default)]
+    pub user: Option<ExecUser>,
+}
+
+/// Numeric identity for the workload: init calls setgroups, setgid, then setuid before exec, in
+/// that order (a process that dropped its uid first could no longer change its groups).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecUser {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (from the image's `/etc/group`); may be empty.
+    #[serde(default)]
+    pub groups: Vec<u32>,
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod docker;
 mod error;
 mod layout;
 mod reference;
+mod user;
 
 use std::fs;
 use std::io::{self, Read};
@@ -29,6 +30,7 @@ pub use config::{ImageConfig, Workload};
 pub use error::ImageError;
 pub use layout::Layout;
 pub use reference::{ImageRef, Source};
+pub use user::{resolve_user, ImageUser};
 
 use error::io;
 

@@ -103,10 +103,36 @@ pub enum Root {
     /// the first virtio-blk disk and mounted by the kernel as `/`, and the VM's data disk
     /// ([`VmConfig::data_disk_path`], ext4, read-write) as overlayfs' upper layer, made on first
     /// boot with `data_mib` MiB (sparse) and kept across boots: what the guest writes outlives it.
-    Disk { image: PathBuf, data_mib: u64 },
+    ///
+    /// `init` is where the image carries our init (the kernel's `init=`, libkrun's exec path):
+    /// [`openshell_guest::INIT_BIN`] in our own rootfs, [`openshell_guest::IMAGE_INIT_BIN`] in an
+    /// OCI image's root, whose own files keep their paths.
+    Disk {
+        image: PathBuf,
+        data_mib: u64,
+        #[serde(default = "default_init")]
+        init: String,
+    },
+}
+
+fn default_init() -> String {
+    openshell_guest::INIT_BIN.to_owned()
 }
 
 impl Root {
+    /// A disk root of our own rootfs' image (init at [`openshell_guest::INIT_BIN`]).
+    pub fn disk(image: PathBuf, data_mib: u64) -> Root {
+        Root::Disk { image, data_mib, init: default_init() }
+    }
+
+    /// The guest path of our init in this root.
+    pub fn init(&self) -> &str {
+        match self {
+            Root::Share => openshell_guest::INIT_BIN,
+            Root::Disk { init, .. } => init,
+        }
+    }
+
     /// `share` or `disk`, as `--root` spells it.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -132,7 +158,7 @@ impl VmConfig {
             rootfs,
             vcpus: DEFAULT_VCPUS,
             mem_mib: EXEC_MEM_MIB,
-            exec: ExecRequest { argv, env: Vec::new(), workdir: None },
+            exec: ExecRequest { argv, env: Vec::new(), workdir: None, user: None },
             state_dir,
             console_log: None,
             console_cap: DEFAULT_CONSOLE_CAP,
@@ -353,10 +379,7 @@ mod tests {
     fn a_disk_root_needs_its_image_and_keeps_its_data_disk_in_the_state_dir() {
         let t = tempfile::tempdir().unwrap();
         let mut c = cfg(t.path());
-        c.update(&Overrides {
-            root: Some(Root::Disk { image: t.path().join("root.ext4"), data_mib: 64 }),
-            ..Overrides::default()
-        });
+        c.update(&Overrides { root: Some(Root::disk(t.path().join("root.ext4"), 64)), ..Overrides::default() });
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("root.ext4") && e.contains("--root disk"), "{e}");
         std::fs::write(t.path().join("root.ext4"), b"").unwrap();

@@ -482,8 +482,29 @@ fn run_request(cmdline: &str) -> Result<i32, String> {
     if let Some(dir) = &req.workdir {
         cmd.current_dir(dir);
     }
+    if let Some(u) = &req.user {
+        // By hand rather than `Command::uid`/`gid`: std runs pre_exec closures after its setuid,
+        // and its supplementary groups are unstable. Groups, then gid, then uid: once the uid is
+        // dropped the others can no longer change.
+        let (uid, gid, groups) = (u.uid, u.gid, u.groups.clone());
+        // SAFETY: setgroups/setgid/setuid are async-signal-safe; `groups` is owned by the closure.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     unblocked(&mut cmd);
-    step(&format!("exec {prog}"));
+    match &req.user {
+        Some(u) => step(&format!("exec {prog} as {}:{}", u.uid, u.gid)),
+        None => step(&format!("exec {prog}")),
+    }
     let child = cmd.spawn().map_err(|e| format!("cannot start {prog}: {e}"))?;
     Ok(supervise(child.id() as libc::pid_t))
 }

@@ -59,25 +59,25 @@ pub const TRIALS: &[(&str, Body)] = &[
 const COMMAND_LIMIT: Duration = Duration::from_secs(240);
 
 /// The xtask binary with one trial's environment.
-struct Cli {
+pub(crate) struct Cli {
     bin: PathBuf,
     /// `--vmm` for every command that boots.
-    vmm: &'static str,
-    dir: PathBuf,
+    pub(crate) vmm: &'static str,
+    pub(crate) dir: PathBuf,
     /// `OPENSHELL_CACHE_DIR` when the trial has its own store.
     cache: Option<PathBuf>,
 }
 
 /// What one xtask command did.
-struct Ran {
+pub(crate) struct Ran {
     args: String,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Ran {
-    fn show(&self) -> String {
+    pub(crate) fn show(&self) -> String {
         format!(
             "`xtask {}` exited {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
             self.args, self.code, self.stdout, self.stderr
@@ -243,7 +243,7 @@ impl Cli {
         self.spawn_with(self.command(args), args)
     }
 
-    fn run(&self, args: &[&str]) -> Result<Ran, String> {
+    pub(crate) fn run(&self, args: &[&str]) -> Result<Ran, String> {
         self.spawn(args)?.wait(COMMAND_LIMIT)
     }
 
@@ -404,7 +404,11 @@ fn check_status_stopped(doc: &Value, name: &str, port: u16) -> Result<(), String
 
 /// Runs a trial body against its own `Cli`; a failure carries the instances' logs and keeps the
 /// trial's directory.
-fn in_cli(dir: TrialDir, vmm: VmmChoice, body: impl FnOnce(&mut Cli) -> Result<(), String>) -> Result<(), Failed> {
+pub(crate) fn in_cli(
+    dir: TrialDir,
+    vmm: VmmChoice,
+    body: impl FnOnce(&mut Cli) -> Result<(), String>,
+) -> Result<(), Failed> {
     let mut cli = Cli::new(&dir, vmm)?;
     match body(&mut cli) {
         Ok(()) => Ok(()),

@@ -36,7 +36,7 @@ fn root_image(a: &Artifacts, dir: &TrialDir) -> Result<PathBuf, String> {
 }
 
 fn disk_root(a: &Artifacts, dir: &TrialDir) -> Result<Root, String> {
-    Ok(Root::Disk { image: root_image(a, dir)?, data_mib: DATA_MIB })
+    Ok(Root::disk(root_image(a, dir)?, DATA_MIB))
 }
 
 /// Whether an ext4 image's journal needs replaying (`needs_recovery` among `dumpe2fs -h`'s
@@ -219,7 +219,7 @@ fn tampered_root_disk_is_refused(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -
         return Err(dir.fail(format!("cannot tamper with {}: {e}", image.display())));
     }
     let mut cfg = support::config(a, &dir, vmm, &["/bin/true"]);
-    cfg.root = Root::Disk { image: image.clone(), data_mib: DATA_MIB };
+    cfg.root = Root::disk(image.clone(), DATA_MIB);
     match openshell_instance::check::launch_checked(&cfg, openshell_instance::check::Verification::Required) {
         Ok(_) => Err(dir.fail("a tampered root disk image booted")),
         Err(e) => {

@@ -18,6 +18,7 @@ mod faults;
 mod flood;
 mod guest_check;
 mod gvproxy;
+mod image;
 mod lifecycle;
 mod nested;
 mod profile;

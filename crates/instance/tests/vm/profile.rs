@@ -39,7 +39,7 @@ fn debian_gateway_serves_mtls_and_verifies(a: &Artifacts, vmm: VmmChoice, dir: T
     };
     let booted = support::with_free_port(|port| {
         let mut g = support::gateway(&deb, vmm, &dir.path().join("gateways"), port)?;
-        g.req.vm.root = Some(Root::Disk { image: image.clone(), data_mib: DATA_MIB });
+        g.req.vm.root = Some(Root::disk(image.clone(), DATA_MIB));
         g.req.vm.mem_mib = Some(openshell_instance::profile::DEBIAN.mem_mib);
         let up = g.boot().map_err(|e| format!("boot: {e}"))?;
         Ok((g, up))
@@ -75,7 +75,7 @@ fn debian_runs_python_and_keeps_what_it_writes(a: &Artifacts, vmm: VmmChoice, di
              print('python', platform.python_version(), open('/etc/debian_version').read().strip())"
         );
         let mut cfg = support::config(&deb, &dir, vmm, &["/usr/bin/python3", "-c", &write]);
-        cfg.root = Root::Disk { image, data_mib: DATA_MIB };
+        cfg.root = Root::disk(image, DATA_MIB);
         cfg.mem_mib = openshell_instance::profile::DEBIAN.mem_mib;
         let (code, console) = boot(&cfg)?;
         let said = console.lines().find(|l| l.starts_with("python 3.")).map(str::to_owned);

@@ -30,6 +30,7 @@ const GROUPS: &[&[(&str, Body)]] = &[
     crate::sdk::TRIALS,
     crate::disk::TRIALS,
     crate::profile::TRIALS,
+    crate::image::TRIALS,
 ];
 
 /// The contract every backend honours.

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use openshell_guest::{DATA_DISK_ID, INIT_BIN, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_guest::{DATA_DISK_ID, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
 use openshell_krun::KrunDisk;
 pub use openshell_krun::KrunSpec;
 use openshell_krun::UnixgramNet;
@@ -24,22 +24,17 @@ use crate::VmConfig;
 /// libkrun's default prolog (which a cmdline passed to `krun_set_kernel` replaces) with our init
 /// and root; `earlyprintk` puts the first kernel lines on the serial console.
 pub fn kernel_cmdline(cfg: &VmConfig) -> String {
+    let init = cfg.root.init();
     let root = match cfg.root {
         crate::Root::Share => format!("root={} rootfstype=virtiofs", super::ROOT_TAG),
         crate::Root::Disk { .. } => super::disk_root_params(),
     };
     let line = format!(
         "reboot=k panic=-1 panic_print=0 nomodule console=hvc0 earlyprintk=serial,ttyS0,115200 \
-         {root} ro quiet no-kvmapf init={INIT_BIN} {SHARE_TRANSPORT_PARAM}=virtiofs"
+         {root} ro quiet no-kvmapf init={init} {SHARE_TRANSPORT_PARAM}=virtiofs"
     );
     format!("{line} {}", super::init_params(cfg))
 }
-
-/// What libkrun is told to execute: our init itself, without arguments or environment. The
-/// command reaches the guest once, in `exec.json` in the share; `krun_set_exec` would also put its
-/// argv and env on the guest kernel command line, where every guest process can read them and a
-/// newline in a script aborts the VMM (libkrun's cmdline builder: `InvalidAscii`).
-const KRUN_EXEC: &str = INIT_BIN;
 
 /// Where the VMM finds each file of `cfg`.
 struct Files {
@@ -94,7 +89,12 @@ pub fn spec(cfg: &VmConfig, link: &Link, fds: &HandedFds) -> KrunSpec {
         root: files.rootfs.clone(),
         kernel: files.kernel,
         cmdline: kernel_cmdline(cfg),
-        exec_path: KRUN_EXEC.into(),
+        // What libkrun executes: our init itself (where this root carries it), without arguments
+        // or environment. The command reaches the guest once, in `exec.json` in the share;
+        // `krun_set_exec` would also put its argv and env on the guest kernel command line, where
+        // every guest process can read them and a newline in a script aborts the VMM (libkrun's
+        // cmdline builder: `InvalidAscii`).
+        exec_path: cfg.root.init().into(),
         args: Vec::new(),
         env: Vec::new(),
         workdir: None,
@@ -208,7 +208,10 @@ mod tests {
         c.exec.argv = vec!["/bin/sh".into(), "-c".into(), "echo one\necho two".into()];
         c.exec.env = vec![("SECRET".into(), "value".into())];
         let s = spec_of(&c);
-        assert_eq!((s.exec_path.as_str(), s.args.len(), s.env.len(), s.workdir), (KRUN_EXEC, 0, 0, None));
+        assert_eq!(
+            (s.exec_path.as_str(), s.args.len(), s.env.len(), s.workdir),
+            (openshell_guest::INIT_BIN, 0, 0, None)
+        );
         assert!(!s.cmdline.contains("SECRET") && !s.cmdline.contains("echo"), "{}", s.cmdline);
     }
 
@@ -268,7 +271,7 @@ mod tests {
     #[cfg_attr(not(target_os = "linux"), ignore = "macOS names the files by path (no handover there)")]
     fn a_disk_root_adds_the_image_first_read_only_then_the_data_disk() {
         let mut c = cfg(crate::Net::None);
-        c.root = crate::Root::Disk { image: "/store/rootdisk/x/root.ext4".into(), data_mib: 64 };
+        c.root = crate::Root::disk("/store/rootdisk/x/root.ext4".into(), 64);
         let mut fds = files(&c);
         fds.disks = Some(crate::sandbox::DiskFds { root: 20, data: 21, data_read: 22 });
         let s = spec(&c, &Link::None, &fds);

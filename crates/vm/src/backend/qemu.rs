@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use openshell_guest::{DATA_DISK_ID, INIT_BIN, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
+use openshell_guest::{DATA_DISK_ID, ROOT_DISK_ID, SHARE_TAG, SHARE_TRANSPORT_PARAM};
 
 use crate::child::CHILD_FD;
 use crate::net::Link;
@@ -87,6 +87,7 @@ fn base_cmdline(cfg: &VmConfig) -> String {
     // reboot=t: x86's triple fault, so the guest's restart request ends QEMU at once; arm64 resets
     // through PSCI, which -no-reboot turns into QEMU's exit by itself.
     let reboot = if arch == Arch::X86_64 { " reboot=t" } else { "" };
+    let init = cfg.root.init();
     let root = match cfg.root {
         crate::Root::Share => {
             format!(
@@ -97,7 +98,7 @@ fn base_cmdline(cfg: &VmConfig) -> String {
         crate::Root::Disk { .. } => super::disk_root_params(),
     };
     format!(
-        "console={} {root} ro init={INIT_BIN} panic=-1{reboot} quiet {SHARE_TRANSPORT_PARAM}=9p",
+        "console={} {root} ro init={init} panic=-1{reboot} quiet {SHARE_TRANSPORT_PARAM}=9p",
         Machine::of(arch).console,
     )
 }
@@ -307,9 +308,26 @@ mod tests {
     }
 
     #[test]
+    fn an_image_root_boots_our_init_at_its_own_path() {
+        let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
+        assert!(kernel_cmdline(&cfg, true).contains(" init=/sbin/openshell-init "));
+        cfg.root = crate::Root::Disk {
+            image: "/store/rootdisk/x/root.ext4".into(),
+            data_mib: 64,
+            init: openshell_guest::IMAGE_INIT_BIN.into(),
+        };
+        let line = kernel_cmdline(&cfg, true);
+        assert!(line.contains(" init=/.openshell/sbin/openshell-init ") && !line.contains("init=/sbin/"), "{line}");
+        assert!(crate::backend::krun::kernel_cmdline(&cfg).contains(" init=/.openshell/sbin/openshell-init "));
+        // A request written before the field existed is our own rootfs' disk.
+        let old: crate::Root = serde_json::from_str(r#"{"disk":{"image":"/i","data_mib":64}}"#).unwrap();
+        assert_eq!(old.init(), openshell_guest::INIT_BIN);
+    }
+
+    #[test]
     fn a_disk_root_attaches_the_image_read_only_then_the_data_disk_through_fdsets() {
         let mut cfg = VmConfig::exec("/k".into(), "/r".into(), "/s".into(), vec!["/bin/true".into()]);
-        cfg.root = crate::Root::Disk { image: "/store/rootdisk/x/root.ext4".into(), data_mib: 64 };
+        cfg.root = crate::Root::disk("/store/rootdisk/x/root.ext4".into(), 64);
         let mut fds = files(&cfg);
         fds.disks = Some(crate::sandbox::DiskFds { root: 20, data: 21, data_read: 22 });
         let joined = command(Path::new("qemu"), &cfg, false, &Link::None, &fds)

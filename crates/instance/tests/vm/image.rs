@@ -1,0 +1,331 @@
+//! OCI images as roots (`vm run --image`), through the CLI as a user runs it. Each trial writes a
+//! tiny OCI layout of its own (no registry here): the host's static busybox with its applets as
+//! symlinks, a setuid file, a file owned by 1000:1000, an `/etc/passwd` naming user `app`, and a
+//! `/sbin/openshell-init` of the image's own that ours must not replace. The config runs a script
+//! as `1000:1000` in `/work` that prints what the guest sees and exits 7.
+//!
+//! The layout is byte-for-byte the same in every trial (fixed mtimes, our rootfs' busybox), so its
+//! unpacked root and root disk are baked into the shared store once and found by the next trial.
+//! Where libkrun runs only nested, the `krun::image::*` trials run the CLI inside L1 with the
+//! host's store read-only and `OPENSHELL_BUILD=never`: they boot the image root a host run (their
+//! `qemu::image::*` twins) baked, and without one they fail with xtask's "would be built" refusal.
+
+use std::path::{Path, PathBuf};
+
+use libtest_mimic::Failed;
+use openshell_artifacts::Digest;
+use openshell_vm::VmmChoice;
+
+use crate::cli::{in_cli, Cli};
+use crate::support::{Artifacts, TrialDir};
+use crate::trials::Body;
+
+pub const TRIALS: &[(&str, Body)] = &[
+    ("image::its_own_workload_runs_with_its_config", own_workload_runs_with_its_config),
+    ("image::exec_replaces_the_images_command", exec_replaces_the_images_command),
+    ("image::env_workdir_and_user_flags_override_the_image", flags_override_the_image),
+    ("image::its_files_are_not_overwritten_by_ours", its_files_are_not_overwritten),
+    ("image::an_image_without_a_command_needs_exec", an_image_without_a_command_needs_exec),
+    ("image::a_corrupt_or_foreign_image_is_refused_before_boot", corrupt_or_foreign_image_is_refused),
+];
+
+/// What the image's Cmd runs (under Entrypoint `/bin/sh -c`).
+const SCRIPT: &str = "echo uid=$(id -u) gid=$(id -g); echo pwd=$(pwd); echo greeting=$GREETING; \
+                      stat -c su=%a:%u:%g /bin/su-test; stat -c owned=%a:%u:%g /work/owned; exit 7";
+
+/// The image's own init, which must still be there, unchanged, inside the VM.
+const IMAGE_INIT: &[u8] = b"the image's own init\n";
+
+/// The `user.origin` xattr of `/work/owned`, which must reach the root disk.
+const XATTR_VALUE: &str = "from-the-image-layer";
+
+/// One PAX extended-header record: `LEN KEY=VALUE\n`, where LEN counts its own digits.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while len.to_string().len() + body.len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+const APPLETS: &[&str] = &["sh", "id", "stat", "pwd", "echo", "cat", "ls", "true"];
+
+fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(gid);
+    // Fixed, so every trial writes the same layer and the store keeps one root for all of them.
+    h.set_mtime(1_700_000_000);
+    h.set_size(size);
+    h
+}
+
+/// The layer: deliberately without /proc, /sys, /dev, /run and /tmp, which the root disk adds.
+/// The busybox is our rootfs' (the host's busybox-static), which is there inside the nested host too.
+fn layer(a: &Artifacts) -> Result<Vec<u8>, String> {
+    let path = a.rootfs.join("bin/busybox");
+    let busybox = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut b = tar::Builder::new(Vec::new());
+    let put = |b: &mut tar::Builder<Vec<u8>>, mut h: tar::Header, path: &str, data: &[u8]| {
+        h.set_path(path).map_err(|e| e.to_string())?;
+        h.set_cksum();
+        b.append(&h, data).map_err(|e| e.to_string())
+    };
+    for (dir, uid) in [("bin", 0), ("sbin", 0), ("etc", 0), ("work", 0), ("home", 0), ("home/app", 1000)] {
+        put(&mut b, header(tar::EntryType::Directory, 0o755, uid, uid, 0), dir, b"")?;
+    }
+    put(&mut b, header(tar::EntryType::Regular, 0o755, 0, 0, busybox.len() as u64), "bin/busybox", &busybox)?;
+    for applet in APPLETS {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0, 0, 0);
+        h.set_link_name("busybox").map_err(|e| e.to_string())?;
+        put(&mut b, h, &format!("bin/{applet}"), b"")?;
+    }
+    let su = b"not really su\n";
+    put(&mut b, header(tar::EntryType::Regular, 0o4755, 0, 0, su.len() as u64), "bin/su-test", su)?;
+    // A PAX header with an xattr for the next entry, as `podman save` writes them.
+    let record = pax_record("SCHILY.xattr.user.origin", XATTR_VALUE);
+    put(&mut b, header(tar::EntryType::XHeader, 0o644, 0, 0, record.len() as u64), "PaxHeader", &record)?;
+    let owned = b"app's file\n";
+    put(&mut b, header(tar::EntryType::Regular, 0o640, 1000, 1000, owned.len() as u64), "work/owned", owned)?;
+    put(
+        &mut b,
+        header(tar::EntryType::Regular, 0o755, 0, 0, IMAGE_INIT.len() as u64),
+        "sbin/openshell-init",
+        IMAGE_INIT,
+    )?;
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n";
+    put(&mut b, header(tar::EntryType::Regular, 0o644, 0, 0, passwd.len() as u64), "etc/passwd", passwd)?;
+    let group = b"root:x:0:\napp:x:1000:\n";
+    put(&mut b, header(tar::EntryType::Regular, 0o644, 0, 0, group.len() as u64), "etc/group", group)?;
+    b.into_inner().map_err(|e| e.to_string())
+}
+
+fn blob(dir: &Path, bytes: &[u8]) -> Result<Digest, String> {
+    let d = Digest::of_bytes(bytes);
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).map_err(|e| e.to_string())?;
+    std::fs::write(blobs.join(d.hex()), bytes).map_err(|e| e.to_string())?;
+    Ok(d)
+}
+
+/// Writes the OCI layout at `dir/name` with `config` as its config's `config` section; returns
+/// the layout's path.
+fn layout(a: &Artifacts, dir: &Path, name: &str, config: serde_json::Value) -> Result<PathBuf, String> {
+    layout_for(a, dir, name, config, openshell_artifacts::Arch::host().debian())
+}
+
+/// [`layout`] for the OCI architecture `arch` (`amd64`, `arm64`).
+fn layout_for(a: &Artifacts, dir: &Path, name: &str, config: serde_json::Value, arch: &str) -> Result<PathBuf, String> {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| e.to_string())?;
+    let tar = layer(a)?;
+    let layer_digest = blob(&out, &tar)?;
+    let cfg = serde_json::json!({
+        "architecture": arch, "os": "linux", "config": config,
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", layer_digest.hex())]},
+    })
+    .to_string();
+    let cfg_digest = blob(&out, cfg.as_bytes())?;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{}", cfg_digest.hex()), "size": cfg.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{}", layer_digest.hex()), "size": tar.len()}],
+    })
+    .to_string();
+    let manifest_digest = blob(&out, manifest.as_bytes())?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{}", manifest_digest.hex()), "size": manifest.len(),
+                       "platform": {"os": "linux", "architecture": arch}}],
+    });
+    std::fs::write(out.join("index.json"), index.to_string()).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// The test image: Entrypoint `/bin/sh -c`, Cmd [`SCRIPT`], as 1000:1000 in /work.
+fn test_image(a: &Artifacts, cli: &Cli) -> Result<String, String> {
+    let config = serde_json::json!({
+        "Entrypoint": ["/bin/sh", "-c"], "Cmd": [SCRIPT],
+        "Env": ["PATH=/bin", "GREETING=hello-from-the-image"],
+        "WorkingDir": "/work", "User": "1000:1000",
+    });
+    Ok(format!("oci:{}", layout(a, &cli.dir, "image-layout", config)?.display()))
+}
+
+/// `vm run --image IMAGE --vmm VMM --net none EXTRA`.
+fn run_image(cli: &Cli, image: &str, extra: &[&str]) -> Result<crate::cli::Ran, String> {
+    let mut args = vec!["vm", "run", "--image", image, "--vmm", cli.vmm, "--net", "none", "--disk-size", "128M"];
+    args.extend_from_slice(extra);
+    cli.run(&args)
+}
+
+/// Each of `want` is a line of the guest's output.
+fn expect_lines(r: &crate::cli::Ran, code: i32, want: &[&str], what: &str) -> Result<(), String> {
+    let missing: Vec<&&str> = want.iter().filter(|w| !r.stdout.lines().any(|l| l.trim() == **w)).collect();
+    if r.code != Some(code) || !missing.is_empty() {
+        return Err(format!("{what}: expected exit {code} and the lines {missing:?}:\n{}", r.show()));
+    }
+    Ok(())
+}
+
+fn own_workload_runs_with_its_config(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let image = test_image(a, cli)?;
+        let r = run_image(cli, &image, &[])?;
+        expect_lines(
+            &r,
+            7,
+            &[
+                "uid=1000 gid=1000",
+                "pwd=/work",
+                "greeting=hello-from-the-image",
+                // The setuid bit and the non-root owner, as the image's tar has them.
+                "su=4755:0:0",
+                "owned=640:1000:1000",
+            ],
+            "the image's own Entrypoint+Cmd as its User in its WorkingDir with its Env",
+        )?;
+        // And as a person reads it: the image's root on a disk root, and init dropping to 1000.
+        if !r.stdout.contains("exec /bin/sh as 1000:1000") || !r.stdout.contains("root: overlay of /dev/vda") {
+            return Err(format!(
+                "init did not say it ran the image's command as 1000:1000 on the disk root:\n{}",
+                r.show()
+            ));
+        }
+        Ok(())
+    })
+}
+
+fn exec_replaces_the_images_command(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let image = test_image(a, cli)?;
+        let r = run_image(
+            cli,
+            &image,
+            &["--exec", "/bin/sh", "--", "-c", "echo exec-ran uid=$(id -u) pwd=$(pwd); exit 3"],
+        )?;
+        // Only the command changes: the image's User and WorkingDir still apply.
+        expect_lines(&r, 3, &["exec-ran uid=1000 pwd=/work"], "--exec in an image")?;
+        if r.stdout.lines().any(|l| l.starts_with("greeting=")) {
+            return Err(format!("the image's own command ran as well as --exec:\n{}", r.show()));
+        }
+        Ok(())
+    })
+}
+
+fn flags_override_the_image(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let image = test_image(a, cli)?;
+        let r =
+            run_image(cli, &image, &["--env", "GREETING=from-the-flag", "--workdir", "/home/app", "--user", "app"])?;
+        expect_lines(
+            &r,
+            7,
+            &["greeting=from-the-flag", "pwd=/home/app", "uid=1000 gid=1000"],
+            "--env/--workdir/--user over the image's",
+        )?;
+        let r = run_image(cli, &image, &["--user", "0:0"])?;
+        expect_lines(&r, 7, &["uid=0 gid=0", "pwd=/work"], "--user 0:0 over the image's 1000:1000")?;
+        let r = run_image(cli, &image, &["--user", "nobody-in-this-image"])?;
+        if r.code == Some(0) || r.code == Some(7) || !r.stderr.contains("\"nobody-in-this-image\"") {
+            return Err(format!("an unknown user name must be refused, naming it:\n{}", r.show()));
+        }
+        Ok(())
+    })
+}
+
+fn its_files_are_not_overwritten(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let image = test_image(a, cli)?;
+        let script = "cat /sbin/openshell-init; ls -1 /.openshell/sbin /.openshell/usr/bin; \
+                      stat -c sizes=%s /bin/busybox";
+        let r = run_image(cli, &image, &["--user", "0", "--exec", "/bin/sh", "--", "-c", script])?;
+        let busybox = std::fs::metadata(a.rootfs.join("bin/busybox")).map_err(|e| e.to_string())?.len();
+        let sizes = format!("sizes={busybox}");
+        let image_init = String::from_utf8_lossy(IMAGE_INIT);
+        expect_lines(
+            &r,
+            0,
+            &[image_init.trim(), "openshell-init", "openshell-gateway", &sizes],
+            "the image's /sbin/openshell-init and busybox unchanged, ours under /.openshell",
+        )?;
+        // `rootfs --image --json` names the disk that booted (found, not baked again), and the
+        // layer's xattr is in it: busybox has no getfattr, so it is read off the image itself.
+        let r = cli.run(&["rootfs", "--image", &image, "--json"])?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&r.stdout).map_err(|e| format!("rootfs --json: {e}:\n{}", r.show()))?;
+        let disk = doc["disk"].as_str().ok_or_else(|| format!("rootfs --json has no disk:\n{}", r.show()))?;
+        if r.code != Some(0) || doc["fresh"] != false || doc["init"] != openshell_guest::IMAGE_INIT_BIN {
+            return Err(format!("rootfs --image --json after a boot of that image:\n{}", r.show()));
+        }
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "ea_get /work/owned user.origin", disk])
+            .output()
+            .map_err(|e| format!("debugfs (apt-get install -y e2fsprogs): {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !text.contains(XATTR_VALUE) {
+            return Err(format!(
+                "the layer's user.origin xattr on /work/owned is not in {disk}: debugfs said {text:?} {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    })
+}
+
+fn an_image_without_a_command_needs_exec(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_no_vm();
+    in_cli(dir, vmm, |cli| {
+        let config = serde_json::json!({"Env": ["PATH=/bin"]});
+        let image = format!("oci:{}", layout(a, &cli.dir, "no-command-layout", config)?.display());
+        let r = run_image(cli, &image, &[])?;
+        if r.code != Some(1) || !r.stderr.contains("the image names no command") || !r.stderr.contains("--exec") {
+            return Err(format!(
+                "an image without Entrypoint or Cmd must be refused with the --exec hint:\n{}",
+                r.show()
+            ));
+        }
+        Ok(())
+    })
+}
+
+fn corrupt_or_foreign_image_is_refused(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    dir.expect_no_vm();
+    in_cli(dir, vmm, |cli| {
+        let config = serde_json::json!({"Cmd": ["/bin/true"]});
+        let foreign = match openshell_artifacts::Arch::host() {
+            openshell_artifacts::Arch::X86_64 => "arm64",
+            openshell_artifacts::Arch::Aarch64 => "amd64",
+        };
+        let image = format!("oci:{}", layout_for(a, &cli.dir, "foreign-layout", config.clone(), foreign)?.display());
+        let r = run_image(cli, &image, &[])?;
+        if r.code != Some(1) || !r.stderr.contains("no manifest for") || !r.stderr.contains(foreign) {
+            return Err(format!("an image for {foreign} only must be refused, naming what it has:\n{}", r.show()));
+        }
+        // One flipped byte in the layer: its blob no longer matches its digest.
+        let out = layout(a, &cli.dir, "corrupt-layout", config)?;
+        let blobs = out.join("blobs/sha256");
+        let layer = std::fs::read_dir(&blobs)
+            .map_err(|e| e.to_string())?
+            .flatten()
+            .map(|e| e.path())
+            .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .ok_or("the layout has no blobs")?;
+        let mut bytes = std::fs::read(&layer).map_err(|e| e.to_string())?;
+        bytes[700] ^= 1;
+        std::fs::write(&layer, bytes).map_err(|e| e.to_string())?;
+        let r = run_image(cli, &format!("oci:{}", out.display()), &[])?;
+        let name = layer.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if r.code != Some(1) || !r.stderr.contains("does not match its digest") || !r.stderr.contains(&name) {
+            return Err(format!("a corrupt layer must be refused, naming its blob {name}:\n{}", r.show()));
+        }
+        Ok(())
+    })
+}
