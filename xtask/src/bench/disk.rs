@@ -4,10 +4,12 @@
 //! that times itself on the guest's clock (`/proc/uptime`, 10 ms steps) and prints a line per
 //! phase. Every phase starts after `sync` and dropping the guest's caches, so reads come from the
 //! root's transport, not from guest memory:
-//! - `find`: `find / -xdev -type f | wc -l` (the root tree's metadata);
-//! - `read`: every file of that tree through `cat` (its bytes);
+//! - `find`: `find / -xdev | wc -l`, every entry of the root tree looked up (busybox's tree is a
+//!   few hundred entries, mostly applet symlinks, and only a handful of regular files);
+//! - `read`: every regular file of that tree through `cat` (its bytes, ~16 MiB);
 //! - `create-tmpfs` / `create-data-disk`: N small files made, synced and listed, on tmpfs (either
 //!   root; a share root can write nowhere else) and on the data disk (a disk root's overlay);
+//!   `readback-tmpfs` / `readback-data-disk`: the same files read back (`cat`);
 //! - `dd-write` / `dd-read`: a disk root only, `dd` of M MiB onto the data disk with
 //!   `conv=fsync`, then read back after dropping caches.
 //!
@@ -105,10 +107,12 @@ impl DiskArgs {
         let files = get(share, "find").map_or(0, |p| p.count);
         let bytes = get(share, "read").map_or(0, |p| p.count);
         for (label, name) in [
-            (format!("find / -xdev -type f ({files} files)"), "find"),
-            (format!("read every file ({:.1} MiB)", bytes as f64 / 1048576.0), "read"),
+            (format!("find / -xdev ({files} entries)"), "find"),
+            (format!("read every file of / ({:.1} MiB)", bytes as f64 / 1048576.0), "read"),
             (format!("make {} small files on tmpfs", self.files), "create-tmpfs"),
+            ("read them back".to_owned(), "readback-tmpfs"),
             (format!("make {} small files on the data disk", self.files), "create-data-disk"),
+            ("read them back (caches dropped)".to_owned(), "readback-data-disk"),
         ] {
             println!("  {label:<44} {:>12} {:>12}", secs(get(share, name)), secs(get(disk, name)));
         }
@@ -140,9 +144,9 @@ impl DiskArgs {
             super::tail(&console, 20)
         );
         let phases = parse(&console);
-        let mut want = vec!["find", "read", "create-tmpfs"];
+        let mut want = vec!["find", "read", "create-tmpfs", "readback-tmpfs"];
         if disk {
-            want.extend(["create-data-disk", "dd-write", "dd-read"]);
+            want.extend(["create-data-disk", "readback-data-disk", "dd-write", "dd-read"]);
         }
         for name in want {
             let p = phases.iter().find(|p| p.name == name);
@@ -166,16 +170,17 @@ phase() {{ echo \"{MARK} $1 $2 $(t) $3\"; }}
 fresh() {{ sync; echo 3 > /proc/sys/vm/drop_caches; }}
 make() {{ mkdir -p $1; fresh; s=$(t); i=0
   while [ $i -lt {files} ]; do echo $i > $1/f$i; i=$((i+1)); done
-  sync; phase $2 $s $(ls -l $1 | grep -c '^-'); }}
-fresh; s=$(t); phase find $s $(find / -xdev -type f | wc -l)
+  sync; phase create-$2 $s $(ls -l $1 | grep -c '^-')
+  fresh; s=$(t); phase readback-$2 $s $(cat $1/* | wc -l); }}
+fresh; s=$(t); phase find $s $(find / -xdev | wc -l)
 fresh; s=$(t); phase read $s $(find / -xdev -type f | xargs cat 2>/dev/null | wc -c)
-make /tmp/disk-bench create-tmpfs
+make /tmp/disk-bench tmpfs
 "
     );
     if disk {
         // On a disk root `/` is the overlay, whose writes land on the data disk.
         s.push_str(&format!(
-            "make /disk-bench create-data-disk
+            "make /disk-bench data-disk
 fresh; s=$(t); dd if=/dev/zero of=/disk-bench/dd bs=1M count={mib} conv=fsync 2>/dev/null
 phase dd-write $s $(($(stat -c %s /disk-bench/dd) / 1048576))
 fresh; s=$(t); dd if=/disk-bench/dd of=/dev/null bs=1M 2>/dev/null; phase dd-read $s {mib}
@@ -194,7 +199,9 @@ fn parse(console: &str) -> Vec<Phase> {
             let f: Vec<&str> = rest.split_whitespace().collect();
             let [name, start, end, count] = f[..] else { return None };
             let (start, end): (f64, f64) = (start.parse().ok()?, end.parse().ok()?);
-            Some(Phase { name: name.to_owned(), seconds: end - start, count: count.parse().ok()? })
+            // Rounded to the clock's 10 ms step: the subtraction's float noise is not a figure.
+            let seconds = ((end - start) * 100.0).round() / 100.0;
+            Some(Phase { name: name.to_owned(), seconds, count: count.parse().ok()? })
         })
         .collect()
 }
@@ -216,7 +223,7 @@ mod tests {
     #[test]
     fn the_data_disk_phases_run_on_a_disk_root_only() {
         let share = script(10, 8, false);
-        assert!(share.contains("create-tmpfs") && !share.contains("create-data-disk") && !share.contains("dd "));
+        assert!(share.contains("make /tmp/disk-bench tmpfs") && !share.contains("data-disk") && !share.contains("dd "));
         let disk = script(10, 8, true);
         assert!(disk.contains("count=8 conv=fsync") && disk.contains("-lt 10 ]"), "{disk}");
     }

@@ -2062,21 +2062,23 @@ fn bench_disk_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), F
         let doc = bench_json(cli, &all)?;
         expect_fields(&doc, "bench disk", &[("files", json!(FILES)), ("mib", json!(MIB))])?;
         for root in ["share", "disk"] {
-            for phase in ["find", "read", "create-tmpfs"] {
+            for phase in ["find", "read", "create-tmpfs", "readback-tmpfs"] {
                 positive(&doc, &format!("{root}/{phase}/seconds"))?;
                 positive(&doc, &format!("{root}/{phase}/count"))?;
             }
-            if doc[root]["create-tmpfs"]["count"] != json!(FILES) {
-                return Err(format!("{root}: create-tmpfs must list the {FILES} files made: {doc:#}"));
+            for phase in ["create-tmpfs", "readback-tmpfs"] {
+                if doc[root][phase]["count"] != json!(FILES) {
+                    return Err(format!("{root}: {phase} must count the {FILES} files made: {doc:#}"));
+                }
             }
         }
-        for phase in ["create-data-disk", "dd-write", "dd-read"] {
+        for phase in ["create-data-disk", "readback-data-disk", "dd-write", "dd-read"] {
             if !doc["share"][phase].is_null() {
                 return Err(format!("a share root has no data disk, but reports {phase}: {doc:#}"));
             }
             positive(&doc, &format!("disk/{phase}/seconds"))?;
         }
-        let counts = [("create-data-disk", FILES), ("dd-write", MIB), ("dd-read", MIB)];
+        let counts = [("create-data-disk", FILES), ("readback-data-disk", FILES), ("dd-write", MIB), ("dd-read", MIB)];
         for (phase, want) in counts {
             if doc["disk"][phase]["count"] != json!(want) {
                 return Err(format!("disk/{phase}/count must be {want}: {doc:#}"));
