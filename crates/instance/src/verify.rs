@@ -504,7 +504,11 @@ fn disk_rows(mx: &mut Matrix, o: &Observations, info: Result<&InfoFacts, &str>, 
             mx.push(Row::fail(
                 IDS[1],
                 why.clone(),
-                format!("{logs}; a gateway older than Info's data_disk needs `cargo xtask rootfs`"),
+                if info.is_ok() {
+                    format!("{logs}; a gateway older than Info's data_disk needs `cargo xtask rootfs`")
+                } else {
+                    "see the info row".to_owned()
+                },
             ));
             mx.push(Row::fail(IDS[2], format!("not measured: {why}"), "see the data-disk-mounted row"));
             return;
