@@ -7,10 +7,11 @@
 //! libkrun (L2), and the host adds L1's own boot. In the same run the host benchmarks the same
 //! gateway under QEMU directly, and prints the two side by side with their ratio.
 //!
-//! The other benchmarks live in their own modules: `exec`, `load`, `forward`, `soak`, `compare`
+//! The other benchmarks live in their own modules: `exec`, `load`, `forward`, `disk`, `soak`, `compare`
 //! (our boot beside a container and a naive QEMU) and `memory` (the VMM's own overhead).
 
 mod compare;
+mod disk;
 mod exec;
 mod forward;
 mod load;
@@ -62,6 +63,9 @@ enum BenchWhat {
     Load(load::LoadArgs),
     /// Bytes/s and round-trip latency through a forwarded port to an in-guest sink and echo
     Forward(forward::ForwardArgs),
+    /// The guest's file work on a share root beside a disk root: the root tree found and read,
+    /// small files made on tmpfs and on the data disk, and the data disk's dd throughput
+    Disk(disk::DiskArgs),
     /// Detach/stop cycles through the CLI: failures, wall per cycle, leaks counted
     Soak(soak::SoakArgs),
     /// Side by side in one run: our boot → SERVING vs the same gateway in a podman container,
@@ -83,6 +87,7 @@ impl BenchCmd {
             BenchWhat::Exec(a) => return a.run(),
             BenchWhat::Load(a) => return a.run(),
             BenchWhat::Forward(a) => return a.run(),
+            BenchWhat::Disk(a) => return a.run(),
             BenchWhat::Soak(a) => return a.run(),
             BenchWhat::Compare(a) => return a.run(),
             BenchWhat::Memory(a) => return a.run(),

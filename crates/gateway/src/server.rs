@@ -61,8 +61,15 @@ impl Gateway for GatewayService {
             connections: self.listener.connections() as u64,
             accept_failures: self.listener.accept_failures(),
             open_files_limit: sysinfo::open_files_limit(),
+            root: sysinfo::mount_at("/").map(mount_fact),
+            data_disk: sysinfo::mount_at(openshell_guest::DATA_DISK_MOUNT).map(mount_fact),
         }))
     }
+}
+
+fn mount_fact(m: sysinfo::Mount) -> crate::proto::MountFact {
+    let sysinfo::Mount { mount_point, fs_type, source, read_write, total_bytes, free_bytes } = m;
+    crate::proto::MountFact { mount_point, fs_type, source, read_write, total_bytes, free_bytes }
 }
 
 /// How serving ended.

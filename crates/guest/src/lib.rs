@@ -56,6 +56,11 @@ pub const DATA_DISK_ID: &str = "openshell-data";
 /// On the data disk: the overlay's upper and work directories.
 pub const DATA_UPPER_DIR: &str = "upper";
 pub const DATA_WORK_DIR: &str = "work";
+/// On a disk root, where the root image stays mounted (read-only) once the overlay is `/`.
+pub const LOWER_ROOT: &str = "/.openshell-lower";
+/// On a disk root, where the data disk stays mounted (read-write, below [`LOWER_ROOT`]): init
+/// mounts it there before the pivot, and the gateway's `Info` reports the mount found there.
+pub const DATA_DISK_MOUNT: &str = "/.openshell-lower/run";
 
 /// An extra host directory shared into the guest: its device tag and where init mounts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +153,12 @@ mod tests {
 
     fn m(tag: &str, path: &str, read_only: bool) -> GuestMount {
         GuestMount { tag: tag.into(), path: path.into(), read_only }
+    }
+
+    /// Init mounts the data disk at `/run` before it pivots the root image to [`LOWER_ROOT`].
+    #[test]
+    fn the_data_disk_mount_is_run_below_the_lower_root() {
+        assert_eq!(DATA_DISK_MOUNT, format!("{LOWER_ROOT}/run"));
     }
 
     #[test]

@@ -44,6 +44,17 @@
 //!   after boot fails the row although the guest runs the old one (a false alarm, the safe side),
 //!   and a file swapped for the boot and swapped back passes; the rootfs is served live from the
 //!   directory, so its re-hash is what the guest reads from then on (up to its page cache).
+//!
+//!   A disk root's image is re-hashed through the VMM's own descriptor (`/proc/<vmm pid>/fd/N`,
+//!   the open file itself, not a path that now names something else).
+//! - `disks-attached`: a disk root's VMM holds the root image open read-only (every descriptor
+//!   on it, by `/proc/<vmm pid>/fdinfo` flags) and the instance's `data.ext4` read-write.
+//! - `data-disk-mounted`: the guest's `Info` says its data disk (at
+//!   [`openshell_guest::DATA_DISK_MOUNT`]) is ext4, read-write, and `/` is overlayfs, read-write.
+//! - `data-disk-free`: the data disk's free space (statvfs in the guest); WARN below
+//!   [`DATA_DISK_LOW_PERCENT`] percent.
+//!
+//!   On a share root the three disk rows pass as "not applicable (share root)", optional.
 //! - `console-clean`: the guest console has no kernel oops, panic, BUG, WARNING, call trace,
 //!   lockup, stall or OOM kill line ([`kernel_trouble`]).
 //! - `no-stale-state`: see [`stale_findings`] for the precise definition.
@@ -89,7 +100,41 @@ pub struct InfoFacts {
     pub uptime_ms: u64,
     pub kernel_sha256: String,
     pub rootfs_sha256: String,
+    /// The guest's `/` mount.
+    pub root_mount: Option<MountFacts>,
+    /// The guest's data disk mount (a disk root only).
+    pub data_disk: Option<MountFacts>,
 }
+
+/// One guest mount as `Info` reports it (`MountFact`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MountFacts {
+    pub mount_point: String,
+    pub fs_type: String,
+    pub source: String,
+    pub read_write: bool,
+    /// 0: the guest's statvfs failed.
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// A disk root's disks as the running VMM holds them (`/proc/<pid>/fd` and `fdinfo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedDisks {
+    pub vmm_pid: u32,
+    /// The root image the VMM's command line names.
+    pub root_image: PathBuf,
+    /// Each descriptor the VMM holds on the root image: (fd, writable).
+    pub root: Vec<(i32, bool)>,
+    /// The instance's data disk (`vm/data.ext4`).
+    pub data_disk: PathBuf,
+    /// Each descriptor the VMM holds on the data disk: (fd, writable).
+    pub data: Vec<(i32, bool)>,
+}
+
+/// Below this share of its size free, `data-disk-free` warns: ext4 reserves nothing for an
+/// unprivileged writer here, so what is left is what the workload gets.
+pub const DATA_DISK_LOW_PERCENT: u64 = 10;
 
 /// What the gateway did with a client that trusts its CA but presents no certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +159,8 @@ pub struct Rehashed {
     pub recorded: Attempt<String>,
     /// The rootfs only: the first file that differs from `manifest.json`, when one does.
     pub first_difference: Option<String>,
+    /// A root disk: the VMM's descriptor it was read through (`/proc/<pid>/fd/N`).
+    pub read_through: Option<PathBuf>,
 }
 
 /// A file or socket of the instance that should not exist in its current state.
@@ -151,6 +198,11 @@ pub struct Observations {
     pub kernel: Attempt<Rehashed>,
     /// The rootfs the running VMM was started with, re-hashed against its manifest.
     pub rootfs: Attempt<Rehashed>,
+    /// The instance boots a root disk (the VMM's command line names an image; without a VMM to
+    /// read, `metadata.json`'s `rootfs_dir` is a file), not a shared root directory.
+    pub disk_root: bool,
+    /// A disk root's disks as the VMM holds them (not tried on a share root).
+    pub disks: Attempt<AttachedDisks>,
     /// The console text of this boot, or why it could not be read.
     pub console: Attempt<String>,
     pub console_path: PathBuf,
@@ -350,6 +402,8 @@ pub fn decide(o: &Observations) -> Matrix {
         info.map(|i| i.rootfs_sha256.as_str()),
     ));
 
+    disk_rows(&mut mx, o, info, &restart);
+
     mx.push(match &o.console {
         Attempt::Done(text) => {
             let bad = kernel_trouble(text);
@@ -385,6 +439,122 @@ pub fn decide(o: &Observations) -> Matrix {
         )
     });
     mx
+}
+
+/// `disks-attached`, `data-disk-mounted` and `data-disk-free` (see the module docs).
+fn disk_rows(mx: &mut Matrix, o: &Observations, info: Result<&InfoFacts, &str>, restart: &str) {
+    const IDS: [&str; 3] = ["disks-attached", "data-disk-mounted", "data-disk-free"];
+    if !o.disk_root {
+        for id in IDS {
+            mx.push(Row::pass(id, "not applicable (share root)").optional());
+        }
+        return;
+    }
+    let name = &o.name;
+    let fds = |v: &[(i32, bool)]| {
+        v.iter()
+            .map(|(fd, w)| format!("fd {fd} {}", if *w { "read-write" } else { "read-only" }))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    mx.push(match &o.disks {
+        Attempt::NotTried(why) | Attempt::Failed(why) => {
+            Row::fail(IDS[0], format!("not checked: {}", first_line(why)), restart.to_owned())
+        }
+        Attempt::Done(d) => {
+            let (root, data) = (d.root_image.display(), d.data_disk.display());
+            let pid = d.vmm_pid;
+            if d.root.is_empty() {
+                Row::fail(IDS[0], format!("VMM pid {pid} holds no descriptor on the root image {root}"), restart.to_owned())
+            } else if d.root.iter().any(|(_, w)| *w) {
+                Row::fail(
+                    IDS[0],
+                    format!("VMM pid {pid} holds the root image {root} writable ({}): the guest could change a disk every instance shares", fds(&d.root)),
+                    format!("stop it (`cargo xtask vm stop --name {name}`), check the image (`cargo xtask rootfs --check`) and start it again; the launcher must hand the image read-only"),
+                )
+            } else if d.data.is_empty() {
+                Row::fail(IDS[0], format!("VMM pid {pid} holds no descriptor on the data disk {data}"), restart.to_owned())
+            } else if !d.data.iter().any(|(_, w)| *w) {
+                Row::fail(
+                    IDS[0],
+                    format!("VMM pid {pid} holds the data disk {data} read-only only ({}): the guest's writes cannot land", fds(&d.data)),
+                    restart.to_owned(),
+                )
+            } else {
+                Row::pass(
+                    IDS[0],
+                    format!("VMM pid {pid}: root image {root} read-only ({}); data disk {data} ({})", fds(&d.root), fds(&d.data)),
+                )
+            }
+        }
+    });
+    let logs = format!("read the console (`cargo xtask vm logs --name {name}`): init mounts the data disk");
+    let data = match info {
+        Err(why) => Err(format!("not asked: {}", first_line(why))),
+        Ok(i) => match (&i.data_disk, &i.root_mount) {
+            (None, _) => {
+                Err(format!("the guest's Info reports nothing mounted at {}", openshell_guest::DATA_DISK_MOUNT))
+            }
+            (Some(d), root) => Ok((d, root)),
+        },
+    };
+    let (d, root) = match data {
+        Ok(v) => v,
+        Err(why) => {
+            mx.push(Row::fail(
+                IDS[1],
+                why.clone(),
+                if info.is_ok() {
+                    format!("{logs}; a gateway older than Info's data_disk needs `cargo xtask rootfs`")
+                } else {
+                    "see the info row".to_owned()
+                },
+            ));
+            mx.push(Row::fail(IDS[2], format!("not measured: {why}"), "see the data-disk-mounted row"));
+            return;
+        }
+    };
+    let state = |m: &MountFacts| {
+        format!("{} {} {}", m.fs_type, m.source, if m.read_write { "read-write" } else { "read-only" })
+    };
+    let repair = format!(
+        "ext4 remounts itself read-only after an error: stop it (`cargo xtask vm stop --name {name}`), run `e2fsck -f` on its vm/{}, and start it again (or `--reset` to discard the data disk)",
+        openshell_vm::DATA_DISK_FILE
+    );
+    mx.push(match root {
+        _ if d.fs_type != "ext4" || !d.read_write => Row::fail(
+            IDS[1],
+            format!("the data disk at {} is {}, not ext4 read-write", d.mount_point, state(d)),
+            repair,
+        ),
+        Some(r) if r.fs_type == "overlay" && r.read_write => {
+            Row::pass(IDS[1], format!("{} at {}; / is overlay read-write", state(d), d.mount_point))
+        }
+        Some(r) => {
+            Row::fail(IDS[1], format!("the data disk is mounted, but / is {}, not overlay read-write", state(r)), logs)
+        }
+        None => Row::fail(IDS[1], "the data disk is mounted, but the guest's Info reports no / mount", logs),
+    });
+    let mib = |b: u64| b / (1024 * 1024);
+    mx.push(if d.total_bytes == 0 {
+        Row::warn(IDS[2], format!("the guest could not statvfs {}", d.mount_point), "see the data-disk-mounted row")
+    } else if d.free_bytes * 100 < d.total_bytes * DATA_DISK_LOW_PERCENT {
+        Row::warn(
+            IDS[2],
+            format!(
+                "{} MiB of {} MiB free ({}%), under {DATA_DISK_LOW_PERCENT}%",
+                mib(d.free_bytes),
+                mib(d.total_bytes),
+                d.free_bytes * 100 / d.total_bytes
+            ),
+            format!("remove files in the guest, or start it again with a larger disk: `cargo xtask vm stop --name {name} && cargo xtask vm run --detach --name {name} --root disk --reset --disk-size MIB` (--reset discards the data disk)"),
+        )
+    } else {
+        Row::pass(
+            IDS[2],
+            format!("{} MiB of {} MiB free ({}%)", mib(d.free_bytes), mib(d.total_bytes), d.free_bytes * 100 / d.total_bytes),
+        )
+    });
 }
 
 fn process_row(id: &str, what: &str, p: &Option<ProcessFact>, programs: &[&str], fix: &str) -> Row {
@@ -526,7 +696,9 @@ fn digest_row(
             fix,
         );
     }
-    let evidence = format!("{path} as the VMM has it, re-hashed: {} = {record_file} = metadata.json", short(recorded));
+    let through = r.read_through.as_ref().map_or(String::new(), |p| format!(" (read through {})", p.display()));
+    let evidence =
+        format!("{path} as the VMM has it{through}, re-hashed: {} = {record_file} = metadata.json", short(recorded));
     match info {
         Ok(i) if i == meta_digest => Row::pass(id, format!("{evidence} = Info")),
         Ok("") => Row::fail(id, format!("{evidence}, but the gateway reports no {what} digest"), fix),
@@ -589,6 +761,7 @@ mod tests {
             found: found.into(),
             recorded: Attempt::Done(recorded.into()),
             first_difference: None,
+            read_through: None,
         }
     }
 
@@ -640,9 +813,20 @@ mod tests {
                 uptime_ms: 5000,
                 kernel_sha256: K.into(),
                 rootfs_sha256: R.into(),
+                root_mount: Some(MountFacts {
+                    mount_point: "/".into(),
+                    fs_type: "9p".into(),
+                    source: "rootfs".into(),
+                    read_write: false,
+                    total_bytes: 1 << 30,
+                    free_bytes: 1 << 29,
+                }),
+                data_disk: None,
             }),
             kernel: Attempt::Done(rehashed("/k/vmlinux", K, K)),
             rootfs: Attempt::Done(rehashed("/r", R, R)),
+            disk_root: false,
+            disks: Attempt::NotTried("a share root".into()),
             console: Attempt::Done(
                 "Linux version 6.1\nopenshell-init: [  12 ms] mounted\ngateway listening on 0.0.0.0:30051\n".into(),
             ),
@@ -682,7 +866,14 @@ mod tests {
     fn healthy_instance_passes_every_row() {
         let m = decide(&healthy());
         assert_eq!(m.exit_code(), 0, "{}", m.render());
-        assert!(m.rows.iter().all(|r| r.status == Status::Pass && r.required), "{}", m.render());
+        assert!(m.rows.iter().all(|r| r.status == Status::Pass), "{}", m.render());
+        const DISK_ROWS: [&str; 3] = ["disks-attached", "data-disk-mounted", "data-disk-free"];
+        for r in &m.rows {
+            // A share root has no disks: those rows say so and are not counted.
+            let na = DISK_ROWS.contains(&r.id.as_str());
+            assert_eq!(r.required, !na, "{}", m.render());
+            assert!(!na || r.reason == "not applicable (share root)", "{}", m.render());
+        }
         let ids: Vec<&str> = m.rows.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(
             ids,
@@ -698,10 +889,131 @@ mod tests {
                 "info",
                 "kernel-digest",
                 "rootfs-digest",
+                "disks-attached",
+                "data-disk-mounted",
+                "data-disk-free",
                 "console-clean",
                 "no-stale-state"
             ]
         );
+    }
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// A healthy disk-root instance: the VMM holds the image read-only and the data disk both
+    /// ways (QEMU's fdset), the guest's data disk is ext4 read-write under an overlay root.
+    fn healthy_disk_root() -> Observations {
+        let mut o = healthy();
+        o.disk_root = true;
+        o.rootfs = Attempt::Done(Rehashed {
+            read_through: Some("/proc/11/fd/20".into()),
+            ..rehashed("/store/rootdisk/ab/root.ext4", R, R)
+        });
+        o.metadata.rootfs_dir = Some("/store/rootdisk/ab/root.ext4".into());
+        o.disks = Attempt::Done(AttachedDisks {
+            vmm_pid: 11,
+            root_image: "/store/rootdisk/ab/root.ext4".into(),
+            root: vec![(20, false)],
+            data_disk: "/g/default/vm/data.ext4".into(),
+            data: vec![(21, true), (22, false)],
+        });
+        let mount = |point: &str, fs: &str, source: &str, free| MountFacts {
+            mount_point: point.into(),
+            fs_type: fs.into(),
+            source: source.into(),
+            read_write: true,
+            total_bytes: 1024 * MIB,
+            free_bytes: free,
+        };
+        with_info(&mut o, |i| {
+            i.root_mount = Some(mount("/", "overlay", "overlay", 1000 * MIB));
+            i.data_disk = Some(mount(openshell_guest::DATA_DISK_MOUNT, "ext4", "/dev/vdb", 1000 * MIB));
+        });
+        o
+    }
+
+    #[test]
+    fn a_healthy_disk_root_passes_its_disk_rows() {
+        let m = decide(&healthy_disk_root());
+        assert_eq!(m.exit_code(), 0, "{}", m.render());
+        assert!(m.rows.iter().all(|r| r.status == Status::Pass && r.required), "{}", m.render());
+        let attached = &m.row("disks-attached").unwrap().reason;
+        assert!(
+            attached.contains("root.ext4 read-only (fd 20 read-only)") && attached.contains("fd 21 read-write"),
+            "{attached}"
+        );
+        assert!(m.row("rootfs-digest").unwrap().reason.contains("read through /proc/11/fd/20"), "{}", m.render());
+        assert_eq!(m.row("data-disk-free").unwrap().reason, "1000 MiB of 1024 MiB free (97%)");
+    }
+
+    #[test]
+    fn disks_open_in_the_wrong_mode_fail() {
+        let edit = |f: &dyn Fn(&mut AttachedDisks)| {
+            let mut o = healthy_disk_root();
+            if let Attempt::Done(d) = &mut o.disks {
+                f(d);
+            }
+            let m = fails_with(&o, &["disks-attached"]);
+            m.row("disks-attached").unwrap().reason.clone()
+        };
+        let r = edit(&|d| d.root.push((23, true)));
+        assert!(r.contains("writable (fd 20 read-only, fd 23 read-write)"), "{r}");
+        let r = edit(&|d| d.data.retain(|(_, w)| !*w));
+        assert!(r.contains("read-only only (fd 22 read-only)"), "{r}");
+        let r = edit(&|d| d.root.clear());
+        assert!(r.contains("no descriptor on the root image"), "{r}");
+        let r = edit(&|d| d.data.clear());
+        assert!(r.contains("no descriptor on the data disk"), "{r}");
+        let mut o = healthy_disk_root();
+        o.disks = Attempt::Failed("cannot list /proc/11/fd; run verify as the user that started the gateway".into());
+        let m = fails_with(&o, &["disks-attached"]);
+        assert!(m.row("disks-attached").unwrap().reason.starts_with("not checked: cannot list"), "{}", m.render());
+    }
+
+    #[test]
+    fn a_data_disk_not_mounted_read_write_fails() {
+        let mut o = healthy_disk_root();
+        with_info(&mut o, |i| i.data_disk.as_mut().unwrap().read_write = false);
+        let m = fails_with(&o, &["data-disk-mounted"]);
+        let row = m.row("data-disk-mounted").unwrap();
+        assert!(
+            row.reason.contains("ext4 /dev/vdb read-only, not ext4 read-write") && row.fix.contains("e2fsck -f"),
+            "{}",
+            m.render()
+        );
+
+        let mut o = healthy_disk_root();
+        with_info(&mut o, |i| i.root_mount.as_mut().unwrap().fs_type = "ext4".into());
+        let m = fails_with(&o, &["data-disk-mounted"]);
+        assert!(m.row("data-disk-mounted").unwrap().reason.contains("not overlay"), "{}", m.render());
+
+        // A guest that reports no data disk (an older gateway, or init never mounted it).
+        let mut o = healthy_disk_root();
+        with_info(&mut o, |i| i.data_disk = None);
+        let m = fails_with(&o, &["data-disk-mounted", "data-disk-free"]);
+        assert!(m.row("data-disk-free").unwrap().reason.starts_with("not measured"), "{}", m.render());
+
+        // Without Info there is nothing to ask; the rows say why rather than passing.
+        let mut o = healthy_disk_root();
+        o.info = Attempt::Failed("Info: no answer within 3 s".into());
+        let m = fails_with(&o, &["info", "data-disk-mounted", "data-disk-free"]);
+        assert!(m.row("data-disk-mounted").unwrap().reason.contains("not asked: Info: no answer"), "{}", m.render());
+    }
+
+    #[test]
+    fn a_nearly_full_data_disk_warns() {
+        let mut o = healthy_disk_root();
+        with_info(&mut o, |i| i.data_disk.as_mut().unwrap().free_bytes = 50 * MIB);
+        let m = decide(&o);
+        let row = m.row("data-disk-free").unwrap();
+        assert_eq!((row.status, m.exit_code()), (Status::Warn, 0), "{}", m.render());
+        assert!(
+            row.reason.contains("50 MiB of 1024 MiB free (4%)") && row.fix.contains("--disk-size"),
+            "{}",
+            m.render()
+        );
+        with_info(&mut o, |i| i.data_disk.as_mut().unwrap().total_bytes = 0);
+        assert_eq!(decide(&o).row("data-disk-free").unwrap().status, Status::Warn);
     }
 
     #[test]

@@ -61,6 +61,42 @@ pub fn fd_target(pid: u32, fd: i32) -> Option<std::path::PathBuf> {
     fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()
 }
 
+/// One descriptor a process holds: what it is open on and whether it can write through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenFile {
+    pub fd: i32,
+    /// `/proc/<pid>/fd/<fd>`'s target (a path, `socket:[N]`, `pipe:[N]`; ` (deleted)` appended
+    /// by the kernel when the file was unlinked).
+    pub target: std::path::PathBuf,
+    /// The access mode from `/proc/<pid>/fdinfo/<fd>`'s `flags` is `O_WRONLY` or `O_RDWR`.
+    pub writable: bool,
+}
+
+/// Every descriptor of `pid` whose target and access mode could be read; `None` when its
+/// `/proc/<pid>/fd` cannot be listed (another user's process, or it is gone).
+pub fn open_files(pid: u32) -> Option<Vec<OpenFile>> {
+    let dir = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let mut out: Vec<OpenFile> = dir
+        .flatten()
+        .filter_map(|e| {
+            let fd: i32 = e.file_name().to_str()?.parse().ok()?;
+            let target = fs::read_link(e.path()).ok()?;
+            let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+            Some(OpenFile { fd, target, writable: fdinfo_writable(&info)? })
+        })
+        .collect();
+    out.sort_by_key(|f| f.fd);
+    Some(out)
+}
+
+/// Whether fdinfo's `flags:` (octal open flags) has a writable access mode (`O_ACCMODE` bits 1
+/// or 2); `None` without a parsable `flags:` line.
+fn fdinfo_writable(fdinfo: &str) -> Option<bool> {
+    let flags = fdinfo.lines().find_map(|l| l.strip_prefix("flags:"))?.trim();
+    let flags = u32::from_str_radix(flags, 8).ok()?;
+    Some(flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32)
+}
+
 /// Each thread of `pid` as "tid STATE in WCHAN" (`/proc/<pid>/task/*`): where a process that
 /// does not die is blocked. Empty when `/proc/<pid>` cannot be read.
 pub fn thread_states(pid: u32) -> Vec<String> {
@@ -182,6 +218,32 @@ fn parse_proc_locks(text: &str, major: u32, minor: u32, inode: u64) -> Vec<u32> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn access_modes_from_fdinfo() {
+        assert_eq!(fdinfo_writable("pos:\t0\nflags:\t0100000\nmnt_id:\t22\n"), Some(false));
+        assert_eq!(fdinfo_writable("pos:\t0\nflags:\t02100002\n"), Some(true));
+        assert_eq!(fdinfo_writable("flags:\t01\n"), Some(true));
+        assert_eq!(fdinfo_writable("pos:\t0\n"), None);
+    }
+
+    /// This process's own descriptors, opened with known modes, read back through /proc.
+    #[test]
+    fn open_files_reads_targets_and_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        fs::write(&path, b"x").unwrap();
+        let ro = fs::File::open(&path).unwrap();
+        let rw = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let files = open_files(std::process::id()).unwrap();
+        let mode = |f: &fs::File| {
+            use std::os::fd::AsRawFd;
+            files.iter().find(|o| o.fd == f.as_raw_fd()).map(|o| (o.target.clone(), o.writable))
+        };
+        let path = path.canonicalize().unwrap();
+        assert_eq!(mode(&ro), Some((path.clone(), false)));
+        assert_eq!(mode(&rw), Some((path, true)));
+    }
 
     #[test]
     fn program_is_stricter_than_any_argument() {

@@ -21,8 +21,8 @@ use std::time::Duration;
 use openshell_guest::netconf::{self, Ipv4Config, NetPlan};
 use openshell_guest::{
     ifconfig, ExecRequest, GuestMount, DATA_DISK_ID, DATA_UPPER_DIR, DATA_WORK_DIR, EXEC_FILE, EXIT_CODE_FILE,
-    MOUNTS_PARAM, ROOT_DISK, ROOT_DISK_DEV, ROOT_DISK_ID, ROOT_PARAM, SHARE_MOUNT, SHARE_TAG, SHARE_TRANSPORT_PARAM,
-    STOP_REQUEST_FILE,
+    LOWER_ROOT, MOUNTS_PARAM, ROOT_DISK, ROOT_DISK_DEV, ROOT_DISK_ID, ROOT_PARAM, SHARE_MOUNT, SHARE_TAG,
+    SHARE_TRANSPORT_PARAM, STOP_REQUEST_FILE,
 };
 
 /// How long the workload gets between SIGTERM and SIGKILL once a stop is requested.
@@ -85,9 +85,9 @@ fn main() {
     power_off();
 }
 
-/// Where the root image stays mounted (read-only) once the overlay is the root, with the data
-/// disk below it at `run`: what [`leave_disk_root`] pivots back to, to unmount the data disk.
-const LOWER_ROOT: &str = "/.openshell-lower";
+// LOWER_ROOT (openshell_guest): where the root image stays mounted once the overlay is the root,
+// with the data disk below it at `run` (DATA_DISK_MOUNT): what [`leave_disk_root`] pivots back
+// to, to unmount the data disk.
 
 /// The kernel mounted the root image read-only at `/` (`root=/dev/vda`). Checks that the device is
 /// the root image (by its virtio serial), mounts the data disk at `/run` (journal replayed by the

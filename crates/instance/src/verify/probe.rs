@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use openshell_matrix::Matrix;
 
-use super::{decide, Attempt, InfoFacts, Leftover, NoCertificate, Observations, Rehashed};
+use super::{decide, AttachedDisks, Attempt, InfoFacts, Leftover, MountFacts, NoCertificate, Observations, Rehashed};
 use crate::state::{GatewayInstance, Metadata};
 use openshell_vm::procfs;
 use openshell_vm::VmError;
@@ -67,7 +67,21 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         }
     };
 
-    let (kernel, rootfs) = rehash_booted(vm.as_ref());
+    let booted = booted(vm.as_ref());
+    let (kernel, rootfs) = match &booted {
+        Ok((pid, b)) => (rehash_kernel(&b.kernel), rehash_rootfs(*pid, &b.rootfs)),
+        Err(why) => (why.attempt(), why.attempt()),
+    };
+    // What the VMM runs decides; only without one to read does the record say.
+    let disk_root = match &booted {
+        Ok((_, b)) => !b.rootfs.is_dir(),
+        Err(_) => metadata.rootfs_dir.as_deref().is_some_and(Path::is_file),
+    };
+    let disks = match &booted {
+        Ok(_) if !disk_root => Attempt::NotTried("a share root has no disks".to_owned()),
+        Ok((pid, b)) => attached_disks(*pid, &b.rootfs, &inst.vm_dir().join(openshell_vm::DATA_DISK_FILE)),
+        Err(why) => why.attempt(),
+    };
     let console_path = metadata.console_log.clone().unwrap_or_else(|| inst.vm_dir().join("console.log"));
     let console = match fs::read(&console_path) {
         Ok(bytes) => Attempt::Done(String::from_utf8_lossy(&bytes).into_owned()),
@@ -94,6 +108,8 @@ pub fn probe(inst: &GatewayInstance) -> Result<Observations, VmError> {
         info,
         kernel,
         rootfs,
+        disk_root,
+        disks,
         console,
         console_path,
         leftovers,
@@ -212,6 +228,8 @@ fn grpc_probes(inst: &GatewayInstance, endpoint: &str) -> GrpcAttempts {
                 uptime_ms: i.uptime_ms,
                 kernel_sha256: i.kernel_sha256,
                 rootfs_sha256: i.rootfs_sha256,
+                root_mount: i.root.map(mount_facts),
+                data_disk: i.data_disk.map(mount_facts),
             }),
             Ok(Err(e)) => Attempt::Failed(e.to_string()),
             Err(e) => Attempt::Failed(bounded("Info")(e)),
@@ -233,30 +251,68 @@ fn without_certificate(endpoint: &str, bundle: &openshell_gateway::ClientBundle)
     }
 }
 
+fn mount_facts(m: openshell_gateway::proto::MountFact) -> MountFacts {
+    let openshell_gateway::proto::MountFact { mount_point, fs_type, source, read_write, total_bytes, free_bytes } = m;
+    MountFacts { mount_point, fs_type, source, read_write, total_bytes, free_bytes }
+}
+
+/// Why the VMM's artifacts were not read: no live VMM to read (not tried), or reading it failed.
+enum Unread {
+    NotTried(String),
+    Failed(String),
+}
+
+impl Unread {
+    fn attempt<T>(&self) -> Attempt<T> {
+        match self {
+            Unread::NotTried(why) => Attempt::NotTried(why.clone()),
+            Unread::Failed(why) => Attempt::Failed(why.clone()),
+        }
+    }
+}
+
 /// The kernel and rootfs the running VMM was started with (its own command line, not the
-/// instance's records), each re-hashed now with the record beside it.
-fn rehash_booted(vm: Option<&procfs::ProcessFact>) -> (Attempt<Rehashed>, Attempt<Rehashed>) {
-    let booted = match vm {
-        None => Err(Attempt::NotTried("metadata.json records no VMM pid".to_owned())),
-        Some(p) if !p.alive => Err(Attempt::NotTried(format!("the VMM pid {} is dead", p.pid))),
+/// instance's records), with the VMM's pid; or why they cannot be read.
+fn booted(vm: Option<&procfs::ProcessFact>) -> Result<(u32, openshell_vm::backend::BootedArtifacts), Unread> {
+    match vm {
+        None => Err(Unread::NotTried("metadata.json records no VMM pid".to_owned())),
+        Some(p) if !p.alive => Err(Unread::NotTried(format!("the VMM pid {} is dead", p.pid))),
         Some(p) if !p.program_is_any(openshell_vm::backend::VMM_PROGRAMS) => {
-            Err(Attempt::NotTried(format!("pid {} is not a VMM", p.pid)))
+            Err(Unread::NotTried(format!("pid {} is not a VMM", p.pid)))
         }
         Some(p) => match (procfs::argv(p.pid), procfs::cwd(p.pid)) {
             (Some(argv), Some(cwd)) => {
                 openshell_vm::backend::booted_artifacts(&argv, &cwd, &|fd| procfs::fd_target(p.pid, fd))
-                    .map_err(|e| Attempt::Failed(format!("VMM pid {}: {e}", p.pid)))
+                    .map(|b| (p.pid, b))
+                    .map_err(|e| Unread::Failed(format!("VMM pid {}: {e}", p.pid)))
             }
-            _ => Err(Attempt::Failed(format!(
+            _ => Err(Unread::Failed(format!(
                 "cannot read /proc/{}/cmdline and cwd; run verify as the user that started the gateway",
                 p.pid
             ))),
         },
-    };
-    match booted {
-        Ok(b) => (rehash_kernel(&b.kernel), rehash_rootfs(&b.rootfs)),
-        Err(why) => (why.clone(), why),
     }
+}
+
+/// The descriptors VMM `pid` holds on the root image and on the data disk, with their modes.
+fn attached_disks(pid: u32, root_image: &Path, data_disk: &Path) -> Attempt<AttachedDisks> {
+    let Some(files) = procfs::open_files(pid) else {
+        return Attempt::Failed(format!(
+            "cannot list /proc/{pid}/fd and fdinfo; run verify as the user that started the gateway"
+        ));
+    };
+    // fd targets are canonical paths; the state directory may be reached through a symlink.
+    let data_disk = data_disk.canonicalize().unwrap_or_else(|_| data_disk.to_owned());
+    let on = |path: &Path| -> Vec<(i32, bool)> {
+        files.iter().filter(|f| f.target == path).map(|f| (f.fd, f.writable)).collect()
+    };
+    Attempt::Done(AttachedDisks {
+        vmm_pid: pid,
+        root_image: root_image.to_owned(),
+        root: on(root_image),
+        data: on(&data_disk),
+        data_disk,
+    })
 }
 
 fn rehash_kernel(vmlinux: &Path) -> Attempt<Rehashed> {
@@ -269,17 +325,25 @@ fn rehash_kernel(vmlinux: &Path) -> Attempt<Rehashed> {
         Some(Err(e)) => Attempt::Failed(e.to_string()),
         None => Attempt::Failed(format!("{} has no directory", vmlinux.display())),
     };
-    Attempt::Done(Rehashed { path: vmlinux.to_owned(), found, recorded, first_difference: None })
+    Attempt::Done(Rehashed { path: vmlinux.to_owned(), found, recorded, first_difference: None, read_through: None })
 }
 
 /// A disk root's image: it stands for the rootfs its `rootdisk.json` was baked from while it
 /// hashes to that record's sha256, so `found` is that rootfs digest then, and the image's own
 /// sha256 when it changed (which then differs from `recorded`, the record's rootfs digest).
-fn rehash_root_disk(image: &Path) -> Attempt<Rehashed> {
+///
+/// The bytes are read through VMM `pid`'s own descriptor on the image, so what is hashed is the
+/// file the VMM serves, even if `image` was replaced or renamed since boot.
+fn rehash_root_disk(pid: u32, image: &Path) -> Attempt<Rehashed> {
     use openshell_artifacts::disk::{self, RootDisk};
-    let found = match openshell_artifacts::sha256_file(image) {
+    let fd = procfs::open_files(pid).and_then(|files| files.into_iter().find(|f| f.target == image).map(|f| f.fd));
+    let Some(fd) = fd else {
+        return Attempt::Failed(format!("VMM pid {pid} holds no descriptor on {} to read it through", image.display()));
+    };
+    let through = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+    let found = match openshell_artifacts::sha256_file(&through) {
         Ok(d) => d,
-        Err(e) => return Attempt::Failed(format!("{}: {e}", image.display())),
+        Err(e) => return Attempt::Failed(format!("{} ({}): {e}", through.display(), image.display())),
     };
     let record = match image.parent().map(RootDisk::open) {
         Some(Ok(d)) => d.record,
@@ -297,13 +361,14 @@ fn rehash_root_disk(image: &Path) -> Attempt<Rehashed> {
         found,
         recorded: Attempt::Done(record.rootfs_digest.hex()),
         first_difference,
+        read_through: Some(through),
     })
 }
 
-fn rehash_rootfs(dir: &Path) -> Attempt<Rehashed> {
+fn rehash_rootfs(vmm_pid: u32, dir: &Path) -> Attempt<Rehashed> {
     use openshell_artifacts::rootfs;
     if dir.is_file() {
-        return rehash_root_disk(dir);
+        return rehash_root_disk(vmm_pid, dir);
     }
     let found = match rootfs::scan(dir) {
         Ok(m) => m.digest().hex(),
@@ -318,7 +383,7 @@ fn rehash_rootfs(dir: &Path) -> Attempt<Rehashed> {
         }
         Err(e) => (Attempt::Failed(e.to_string()), None),
     };
-    Attempt::Done(Rehashed { path: dir.to_owned(), found, recorded, first_difference })
+    Attempt::Done(Rehashed { path: dir.to_owned(), found, recorded, first_difference, read_through: None })
 }
 
 /// Files that should not exist in the instance's state (see [`super::stale_findings`], item 5).

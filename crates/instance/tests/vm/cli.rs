@@ -49,6 +49,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::bench_exec_json", bench_exec_json),
     ("cli::bench_load_json", bench_load_json),
     ("cli::bench_forward_json", bench_forward_json),
+    ("cli::bench_disk_json", bench_disk_json),
     ("cli::bench_soak_json", bench_soak_json),
     ("cli::bench_compare_json", bench_compare_json),
     ("cli::bench_memory_json", bench_memory_json),
@@ -2035,6 +2036,67 @@ fn bench_forward_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<()
         positive(&doc, "rtt_us/mean")?;
         ordered_from_zero(&doc, &["rtt_us/p50", "rtt_us/p99", "rtt_us/max"])?;
         agrees("MiB/s", positive(&doc, "sink_mib_per_s")?, 2.0 / positive(&doc, "sink_seconds")?)
+    })
+}
+
+/// `bench disk` with small sizes: each root's phases are there and did the work asked (the
+/// figures' values are not judged), the data-disk phases only on the disk root, and the rates
+/// are the MiB over their phase's seconds. libkrun boots disks only inside the nested host, so
+/// there the bench must refuse before any VMM starts, saying so.
+fn bench_disk_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    const FILES: u64 = 50;
+    const MIB: u64 = 4;
+    let args = ["disk", "--files", "50", "--mib", "4", "--disk-size", "64"];
+    if vmm == VmmChoice::Krun {
+        dir.expect_refusal_before_boot();
+        return in_cli(dir, vmm, |cli| {
+            let mut all = vec!["bench"];
+            all.extend_from_slice(&args);
+            all.extend(["--vmm", cli.vmm, "--json"]);
+            let r = cli.spawn(&all)?.wait(Duration::from_secs(600))?;
+            if r.code == Some(0) || !r.stderr.contains("bench disk runs on qemu only") {
+                return Err(format!("bench disk --vmm krun must refuse, naming qemu:\n{}", r.show()));
+            }
+            Ok(())
+        });
+    }
+    in_cli(dir, vmm, |cli| {
+        let mut all = args.to_vec();
+        all.extend(["--vmm", cli.vmm]);
+        let doc = bench_json(cli, &all)?;
+        expect_fields(&doc, "bench disk", &[("files", json!(FILES)), ("mib", json!(MIB))])?;
+        for root in ["share", "disk"] {
+            for phase in ["find", "read", "create-tmpfs", "readback-tmpfs"] {
+                positive(&doc, &format!("{root}/{phase}/seconds"))?;
+                positive(&doc, &format!("{root}/{phase}/count"))?;
+            }
+            for phase in ["create-tmpfs", "readback-tmpfs"] {
+                if doc[root][phase]["count"] != json!(FILES) {
+                    return Err(format!("{root}: {phase} must count the {FILES} files made: {doc:#}"));
+                }
+            }
+        }
+        for phase in ["create-data-disk", "readback-data-disk", "dd-write", "dd-read"] {
+            if !doc["share"][phase].is_null() {
+                return Err(format!("a share root has no data disk, but reports {phase}: {doc:#}"));
+            }
+            positive(&doc, &format!("disk/{phase}/seconds"))?;
+        }
+        let counts = [("create-data-disk", FILES), ("readback-data-disk", FILES), ("dd-write", MIB), ("dd-read", MIB)];
+        for (phase, want) in counts {
+            if doc["disk"][phase]["count"] != json!(want) {
+                return Err(format!("disk/{phase}/count must be {want}: {doc:#}"));
+            }
+        }
+        for (rate, phase) in [("write", "dd-write"), ("read", "dd-read")] {
+            let secs = positive(&doc, &format!("disk/{phase}/seconds"))?;
+            agrees(
+                &format!("data disk {rate} MiB/s"),
+                positive(&doc, &format!("data_disk_mib_per_s/{rate}"))?,
+                MIB as f64 / secs,
+            )?;
+        }
+        Ok(())
     })
 }
 

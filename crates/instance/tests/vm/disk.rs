@@ -14,6 +14,7 @@ use crate::trials::Body;
 
 pub const TRIALS: &[(&str, Body)] = &[
     ("disk::gateway_on_an_ext4_root_answers_mtls_health", gateway_on_disk_root),
+    ("disk::verify_warns_when_the_data_disk_is_nearly_full", verify_warns_on_a_nearly_full_data_disk),
     ("disk::data_disk_keeps_a_file_across_stop_and_run", data_disk_keeps_a_file),
     ("disk::reset_removes_the_data_disk", reset_removes_the_data_disk),
     ("disk::tampered_root_disk_is_refused_before_boot", tampered_root_disk_is_refused),
@@ -92,6 +93,19 @@ fn gateway_on_disk_root(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<
         if matrix.exit_code() != 0 || !passed.reason.contains(&image.display().to_string()) {
             return Err(format!("verify of a healthy disk-root gateway:\n{}", matrix.render()));
         }
+        // The image was read through the VMM's own descriptor, and the disk rows judged this root.
+        if !passed.reason.contains(&format!("read through /proc/{}/fd/", up.vm.pid())) {
+            return Err(format!("rootfs-digest was not read through the VMM's fd:\n{}", matrix.render()));
+        }
+        disk_rows_pass(&matrix, &image, &data)?;
+        // `verify --json` prints this document: the disk rows are in it, with their verdicts.
+        let json = matrix.to_json();
+        let rows = json["rows"].as_array().ok_or("verify's JSON has no rows")?;
+        for id in crate::verify::DISK_ROWS {
+            if !rows.iter().any(|r| r["id"] == *id && r["status"] == "PASS" && r["required"] == true) {
+                return Err(format!("verify's JSON lacks a required passing {id} row: {json}"));
+            }
+        }
         // ...and says so when it changed under the running guest.
         let mut bytes = std::fs::read(&image).map_err(|e| e.to_string())?;
         bytes[4096 + 100] ^= 1;
@@ -106,6 +120,92 @@ fn gateway_on_disk_root(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<
     up.vm.stop();
     drop(up);
     result.map_err(|e| dir.fail(e))
+}
+
+/// The disk rows of a healthy disk-root gateway's matrix: each required and passing, and saying
+/// what it found (the image read-only, the data disk read-write in the VMM and in the guest).
+fn disk_rows_pass(matrix: &openshell_matrix::Matrix, image: &Path, data: &Path) -> Result<(), String> {
+    let table = matrix.render();
+    let row = |id: &str| matrix.row(id).cloned().ok_or_else(|| format!("verify has no {id} row:\n{table}"));
+    let attached = row("disks-attached")?;
+    let data = data.canonicalize().map_err(|e| format!("{}: {e}", data.display()))?;
+    let want_attached = [
+        format!("root image {} read-only", image.display()),
+        format!("data disk {}", data.display()),
+        "read-write".into(),
+    ];
+    let mounted = row("data-disk-mounted")?;
+    let free = row("data-disk-free")?;
+    let fine = |r: &openshell_matrix::Row| r.status == openshell_matrix::Status::Pass && r.required;
+    if !fine(&attached) || !want_attached.iter().all(|w| attached.reason.contains(w.as_str())) {
+        return Err(format!("disks-attached must pass naming {want_attached:?}:\n{table}"));
+    }
+    if !fine(&mounted)
+        || !mounted.reason.starts_with("ext4 /dev/vd")
+        || !mounted.reason.contains("/ is overlay read-write")
+    {
+        return Err(format!("data-disk-mounted must pass with ext4 read-write under an overlay /:\n{table}"));
+    }
+    // A fresh disk: free space is most of it (ext4's own metadata and journal take the rest).
+    if !fine(&free) || !free.reason.contains("MiB free") {
+        return Err(format!("data-disk-free must pass on a fresh {DATA_MIB} MiB disk:\n{table}"));
+    }
+    Ok(())
+}
+
+/// A data disk filled to within a few MiB before boot (a filler file written into it with
+/// debugfs): the instance still serves, and `verify`'s free-space row warns, naming the fix,
+/// while the matrix passes (a full disk is the workload's trouble, not a broken instance).
+fn verify_warns_on_a_nearly_full_data_disk(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let result = (|| {
+        let root = disk_root(a, &dir)?;
+        support::with_free_port(|port| {
+            let mut g = support::gateway(a, vmm, &dir.path().join("gateways"), port)?;
+            let data = g.inst.vm_dir().join(openshell_vm::DATA_DISK_FILE);
+            fill_data_disk(&data, &dir.path().join("filler"))?;
+            g.req.vm.root = Some(root.clone());
+            let mut up = g.boot().map_err(|e| format!("boot: {e}"))?;
+            let matrix = openshell_instance::verify::verify(&g.inst).map_err(|e| format!("verify could not run: {e}"));
+            up.vm.stop();
+            let matrix = matrix?;
+            let table = matrix.render();
+            let free = matrix.row("data-disk-free").ok_or_else(|| format!("no data-disk-free row:\n{table}"))?;
+            if free.status != openshell_matrix::Status::Warn
+                || !free.reason.contains(&format!("under {}%", openshell_instance::verify::DATA_DISK_LOW_PERCENT))
+                || !free.fix.contains("--disk-size")
+            {
+                return Err(format!(
+                    "a nearly full data disk must warn on data-disk-free, naming --disk-size:\n{table}"
+                ));
+            }
+            if matrix.exit_code() != 0 {
+                return Err(format!("a nearly full data disk is a warning, not a failing instance:\n{table}"));
+            }
+            println!("{table}");
+            Ok(())
+        })
+    })();
+    result.map_err(|e| dir.fail(e))
+}
+
+/// Makes the smallest data disk at `data` and writes a file into it that leaves a few MiB free
+/// (non-zero bytes, so debugfs cannot store it as holes).
+fn fill_data_disk(data: &Path, filler: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(data.parent().ok_or("the data disk has no directory")?).map_err(|e| e.to_string())?;
+    disk::create_data_disk(data, disk::DATA_DISK_MIN_MIB).map_err(|e| e.to_string())?;
+    std::fs::write(filler, vec![0xa5u8; (disk::DATA_DISK_MIN_MIB as usize - 10) << 20]).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("debugfs")
+        .arg("-w")
+        .arg("-R")
+        .arg(format!("write {} filler", filler.display()))
+        .arg(data)
+        .output()
+        .map_err(|e| format!("debugfs ({}): {e}", disk::INSTALL_HINT))?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || said.contains("rror") {
+        return Err(format!("debugfs write into {}: {said}", data.display()));
+    }
+    Ok(())
 }
 
 /// Boots `cfg` and, once `ready_line` is on the console, asks the guest to stop as `vm stop` does
