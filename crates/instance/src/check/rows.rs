@@ -350,22 +350,6 @@ pub fn rootfs(f: &Facts, verification: Verification) -> Row {
 /// The root disk image of a `--root disk` boot, re-hashed against `rootdisk.json`.
 pub fn root_disk(f: &Facts, verification: Verification) -> Option<Row> {
     let a = f.root_disk.as_ref()?;
-    // The tree's manifest is what the guest is told it runs and what the rootfs row vouches for.
-    if let (Artifact::Checked(disk), Artifact::Checked(tree)) = (a, &f.rootfs) {
-        if disk.provenance.rootfs_digest != tree.digest {
-            return Some(Row::fail(
-                "root-disk",
-                format!(
-                    "{} was baked from rootfs {}, but the VM is given rootfs {} ({})",
-                    disk.path.display(),
-                    disk.provenance.rootfs_digest.short(),
-                    tree.digest.short(),
-                    tree.path.display()
-                ),
-                "boot the root disk of this rootfs (`vm run --root disk` bakes it)",
-            ));
-        }
-    }
     Some(artifact_row("root-disk", a, verification, "rootdisk.json", "vm run --root disk", |c| {
         format!(
             "{} matches rootdisk.json: sha256 {} (re-hashed in {} ms), baked from rootfs {}",
@@ -678,19 +662,6 @@ pub(crate) mod tests {
             assert!(r.reason.contains(part), "{part} not in {}", r.reason);
         }
         assert!(r.fix.contains("remove /store/rootdisk/d") && r.fix.contains("--root disk"), "{}", r.fix);
-        // An intact disk of another rootfs than the one the VM is given fails too.
-        let mut other = record.clone();
-        other.rootfs_digest = Digest::of_bytes(b"another manifest");
-        f.root_disk = Some(Artifact::Checked(Checked {
-            path: "/store/rootdisk/e".into(),
-            digest: Digest::of_bytes(b"image"),
-            provenance: other,
-            mismatch: None,
-            hashed_in: Duration::from_millis(30),
-        }));
-        let r = root_disk(&f, Verification::Required).unwrap();
-        assert_eq!(status(&r), (Status::Fail, true));
-        assert!(r.reason.contains("was baked from rootfs") && r.reason.contains("/store/rootfs/r"), "{}", r.reason);
     }
 
     #[test]

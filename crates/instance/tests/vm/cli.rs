@@ -198,7 +198,7 @@ impl Spawned {
 }
 
 impl Cli {
-    fn new(dir: &TrialDir, vmm: VmmChoice) -> Result<Cli, Failed> {
+    pub(crate) fn new(dir: &TrialDir, vmm: VmmChoice) -> Result<Cli, Failed> {
         let bin = std::env::var_os("OPENSHELL_XTASK").map(PathBuf::from).filter(|p| p.is_file()).ok_or(
             "OPENSHELL_XTASK is not set to the xtask binary; run the VM suites with `cargo xtask e2e --vm`, which sets it",
         )?;

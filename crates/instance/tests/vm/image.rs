@@ -7,8 +7,8 @@
 //! The layout is byte-for-byte the same in every trial (fixed mtimes, our rootfs' busybox), so its
 //! unpacked root and root disk are baked into the shared store once and found by the next trial.
 //! Where libkrun runs only nested, the `krun::image::*` trials run the CLI inside L1 with the
-//! host's store read-only and `OPENSHELL_BUILD=never`: they boot the image root a host run (their
-//! `qemu::image::*` twins) baked, and without one they fail with xtask's "would be built" refusal.
+//! host's store read-only and `OPENSHELL_BUILD=never`: they boot the image roots
+//! [`bake_on_host`] bakes on the host before L1 boots.
 
 use std::path::{Path, PathBuf};
 
@@ -151,12 +151,36 @@ fn layout_for(a: &Artifacts, dir: &Path, name: &str, config: serde_json::Value, 
 
 /// The test image: Entrypoint `/bin/sh -c`, Cmd [`SCRIPT`], as 1000:1000 in /work.
 fn test_image(a: &Artifacts, cli: &Cli) -> Result<String, String> {
-    let config = serde_json::json!({
+    Ok(format!("oci:{}", layout(a, &cli.dir, "image-layout", test_config())?.display()))
+}
+
+fn test_config() -> serde_json::Value {
+    serde_json::json!({
         "Entrypoint": ["/bin/sh", "-c"], "Cmd": [SCRIPT],
         "Env": ["PATH=/bin", "GREETING=hello-from-the-image"],
         "WorkingDir": "/work", "User": "1000:1000",
-    });
-    Ok(format!("oci:{}", layout(a, &cli.dir, "image-layout", config)?.display()))
+    })
+}
+
+fn no_command_config() -> serde_json::Value {
+    serde_json::json!({"Env": ["PATH=/bin"]})
+}
+
+/// Where libkrun runs only nested, the `krun::image::*` trials run the CLI inside L1 on the
+/// host's store, read-only, with an xtask that builds nothing: the image roots they boot are
+/// baked here first, on the host, by `rootfs --image` of the same layouts (byte for byte the same,
+/// so the same digests) into the store L1 is given.
+pub fn bake_on_host(a: &Artifacts, dir: &TrialDir) -> Result<(), String> {
+    let cli = Cli::new(dir, VmmChoice::Qemu).map_err(|e| e.message().unwrap_or("no xtask").to_owned())?;
+    let host = cli.dir.join("host-bake");
+    for (name, config) in [("image-layout", test_config()), ("no-command-layout", no_command_config())] {
+        let image = format!("oci:{}", layout(a, &host, name, config)?.display());
+        let r = cli.run(&["rootfs", "--image", &image])?;
+        if r.code != Some(0) {
+            return Err(format!("baking {name} on the host for L1:\n{}", r.show()));
+        }
+    }
+    Ok(())
 }
 
 /// `vm run --image IMAGE --vmm VMM --net none EXTRA`.
@@ -283,8 +307,7 @@ fn its_files_are_not_overwritten(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -
 fn an_image_without_a_command_needs_exec(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
     dir.expect_no_vm();
     in_cli(dir, vmm, |cli| {
-        let config = serde_json::json!({"Env": ["PATH=/bin"]});
-        let image = format!("oci:{}", layout(a, &cli.dir, "no-command-layout", config)?.display());
+        let image = format!("oci:{}", layout(a, &cli.dir, "no-command-layout", no_command_config())?.display());
         let r = run_image(cli, &image, &[])?;
         if r.code != Some(1) || !r.stderr.contains("the image names no command") || !r.stderr.contains("--exec") {
             return Err(format!(

@@ -92,8 +92,18 @@ pub fn route(full: &str, place: &KrunPlace, artifacts: &Result<Artifacts, String
     })
 }
 
+/// What a nested trial needs made on the host first: L1 gets the host's store read-only and
+/// builds nothing.
+type HostStep = fn(&Artifacts, &TrialDir) -> Result<(), String>;
+const ON_THE_HOST_FIRST: &[(&str, HostStep)] = &[("krun::image::", crate::image::bake_on_host)];
+
 impl NestedTrial {
     pub fn run(self, dir: TrialDir) -> Result<(), Failed> {
+        for (_, step) in ON_THE_HOST_FIRST.iter().filter(|(prefix, _)| self.name.starts_with(prefix)) {
+            if let Err(e) = step(&self.artifacts, &dir) {
+                return Err(dir.fail(e));
+            }
+        }
         run_trial(&self.name, &self.artifacts, &self.host, &self.vmm, dir)
     }
 }
