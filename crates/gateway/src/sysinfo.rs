@@ -80,8 +80,12 @@ pub struct Mount {
 /// `None` when nothing is mounted there or mountinfo cannot be read.
 pub fn mount_at(mount_point: &str) -> Option<Mount> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    #[allow(unused_mut)] // sized on Linux only
     let mut m = parse_mountinfo(&text, mount_point)?;
     // A failed statvfs leaves the sizes at 0, which the host reads as "unknown", not as full.
+    // Linux only: the guest is Linux, and statvfs' field types differ on macOS, where this
+    // library is built for its client side alone.
+    #[cfg(target_os = "linux")]
     if let Ok(st) = nix::sys::statvfs::statvfs(mount_point) {
         let frsize = st.fragment_size();
         m.total_bytes = st.blocks() * frsize;
