@@ -42,7 +42,8 @@ fn main() {
         eprintln!("openshell-init: not PID 1; this is the guest's init (or udhcpc's script)");
         std::process::exit(2);
     }
-    ensure_console();
+    // Briefly, before /proc and devtmpfs: most boots that miss it get it here.
+    let late = ensure_console("", Duration::from_secs(2));
     step("init started");
     // Blocked from the start, so a stop request that arrives while we boot is not lost.
     block_waited_signals();
@@ -65,8 +66,11 @@ fn main() {
         }
     }
     mount_basics();
-    // Again once devtmpfs is surely mounted, in case the console was not there at the start.
-    ensure_console();
+    // Again once devtmpfs is surely mounted, by the device the command line names too, in case the
+    // console was not there at the start.
+    if late && ensure_console(&cmdline, Duration::from_secs(10)) {
+        step("init started (the kernel could not open a console; init opened it)");
+    }
     set_hostname("gateway");
     set_clock(&cmdline);
     network_up(&cmdline);
@@ -234,25 +238,42 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
 /// The kernel hands init `/dev/console` as its stdio, unless the console's driver was not up yet
 /// when it tried ("Warning: unable to open an initial console.", seen with libkrun's hvc0 inside
 /// the nested host under TCG: init's steps and the workload's output then went nowhere). Init
-/// then opens the console itself once it is there (trying for up to 2 s), so they reach it.
-fn ensure_console() {
+/// then opens the console itself: `/dev/console`, or the device the command line's last
+/// `console=` names (with devtmpfs mounted, `/dev/hvc0` exists once its driver has probed), for up
+/// to `wait`. Returns whether it had to; a boot that got its console is untouched.
+fn ensure_console(cmdline: &str, wait: Duration) -> bool {
     // SAFETY: fcntl on a descriptor number touches no memory of ours.
     if unsafe { libc::fcntl(1, libc::F_GETFD) } != -1 {
-        return;
+        return false;
     }
-    for _ in 0..200 {
-        // SAFETY: open reads a NUL-terminated string we own.
-        let fd = unsafe { libc::open(c"/dev/console".as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
-        if fd >= 0 {
-            for target in (0..3).filter(|&t| t != fd) {
-                // SAFETY: dup2 on descriptors, no memory.
-                unsafe { libc::dup2(fd, target) };
+    let named = cmdline
+        .split_whitespace()
+        .filter_map(|p| p.strip_prefix("console="))
+        .next_back()
+        .map(|c| format!("/dev/{}", c.split(',').next().unwrap_or(c)));
+    let candidates: Vec<std::ffi::CString> = std::iter::once("/dev/console".to_owned())
+        .chain(named)
+        .filter_map(|p| std::ffi::CString::new(p).ok())
+        .collect();
+    let until = std::time::Instant::now() + wait;
+    loop {
+        for path in &candidates {
+            // SAFETY: open reads a NUL-terminated string we own.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+            if fd >= 0 {
+                for target in (0..3).filter(|&t| t != fd) {
+                    // SAFETY: dup2 on descriptors, no memory.
+                    unsafe { libc::dup2(fd, target) };
+                }
+                if fd > 2 {
+                    // SAFETY: as above; fd is ours and now duplicated.
+                    unsafe { libc::close(fd) };
+                }
+                return true;
             }
-            if fd > 2 {
-                // SAFETY: as above; fd is ours and now duplicated.
-                unsafe { libc::close(fd) };
-            }
-            return;
+        }
+        if std::time::Instant::now() >= until {
+            return true;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
