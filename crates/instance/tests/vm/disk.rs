@@ -256,12 +256,7 @@ fn data_disk_keeps_a_file(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Resul
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let mut vm = support::launch(&cfg).map_err(|e| format!("second launch: {e}"))?;
-        let code = match vm.wait(None, Some(support::GUEST_TIMEOUT)).map_err(|e| e.to_string())? {
-            openshell_vm::VmExit::Guest(c) => c,
-            other => return Err(format!("second boot reported no exit code: {other}")),
-        };
-        let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
+        let (code, console) = support::boot_to_exit(&cfg).map_err(|e| format!("second boot: {e}"))?;
         let want = format!("seen: {token} more");
         if code != 0 || !console.lines().any(|l| l.trim() == want) {
             return Err(format!(
@@ -367,14 +362,7 @@ fn killed_guests_data_disk_is_replayed(a: &Artifacts, vmm: VmmChoice, dir: Trial
             ));
         }
         cfg.exec.argv = ["/bin/sh", "-c", "echo seen: $(cat /root/f)"].iter().map(|s| s.to_string()).collect();
-        let (code, console) = {
-            let mut vm = support::launch(&cfg).map_err(|e| format!("second launch: {e}"))?;
-            let code = match vm.wait(None, Some(support::GUEST_TIMEOUT)).map_err(|e| e.to_string())? {
-                openshell_vm::VmExit::Guest(c) => c,
-                other => return Err(format!("second boot reported no exit code: {other}")),
-            };
-            (code, std::fs::read_to_string(cfg.console_path()).unwrap_or_default())
-        };
+        let (code, console) = support::boot_to_exit(&cfg).map_err(|e| format!("second boot: {e}"))?;
         if code != 0 || !console.lines().any(|l| l.trim() == "seen: survived") {
             return Err(format!("after the replay: exit {code}; console:\n{}", support::tail(&console, 30)));
         }

@@ -77,7 +77,7 @@ fn debian_runs_python_and_keeps_what_it_writes(a: &Artifacts, vmm: VmmChoice, di
         let mut cfg = support::config(&deb, &dir, vmm, &["/usr/bin/python3", "-c", &write]);
         cfg.root = Root::disk(image, DATA_MIB);
         cfg.mem_mib = openshell_instance::profile::DEBIAN.mem_mib;
-        let (code, console) = boot(&cfg)?;
+        let (code, console) = support::boot_to_exit(&cfg)?;
         let said = console.lines().find(|l| l.starts_with("python 3.")).map(str::to_owned);
         let Some(said) = said.filter(|_| code == 0) else {
             return Err(format!("python3 in the debian root: exit {code}; console:\n{}", support::tail(&console, 30)));
@@ -88,7 +88,7 @@ fn debian_runs_python_and_keeps_what_it_writes(a: &Artifacts, vmm: VmmChoice, di
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let (code, console) = boot(&cfg)?;
+        let (code, console) = support::boot_to_exit(&cfg)?;
         let want = format!("seen {token}");
         if code != 0 || !console.lines().any(|l| l.trim() == want) {
             return Err(format!(
@@ -99,14 +99,4 @@ fn debian_runs_python_and_keeps_what_it_writes(a: &Artifacts, vmm: VmmChoice, di
         Ok(())
     })();
     result.map_err(|e| dir.fail(e))
-}
-
-/// Boots `cfg` to its guest's exit: (exit code, console).
-fn boot(cfg: &openshell_vm::VmConfig) -> Result<(i32, String), String> {
-    let mut vm = support::launch(cfg).map_err(|e| format!("launch: {e}"))?;
-    let code = match vm.wait(None, Some(support::GUEST_TIMEOUT)).map_err(|e| e.to_string())? {
-        openshell_vm::VmExit::Guest(c) => c,
-        other => return Err(format!("the guest reported no exit code: {other}")),
-    };
-    Ok((code, std::fs::read_to_string(cfg.console_path()).unwrap_or_default()))
 }

@@ -288,20 +288,21 @@ pub fn config(a: &Artifacts, dir: &TrialDir, vmm: VmmChoice, argv: &[&str]) -> V
 
 /// Boots `cfg`, waits for the guest, returns (exit code, console text).
 pub fn run(cfg: &VmConfig, dir: TrialDir) -> Result<(i32, String, TrialDir), Failed> {
-    let mut vm = match launch(cfg) {
-        Ok(vm) => vm,
-        Err(e) => return Err(dir.fail(format!("launch failed: {e}"))),
+    match boot_to_exit(cfg) {
+        Ok((code, console)) => Ok((code, console, dir)),
+        Err(e) => Err(dir.fail(e)),
+    }
+}
+
+/// [`run`] for a trial that goes on after the guest exits: (exit code, console text), or why
+/// there is none (the VM is stopped by then).
+pub fn boot_to_exit(cfg: &VmConfig) -> Result<(i32, String), String> {
+    let mut vm = launch(cfg).map_err(|e| format!("launch failed: {e}"))?;
+    let code = match vm.wait(None, Some(GUEST_TIMEOUT)).map_err(|e| e.to_string())? {
+        openshell_vm::VmExit::Guest(c) => c,
+        other => return Err(format!("the guest reported no exit code: {other}")),
     };
-    let code = match vm.wait(None, Some(GUEST_TIMEOUT)) {
-        Ok(openshell_vm::VmExit::Guest(c)) => c,
-        Ok(other) => return Err(dir.fail(format!("the guest reported no exit code: {other}"))),
-        Err(e) => {
-            drop(vm);
-            return Err(dir.fail(e.to_string()));
-        }
-    };
-    let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
-    Ok((code, console, dir))
+    Ok((code, std::fs::read_to_string(cfg.console_path()).unwrap_or_default()))
 }
 
 /// Whether a process with this pid exists (zombies included).
