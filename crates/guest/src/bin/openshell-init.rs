@@ -241,9 +241,13 @@ fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &
 /// then opens the console itself: `/dev/console`, or the device the command line's last
 /// `console=` names (with devtmpfs mounted, `/dev/hvc0` exists once its driver has probed), for up
 /// to `wait`. Returns whether it had to; a boot that got its console is untouched.
+///
+/// Init's stdout is never closed by the time this runs: Rust's runtime opens `/dev/null` on any
+/// of fds 0-2 that a process starts without, before `main`. So "no console" reads as "stdout is
+/// not a terminal" (every console the kernel hands init is one), not as a closed descriptor.
 fn ensure_console(cmdline: &str, wait: Duration) -> bool {
-    // SAFETY: fcntl on a descriptor number touches no memory of ours.
-    if unsafe { libc::fcntl(1, libc::F_GETFD) } != -1 {
+    // SAFETY: isatty on a descriptor number touches no memory of ours.
+    if unsafe { libc::isatty(1) } == 1 {
         return false;
     }
     let named = cmdline

@@ -460,6 +460,9 @@ fn attempt() -> u32 {
     std::env::var("NEXTEST_ATTEMPT").ok().and_then(|a| a.parse().ok()).unwrap_or(1)
 }
 
+/// How a trial whose VMMs all kept their guests out of userspace (by the ledger) is reported.
+pub const NO_USERSPACE: &str = "got its guest to userspace (no init line on the console, no exit-code file)";
+
 /// (spawned, booted) VMMs of `backend` in the ledger at `path`. Only this trial's backend counts:
 /// a krun trial run inside a QEMU L1 VM started one VM of each.
 fn ledger_counts(path: &std::path::Path, backend: &str) -> (usize, usize) {
@@ -519,11 +522,9 @@ pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<
         (Ok(()), Boots::Vm, 0, _) => {
             Err("the trial passed without starting a VMM, so it proves nothing about a VM".into())
         }
-        (Ok(()), Boots::Vm, n, 0) => Err(format!(
-            "the trial passed, but none of its {n} VMM(s) got its guest to userspace (no init line on the \
-             console, no exit-code file), so it proves nothing about a VM"
-        )
-        .into()),
+        (Ok(()), Boots::Vm, n, 0) => {
+            Err(format!("the trial passed, but none of its {n} VMM(s) {NO_USERSPACE}, so it proves nothing about a VM").into())
+        }
         (Ok(()), Boots::RefusedBeforeBoot | Boots::NoVm, n, _) if n > 0 => {
             Err(format!("the trial expects no VM ({}), but {n} VMM(s) were started", expects.get().as_str()).into())
         }
