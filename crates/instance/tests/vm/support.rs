@@ -523,7 +523,8 @@ pub fn observe(name: &str, backend: &str, body: impl FnOnce(TrialDir) -> Result<
             Err("the trial passed without starting a VMM, so it proves nothing about a VM".into())
         }
         (Ok(()), Boots::Vm, n, 0) => {
-            Err(format!("the trial passed, but none of its {n} VMM(s) {NO_USERSPACE}, so it proves nothing about a VM").into())
+            Err(format!("the trial passed, but none of its {n} VMM(s) {NO_USERSPACE}, so it proves nothing about a VM")
+                .into())
         }
         (Ok(()), Boots::RefusedBeforeBoot | Boots::NoVm, n, _) if n > 0 => {
             Err(format!("the trial expects no VM ({}), but {n} VMM(s) were started", expects.get().as_str()).into())
