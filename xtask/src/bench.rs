@@ -14,6 +14,7 @@ mod compare;
 mod disk;
 mod exec;
 mod forward;
+mod image;
 mod load;
 mod memory;
 mod soak;
@@ -47,8 +48,12 @@ enum BenchWhat {
         /// The guest's root (repeatable: each is booted cold and warm, side by side): share (the
         /// rootfs directory over virtio-9p) or disk (its ext4 image plus a data disk; a cold boot
         /// makes the data disk afresh, before the VMM starts, so outside the figures)
-        #[arg(long, value_enum, default_values_t = [crate::vm::RootFlag::Share])]
+        /// [default: the profile's]
+        #[arg(long, value_enum)]
         root: Vec<crate::vm::RootFlag>,
+        /// The profile whose gateway boots (its root tree, root kind and memory), as `vm run --profile`
+        #[arg(long, default_value_t = openshell_instance::profile::GATEWAY)]
+        profile: openshell_instance::profile::Profile,
         /// Machine-readable output
         #[arg(long)]
         json: bool,
@@ -68,6 +73,9 @@ enum BenchWhat {
     Disk(disk::DiskArgs),
     /// Detach/stop cycles through the CLI: failures, wall per cycle, leaks counted
     Soak(soak::SoakArgs),
+    /// An OCI image through `vm run --image`, cold (unpack + mke2fs + boot) beside warm, to its
+    /// command's exit or to --ready's probe
+    Image(image::ImageArgs),
     /// Side by side in one run: our boot → SERVING vs the same gateway in a podman container,
     /// and our kernel → init vs a naive QEMU (`-M q35`, default devices, distribution cmdline)
     Compare(compare::CompareArgs),
@@ -82,17 +90,21 @@ impl BenchCmd {
     }
 
     pub fn run(self) -> anyhow::Result<()> {
-        let (n, vmm, json, inside_l1, roots) = match self.what {
-            BenchWhat::Boot { n, vmm, json, inside_l1, root } => (n, vmm, json, inside_l1, root),
+        let (n, vmm, json, inside_l1, roots, profile) = match self.what {
+            BenchWhat::Boot { n, vmm, json, inside_l1, root, profile } => (n, vmm, json, inside_l1, root, profile),
             BenchWhat::Exec(a) => return a.run(),
             BenchWhat::Load(a) => return a.run(),
             BenchWhat::Forward(a) => return a.run(),
             BenchWhat::Disk(a) => return a.run(),
+            BenchWhat::Image(a) => return a.run(),
             BenchWhat::Soak(a) => return a.run(),
             BenchWhat::Compare(a) => return a.run(),
             BenchWhat::Memory(a) => return a.run(),
         };
         anyhow::ensure!(n > 0, "-n must be at least 1");
+        let roots = if roots.is_empty() { vec![crate::vm::RootFlag::of(&profile)] } else { roots };
+        // The default run's modes keep their names (`cold`, `warm`): what --json readers know.
+        let plain = roots == [crate::vm::RootFlag::Share] && profile == openshell_instance::profile::GATEWAY;
         let share_only = roots == [crate::vm::RootFlag::Share];
         anyhow::ensure!(share_only || !inside_l1 && vmm != VmmChoice::Krun, "--root disk is benchmarked on qemu only");
         if inside_l1 {
@@ -104,7 +116,11 @@ impl BenchCmd {
             return Ok(());
         }
         let sh = Shell::new()?;
-        let a = Artifacts::build(&sh)?;
+        let a = Artifacts::of_profile(&sh, &profile)?;
+        anyhow::ensure!(
+            vmm != VmmChoice::Krun || profile == openshell_instance::profile::GATEWAY,
+            "--profile {profile} is benchmarked on qemu only"
+        );
         let facts = openshell_vm::HostFacts::probe();
         let plan = openshell_vm::plan(&facts, vmm, Net::Passt);
         if vmm == VmmChoice::Krun && plan.krun == KrunPlace::NestedL1 {
@@ -115,10 +131,13 @@ impl BenchCmd {
         for flag in roots {
             let bundle = openshell_artifacts::rootfs::RootfsBundle::open(&a.rootfs)?;
             let root = flag.decide(None, &sh, &Store::default_location(), &bundle)?;
-            let a = Artifacts { kernel: a.kernel.clone(), rootfs: a.rootfs.clone(), digests: a.digests.clone(), root };
+            let a = Artifacts { root, ..a.clone() };
             for (mode, samples) in boots(n, vmm, &a, true)? {
-                // The default run's modes keep their names (`cold`, `warm`): what --json readers know.
-                let mode = if share_only { mode } else { format!("{mode}, {} root", a.root.kind()) };
+                let mode = match (plain, profile == openshell_instance::profile::GATEWAY) {
+                    (true, _) => mode,
+                    (false, true) => format!("{mode}, {} root", a.root.kind()),
+                    (false, false) => format!("{mode}, {profile} profile, {} root", a.root.kind()),
+                };
                 report.push((mode, samples));
             }
         }
@@ -154,22 +173,35 @@ fn add(samples: &mut Samples, phase: impl Into<String>, v: f64) {
 }
 
 /// The guest artifacts and their digests (what the gateway's metadata records).
+#[derive(Clone)]
 struct Artifacts {
     kernel: PathBuf,
     rootfs: PathBuf,
     digests: (String, String),
     /// The root the benchmarked gateways boot from (`--root`).
     root: openshell_vm::Root,
+    /// The guest memory of the profile (`--profile`).
+    mem_mib: u32,
 }
 
 impl Artifacts {
     fn build(sh: &Shell) -> anyhow::Result<Artifacts> {
+        Artifacts::of_profile(sh, &openshell_instance::profile::GATEWAY)
+    }
+
+    fn of_profile(sh: &Shell, profile: &openshell_instance::profile::Profile) -> anyhow::Result<Artifacts> {
         let store = Store::default_location();
         let host = openshell_artifacts::Arch::host();
         let kernel = crate::artifacts::ensure_kernel(sh, &store, openshell_artifacts::kernel::KernelRole::Guest, host)?;
-        let rootfs = crate::artifacts::ensure_rootfs(sh, &store, host)?;
+        let rootfs = crate::artifacts::profile_root(sh, &store, profile, host, true)?;
         let digests = (kernel.provenance.vmlinux_sha256.hex(), rootfs.digest().hex());
-        Ok(Artifacts { kernel: kernel.vmlinux, rootfs: rootfs.dir, digests, root: openshell_vm::Root::Share })
+        Ok(Artifacts {
+            kernel: kernel.vmlinux,
+            rootfs: rootfs.dir,
+            digests,
+            root: openshell_vm::Root::Share,
+            mem_mib: profile.mem_mib,
+        })
     }
 
     fn from_env() -> anyhow::Result<Artifacts> {
@@ -177,7 +209,8 @@ impl Artifacts {
         let (kernel, rootfs) = (get("OPENSHELL_KERNEL")?, get("OPENSHELL_ROOTFS")?);
         let k = openshell_artifacts::sha256_file(&kernel).with_context(|| format!("hashing {}", kernel.display()))?;
         let r = openshell_artifacts::rootfs::RootfsBundle::open(&rootfs)?.digest();
-        Ok(Artifacts { kernel, rootfs, digests: (k.hex(), r.hex()), root: openshell_vm::Root::Share })
+        let mem_mib = openshell_instance::profile::GATEWAY.mem_mib;
+        Ok(Artifacts { kernel, rootfs, digests: (k.hex(), r.hex()), root: openshell_vm::Root::Share, mem_mib })
     }
 }
 
@@ -269,7 +302,12 @@ fn gateways_in(tmp: &std::path::Path) -> std::path::PathBuf {
 /// and a ready timeout that covers a host loaded by the benchmark itself.
 fn request(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, name: &str) -> anyhow::Result<supervise::Request> {
     let mut req = supervise::Request::new(root, name, a.kernel.clone(), a.rootfs.clone(), a.digests.clone());
-    req.vm = openshell_vm::Overrides { vmm: Some(vmm), root: Some(a.root.clone()), ..passt_on_a_free_port()? };
+    req.vm = openshell_vm::Overrides {
+        vmm: Some(vmm),
+        root: Some(a.root.clone()),
+        mem_mib: Some(a.mem_mib),
+        ..passt_on_a_free_port()?
+    };
     req.ready_timeout = Duration::from_secs(120);
     Ok(req)
 }

@@ -53,7 +53,7 @@ enum VmSub {
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("disk_root").args(["root", "image"]).multiple(true))]
 #[command(group = clap::ArgGroup::new("one_shot").args(["exec", "image"]).multiple(true))]
-#[command(group = clap::ArgGroup::new("instance").args(["name", "reset", "ready_timeout", "detach", "restart"]).multiple(true))]
+#[command(group = clap::ArgGroup::new("instance").args(["name", "reset", "detach", "restart"]).multiple(true))]
 struct RunArgs {
     /// Run this command (absolute path inside the guest) instead of the gateway (or instead of
     /// the --image's own command)
@@ -78,9 +78,17 @@ struct RunArgs {
     /// Throw away the instance's PKI and state first (a cold boot)
     #[arg(long, conflicts_with = "exec")]
     reset: bool,
-    /// Seconds to wait for the gateway's mTLS health check to say SERVING [default: 60]
-    #[arg(long, conflicts_with = "exec")]
+    /// Seconds to wait for the gateway's mTLS health check to say SERVING, or for --ready's
+    /// probe to pass [default: 60]
+    #[arg(long)]
     ready_timeout: Option<u64>,
+    /// With --exec or --image: wait until the command's service is up, through the -p forward to
+    /// the probed guest port: tcp:PORT (a connection the guest keeps), http:PORT[/PATH] (an answer
+    /// below 400) or grpc:PORT (plaintext grpc.health.v1 SERVING); then say so and keep running
+    /// it in the foreground. A VM that exits first, or a probe still failing after
+    /// --ready-timeout, fails the run
+    #[arg(long, value_name = "PROBE", requires = "one_shot")]
+    ready: Option<openshell_instance::ready::Probe>,
     /// Return once the gateway is ready, leaving it running in the background
     #[arg(long, conflicts_with = "exec")]
     detach: bool,
@@ -167,6 +175,15 @@ pub enum RootFlag {
 }
 
 impl RootFlag {
+    /// The root `profile` boots from unless `--root` says otherwise.
+    pub fn of(profile: &Profile) -> RootFlag {
+        if profile.disk_root {
+            RootFlag::Disk
+        } else {
+            RootFlag::Share
+        }
+    }
+
     /// The [`Root`] of a VM booted from `rootfs`: the one place `--root` and `--disk-size` become
     /// one. A disk root's image is baked (or found; the preflight verifies it) here.
     pub fn decide(
@@ -281,7 +298,7 @@ impl RunArgs {
 
     /// `--root`, or the profile's.
     fn root(&self) -> RootFlag {
-        self.root.unwrap_or(if self.profile.disk_root { RootFlag::Disk } else { RootFlag::Share })
+        self.root.unwrap_or(RootFlag::of(&self.profile))
     }
 
     fn run(self) -> anyhow::Result<i32> {
@@ -307,6 +324,9 @@ impl RunArgs {
             crate::artifacts::ensure_kernel(&sh, &store, openshell_artifacts::kernel::KernelRole::Guest, arch)?;
         let rootfs = crate::artifacts::profile_root(&sh, &store, &self.profile, arch, true)?;
         let verification = if self.allow_unverified { Verification::AllowUnverified } else { Verification::Required };
+        if instance.is_none() && self.ready.is_none() && self.ready_timeout.is_some() {
+            anyhow::bail!("--ready-timeout bounds the wait for --ready PROBE (or for a gateway): add --ready");
+        }
         if let Some(image) = &self.image {
             let base = self.image_workload(&sh, &store, &rootfs, image, &mut overrides)?;
             return self.run_exec(kernel.vmlinux, rootfs.dir, base, &overrides, verification);
@@ -444,10 +464,31 @@ impl RunArgs {
         let mut cfg = VmConfig::exec(kernel, rootfs, state_dir, Vec::new());
         cfg.exec = base;
         cfg.update(overrides);
+        // Refused before anything boots: a probe of a port no forward reaches.
+        let ready = match &self.ready {
+            Some(p) => Some((p, p.endpoint(&cfg.ports)?)),
+            None => None,
+        };
         let (mut vm, preflight) = check::launch_checked(&cfg, verification)?;
         show_warnings(&preflight);
         eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
-        let exit = match vm.wait(Some(&mut std::io::stdout()), None) {
+        // A Ctrl-C while it waits for readiness stops the guest as one during the run does.
+        let mut asked = None;
+        if let Some((probe, endpoint)) = ready {
+            let signals = openshell_vm::launch::StopSignals::register();
+            let timeout = self.ready_timeout.map_or(supervise::READY_TIMEOUT, Duration::from_secs);
+            match openshell_instance::ready::wait(&mut vm, probe, &endpoint, timeout, Some(&signals)) {
+                Ok(after) => {
+                    eprintln!("vm: ready: {probe} {} at {endpoint} after {:.2}s", probe.said(), after.as_secs_f64())
+                }
+                Err(openshell_vm::VmError::StopRequested(sig)) => asked = Some(sig),
+                Err(e) => match tmp.map(tempfile::TempDir::keep) {
+                    Some(kept) => anyhow::bail!("{e}\n(state directory kept for inspection: {})", kept.display()),
+                    None => return Err(e.into()),
+                },
+            }
+        }
+        let exit = match vm.wait_asked(Some(&mut std::io::stdout()), None, asked) {
             Ok(exit) => exit,
             // The error names the console in the temporary state directory: keep it to be read.
             Err(e) => match tmp.map(tempfile::TempDir::keep) {

@@ -87,18 +87,26 @@ pub async fn connect_with_request_timeout(
         .ca_certificate(Certificate::from_pem(&bundle.ca_pem))
         .identity(Identity::from_pem(&bundle.cert_pem, &bundle.key_pem))
         .domain_name(server_name);
-    open_channel(endpoint, tls, request).await
+    open_channel(endpoint, Some(tls), request).await
 }
 
-/// One place that turns an endpoint and a TLS config into a connected channel with our timeouts.
-async fn open_channel(endpoint: &str, tls: ClientTlsConfig, request: Duration) -> Result<Channel, ClientError> {
-    let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("https://{endpoint}") };
+/// A plaintext (h2c) channel to `endpoint`: for asking a workload's own gRPC health (a readiness
+/// probe of a VM that is not the gateway), never for the gateway, which serves mTLS only.
+pub async fn connect_plaintext(endpoint: &str) -> Result<Channel, ClientError> {
+    open_channel(endpoint, None, REQUEST_TIMEOUT).await
+}
+
+/// One place that turns an endpoint and a TLS config (none: plaintext) into a connected channel
+/// with our timeouts.
+async fn open_channel(endpoint: &str, tls: Option<ClientTlsConfig>, request: Duration) -> Result<Channel, ClientError> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("{scheme}://{endpoint}") };
     let invalid = |source| ClientError::Endpoint { endpoint: endpoint.to_string(), source };
-    Endpoint::from_shared(uri)
-        .map_err(invalid)?
-        .tls_config(tls)
-        .map_err(invalid)?
-        .connect_timeout(CONNECT_TIMEOUT)
+    let mut e = Endpoint::from_shared(uri).map_err(invalid)?;
+    if let Some(tls) = tls {
+        e = e.tls_config(tls).map_err(invalid)?;
+    }
+    e.connect_timeout(CONNECT_TIMEOUT)
         .timeout(request)
         .connect()
         .await

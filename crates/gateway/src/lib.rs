@@ -27,7 +27,7 @@ pub mod proto {
     }
 }
 
-pub use client::{connect, connect_with_request_timeout, health, info, ClientBundle, ClientError};
+pub use client::{connect, connect_plaintext, connect_with_request_timeout, health, info, ClientBundle, ClientError};
 pub use probe::{probe, ProbeError, TlsOutcome, TlsProbe};
 pub use proto::InfoReply;
 pub use server::{serve, Ended, GatewayConfig, GatewayService, ServeError};

@@ -25,6 +25,19 @@ pub enum ImageRef {
     Local(String),
 }
 
+/// The reference with its kind spelled out, as [`FromStr`] reads it back: what to pass to a
+/// child process so that it resolves the same image.
+impl std::fmt::Display for ImageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageRef::OciLayout(p) => write!(f, "oci:{}", p.display()),
+            ImageRef::OciArchive(p) => write!(f, "oci-archive:{}", p.display()),
+            ImageRef::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
+            ImageRef::Local(n) => write!(f, "podman:{n}"),
+        }
+    }
+}
+
 impl FromStr for ImageRef {
     type Err = ImageError;
 

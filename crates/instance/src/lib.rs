@@ -1,5 +1,5 @@
 //! Named gateway instances on top of the VM runtime (`openshell-vm`): an instance's directory,
-//! metadata, lock and PKI ([`state`]), what a gateway VM is and when it is ready ([`preset`]), the built-in profiles a VM is
+//! metadata, lock and PKI ([`state`]), what a gateway VM is ([`preset`]), when a VM's workload is ready ([`ready`]), the built-in profiles a VM is
 //! booted from ([`profile`]), the supervisor that boots it and watches its
 //! children ([`supervise`]), stale-state recovery, readiness and status, the verification matrix
 //! of a running instance ([`verify`]), and the host check with the preflight every boot passes
@@ -13,6 +13,7 @@ pub mod check;
 pub mod guest_check;
 pub mod preset;
 pub mod profile;
+pub mod ready;
 pub mod state;
 pub mod status;
 pub mod supervise;

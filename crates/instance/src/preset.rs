@@ -4,20 +4,14 @@
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::time::Duration;
 
-use openshell_vm::timeline;
 use openshell_vm::{Net, Overrides, PortMap, RunningVm, VmConfig, VmError};
 
 use crate::state::{copy_if_changed, io_err, pki_err, write_if_changed, GatewayInstance};
 
 pub const GATEWAY_PORT: u16 = 30051;
-const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
-const LISTENING_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often readiness probes before the gateway has said it listens: rarely, since such a probe
-/// blocks the loop for its whole timeout and would delay noticing the line on a loaded host.
-const BLIND_PROBE_EVERY: Duration = Duration::from_secs(5);
 /// Inside the guest: where the share puts the server material.
 const GUEST_TLS_DIR: &str = "/run/openshell/tls";
 
@@ -29,13 +23,7 @@ pub const GATEWAY_MEM_MIB: u32 = 256;
 /// Where the host reaches a gateway booted from `cfg`: `127.0.0.1` and the host port of the
 /// forward to the guest's [`GATEWAY_PORT`] (the others forward to whatever else the guest serves).
 pub fn endpoint(cfg: &VmConfig) -> Result<String, VmError> {
-    match cfg.ports.iter().find(|p| p.guest == GATEWAY_PORT) {
-        Some(p) => Ok(format!("127.0.0.1:{}", p.host)),
-        None => Err(VmError::Invalid(format!(
-            "no -p forward reaches the gateway's port {GATEWAY_PORT} in the guest (got {}): add -p HOST:{GATEWAY_PORT}",
-            cfg.ports.iter().map(|p| format!("{}:{}", p.host, p.guest)).collect::<Vec<_>>().join(", ")
-        ))),
-    }
+    crate::ready::host_endpoint(&cfg.ports, GATEWAY_PORT, "the gateway")
 }
 
 impl GatewayInstance {
@@ -87,10 +75,8 @@ impl GatewayInstance {
     }
 }
 
-/// Polls the gateway's mTLS health check through the forwarded port until it says SERVING.
-/// Fails at once, with the kernel's cause, when the guest panics; with the console's last lines
-/// if the VM dies or `timeout` passes; the caller's
-/// `RunningVm` then stops the VM when dropped, so nothing is left running.
+/// Waits for the gateway's mTLS health check through the forward at `endpoint` to say SERVING
+/// ([`crate::ready::wait`] with the gateway's probe).
 pub fn wait_ready(
     vm: &mut RunningVm,
     endpoint: &str,
@@ -98,88 +84,8 @@ pub fn wait_ready(
     timeout: Duration,
     stop: Option<&openshell_vm::launch::StopSignals>,
 ) -> Result<Duration, VmError> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io_err(Path::new("tokio")))?;
-    let deadline = Instant::now() + timeout;
-    let mut last = String::from("no probe yet");
-    let mut last_probe = Instant::now();
-    let mut console = openshell_vm::launch::Tail::new(&vm.console);
-    let mut seen = Vec::new();
-    let mut listening = false;
-    let mut crash = timeline::CrashWatch::default();
-    loop {
-        // A stop asked for during the boot (a restart's, where the supervisor listens) ends it now
-        // rather than once it is ready, or after the whole ready timeout if it never will be.
-        if let Some(signal) = stop.and_then(|s| s.take()) {
-            return Err(VmError::StopRequested(signal));
-        }
-        // A guest that panicked is done whether or not its VMM has exited yet: say why at once.
-        let new = console.read_new();
-        if let Some(cause) = crash.feed(&new) {
-            return Err(vm.crashed(cause));
-        }
-        if let Some(status) = vm.exited() {
-            let text = fs::read_to_string(&vm.console).unwrap_or_default();
-            if let Some(cause) = timeline::guest_crash(&text) {
-                return Err(vm.crashed(cause));
-            }
-            return Err(not_ready(vm, &format!("the VM exited ({status}) before the gateway was ready")));
-        }
-        if let Some((helper, how)) = vm.net_ended() {
-            return Err(not_ready(vm, &format!("{helper} exited ({how}) before the gateway was ready")));
-        }
-        // Probe once the gateway says it listens (seen on the console, a local file). Before
-        // that, passt accepts on the host but the connection goes nowhere, and each such probe
-        // would burn a whole attempt timeout. A slow fallback probe covers a gateway that never
-        // prints the line.
-        if !listening && !new.is_empty() {
-            seen.extend(new);
-            listening = timeline::gateway_listening(&String::from_utf8_lossy(&seen));
-        }
-        if listening || last_probe.elapsed() >= BLIND_PROBE_EVERY {
-            last_probe = Instant::now();
-            // Once it listens, a probe is a real handshake under a possibly slow (emulated,
-            // loaded) guest: give it time rather than restart it from scratch every 500 ms.
-            let bound = if listening { LISTENING_ATTEMPT_TIMEOUT } else { ATTEMPT_TIMEOUT };
-            let attempt = rt.block_on(async {
-                tokio::time::timeout(bound, async {
-                    let t = Instant::now();
-                    let ch = openshell_gateway::connect(endpoint, bundle, "localhost").await?;
-                    let connected = t.elapsed();
-                    let h = openshell_gateway::health(&ch).await;
-                    tracing::debug!(
-                        connect_ms = connected.as_millis() as u64,
-                        health_ms = (t.elapsed() - connected).as_millis() as u64,
-                        at_ms = vm.started.elapsed().as_millis() as u64,
-                        "readiness probe"
-                    );
-                    h
-                })
-                .await
-            });
-            last = match attempt {
-                Ok(Ok(openshell_gateway::ServingStatus::Serving)) => {
-                    vm.userspace_shown("the guest's gateway answered mTLS health SERVING");
-                    return Ok(vm.started.elapsed());
-                }
-                Ok(Ok(other)) => format!("health said {other:?}"),
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {} ms", bound.as_millis()),
-            };
-            tracing::debug!(elapsed_ms = vm.started.elapsed().as_millis() as u64, listening, %last, "gateway not ready yet");
-        }
-        if Instant::now() > deadline {
-            return Err(not_ready(vm, &format!("not SERVING within {}s (last: {last})", timeout.as_secs())));
-        }
-        std::thread::sleep(Duration::from_millis(if listening { 25 } else { 10 }));
-    }
-}
-
-fn not_ready(vm: &RunningVm, why: &str) -> VmError {
-    let console = fs::read_to_string(&vm.console).unwrap_or_default();
-    let lines: Vec<&str> = console.lines().collect();
-    let tail = lines[lines.len().saturating_sub(50)..].join("\n");
-    let silent = if timeline::silent(&console) { format!("; {}", timeline::SILENT_GUEST) } else { String::new() };
-    VmError::NotReady(format!("{why}{silent}\n--- console (last 50 lines) ---\n{tail}"))
+    let probe = crate::ready::Probe::mtls_health(bundle.clone(), GATEWAY_PORT);
+    crate::ready::wait(vm, &probe, endpoint, timeout, stop)
 }
 
 #[cfg(test)]

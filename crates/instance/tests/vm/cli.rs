@@ -137,7 +137,7 @@ impl Drop for KillOnDrop {
 }
 
 /// A running xtask command with both outputs captured.
-struct Spawned {
+pub(crate) struct Spawned {
     child: KillOnDrop,
     args: String,
     stdout: Capture,
@@ -146,7 +146,7 @@ struct Spawned {
 
 impl Spawned {
     /// Waits for it to exit, at most `limit`; kills it past that.
-    fn wait(mut self, limit: Duration) -> Result<Ran, String> {
+    pub(crate) fn wait(mut self, limit: Duration) -> Result<Ran, String> {
         let deadline = Instant::now() + limit;
         let status = loop {
             if let Some(s) = self.child.0.try_wait().map_err(|e| e.to_string())? {
@@ -170,7 +170,15 @@ impl Spawned {
 
     /// Waits until `ready` holds for what it has written so far (stdout, stderr); fails if it
     /// exits first or `limit` passes.
-    fn wait_for(&mut self, limit: Duration, ready: impl Fn(&str, &str) -> bool) -> Result<(), String> {
+    pub(crate) fn stderr_text(&self) -> String {
+        self.stderr.text()
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    pub(crate) fn wait_for(&mut self, limit: Duration, ready: impl Fn(&str, &str) -> bool) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
             if ready(&self.stdout.text(), &self.stderr.text()) {
@@ -216,7 +224,7 @@ impl Cli {
         GatewayInstance::new(&self.root(), name).expect("trial instance names are valid")
     }
 
-    fn command(&self, args: &[&str]) -> Command {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
         c.args(args)
             .env("XDG_CONFIG_HOME", self.dir.join("config"))
@@ -233,7 +241,7 @@ impl Cli {
         c
     }
 
-    fn spawn_with(&self, mut cmd: Command, args: &[&str]) -> Result<Spawned, String> {
+    pub(crate) fn spawn_with(&self, mut cmd: Command, args: &[&str]) -> Result<Spawned, String> {
         let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?;
         let stdout = Capture::new(child.stdout.take().unwrap());
         let stderr = Capture::new(child.stderr.take().unwrap());
@@ -1918,7 +1926,7 @@ fn stop_during_boot_in(cli: &Cli) -> Result<(), String> {
 
 /// `cargo xtask bench ARGS --json` through the CLI: its one JSON document, or why not. The bench
 /// boots its own VMs in its own temporary directories, under the trial's TMPDIR.
-fn bench_json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
+pub(crate) fn bench_json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
     let mut all = vec!["bench"];
     all.extend_from_slice(args);
     all.push("--json");
@@ -1936,7 +1944,7 @@ fn bench_json(cli: &Cli, args: &[&str]) -> Result<Value, String> {
 }
 
 /// A positive, finite number at `path` (`/`-separated keys) in `doc`.
-fn positive(doc: &Value, path: &str) -> Result<f64, String> {
+pub(crate) fn positive(doc: &Value, path: &str) -> Result<f64, String> {
     let v = path.split('/').fold(doc, |d, k| &d[k]);
     v.as_f64()
         .filter(|x| x.is_finite() && *x > 0.0)

@@ -27,7 +27,14 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("image::its_files_are_not_overwritten_by_ours", its_files_are_not_overwritten),
     ("image::an_image_without_a_command_needs_exec", an_image_without_a_command_needs_exec),
     ("image::a_corrupt_or_foreign_image_is_refused_before_boot", corrupt_or_foreign_image_is_refused),
+    ("image::ready_waits_for_its_service_and_then_it_serves", ready_waits_for_its_service),
+    ("image::bench_image_json", bench_image_json),
 ];
+
+/// A service that comes up late: the page is written, then, after a pause the probe must wait
+/// through, busybox's httpd serves it on the guest's port 8080.
+const LATE_SERVICE: &str = "mkdir -p /tmp/www && echo served-by-the-guest > /tmp/www/index.html && sleep 2 && \
+                            echo httpd-starting && exec /bin/busybox httpd -f -p 8080 -h /tmp/www";
 
 /// What the image's Cmd runs (under Entrypoint `/bin/sh -c`).
 const SCRIPT: &str = "echo uid=$(id -u) gid=$(id -g); echo pwd=$(pwd); echo greeting=$GREETING; \
@@ -348,6 +355,83 @@ fn corrupt_or_foreign_image_is_refused(a: &Artifacts, vmm: VmmChoice, dir: Trial
         let name = layer.file_name().unwrap_or_default().to_string_lossy().into_owned();
         if r.code != Some(1) || !r.stderr.contains("does not match its digest") || !r.stderr.contains(&name) {
             return Err(format!("a corrupt layer must be refused, naming its blob {name}:\n{}", r.show()));
+        }
+        Ok(())
+    })
+}
+
+/// `vm run --image --ready http:8080/index.html` (with `-p`) says it is ready only once the guest's
+/// service answers: the first GET after that line gets the guest's page. Without a forward to the
+/// probed port it is refused before boot, naming the flag to add. Ctrl-C then stops the guest,
+/// whose exit code `vm run` reports.
+fn ready_waits_for_its_service(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let image = test_image(a, cli)?;
+        let base = ["vm", "run", "--image", &image, "--vmm", cli.vmm, "--net", "passt", "--disk-size", "128M"];
+        let unforwarded = [&base[..], &["--ready", "http:8080/", "--exec", "/bin/true"]].concat();
+        let r = cli.run(&unforwarded)?;
+        if r.code == Some(0) || !r.stderr.contains("add -p HOST:8080") {
+            return Err(format!("a probe of an unforwarded port must be refused before boot:\n{}", r.show()));
+        }
+        crate::support::with_free_port(|port| {
+            let publish = format!("{port}:8080");
+            let extra =
+                ["-p", &publish, "--ready", "http:8080/index.html", "--exec", "/bin/sh", "--", "-c", LATE_SERVICE];
+            let args = [&base[..], &extra[..]].concat();
+            let mut cmd = cli.command(&args);
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+            let mut run = cli.spawn_with(cmd, &args)?;
+            let said = "vm: ready: http:8080/index.html answered HTTP at 127.0.0.1:";
+            run.wait_for(crate::support::GUEST_TIMEOUT, |_, err| err.contains(said) || err.contains("in use"))?;
+            if !run.stderr_text().contains(said) {
+                return Err(format!("port {port} in use: {}", run.stderr_text()));
+            }
+            let page = http_get(port, "/index.html");
+            let group = nix::unistd::Pid::from_raw(run.pid() as i32);
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT);
+            let ran = run.wait(std::time::Duration::from_secs(120))?;
+            match page {
+                Ok(body) if body.contains("served-by-the-guest") => {}
+                Ok(body) => return Err(format!("the first GET after the ready line got {body:?}:\n{}", ran.show())),
+                Err(e) => return Err(format!("the first GET after the ready line failed: {e}\n{}", ran.show())),
+            }
+            if !ran.stdout.contains("httpd-starting") || !ran.stderr.contains("the guest reported exit code") {
+                return Err(format!(
+                    "expected the late service's line and the guest's exit code after Ctrl-C:\n{}",
+                    ran.show()
+                ));
+            }
+            Ok(())
+        })
+    })
+}
+
+/// One HTTP/1.0 GET to 127.0.0.1:`port`, its whole answer.
+fn http_get(port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+    Ok(answer)
+}
+
+/// `bench image --ready tcp:8080 --json`, one cold and one warm run, on an image of its own (its
+/// cold run removes the image's store entries, which no other trial may be booting from): both
+/// modes report the time to ready.
+fn bench_image_json(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let config = serde_json::json!({
+            "Entrypoint": ["/bin/sh", "-c"], "Cmd": [LATE_SERVICE], "Env": ["PATH=/bin", "BENCHED=yes"],
+        });
+        let image = format!("oci:{}", layout(a, &cli.dir, "bench-layout", config)?.display());
+        let doc = crate::cli::bench_json(cli, &["image", &image, "-n", "1", "--vmm", cli.vmm, "--ready", "tcp:8080"])?;
+        for mode in ["cold", "warm"] {
+            crate::cli::positive(&doc, &format!("{mode}/host: vm run → ready (tcp:8080)/median"))?;
+        }
+        if doc["image"] != serde_json::json!(image) {
+            return Err(format!("the report names another image than {image}: {doc:#}"));
         }
         Ok(())
     })

@@ -71,6 +71,10 @@ const NOT_NESTED: &[(&str, &str)] = &[
         "compares with the gateway in a podman container on the host; L1 has no podman, so it runs where libkrun runs directly",
     ),
     (
+        "krun::image::bench_image_json",
+        "removes its image's entries from the store for its cold runs; L1 has the host's store read-only, so it runs where libkrun runs directly",
+    ),
+    (
         "krun::gateway::sdk::",
         "runs the OpenShell SDK, a Python venv on the host that L1 does not carry; it runs where libkrun runs directly",
     ),
@@ -380,7 +384,7 @@ pub fn fault_trial() -> libtest_mimic::Trial {
             openshell_vm::VmError::NoExitCode { status: status(code), console: "c".into(), tail: String::new() }
                 .to_string()
         };
-        let not_ready = |code| format!("the VM exited ({}) before the gateway was ready", status(code));
+        let not_ready = |code| format!("the VM exited ({}) before its workload was ready (mtls:30051)", status(code));
         let silent = format!("not SERVING within 60s (last: refused); {}", openshell_vm::timeline::SILENT_GUEST);
         let no_console = "--- vmm.log (last 15 lines) ---\nprintk: bootconsole [earlyser0] enabled\nWarning: unable to open an initial console.".to_owned();
         let unbooted = format!("the trial passed, but none of its 1 VMM(s) {}", crate::support::NO_USERSPACE);
@@ -392,7 +396,7 @@ pub fn fault_trial() -> libtest_mimic::Trial {
         let others = [
             no_code(1),
             not_ready(1),
-            "passt exited (exit code 0) before the gateway was ready".to_owned(),
+            "passt exited (exit code 0) before the workload was ready (mtls:30051)".to_owned(),
             "the gateway supervisor exited (exit status: 0) before it was ready".to_owned(),
             "L1 did not report: the guest was still running after 280s".to_owned(),
             "not SERVING within 60s (last: refused)".to_owned(),
