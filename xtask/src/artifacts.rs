@@ -422,7 +422,17 @@ pub fn ensure_root_disk(sh: &Shell, store: &Store, rootfs: &RootfsBundle) -> any
     let image = match disk::locate(store, &spec) {
         Some(found) => found,
         None if builds::never() => return Err(builds::refused("the root disk image of this rootfs")),
-        None => disk::build(store, &spec).context("root disk build failed")?,
+        None => {
+            // The image is keyed by the tree's recorded digest: a tree changed since it was baked
+            // would be sealed into an image under a digest it no longer has.
+            openshell_artifacts::rootfs::verify(rootfs).with_context(|| {
+                format!(
+                    "refusing to bake a root disk from {}; run `cargo xtask rootfs` to bake the tree again",
+                    rootfs.dir.display()
+                )
+            })?;
+            disk::build(store, &spec).context("root disk build failed")?
+        }
     };
     Ok(image.image)
 }

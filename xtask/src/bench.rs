@@ -104,7 +104,7 @@ impl BenchCmd {
         anyhow::ensure!(n > 0, "-n must be at least 1");
         let roots = if roots.is_empty() { vec![crate::vm::RootFlag::of(&profile)] } else { roots };
         // The default run's modes keep their names (`cold`, `warm`): what --json readers know.
-        let plain = roots == [crate::vm::RootFlag::Share] && profile == openshell_instance::profile::GATEWAY;
+        let plain = roots == [crate::vm::RootFlag::of(&profile)] && profile == openshell_instance::profile::GATEWAY;
         let share_only = roots == [crate::vm::RootFlag::Share];
         anyhow::ensure!(share_only || !inside_l1 && vmm != VmmChoice::Krun, "--root disk is benchmarked on qemu only");
         if inside_l1 {

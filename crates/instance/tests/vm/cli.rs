@@ -1601,6 +1601,16 @@ fn bench_preflight_in(a: &Artifacts, cli: &mut Cli) -> Result<(), String> {
             r.show()
         ));
     }
+    // A disk root is baked from the tree: a tree changed since its manifest is refused before
+    // the bake seals it into an image under the digest it no longer has.
+    let r = cli.run(&["bench", "boot", "-n", "1", "--vmm", cli.vmm, "--root", "disk", "--json"])?;
+    let names = ["refusing to bake a root disk from".to_owned(), own_rootfs.to_string_lossy().into_owned()];
+    if r.code != Some(1) || !names.iter().all(|n| r.stderr.contains(n.as_str())) || !r.stderr.contains("etc/hostname") {
+        return Err(format!("bench boot --root disk on a tampered rootfs must refuse to bake it:\n{}", r.show()));
+    }
+    if cache.join(openshell_artifacts::disk::STORE_KIND).exists() {
+        return Err("the refused bake left a root disk in the store".to_owned());
+    }
     let left = support::processes_mentioning(&cli.dir.to_string_lossy());
     if !left.is_empty() {
         return Err(format!("the refused bench left processes running: {left:?}"));
