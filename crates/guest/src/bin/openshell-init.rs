@@ -504,25 +504,35 @@ fn run_request(cmdline: &str) -> Result<i32, String> {
         .stdin(Stdio::null())
         // Its own process group, so a stop reaches everything the workload started.
         .process_group(0);
-    if let Some(dir) = &req.workdir {
-        cmd.current_dir(dir);
-    }
-    if let Some(u) = &req.user {
-        // By hand rather than `Command::uid`/`gid`: std runs pre_exec closures after its setuid,
-        // and its supplementary groups are unstable. Groups, then gid, then uid: once the uid is
-        // dropped the others can no longer change.
-        let (uid, gid, groups) = (u.uid, u.gid, u.groups.clone());
-        // SAFETY: setgroups/setgid/setuid are async-signal-safe; `groups` is owned by the closure.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+    match (&req.user, &req.workdir) {
+        (None, Some(dir)) => {
+            cmd.current_dir(dir);
+        }
+        (None, None) => {}
+        (Some(u), workdir) => {
+            // By hand rather than `Command::uid`/`gid`: std runs pre_exec closures after its setuid,
+            // and its supplementary groups are unstable. Groups, then gid, then uid: once the uid is
+            // dropped the others can no longer change. The working directory is entered after, as
+            // the user (as runc does), so a directory the user may not enter fails the start.
+            let (uid, gid, groups) = (u.uid, u.gid, u.groups.clone());
+            let dir = workdir
+                .as_deref()
+                .map(|d| std::ffi::CString::new(d.as_bytes()).map_err(|_| format!("workdir {d:?} holds a NUL byte")))
+                .transpose()?;
+            // SAFETY: setgroups/setgid/setuid/chdir are async-signal-safe; `groups` and `dir` are
+            // owned by the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                        || dir.as_ref().is_some_and(|d| libc::chdir(d.as_ptr()) != 0)
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
     }
     unblocked(&mut cmd);
@@ -530,7 +540,12 @@ fn run_request(cmdline: &str) -> Result<i32, String> {
         Some(u) => step(&format!("exec {prog} as {}:{}", u.uid, u.gid)),
         None => step(&format!("exec {prog}")),
     }
-    let child = cmd.spawn().map_err(|e| format!("cannot start {prog}: {e}"))?;
+    let child = cmd.spawn().map_err(|e| {
+        // The user's drop and the working directory fail inside the child, as the start does.
+        let user = req.user.as_ref().map(|u| format!(" as {}:{}", u.uid, u.gid)).unwrap_or_default();
+        let dir = req.workdir.as_ref().map(|d| format!(" in {d}")).unwrap_or_default();
+        format!("cannot start {prog}{user}{dir}: {e}")
+    })?;
     Ok(supervise(child.id() as libc::pid_t))
 }
 

@@ -84,6 +84,8 @@ fn layer(a: &Artifacts) -> Result<Vec<u8>, String> {
     for (dir, uid) in [("bin", 0), ("sbin", 0), ("etc", 0), ("work", 0), ("home", 0), ("home/app", 1000)] {
         put(&mut b, header(tar::EntryType::Directory, 0o755, uid, uid, 0), dir, b"")?;
     }
+    // Root's alone: a working directory the image's user may not enter.
+    put(&mut b, header(tar::EntryType::Directory, 0o700, 0, 0, 0), "private", b"")?;
     put(&mut b, header(tar::EntryType::Regular, 0o755, 0, 0, busybox.len() as u64), "bin/busybox", &busybox)?;
     for applet in APPLETS {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0, 0, 0);
@@ -264,6 +266,12 @@ fn flags_override_the_image(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Res
         )?;
         let r = run_image(cli, &image, &["--user", "0:0"])?;
         expect_lines(&r, 7, &["uid=0 gid=0", "pwd=/work"], "--user 0:0 over the image's 1000:1000")?;
+        // The working directory is entered as the user, not as root before the drop.
+        let r = run_image(cli, &image, &["--user", "app", "--workdir", "/private"])?;
+        if r.code != Some(127) || !r.stdout.contains("cannot start /bin/sh as 1000:1000 in /private: Permission denied")
+        {
+            return Err(format!("--user app --workdir /private (root's, 0700) must fail to start:\n{}", r.show()));
+        }
         let r = run_image(cli, &image, &["--user", "nobody-in-this-image"])?;
         if r.code == Some(0) || r.code == Some(7) || !r.stderr.contains("\"nobody-in-this-image\"") {
             return Err(format!("an unknown user name must be refused, naming it:\n{}", r.show()));
