@@ -17,6 +17,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("disk::verify_warns_when_the_data_disk_is_nearly_full", verify_warns_on_a_nearly_full_data_disk),
     ("disk::data_disk_keeps_a_file_across_stop_and_run", data_disk_keeps_a_file),
     ("disk::reset_removes_the_data_disk", reset_removes_the_data_disk),
+    ("disk::two_vms_on_one_root_disk_keep_their_writes_apart", two_vms_keep_their_writes_apart),
     ("disk::tampered_root_disk_is_refused_before_boot", tampered_root_disk_is_refused),
     ("disk::a_killed_guests_data_disk_is_replayed_at_the_next_boot", killed_guests_data_disk_is_replayed),
     ("disk::a_damaged_data_disk_stops_the_boot_naming_the_fix", damaged_data_disk_stops_the_boot),
@@ -211,18 +212,28 @@ fn fill_data_disk(data: &Path, filler: &Path) -> Result<(), String> {
 /// Boots `cfg` and, once `ready_line` is on the console, asks the guest to stop as `vm stop` does
 /// (the share's stop request: init stops the workload, reports its code, unmounts the data disk).
 fn run_then_stop(cfg: &VmConfig, ready_line: &str) -> Result<(i32, String), String> {
+    let vm = launch_until(cfg, ready_line)?;
+    stop_asked(cfg, vm)
+}
+
+/// Boots `cfg` and returns its running VM once the guest printed `ready_line`.
+fn launch_until(cfg: &VmConfig, ready_line: &str) -> Result<openshell_vm::RunningVm, String> {
     let mut vm = support::launch(cfg).map_err(|e| format!("launch: {e}"))?;
     let deadline = Instant::now() + support::GUEST_TIMEOUT;
     loop {
         let console = std::fs::read_to_string(cfg.console_path()).unwrap_or_default();
         if console.lines().any(|l| l.trim() == ready_line) {
-            break;
+            return Ok(vm);
         }
         if vm.exited().is_some() || Instant::now() > deadline {
             return Err(format!("the guest never printed {ready_line:?}; console:\n{}", support::tail(&console, 30)));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Asks the guest of `vm` to stop and waits for it: (exit code, console text).
+fn stop_asked(cfg: &VmConfig, mut vm: openshell_vm::RunningVm) -> Result<(i32, String), String> {
     std::fs::write(cfg.share_dir().join(openshell_guest::STOP_REQUEST_FILE), b"").map_err(|e| e.to_string())?;
     let code = match vm.wait(None, Some(support::GUEST_TIMEOUT)).map_err(|e| e.to_string())? {
         openshell_vm::VmExit::Guest(c) => c,
@@ -397,6 +408,54 @@ fn damaged_data_disk_stops_the_boot(a: &Artifacts, vmm: VmmChoice, dir: TrialDir
             }
             other => Err(format!("a guest with a damaged data disk ended with {other:?}; console:\n{console}")),
         }
+    })();
+    result.map_err(|e| dir.fail(e))
+}
+
+fn two_vms_keep_their_writes_apart(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    let result = (|| {
+        let image = root_image(a, &dir)?;
+        let record = disk::RootDisk::open(image.parent().ok_or("the root image has no directory")?)
+            .map_err(|e| e.to_string())?;
+        // Both VMs write the same paths, one of them a file the image holds, and stay up.
+        let write = |who: &str| {
+            format!(
+                "echo {who} > /root/who && echo {who} > /etc/hostname && sync && echo written || exit 9; \
+                 while :; do sleep 0.1; done"
+            )
+        };
+        let vm_config = |who: &str| {
+            let mut cfg = support::config(a, &dir, vmm, &["/bin/sh", "-c", &write(who)]);
+            cfg.state_dir = dir.path().join(format!("state-{who}"));
+            cfg.root = Root::disk(image.clone(), DATA_MIB);
+            cfg
+        };
+        let (cfg_a, mut cfg_b) = (vm_config("a"), vm_config("b"));
+        let vm_a = launch_until(&cfg_a, "written")?;
+        // B boots on the same image while A runs: it sees the image's files, not A's.
+        cfg_b.exec.argv = ["/bin/sh", "-c", "echo b-sees: $(cat /root/who 2>&1) / $(cat /etc/hostname)"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (code, console_b) = support::boot_to_exit(&cfg_b).map_err(|e| format!("VM b: {e}"))?;
+        let (code_a, console_a) = stop_asked(&cfg_a, vm_a)?;
+        let hostname = std::fs::read_to_string(a.rootfs.join("etc/hostname")).map_err(|e| e.to_string())?;
+        let want = format!("b-sees: cat: can't open '/root/who': No such file or directory / {}", hostname.trim());
+        if code != 0 || !console_b.lines().any(|l| l.trim() == want) {
+            return Err(format!(
+                "VM b, booted from the image VM a was writing over: exit {code}, expected {want:?}; console:\n{}",
+                support::tail(&console_b, 30)
+            ));
+        }
+        if code_a != 143 || !console_a.contains("data disk unmounted") {
+            return Err(format!("VM a: exit {code_a}; console:\n{}", support::tail(&console_a, 30)));
+        }
+        // A's writes are on A's data disk alone: the image is still what was baked.
+        let found = disk::verify(&record).map_err(|e| format!("the shared root image after both boots: {e}"))?;
+        if found != record.record.sha256 {
+            return Err(format!("the root image changed: {} != {}", found.hex(), record.record.sha256.hex()));
+        }
+        Ok(())
     })();
     result.map_err(|e| dir.fail(e))
 }
