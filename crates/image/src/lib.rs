@@ -32,6 +32,13 @@ pub use layout::Layout;
 pub use reference::{ImageRef, Source};
 pub use user::{resolve_user, ImageUser};
 
+/// A `containers.conf` under which podman runs containers on hosts like this project's CI
+/// (Debian 12, hybrid cgroups, no CAP_SYS_RESOURCE): runc, since crun refuses hybrid cgroups, and
+/// rlimits at or below the hard limits, which runc cannot raise. Exporting an image needs none of
+/// it; `bench compare` and the VM suites' podman comparisons run podman with it.
+pub const PODMAN_CONF: &str =
+    "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n[engine]\nruntime = \"runc\"\n";
+
 use error::io;
 
 pub const STORE_KIND: &str = "image";

@@ -19,10 +19,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 const IMAGE: &str = "localhost/openshell-gw";
-/// podman on this kind of host: runc (crun refuses hybrid cgroups) and rlimits at or below the
-/// hard limits (runc cannot raise them). See ../shared/notes/containers-here.md.
-const CONTAINERS_CONF: &str =
-    "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n[engine]\nruntime = \"runc\"\n";
 
 #[derive(clap::Args)]
 pub struct CompareArgs {
@@ -46,7 +42,7 @@ impl CompareArgs {
         crate::artifacts::ensure_vmm(&sh, vmm, openshell_vm::Net::Passt, None, openshell_artifacts::Arch::host())?;
         let work = tempfile::Builder::new().prefix("openshell-bench-compare-").tempdir()?;
         let conf = work.path().join("containers.conf");
-        std::fs::write(&conf, CONTAINERS_CONF)?;
+        std::fs::write(&conf, openshell_image::PODMAN_CONF)?;
         let pb = crate::progress::spinner("bench compare");
         pb.set_message("podman import of the rootfs");
         import_image(&a.rootfs, &conf)?;

@@ -29,6 +29,8 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("image::a_corrupt_or_foreign_image_is_refused_before_boot", corrupt_or_foreign_image_is_refused),
     ("image::ready_waits_for_its_service_and_then_it_serves", ready_waits_for_its_service),
     ("image::bench_image_json", bench_image_json),
+    ("image::its_tree_is_the_one_podman_run_sees", its_tree_is_the_one_podman_run_sees),
+    ("image::a_debian_image_built_here_runs_python_and_dpkg", a_debian_image_built_here_runs),
 ];
 
 /// A service that comes up late: the page is written, then, after a pause the probe must wait
@@ -56,7 +58,8 @@ fn pax_record(key: &str, value: &str) -> Vec<u8> {
     format!("{len}{body}").into_bytes()
 }
 
-const APPLETS: &[&str] = &["sh", "id", "stat", "pwd", "echo", "cat", "ls", "true"];
+const APPLETS: &[&str] =
+    &["sh", "id", "stat", "pwd", "echo", "cat", "ls", "true", "find", "sort", "readlink", "md5sum", "cut"];
 
 fn header(kind: tar::EntryType, mode: u32, uid: u64, gid: u64, size: u64) -> tar::Header {
     let mut h = tar::Header::new_ustar();
@@ -131,31 +134,42 @@ fn layout_for(a: &Artifacts, dir: &Path, name: &str, config: serde_json::Value, 
     let out = dir.join(name);
     std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
     std::fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| e.to_string())?;
-    let tar = layer(a)?;
-    let layer_digest = blob(&out, &tar)?;
+    write_layout(&out, config, &[layer(a)?], arch)?;
+    Ok(out)
+}
+
+/// The OCI layout files in `out`: `layers` (uncompressed tars, bottom first) under `config`.
+fn write_layout(out: &Path, config: serde_json::Value, layers: &[Vec<u8>], arch: &str) -> Result<(), String> {
+    let mut diff_ids = Vec::new();
+    let mut descriptors = Vec::new();
+    for tar in layers {
+        let d = format!("sha256:{}", blob(out, tar)?.hex());
+        descriptors.push(
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": tar.len()}),
+        );
+        diff_ids.push(d);
+    }
     let cfg = serde_json::json!({
         "architecture": arch, "os": "linux", "config": config,
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", layer_digest.hex())]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     })
     .to_string();
-    let cfg_digest = blob(&out, cfg.as_bytes())?;
+    let cfg_digest = blob(out, cfg.as_bytes())?;
     let manifest = serde_json::json!({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                    "digest": format!("sha256:{}", cfg_digest.hex()), "size": cfg.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": format!("sha256:{}", layer_digest.hex()), "size": tar.len()}],
+        "layers": descriptors,
     })
     .to_string();
-    let manifest_digest = blob(&out, manifest.as_bytes())?;
+    let manifest_digest = blob(out, manifest.as_bytes())?;
     let index = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
                        "digest": format!("sha256:{}", manifest_digest.hex()), "size": manifest.len(),
                        "platform": {"os": "linux", "architecture": arch}}],
     });
-    std::fs::write(out.join("index.json"), index.to_string()).map_err(|e| e.to_string())?;
-    Ok(out)
+    std::fs::write(out.join("index.json"), index.to_string()).map_err(|e| e.to_string())
 }
 
 /// The test image: Entrypoint `/bin/sh -c`, Cmd [`SCRIPT`], as 1000:1000 in /work.
@@ -441,6 +455,221 @@ fn bench_image_json(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), 
         if doc["image"] != serde_json::json!(image) {
             return Err(format!("the report names another image than {image}: {doc:#}"));
         }
+        Ok(())
+    })
+}
+
+/// What both sides list of an image's tree, one `L `-prefixed line per path, sorted: type, mode,
+/// owner; a regular file's link count, size and md5; a symlink's target; a device's numbers. The
+/// paths each runtime makes or mounts on its own (kernel filesystems, `/tmp`, podman's
+/// `/etc/hosts` and friends and its `/etc/mtab` link, the root disk's `lost+found`, our
+/// `/.openshell*`) are left out.
+const TREE_LISTING: &str = r#"cd / && find . -xdev \( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run \
+ -o -path ./tmp -o -path ./lost+found -o -path './.openshell*' -o -path ./etc/hosts -o -path ./etc/hostname \
+ -o -path ./etc/resolv.conf -o -path ./etc/mtab \) -prune -o -print | sort | while read -r p; do
+ [ "$p" = . ] && continue
+ if [ -L "$p" ]; then echo "L $p symlink $(readlink "$p")"
+ elif [ -d "$p" ]; then stat -c "L %n dir %a %u:%g" "$p"
+ elif [ -f "$p" ]; then echo "$(stat -c 'L %n file %a %u:%g links=%h size=%s' "$p") $(md5sum "$p" | cut -d' ' -f1)"
+ else stat -c "L %n %F %a %u:%g %t:%T" "$p"; fi
+done"#;
+
+/// The layers above the test image's own: the lower adds files the upper deletes (a whiteout),
+/// hides (an opaque directory) or sits beside; the upper adds a hard link, a setuid file, a
+/// character device and a symlink.
+fn purpose_layers() -> Result<[Vec<u8>; 2], String> {
+    let put = |b: &mut tar::Builder<Vec<u8>>, mut h: tar::Header, path: &str, data: &[u8]| {
+        h.set_path(path).map_err(|e| e.to_string())?;
+        h.set_cksum();
+        b.append(&h, data).map_err(|e| e.to_string())
+    };
+    let file = |b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32, data: &[u8]| {
+        put(b, header(tar::EntryType::Regular, mode, 0, 0, data.len() as u64), path, data)
+    };
+    let dir = |b: &mut tar::Builder<Vec<u8>>, path: &str| {
+        put(b, header(tar::EntryType::Directory, 0o755, 0, 0, 0), path, b"")
+    };
+    let mut lower = tar::Builder::new(Vec::new());
+    dir(&mut lower, "data")?;
+    file(&mut lower, "data/gone", 0o644, b"deleted by the upper layer\n")?;
+    file(&mut lower, "data/kept", 0o644, b"kept from the lower layer\n")?;
+    dir(&mut lower, "opaque")?;
+    file(&mut lower, "opaque/old", 0o644, b"hidden by the opaque directory\n")?;
+    dir(&mut lower, "opaque/sub")?;
+    file(&mut lower, "opaque/sub/deep", 0o644, b"hidden too\n")?;
+    let mut upper = tar::Builder::new(Vec::new());
+    dir(&mut upper, "data")?;
+    file(&mut upper, "data/.wh.gone", 0o644, b"")?;
+    dir(&mut upper, "opaque")?;
+    file(&mut upper, "opaque/.wh..wh..opq", 0o644, b"")?;
+    file(&mut upper, "opaque/new", 0o600, b"the opaque directory's only file\n")?;
+    file(&mut upper, "data/original", 0o640, b"two names, one file\n")?;
+    let mut h = header(tar::EntryType::Link, 0o640, 0, 0, 0);
+    h.set_link_name("data/original").map_err(|e| e.to_string())?;
+    put(&mut upper, h, "data/hard", b"")?;
+    file(&mut upper, "data/suid", 0o4755, b"#!/bin/sh\n")?;
+    let mut h = header(tar::EntryType::Char, 0o666, 0, 0, 0);
+    h.set_device_major(1).map_err(|e| e.to_string())?;
+    h.set_device_minor(3).map_err(|e| e.to_string())?;
+    put(&mut upper, h, "data/null", b"")?;
+    let mut h = header(tar::EntryType::Symlink, 0o777, 0, 0, 0);
+    h.set_link_name("kept").map_err(|e| e.to_string())?;
+    put(&mut upper, h, "data/link", b"")?;
+    Ok([lower.into_inner().map_err(|e| e.to_string())?, upper.into_inner().map_err(|e| e.to_string())?])
+}
+
+/// The `L ` lines of a listing, sorted.
+fn listing(out: &str) -> Vec<String> {
+    let mut lines: Vec<String> = out.lines().filter(|l| l.starts_with("L ")).map(|l| l.trim_end().to_owned()).collect();
+    lines.sort();
+    lines
+}
+
+/// `podman` under the containers.conf this kind of host needs, in the trial's own directory.
+fn podman(cli: &Cli, args: &[&str]) -> Result<String, String> {
+    let conf = cli.dir.join("containers.conf");
+    std::fs::write(&conf, openshell_image::PODMAN_CONF).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("podman")
+        .args(args)
+        .env("CONTAINERS_CONF", &conf)
+        .output()
+        .map_err(|e| format!("podman {}: {e} (apt-get install -y podman runc)", args.join(" ")))?;
+    if !out.status.success() {
+        return Err(format!(
+            "podman {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The same OCI archive loaded into podman: runs `f` with the image's id, then removes it.
+fn with_podman_image<T>(cli: &Cli, archive: &Path, f: impl FnOnce(&str) -> Result<T, String>) -> Result<T, String> {
+    let loaded = podman(cli, &["load", "-q", "-i", &archive.to_string_lossy()])?;
+    let id = loaded
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Loaded image: "))
+        .map(|id| id.trim_start_matches("sha256:").to_owned())
+        .ok_or_else(|| format!("podman load printed no image id: {loaded}"))?;
+    let result = f(&id);
+    let _ = podman(cli, &["rmi", "-f", &id]);
+    result
+}
+
+fn its_tree_is_the_one_podman_run_sees(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let out = cli.dir.join("purpose-layout");
+        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+        std::fs::write(out.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| e.to_string())?;
+        let [lower, upper] = purpose_layers()?;
+        let config = serde_json::json!({"Entrypoint": ["/bin/sh", "-c"], "Cmd": [TREE_LISTING], "Env": ["PATH=/bin"], "User": "0:0"});
+        write_layout(&out, config, &[layer(a)?, lower, upper], openshell_artifacts::Arch::host().debian())?;
+        // One archive for both: the layout as `podman save --format oci-archive` writes one.
+        let archive = cli.dir.join("purpose.oci.tar");
+        let st = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(&out)
+            .arg("-cf")
+            .arg(&archive)
+            .arg(".")
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !st.success() {
+            return Err(format!("tar of {} failed ({st})", out.display()));
+        }
+        let r = run_image(cli, &format!("oci-archive:{}", archive.display()), &[])?;
+        if r.code != Some(0) {
+            return Err(format!("the listing in the VM did not exit 0:\n{}", r.show()));
+        }
+        let in_vm = listing(&r.stdout);
+        let in_podman = with_podman_image(cli, &archive, |id| {
+            podman(cli, &["run", "--rm", "--network", "none", id]).map(|out| listing(&out))
+        })?;
+        // What the layers were made to show, so an empty or partial listing cannot pass.
+        for want in [
+            "L ./data/hard file 640 0:0 links=2",
+            "L ./data/suid file 4755 0:0 links=1",
+            "L ./data/null character special file 666 0:0 1:3",
+            "L ./data/link symlink kept",
+            "L ./opaque/new file 600 0:0 links=1",
+        ] {
+            if !in_vm.iter().any(|l| l.starts_with(want)) {
+                return Err(format!("the VM's listing lacks {want:?}:\n{}", in_vm.join("\n")));
+            }
+        }
+        for gone in ["L ./data/gone ", "L ./opaque/old ", "L ./opaque/sub "] {
+            if let Some(l) = in_vm.iter().find(|l| l.starts_with(gone)) {
+                return Err(format!("the VM shows what the upper layer removed: {l}"));
+            }
+        }
+        if in_vm != in_podman {
+            let only = |a: &[String], b: &[String]| a.iter().filter(|l| !b.contains(l)).cloned().collect::<Vec<_>>();
+            return Err(format!(
+                "the VM's tree differs from podman run's of the same archive:\nonly in the VM:\n{}\nonly under podman:\n{}",
+                only(&in_vm, &in_podman).join("\n"),
+                only(&in_podman, &in_vm).join("\n")
+            ));
+        }
+        println!(
+            "image::its_tree_is_the_one_podman_run_sees: {} paths, the same in the VM and under podman run",
+            in_vm.len()
+        );
+        Ok(())
+    })
+}
+
+/// What the Debian image's Entrypoint (`python3 -c`) prints: the interpreter, where it runs, as
+/// whom, with what from its Env.
+const PYTHON_SCRIPT: &str =
+    "import os, sys; print('python', sys.version_info[0], os.getcwd(), os.getuid(), os.environ.get('GREETING'))";
+
+fn a_debian_image_built_here_runs(_a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        // From Debian's archive, as a user without a registry makes one.
+        let tree = cli.dir.join("bookworm-python.tar");
+        let mut cmd = std::process::Command::new("mmdebstrap");
+        cmd.args(["--variant=minbase", "--include=python3", "bookworm"]).arg(&tree);
+        cmd.args(openshell_artifacts::debian::sources("bookworm"));
+        let out =
+            cmd.output().map_err(|e| format!("mmdebstrap: {e} ({})", openshell_artifacts::debian::INSTALL_HINT))?;
+        if !out.status.success() {
+            return Err(format!("mmdebstrap failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr)));
+        }
+        let name = format!("localhost/openshell-trial-bookworm-python:{}", std::process::id());
+        let cmd_json = serde_json::to_string(&[PYTHON_SCRIPT]).map_err(|e| e.to_string())?;
+        podman(
+            cli,
+            &[
+                "import",
+                "--change",
+                r#"ENTRYPOINT ["/usr/bin/python3", "-c"]"#,
+                "--change",
+                &format!("CMD {cmd_json}"),
+                "--change",
+                "ENV GREETING=from-the-debian-image",
+                "--change",
+                "WORKDIR /var/lib",
+                "--change",
+                "USER nobody",
+                &tree.to_string_lossy(),
+                &name,
+            ],
+        )?;
+        let archive = cli.dir.join("bookworm-python.oci.tar");
+        let saved = podman(cli, &["save", "--format", "oci-archive", "-o", &archive.to_string_lossy(), &name]);
+        let _ = podman(cli, &["rmi", "-f", &name]);
+        saved?;
+        let image = format!("oci-archive:{}", archive.display());
+        let r = run_image(cli, &image, &[])?;
+        expect_lines(&r, 0, &["python 3 /var/lib 65534 from-the-debian-image"], "the Debian image's Entrypoint + Cmd")?;
+        let r = run_image(
+            cli,
+            &image,
+            &["--user", "0", "--exec", "/usr/bin/dpkg-query", "--", "-W", "-f", "${Package} ${Status}\\n", "python3"],
+        )?;
+        expect_lines(&r, 0, &["python3 install ok installed"], "dpkg-query in the Debian image")?;
         Ok(())
     })
 }

@@ -75,6 +75,14 @@ const NOT_NESTED: &[(&str, &str)] = &[
         "removes its image's entries from the store for its cold runs; L1 has the host's store read-only, so it runs where libkrun runs directly",
     ),
     (
+        "krun::image::its_tree_is_the_one_podman_run_sees",
+        "compares with podman run of the same image on the host; L1 has no podman, so it runs where libkrun runs directly",
+    ),
+    (
+        "krun::image::a_debian_image_built_here_runs_python_and_dpkg",
+        "builds its image with mmdebstrap and podman on the host and bakes it into the store, which L1 has read-only, so it runs where libkrun runs directly",
+    ),
+    (
         "krun::gateway::sdk::",
         "runs the OpenShell SDK, a Python venv on the host that L1 does not carry; it runs where libkrun runs directly",
     ),
