@@ -130,8 +130,9 @@ struct RunArgs {
     /// The gvproxy binary to use (implies --net gvproxy)
     #[arg(long, value_name = "PATH")]
     gvproxy: Option<PathBuf>,
-    /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs a network). The
-    /// gateway's endpoint is the forward to its port 30051 [default: 30051:30051]
+    /// Forward 127.0.0.1:HOST to the guest's GUEST port (repeatable; needs a network; HOST 0
+    /// picks a free port, which the gateway's metadata records). The gateway's endpoint is the
+    /// forward to its port 30051 [default: 30051:30051]
     #[arg(short = 'p', long = "publish", value_name = "HOST:GUEST")]
     ports: Vec<openshell_vm::PortMap>,
     /// Address eth0 by DHCP from the network backend (static fallback) instead of the static
@@ -472,6 +473,16 @@ impl RunArgs {
         let (mut vm, preflight) = check::launch_checked(&cfg, verification)?;
         show_warnings(&preflight);
         eprintln!("vm: {} ({})", vm.backend, vm.backend_reason);
+        // A forward of host port 0 has its port now, in the checked config.
+        let ready = match ready {
+            Some((p, _)) => Some((p, p.endpoint(&preflight.planned.cfg().ports)?)),
+            None => None,
+        };
+        for p in
+            preflight.planned.cfg().ports.iter().filter(|p| cfg.ports.iter().any(|c| c.host == 0 && c.guest == p.guest))
+        {
+            eprintln!("vm: forwarding 127.0.0.1:{} to the guest's port {}", p.host, p.guest);
+        }
         // A Ctrl-C while it waits for readiness stops the guest as one during the run does.
         let mut asked = None;
         if let Some((probe, endpoint)) = ready {

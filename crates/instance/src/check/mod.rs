@@ -143,8 +143,13 @@ impl Preflight {
 
 /// Probes what booting `cfg` needs and refuses (naming the failing rows, as `cargo xtask check`
 /// would) when a required row fails. A kernel or rootfs that does not match its record fails
-/// unless `verification` allows it, in which case it is a logged warning.
-pub fn preflight(cfg: VmConfig, verification: Verification) -> Result<Preflight, VmError> {
+/// unless `verification` allows it, in which case it is a logged warning. A forward asking for
+/// host port 0 gets its free port here, so the checked config (and the endpoint read from it)
+/// names the port the boot binds.
+pub fn preflight(mut cfg: VmConfig, verification: Verification) -> Result<Preflight, VmError> {
+    if cfg.net != Net::None {
+        openshell_vm::net::assign_free_ports(&mut cfg.ports)?;
+    }
     let req = ProbeRequest {
         kernel: Ok(cfg.kernel.clone()),
         rootfs: Ok(cfg.rootfs.clone()),

@@ -26,6 +26,7 @@ use crate::trials::Body;
 
 pub const TRIALS: &[(&str, Body)] = &[
     ("cli::detach_status_logs_and_stop", detach_status_logs_and_stop),
+    ("cli::port_zero_gives_each_gateway_a_free_port", port_zero_gives_each_gateway_a_free_port),
     ("cli::second_run_of_a_running_name_is_refused", second_run_of_a_running_name_is_refused),
     ("cli::two_runs_of_one_name_at_once_boot_exactly_one", two_runs_of_one_name_at_once_boot_exactly_one),
     ("cli::damaged_instance_files_are_named_and_recovered", damaged_instance_files_are_named_and_recovered),
@@ -423,6 +424,41 @@ pub(crate) fn in_cli(
         Ok(()) => Ok(()),
         Err(e) => Err(cli.fail(dir, e)),
     }
+}
+
+/// `-p 0:30051` on two gateways at once: each gets a free port of its own, the one its metadata,
+/// `status` and the SERVING line name, and both answer mTLS health there.
+fn port_zero_gives_each_gateway_a_free_port(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let mut guards = Vec::new();
+        let mut ports = Vec::new();
+        for name in ["any-port-a", "any-port-b"] {
+            guards.push(StopOnDrop(cli.instance(name)));
+            let up = cli.run(&["vm", "run", "--detach", "--name", name, "-p", "0:30051", "--vmm", cli.vmm])?;
+            let meta =
+                cli.instance(name).read_metadata().ok_or_else(|| format!("{name} has no readable metadata.json"))?;
+            let port: u16 = meta
+                .endpoint
+                .strip_prefix("127.0.0.1:")
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| format!("{name}'s metadata endpoint {:?} is not 127.0.0.1:PORT", meta.endpoint))?;
+            if up.code != Some(0)
+                || port == 0
+                || !up.stderr.contains(&format!("SERVING over mTLS at 127.0.0.1:{port}"))
+                || meta.gateway_endpoint != format!("https://127.0.0.1:{port}")
+            {
+                return Err(format!("{name} with -p 0:30051 (metadata port {port}):\n{}", up.show()));
+            }
+            let st = cli.run(&["vm", "status", "--name", name, "--json"])?;
+            check_status_serving(cli, &st.json()?, name, port)?;
+            ports.push(port);
+        }
+        if ports[0] == ports[1] {
+            return Err(format!("both gateways got port {}", ports[0]));
+        }
+        drop(guards);
+        Ok(())
+    })
 }
 
 fn detach_status_logs_and_stop(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {

@@ -26,7 +26,8 @@ pub use passt::{start_passt, Passt, INSTALL_HINT};
 
 use crate::VmError;
 
-/// `-p HOST:GUEST`: a TCP port on 127.0.0.1 forwarded to a guest port.
+/// `-p HOST:GUEST`: a TCP port on 127.0.0.1 forwarded to a guest port. HOST 0 asks for a free
+/// port, picked once before the boot ([`assign_free_ports`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortMap {
     pub host: u16,
@@ -36,15 +37,17 @@ pub struct PortMap {
 impl FromStr for PortMap {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let port = |p: &str| {
-            p.parse::<u16>()
-                .ok()
-                .filter(|&n| n != 0)
-                .ok_or_else(|| format!("bad port {p:?} in {s:?}: expected 1-65535"))
+        let port = |p: &str, least: u16| {
+            p.parse::<u16>().ok().filter(|&n| n >= least).ok_or_else(|| {
+                format!(
+                    "bad port {p:?} in {s:?}: expected {least}-65535{}",
+                    if least == 0 { " (0: a free one)" } else { "" }
+                )
+            })
         };
         match s.split_once(':') {
-            Some((h, g)) => Ok(PortMap { host: port(h)?, guest: port(g)? }),
-            None => Ok(PortMap { host: port(s)?, guest: port(s)? }),
+            Some((h, g)) => Ok(PortMap { host: port(h, 0)?, guest: port(g, 1)? }),
+            None => Ok(PortMap { host: port(s, 1)?, guest: port(s, 1)? }),
         }
     }
 }
@@ -137,6 +140,20 @@ pub fn gvproxy_missing(macos: bool) -> String {
         if macos { "" } else { ", nor in the artifact store" },
         gvproxy::install_hint(macos)
     )
+}
+
+/// Gives every forward asking for host port 0 a free port of 127.0.0.1, each a different one:
+/// the kernel picks them, and they are released for the network helper to bind moments later
+/// (one taken in between fails that helper's start, as any port in use does).
+pub fn assign_free_ports(ports: &mut [PortMap]) -> Result<(), VmError> {
+    let mut held = Vec::new();
+    for p in ports.iter_mut().filter(|p| p.host == 0) {
+        let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+            .map_err(|e| VmError::Invalid(format!("no free port on 127.0.0.1 for guest port {}: {e}", p.guest)))?;
+        p.host = l.local_addr().map_err(|e| VmError::Invalid(format!("a free port's address: {e}")))?.port();
+        held.push(l);
+    }
+    Ok(())
 }
 
 /// Fails naming the first host port that something already listens on.
@@ -256,7 +273,7 @@ mod tests {
         assert_eq!("30051:30051".parse::<PortMap>().unwrap(), PortMap { host: 30051, guest: 30051 });
         assert_eq!("8080".parse::<PortMap>().unwrap(), PortMap { host: 8080, guest: 8080 });
         assert_eq!("18080:80".parse::<PortMap>().unwrap(), PortMap { host: 18080, guest: 80 });
-        for bad in ["", "0:80", "70000:1", "a:b", "1:2:3"] {
+        for bad in ["", "80:0", "0", "70000:1", "a:b", "1:2:3"] {
             assert!(bad.parse::<PortMap>().is_err(), "{bad}");
         }
     }
@@ -267,6 +284,19 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let err = check_ports_free(&[PortMap { host: port, guest: 1 }]).unwrap_err().to_string();
         assert!(err.contains(&port.to_string()), "{err}");
+    }
+
+    #[test]
+    fn host_port_zero_gets_distinct_free_ports() {
+        let mut ports: Vec<PortMap> = ["0:30051", "0:8080", "9000:80"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(ports[0], PortMap { host: 0, guest: 30051 });
+        assign_free_ports(&mut ports).unwrap();
+        assert!(ports[0].host != 0 && ports[1].host != 0 && ports[0].host != ports[1].host, "{ports:?}");
+        assert_eq!((ports[1].guest, ports[2]), (8080, PortMap { host: 9000, guest: 80 }));
+        check_ports_free(&ports[..2]).unwrap();
+        let err = "8080:0".parse::<PortMap>().unwrap_err();
+        assert!(err.contains("expected 1-65535"), "{err}");
+        assert!("0".parse::<PortMap>().is_err(), "a bare 0 names no guest port");
     }
 
     #[test]
