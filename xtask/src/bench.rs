@@ -16,6 +16,7 @@ mod exec;
 mod forward;
 mod image;
 mod load;
+mod many;
 mod memory;
 mod soak;
 
@@ -81,6 +82,8 @@ enum BenchWhat {
     Compare(compare::CompareArgs),
     /// The VMM's own memory apart from guest memory the guest touched, at several --mem sizes
     Memory(memory::MemoryArgs),
+    /// N gateways booted at once (each on a free port): boot figures and memory per instance
+    Many(many::ManyArgs),
 }
 
 impl BenchCmd {
@@ -100,6 +103,7 @@ impl BenchCmd {
             BenchWhat::Soak(a) => return a.run(),
             BenchWhat::Compare(a) => return a.run(),
             BenchWhat::Memory(a) => return a.run(),
+            BenchWhat::Many(a) => return a.run(),
         };
         anyhow::ensure!(n > 0, "-n must be at least 1");
         let roots = if roots.is_empty() { vec![crate::vm::RootFlag::of(&profile)] } else { roots };
@@ -312,12 +316,13 @@ fn request(a: &Artifacts, vmm: VmmChoice, root: &std::path::Path, name: &str) ->
     Ok(req)
 }
 
-/// A benchmarked gateway's network: passt, the gateway's port forwarded from a free host port.
+/// A benchmarked gateway's network: passt, the gateway's port forwarded from a free host port
+/// (port 0: the preflight picks it, so gateways booted at once never race for one).
 fn passt_on_a_free_port() -> anyhow::Result<openshell_vm::Overrides> {
     let port = openshell_instance::preset::GATEWAY_PORT;
     Ok(openshell_vm::Overrides {
         net: Some(openshell_vm::Net::Passt),
-        ports: vec![openshell_vm::PortMap { host: free_port()?, guest: port }],
+        ports: vec![openshell_vm::PortMap { host: 0, guest: port }],
         ..openshell_vm::Overrides::default()
     })
 }

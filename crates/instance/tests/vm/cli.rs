@@ -54,6 +54,7 @@ pub const TRIALS: &[(&str, Body)] = &[
     ("cli::bench_soak_json", bench_soak_json),
     ("cli::bench_compare_json", bench_compare_json),
     ("cli::bench_memory_json", bench_memory_json),
+    ("cli::bench_many_json", bench_many_json),
 ];
 
 /// Bound on one xtask command, to fail a wedged one rather than hang: `vm run --detach` itself
@@ -2025,6 +2026,30 @@ fn in_order(doc: &Value, names: &[&str], values: Vec<f64>) -> Result<(), String>
 /// `a` and `b` agree to a part in a million (figures computed from one another).
 fn agrees(what: &str, a: f64, b: f64) -> Result<(), String> {
     ((a - b).abs() <= 1e-6 * a.abs().max(b.abs())).then_some(()).ok_or_else(|| format!("{what}: {a} vs {b}"))
+}
+
+/// `bench many -n 2`: two gateways at once, each on its own port, with its figures; nothing left.
+fn bench_many_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
+    in_cli(dir, vmm, |cli| {
+        let doc = bench_json(cli, &["many", "-n", "2", "--vmm", cli.vmm])?;
+        let instances = doc["instances"].as_array().ok_or_else(|| format!("no instances in {doc:#}"))?;
+        if doc["n"] != json!(2) || instances.len() != 2 || instances[0]["endpoint"] == instances[1]["endpoint"] {
+            return Err(format!("bench many -n 2 must report two gateways on two endpoints: {doc:#}"));
+        }
+        for i in instances {
+            // VMM start → SERVING is inside the wall time from the start of all boots.
+            ordered(i, &["ready_ms", "wall_ms"])?;
+            ordered(i, &["vmm_rss_mib", "vmm_peak_rss_mib"])?;
+            positive(i, "passt_rss_mib")?;
+        }
+        positive(&doc, "host_available_before_mib")?;
+        positive(&doc, "host_available_after_mib")?;
+        let left = support::processes_mentioning(&cli.dir.to_string_lossy());
+        if !left.is_empty() {
+            return Err(format!("bench many left processes running: {left:?}"));
+        }
+        Ok(())
+    })
 }
 
 fn bench_exec_json(_: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Result<(), Failed> {
