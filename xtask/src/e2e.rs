@@ -37,9 +37,70 @@ struct SuiteArgs {
         value_delimiter = ','
     )]
     require_backend: Vec<Backend>,
+    /// Run shard I of N (`I/N`): nextest's `--partition hash:I/N`, so a trial's shard follows
+    /// from its name alone. Each shard's records (`target/e2e-records`) are merged by
+    /// `cargo xtask e2e-summary`.
+    #[arg(long, value_name = "I/N", env = "OPENSHELL_E2E_PARTITION")]
+    partition: Option<Partition>,
     /// Extra arguments for nextest (e.g. a filter)
     #[arg(last = true)]
     nextest_args: Vec<String>,
+}
+
+/// `--partition I/N`: shard I (from 1) of N.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Partition {
+    index: u32,
+    count: u32,
+}
+
+impl std::str::FromStr for Partition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Partition, String> {
+        let (i, n) = s.split_once('/').ok_or_else(|| format!("{s:?} is not I/N (e.g. 1/2)"))?;
+        let (index, count) = (i.parse::<u32>(), n.parse::<u32>());
+        match (index, count) {
+            (Ok(index), Ok(count)) if (1..=count).contains(&index) => Ok(Partition { index, count }),
+            _ => Err(format!("{s:?} is not I/N with 1 <= I <= N (e.g. 1/2)")),
+        }
+    }
+}
+
+impl Partition {
+    /// nextest's own partitioning by a hash of each test's name: a trial's shard does not depend
+    /// on which other trials are listed (ignored ones, a filter), so the ignored trials of a shard
+    /// are listed the same way.
+    fn nextest(self) -> String {
+        format!("hash:{}/{}", self.index, self.count)
+    }
+}
+
+/// `cargo xtask e2e-summary DIR...`: the per-backend summary of shards' records, as one run.
+#[derive(clap::Args)]
+pub struct SummaryCmd {
+    /// Record directories, one per shard (each a `target/e2e-records` of `e2e --partition I/N`)
+    #[arg(required = true)]
+    records: Vec<std::path::PathBuf>,
+}
+
+impl SummaryCmd {
+    pub fn run(self) -> anyhow::Result<()> {
+        let dirs: Vec<&Path> = self.records.iter().map(|p| p.as_path()).collect();
+        for d in &dirs {
+            anyhow::ensure!(
+                d.join(IGNORED).is_file(),
+                "{} holds no {IGNORED}: not the records of an e2e run",
+                d.display()
+            );
+        }
+        let twice = trials_in_two(&dirs);
+        anyhow::ensure!(twice.is_empty(), "trials recorded by more than one shard: {}", twice.join(", "));
+        let by_backend = tally(&dirs);
+        print_summary(&by_backend);
+        let failed: usize = by_backend.values().map(|t| t.failed.len()).sum();
+        anyhow::ensure!(failed == 0, "{failed} trial(s) failed across the shards (above)");
+        Ok(())
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -59,6 +120,8 @@ impl Backend {
 
 /// Where the VM suites write one record per trial they ran (see the suite's `support::observe`).
 const RECORDS: &str = "target/e2e-records";
+/// Beside the records: the trials the run's host (or shard) ignores, with the suite's reasons.
+const IGNORED: &str = "ignored.json";
 
 /// The host packages the VM suites need: what they build and boot (QEMU and passt for the qemu
 /// trials, whatever the host's KVM; the cross tools and QEMU of the arm64 guest) and what the
@@ -139,9 +202,18 @@ fn nextest_available(sh: &Shell) -> anyhow::Result<()> {
 
 /// The VM trials this host will not run, with the reason the suite gives (`[reason] name: test`
 /// in libtest's list format), so nothing that did not run can be mistaken for something that passed.
-fn ignored_trials(sh: &Shell) -> anyhow::Result<Vec<(String, String)>> {
+fn ignored_trials(sh: &Shell, partition: Option<Partition>) -> anyhow::Result<Vec<(String, String)>> {
     let list = cmd!(sh, "cargo test --quiet -p openshell-instance --test vm -- --list --ignored").read()?;
-    Ok(list.lines().filter_map(|l| l.strip_suffix(": test")).map(parse_listed).collect())
+    let all = list.lines().filter_map(|l| l.strip_suffix(": test")).map(parse_listed);
+    let Some(p) = partition else { return Ok(all.collect()) };
+    // The shard's share of them, as nextest partitions them.
+    let part = p.nextest();
+    let listed =
+        cmd!(sh, "cargo nextest list -p openshell-instance --test vm --run-ignored ignored-only --partition {part}")
+            .read()?;
+    // `BINARY [REASON] NAME` per line: the name is the last word (trial names have no spaces).
+    let mine: std::collections::BTreeSet<&str> = listed.lines().filter_map(|l| l.split_whitespace().last()).collect();
+    Ok(all.filter(|(name, _)| mine.contains(name.as_str())).collect())
 }
 
 /// `[reason] name` → (name, reason).
@@ -194,16 +266,45 @@ struct Tally {
 /// What a record that never got its outcome means.
 const KILLED: &str = "started but wrote no outcome: killed (nextest's timeout?) or its process died";
 
-fn tally(records: &Path, ignored: &[(String, String)]) -> BTreeMap<String, Tally> {
+/// The trials' outcome records in `dirs`.
+fn outcome_files(dirs: &[&Path]) -> Vec<std::path::PathBuf> {
+    let entries = dirs.iter().flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten());
+    entries.map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(".outcome.json")).collect()
+}
+
+/// Trials with records in more than one of `dirs` (shards that overlap).
+fn trials_in_two(dirs: &[&Path]) -> Vec<String> {
+    let mut first: BTreeMap<String, usize> = BTreeMap::new();
+    let mut twice = std::collections::BTreeSet::new();
+    for (i, d) in dirs.iter().enumerate() {
+        for path in outcome_files(&[d]) {
+            let file = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let trial = file.split(".attempt-").next().unwrap_or_default().to_owned();
+            if *first.entry(trial.clone()).or_insert(i) != i {
+                twice.insert(trial);
+            }
+        }
+    }
+    twice.into_iter().collect()
+}
+
+/// The summary of the records in `dirs` (one run, or the shards of one), with the ignored trials
+/// each directory's [`IGNORED`] names, each trial once.
+fn tally(dirs: &[&Path]) -> BTreeMap<String, Tally> {
     let mut by_backend: BTreeMap<String, Tally> = BTreeMap::new();
-    for (name, reason) in ignored {
+    let mut ignored: BTreeMap<String, String> = BTreeMap::new();
+    for d in dirs {
+        let listed: Vec<(String, String)> =
+            std::fs::read(d.join(IGNORED)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        ignored.extend(listed);
+    }
+    for (name, reason) in &ignored {
         let backend = name.split("::").next().unwrap_or(name).to_owned();
         *by_backend.entry(backend).or_default().ignored.entry(reason.clone()).or_default() += 1;
     }
     // Every attempt of every trial; the last attempt is the trial's verdict.
     let mut attempts: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
-    let entries = std::fs::read_dir(records).into_iter().flatten().flatten();
-    for path in entries.map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(".outcome.json")) {
+    for path in outcome_files(dirs) {
         match std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Outcome>(&b).ok()) {
             Some(o) => attempts.entry(o.trial.clone()).or_default().push(o),
             None => eprintln!("unreadable trial record {} (left out of the summary)", path.display()),
@@ -306,13 +407,20 @@ fn run_e2e(scope: &[&str], suite: SuiteArgs) -> anyhow::Result<()> {
     let sh = Shell::new()?;
     nextest_available(&sh)?;
     prepare(&sh, &suite.require_backend)?;
-    let ignored = ignored_trials(&sh)?;
+    let ignored = ignored_trials(&sh, suite.partition)?;
     for (name, reason) in &ignored {
         eprintln!("ignored here: {name}: {reason}");
     }
-    let extra = suite.nextest_args;
+    let records = crate::project_root().join(RECORDS);
+    let listed = serde_json::to_vec_pretty(&ignored).context("the ignored trials as JSON")?;
+    std::fs::write(records.join(IGNORED), listed).with_context(|| format!("writing {}", records.display()))?;
+    let mut extra = suite.nextest_args;
+    if let Some(p) = suite.partition {
+        extra.extend(["--partition".to_owned(), p.nextest()]);
+        eprintln!("shard {}/{}: merge its {} with the others' by `cargo xtask e2e-summary`", p.index, p.count, RECORDS);
+    }
     let result = cmd!(sh, "cargo nextest run --profile e2e {scope...} {extra...}").run().context("tests failed");
-    print_summary(&tally(&crate::project_root().join(RECORDS), &ignored));
+    print_summary(&tally(&[&records]));
     result
 }
 
@@ -390,7 +498,8 @@ mod tests {
         record(d, "qemu::c", 1, serde_json::json!({"booted": 0, "status": "failed", "failure": "x", "notes": ["n"]}));
         record(d, "qemu::d", 1, serde_json::json!({"expects": "stops-before-userspace", "booted": 0}));
         let ignored = vec![("krun::a".to_owned(), "no KVM".to_owned()), ("krun::b".to_owned(), "no KVM".to_owned())];
-        let t = tally(d, &ignored);
+        std::fs::write(d.join(IGNORED), serde_json::to_vec(&ignored).unwrap()).unwrap();
+        let t = tally(&[d]);
         let q = &t["qemu"];
         assert_eq!(
             (q.booted, q.refused, q.no_vm, q.before_userspace, q.unbooted_failed),
@@ -409,7 +518,7 @@ mod tests {
         let d = dir.path();
         record(d, "krun::smoke", 1, serde_json::json!({"expects": "smoke", "booted": 0}));
         record(d, "krun::x", 1, serde_json::json!({"booted": 0, "status": "failed", "failure": "no userspace"}));
-        let k = &tally(d, &[])["krun"];
+        let k = &tally(&[d])["krun"];
         assert_eq!((k.booted, k.unbooted_failed), ((0, 0), 1));
         assert_eq!(
             k.smoke,
@@ -426,10 +535,56 @@ mod tests {
         record(d, "krun::flaky", 1, serde_json::json!({"status": "failed", "failure": "VMM exited 0"}));
         record(d, "krun::flaky", 2, serde_json::json!({}));
         record(d, "krun::killed", 1, serde_json::json!({"status": "started", "spawned": 0, "booted": 0}));
-        let k = &tally(d, &[])["krun"];
+        let k = &tally(&[d])["krun"];
         assert_eq!(k.retried, [("krun::flaky".to_owned(), 2, vec!["attempt 1: VMM exited 0".to_owned()])]);
         assert_eq!(k.booted, (1, 0));
         assert_eq!(k.failed, [format!("krun::killed: {KILLED}")]);
         assert_eq!(k.unbooted_failed, 1);
+    }
+
+    /// Shards' records merge into the summary of the whole run: the same counts, failures,
+    /// retries and ignored trials, and a trial recorded by two shards is named.
+    #[test]
+    fn shards_merge_into_the_unsplit_summary() {
+        let (whole, one, two) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ignored = [("krun::i".to_owned(), "no KVM".to_owned()), ("krun::j".to_owned(), "no KVM".to_owned())];
+        let trials: [(&str, u32, serde_json::Value); 4] = [
+            ("qemu::a", 1, serde_json::json!({})),
+            ("qemu::b", 1, serde_json::json!({"booted": 0, "status": "failed", "failure": "x"})),
+            ("krun::c", 1, serde_json::json!({"status": "failed", "failure": "VMM exited 0"})),
+            ("krun::c", 2, serde_json::json!({})),
+        ];
+        for (i, (trial, attempt, rest)) in trials.iter().enumerate() {
+            record(whole.path(), trial, *attempt, rest.clone());
+            record(
+                if i % 2 == 0 && *trial != "krun::c" { one.path() } else { two.path() },
+                trial,
+                *attempt,
+                rest.clone(),
+            );
+        }
+        std::fs::write(whole.path().join(IGNORED), serde_json::to_vec(&ignored).unwrap()).unwrap();
+        std::fs::write(one.path().join(IGNORED), serde_json::to_vec(&ignored[..1]).unwrap()).unwrap();
+        std::fs::write(two.path().join(IGNORED), serde_json::to_vec(&ignored[1..]).unwrap()).unwrap();
+        let show = |t: &BTreeMap<String, Tally>| {
+            t.iter()
+                .map(|(b, t)| {
+                    format!("{b} {:?} {:?} {:?} {:?} {:?}", t.booted, t.unbooted_failed, t.failed, t.retried, t.ignored)
+                })
+                .collect::<Vec<_>>()
+        };
+        let merged = tally(&[one.path(), two.path()]);
+        assert_eq!(show(&merged), show(&tally(&[whole.path()])));
+        assert_eq!(merged["krun"].ignored["no KVM"], 2);
+        assert!(trials_in_two(&[one.path(), two.path()]).is_empty());
+        record(one.path(), "qemu::b", 1, serde_json::json!({}));
+        assert_eq!(trials_in_two(&[one.path(), two.path()]), ["qemu-b"]);
+        assert_eq!("2/3".parse::<Partition>().unwrap().nextest(), "hash:2/3");
+        assert!(
+            "0/2".parse::<Partition>().is_err()
+                && "3/2".parse::<Partition>().is_err()
+                && "2".parse::<Partition>().is_err()
+        );
     }
 }

@@ -26,6 +26,8 @@ pub enum Cmd {
     Vm(crate::vm::VmCmd),
     /// Run the end-to-end suites against real VMs (nextest profile `e2e`)
     E2e(crate::e2e::E2eCmd),
+    /// The per-backend summary of the records of several `e2e --partition I/N` shards, as one run
+    E2eSummary(crate::e2e::SummaryCmd),
     /// Everything CI runs: build the artifacts, then all unit tests and the VM suites
     Test(crate::e2e::TestCmd),
     /// Type-check and lint the workspace for aarch64-apple-darwin from Linux (clippy -D warnings;

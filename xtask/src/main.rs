@@ -65,6 +65,7 @@ fn run() -> anyhow::Result<ExitCode> {
         flags::Cmd::Image(cmd) => cmd.run().map(ok),
         flags::Cmd::Vm(cmd) => cmd.run(),
         flags::Cmd::E2e(cmd) => cmd.run().map(ok),
+        flags::Cmd::E2eSummary(cmd) => cmd.run().map(ok),
         flags::Cmd::Test(cmd) => cmd.run().map(ok),
         flags::Cmd::Bench(cmd) => cmd.run().map(ok),
         flags::Cmd::Check(cmd) => cmd.run(),
