@@ -199,68 +199,98 @@ pub fn wait(
     let mut seen = Vec::new();
     let mut listening = false;
     let mut crash = timeline::CrashWatch::default();
-    loop {
-        // A stop asked for during the boot (a restart's, where the supervisor listens) ends it now
-        // rather than once it is ready, or after the whole ready timeout if it never will be.
-        if let Some(signal) = stop.and_then(|s| s.take()) {
-            return Err(VmError::StopRequested(signal));
-        }
-        // A guest that panicked is done whether or not its VMM has exited yet: say why at once.
-        let new = console.read_new();
-        if let Some(cause) = crash.feed(&new) {
-            return Err(vm.crashed(cause));
-        }
-        if let Some(status) = vm.exited() {
-            let text = std::fs::read_to_string(&vm.console).unwrap_or_default();
-            if let Some(cause) = timeline::guest_crash(&text) {
+    // The attempt in flight, run beside the watch below rather than in its way: a blind attempt
+    // into a guest that is not up yet takes its whole bound, and the console's "listening" line,
+    // which starts a fresh one at once, must not wait for it.
+    type Attempt<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + 'a>>;
+    let mut in_flight: Option<(Attempt<'_>, Instant, Duration, bool)> = None;
+    rt.block_on(async {
+        loop {
+            // A stop asked for during the boot (a restart's, where the supervisor listens) ends it
+            // now rather than once it is ready, or after the whole ready timeout if it never will be.
+            if let Some(signal) = stop.and_then(|s| s.take()) {
+                return Err(VmError::StopRequested(signal));
+            }
+            // A guest that panicked is done whether or not its VMM has exited yet: say why at once.
+            let new = console.read_new();
+            if let Some(cause) = crash.feed(&new) {
                 return Err(vm.crashed(cause));
             }
-            return Err(not_ready(vm, &format!("the VM exited ({status}) before its workload was ready ({probe})")));
-        }
-        if let Some((helper, how)) = vm.net_ended() {
-            return Err(not_ready(vm, &format!("{helper} exited ({how}) before the workload was ready ({probe})")));
-        }
-        // The gateway says on the console when it listens; its probes wait for that (a slow
-        // fallback probe covers a gateway that never prints the line).
-        if gateway && !listening && !new.is_empty() {
-            seen.extend(new);
-            listening = timeline::gateway_listening(&String::from_utf8_lossy(&seen));
-        }
-        let (due, bound) = match (gateway, listening) {
-            (true, true) => (true, GATEWAY_LISTENING_TIMEOUT),
-            (true, false) => (last_probe.is_none_or(|t| t.elapsed() >= GATEWAY_BLIND_EVERY), GATEWAY_BLIND_TIMEOUT),
-            (false, _) => (true, ATTEMPT_TIMEOUT),
-        };
-        if due {
-            last_probe = Some(Instant::now());
-            let t = Instant::now();
-            last = match rt.block_on(async { tokio::time::timeout(bound, probe.attempt(endpoint)).await }) {
-                Ok(Ok(())) => {
-                    vm.userspace_shown(if gateway {
-                        "the guest's gateway answered mTLS health SERVING"
-                    } else {
-                        "the guest's workload answered its readiness probe"
-                    });
-                    return Ok(vm.started.elapsed());
+            if let Some(status) = vm.exited() {
+                let text = std::fs::read_to_string(&vm.console).unwrap_or_default();
+                if let Some(cause) = timeline::guest_crash(&text) {
+                    return Err(vm.crashed(cause));
                 }
-                Ok(Err(e)) => e,
-                Err(_) => format!("no answer within {} ms", bound.as_millis()),
-            };
-            tracing::debug!(
-                probe = %probe,
-                attempt_ms = t.elapsed().as_millis() as u64,
-                at_ms = vm.started.elapsed().as_millis() as u64,
-                listening,
-                %last,
-                "not ready yet"
-            );
+                return Err(not_ready(
+                    vm,
+                    &format!("the VM exited ({status}) before its workload was ready ({probe})"),
+                ));
+            }
+            if let Some((helper, how)) = vm.net_ended() {
+                return Err(not_ready(vm, &format!("{helper} exited ({how}) before the workload was ready ({probe})")));
+            }
+            // The gateway says on the console when it listens; its probes wait for that (a slow
+            // fallback probe covers a gateway that never prints the line).
+            if gateway && !listening && !new.is_empty() {
+                seen.extend(new);
+                listening = timeline::gateway_listening(&String::from_utf8_lossy(&seen));
+                if listening && in_flight.as_ref().is_some_and(|(_, _, _, blind)| *blind) {
+                    in_flight = None;
+                }
+            }
+            if in_flight.is_none() {
+                let (due, bound) = match (gateway, listening) {
+                    (true, true) => (true, GATEWAY_LISTENING_TIMEOUT),
+                    (true, false) => {
+                        (last_probe.is_none_or(|t| t.elapsed() >= GATEWAY_BLIND_EVERY), GATEWAY_BLIND_TIMEOUT)
+                    }
+                    (false, _) => (true, ATTEMPT_TIMEOUT),
+                };
+                if due {
+                    last_probe = Some(Instant::now());
+                    in_flight = Some((Box::pin(probe.attempt(endpoint)), Instant::now(), bound, gateway && !listening));
+                }
+            }
+            let pause = Duration::from_millis(if gateway && !listening { 10 } else { 25 });
+            if let Some((attempt, started, bound, _)) = in_flight.as_mut() {
+                let left = bound.saturating_sub(started.elapsed());
+                let outcome = tokio::select! {
+                    r = attempt.as_mut() => Some(r),
+                    _ = tokio::time::sleep(pause.min(left)) => (started.elapsed() >= *bound)
+                        .then(|| Err(format!("no answer within {} ms", bound.as_millis()))),
+                };
+                if let Some(r) = outcome {
+                    let attempt_ms = started.elapsed().as_millis() as u64;
+                    in_flight = None;
+                    match r {
+                        Ok(()) => {
+                            vm.userspace_shown(if gateway {
+                                "the guest's gateway answered mTLS health SERVING"
+                            } else {
+                                "the guest's workload answered its readiness probe"
+                            });
+                            return Ok(vm.started.elapsed());
+                        }
+                        Err(e) => last = e,
+                    }
+                    tracing::debug!(
+                        probe = %probe,
+                        attempt_ms,
+                        at_ms = vm.started.elapsed().as_millis() as u64,
+                        listening,
+                        %last,
+                        "not ready yet"
+                    );
+                }
+            } else {
+                tokio::time::sleep(pause).await;
+            }
+            if Instant::now() > deadline {
+                let what = if gateway { "not SERVING".to_owned() } else { format!("{probe} not ready") };
+                return Err(not_ready(vm, &format!("{what} within {}s (last: {last})", timeout.as_secs())));
+            }
         }
-        if Instant::now() > deadline {
-            let what = if gateway { "not SERVING".to_owned() } else { format!("{probe} not ready") };
-            return Err(not_ready(vm, &format!("{what} within {}s (last: {last})", timeout.as_secs())));
-        }
-        std::thread::sleep(Duration::from_millis(if gateway && !listening { 10 } else { 25 }));
-    }
+    })
 }
 
 fn not_ready(vm: &RunningVm, why: &str) -> VmError {

@@ -87,8 +87,10 @@ fn layer(a: &Artifacts) -> Result<Vec<u8>, String> {
     for (dir, uid) in [("bin", 0), ("sbin", 0), ("etc", 0), ("work", 0), ("home", 0), ("home/app", 1000)] {
         put(&mut b, header(tar::EntryType::Directory, 0o755, uid, uid, 0), dir, b"")?;
     }
-    // Root's alone: a working directory the image's user may not enter.
-    put(&mut b, header(tar::EntryType::Directory, 0o700, 0, 0, 0), "private", b"")?;
+    // A working directory the image's user (1000:1000) may not enter. Group 65534 (nogroup) may:
+    // where libkrun runs only nested, L1's QEMU shares the store into L1 as nobody:nogroup, and
+    // xtask there walks the tree to size its root disk.
+    put(&mut b, header(tar::EntryType::Directory, 0o750, 0, 65534, 0), "private", b"")?;
     put(&mut b, header(tar::EntryType::Regular, 0o755, 0, 0, busybox.len() as u64), "bin/busybox", &busybox)?;
     for applet in APPLETS {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0, 0, 0);
@@ -284,7 +286,10 @@ fn flags_override_the_image(a: &Artifacts, vmm: VmmChoice, dir: TrialDir) -> Res
         let r = run_image(cli, &image, &["--user", "app", "--workdir", "/private"])?;
         if r.code != Some(127) || !r.stdout.contains("cannot start /bin/sh as 1000:1000 in /private: Permission denied")
         {
-            return Err(format!("--user app --workdir /private (root's, 0700) must fail to start:\n{}", r.show()));
+            return Err(format!(
+                "--user app --workdir /private (root:nogroup, 0750) must fail to start:\n{}",
+                r.show()
+            ));
         }
         let r = run_image(cli, &image, &["--user", "nobody-in-this-image"])?;
         if r.code == Some(0) || r.code == Some(7) || !r.stderr.contains("\"nobody-in-this-image\"") {
