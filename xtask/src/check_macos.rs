@@ -5,7 +5,7 @@
 //! (rustup), a C compiler with Apple's libc headers for the build scripts that compile C (zig's,
 //! from PyPI's `ziglang`, behind `ci/zig-cc-macos`), and krun-sys' pkg-config probe and bindgen
 //! pointed at the check-only header `crates/krun/check-macos/libkrun.h`. Nothing is linked: no Mac
-//! binary comes out of it, and linking, signing and HVF stay the Mac jobs' to prove (README, macOS).
+//! binary comes out of it, and linking, signing and HVF stay the Mac jobs' to prove (docs/macos.md).
 
 use std::path::{Path, PathBuf};
 

@@ -611,7 +611,7 @@ mod tests {
     #[test]
     #[cfg_attr(
         not(target_os = "linux"),
-        ignore = "stale-state recovery tells processes apart through /proc, which macOS lacks (README, macOS)"
+        ignore = "stale-state recovery tells processes apart through /proc, which macOS lacks (docs/macos.md)"
     )]
     fn kills_recorded_leftovers_and_clears_the_record() {
         let tmp = tempfile::tempdir().unwrap();
@@ -634,7 +634,7 @@ mod tests {
     #[test]
     #[cfg_attr(
         not(target_os = "linux"),
-        ignore = "stale-state recovery tells processes apart through /proc, which macOS lacks (README, macOS)"
+        ignore = "stale-state recovery tells processes apart through /proc, which macOS lacks (docs/macos.md)"
     )]
     fn never_kills_a_recycled_pid_running_something_else() {
         let tmp = tempfile::tempdir().unwrap();
@@ -652,7 +652,7 @@ mod tests {
     #[test]
     #[cfg_attr(
         not(target_os = "linux"),
-        ignore = "stale-state recovery tells processes apart through /proc, which macOS lacks (README, macOS)"
+        ignore = "stale-state recovery tells processes apart through /proc, which macOS lacks (docs/macos.md)"
     )]
     fn a_live_supervisor_is_left_alone() {
         let tmp = tempfile::tempdir().unwrap();

@@ -62,7 +62,7 @@ impl KvmDevice {
     }
 
     /// The KVM module is `kvm_pvm`: nested KVM without VMX, where every guest kernel instruction
-    /// is emulated (see the README's PVM note).
+    /// is emulated (see docs/nested-hosts.md).
     pub fn pvm(&self) -> bool {
         self.modules.iter().any(|m| m == "kvm_pvm")
     }

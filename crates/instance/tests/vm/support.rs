@@ -66,7 +66,9 @@ pub fn launch(cfg: &VmConfig) -> Result<openshell_vm::RunningVm, openshell_vm::V
 pub fn backends() -> Vec<(&'static str, VmmChoice, Result<(), String>)> {
     let krun = match openshell_vm::plan(host(), VmmChoice::Krun, Net::None).krun {
         KrunPlace::Direct => Ok(()),
-        KrunPlace::NestedL1 => Err("krun: libkrun runs only inside the nested host here (see README)".into()),
+        KrunPlace::NestedL1 => {
+            Err("krun: libkrun runs only inside the nested host here (see docs/nested-hosts.md)".into())
+        }
         KrunPlace::Nowhere(why) => Err(format!("krun: {why}")),
     };
     let qemu = match openshell_vm::plan(host(), VmmChoice::Qemu, Net::None).backend {
