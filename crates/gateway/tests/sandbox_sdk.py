@@ -1,9 +1,10 @@
 """Drives the gateway's sandbox API with the published OpenShell SDK, as a user's program would:
 connects with SandboxClient.from_active_cluster (XDG_CONFIG_HOME and OPENSHELL_GATEWAY are set by
 tests/sandbox_sdk.rs), asserts each behaviour, and prints the checks it passed as JSON. Any failed
-assertion exits non-zero with its traceback."""
+assertion exits non-zero with its traceback. argv[1] is `driver` (the gateway runs the test
+driver) or `no-driver` (it runs none, as the gateway VM does today)."""
 import json
-import time
+import sys
 
 import grpc
 from openshell import DeletionOutcome, Sandbox, SandboxClient
@@ -23,6 +24,31 @@ def code_of(call):
 
 
 client = SandboxClient.from_active_cluster(timeout=10)
+
+if sys.argv[1] == "no-driver":
+    info = client._stub.GetGatewayInfo(openshell_pb2.GetGatewayInfoRequest(), timeout=10)
+    assert len(info.compute_drivers) == 0, info
+    checks.append("no_driver_info")
+    for call in (
+        lambda: client.list_all(workspace=WS),
+        lambda: client.create(workspace=WS, name="sdk-one"),
+        lambda: client.get("sdk-one", workspace=WS),
+    ):
+        try:
+            call()
+            raise AssertionError("a sandbox call succeeded on a gateway without a compute driver")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.code()
+            assert "runs no compute driver" in e.details(), e.details()
+    checks.append("no_driver_sandbox_calls")
+    try:
+        client._stub.GetSandboxLogs(openshell_pb2.GetSandboxLogsRequest(sandbox="x"), timeout=10)
+        raise AssertionError("GetSandboxLogs, which the gateway does not serve, answered")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNIMPLEMENTED and "GetSandboxLogs" in e.details(), e
+    checks.append("unserved")
+    print(json.dumps({"checks": checks}))
+    sys.exit(0)
 
 info = client._stub.GetGatewayInfo(openshell_pb2.GetGatewayInfoRequest(), timeout=10)
 assert [d.name for d in info.compute_drivers] == ["host-processes"], info
