@@ -75,8 +75,9 @@ pub enum DriverError {
     Failed(String),
 }
 
-/// Runs sandbox containers. Every method takes the sandbox id the service chose; the service
-/// never calls two methods for one id at once.
+/// Runs sandbox containers. Every method takes the sandbox id the service chose. The service
+/// never runs two changes (create, start, stop, delete) for one id at once; `state` and `exec`
+/// may come alongside them, so a driver answers them from whatever state it is in.
 #[tonic::async_trait]
 pub trait Driver: Send + Sync + 'static {
     /// Makes the container, without starting its main process.
