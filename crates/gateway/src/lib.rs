@@ -9,6 +9,7 @@
 pub mod client;
 pub mod openshell;
 pub mod probe;
+pub mod sandboxes;
 pub mod server;
 pub mod sysinfo;
 pub mod tls;
@@ -17,6 +18,13 @@ pub mod tls;
 /// OpenShell's `openshell.v1` this gateway serves (`proto::openshell`).
 pub mod proto {
     tonic::include_proto!("openshell.gateway.v1");
+
+    /// OpenShell's shared data model (`openshell.datamodel.v1`), the part the sandbox calls carry.
+    pub mod datamodel {
+        pub mod v1 {
+            tonic::include_proto!("openshell.datamodel.v1");
+        }
+    }
 
     pub mod openshell {
         tonic::include_proto!("openshell.v1");

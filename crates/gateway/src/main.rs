@@ -60,8 +60,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let listener = openshell_gateway::tls::listen(args.listen)
         .map_err(|e| format!("binding {}: {e}; is another gateway already running?", args.listen))?;
     let addr = listener.local_addr()?;
-    let config =
-        GatewayConfig { kernel_digest_file: args.kernel_digest_file, rootfs_digest_file: args.rootfs_digest_file };
+    // No compute driver is built into this binary yet: sandbox calls say so (sandboxes::NO_DRIVER).
+    let config = GatewayConfig {
+        kernel_digest_file: args.kernel_digest_file,
+        rootfs_digest_file: args.rootfs_digest_file,
+        driver: None,
+    };
     // Validate TLS before announcing readiness: a supervisor that waits for
     // this line should not see it from a gateway about to exit.
     openshell_gateway::tls::server_config(&material)?;

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
@@ -10,6 +11,7 @@ use tonic_health::ServingStatus;
 
 use crate::proto::gateway_server::{Gateway, GatewayServer};
 use crate::proto::{InfoReply, InfoRequest};
+use crate::sandboxes::{Driver, Sandboxes};
 use crate::sysinfo;
 use crate::tls::{self, ServerMaterial, TlsError};
 
@@ -21,11 +23,23 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Where the booted artifacts' digests were provisioned in the guest.
-#[derive(Clone, Debug, Default)]
+/// Where the booted artifacts' digests were provisioned in the guest, and what runs sandboxes.
+#[derive(Clone, Default)]
 pub struct GatewayConfig {
     pub kernel_digest_file: Option<PathBuf>,
     pub rootfs_digest_file: Option<PathBuf>,
+    /// `None`: sandbox calls answer FAILED_PRECONDITION ([`crate::sandboxes::NO_DRIVER`]).
+    pub driver: Option<Arc<dyn Driver>>,
+}
+
+impl std::fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayConfig")
+            .field("kernel_digest_file", &self.kernel_digest_file)
+            .field("rootfs_digest_file", &self.rootfs_digest_file)
+            .field("driver", &self.driver.as_ref().map(|d| d.info().name))
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -108,11 +122,12 @@ pub async fn serve(
     };
     let incoming = tls::incoming(listener, tls_config);
     let open = incoming.open_connections();
+    let sandboxes = Sandboxes::new(config.driver.clone());
     let service = GatewayService::new(config, incoming.listener_stats());
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(GatewayServer::new(service))
-        .add_service(crate::openshell::Served::new())
+        .add_service(crate::openshell::Served::new(crate::openshell::OpenShellService::new(sandboxes)))
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     tokio::select! {

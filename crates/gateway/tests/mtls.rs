@@ -107,7 +107,11 @@ async fn authenticated_client_gets_health_and_info() {
     std::fs::write(&kernel_digest, format!("{}  vmlinux\n", "ab".repeat(32))).unwrap();
     let server = start(
         &pki,
-        GatewayConfig { kernel_digest_file: Some(kernel_digest), rootfs_digest_file: Some(dir.path().join("absent")) },
+        GatewayConfig {
+            kernel_digest_file: Some(kernel_digest),
+            rootfs_digest_file: Some(dir.path().join("absent")),
+            driver: None,
+        },
     )
     .await;
 

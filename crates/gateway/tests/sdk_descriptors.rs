@@ -1,4 +1,5 @@
-//! Every message, enum and method of `proto/openshell.proto` against the published OpenShell SDK's
+//! Every message, enum and method of `proto/openshell.proto` and `proto/datamodel.proto` (and the
+//! well-known types they import) against the published OpenShell SDK's
 //! own descriptors (`openshell._proto.openshell_pb2.DESCRIPTOR`), field by field: number, type,
 //! label, type name, oneof, proto3 optional. The SDK is a Python package, installed by `cargo xtask
 //! sdk` (and by `cargo xtask test`, which exports `OPENSHELL_SDK_PYTHON`); without it this test is
@@ -46,6 +47,13 @@ fn compare(python: &std::ffi::OsStr) -> Result<(), Failed> {
             openshell_gateway::openshell::SERVED.len()
         )
         .into());
+    }
+    // Every package our protos declare must have been compared, not only the service's.
+    let packages: Vec<&str> = checked["packages"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+    for want in ["openshell.v1", "openshell.datamodel.v1", "google.protobuf"] {
+        if !packages.contains(&want) {
+            return Err(format!("the comparison never saw package {want}: {checked}").into());
+        }
     }
     if !diffs.is_empty() {
         let lines: Vec<String> = diffs.iter().map(|d| format!("  {}", d.as_str().unwrap_or_default())).collect();

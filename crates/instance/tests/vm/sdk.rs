@@ -60,9 +60,18 @@ fn sdk_view(a: &Artifacts, vmm: VmmChoice, dir: &TrialDir) -> Result<serde_json:
     if got["health"] != want || got["info"]["gateway_version"] != version {
         return Err(format!("Health/GetGatewayInfo through the SDK: {got}, expected health {want}"));
     }
-    let unserved = &got["list_sandboxes"];
+    // The gateway VM runs no compute driver yet: it lists none, and sandbox calls say so.
+    if got["info"]["compute_drivers"] != 0 {
+        return Err(format!("a gateway without a compute driver listed one: {got}"));
+    }
+    let listed = &got["list_sandboxes"];
+    let details = listed["details"].as_str().unwrap_or_default();
+    if listed["code"] != "FAILED_PRECONDITION" || details != openshell_gateway::sandboxes::NO_DRIVER {
+        return Err(format!("ListSandboxes without a compute driver must say so (FAILED_PRECONDITION): {listed}"));
+    }
+    let unserved = &got["unserved"];
     let details = unserved["details"].as_str().unwrap_or_default();
-    if unserved["code"] != "UNIMPLEMENTED" || !details.contains("ListSandboxes") {
+    if unserved["code"] != "UNIMPLEMENTED" || !details.contains("GetSandboxLogs") {
         return Err(format!("an unserved method must answer UNIMPLEMENTED naming itself: {unserved}"));
     }
     Ok(got)

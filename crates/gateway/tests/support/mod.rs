@@ -1,0 +1,1 @@
+pub mod host_processes;
