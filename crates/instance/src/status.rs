@@ -117,6 +117,17 @@ impl GatewayInstance {
                 self.lock_path().display()
             )));
         };
+        // What the supervisor runs, verified ours now: it reaps them, but a child it killed can
+        // still be exiting (a VMM unmapping its guest's memory) once the supervisor is gone.
+        let children: Vec<(u32, &[&str])> = self
+            .read_metadata()
+            .map(|m| crate::supervise::recorded_children(&m).to_vec())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(_, pid, progs)| {
+                pid.filter(|&p| openshell_vm::procfs::process(p).program_is_any(progs)).map(|p| (p, progs))
+            })
+            .collect();
         // The pid of the process holding our instance lock.
         let _ = openshell_vm::child::signal(sup, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + grace;
@@ -128,6 +139,22 @@ impl GatewayInstance {
             if Instant::now() > deadline {
                 return Err(VmError::Instance(format!(
                     "gateway {:?} (supervisor {sup}) did not stop within {}s",
+                    self.name,
+                    grace.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Alive and either still our program or exiting (its command line already empty): a pid
+        // taken since by another program is not waited on.
+        let exiting_or_ours = |(pid, progs): &(u32, &[&str])| {
+            let p = openshell_vm::procfs::process(*pid);
+            p.alive && (p.cmdline.is_empty() || p.program_is_any(progs))
+        };
+        while let Some((pid, _)) = children.iter().find(|c| exiting_or_ours(c)) {
+            if Instant::now() > deadline {
+                return Err(VmError::Instance(format!(
+                    "gateway {:?}: its supervisor stopped, but pid {pid} it ran did not exit within {}s",
                     self.name,
                     grace.as_secs()
                 )));

@@ -506,14 +506,7 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
             return Ok(done);
         }
     };
-    // The network helpers first: passt exits by itself once its VMM is gone, so killing the VMM
-    // first would race it and report a helper that was alive as "already gone".
-    let recorded: [(&str, Option<u32>, &[&str]); 3] = [
-        ("passt", meta.passt_pid, &["passt"]),
-        ("gvproxy", meta.gvproxy_pid, &["gvproxy"]),
-        ("vm", meta.vm_pid, openshell_vm::backend::VMM_PROGRAMS),
-    ];
-    for (role, pid, progs) in recorded {
+    for (role, pid, progs) in recorded_children(&meta) {
         let Some(pid) = pid else { continue };
         let process = procfs::process(pid);
         if process.program_is_any(progs) {
@@ -542,6 +535,19 @@ fn clean_stale(inst: &GatewayInstance) -> Result<Vec<String>, VmError> {
         tracing::warn!(gateway = %inst.name, "recovered stale state: {line}");
     }
     Ok(done)
+}
+
+/// The processes an instance's metadata records under its supervisor, with the programs each must
+/// run to be ours. The network helpers first: passt exits by itself once its VMM is gone, so
+/// killing the VMM first would race it and report a helper that was alive as "already gone".
+pub(crate) fn recorded_children(
+    meta: &crate::state::Metadata,
+) -> [(&'static str, Option<u32>, &'static [&'static str]); 3] {
+    [
+        ("passt", meta.passt_pid, &["passt"]),
+        ("gvproxy", meta.gvproxy_pid, &["gvproxy"]),
+        ("vm", meta.vm_pid, openshell_vm::backend::VMM_PROGRAMS),
+    ]
 }
 
 fn wait_gone(pid: u32) {
